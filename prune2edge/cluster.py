@@ -1,0 +1,53 @@
+"""Phase 3: group pool members by how they predict on the validation split."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.cluster import AgglomerativeClustering, KMeans
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import silhouette_score
+
+from .vote import disagreement
+
+
+def features(proba: np.ndarray, method: str) -> np.ndarray:
+    """One row per member: one-hot predictions (default), probabilities, or the raw predicted-label vector (paper)."""
+    m, n, k = proba.shape
+    if method == "kmeans-proba":
+        return proba.reshape(m, n * k)
+    if method == "kmeans-labels":
+        return proba.argmax(-1).astype(np.float64)
+    return np.eye(k)[proba.argmax(-1)].reshape(m, n * k)
+
+
+def _fit(proba: np.ndarray, method: str, k: int, seed: int) -> np.ndarray:
+    if k == 1:
+        return np.zeros(len(proba), int)
+    if method == "agglomerative":
+        model = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage="average")
+        return model.fit_predict(disagreement(proba))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # identical members: fewer distinct clusters than k
+        return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(features(proba, method))
+
+
+def cluster(proba: np.ndarray, method: str = "kmeans-onehot", k: int | str = 5, k_max: int = 10, seed: int = 0) -> dict:
+    """Cluster members ``[M, N, K]``; ``k="auto"`` picks the k in 2..k_max with the best silhouette.
+
+    Returns ``labels`` (renumbered 0..k-1 in order of first appearance), ``k`` and the silhouette scores tried.
+    """
+    m = len(proba)
+    scores: dict[int, float] = {}
+    if k == "auto":
+        dist = disagreement(proba) if method == "agglomerative" else None
+        for kk in range(2, min(k_max, m - 1) + 1):
+            labels = _fit(proba, method, kk, seed)
+            if len(set(labels)) > 1:
+                scores[kk] = float(silhouette_score(dist, labels, metric="precomputed") if dist is not None
+                                   else silhouette_score(features(proba, method), labels))
+        k = max(scores, key=scores.get) if scores else 1
+    labels = _fit(proba, method, int(k), seed)
+    order = {c: i for i, c in enumerate(dict.fromkeys(labels.tolist()))}
+    labels = np.array([order[c] for c in labels])
+    return {"method": method, "k": int(labels.max()) + 1, "k_requested": int(k), "labels": labels.tolist(), "silhouette": scores}

@@ -1,0 +1,161 @@
+"""Run configuration: defaults, YAML loading, and validation that names the offending key."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "device": "cpu",
+    "workers": 1,
+    "data": {"name": "digits", "path": None, "download": False, "val_fraction": 0.1, "max_train": None},
+    "model": {"arch": "small_cnn", "kwargs": {}, "weights": None},
+    "train": {"epochs": 10.0, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+              "weight_decay": 5e-4, "schedule": "onecycle", "augment": "auto", "label_smoothing": 0.0},
+    "pool": {
+        "size": 20,
+        "sparsity": [0.5, 0.9],       # final sparsity, spread evenly over the range across members
+        "schedule": "polynomial",     # polynomial (cubic, Zhu & Gupta 2017) or constant
+        "scope": "layer",             # layer: every layer to the target; global: one threshold over all layers
+        "prune_end": 0.7,             # fraction of fine-tuning after which the final sparsity holds
+        "epochs": [1.0, 2.0],         # fine-tuning epochs, uniform in the range
+        "lr": [0.001, 0.01],          # peak fine-tuning learning rate, log-uniform in the range
+        "batch_size": [64, 128],      # choices
+        "lr_schedule": "cosine",      # onecycle (warm-up to a high peak), cosine or constant
+        "optimizer": "sgd",
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "augment": "auto",
+        "label_smoothing": 0.0,
+        "bootstrap": False,           # each member fine-tunes on a bootstrap sample of the training split
+    },
+    "quantize": {"calibration_size": 256, "max_drop": 0.03, "min_agreement": 0.9},
+    "cluster": {"method": "kmeans-onehot", "k": 5, "k_max": 10, "preset": None},
+    "select": {"strategy": "accuracy-first"},
+    "vote": {"rule": "soft", "weighted": False},
+}
+
+CHOICES = {
+    "device": ("cpu", "cuda"),
+    "data.name": ("digits", "cifar10", "cifar100", "npz", "imagefolder"),
+    "train.optimizer": ("sgd", "adam"),
+    "train.schedule": ("onecycle", "cosine", "constant"),
+    "train.augment": ("auto", "none", "crop", "crop_flip"),
+    "pool.schedule": ("polynomial", "constant"),
+    "pool.scope": ("layer", "global"),
+    "pool.lr_schedule": ("onecycle", "cosine", "constant"),
+    "pool.optimizer": ("sgd", "adam"),
+    "pool.augment": ("auto", "none", "crop", "crop_flip"),
+    "cluster.method": ("kmeans-onehot", "kmeans-proba", "kmeans-labels", "agglomerative"),
+    "cluster.preset": (None, "paper"),
+    "select.strategy": ("accuracy-first", "diversity-first", "top-k", "random", "greedy"),
+    "vote.rule": ("soft", "hard"),
+}
+# the authors' literal clustering: k-means with k=20 on the members' predicted-label vectors
+PRESETS = {"paper": {"method": "kmeans-labels", "k": 20}}
+
+
+def load(path: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """Defaults, updated by a YAML file and then by ``overrides``; validated."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise UserError(f"cannot read config '{path}': {e.strerror}") from None
+        try:
+            user = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config '{path}' is not valid YAML: {e}") from None
+        if not isinstance(user, dict):
+            raise UserError(f"config '{path}' must be a mapping of sections (data:, model:, pool:, ...)")
+        _merge(cfg, user, "")
+    _merge(cfg, overrides or {}, "")
+    return validate(cfg)
+
+
+def _merge(base: dict, new: dict, prefix: str) -> None:
+    for key, value in new.items():
+        name = f"{prefix}{key}"
+        if key not in base:
+            raise UserError(f"unknown config key '{name}'; known keys{' in ' + prefix[:-1] if prefix else ''}: {', '.join(base)}")
+        if isinstance(base[key], dict) and key != "kwargs":
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{name}' must be a mapping, got {value!r}")
+            _merge(base[key], value, name + ".")
+        else:
+            base[key] = value
+
+
+def _get(cfg: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def _need(ok: bool, key: str, msg: str, value: Any) -> None:
+    if not ok:
+        raise UserError(f"config key '{key}' {msg}, got {value!r}")
+
+
+def _range(cfg: dict, key: str, lo: float, hi: float, closed_hi: bool = True) -> tuple[float, float]:
+    v = _get(cfg, key)
+    vals = v if isinstance(v, list) else [v, v]
+    _need(len(vals) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals),
+          key, "must be a number or a [low, high] pair", v)
+    a, b = vals
+    inside = lo <= a <= b and (b <= hi if closed_hi else b < hi)
+    _need(inside, key, f"must lie in [{lo}, {hi}{']' if closed_hi else ')'} with low <= high", v)
+    return float(a), float(b)
+
+
+def validate(cfg: dict) -> dict:
+    """Check types and ranges; apply the clustering preset. Returns the same dict."""
+    for key, options in CHOICES.items():
+        _need(_get(cfg, key) in options, key, f"must be one of {[o for o in options if o is not None]}", _get(cfg, key))
+    for key in ("seed", "workers", "pool.size", "train.batch_size", "quantize.calibration_size", "cluster.k_max"):
+        v = _get(cfg, key)
+        _need(isinstance(v, int) and not isinstance(v, bool) and v >= (0 if key == "seed" else 1), key,
+              "must be a positive integer", v)
+    for key in ("train.epochs", "train.lr", "train.momentum", "train.weight_decay", "train.label_smoothing",
+                "pool.momentum", "pool.weight_decay", "pool.label_smoothing"):
+        v = _get(cfg, key)
+        _need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, key, "must be a number >= 0", v)
+    _need(cfg["train"]["epochs"] > 0 or cfg["model"]["weights"], "train.epochs", "must be > 0 unless model.weights is given", cfg["train"]["epochs"])
+    _range(cfg, "data.val_fraction", 0.01, 0.9)
+    _range(cfg, "pool.sparsity", 0.0, 1.0, closed_hi=False)
+    _range(cfg, "pool.prune_end", 0.0, 1.0)
+    _range(cfg, "quantize.max_drop", 0.0, 1.0)
+    _range(cfg, "quantize.min_agreement", 0.0, 1.0)
+    lo, _ = _range(cfg, "pool.epochs", 0.0, 1e6)
+    _need(lo > 0, "pool.epochs", "must be > 0", cfg["pool"]["epochs"])
+    lo, _ = _range(cfg, "pool.lr", 0.0, 10.0)
+    _need(lo > 0, "pool.lr", "must be > 0", cfg["pool"]["lr"])
+    bs = cfg["pool"]["batch_size"]
+    bs = bs if isinstance(bs, list) else [bs]
+    _need(bool(bs) and all(isinstance(b, int) and b > 0 for b in bs), "pool.batch_size", "must be a positive integer or a list of them", bs)
+    if cfg["cluster"]["preset"]:
+        cfg["cluster"].update(PRESETS[cfg["cluster"]["preset"]])
+    k = cfg["cluster"]["k"]
+    _need(k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 1), "cluster.k", "must be a positive integer or 'auto'", k)
+    if isinstance(k, int) and k > cfg["pool"]["size"]:
+        raise UserError(f"config key 'cluster.k' is {k}, larger than the pool (pool.size = {cfg['pool']['size']}); "
+                        "lower cluster.k or raise pool.size")
+    _need(isinstance(cfg["model"]["kwargs"], dict), "model.kwargs", "must be a mapping", cfg["model"]["kwargs"])
+    mt = cfg["data"]["max_train"]
+    _need(mt is None or (isinstance(mt, int) and mt > 1), "data.max_train", "must be null or an integer > 1", mt)
+    return cfg
+
+
+def yaml_text(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """Whether two configs give the same results (``workers`` only changes how fast)."""
+    return {**a, "workers": 0} == {**b, "workers": 0}

@@ -1,0 +1,133 @@
+"""The report: the test split, read once, scores the baseline, every member and every ensemble."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import binomtest
+
+from . import data, store
+from .bundle import Bundle, predict_proba, session
+from .vote import accuracy, disagreement, vote
+
+
+def mcnemar(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> float:
+    """Exact two-sided McNemar p-value for two classifiers' correctness on the same inputs."""
+    a, b = pred_a == y, pred_b == y
+    n01, n10 = int((a & ~b).sum()), int((~a & b).sum())
+    return 1.0 if n01 + n10 == 0 else float(binomtest(min(n01, n10), n01 + n10, 0.5).pvalue)
+
+
+def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
+    """Score everything on the test split; writes ``metrics.json``, ``test.npz`` and ``test_scores.npz``."""
+    x_test, y_test = store.split(run_dir, "test")
+    _, y_val = store.split(run_dir, "val")
+    inp = store.preprocessing(run_dir).apply(x_test)
+    info = store.read_json(run_dir / "dataset.json")
+    sel = store.read_json(run_dir / "selection.json")
+    rule, weighted = cfg["vote"]["rule"], cfg["vote"]["weighted"]
+    base_q = store.read_json(run_dir / "baseline" / "quant.json")
+    base32 = predict_proba(session(run_dir / "baseline" / "fp32.onnx"), inp)
+    base8 = predict_proba(session(run_dir / "baseline" / "int8.onnx"), inp)
+    names = sorted(p.name for p in (run_dir / "pool").iterdir() if (p / "quant.json").exists())
+    test = {n: predict_proba(session(run_dir / "pool" / n / "int8.onnx"), inp) for n in names}
+    val = {n: np.load(run_dir / "pool" / n / "val_proba.npy") for n in names}
+    quant = {n: store.read_json(run_dir / "pool" / n / "quant.json") for n in names}
+    weight = {n: quant[n]["val_acc_int8"] for n in names}
+
+    def ens(members: list[str], split: dict, r: str = rule) -> np.ndarray:
+        return vote(np.stack([split[n] for n in members]), r, [weight[n] for n in members] if weighted else None)
+
+    bundle = Bundle.load(run_dir / "bundle")
+    ens_test = bundle.predict_proba(x_test)
+    chosen = sel["selected"]
+    assert np.allclose(ens_test, ens(chosen, test), atol=1e-5), "bundle and pool disagree"
+    sizes = lambda ms: {k: sum(quant[n]["bytes"][k] for n in ms) for k in ("fp32", "int8", "fp32_gzip", "int8_gzip")}  # noqa: E731
+    labels = dict(zip(sel["candidates"], sel["clustering"]["labels"]))
+    members = []
+    for n in names:
+        rec = store.read_json(run_dir / "pool" / n / "member.json")
+        members.append({"name": n, "status": quant[n]["status"], "cluster": labels.get(n), "selected": n in chosen,
+                        "sparsity_target": rec["sparsity"], "sparsity_measured": rec["measured_sparsity"]["overall"],
+                        "val_acc_fp32": quant[n]["val_acc_fp32"], "val_acc_int8": quant[n]["val_acc_int8"],
+                        "test_acc_int8": accuracy(test[n], y_test), "bytes": quant[n]["bytes"],
+                        "full_integer": quant[n]["full_integer"], "quant_attempts": quant[n]["attempts"],
+                        "plan": {k: rec[k] for k in ("seed", "epochs", "lr", "batch_size", "bootstrap")},
+                        "fine_tune_seconds": rec["seconds"]})
+    ok = sel["candidates"]
+    base_pred = base32.argmax(1)
+    strategies = {s: {"members": ms, **{f"{split}_acc": {r: accuracy(ens(ms, d, r), yy) for r in ("soft", "hard")}
+                                        for split, d, yy in (("val", val, y_val), ("test", test, y_test))}}
+                  for s, ms in sel["strategies"].items()}
+    curves = {s: [{"k": len(ms), "members": ms, "val_acc": accuracy(ens(ms, val), y_val), "test_acc": accuracy(ens(ms, test), y_test)}
+                  for ms in picks] for s, picks in sel["sweep"].items()}
+    metrics = {
+        "dataset": info,
+        "baseline": {"val_acc_fp32": base_q["val_acc_fp32"], "val_acc_int8": base_q["val_acc_int8"],
+                     "test_acc_fp32": accuracy(base32, y_test), "test_acc_int8": accuracy(base8, y_test),
+                     "bytes": base_q["bytes"], "int8_status": base_q["status"], "full_integer": base_q["full_integer"]},
+        "members": members,
+        "pool_vote": {"members": len(ok), "val_acc": accuracy(ens(ok, val), y_val), "test_acc": accuracy(ens(ok, test), y_test)},
+        "ensemble": {
+            "strategy": sel["strategy"], "rule": rule, "weighted": weighted, "members": chosen, "k": len(chosen),
+            "val_acc": accuracy(ens(chosen, val), y_val), "test_acc": accuracy(ens_test, y_test),
+            "gain_vs_baseline_fp32": accuracy(ens_test, y_test) - accuracy(base32, y_test),
+            "mcnemar_p_vs_baseline_fp32": mcnemar(y_test, base_pred, ens_test.argmax(1)),
+            "disagreement": disagreement(np.stack([test[n] for n in chosen])).tolist(),
+            "mean_disagreement": _mean_offdiag(disagreement(np.stack([test[n] for n in chosen]))),
+            "mean_member_test_acc": float(np.mean([accuracy(test[n], y_test) for n in chosen])),
+            "bytes": sizes(chosen),
+        },
+        "strategies": strategies,
+        "curves": curves,
+        "clustering": {k: v for k, v in sel["clustering"].items() if k != "labels"},
+        "dropped": sel["dropped"],
+        "timings": dict(timings),
+    }
+    store.write_npz(run_dir / "test.npz", x=x_test, y=y_test)
+    store.write_npz(run_dir / "test_scores.npz", names=np.array(names), members=np.stack([test[n] for n in names]),
+                    baseline_fp32=base32, baseline_int8=base8, ensemble=ens_test)
+    store.write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _mean_offdiag(d: np.ndarray) -> float:
+    m = len(d)
+    return float(d.sum() / (m * (m - 1))) if m > 1 else 0.0
+
+
+def evaluate_bundle(path: Path | str, spec: dict) -> dict:
+    """Score a bundle on a dataset's test split, independently of the run that made it."""
+    ds = data.load(spec)
+    b = Bundle.load(path)
+    proba = b.member_proba(ds.x_test)
+    ensemble = vote(proba, b.manifest["vote"]["rule"], b.weights)
+    return {"test_acc": accuracy(ensemble, ds.y_test), "n_test": len(ds.y_test),
+            "members": {e["id"]: accuracy(p, ds.y_test) for e, p in zip(b.manifest["members"], proba)}}
+
+
+def table(m: dict) -> str:
+    """A readable summary of ``metrics.json``."""
+    b, e = m["baseline"], m["ensemble"]
+    kb = lambda n: f"{n / 1024:,.1f} KiB"  # noqa: E731
+    rows = [("model", "test acc", "fp32", "int8", "int8 gzip"),
+            ("baseline fp32", f"{b['test_acc_fp32']:.4f}", kb(b["bytes"]["fp32"]), "", ""),
+            ("baseline int8", f"{b['test_acc_int8']:.4f}", "", kb(b["bytes"]["int8"]), kb(b["bytes"]["int8_gzip"]))]
+    for mem in m["members"]:
+        if mem["selected"]:
+            rows.append((f"  {mem['name']} (s={mem['sparsity_measured']:.2f}, c{mem['cluster']})", f"{mem['test_acc_int8']:.4f}",
+                         "", kb(mem["bytes"]["int8"]), kb(mem["bytes"]["int8_gzip"])))
+    rows.append((f"pool vote ({m['pool_vote']['members']} members)", f"{m['pool_vote']['test_acc']:.4f}", "", "", ""))
+    rows.append((f"ensemble: {e['strategy']}, {e['rule']} vote, k={e['k']}", f"{e['test_acc']:.4f}", "",
+                 kb(e["bytes"]["int8"]), kb(e["bytes"]["int8_gzip"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    gain = 100 * e["gain_vs_baseline_fp32"]
+    lines.append(f"\nensemble vs baseline fp32: {gain:+.2f} points (McNemar p = {e['mcnemar_p_vs_baseline_fp32']:.3g}); "
+                 f"mean pairwise disagreement {e['mean_disagreement']:.3f}")
+    lines.append("other strategies (test acc, soft/hard): " + "; ".join(
+        f"{s} {v['test_acc']['soft']:.4f}/{v['test_acc']['hard']:.4f}" for s, v in m["strategies"].items()))
+    if m["dropped"]:
+        lines.append(f"dropped by the int8 gate: {', '.join(m['dropped'])}")
+    return "\n".join(lines)

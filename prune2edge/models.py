@@ -1,0 +1,144 @@
+"""Baseline networks in plain ``torch.nn``, and loading a network the user brings."""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+
+def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SmallCNN(nn.Module):
+    """A fast CNN for 2 CPU cores: conv-bn-relu stages, each followed by a 2x2 max-pool, then global average pool."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32, depth: int = 3):
+        super().__init__()
+        layers, c = [conv_bn(in_channels, width)], width
+        for i in range(depth):
+            layers += [conv_bn(c, width * 2 ** (i + 1)), nn.MaxPool2d(2, ceil_mode=True)]
+            c = width * 2 ** (i + 1)
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """ResNet-20 v1 for CIFAR (He et al. 2016): 3 stages of 3 basic blocks, 16/32/64 channels, projection shortcuts."""
+
+    def __init__(self, in_channels: int, num_classes: int, blocks: int = 3):
+        super().__init__()
+        layers, c = [conv_bn(in_channels, 16)], 16
+        for stage, width in enumerate((16, 32, 64)):
+            for b in range(blocks):
+                layers.append(BasicBlock(c, width, 2 if stage and not b else 1))
+                c = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class KerasCifar10CNN(nn.Module):
+    """The Keras ``cifar10_cnn`` example: two conv-conv-pool-dropout blocks, dense 512, dropout, dense."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: tuple[int, int]):
+        super().__init__()
+        if min(image_size) < 10:
+            raise UserError(f"keras_cifar10_cnn needs images of at least 10x10, got {image_size}; use small_cnn")
+        r = nn.ReLU
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1), r(), nn.Conv2d(32, 32, 3), r(), nn.MaxPool2d(2), nn.Dropout(0.25),
+            nn.Conv2d(32, 64, 3, padding=1), r(), nn.Conv2d(64, 64, 3), r(), nn.MaxPool2d(2), nn.Dropout(0.25), nn.Flatten())
+        with torch.no_grad():
+            n = self.features(torch.zeros(1, in_channels, *image_size)).shape[1]
+        self.head = nn.Sequential(nn.Linear(n, 512), r(), nn.Dropout(0.5), nn.Linear(512, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+ARCHS: dict[str, Callable[..., nn.Module]] = {
+    "small_cnn": lambda c, k, hw, **kw: SmallCNN(c, k, **kw),
+    "resnet20": lambda c, k, hw, **kw: ResNet20(c, k, **kw),
+    "keras_cifar10_cnn": lambda c, k, hw, **kw: KerasCifar10CNN(c, k, hw, **kw),
+}
+
+
+def build(arch: str, image_shape: tuple[int, int, int], num_classes: int, **kwargs) -> nn.Module:
+    """A fresh network for HWC images; ``arch`` is a built-in name or ``module.path:factory`` (called with kwargs)."""
+    h, w, c = image_shape
+    try:
+        if arch in ARCHS:
+            model = ARCHS[arch](c, num_classes, (h, w), **kwargs)
+        elif ":" in arch:
+            mod, _, fn = arch.partition(":")
+            model = getattr(importlib.import_module(mod), fn)(**kwargs)
+        else:
+            raise UserError(f"unknown model.arch '{arch}': use {', '.join(ARCHS)} or 'module.path:factory'")
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"cannot import model factory '{arch}' ({e}); is the module on PYTHONPATH?") from None
+    except TypeError as e:
+        raise UserError(f"model '{arch}' rejected its arguments {kwargs} ({e}); check model: in the config") from None
+    check_shapes(model, image_shape, num_classes)
+    return model
+
+
+def check_shapes(model: nn.Module, image_shape: tuple[int, int, int], num_classes: int) -> None:
+    """Fail clearly when the network cannot take these images or gives the wrong number of outputs."""
+    h, w, c = image_shape
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, c, h, w))
+    except RuntimeError as e:
+        raise UserError(f"the model cannot take images of shape {h}x{w}x{c} (HWC): {str(e).splitlines()[0]}") from None
+    finally:
+        model.train(was_training)
+    if tuple(out.shape) != (2, num_classes):
+        raise UserError(f"the model outputs shape {tuple(out.shape[1:])} per image but the data has {num_classes} classes")
+
+
+def load_weights(model: nn.Module, path: str) -> nn.Module:
+    """Load a state_dict saved with ``torch.save(model.state_dict(), path)`` (read with weights_only=True)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except FileNotFoundError:
+        raise UserError(f"model weights not found: '{path}'") from None
+    except (RuntimeError, ValueError, KeyError, EOFError) as e:
+        raise UserError(f"cannot load weights '{path}' into the model: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def prunable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Weights that magnitude pruning acts on: every Conv2d and Linear weight, by module name."""
+    return {n: m.weight for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def sparsity(model: nn.Module) -> dict:
+    """Measured fraction of exact zeros per prunable layer and over all of them, read from the weights."""
+    layers = {n: float((w == 0).sum()) / w.numel() for n, w in prunable(model).items()}
+    zeros = sum(float((w == 0).sum()) for w in prunable(model).values())
+    total = sum(w.numel() for w in prunable(model).values())
+    return {"overall": zeros / total, "layers": layers}

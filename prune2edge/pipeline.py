@@ -1,0 +1,127 @@
+"""All phases in order, each skipped when its artifacts are already in the run directory (resumable)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import bundle, cluster, config, data, evaluate, models, pool, quantize, select, store, train
+from .errors import UserError
+from .preprocess import Preprocessing
+from .vote import accuracy
+
+
+def prepare(run_dir: Path, cfg: dict) -> None:
+    """Record the config, the split indices and the preprocessing fitted on the training split."""
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        if not config.same_run(config.load(saved), cfg):
+            raise UserError(f"'{run_dir}' holds a run with a different config; use another output directory "
+                            "(or delete it to start over)")
+        if (run_dir / "preprocess.json").exists():
+            return
+    ds = data.load(cfg["data"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tr, va = data.split_train_val(ds.y_train, cfg["data"]["val_fraction"], cfg["seed"], cfg["data"]["max_train"])
+    store.write_npz(run_dir / "splits.npz", train=tr, val=va, test=np.arange(len(ds.y_test)))
+    store.write_json(run_dir / "dataset.json", {"name": ds.name, "classes": ds.classes, "image_shape": ds.image_shape,
+                                                "n_train": len(tr), "n_val": len(va), "n_test": len(ds.y_test)})
+    store.write_bytes(saved, config.yaml_text(cfg).encode())
+    store.write_json(run_dir / "preprocess.json", Preprocessing.fit(ds.x_train[tr], ds.scale).to_dict())
+
+
+def baseline(run_dir: Path, cfg: dict, progress: bool = True) -> dict:
+    """Train the baseline (or load the given weights); writes ``baseline/model.pt`` and ``model.json`` last."""
+    out = run_dir / "baseline"
+    if (out / "model.json").exists():
+        return store.read_json(out / "model.json")
+    info = store.read_json(run_dir / "dataset.json")
+    shape, k = tuple(info["image_shape"]), len(info["classes"])
+    m = cfg["model"]
+    torch.manual_seed(cfg["seed"])
+    model = models.build(m["arch"], shape, k, **m["kwargs"])
+    x, y = pool.tensors(run_dir, "train")
+    x_val, y_val = pool.tensors(run_dir, "val")
+    history: list[dict] = []
+    if m["weights"]:
+        models.load_weights(model, m["weights"])
+    else:
+        history = train.fit(model, x, y, train.TrainSettings(**cfg["train"]), seed=cfg["seed"], device=cfg["device"],
+                            augment=train.augment_kind(cfg["train"]["augment"], shape), x_val=x_val, y_val=y_val,
+                            desc="baseline", progress=progress)
+    model.cpu()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / "model.pt.tmp")
+    (out / "model.pt.tmp").replace(out / "model.pt")
+    record = {"arch": m["arch"], "kwargs": m["kwargs"], "image_shape": shape, "num_classes": k,
+              "val_acc_fp32": accuracy(train.predict_proba(model, x_val), y_val.numpy()), "history": history,
+              "parameters": sum(p.numel() for p in model.parameters()), "pretrained": bool(m["weights"])}
+    store.write_json(out / "model.json", record)
+    return record
+
+
+def choose(run_dir: Path, cfg: dict, members: list[dict], quant: dict[str, dict]) -> dict:
+    """Cluster the members that passed the int8 gate, and select the voters; writes ``selection.json``."""
+    path = run_dir / "selection.json"
+    if path.exists():
+        return store.read_json(path)
+    names = [m["name"] for m in members if quant[m["name"]]["status"] == "ok"]
+    if not names:
+        raise UserError("every pool member failed the int8 gate; see pool/*/quant.json, and raise quantize.max_drop "
+                        "or lower pool.sparsity")
+    proba = np.stack([np.load(run_dir / "pool" / n / "val_proba.npy") for n in names])
+    _, y_val = store.split(run_dir, "val")
+    c = cfg["cluster"]
+    k = c["k"] if c["k"] == "auto" else min(c["k"], len(names))
+    result = cluster.cluster(proba, c["method"], k, c["k_max"], cfg["seed"])
+    chosen = {s: select.select(s, proba, y_val, result["labels"], method=c["method"], rule=cfg["vote"]["rule"], seed=cfg["seed"])
+              for s in select.STRATEGIES}
+    record = {"candidates": names, "dropped": [m["name"] for m in members if m["name"] not in names],
+              "clustering": result, "strategy": cfg["select"]["strategy"],
+              "selected": [names[i] for i in chosen[cfg["select"]["strategy"]]],
+              "strategies": {s: [names[i] for i in idx] for s, idx in chosen.items()},
+              "sweep": {s: [[names[i] for i in idx] for idx in picks]
+                        for s, picks in select.sweep(proba, y_val, c["method"], cfg["vote"]["rule"], cfg["seed"], c["k_max"]).items()}}
+    store.write_json(path, record)
+    return record
+
+
+def make_bundle(run_dir: Path, cfg: dict, selection: dict, members: list[dict], quant: dict[str, dict]) -> dict:
+    """Write ``bundle/`` with the selected int8 members."""
+    if (run_dir / "bundle" / "manifest.json").exists():
+        return bundle.read_manifest(run_dir / "bundle")
+    info = store.read_json(run_dir / "dataset.json")
+    by_name = {m["name"]: m for m in members}
+    labels = dict(zip(selection["candidates"], selection["clustering"]["labels"]))
+    entries = [{"id": n, "onnx": run_dir / "pool" / n / "int8.onnx", "weight": quant[n]["val_acc_int8"],
+                "gzip_bytes": quant[n]["bytes"]["int8_gzip"], "sparsity_target": by_name[n]["sparsity"],
+                "sparsity": by_name[n]["measured_sparsity"]["overall"], "val_acc": quant[n]["val_acc_int8"],
+                "cluster": labels[n]} for n in selection["selected"]]
+    return bundle.write(run_dir / "bundle", entries, store.preprocessing(run_dir), tuple(info["image_shape"]),
+                        info["classes"], cfg["vote"]["rule"], cfg["vote"]["weighted"])
+
+
+def run(cfg: dict, run_dir: Path | str, progress: bool = True) -> dict:
+    """Run (or resume) every phase; returns the metrics also written to ``metrics.json``."""
+    run_dir = Path(run_dir)
+    timings = store.read_json(run_dir / "timings.json") if (run_dir / "timings.json").exists() else {}
+
+    def phase(name: str, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        if name not in timings:
+            timings[name] = time.perf_counter() - t0
+            store.write_json(run_dir / "timings.json", timings)
+        return out
+
+    phase("prepare", prepare, run_dir, cfg)
+    phase("baseline", baseline, run_dir, cfg, progress)
+    with pool.make_executor(cfg["workers"]) as ex:
+        members = phase("pool", pool.build, run_dir, cfg, ex, progress)
+    quant = phase("quantize", quantize.quantize_all, run_dir, cfg, members, progress)
+    selection = phase("select", choose, run_dir, cfg, members, quant)
+    phase("bundle", make_bundle, run_dir, cfg, selection, members, quant)
+    return phase("evaluate", evaluate.evaluate_run, run_dir, cfg, timings)

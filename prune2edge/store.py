@@ -1,0 +1,87 @@
+"""The run directory as an artifact store: atomic writes, hashes, and the data splits a run recorded."""
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that a crash leaves either the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_bytes(path, json.dumps(obj, indent=2, default=_jsonable).encode())
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    write_bytes(path, buf.getvalue())
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def gzip_size(path: Path) -> int:
+    """Bytes of the file after gzip at level 9 (what unstructured sparsity saves on the wire and on flash)."""
+    return len(gzip.compress(Path(path).read_bytes(), compresslevel=9, mtime=0))
+
+
+@functools.lru_cache(maxsize=1)
+def dataset(run_dir: str):
+    """The dataset a run's recorded config names (loaded once per process)."""
+    from . import config, data
+
+    return data.load(config.load(Path(run_dir) / "config.yaml")["data"])
+
+
+def split(run_dir: str | Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Raw images and labels of a recorded split (``train``, ``val`` or ``test``) of a run."""
+    ds = dataset(str(run_dir))
+    if name == "test":
+        return ds.x_test, ds.y_test
+    idx = np.load(Path(run_dir) / "splits.npz")[name]
+    return ds.x_train[idx], ds.y_train[idx]
+
+
+def preprocessing(run_dir: str | Path):
+    """The run's fitted :class:`Preprocessing` (from the training split)."""
+    from .preprocess import Preprocessing
+
+    return Preprocessing.from_dict(read_json(Path(run_dir) / "preprocess.json"))

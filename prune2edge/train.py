@@ -1,0 +1,135 @@
+"""Training loop shared by the baseline and the pool's fine-tuning: seeded, augmented, scheduled."""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .vote import accuracy
+
+
+@dataclass
+class TrainSettings:
+    """How to fit a network; the ``train:`` section of a config, also sampled per pool member."""
+
+    epochs: float = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    augment: str = "auto"
+    label_smoothing: float = 0.0
+
+
+def augment_kind(setting: str, image_shape: tuple[int, int, int]) -> str:
+    """``auto`` means random crop + flip for colour images of 16 px or more, nothing otherwise."""
+    if setting != "auto":
+        return setting
+    h, w, c = image_shape
+    return "crop_flip" if c == 3 and min(h, w) >= 16 else "none"
+
+
+def augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """Random translation by up to 1/8 of the side (reflect padding), and horizontal flips for ``crop_flip``."""
+    if kind == "none":
+        return x
+    n, _, h, w = x.shape
+    p = max(1, h // 8)
+    padded = nn.functional.pad(x, (p, p, p, p), mode="reflect")
+    dy, dx = torch.randint(0, 2 * p + 1, (2, n), generator=gen).tolist()
+    x = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    if kind == "crop_flip":
+        flip = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def make_schedule(opt: torch.optim.Optimizer, kind: str, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    if kind == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total, pct_start=0.25)
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    s: TrainSettings,
+    *,
+    seed: int,
+    augment: str = "none",
+    device: str = "cpu",
+    x_val: torch.Tensor | None = None,
+    y_val: torch.Tensor | None = None,
+    after_step: Callable[[int, int], None] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> list[dict]:
+    """Train in place on preprocessed NCHW tensors; returns one history row per epoch.
+
+    ``epochs`` may be fractional (a partial last epoch). ``after_step(step, total)`` runs after
+    every optimiser step (the pool uses it to apply pruning masks).
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model.to(device)
+    steps_per_epoch = max(1, math.ceil(len(x) / s.batch_size))
+    total = max(1, round(s.epochs * steps_per_epoch))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if s.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, nesterov=s.momentum > 0, weight_decay=s.weight_decay)
+    sched = make_schedule(opt, s.schedule, total)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=s.label_smoothing)
+    history, step, t0 = [], 0, time.perf_counter()
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
+    while step < total:
+        model.train()
+        order = torch.randperm(len(x), generator=gen)
+        seen, loss_sum, correct = 0, 0.0, 0
+        for i in range(0, len(x), s.batch_size):
+            if step >= total:
+                break
+            idx = order[i:i + s.batch_size]
+            xb = augment_batch(x[idx], augment, gen).to(device, non_blocking=True)
+            yb = y[idx].to(device, non_blocking=True)
+            out = model(xb)
+            loss = loss_fn(out, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if after_step is not None:
+                after_step(step, total)
+            seen += len(idx)
+            loss_sum += float(loss) * len(idx)
+            correct += int((out.argmax(1) == yb).sum())
+            bar.update(1)
+        row = {"epoch": len(history) + 1, "steps": step, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+               "seconds": time.perf_counter() - t0}
+        if x_val is not None and y_val is not None:
+            row["val_acc"] = accuracy(predict_proba(model, x_val, device=device), y_val.numpy())
+        bar.set_postfix({k: round(v, 4) for k, v in row.items() if k in ("train_loss", "val_acc")})
+        history.append(row)
+    bar.close()
+    return history
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: torch.Tensor, device: str = "cpu", batch_size: int = 512) -> np.ndarray:
+    """Softmax probabilities of a torch network in eval mode."""
+    model.eval().to(device)
+    out = [torch.softmax(model(x[i:i + batch_size].to(device)), 1).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy()
