@@ -46,13 +46,14 @@ def _run(cfg: dict, out: Path, quiet: bool) -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Override the config's device.")
 @click.option("--data-path", help="Override data.path (a directory, or comma-separated npz files).")
 @click.option("--seed", type=int, help="Override the config's seed.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override one config key, e.g. pool.size=8 (repeatable).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(config_file: str, out: Path | None, workers: int | None, device: str | None, data_path: str | None,
-        seed: int | None, quiet: bool) -> None:
+        seed: int | None, settings: tuple[str, ...], quiet: bool) -> None:
     """Run every phase of CONFIG_FILE (YAML); re-running continues an interrupted run."""
     from . import config
 
-    overrides: dict = {}
+    overrides = config.parse_settings(settings)
     if workers is not None:
         overrides["workers"] = workers
     if device is not None:
@@ -60,7 +61,7 @@ def run(config_file: str, out: Path | None, workers: int | None, device: str | N
     if seed is not None:
         overrides["seed"] = seed
     if data_path is not None:
-        overrides["data"] = {"path": data_path.split(",") if "," in data_path else data_path}
+        overrides.setdefault("data", {})["path"] = data_path.split(",") if "," in data_path else data_path
     cfg = config.load(config_file, overrides)
     _run(cfg, out or Path("runs") / Path(config_file).stem, quiet)
 

@@ -152,6 +152,24 @@ def validate(cfg: dict) -> dict:
     return cfg
 
 
+def parse_settings(settings: list[str] | tuple[str, ...]) -> dict:
+    """``["pool.size=8", "train.lr=0.1"]`` -> nested overrides; values are read as YAML scalars or lists."""
+    out: dict = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set takes KEY=VALUE (e.g. pool.size=8), got '{item}'")
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {key}: cannot read value '{value}' ({e})") from None
+    return out
+
+
 def yaml_text(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
