@@ -144,5 +144,191 @@ def predict(bundle_dir: Path, files: tuple[str, ...], as_json: bool) -> None:
         click.echo(json.dumps(row) if as_json else f"{name}\t{b.classes[k]}\t{s[k]:.3f}")
 
 
+# --- Fleet over MQTT: thin shells over prune2edge.fleet (which needs only numpy, onnxruntime, paho-mqtt) ---
+
+DATASET_SPECS = ("digits", "cifar10", "cifar100", "npz", "imagefolder")
+
+
+def _mqtt_options(broker_required: bool = True):
+    """--broker, --username/--password (or env vars), --tls-ca/--tls-cert/--tls-key and --fleet."""
+    opts = [
+        click.option("--broker", required=broker_required,
+                     help="mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS" + ("" if broker_required else
+                          " (default: start a private Mosquitto on a free loopback port)")),
+        click.option("--fleet", "fleet_name", default="default", show_default=True,
+                     help="Fleet name: topics live under prune2edge/<fleet>/."),
+        click.option("--username", envvar="PRUNE2EDGE_MQTT_USERNAME", help="MQTT username [env PRUNE2EDGE_MQTT_USERNAME]."),
+        click.option("--password", envvar="PRUNE2EDGE_MQTT_PASSWORD", help="MQTT password [env PRUNE2EDGE_MQTT_PASSWORD]."),
+        click.option("--tls-ca", help="CA certificate (PEM) that signed the broker's certificate."),
+        click.option("--tls-cert", help="Client certificate (PEM), for brokers that require one."),
+        click.option("--tls-key", help="Private key (PEM) of --tls-cert."),
+    ]
+
+    def decorate(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return decorate
+
+
+def _broker(opts: dict):
+    from .fleet import Broker
+
+    if not opts.get("broker"):
+        return None
+    return Broker.parse(opts["broker"], opts["username"], opts["password"], opts["tls_ca"], opts["tls_cert"],
+                        opts["tls_key"])
+
+
+def _log_to_stderr(level: str = "INFO") -> None:
+    import logging
+
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+
+
+def _inputs(items: list[str]) -> tuple[list[str], "object", "object"]:
+    """A dataset spec (its test split, with labels) or image/array files -> names, uint8 images, labels or None."""
+    import numpy as np
+
+    if len(items) == 1 and items[0].partition(":")[0] in DATASET_SPECS and not Path(items[0]).exists():
+        from . import data
+
+        d = data.load(data.parse_spec(items[0]))
+        return [f"{d.name}:test[{i}]" for i in range(len(d.x_test))], d.x_test, d.y_test
+    names, x = read_images(items)
+    labels = None
+    if len(items) == 1 and items[0].endswith(".npz"):  # labels next to the images: (x, y) or (x_test, y_test)
+        with np.load(items[0], allow_pickle=False) as z:
+            key = next((k for k in ("x", "x_test", "images") if k in z.files), None)
+            ykey = {"x": "y", "x_test": "y_test", "images": "labels"}.get(key)
+            if ykey in z.files and len(z[ykey]) == len(x):
+                labels = z[ykey].astype(np.int64)
+    return names, x, labels
+
+
+def _classify(broker, fleet_name: str, items: list[str], out: Path | None, rate: float | None, max_in_flight: int,
+              timeout: float, limit: int | None) -> dict:
+    from . import fleet
+
+    names, x, y = _inputs(items)
+    if limit is not None:
+        names, x, y = names[:limit], x[:limit], None if y is None else y[:limit]
+    sink = open(out, "w") if out else sys.stdout
+    try:
+        def write(row: dict) -> None:
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+
+        s = fleet.classify(broker, fleet_name, x, names, y, on_result=write, rate=rate, max_in_flight=max_in_flight,
+                           timeout_s=timeout)
+    finally:
+        if out:
+            sink.close()
+    acc = f"; accuracy {s['accuracy']:.4f}" if "accuracy" in s else ""
+    click.echo(f"{s['frames']} frames: {s['decided']} decided, {s['undecided']} undecided, {len(s['missing'])} "
+               f"without an answer, in {s['elapsed_s']:.1f} s ({s['frames_per_s']} frames/s); round trip p50 "
+               f"{s['rtt_ms_p50']:.1f} ms, p99 {s['rtt_ms_p99']:.1f} ms{acc}", err=True)
+    if s["missing"]:
+        raise UserError(f"{len(s['missing'])} of {s['frames']} frames got no decision (none came for {timeout:g} s), "
+                        f"e.g. {s['missing'][:3]}; are the aggregator and nodes running?")
+    return s
+
+
+_classify_options = [
+    click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the decisions here (JSON lines)."),
+    click.option("--rate", type=float, help="Frames per second (default: as fast as the fleet answers)."),
+    click.option("--max-in-flight", type=int, default=64, show_default=True, help="Frames awaiting a decision at once."),
+    click.option("--timeout", type=float, default=30.0, show_default=True,
+                 help="Give up when no decision has come for this many seconds."),
+    click.option("--limit", type=int, help="Only the first N images."),
+]
+
+
+def _with(options):
+    def decorate(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return decorate
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--member", required=True, help="The member id this node runs (see the bundle's manifest.json).")
+@_mqtt_options()
+@click.option("--max-batch", type=int, default=32, show_default=True, help="Frames run in one batch when queued.")
+def node(bundle_dir: Path, member: str, fleet_name: str, max_batch: int, **mqtt) -> None:
+    """Serve one bundle member: verify it, then vote on the fleet's frames (needs no torch or scikit-learn)."""
+    from . import fleet
+
+    _log_to_stderr()
+    fleet.Node(bundle_dir, member, _broker(mqtt), fleet_name, max_batch=max_batch).serve(fleet.stop_on_signals())
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@_mqtt_options()
+@click.option("--members", help="Comma-separated member ids in this fleet (default: all of the bundle's).")
+@click.option("--quorum", type=int, help="Votes needed for a decision (default: a majority of the members).")
+@click.option("--timeout-ms", type=int, default=2000, show_default=True, help="How long to wait for a frame's votes.")
+def aggregator(bundle_dir: Path, fleet_name: str, members: str | None, quorum: int | None, timeout_ms: int,
+               **mqtt) -> None:
+    """Collect the nodes' votes and publish one decision (or `undecided`, with the reason) per frame."""
+    from . import fleet
+
+    _log_to_stderr()
+    agg = fleet.Aggregator(bundle_dir, _broker(mqtt), fleet_name, quorum, timeout_ms,
+                           members.split(",") if members else None)
+    agg.serve(fleet.stop_on_signals())
+
+
+@main.command()
+@click.argument("data", nargs=-1, required=True)
+@_mqtt_options()
+@_with(_classify_options)
+def classify(data: tuple[str, ...], fleet_name: str, out: Path | None, rate: float | None, max_in_flight: int,
+             timeout: float, limit: int | None, **mqtt) -> None:
+    """Send DATA (a dataset spec such as `digits`, .npz/.npy or image files) to a fleet; one JSON line per decision."""
+    _log_to_stderr("WARNING")
+    _classify(_broker(mqtt), fleet_name, list(data), out, rate, max_in_flight, timeout, limit)
+
+
+@main.command("fleet")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@_mqtt_options(broker_required=False)
+@click.option("--members", help="Comma-separated member ids to run (default: all of the bundle's).")
+@click.option("--quorum", type=int, help="Votes needed for a decision (default: a majority of the members).")
+@click.option("--timeout-ms", type=int, default=2000, show_default=True, help="How long to wait for a frame's votes.")
+@click.option("--classify", "data", help="Classify this (dataset spec or file), print the accuracy, shut down.")
+@_with(_classify_options)
+def fleet_command(bundle_dir: Path, fleet_name: str, members: str | None, quorum: int | None, timeout_ms: int,
+                  data: str | None, out: Path | None, rate: float | None, max_in_flight: int, timeout: float,
+                  limit: int | None, **mqtt) -> None:
+    """Run every member as a node process plus an aggregator on this machine (until Ctrl-C, or --classify DATA)."""
+    from . import fleet
+
+    _log_to_stderr("WARNING")
+    lf = fleet.LocalFleet(bundle_dir, _broker(mqtt), fleet_name, members.split(",") if members else None, quorum,
+                          timeout_ms)
+    stop = fleet.stop_on_signals()
+    lf.start()
+    try:
+        click.echo(f"fleet '{fleet_name}': {len(lf.members)} nodes ({', '.join(lf.members)}) and an aggregator on "
+                   f"{lf.broker.url}; logs in {lf.workdir}" + (" (removed after a clean shutdown)" if lf.own_workdir else ""),
+                   err=True)
+        if data:
+            _classify(lf.broker, fleet_name, [data], out, rate, max_in_flight, timeout, limit)
+        else:
+            click.echo("running; Ctrl-C stops it", err=True)
+            reported: set[str] = set()
+            while not stop.wait(0.5):
+                for role in set(lf.dead()) - reported:
+                    click.secho(f"warning: fleet {role} exited: {lf.log_tail(role)}", fg="yellow", err=True)
+                    reported.add(role)
+    finally:
+        lf.stop()
+        click.echo("fleet stopped", err=True)
+
+
 if __name__ == "__main__":
     main()
