@@ -11,6 +11,8 @@ import os
 import pickle
 import tarfile
 import urllib.request
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,7 +164,7 @@ def load_npz(paths: str | list[str]) -> Dataset:
                     parts.setdefault(k, []).append(z[k])
         except FileNotFoundError:
             raise UserError(f"npz file not found: '{p}'") from None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             raise UserError(f"cannot read npz file '{p}' ({e}); is it a complete numpy .npz?") from None
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in parts]
     if missing:

@@ -93,10 +93,9 @@ class MagnitudePruner:
             self.params[n].mul_(m)
 
     def __call__(self, step: int, total: int) -> None:
+        self.apply()  # first undo the optimiser's step on pruned weights: they never grow back
         if step <= self.end_step and (step % self.every == 0 or step == self.end_step):
             self.update(self.target(step))
-        else:
-            self.apply()
 
 
 def tensors(run_dir: Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -114,7 +114,7 @@ def fit(
             if after_step is not None:
                 after_step(step, total)
             seen += len(idx)
-            loss_sum += float(loss) * len(idx)
+            loss_sum += loss.item() * len(idx)
             correct += int((out.argmax(1) == yb).sum())
             bar.update(1)
         row = {"epoch": len(history) + 1, "steps": step, "train_loss": loss_sum / seen, "train_acc": correct / seen,

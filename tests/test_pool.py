@@ -1,0 +1,108 @@
+"""Phase 1: magnitude pruning reaches its measured target; members are independent clones of the baseline."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from prune2edge import config, models, pipeline, pool, store
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return models.build("small_cnn", (8, 8, 1), 10, width=8, depth=2)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_pruner_reaches_measured_sparsity(scope):
+    model = tiny_model()
+    pruner = pool.MagnitudePruner(models.prunable(model), 0.8, "polynomial", scope, end_step=10)
+    pruner.update(0.8)
+    measured = models.sparsity(model)
+    assert measured["overall"] >= 0.8
+    if scope == "layer":
+        assert all(s >= 0.8 for s in measured["layers"].values())
+    else:  # one threshold: the surviving weights are the largest overall
+        kept = torch.cat([w[w != 0].abs() for w in models.prunable(model).values()])
+        assert kept.numel() <= 0.2 * sum(w.numel() for w in models.prunable(model).values()) + 1
+
+
+def test_pruner_keeps_the_largest_weights():
+    model = tiny_model()
+    w = models.prunable(model)["features.0.0"]
+    before = w.detach().abs().clone()
+    pool.MagnitudePruner({"w": w}, 0.5, "constant", "layer", 1).update(0.5)
+    assert before[w == 0].max() <= before[w != 0].min()
+
+
+def test_schedules():
+    p = pool.MagnitudePruner({}, 0.9, "polynomial", "layer", end_step=100)
+    targets = [p.target(t) for t in range(0, 121, 10)]
+    assert targets[0] == 0 and targets[10] == pytest.approx(0.9) and targets[-1] == 0.9
+    assert all(a <= b for a, b in zip(targets, targets[1:]))
+    assert p.target(50) == pytest.approx(0.9 * (1 - 0.5 ** 3))
+    assert pool.MagnitudePruner({}, 0.7, "constant", "layer", 100).target(0) == 0.7
+
+
+def test_masks_hold_during_training_and_are_permanent():
+    model = tiny_model()
+    params = models.prunable(model)
+    pruner = pool.MagnitudePruner(params, 0.6, "constant", "layer", 1)
+    pruner.update(0.6)
+    zeros = {n: (w == 0).clone() for n, w in params.items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for step in range(1, 4):
+        model(torch.randn(4, 1, 8, 8)).sum().backward()
+        opt.step()
+        pruner(step, 3)
+    assert all(bool((w[zeros[n]] == 0).all()) for n, w in params.items())
+    # plain tensors in the state dict: no masks, hooks or *_orig parameters left behind
+    assert not any(k.endswith(("_orig", "_mask")) for k in model.state_dict()) and not model._forward_pre_hooks
+
+
+def test_plan_spreads_sparsity_and_is_seeded():
+    cfg = config.load(overrides={"pool": {"size": 10, "sparsity": [0.5, 0.9]}})
+    plans = pool.plan(cfg)
+    s = sorted(p.sparsity for p in plans)
+    assert all(0.5 + 0.04 * i <= v <= 0.5 + 0.04 * (i + 1) for i, v in enumerate(s))  # one per tenth of the range
+    assert plans == pool.plan(cfg) and plans != pool.plan({**cfg, "seed": 1})
+    assert len({p.seed for p in plans}) == 10
+
+
+def prepared_copy(demo_run, tmp_path):
+    """The demo run up to its baseline, without its pool."""
+    for name in ("config.yaml", "splits.npz", "preprocess.json", "dataset.json"):
+        shutil.copy(demo_run / name, tmp_path / name)
+    shutil.copytree(demo_run / "baseline", tmp_path / "baseline")
+    return tmp_path
+
+
+def test_members_are_clones_of_the_baseline_not_chained(demo_run, tmp_path):
+    """Training member 3 alone, with no other member present, gives exactly the member of the full run."""
+    run_dir = prepared_copy(demo_run, tmp_path)
+    plan = pool.plan(config.load(run_dir / "config.yaml"))[3]
+    info = pool.train_member(run_dir, plan)
+    alone = torch.load(run_dir / "pool" / plan.name / "model.pt", weights_only=True)
+    full = torch.load(demo_run / "pool" / plan.name / "model.pt", weights_only=True)
+    assert all(torch.equal(alone[k], full[k]) for k in full)
+    assert info["measured_sparsity"]["overall"] >= plan.sparsity - 0.01
+    assert sorted(p.name for p in (run_dir / "pool").iterdir()) == [plan.name]
+
+
+def test_process_pool_executor_runs_members(demo_run, tmp_path):
+    run_dir = prepared_copy(demo_run, tmp_path)
+    cfg = config.load(run_dir / "config.yaml")
+    (run_dir / "pool" / "m000").mkdir(parents=True)
+    shutil.copy(demo_run / "pool" / "m000" / "member.json", run_dir / "pool" / "m000" / "member.json")
+    cfg["pool"]["size"] = 3
+    with pool.make_executor(2) as ex:
+        assert not isinstance(ex, pool.InProcessExecutor)
+        members = pool.build(run_dir, cfg, ex, progress=False)
+    assert [m["name"] for m in members] == ["m000", "m001", "m002"]
+    assert not (run_dir / "pool" / "m000" / "model.pt").exists()  # finished member kept, not recomputed
+    plans = pool.plan(cfg)
+    for m, p in zip(members[1:], plans[1:]):
+        assert m["measured_sparsity"]["overall"] >= p.sparsity - 0.01
+        assert m["val_acc_fp32"] > 0.8 and (run_dir / "pool" / p.name / "model.pt").exists()
