@@ -45,7 +45,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from .bundle import Bundle, check_images, read_manifest
+from .bundle import Bundle, check_images, read_manifest, verify_member
 from .errors import UserError
 from .vote import vote
 
@@ -53,6 +53,8 @@ log = logging.getLogger("prune2edge.fleet")
 
 WIRE_VERSION = 1
 QOS = 1
+SETTLE_S = 1.0            # after (re)connecting, the aggregator waits this long for retained statuses before it
+                          # decides a frame on fewer than all members' votes
 KEEPALIVE_S = 10           # the broker declares a silent node dead (and publishes its Last Will) after 1.5x this
 DEFAULT_TIMEOUT_MS = 2000  # how long the aggregator waits for the votes of a frame
 DONE_MEMORY = 100_000      # decided frame ids the aggregator remembers (for duplicates and re-sends)
@@ -226,8 +228,9 @@ class Link:
     (``birth``) after every reconnect; ``will`` is published by the broker if the process dies."""
 
     def __init__(self, broker: Broker, client_id: str, subscriptions: list[str], on_message,
-                 will: tuple[str, bytes] | None = None, birth=None, clean_session: bool = True):
+                 will: tuple[str, bytes] | None = None, birth=None, clean_session: bool = True, on_connect=None):
         self.broker, self.subscriptions, self.birth, self.on_message = broker, subscriptions, birth, on_message
+        self.on_connect = on_connect  # called with reconnected=True/False after each successful connect
         self.client = c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
                                       protocol=mqtt.MQTTv311)
         c.max_queued_messages_set(0)
@@ -246,6 +249,7 @@ class Link:
         self.connected = threading.Event()
         self.ever_connected = False
         self._refused: str | None = None
+        self._closed: str | None = None  # the broker hung up before accepting us
 
     def start(self, timeout_s: float = 10.0) -> "Link":
         url = self.broker.url
@@ -257,13 +261,16 @@ class Link:
         self.client.loop_start()
         deadline = time.monotonic() + timeout_s
         while not self.connected.wait(0.05):
-            if self._refused or time.monotonic() > deadline:
+            if self._refused or self._closed or time.monotonic() > deadline:
                 self.client.loop_stop()
                 self.client.disconnect()
                 if self._refused:
                     hint = ("; check --username/--password" if "authori" in self._refused.lower()
                             or "password" in self._refused.lower() else "")
                     raise UserError(f"the MQTT broker at {url} refused the connection: {self._refused}{hint}")
+                if self._closed:
+                    raise UserError(f"the MQTT broker at {url} closed the connection before accepting it "
+                                    f"({self._closed}); TLS on one side only? (mqtts:// and --tls-ca for TLS)")
                 raise UserError(f"no answer from an MQTT broker at {url} within {timeout_s:.0f} s "
                                 "(wrong port, or TLS on one side only?)")
         return self
@@ -293,10 +300,14 @@ class Link:
             client.subscribe(topic, qos=QOS)
         if self.birth:
             client.publish(*self.birth(), qos=QOS, retain=True)
-        self.ever_connected = True
+        reconnected, self.ever_connected = self.ever_connected, True
         self.connected.set()
+        if self.on_connect:
+            self.on_connect(reconnected)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if not self.ever_connected and not self._refused:
+            self._closed = str(reason_code)
         if self.connected.is_set() and reason_code != 0:
             log.warning("lost the broker %s (%s); reconnecting", self.broker.url, reason_code)
         self.connected.clear()
@@ -434,6 +445,7 @@ class Aggregator:
         self.done: OrderedDict[str, bytes] = OrderedDict()   # frame id -> its published result
         self.live: dict[str, str] = {}                       # member -> instance of its online node
         self.stats = {"decided": 0, "undecided": 0, "ignored_votes": 0, "resent": 0}
+        self.settle_until = math.inf  # until then, early decisions need every member's vote (see SETTLE_S)
         self.lock = threading.Lock()
         info = {"role": "aggregator", "instance": self.instance, "members": self.ids, "quorum": self.quorum,
                 "timeout_ms": timeout_ms, "rule": self.rule, "shape": list(self.view.shape),
@@ -442,10 +454,20 @@ class Aggregator:
         # a persistent session (fixed client id, clean_session=False): while this aggregator restarts, the broker
         # queues the frames and votes it misses and delivers them when it is back
         self.link = Link(broker, f"p2e-{fleet}-aggregator", [self.topics.frames, self.topics.votes, self.topics.status()],
-                         self._on_message, will=self.offline, clean_session=False,
+                         self._on_message, will=self.offline, clean_session=False, on_connect=self._on_connect,
                          birth=lambda: (self.topics.aggregator, _status("online", **info)))
 
     # -- messages (paho's network thread)
+
+    def _on_connect(self, reconnected: bool) -> None:
+        with self.lock:
+            # Votes queued for our persistent session arrive before the retained node statuses: until those have
+            # had time to come, "every live member has voted" would be judged on an empty live set.
+            self.settle_until = time.monotonic() + SETTLE_S
+            if reconnected:  # the outage may have eaten votes: give the frames in hand a fresh timeout
+                now = time.monotonic()
+                for frame in self.pending.values():
+                    frame.first_seen = now
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         with self.lock:
@@ -521,7 +543,8 @@ class Aggregator:
     # -- decisions
 
     def _decide_if_ready(self, fid: str, frame: _Frame) -> None:
-        if len(frame.votes) >= self.quorum and set(self.live) <= set(frame.votes):
+        expected = set(self.ids) if time.monotonic() < self.settle_until else set(self.live)
+        if len(frame.votes) >= self.quorum and expected <= set(frame.votes):
             self._decide(fid, frame, "all live members voted")
 
     def _decide(self, fid: str, frame: _Frame, why: str) -> None:
@@ -561,11 +584,16 @@ class Aggregator:
         self.link.start()
         log.info("aggregator for fleet '%s' on %s: members %s, quorum %d, timeout %.0f ms, rule %s",
                  self.topics.fleet, self.link.broker.url, self.ids, self.quorum, self.timeout_s * 1000, self.rule)
+        settled = False
         try:
             while not stop.wait(0.01):
                 now = time.monotonic()
                 with self.lock:
-                    for fid, frame in list(self.pending.items()):  # oldest first
+                    if settled != (now >= self.settle_until):  # statuses are in: frames may be ready now
+                        settled = not settled
+                        for fid, frame in list(self.pending.items()):
+                            self._decide_if_ready(fid, frame)
+                    for fid, frame in list(self.pending.items()):  # oldest first (a reconnect resets them all to one time)
                         if now - frame.first_seen < self.timeout_s:
                             break
                         self._decide(fid, frame, "timeout")
@@ -624,8 +652,19 @@ def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | 
                 state["live"][topic.rsplit("/", 1)[1]] = msg.get("state") == "online"
             cond.notify_all()
 
+    def on_connect(reconnected: bool) -> None:
+        if reconnected:  # frames in flight may have died with the broker: send them again now
+            with cond:
+                resend_overdue(time.monotonic(), everything=True)
+
+    def resend_overdue(now: float, everything: bool = False) -> None:
+        for i, (t, n) in list(last_sent.items()):
+            if i not in outcomes and (everything or now - t > min(retry_s * 2 ** (n - 1), 30)):
+                link.publish(topics.frames, payloads[i])
+                last_sent[i] = (now, n + 1)
+
     link = Link(broker, f"p2e-{fleet}-client-{run}", [topics.results, topics.aggregator, topics.status()],
-                on_message).start()
+                on_message, on_connect=on_connect).start()
     try:
         with cond:  # the aggregator's (retained) birth tells us the fleet's input shape and members
             cond.wait_for(lambda: (state["aggregator"] or {}).get("state") == "online", ready_timeout_s)
@@ -645,12 +684,6 @@ def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | 
         retry_s = retry_s or max(2 * agg.get("timeout_ms", DEFAULT_TIMEOUT_MS) / 1000, 3.0)
         payloads = [encode_frame(fid, img) for fid, img in zip(ids, images)]
         t_start = time.monotonic()
-
-        def resend_overdue(now: float) -> None:
-            for i, (t, n) in list(last_sent.items()):
-                if i not in outcomes and now - t > min(retry_s * 2 ** (n - 1), 30):
-                    link.publish(topics.frames, payloads[i])
-                    last_sent[i] = (now, n + 1)
 
         def stalled() -> bool:
             return time.monotonic() - progress[0] > timeout_s
@@ -782,6 +815,9 @@ class LocalFleet:
         if unknown:
             raise UserError(f"bundle has no member {unknown}; it has {ids}")
         self.members = [m for m in ids if m in members] if members else ids
+        for entry in read_manifest(self.bundle_dir)["members"]:  # an altered member: say so before starting anything
+            if entry["id"] in self.members:
+                verify_member(self.bundle_dir, entry)
         self.topics = Topics(fleet)
         self.quorum, self.timeout_ms = quorum, timeout_ms
         self.own_workdir = workdir is None  # a temporary one is removed again after a clean shutdown
