@@ -1,0 +1,46 @@
+"""Re-score a prune2edge bundle from outside: only its manifest, its ONNX files, numpy and onnxruntime.
+
+    python examples/rescore.py RUN_DIR/bundle RUN_DIR/test.npz
+
+Reads raw images ``x`` and labels ``y`` from the npz, reproduces the manifest's preprocessing and
+voting rule from their written description, and prints the ensemble's accuracy. It imports nothing
+from prune2edge, so it checks that the manifest alone is enough to run the ensemble.
+"""
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def main(bundle_dir: str, npz: str) -> None:
+    bundle = Path(bundle_dir)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    data = np.load(npz)
+    x, y = data["x"], data["y"]
+    pre = manifest["input"]["preprocess"]
+    inp = (x.astype(np.float32) * np.float32(pre["scale"]) - np.float32(pre["mean"])) / np.float32(pre["std"])
+    inp = np.ascontiguousarray(inp.transpose(0, 3, 1, 2))
+    probas, weights = [], []
+    for member in manifest["members"]:
+        path = bundle / member["path"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == member["sha256"], f"{path} altered"
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        logits = sess.run(None, {manifest["input"]["onnx_input"]: inp})[0]
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        probas.append(e / e.sum(1, keepdims=True))
+        weights.append(member["weight"] if manifest["vote"]["weighted"] else 1.0)
+    w = np.array(weights) / sum(weights)
+    if manifest["vote"]["rule"] == "soft":
+        scores = sum(wi * p for wi, p in zip(w, probas))
+    else:
+        k = probas[0].shape[1]
+        scores = sum(wi * np.eye(k)[p.argmax(1)] for wi, p in zip(w, probas))
+    pred = scores.argmax(1)  # ties: argmax takes the lowest class index, as the manifest says
+    print(json.dumps({"members": len(probas), "n": int(len(y)), "accuracy": float((pred == y).mean())}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,149 @@
+"""End to end: the demo meets its targets, the CLI re-scores it, and a killed run resumes to identical metrics."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+from conftest import prune2edge_cli
+
+from prune2edge import store
+
+
+def test_demo_run_meets_its_targets(demo_run):
+    m = store.read_json(demo_run / "metrics.json")
+    base, ens = m["baseline"], m["ensemble"]
+    assert ens["test_acc"] >= base["test_acc_fp32"] - 0.005, "ensemble more than 0.5 points under the fp32 baseline"
+    kept = [x for x in m["members"] if x["status"] == "ok"]
+    assert len(kept) >= ens["k"] >= 2
+    for member in m["members"]:
+        assert member["full_integer"]
+        assert member["sparsity_measured"] >= member["sparsity_target"] - 0.01
+        assert member["bytes"]["int8_gzip"] < 0.15 * base["bytes"]["fp32"]
+    assert ens["bytes"]["int8_gzip"] == sum(x["bytes"]["int8_gzip"] for x in m["members"] if x["selected"])
+    assert set(m["strategies"]) == {"accuracy-first", "diversity-first", "top-k", "random", "greedy"}
+    assert 0 <= ens["mcnemar_p_vs_baseline_fp32"] <= 1
+
+
+def test_run_records_splits_and_the_scored_test_set(demo_run):
+    splits = np.load(demo_run / "splits.npz")
+    assert not set(splits["train"]) & set(splits["val"])
+    info = store.read_json(demo_run / "dataset.json")
+    assert (len(splits["train"]), len(splits["val"]), len(splits["test"])) == (info["n_train"], info["n_val"], info["n_test"])
+    test = np.load(demo_run / "test.npz")
+    assert test["x"].shape == (450, 8, 8, 1) and test["x"].dtype == np.uint8 and len(test["y"]) == 450
+    for name in ("config.yaml", "preprocess.json", "baseline/model.pt", "baseline/fp32.onnx", "selection.json", "timings.json"):
+        assert (demo_run / name).exists(), name
+
+
+def test_cli_evaluate_and_predict_match_the_run(demo_run, tmp_path):
+    m = store.read_json(demo_run / "metrics.json")
+    out = prune2edge_cli("evaluate", str(demo_run / "bundle"), "--data", "digits")
+    assert out.returncode == 0, out.stderr
+    assert f"ensemble test accuracy: {m['ensemble']['test_acc']:.4f} on 450 images" in out.stdout
+    test = np.load(demo_run / "test.npz")
+    np.save(tmp_path / "few.npy", test["x"][:5])
+    out = prune2edge_cli("predict", str(demo_run / "bundle"), str(tmp_path / "few.npy"), "--json")
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    scores = np.load(demo_run / "test_scores.npz")["ensemble"][:5]
+    assert [r["class"] for r in rows] == scores.argmax(1).tolist()
+
+
+SMALL = {
+    "seed": 1,
+    "data": {"name": "digits"},
+    "model": {"arch": "small_cnn", "kwargs": {"width": 8, "depth": 2}},
+    "train": {"epochs": 4, "batch_size": 64},
+    "pool": {"size": 6, "sparsity": [0.6, 0.8], "epochs": [2, 3], "lr": [0.01, 0.03], "batch_size": [32]},
+    "cluster": {"k": 3},
+}
+
+
+def comparable(metrics: dict) -> dict:
+    """Metrics without wall-clock times."""
+    metrics = dict(metrics, timings=None)
+    metrics["members"] = [dict(x, fine_tune_seconds=None) for x in metrics["members"]]
+    return metrics
+
+
+def test_kill_mid_pool_then_rerun_gives_identical_metrics(tmp_path):
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(yaml.safe_dump(SMALL))
+    ref = prune2edge_cli("run", str(cfg), "--out", str(tmp_path / "ref"), "--quiet")
+    assert ref.returncode == 0, ref.stderr
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "prune2edge.cli", "run", str(cfg), "--out", str(run_dir), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (run_dir / "pool" / "m001" / "member.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended or stalled before the pool"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = {p.name for p in (run_dir / "pool").iterdir() if (p / "member.json").exists()}
+    assert 2 <= len(done) < 6 and not (run_dir / "metrics.json").exists()
+    before = {n: (run_dir / "pool" / n / "model.pt").stat().st_mtime_ns for n in done}
+    again = prune2edge_cli("run", str(cfg), "--out", str(run_dir), "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert {n: (run_dir / "pool" / n / "model.pt").stat().st_mtime_ns for n in done} == before  # not recomputed
+    assert comparable(store.read_json(run_dir / "metrics.json")) == comparable(store.read_json(tmp_path / "ref" / "metrics.json"))
+    # a run directory belongs to one config
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump({**SMALL, "seed": 2}))
+    out = prune2edge_cli("run", str(changed), "--out", str(run_dir))
+    assert out.returncode == 2 and "holds a run with a different config" in out.stderr
+
+
+@pytest.mark.parametrize("config_text, message", [
+    ("pool: {sizee: 3}", "unknown config key 'pool.sizee'; known keys in pool: size,"),
+    ("pool: {sparsity: [0.5, 1.0]}", "config key 'pool.sparsity' must lie in [0.0, 1.0)"),
+    ("pool: {sparsity: -0.1}", "config key 'pool.sparsity' must lie in [0.0, 1.0)"),
+    ("pool: {size: 4}\ncluster: {k: 6}", "'cluster.k' is 6, larger than the pool (pool.size = 4)"),
+    ("select: {strategy: best}", "config key 'select.strategy' must be one of ['accuracy-first'"),
+    ("data: {name: npz, path: /nonexistent/x.npz}", "npz file not found: '/nonexistent/x.npz'"),
+    ("data: {name: cifar10, path: /nonexistent}", "cifar10 not found: expected '/nonexistent/cifar-10-batches-py/data_batch_1'"),
+    ("model: {arch: keras_cifar10_cnn}", "keras_cifar10_cnn needs images of at least 10x10, got (8, 8)"),
+    ("model: {arch: nosuchmodule:make}", "cannot import model factory 'nosuchmodule:make'"),
+    ("pool: [1, 2]", "config key 'pool' must be a mapping"),
+    (":\n  - ]", "is not valid YAML"),
+])
+def test_bad_config_gets_a_clear_error_without_traceback(tmp_path, config_text, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(config_text)
+    out = prune2edge_cli("run", str(cfg), "--out", str(tmp_path / "run"))
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_bad_dataset_files_get_a_clear_error(tmp_path):
+    np.savez(tmp_path / "labels.npz", x_train=np.zeros((20, 8, 8), np.uint8), y_train=np.arange(20) % 12,
+             x_test=np.zeros((4, 8, 8), np.uint8), y_test=np.arange(4), label_names=np.array(list("abcdefghij")))
+    (tmp_path / "corrupt.npz").write_bytes(b"\x00" * 100)
+    for name, message in (("labels.npz", "train labels out of range: found 0..11, expected 0..9 (10 classes)"),
+                          ("corrupt.npz", "cannot read npz file")):
+        cfg = tmp_path / "cfg.yaml"
+        cfg.write_text(yaml.safe_dump({"data": {"name": "npz", "path": str(tmp_path / name)}}))
+        out = prune2edge_cli("run", str(cfg), "--out", str(tmp_path / name / "run"))
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_bad_inputs_to_predict(demo_run, tmp_path):
+    np.save(tmp_path / "wrong.npy", np.zeros((3, 9, 9), np.uint8))
+    out = prune2edge_cli("predict", str(demo_run / "bundle"), str(tmp_path / "wrong.npy"))
+    assert out.returncode == 2 and "images have shape (3, 9, 9) but the model takes (8, 8, 1)" in out.stderr
+    import shutil
+
+    shutil.copytree(demo_run / "bundle", tmp_path / "bundle")
+    victim = sorted((tmp_path / "bundle" / "members").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:-10])
+    np.save(tmp_path / "ok.npy", np.zeros((1, 8, 8), np.uint8))
+    out = prune2edge_cli("predict", str(tmp_path / "bundle"), str(tmp_path / "ok.npy"))
+    assert out.returncode == 2 and f"member '{victim.stem}' was altered" in out.stderr and "Traceback" not in out.stderr
+    out = prune2edge_cli("predict", str(tmp_path), str(tmp_path / "ok.npy"))
+    assert out.returncode == 2 and "is not a bundle: no manifest.json" in out.stderr
