@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -152,6 +153,46 @@ def test_clear_errors(bundle, tmp_path, mosquitto_exe):
         assert r.returncode == 2, (args, r.stderr)
         assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert r.stderr.strip().count("\n") == 0 or args[0] == "fleet", r.stderr  # one line
+
+
+def test_missing_mosquitto_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(fleet.shutil, "which", lambda name: None)
+    monkeypatch.setattr(fleet.os, "access", lambda path, mode: False)
+    with pytest.raises(fleet.UserError, match=r"not installed: install it with `sudo apt-get install mosquitto`"):
+        fleet.find_mosquitto()
+
+
+def test_client_exits_nonzero_when_decisions_never_come(bundle, broker, digits_npz, tmp_path):
+    lf = LocalFleet(bundle, Broker.parse(broker.url), "mute", workdir=tmp_path / "fleet")
+    agg = lf.spawn("aggregator")
+    try:
+        lf.wait_ready(roles=["aggregator"])
+        agg.send_signal(signal.SIGSTOP)  # alive to the broker for a while, but it answers nothing
+        r = cli("classify", str(digits_npz[0]), "--limit", "5", "--broker", broker.url, "--fleet", "mute",
+                "--timeout", "2")
+        assert r.returncode == 2, r.stderr
+        assert "error: 5 of 5 frames got no decision" in r.stderr, r.stderr
+    finally:
+        agg.send_signal(signal.SIGCONT)
+        lf.stop()
+
+
+def test_fleet_runs_until_ctrl_c(bundle, mosquitto_exe):
+    proc = subprocess.Popen([sys.executable, "-m", "prune2edge.cli", "fleet", str(bundle), "--members",
+                             members(bundle)[0]], stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "Ctrl-C stops it" in line:
+                break
+        assert "and an aggregator on mqtt://127.0.0.1:" in "".join(lines), lines
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=30)[1]
+        assert proc.returncode == 0, rest
+        assert "fleet stopped" in rest
+    finally:
+        proc.kill()
 
 
 # --- the whole fleet equals the offline ensemble ---------------------------------------------------------------
