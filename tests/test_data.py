@@ -117,3 +117,37 @@ def test_digits_are_raw_pixels_with_their_scale():
     ds = data.load_digits()
     assert ds.x_train.dtype == np.uint8 and ds.x_train.max() == 16 and ds.scale == 1 / 16
     assert ds.image_shape == (8, 8, 1) and len(ds.y_test) == 450 and len(ds.classes) == 10
+
+
+def test_cifar_download_checks_the_published_md5(tmp_path, monkeypatch):
+    import hashlib
+    import tarfile
+
+    src = tmp_path / "src"
+    write_cifar10(src)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as t:
+        t.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    info = dict(data.CIFAR["cifar10"], url=archive.as_uri())
+    monkeypatch.setitem(data.CIFAR, "cifar10", dict(info, md5="0" * 32))
+    with pytest.raises(UserError, match="corrupt \\(md5 mismatch\\)"):
+        data.load({"name": "cifar10", "path": str(tmp_path / "a"), "download": True})
+    monkeypatch.setitem(data.CIFAR, "cifar10", dict(info, md5=hashlib.md5(archive.read_bytes()).hexdigest()))
+    ds = data.load({"name": "cifar10", "path": str(tmp_path / "b"), "download": True})
+    assert ds.x_train.shape == (100, 32, 32, 3)
+    monkeypatch.setitem(data.CIFAR, "cifar10", dict(info, url=(tmp_path / "absent.tar.gz").as_uri()))
+    with pytest.raises(UserError, match="could not download .*Offline\\? Download it elsewhere"):
+        data.load({"name": "cifar10", "path": str(tmp_path / "c"), "download": True})
+
+
+def test_cifar100_fine_labels(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name, n in (("train", 30), ("test", 10)):
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": list(rng.integers(0, 100, n)),
+                 b"coarse_labels": list(rng.integers(0, 20, n))}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"f{i}".encode() for i in range(100)]}))
+    ds = data.load(data.parse_spec(f"cifar100:{tmp_path}"))
+    assert len(ds.classes) == 100 and ds.x_train.shape == (30, 32, 32, 3) and ds.y_test.max() < 100
