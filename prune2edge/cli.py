@@ -36,7 +36,7 @@ def _run(cfg: dict, out: Path, quiet: bool) -> None:
 
     metrics = pipeline.run(cfg, out, progress=not quiet)
     click.echo(evaluate.table(metrics))
-    click.echo(f"\nrun directory: {out}\nbundle: {out / 'bundle'}")
+    click.echo(f"\nrun directory: {out}\nbundle: {out / 'bundle'}\nreport: {out / 'report.html'}")
 
 
 @main.command()
@@ -74,6 +74,15 @@ def demo(out: Path, quiet: bool) -> None:
     from . import config
 
     _run(config.load(DEMO_CONFIG), out, quiet)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def report(run_dir: Path) -> None:
+    """Write RUN_DIR/report.html (self-contained, with plots) and RUN_DIR/figures/*.png, from what the run wrote."""
+    from . import report as report_
+
+    click.echo(report_.write(run_dir))
 
 
 @main.command()

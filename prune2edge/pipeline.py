@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import bundle, cluster, config, data, evaluate, models, pool, quantize, select, store, train
+from . import bundle, cluster, config, data, evaluate, models, pool, quantize, report, select, store, train
 from .errors import UserError
 from .preprocess import Preprocessing
 from .vote import accuracy
@@ -124,4 +124,6 @@ def run(cfg: dict, run_dir: Path | str, progress: bool = True) -> dict:
     quant = phase("quantize", quantize.quantize_all, run_dir, cfg, members, progress)
     selection = phase("select", choose, run_dir, cfg, members, quant)
     phase("bundle", make_bundle, run_dir, cfg, selection, members, quant)
-    return phase("evaluate", evaluate.evaluate_run, run_dir, cfg, timings)
+    metrics = phase("evaluate", evaluate.evaluate_run, run_dir, cfg, timings)
+    phase("report", report.write, run_dir)
+    return metrics
