@@ -16,7 +16,8 @@ DEFAULTS: dict[str, Any] = {
     "data": {"name": "digits", "path": None, "download": False, "val_fraction": 0.1, "max_train": None},
     "model": {"arch": "small_cnn", "kwargs": {}, "weights": None},
     "train": {"epochs": 10.0, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
-              "weight_decay": 5e-4, "schedule": "onecycle", "augment": "auto", "label_smoothing": 0.0},
+              "weight_decay": 5e-4, "schedule": "onecycle", "augment": "auto", "label_smoothing": 0.0,
+              "cycles": 1},                  # restarts schedule: cosine cycles (SGDR / snapshot ensembles)
     "pool": {
         "size": 20,
         "sparsity": [0.5, 0.9],       # final sparsity, spread evenly over the range across members
@@ -33,6 +34,11 @@ DEFAULTS: dict[str, Any] = {
         "augment": "auto",
         "label_smoothing": 0.0,
         "bootstrap": False,           # each member fine-tunes on a bootstrap sample of the training split
+        "snapshots": 0,               # >= 2: the baseline's training saves this many evenly spaced checkpoints
+                                      # (the last is the baseline itself) and members are cloned from them in
+                                      # turn; pair with train.schedule: restarts and train.cycles equal to it
+        "mask_noise": 0.0,            # pruning ranks |w| * exp(mask_noise * N(0,1)), noise fixed per member:
+                                      # each member keeps a different set of weights (0 = pure magnitude)
     },
     "quantize": {"calibration_size": 256, "max_drop": 0.03, "min_agreement": 0.9},
     "cluster": {"method": "kmeans-onehot", "k": 5, "k_max": 10, "preset": None},
@@ -44,7 +50,7 @@ CHOICES = {
     "device": ("cpu", "cuda"),
     "data.name": ("digits", "cifar10", "cifar100", "npz", "imagefolder"),
     "train.optimizer": ("sgd", "adam"),
-    "train.schedule": ("onecycle", "cosine", "constant"),
+    "train.schedule": ("onecycle", "cosine", "constant", "restarts"),
     "train.augment": ("auto", "none", "crop", "crop_flip"),
     "pool.schedule": ("polynomial", "constant"),
     "pool.scope": ("layer", "global"),
@@ -118,7 +124,7 @@ def validate(cfg: dict) -> dict:
     """Check types and ranges; apply the clustering preset. Returns the same dict."""
     for key, options in CHOICES.items():
         _need(_get(cfg, key) in options, key, f"must be one of {[o for o in options if o is not None]}", _get(cfg, key))
-    for key in ("seed", "workers", "pool.size", "train.batch_size", "quantize.calibration_size", "cluster.k_max"):
+    for key in ("seed", "workers", "pool.size", "train.batch_size", "train.cycles", "quantize.calibration_size", "cluster.k_max"):
         v = _get(cfg, key)
         _need(isinstance(v, int) and not isinstance(v, bool) and v >= (0 if key == "seed" else 1), key,
               "must be a positive integer", v)
@@ -130,6 +136,12 @@ def validate(cfg: dict) -> dict:
     _range(cfg, "data.val_fraction", 0.01, 0.9)
     _range(cfg, "pool.sparsity", 0.0, 1.0, closed_hi=False)
     _range(cfg, "pool.prune_end", 0.0, 1.0)
+    _range(cfg, "pool.mask_noise", 0.0, 10.0)
+    snaps = cfg["pool"]["snapshots"]
+    _need(isinstance(snaps, int) and not isinstance(snaps, bool) and (snaps == 0 or snaps >= 2), "pool.snapshots",
+          "must be 0 (clone the final baseline) or an integer >= 2", snaps)
+    _need(not (snaps and cfg["model"]["weights"]), "pool.snapshots",
+          "needs the baseline to be trained here (model.weights is set), so must be 0", snaps)
     _range(cfg, "quantize.max_drop", 0.0, 1.0)
     _range(cfg, "quantize.min_agreement", 0.0, 1.0)
     lo, _ = _range(cfg, "pool.epochs", 0.0, 1e6)

@@ -52,12 +52,14 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
                         "val_acc_fp32": quant[n]["val_acc_fp32"], "val_acc_int8": quant[n]["val_acc_int8"],
                         "test_acc_int8": accuracy(test[n], y_test), "bytes": quant[n]["bytes"],
                         "full_integer": quant[n]["full_integer"], "quant_attempts": quant[n]["attempts"],
-                        "plan": {k: rec[k] for k in ("seed", "epochs", "lr", "batch_size", "bootstrap")},
+                        "plan": {k: rec.get(k, 0) for k in ("seed", "epochs", "lr", "batch_size", "bootstrap", "source")},
                         "fine_tune_seconds": rec["seconds"]})
     ok = sel["candidates"]
     base_pred = base32.argmax(1)
     strategies = {s: {"members": ms, **{f"{split}_acc": {r: accuracy(ens(ms, d, r), yy) for r in ("soft", "hard")}
-                                        for split, d, yy in (("val", val, y_val), ("test", test, y_test))}}
+                                        for split, d, yy in (("val", val, y_val), ("test", test, y_test))},
+                      **_diversity(ms, test, y_test), "bytes": sizes(ms),
+                      "mcnemar_p_vs_baseline_fp32": mcnemar(y_test, base_pred, ens(ms, test).argmax(1))}
                   for s, ms in sel["strategies"].items()}
     curves = {s: [{"k": len(ms), "members": ms, "val_acc": accuracy(ens(ms, val), y_val), "test_acc": accuracy(ens(ms, test), y_test)}
                   for ms in picks] for s, picks in sel["sweep"].items()}
@@ -67,7 +69,8 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
                      "test_acc_fp32": accuracy(base32, y_test), "test_acc_int8": accuracy(base8, y_test),
                      "bytes": base_q["bytes"], "int8_status": base_q["status"], "full_integer": base_q["full_integer"]},
         "members": members,
-        "pool_vote": {"members": len(ok), "val_acc": accuracy(ens(ok, val), y_val), "test_acc": accuracy(ens(ok, test), y_test)},
+        "pool_vote": {"members": len(ok), "val_acc": accuracy(ens(ok, val), y_val), "test_acc": accuracy(ens(ok, test), y_test),
+                      **_diversity(ok, test, y_test)},
         "ensemble": {
             "strategy": sel["strategy"], "rule": rule, "weighted": weighted, "members": chosen, "k": len(chosen),
             "val_acc": accuracy(ens(chosen, val), y_val), "test_acc": accuracy(ens_test, y_test),
@@ -89,6 +92,14 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
                     baseline_fp32=base32, baseline_int8=base8, ensemble=ens_test)
     store.write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def _diversity(members: list[str], proba: dict, y: np.ndarray) -> dict:
+    """Mean pairwise disagreement of the members, their mean accuracy, and the soft vote's gain over that mean."""
+    accs = [accuracy(proba[n], y) for n in members]
+    gain = accuracy(vote(np.stack([proba[n] for n in members]), "soft"), y) - float(np.mean(accs))
+    return {"mean_disagreement": _mean_offdiag(disagreement(np.stack([proba[n] for n in members]))),
+            "mean_member_test_acc": float(np.mean(accs)), "vote_minus_mean_member": gain}
 
 
 def _mean_offdiag(d: np.ndarray) -> float:

@@ -15,11 +15,17 @@ def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 
 class SmallCNN(nn.Module):
-    """A fast CNN for 2 CPU cores: conv-bn-relu stages, each followed by a 2x2 max-pool, then global average pool."""
+    """A fast CNN for 2 CPU cores: conv-bn-relu stages, each followed by a 2x2 max-pool, then global average pool.
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 32, depth: int = 3):
+    ``stem_pool``: a 2x2 max-pool right after the first convolution, so every later stage runs at half the
+    resolution: about 4x fewer multiply-adds for the same width (twice the width at the cost of the default).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32, depth: int = 3, stem_pool: bool = False):
         super().__init__()
         layers, c = [conv_bn(in_channels, width)], width
+        if stem_pool:
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
         for i in range(depth):
             layers += [conv_bn(c, width * 2 ** (i + 1)), nn.MaxPool2d(2, ceil_mode=True)]
             c = width * 2 ** (i + 1)

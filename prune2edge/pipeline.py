@@ -51,14 +51,15 @@ def baseline(run_dir: Path, cfg: dict, progress: bool = True) -> dict:
     else:
         history = train.fit(model, x, y, train.TrainSettings(**cfg["train"]), seed=cfg["seed"], device=cfg["device"],
                             augment=train.augment_kind(cfg["train"]["augment"], shape), x_val=x_val, y_val=y_val,
-                            desc="baseline", progress=progress)
+                            after_step=pool.SnapshotSaver(model, out, cfg["pool"]["snapshots"]), desc="baseline", progress=progress)
     model.cpu()
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / "model.pt.tmp")
     (out / "model.pt.tmp").replace(out / "model.pt")
     record = {"arch": m["arch"], "kwargs": m["kwargs"], "image_shape": shape, "num_classes": k,
               "val_acc_fp32": accuracy(train.predict_proba(model, x_val), y_val.numpy()), "history": history,
-              "parameters": sum(p.numel() for p in model.parameters()), "pretrained": bool(m["weights"])}
+              "parameters": sum(p.numel() for p in model.parameters()), "pretrained": bool(m["weights"]),
+              "snapshots": cfg["pool"]["snapshots"]}
     store.write_json(out / "model.json", record)
     return record
 

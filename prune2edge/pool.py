@@ -33,6 +33,7 @@ class MemberPlan:
     lr: float
     batch_size: int
     bootstrap: bool
+    source: int = 0  # the baseline checkpoint it is cloned from: 0 the final baseline, j >= 1 snapshot j (pool.snapshots)
 
     @property
     def name(self) -> str:
@@ -49,8 +50,11 @@ def plan(cfg: dict) -> list[MemberPlan]:
     elo, ehi = p["epochs"] if isinstance(p["epochs"], list) else [p["epochs"]] * 2
     llo, lhi = p["lr"] if isinstance(p["lr"], list) else [p["lr"]] * 2
     batches = p["batch_size"] if isinstance(p["batch_size"], list) else [p["batch_size"]]
+    snaps = p["snapshots"]
+    # with snapshots, members take the checkpoints in turn from the last (the baseline itself) backwards
     return [MemberPlan(i, int(rng.integers(2**31)), round(float(sparsity[i]), 4), round(float(rng.uniform(elo, ehi)), 2),
-                       float(np.exp(rng.uniform(np.log(llo), np.log(lhi)))), int(rng.choice(batches)), bool(p["bootstrap"]))
+                       float(np.exp(rng.uniform(np.log(llo), np.log(lhi)))), int(rng.choice(batches)), bool(p["bootstrap"]),
+                       snaps - i % snaps if snaps else 0)
             for i in range(n)]
 
 
@@ -62,11 +66,18 @@ class MagnitudePruner:
     from current magnitudes about 20 times during the ramp and re-applied after every step.
     """
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], final: float, schedule: str, scope: str, end_step: int):
+    def __init__(self, params: dict[str, torch.nn.Parameter], final: float, schedule: str, scope: str, end_step: int,
+                 noise: float = 0.0, seed: int = 0):
         self.params, self.final, self.schedule, self.scope = params, final, schedule, scope
         self.end_step = max(1, end_step)
         self.every = max(1, self.end_step // 20)
         self.masks: dict[str, torch.Tensor] = {}
+        # mask perturbation: rank |w| * exp(noise * eps) with eps ~ N(0, 1) drawn once per weight and member
+        gen = torch.Generator().manual_seed(seed)
+        self.noise = {n: torch.exp(noise * torch.randn(w.shape, generator=gen)) for n, w in params.items()} if noise > 0 else None
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        return {n: w.detach().abs() * self.noise[n] if self.noise else w.detach().abs() for n, w in self.params.items()}
 
     def target(self, step: int) -> float:
         if self.schedule == "constant" or step >= self.end_step:
@@ -77,14 +88,14 @@ class MagnitudePruner:
     def update(self, sparsity: float) -> None:
         if sparsity <= 0:
             return
+        score = self.scores()
         if self.scope == "global":
-            flat = torch.cat([w.detach().abs().flatten() for w in self.params.values()])
+            flat = torch.cat([v.flatten() for v in score.values()])
             k = max(1, math.ceil(sparsity * flat.numel()))
             cut = {n: flat.kthvalue(k).values for n in self.params}
         else:
-            cut = {n: w.detach().abs().flatten().kthvalue(max(1, math.ceil(sparsity * w.numel()))).values
-                   for n, w in self.params.items()}
-        self.masks = {n: w.detach().abs() > cut[n] for n, w in self.params.items()}
+            cut = {n: v.flatten().kthvalue(max(1, math.ceil(sparsity * v.numel()))).values for n, v in score.items()}
+        self.masks = {n: score[n] > cut[n] for n in self.params}
         self.apply()
 
     @torch.no_grad()
@@ -104,10 +115,31 @@ def tensors(run_dir: Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(store.preprocessing(run_dir).apply(x)), torch.from_numpy(y)
 
 
-def load_baseline(run_dir: Path) -> torch.nn.Module:
+class SnapshotSaver:
+    """``after_step`` hook of the baseline's training: saves ``snapshot<j>.pt`` at steps j/n of it, j = 1..n-1
+    (snapshot n is the final baseline, ``model.pt``). ``n`` < 2 saves nothing."""
+
+    def __init__(self, model: torch.nn.Module, folder: Path, n: int):
+        self.model, self.folder, self.n = model, Path(folder), n
+
+    def __call__(self, step: int, total: int) -> None:
+        for j in range(1, self.n):
+            if step == max(1, round(total * j / self.n)):
+                self.folder.mkdir(parents=True, exist_ok=True)
+                state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                torch.save(state, self.folder / f"snapshot{j}.pt.tmp")
+                os.replace(self.folder / f"snapshot{j}.pt.tmp", self.folder / f"snapshot{j}.pt")
+
+
+def load_baseline(run_dir: Path, source: int = 0) -> torch.nn.Module:
+    """The baseline network (``source`` 0 or the last snapshot), or its training snapshot ``source``."""
     cfg = store.read_json(run_dir / "baseline" / "model.json")
     model = models.build(cfg["arch"], tuple(cfg["image_shape"]), cfg["num_classes"], **cfg["kwargs"])
-    model.load_state_dict(torch.load(run_dir / "baseline" / "model.pt", map_location="cpu", weights_only=True))
+    snap = run_dir / "baseline" / f"snapshot{source}.pt"
+    path = snap if source and snap.exists() else run_dir / "baseline" / "model.pt"
+    if source and not snap.exists() and source != cfg.get("snapshots", 0):
+        raise FileNotFoundError(f"baseline snapshot {snap} is missing; retrain the baseline with pool.snapshots set")
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model
 
 
@@ -123,12 +155,13 @@ def train_member(run_dir: Path, member: MemberPlan) -> dict:
     if member.bootstrap:
         idx = torch.from_numpy(np.random.default_rng(member.seed).integers(0, len(y), len(y)))
         x, y = x[idx], y[idx]
-    model = load_baseline(run_dir)
+    model = load_baseline(run_dir, member.source)
     settings = train.TrainSettings(epochs=member.epochs, batch_size=member.batch_size, optimizer=p["optimizer"], lr=member.lr,
                                    momentum=p["momentum"], weight_decay=p["weight_decay"], schedule=p["lr_schedule"],
                                    label_smoothing=p["label_smoothing"])
     total = max(1, round(member.epochs * math.ceil(len(x) / member.batch_size)))
-    pruner = MagnitudePruner(models.prunable(model), member.sparsity, p["schedule"], p["scope"], round(p["prune_end"] * total))
+    pruner = MagnitudePruner(models.prunable(model), member.sparsity, p["schedule"], p["scope"], round(p["prune_end"] * total),
+                             noise=p["mask_noise"], seed=member.seed)
     pruner.update(pruner.target(0))
     history = train.fit(model, x, y, settings, seed=member.seed, augment=train.augment_kind(p["augment"], store.split(run_dir, "train")[0].shape[1:]),
                         device=cfg["device"], after_step=pruner, desc=member.name, progress=False)

@@ -27,6 +27,7 @@ class TrainSettings:
     schedule: str = "onecycle"
     augment: str = "auto"
     label_smoothing: float = 0.0
+    cycles: int = 1
 
 
 def augment_kind(setting: str, image_shape: tuple[int, int, int]) -> str:
@@ -52,7 +53,20 @@ def augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Ten
     return x
 
 
-def make_schedule(opt: torch.optim.Optimizer, kind: str, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+def restarts_factor(step: int, total: int, cycles: int, warmup: float = 0.1) -> float:
+    """Cosine annealing with warm restarts (SGDR; snapshot ensembles): ``cycles`` equal cycles, each from the
+    peak down to zero, the first after a linear warm-up over ``warmup`` of it. Cycle ends are the snapshots."""
+    length = total / max(1, cycles)
+    c = min(int(step // length), cycles - 1)
+    t = (step - c * length) / length
+    if c == 0 and t < warmup:
+        return min(1.0, (step + 1) / (warmup * length))
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def make_schedule(opt: torch.optim.Optimizer, kind: str, total: int, cycles: int = 1) -> torch.optim.lr_scheduler.LRScheduler:
+    if kind == "restarts":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: restarts_factor(s, total, cycles))
     if kind == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total, pct_start=0.25)
     if kind == "cosine":
@@ -90,7 +104,7 @@ def fit(
         opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, nesterov=s.momentum > 0, weight_decay=s.weight_decay)
-    sched = make_schedule(opt, s.schedule, total)
+    sched = make_schedule(opt, s.schedule, total, s.cycles)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=s.label_smoothing)
     history, step, t0 = [], 0, time.perf_counter()
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")

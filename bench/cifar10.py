@@ -1,0 +1,254 @@
+"""CIFAR-10 benchmark: run one config for several seeds and summarise what each run measured.
+
+    python bench/cifar10.py                                   # configs/cifar10-cpu.yaml, seeds 0 1 2
+    python bench/cifar10.py --config configs/cifar10-paper.yaml --seeds 0
+    python bench/cifar10.py --label mask-noise --set pool.mask_noise=0.5 --seeds 0   # an ablation
+
+Each seed runs into its own directory (``<out>/seed<S>``) with the pipeline's CLI; re-running skips
+finished seeds and phases (the pipeline resumes). Every number in the summary is read from the runs'
+``metrics.json`` and ``timings.json``; nothing is recomputed from the test split here. Writes
+``bench/results/cifar10-<config>[-<label>].json`` and replaces its own ``## CIFAR-10: ...`` section
+of ``docs/RESULTS.md`` (other sections are left as they are).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+STRATEGIES = ("accuracy-first", "diversity-first", "top-k", "random", "greedy")
+POOL_PHASES = ("pool", "quantize", "select")  # select = cluster + select
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = re.search(r"Model name:\s*(.+)", out).group(1).strip()
+    except (OSError, subprocess.CalledProcessError, AttributeError):
+        model = "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def data_paths(folder: str) -> list[str]:
+    paths = sorted(glob.glob(os.path.join(folder, "*.npz")))
+    if not paths:
+        sys.exit(f"no .npz files in '{folder}' (pass --data DIR holding the CIFAR-10 npz parts)")
+    return paths
+
+
+def share_baseline(src: Path, dst: Path) -> None:
+    """Copy a finished baseline (weights, record, snapshots) of the same seed into a fresh run directory."""
+    if (dst / "baseline" / "model.json").exists() or not (src / "baseline" / "model.json").exists():
+        return
+    (dst / "baseline").mkdir(parents=True, exist_ok=True)
+    for f in ["model.pt", *(p.name for p in (src / "baseline").glob("snapshot*.pt")), "model.json"]:
+        shutil.copy2(src / "baseline" / f, dst / "baseline" / f)
+
+
+def same_baseline(a: dict, b: dict) -> bool:
+    keys = ("seed", "data", "model", "train")
+    return all(a[k] == b[k] for k in keys) and a["pool"]["snapshots"] == b["pool"]["snapshots"]
+
+
+def summarise_run(run_dir: Path, baseline_seconds: float | None = None) -> dict:
+    m = json.loads((run_dir / "metrics.json").read_text())
+    t = json.loads((run_dir / "timings.json").read_text())
+    b = m["baseline"]
+    base_fp32_bytes = b["bytes"]["fp32"]
+    e = m["ensemble"]
+    selected = [x for x in m["members"] if x["selected"]]
+    base_s = t["baseline"] if baseline_seconds is None else baseline_seconds
+    pool_s = sum(t[p] for p in POOL_PHASES)
+    return {
+        "run_dir": str(run_dir),
+        "baseline_fp32_test_acc": b["test_acc_fp32"],
+        "baseline_int8_test_acc": b["test_acc_int8"],
+        "baseline_bytes": {k: b["bytes"][k] for k in ("fp32", "int8", "int8_gzip")},
+        "members": [{"name": x["name"], "test_acc_int8": x["test_acc_int8"], "sparsity": x["sparsity_measured"],
+                     "selected": x["selected"], "source": x["plan"].get("source", 0), "status": x["status"],
+                     "full_integer": x["full_integer"]} for x in m["members"]],
+        "member_test_acc_int8_mean": statistics.mean(x["test_acc_int8"] for x in m["members"]),
+        "member_sparsity_mean": statistics.mean(x["sparsity_measured"] for x in m["members"]),
+        "pool_vote_test_acc": m["pool_vote"]["test_acc"],
+        "pool_mean_disagreement": m["pool_vote"].get("mean_disagreement"),
+        "pool_vote_minus_mean_member": m["pool_vote"].get("vote_minus_mean_member"),
+        "strategy": e["strategy"],
+        "k": e["k"],
+        "ensemble_test_acc": {s: v["test_acc"] for s, v in m["strategies"].items()},
+        "ensemble_val_acc": {s: v["val_acc"] for s, v in m["strategies"].items()},
+        "ensemble_mean_disagreement": {s: v.get("mean_disagreement") for s, v in m["strategies"].items()},
+        "ensemble_vote_minus_mean_member": {s: v.get("vote_minus_mean_member") for s, v in m["strategies"].items()},
+        "ensemble_mcnemar_p": {s: v.get("mcnemar_p_vs_baseline_fp32") for s, v in m["strategies"].items()},
+        "selected": {"members": e["members"], "mean_disagreement": e["mean_disagreement"],
+                     "mean_member_test_acc": e["mean_member_test_acc"], "test_acc": e["test_acc"],
+                     "gain_vs_baseline_fp32": e["gain_vs_baseline_fp32"], "mcnemar_p": e["mcnemar_p_vs_baseline_fp32"],
+                     "bytes": [{"name": x["name"], **{k: x["bytes"][k] for k in ("fp32", "int8", "int8_gzip")}} for x in selected],
+                     "max_member_int8_gzip_vs_baseline_fp32": max(x["bytes"]["int8_gzip"] for x in selected) / base_fp32_bytes,
+                     "ensemble_int8_gzip_vs_baseline_fp32": sum(x["bytes"]["int8_gzip"] for x in selected) / base_fp32_bytes,
+                     "all_int8": all(x["full_integer"] and x["status"] == "ok" for x in selected)},
+        "seconds": {**t, "baseline_used_for_ratio": base_s, "pool_quantize_select": pool_s},
+        "pool_cost_vs_baseline": pool_s / base_s if base_s else None,
+    }
+
+
+def _scalars(d: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_scalars(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def aggregate(runs: dict[str, dict]) -> dict:
+    """mean and sd (n - 1) over seeds of every scalar field the runs share."""
+    flat = [_scalars(r) for r in runs.values()]
+    keys = [k for k in flat[0] if all(k in f for f in flat)]
+    return {k: {"mean": statistics.mean(f[k] for f in flat),
+                "sd": statistics.stdev(f[k] for f in flat) if len(flat) > 1 else 0.0} for k in keys}
+
+
+def targets(agg: dict) -> dict:
+    g = lambda k: agg[k]["mean"]  # noqa: E731
+    best = max(STRATEGIES, key=lambda s: g(f"ensemble_test_acc.{s}.soft"))
+    gain = g(f"ensemble_test_acc.{best}.soft") - g("baseline_fp32_test_acc")
+    return {
+        "best_strategy_soft": best,
+        "best_gain_points": 100 * gain, "gain_ge_3_points": gain >= 0.03,
+        "max_member_int8_gzip_vs_baseline_fp32": g("selected.max_member_int8_gzip_vs_baseline_fp32"),
+        "member_le_5pct": g("selected.max_member_int8_gzip_vs_baseline_fp32") <= 0.05,
+        "ensemble_int8_gzip_vs_baseline_fp32": g("selected.ensemble_int8_gzip_vs_baseline_fp32"),
+        "ensemble_le_25pct": g("selected.ensemble_int8_gzip_vs_baseline_fp32") <= 0.25,
+        "pool_cost_vs_baseline": g("pool_cost_vs_baseline"), "pool_cost_le_1_5x": g("pool_cost_vs_baseline") <= 1.5,
+    }
+
+
+def pm(agg: dict, key: str, scale: float = 100, digits: int = 2) -> str:
+    if key not in agg:
+        return "n/a"
+    return f"{scale * agg[key]['mean']:.{digits}f} ± {scale * agg[key]['sd']:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    a, t = result["aggregate"], result["targets"]
+    title = f"## CIFAR-10: {result['name']}"
+    lines = [title, "",
+             f"- machine: {result['machine']}; date: {result['date']}; seeds: {', '.join(map(str, result['seeds']))}",
+             f"- command: `{result['command']}`",
+             f"- config: `{result['config']}`" + (f", overrides: `{' '.join(result['set'])}`" if result["set"] else ""),
+             "- the CPU was shared with other jobs while this ran; wall-clock numbers are noisy", "",
+             "| | test accuracy % (mean ± sd) |", "|---|---|",
+             f"| baseline fp32 | {pm(a, 'baseline_fp32_test_acc')} |",
+             f"| baseline int8 | {pm(a, 'baseline_int8_test_acc')} |",
+             f"| pool members int8 (mean) | {pm(a, 'member_test_acc_int8_mean')} |",
+             f"| pool vote (all members, soft) | {pm(a, 'pool_vote_test_acc')} |"]
+    for s in STRATEGIES:
+        lines.append(f"| ensemble {s}: soft / hard | {pm(a, f'ensemble_test_acc.{s}.soft')} / {pm(a, f'ensemble_test_acc.{s}.hard')} |")
+    lines += ["",
+              f"- selected ensemble ({result['runs'][str(result['seeds'][0])]['strategy']}, k = {pm(a, 'k', 1, 1)}): "
+              f"gain vs baseline fp32 {pm(a, 'selected.gain_vs_baseline_fp32')} points, McNemar p {pm(a, 'selected.mcnemar_p', 1, 3)}; "
+              f"mean pairwise disagreement {pm(a, 'selected.mean_disagreement', 1, 3)} "
+              f"(whole pool {pm(a, 'pool_mean_disagreement', 1, 3)}); vote minus mean member "
+              f"{pm(a, 'pool_vote_minus_mean_member')} points (pool)",
+              f"- member sparsity {pm(a, 'member_sparsity_mean')} %; largest selected member int8+gzip = "
+              f"{pm(a, 'selected.max_member_int8_gzip_vs_baseline_fp32')} % of the baseline's fp32 ONNX "
+              f"({pm(a, 'baseline_bytes.fp32', 1 / 1024, 1)} KiB); selected ensemble = "
+              f"{pm(a, 'selected.ensemble_int8_gzip_vs_baseline_fp32')} %",
+              f"- seconds: baseline {pm(a, 'seconds.baseline_used_for_ratio', 1, 0)}, pool {pm(a, 'seconds.pool', 1, 0)}, "
+              f"quantise {pm(a, 'seconds.quantize', 1, 0)}, cluster+select {pm(a, 'seconds.select', 1, 0)}, "
+              f"evaluate {pm(a, 'seconds.evaluate', 1, 0)}; pool+quantise+select = {pm(a, 'pool_cost_vs_baseline', 1, 2)} x baseline",
+              f"- targets: best strategy ({t['best_strategy_soft']}, soft) {t['best_gain_points']:+.2f} points "
+              f"({'met' if t['gain_ge_3_points'] else 'NOT met'}: >= +3); member <= 5 %: "
+              f"{'met' if t['member_le_5pct'] else 'NOT met'}; ensemble <= 25 %: {'met' if t['ensemble_le_25pct'] else 'NOT met'}; "
+              f"pool cost <= 1.5x: {'met' if t['pool_cost_le_1_5x'] else 'NOT met'}",
+              f"- raw numbers: `{result['results_file']}`", ""]
+    return "\n".join(lines)
+
+
+def replace_section(path: Path, title: str, text: str) -> None:
+    """Replace the section that starts with ``title`` (up to the next ``## ``), or append it."""
+    old = path.read_text() if path.exists() else "# Results\n"
+    parts = re.split(r"(?m)^(?=## )", old)
+    for i, p in enumerate(parts):
+        if p.splitlines()[0].strip() == title if p.strip() else False:
+            parts[i] = text + "\n"
+            break
+    else:
+        parts.append(("\n" if not old.endswith("\n\n") else "") + text + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(parts))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "cifar10-cpu.yaml"))
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"), help="folder holding the CIFAR-10 .npz parts")
+    ap.add_argument("--out", default=None, help="runs go to OUT/seed<S> (default runs/bench/<config>[-<label>])")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--label", default=None, help="names a variant (an ablation): results file and RESULTS.md section")
+    ap.add_argument("--baseline-from", default=None, help="reuse the finished baselines in DIR/seed<S> (same seed, data, "
+                    "model, train settings); the pool-cost ratio then uses that run's baseline seconds")
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--no-docs", action="store_true", help="do not touch docs/RESULTS.md")
+    args = ap.parse_args()
+
+    stem = Path(args.config).stem
+    name = stem + (f"-{args.label}" if args.label else "")
+    out = Path(args.out) if args.out else ROOT / "runs" / "bench" / name
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    paths = data_paths(args.data)
+    runs: dict[str, dict] = {}
+    for seed in seeds:
+        run_dir = out / f"seed{seed}"
+        cmd = [sys.executable, "-m", "prune2edge.cli", "run", args.config, "--out", str(run_dir), "--seed", str(seed),
+               "--data-path", ",".join(paths), "--quiet", *[x for s in args.set for x in ("--set", s)]]
+        if args.workers:
+            cmd += ["--workers", str(args.workers)]
+        base_s = None
+        if args.baseline_from:
+            from prune2edge import config as cfgmod
+
+            src = Path(args.baseline_from) / f"seed{seed}"
+            mine = cfgmod.load(args.config, {**cfgmod.parse_settings(args.set), "seed": seed, "data": {"path": paths}})
+            theirs = cfgmod.load(src / "config.yaml")
+            if not same_baseline(mine, theirs):
+                sys.exit(f"--baseline-from {src}: its seed, data, model or train settings differ from this run's")
+            share_baseline(src, run_dir)
+            base_s = json.loads((src / "timings.json").read_text())["baseline"]
+        if not (run_dir / "metrics.json").exists():
+            print(f"[bench] seed {seed}: {shlex.join(cmd)}", flush=True)
+            subprocess.run(cmd, check=True, cwd=ROOT)
+        runs[str(seed)] = summarise_run(run_dir, base_s)
+        if base_s is not None:
+            runs[str(seed)]["baseline_from"] = str(Path(args.baseline_from) / f"seed{seed}")
+    agg = aggregate(runs)
+    results_file = ROOT / "bench" / "results" / f"cifar10-{name}.json"
+    command = "python bench/cifar10.py " + shlex.join(sys.argv[1:])
+    result = {"name": name, "config": os.path.relpath(args.config, ROOT), "set": args.set, "seeds": seeds,
+              "machine": machine(), "date": datetime.date.today().isoformat(), "command": command,
+              "config_resolved": yaml.safe_load((out / f"seed{seeds[0]}" / "config.yaml").read_text()),
+              "results_file": os.path.relpath(results_file, ROOT), "runs": runs, "aggregate": agg, "targets": targets(agg)}
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    results_file.write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    print(text)
+    if not args.no_docs:
+        replace_section(ROOT / "docs" / "RESULTS.md", f"## CIFAR-10: {name}", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Training throughput (images/s) of candidate architectures on this machine, side by side in one process."""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from prune2edge import models, train
+
+
+def measure(arch: str, kwargs: dict, batch: int, steps: int, augment: str) -> float:
+    torch.manual_seed(0)
+    model = models.build(arch, (32, 32, 3), 10, **kwargs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(batch * steps, 3, 32, 32), torch.randint(0, 10, (batch * steps,))
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    t0 = None
+    for i in range(steps):
+        if i == 2:
+            t0 = time.perf_counter()
+        xb = train.augment_batch(x[i * batch:(i + 1) * batch], augment, gen)
+        loss = torch.nn.functional.cross_entropy(model(xb), y[i * batch:(i + 1) * batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return batch * (steps - 2) / (time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=128)
+    a = ap.parse_args()
+    cands = [("small_cnn", {"width": 16, "depth": 3}), ("small_cnn", {"width": 24, "depth": 3}),
+             ("small_cnn", {"width": 32, "depth": 3}), ("resnet20", {})]
+    print(f"torch threads {torch.get_num_threads()}")
+    for arch, kw in cands:
+        for aug in ("none", "crop_flip"):
+            ips = measure(arch, kw, a.batch, a.steps, aug)
+            print(f"{arch} {kw} augment={aug}: {ips:7.0f} img/s  -> {45000 / ips:6.1f} s/epoch (45k)", flush=True)
