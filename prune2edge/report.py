@@ -349,8 +349,11 @@ def fig_disagreement_heatmap(run: Run) -> Figure | Missing:
     ax = fig.add_subplot()
     im = ax.imshow(100 * d, cmap="viridis")
     fig.colorbar(im, ax=ax, shrink=0.8, label="% of validation images on which the two members' votes differ")
-    ax.set_xticks(range(n), labels, rotation=90, fontsize=8)
-    ax.set_yticks(range(n), labels, fontsize=8)
+    if n <= 60:  # beyond that the names would overlap (the member table lists every member)
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=8 if n <= 30 else 5)
+        ax.set_yticks(range(n), labels, fontsize=8 if n <= 30 else 5)
+    else:
+        ax.set_xlabel("members, grouped by cluster")
     if n <= 16:
         for i in range(n):
             for j in range(n):
@@ -675,6 +678,16 @@ def headline(run: Run) -> dict | None:
             "ratio_vs_fp32": e["bytes"]["int8_gzip"] / b["bytes"]["fp32"], "n_test": len(run.test["y"]) if run.test else None}
 
 
+def config_blocks(text: str) -> list[str]:
+    """config.yaml split into its top-level sections (leading plain settings together), to lay out side by side."""
+    blocks: list[list[str]] = []
+    for line in text.splitlines():
+        if not blocks or (not line.startswith((" ", "-")) and line.rstrip().endswith(":")):
+            blocks.append([])
+        blocks[-1].append(line)
+    return ["\n".join(b) for b in blocks]
+
+
 def render(run: Run, figures: list[dict]) -> str:
     import jinja2
 
@@ -683,7 +696,7 @@ def render(run: Run, figures: list[dict]) -> str:
     env.filters.update(FORMATS)
     env.globals.update(fmt=lambda kind, value: FORMATS[kind](value), colour=_colour)
     return env.get_template(TEMPLATE).render(
-        run=run, figures=figures, head=headline(run), missing=run.missing(),
+        run=run, figures=figures, head=headline(run), missing=run.missing(), config=config_blocks(run.config_text),
         deltas=class_deltas(run) if run.evaluated else None, strategies=(run.metrics or {}).get("strategies"),
         members={m["name"]: m for m in (run.metrics or {}).get("members", [])})
 
