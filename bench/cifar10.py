@@ -58,8 +58,12 @@ def share_baseline(src: Path, dst: Path) -> None:
 
 
 def same_baseline(a: dict, b: dict) -> bool:
-    keys = ("seed", "data", "model", "train")
-    return all(a[k] == b[k] for k in keys) and a["pool"]["snapshots"] == b["pool"]["snapshots"]
+    """Whether run ``a`` may reuse run ``b``'s baseline: same seed, data, network and training (``train.cycles``
+    only matters for the restarts schedule), and ``b`` saved every snapshot ``a`` clones from."""
+    train = lambda c: {k: v for k, v in c["train"].items() if k != "cycles" or c["train"]["schedule"] == "restarts"}  # noqa: E731
+    need, have = a["pool"]["snapshots"], b["pool"]["snapshots"]
+    return (all(a[k] == b[k] for k in ("seed", "data", "model")) and train(a) == train(b)
+            and (need == 0 or need == have))
 
 
 def summarise_run(run_dir: Path, baseline_seconds: float | None = None) -> dict:
@@ -231,7 +235,11 @@ def main() -> None:
             base_s = json.loads((src / "timings.json").read_text())["baseline"]
         if not (run_dir / "metrics.json").exists():
             print(f"[bench] seed {seed}: {shlex.join(cmd)}", flush=True)
-            subprocess.run(cmd, check=True, cwd=ROOT)
+            rc = subprocess.run(cmd, cwd=ROOT).returncode
+            if not (run_dir / "metrics.json").exists():
+                sys.exit(f"[bench] seed {seed} failed (exit {rc}) before writing metrics.json; re-run to resume")
+            if rc:
+                print(f"[bench] seed {seed}: the run exited with {rc} after metrics.json (a later phase failed)", flush=True)
         runs[str(seed)] = summarise_run(run_dir, base_s)
         if base_s is not None:
             runs[str(seed)]["baseline_from"] = str(Path(args.baseline_from) / f"seed{seed}")
