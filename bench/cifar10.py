@@ -62,7 +62,12 @@ def same_baseline(a: dict, b: dict) -> bool:
     only matters for the restarts schedule), and ``b`` saved every snapshot ``a`` clones from."""
     train = lambda c: {k: v for k, v in c["train"].items() if k != "cycles" or c["train"]["schedule"] == "restarts"}  # noqa: E731
     need, have = a["pool"]["snapshots"], b["pool"]["snapshots"]
-    return (all(a[k] == b[k] for k in ("seed", "data", "model")) and train(a) == train(b)
+    def data(c: dict) -> dict:
+        path = c["data"]["path"]
+        paths = path if isinstance(path, list) else [path]
+        return {**c["data"], "path": sorted(os.path.realpath(ROOT / p) for p in paths)}
+
+    return (a["seed"] == b["seed"] and a["model"] == b["model"] and data(a) == data(b) and train(a) == train(b)
             and (need == 0 or need == have))
 
 
