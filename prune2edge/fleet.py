@@ -31,6 +31,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -114,6 +115,11 @@ class BadMessage(ValueError):
 
 def dumps(obj: dict) -> bytes:
     return json.dumps({"v": WIRE_VERSION} | obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def resend_after(timeout_s: float) -> float:
+    """How long a client waits for a frame's outcome before sending it again (aggregator timeout: ``timeout_s``)."""
+    return max(2 * timeout_s, 3.0)
 
 
 def frame_limit(shape: tuple[int, ...]) -> int:
@@ -208,7 +214,8 @@ class Broker:
 
     @property
     def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
     def cli_args(self) -> tuple[list[str], dict[str, str]]:
         """Command-line options and environment (the password stays out of argv) that reach this broker."""
@@ -244,7 +251,7 @@ class Link:
                 raise UserError(f"cannot set up TLS for {broker.url} ({e}); check --tls-ca/--tls-cert/--tls-key") from None
         if will:
             c.will_set(will[0], will[1], qos=QOS, retain=True)
-        c.reconnect_delay_set(min_delay=0.1, max_delay=2)
+        c.reconnect_delay_set(min_delay=0.1, max_delay=1)
         c.on_connect, c.on_disconnect, c.on_message = self._on_connect, self._on_disconnect, self._dispatch
         self.connected = threading.Event()
         self.ever_connected = False
@@ -255,6 +262,9 @@ class Link:
         url = self.broker.url
         try:
             self.client.connect(self.broker.host, self.broker.port, keepalive=KEEPALIVE_S)
+        except ssl.SSLError as e:
+            raise UserError(f"TLS with the MQTT broker at {url} failed ({e.reason or e}); --tls-ca must be the CA that "
+                            "signed the broker's certificate, which must name the host in the URL") from None
         except OSError as e:
             raise UserError(f"cannot reach the MQTT broker at {url} ({e.strerror or e}); is it running? "
                             "(`prune2edge fleet` starts a private one)") from None
@@ -292,7 +302,8 @@ class Link:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self._refused = str(reason_code)
-            log.warning("broker %s refused the connection: %s", self.broker.url, reason_code)
+            if self.ever_connected:  # at start, start() says it
+                log.warning("broker %s refused the connection: %s", self.broker.url, reason_code)
             return
         if self.ever_connected:
             log.info("reconnected to %s", self.broker.url)
@@ -413,7 +424,8 @@ class Node:
 @dataclass
 class _Frame:
     first_seen: float                  # time.monotonic() when this aggregator first heard of the frame
-    seen_frame: bool = False           # saw the frame itself, not just votes (false after an aggregator restart)
+    deadline: float                    # when it is decided with the votes in hand (or undecided)
+    payload: bytes | None = None       # the frame itself, when seen (not after an aggregator restart mid-frame)
     votes: dict = field(default_factory=dict)    # member -> probabilities
     infer_ms: dict = field(default_factory=dict)
 
@@ -449,6 +461,7 @@ class Aggregator:
         self.done: OrderedDict[str, bytes] = OrderedDict()   # frame id -> its published result
         self.live: dict[str, str] = {}                       # member -> instance of its online node
         self.stats = {"decided": 0, "undecided": 0, "ignored_votes": 0, "resent": 0}
+        self.next_deadline = math.inf  # the earliest deadline in `pending` (or later: deadlines only move later)
         self.settle_until = math.inf  # until then, early decisions need every member's vote (see SETTLE_S)
         self.lock = threading.Lock()
         info = {"role": "aggregator", "instance": self.instance, "members": self.ids, "quorum": self.quorum,
@@ -471,7 +484,7 @@ class Aggregator:
             if reconnected:  # the outage may have eaten votes: give the frames in hand a fresh timeout
                 now = time.monotonic()
                 for frame in self.pending.values():
-                    frame.first_seen = now
+                    frame.deadline = max(frame.deadline, now + self.timeout_s)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         with self.lock:
@@ -494,7 +507,7 @@ class Aggregator:
             self.stats["resent"] += 1
             self.link.publish(self.topics.results, self.done[fid])
         else:
-            self.pending.setdefault(fid, _Frame(time.monotonic())).seen_frame = True
+            self.pending.setdefault(fid, self._new_frame()).payload = payload
 
     def _on_vote(self, payload: bytes) -> None:
         try:
@@ -517,7 +530,9 @@ class Aggregator:
             if fid in self.done:  # late, or a duplicate of a vote already counted
                 self.stats["ignored_votes"] += 1
                 return
-            frame = self.pending[fid] = _Frame(time.monotonic())
+            # a vote for a frame we never saw (we restarted, or reconnected after the nodes): wait long enough for
+            # the client to re-send the frame, which then reaches every node
+            frame = self.pending[fid] = self._new_frame(extra_s=resend_after(self.timeout_s))
         if member in frame.votes:
             self.stats["ignored_votes"] += 1
             return
@@ -538,6 +553,13 @@ class Aggregator:
                 return
             self.live[member] = msg.get("instance")
             log.info("member %s online (%d of %d live)", member, len(self.live), len(self.ids))
+            # a node (re)connecting may have missed frames (broker restart, network cut): send those it owes
+            # again, and give them a fresh timeout for its answer
+            now = time.monotonic()
+            for frame in self.pending.values():
+                if frame.payload and member not in frame.votes:
+                    self.link.publish(self.topics.frames, frame.payload)
+                    frame.deadline = max(frame.deadline, now + self.timeout_s)
         elif member in self.live and msg.get("instance") in (None, self.live[member]):  # not an older node's will
             del self.live[member]
             log.info("member %s offline (%d of %d live)", member, len(self.live), len(self.ids))
@@ -545,6 +567,12 @@ class Aggregator:
                 self._decide_if_ready(fid, frame)
 
     # -- decisions
+
+    def _new_frame(self, extra_s: float = 0.0) -> _Frame:
+        now = time.monotonic()
+        frame = _Frame(now, now + self.timeout_s + extra_s)
+        self.next_deadline = min(self.next_deadline, frame.deadline)
+        return frame
 
     def _decide_if_ready(self, fid: str, frame: _Frame) -> None:
         expected = set(self.ids) if time.monotonic() < self.settle_until else set(self.live)
@@ -559,7 +587,7 @@ class Aggregator:
         if weights is not None:
             weights = weights[[self.ids.index(m) for m in voters]]
         if len(voters) < self.quorum:
-            seen = "" if frame.seen_frame else " (this aggregator never saw the frame itself: restarted mid-frame?)"
+            seen = "" if frame.payload else " (this aggregator never saw the frame itself: restarted mid-frame?)"
             result |= {"status": "undecided", "reason": f"only {len(voters)} of {len(self.ids)} members voted within "
                        f"{self.timeout_s * 1000:.0f} ms; quorum is {self.quorum}{seen}"}
         elif weights is not None and weights.sum() <= 0:
@@ -597,10 +625,11 @@ class Aggregator:
                         settled = not settled
                         for fid, frame in list(self.pending.items()):
                             self._decide_if_ready(fid, frame)
-                    for fid, frame in list(self.pending.items()):  # oldest first (a reconnect resets them all to one time)
-                        if now - frame.first_seen < self.timeout_s:
-                            break
-                        self._decide(fid, frame, "timeout")
+                    if now >= self.next_deadline:
+                        for fid, frame in list(self.pending.items()):
+                            if now >= frame.deadline:
+                                self._decide(fid, frame, "timeout")
+                        self.next_deadline = min((f.deadline for f in self.pending.values()), default=math.inf)
         finally:
             self.link.stop(self.offline)
             log.info("aggregator stopped: %s", self.stats)
@@ -618,8 +647,9 @@ def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | 
     ``on_result(row)`` gets each outcome as it arrives: the aggregator's result plus ``index``, ``input``,
     ``rtt_ms`` (client send to client receive) and ``truth`` when ``labels`` are given. At most
     ``max_in_flight`` frames wait for an outcome at a time; ``rate`` caps frames per second. A frame with no
-    outcome after ``retry_s`` is re-sent (backing off); the client gives up when no outcome has come for
-    ``timeout_s`` and reports the frames still missing.
+    outcome after ``retry_s`` is re-sent (backing off), and every frame in flight is re-sent when the connection
+    comes back; the client gives up when for ``timeout_s`` no frame was sent and no outcome came, and reports
+    the frames still missing.
     """
     topics = Topics(fleet)
     run = secrets.token_hex(4)
@@ -688,7 +718,7 @@ def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | 
             images = check_images(images, tuple(agg["shape"]))
         except UserError as e:
             raise UserError(f"fleet '{fleet}': {e}") from None
-        retry_s = retry_s or max(2 * agg.get("timeout_ms", DEFAULT_TIMEOUT_MS) / 1000, 3.0)
+        retry_s = retry_s or resend_after(agg.get("timeout_ms", DEFAULT_TIMEOUT_MS) / 1000)
         payloads = [encode_frame(fid, img) for fid, img in zip(ids, images)]
         t_start = time.monotonic()
 
@@ -706,8 +736,7 @@ def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | 
                     break
                 now = time.monotonic()
                 first_sent[i], last_sent[i] = now, (now, 1)
-                if i == 0:
-                    progress[0] = now
+                progress[0] = now  # "stalled" = no outcome for timeout_s since the last frame sent or answered
             link.publish(topics.frames, payloads[i])
         with cond:
             while len(outcomes) < len(first_sent) and not stalled():
