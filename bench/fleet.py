@@ -131,8 +131,9 @@ def markdown(result: dict) -> str:
         "## Fleet (MQTT)",
         "",
         f"Measured {result['date']} on {m['cpu']}, {m['cores']} cores ({m['os']}); {m['broker']}, paho-mqtt "
-        f"{m['paho_mqtt']}, onnxruntime {m['onnxruntime']}, torch {m['torch']}. Load average when it started: "
-        f"{m['load_average_at_start']} (other work shared the machine; treat the numbers as indicative).",
+        f"{m['paho_mqtt']}, onnxruntime {m['onnxruntime']}, torch {m['torch']}. Load average (1, 5, 15 min) at the "
+        f"start {m['load_average_at_start']}, at the end {m['load_average_at_end']}: with a load above the core count, "
+        "other work shared the machine, so treat the numbers as indicative.",
         "",
         f"Command: `{result['command']}`. Data: the digits test split x{result['repeat']} "
         f"({result['frames']} frames of 8x8x1 uint8); everything on one machine, broker on loopback.",

@@ -316,12 +316,19 @@ def fleet_command(bundle_dir: Path, fleet_name: str, members: str | None, quorum
     """Run every member as a node process plus an aggregator on this machine (until Ctrl-C, or --classify DATA)."""
     from . import fleet
 
+    import signal
+    import time
+
     _log_to_stderr("WARNING")
     lf = fleet.LocalFleet(bundle_dir, _broker(mqtt), fleet_name, members.split(",") if members else None, quorum,
                           timeout_ms)
-    stop = fleet.stop_on_signals()
-    lf.start()
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)  # like Ctrl-C: stop the processes this command started
+    interrupted = False
     try:
+        lf.start()
         click.echo(f"fleet '{fleet_name}': {len(lf.members)} nodes ({', '.join(lf.members)}) and an aggregator on "
                    f"{lf.broker.url}; logs in {lf.workdir}" + (" (removed after a clean shutdown)" if lf.own_workdir else ""),
                    err=True)
@@ -330,13 +337,19 @@ def fleet_command(bundle_dir: Path, fleet_name: str, members: str | None, quorum
         else:
             click.echo("running; Ctrl-C stops it", err=True)
             reported: set[str] = set()
-            while not stop.wait(0.5):
+            while True:
+                time.sleep(0.5)
                 for role in set(lf.dead()) - reported:
                     click.secho(f"warning: fleet {role} exited: {lf.log_tail(role)}", fg="yellow", err=True)
                     reported.add(role)
+    except KeyboardInterrupt:
+        interrupted = bool(data)  # without --classify, Ctrl-C is the normal way to stop
     finally:
         lf.stop()
         click.echo("fleet stopped", err=True)
+    if interrupted:
+        click.echo("interrupted before every frame was classified", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

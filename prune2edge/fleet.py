@@ -279,8 +279,9 @@ class Link:
                             or "password" in self._refused.lower() else "")
                     raise UserError(f"the MQTT broker at {url} refused the connection: {self._refused}{hint}")
                 if self._closed:
-                    raise UserError(f"the MQTT broker at {url} closed the connection before accepting it "
-                                    f"({self._closed}); TLS on one side only? (mqtts:// and --tls-ca for TLS)")
+                    hint = ("does it want a client certificate (--tls-cert/--tls-key), or is the port not TLS?"
+                            if self.broker.tls else "is it a TLS port? then use mqtts://HOST:PORT and --tls-ca")
+                    raise UserError(f"the MQTT broker at {url} closed the connection before accepting it; {hint}")
                 raise UserError(f"no answer from an MQTT broker at {url} within {timeout_s:.0f} s "
                                 "(wrong port, or TLS on one side only?)")
         return self

@@ -374,26 +374,35 @@ def test_password_protected_broker(bundle, mosquitto_exe, digits_npz, tmp_path):
             assert len(rows(out)) == 20 and all(row["status"] == "decided" for row in rows(out))
 
 
-def test_tls_broker(bundle, mosquitto_exe, digits_npz, tmp_path):
+def test_tls_broker_with_client_certificates(bundle, mosquitto_exe, digits_npz, tmp_path):
     if not shutil.which("openssl"):
         pytest.fail("openssl is needed to make the test certificates")
-    ca_key, ca, key, csr, cert = (tmp_path / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
+    ca_key, ca = tmp_path / "ca.key", tmp_path / "ca.pem"
     ext = tmp_path / "san.ext"
     ext.write_text("subjectAltName=IP:127.0.0.1\n")
-    for cmd in (
-        f"req -x509 -newkey rsa:2048 -nodes -keyout {ca_key} -out {ca} -days 1 -subj /CN=test-ca",
-        f"req -newkey rsa:2048 -nodes -keyout {key} -out {csr} -subj /CN=127.0.0.1",
-        f"x509 -req -in {csr} -CA {ca} -CAkey {ca_key} -CAcreateserial -out {cert} -days 1 -extfile {ext}",
-    ):
+
+    def openssl(cmd: str) -> None:
         subprocess.run(["openssl", *cmd.split()], check=True, capture_output=True)
-    with Mosquitto(tmp_path / "broker", conf=[f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]) as b:
+
+    openssl(f"req -x509 -newkey rsa:2048 -nodes -keyout {ca_key} -out {ca} -days 1 -subj /CN=test-ca")
+    for name in ("server", "client"):
+        key, csr, cert = (tmp_path / f"{name}.{s}" for s in ("key", "csr", "pem"))
+        openssl(f"req -newkey rsa:2048 -nodes -keyout {key} -out {csr} -subj /CN={name}")
+        openssl(f"x509 -req -in {csr} -CA {ca} -CAkey {ca_key} -CAcreateserial -out {cert} -days 1 -extfile {ext}")
+    conf = [f"cafile {ca}", f"certfile {tmp_path / 'server.pem'}", f"keyfile {tmp_path / 'server.key'}",
+            "require_certificate true"]
+    with Mosquitto(tmp_path / "broker", conf=conf) as b:
         url = f"mqtts://127.0.0.1:{b.port}"
         m = members(bundle)[0]
-        r = cli("node", str(bundle), "--member", m, "--broker", f"mqtt://127.0.0.1:{b.port}", timeout=60)
-        assert r.returncode == 2, r.stderr  # plain MQTT to a TLS port: a clear error, not a hang
-        with LocalFleet(bundle, Broker.parse(url, tls_ca=str(ca)), "tls", members=[m], workdir=tmp_path / "fleet"):
+        for args in (["--broker", f"mqtt://127.0.0.1:{b.port}"],  # plain MQTT to a TLS port
+                     ["--broker", url, "--tls-ca", str(ca)]):       # no client certificate
+            r = cli("node", str(bundle), "--member", m, *args, timeout=60)
+            assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr  # a clear error, not a hang
+        tls = ["--tls-ca", str(ca), "--tls-cert", str(tmp_path / "client.pem"), "--tls-key", str(tmp_path / "client.key")]
+        with LocalFleet(bundle, Broker.parse(url, tls_ca=tls[1], tls_cert=tls[3], tls_key=tls[5]), "tls", members=[m],
+                        workdir=tmp_path / "fleet"):
             out = tmp_path / "out.jsonl"
-            r = cli("classify", str(digits_npz[0]), "--limit", "10", "--broker", url, "--tls-ca", str(ca),
-                    "--fleet", "tls", "--out", str(out))
+            r = cli("classify", str(digits_npz[0]), "--limit", "10", "--broker", url, *tls, "--fleet", "tls",
+                    "--out", str(out))
             assert r.returncode == 0, r.stderr
             assert len(rows(out)) == 10
