@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import models, store, train
+from .errors import UserError
 from .vote import accuracy
 
 
@@ -138,7 +139,8 @@ def load_baseline(run_dir: Path, source: int = 0) -> torch.nn.Module:
     snap = run_dir / "baseline" / f"snapshot{source}.pt"
     path = snap if source and snap.exists() else run_dir / "baseline" / "model.pt"
     if source and not snap.exists() and source != cfg.get("snapshots", 0):
-        raise FileNotFoundError(f"baseline snapshot {snap} is missing; retrain the baseline with pool.snapshots set")
+        raise UserError(f"baseline snapshot '{snap}' is missing; delete '{run_dir / 'baseline'}' to retrain the baseline "
+                        "with pool.snapshots set")
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model
 
