@@ -20,7 +20,8 @@ import pytest
 
 from prune2edge import fleet
 from prune2edge.bundle import Bundle, read_manifest
-from prune2edge.fleet import Broker, LocalFleet, Mosquitto, Topics
+from prune2edge.errors import UserError
+from prune2edge.fleet import Broker, LocalFleet, Mosquitto, Topics, local
 
 RATE = 75  # frames per second for the fault streams: long enough to hit a fault mid-stream
 
@@ -156,9 +157,9 @@ def test_clear_errors(bundle, tmp_path, mosquitto_exe):
 
 
 def test_missing_mosquitto_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(fleet.shutil, "which", lambda name: None)
-    monkeypatch.setattr(fleet.os, "access", lambda path, mode: False)
-    with pytest.raises(fleet.UserError, match=r"not installed: install it with `sudo apt-get install mosquitto`"):
+    monkeypatch.setattr(local.shutil, "which", lambda name: None)
+    monkeypatch.setattr(local.os, "access", lambda path, mode: False)
+    with pytest.raises(UserError, match=r"not installed: install it with `sudo apt-get install mosquitto`"):
         fleet.find_mosquitto()
 
 

@@ -1,0 +1,136 @@
+"""A fleet client: frames out, decisions in."""
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+
+import numpy as np
+
+from ..bundle import check_images
+from ..errors import UserError
+from .mqtt import Broker, Link
+from .wire import DEFAULT_TIMEOUT_MS, BadMessage, Topics, encode_frame, parse, resend_after
+
+log = logging.getLogger(__name__)
+
+
+def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | None = None,
+             labels: np.ndarray | None = None, on_result=None, rate: float | None = None, max_in_flight: int = 64,
+             timeout_s: float = 30.0, retry_s: float | None = None, ready_timeout_s: float = 30.0) -> dict:
+    """Publish each image as a frame and collect one outcome per frame; returns a summary.
+
+    ``on_result(row)`` gets each outcome as it arrives: the aggregator's result plus ``index``, ``input``,
+    ``rtt_ms`` (client send to client receive) and ``truth`` when ``labels`` are given. At most
+    ``max_in_flight`` frames wait for an outcome at a time; ``rate`` caps frames per second. A frame with no
+    outcome after ``retry_s`` is re-sent (backing off), and every frame in flight is re-sent when the connection
+    comes back; the client gives up when for ``timeout_s`` no frame was sent and no outcome came, and reports
+    the frames still missing.
+    """
+    topics = Topics(fleet)
+    run = secrets.token_hex(4)
+    cond = threading.Condition()
+    state: dict = {"aggregator": None, "live": {}}
+    ids = [f"{run}-{i}" for i in range(len(images))]
+    index = {fid: i for i, fid in enumerate(ids)}
+    first_sent: dict[int, float] = {}
+    last_sent: dict[int, tuple[float, int]] = {}  # index -> (monotonic time, sends)
+    outcomes: dict[int, dict] = {}
+    progress = [time.monotonic()]
+
+    def on_message(topic: str, payload: bytes) -> None:
+        try:
+            msg = parse(payload, 1 << 20)
+        except BadMessage:
+            return
+        with cond:
+            if topic == topics.results:
+                i = index.get(msg.get("frame"))
+                if i is None or i in outcomes or i not in first_sent:
+                    return
+                row = {"index": i, "input": names[i] if names else str(i)} | {k: v for k, v in msg.items() if k != "v"}
+                row["rtt_ms"] = round((time.monotonic() - first_sent[i]) * 1000, 3)
+                if labels is not None:
+                    row["truth"] = int(labels[i])
+                outcomes[i] = row
+                progress[0] = time.monotonic()
+                if on_result:
+                    on_result(row)
+            elif topic == topics.aggregator:
+                state["aggregator"] = msg
+            else:
+                state["live"][topic.rsplit("/", 1)[1]] = msg.get("state") == "online"
+            cond.notify_all()
+
+    def on_connect(reconnected: bool) -> None:
+        if reconnected:  # frames in flight may have died with the broker: send them again now
+            with cond:
+                resend_overdue(time.monotonic(), everything=True)
+
+    def resend_overdue(now: float, everything: bool = False) -> None:
+        for i, (t, n) in list(last_sent.items()):
+            if i not in outcomes and (everything or now - t > min(retry_s * 2 ** (n - 1), 30)):
+                link.publish(topics.frames, payloads[i])
+                last_sent[i] = (now, n + 1)
+
+    link = Link(broker, f"p2e-{fleet}-client-{run}", [topics.results, topics.aggregator, topics.status()],
+                on_message, on_connect=on_connect).start()
+    try:
+        with cond:  # the aggregator's (retained) birth tells us the fleet's input shape and members
+            cond.wait_for(lambda: (state["aggregator"] or {}).get("state") == "online", ready_timeout_s)
+            agg = state["aggregator"]
+            if not agg or agg.get("state") != "online":
+                raise UserError(f"no aggregator is online for fleet '{fleet}' at {broker.url} (waited "
+                                f"{ready_timeout_s:.0f} s); start one: prune2edge aggregator BUNDLE --broker "
+                                f"{broker.url} --fleet {fleet}")
+            members = agg["members"]
+            if not cond.wait_for(lambda: all(state["live"].get(m) for m in members), min(ready_timeout_s, 5.0)):
+                log.warning("only %d of the fleet's %d members are online; classifying anyway",
+                            sum(bool(state["live"].get(m)) for m in members), len(members))
+        try:
+            images = np.asarray(images)
+            if agg["shape"][-1] == 3 and images.ndim == 4 and images.shape[-1] == 4:
+                images = images[..., :3]  # RGBA images: drop alpha
+            images = check_images(images, tuple(agg["shape"]))
+        except UserError as e:
+            raise UserError(f"fleet '{fleet}': {e}") from None
+        retry_s = retry_s or resend_after(agg.get("timeout_ms", DEFAULT_TIMEOUT_MS) / 1000)
+        payloads = [encode_frame(fid, img) for fid, img in zip(ids, images)]
+        t_start = time.monotonic()
+
+        def stalled() -> bool:
+            return time.monotonic() - progress[0] > timeout_s
+
+        for i in range(len(ids)):
+            if rate:
+                time.sleep(max(0.0, t_start + i / rate - time.monotonic()))
+            with cond:
+                while len(first_sent) - len(outcomes) >= max_in_flight and not stalled():
+                    cond.wait(0.05)
+                    resend_overdue(time.monotonic())
+                if stalled():
+                    break
+                now = time.monotonic()
+                first_sent[i], last_sent[i] = now, (now, 1)
+                progress[0] = now  # "stalled" = no outcome for timeout_s since the last frame sent or answered
+            link.publish(topics.frames, payloads[i])
+        with cond:
+            while len(outcomes) < len(first_sent) and not stalled():
+                cond.wait(0.05)
+                resend_overdue(time.monotonic())
+            elapsed = time.monotonic() - t_start
+            got = dict(outcomes)
+    finally:
+        link.stop()
+    rows = list(got.values())
+    decided = [r for r in rows if r["status"] == "decided"]
+    rtt = np.array([r["rtt_ms"] for r in rows]) if rows else np.zeros(1)
+    summary = {"frames": len(ids), "decided": len(decided), "undecided": len(rows) - len(decided),
+               "missing": [ids[i] for i in range(len(ids)) if i not in got], "elapsed_s": round(elapsed, 3),
+               "frames_per_s": round(len(rows) / elapsed, 2) if elapsed > 0 else None,
+               "rtt_ms_p50": round(float(np.percentile(rtt, 50)), 3), "rtt_ms_p99": round(float(np.percentile(rtt, 99)), 3),
+               "resent": sum(n - 1 for _, n in last_sent.values())}
+    if labels is not None:
+        summary["accuracy"] = sum(r["class"] == r["truth"] for r in decided) / len(ids)
+    return summary
