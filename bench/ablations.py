@@ -30,7 +30,7 @@ def row(r: dict) -> str:
 
 
 def main(names: list[str]) -> None:
-    rows = [json.loads((ROOT / "bench" / "results" / f"cifar10-{n}.json").read_text()) for n in names]
+    rows = [json.loads((ROOT / "bench" / "results" / f"{n}.json").read_text()) for n in names]
     lines = [TITLE, "",
              "All numbers are test accuracy in % (mean ± sd over the seeds listed), read from each run's metrics.json. "
              "Disagreement: mean pairwise fraction of test images on which two pool members' int8 predictions differ. "

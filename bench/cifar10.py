@@ -7,7 +7,7 @@
 Each seed runs into its own directory (``<out>/seed<S>``) with the pipeline's CLI; re-running skips
 finished seeds and phases (the pipeline resumes). Every number in the summary is read from the runs'
 ``metrics.json`` and ``timings.json``; nothing is recomputed from the test split here. Writes
-``bench/results/cifar10-<config>[-<label>].json`` and replaces its own ``## CIFAR-10: ...`` section
+``bench/results/<config>[-<label>].json`` (``cifar10-`` prefixed when the config's name lacks it) and replaces its own ``## CIFAR-10: ...`` section
 of ``docs/RESULTS.md`` (other sections are left as they are).
 """
 from __future__ import annotations
@@ -249,7 +249,7 @@ def main() -> None:
         if base_s is not None:
             runs[str(seed)]["baseline_from"] = str(Path(args.baseline_from) / f"seed{seed}")
     agg = aggregate(runs)
-    results_file = ROOT / "bench" / "results" / f"cifar10-{name}.json"
+    results_file = ROOT / "bench" / "results" / (f"{name}.json" if name.startswith("cifar10") else f"cifar10-{name}.json")
     command = "python bench/cifar10.py " + shlex.join(sys.argv[1:])
     result = {"name": name, "config": os.path.relpath(args.config, ROOT), "set": args.set, "seeds": seeds,
               "machine": machine(), "date": datetime.date.today().isoformat(), "command": command,
