@@ -78,6 +78,7 @@ def summarise_run(run_dir: Path, baseline_seconds: float | None = None) -> dict:
     base_fp32_bytes = b["bytes"]["fp32"]
     e = m["ensemble"]
     selected = [x for x in m["members"] if x["selected"]]
+    by_name = {x["name"]: x for x in m["members"]}
     base_s = t["baseline"] if baseline_seconds is None else baseline_seconds
     pool_s = sum(t[p] for p in POOL_PHASES)
     return {
@@ -107,6 +108,10 @@ def summarise_run(run_dir: Path, baseline_seconds: float | None = None) -> dict:
                      "max_member_int8_gzip_vs_baseline_fp32": max(x["bytes"]["int8_gzip"] for x in selected) / base_fp32_bytes,
                      "ensemble_int8_gzip_vs_baseline_fp32": sum(x["bytes"]["int8_gzip"] for x in selected) / base_fp32_bytes,
                      "all_int8": all(x["full_integer"] and x["status"] == "ok" for x in selected)},
+        # accuracy against ensemble size: each strategy's pick for k = 1..k_max clusters (from metrics.json "curves")
+        "curves": {s: [{"k": c["k"], "test_acc": c["test_acc"], "val_acc": c["val_acc"],
+                        "int8_gzip_vs_baseline_fp32": sum(by_name[n]["bytes"]["int8_gzip"] for n in c["members"]) / base_fp32_bytes}
+                       for c in picks] for s, picks in m.get("curves", {}).items()},
         "seconds": {**t, "baseline_used_for_ratio": base_s, "pool_quantize_select": pool_s},
         "pool_cost_vs_baseline": pool_s / base_s if base_s else None,
     }
@@ -168,7 +173,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| ensemble {s}: soft / hard | {pm(a, f'ensemble_test_acc.{s}.soft')} / {pm(a, f'ensemble_test_acc.{s}.hard')} |")
     lines += ["",
               f"- selected ensemble ({result['runs'][str(result['seeds'][0])]['strategy']}, k = {pm(a, 'k', 1, 1)}): "
-              f"gain vs baseline fp32 {pm(a, 'selected.gain_vs_baseline_fp32')} points, McNemar p {pm(a, 'selected.mcnemar_p', 1, 3)}; "
+              f"gain vs baseline fp32 {pm(a, 'selected.gain_vs_baseline_fp32')} points, McNemar p per seed "
+              f"{', '.join(format(r['selected']['mcnemar_p'], '.2g') for r in result['runs'].values())}; "
               f"mean pairwise disagreement {pm(a, 'selected.mean_disagreement', 1, 3)} "
               f"(whole pool {pm(a, 'pool_mean_disagreement', 1, 3)}); vote minus mean member "
               f"{pm(a, 'pool_vote_minus_mean_member')} points (pool)",
@@ -184,7 +190,28 @@ def markdown(result: dict) -> str:
               f"{'met' if t['member_le_5pct'] else 'NOT met'}; ensemble <= 25 %: {'met' if t['ensemble_le_25pct'] else 'NOT met'}; "
               f"pool cost <= 1.5x: {'met' if t['pool_cost_le_1_5x'] else 'NOT met'}",
               f"- raw numbers: `{result['results_file']}`", ""]
+    curve = curve_rows(result["runs"], "greedy")
+    if curve:
+        lines += ["Accuracy against ensemble size (greedy selection on validation, soft vote; mean over seeds): "
+                  "k, test accuracy %, gain over baseline fp32 (points), ensemble int8+gzip as % of baseline fp32", "",
+                  "| k | test acc | gain | bytes % |", "|---|---|---|---|"]
+        lines += [f"| {k} | {100 * acc:.2f} | {100 * gain:+.2f} | {100 * b:.1f} |" for k, acc, gain, b in curve] + [""]
     return "\n".join(lines)
+
+
+def curve_rows(runs: dict[str, dict], strategy: str) -> list[tuple[int, float, float, float]]:
+    """(k, mean test acc, mean gain vs baseline fp32, mean bytes ratio) for the k every seed reached."""
+    curves = [r["curves"].get(strategy, []) for r in runs.values()]
+    if not curves or not all(curves):
+        return []
+    out = []
+    for i in range(min(len(c) for c in curves)):
+        pts = [c[i] for c in curves]
+        base = [r["baseline_fp32_test_acc"] for r in runs.values()]
+        out.append((pts[0]["k"], statistics.mean(p["test_acc"] for p in pts),
+                    statistics.mean(p["test_acc"] - b for p, b in zip(pts, base)),
+                    statistics.mean(p["int8_gzip_vs_baseline_fp32"] for p in pts)))
+    return out
 
 
 def replace_section(path: Path, title: str, text: str) -> None:
@@ -250,7 +277,8 @@ def main() -> None:
             runs[str(seed)]["baseline_from"] = str(Path(args.baseline_from) / f"seed{seed}")
     agg = aggregate(runs)
     results_file = ROOT / "bench" / "results" / (f"{name}.json" if name.startswith("cifar10") else f"cifar10-{name}.json")
-    command = "python bench/cifar10.py " + shlex.join(sys.argv[1:])
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    command = (threads + "python bench/cifar10.py " + shlex.join(sys.argv[1:])).strip()
     result = {"name": name, "config": os.path.relpath(args.config, ROOT), "set": args.set, "seeds": seeds,
               "machine": machine(), "date": datetime.date.today().isoformat(), "command": command,
               "config_resolved": yaml.safe_load((out / f"seed{seeds[0]}" / "config.yaml").read_text()),
