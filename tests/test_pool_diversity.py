@@ -95,3 +95,13 @@ def test_snapshot_members_clone_different_checkpoints(tmp_path):
     assert [m["source"] for m in members] == [3, 2, 1]
     assert all(abs(m["measured_sparsity"]["overall"] - 0.5) < 0.01 for m in members)
     assert store.read_json(run / "baseline" / "model.json")["snapshots"] == 3
+
+
+def test_missing_snapshot_is_a_clear_error(tmp_path):
+    cfg = config.load(None, {"data": {"name": "digits", "max_train": 200}, "model": {"kwargs": {"width": 8, "depth": 2}},
+                             "train": {"epochs": 1, "batch_size": 64}})
+    run = tmp_path / "run"
+    pipeline.prepare(run, cfg)
+    pipeline.baseline(run, cfg, progress=False)
+    with pytest.raises(UserError, match="snapshot"):
+        pool.load_baseline(run, 2)
