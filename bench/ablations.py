@@ -26,7 +26,14 @@ def row(r: dict) -> str:
             f"{f('member_test_acc_int8_mean')} | {f('member_sparsity_mean', 100, 1)} | {f('pool_vote_test_acc')} | "
             f"{f('pool_mean_disagreement', 1, 3)} | {f('pool_vote_minus_mean_member')} | "
             f"{f('selected.test_acc')} (k={f('k', 1, 1)}) | {best}: {f(f'ensemble_test_acc.{best}.soft')} ({gain:+.2f}) | "
-            f"{f('selected.ensemble_int8_gzip_vs_baseline_fp32', 100, 1)} | {f('pool_cost_vs_baseline', 1, 2)} |")
+            f"{f('selected.ensemble_int8_gzip_vs_baseline_fp32', 100, 1)} | {f('pool_cost_vs_baseline', 1, 2)} | {epoch_cost(r):.2f} |")
+
+
+def epoch_cost(r: dict) -> float:
+    """Fine-tuning epochs of the whole pool over the baseline's training epochs (the planned compute ratio)."""
+    c = r["config_resolved"]
+    e = c["pool"]["epochs"] if isinstance(c["pool"]["epochs"], list) else [c["pool"]["epochs"]] * 2
+    return c["pool"]["size"] * (e[0] + e[1]) / 2 / c["train"]["epochs"]
 
 
 def main(names: list[str]) -> None:
@@ -37,10 +44,12 @@ def main(names: list[str]) -> None:
              "Vote − mean: soft vote of the whole pool minus its members' mean accuracy (points). "
              "Best: the selection strategy with the highest mean soft-vote accuracy (gain over baseline fp32 in points). "
              "Bytes: selected ensemble int8+gzip as % of the baseline's fp32 ONNX. Cost: (pool + quantise + select) "
-             "seconds / baseline training seconds (for a shared baseline: the seconds of the run that trained it).", "",
+             "seconds / baseline training seconds (for a shared baseline: the seconds of the run that trained it, "
+             "under different contention, so only the epoch ratio compares across rows). Epochs: pool fine-tuning "
+             "epochs / baseline epochs.", "",
              "| variant | seeds | baseline fp32 | member int8 (mean) | sparsity % | pool vote | disagreement | vote − mean "
-             "| selected ensemble | best strategy (gain) | bytes % | cost |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| selected ensemble | best strategy (gain) | bytes % | cost | epochs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(r) for r in rows]
     lines.append("")
     for r in rows:
