@@ -6,7 +6,6 @@ preprocessing and voting rule.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +15,7 @@ import onnxruntime as ort
 
 from .errors import UserError
 from .preprocess import Preprocessing
+from .store import sha256, write_json
 from .vote import softmax, vote
 
 FORMAT = "prune2edge-bundle"
@@ -36,10 +36,6 @@ def predict_proba(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 2
     return np.concatenate([softmax(sess.run(None, {name: x[i:i + batch_size]})[0]) for i in range(0, len(x), batch_size)])
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write(out: Path, members: list[dict], preprocessing: Preprocessing, image_shape: tuple[int, int, int],
           classes: list[str], rule: str, weighted: bool = False) -> dict:
     """Copy each member's int8 ONNX (``member["onnx"]``) into ``out/members/`` and write the manifest last.
@@ -52,7 +48,7 @@ def write(out: Path, members: list[dict], preprocessing: Preprocessing, image_sh
     for m in members:
         rel = f"members/{m['id']}.onnx"
         shutil.copyfile(m["onnx"], out / rel)
-        entries.append({k: v for k, v in m.items() if k != "onnx"} | {"path": rel, "sha256": _sha256(out / rel),
+        entries.append({k: v for k, v in m.items() if k != "onnx"} | {"path": rel, "sha256": sha256(out / rel),
                                                                     "bytes": (out / rel).stat().st_size})
     manifest = {
         "format": FORMAT,
@@ -65,9 +61,7 @@ def write(out: Path, members: list[dict], preprocessing: Preprocessing, image_sh
                  "combine": "soft: weighted mean of member probabilities; hard: weighted count of member argmax votes"},
         "members": entries,
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(out / "manifest.json")
+    write_json(out / "manifest.json", manifest)
     return manifest
 
 
@@ -91,7 +85,7 @@ def verify_member(bundle_dir: Path, entry: dict) -> Path:
     path = bundle_dir / entry["path"]
     if not path.is_file():
         raise UserError(f"bundle member '{entry['id']}' is missing: '{path}' does not exist; re-copy the bundle")
-    if _sha256(path) != entry["sha256"]:
+    if sha256(path) != entry["sha256"]:
         raise UserError(f"bundle member '{entry['id']}' was altered: sha256 of '{path}' does not match the manifest; "
                         "re-copy the bundle from its source")
     return path

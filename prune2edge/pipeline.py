@@ -1,7 +1,6 @@
 """All phases in order, each skipped when its artifacts are already in the run directory (resumable)."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -54,8 +53,7 @@ def baseline(run_dir: Path, cfg: dict, progress: bool = True) -> dict:
                             after_step=pool.SnapshotSaver(model, out, cfg["pool"]["snapshots"]), desc="baseline", progress=progress)
     model.cpu()
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out / "model.pt.tmp")
-    (out / "model.pt.tmp").replace(out / "model.pt")
+    store.write_state(out / "model.pt", model.state_dict())
     record = {"arch": m["arch"], "kwargs": m["kwargs"], "image_shape": shape, "num_classes": k,
               "val_acc_fp32": accuracy(train.predict_proba(model, x_val), y_val.numpy()), "history": history,
               "parameters": sum(p.numel() for p in model.parameters()), "pretrained": bool(m["weights"]),

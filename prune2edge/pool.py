@@ -126,10 +126,7 @@ class SnapshotSaver:
     def __call__(self, step: int, total: int) -> None:
         for j in range(1, self.n):
             if step == max(1, round(total * j / self.n)):
-                self.folder.mkdir(parents=True, exist_ok=True)
-                state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-                torch.save(state, self.folder / f"snapshot{j}.pt.tmp")
-                os.replace(self.folder / f"snapshot{j}.pt.tmp", self.folder / f"snapshot{j}.pt")
+                store.write_state(self.folder / f"snapshot{j}.pt", {k: v.detach().cpu() for k, v in self.model.state_dict().items()})
 
 
 def load_baseline(run_dir: Path, source: int = 0) -> torch.nn.Module:
@@ -174,8 +171,7 @@ def train_member(run_dir: Path, member: MemberPlan) -> dict:
             "val_acc_fp32": accuracy(train.predict_proba(model, x_val), y_val.numpy()),
             "history": history, "seconds": time.perf_counter() - t0}
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out / "model.pt.tmp")
-    os.replace(out / "model.pt.tmp", out / "model.pt")
+    store.write_state(out / "model.pt", model.state_dict())
     store.write_json(out / "member.json", info)
     return info
 

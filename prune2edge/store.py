@@ -46,6 +46,17 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def write_state(path: Path, state: dict) -> None:
+    """A torch state_dict, written atomically."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes(path, buf.getvalue())
+
+
 def write_npz(path: Path, **arrays: np.ndarray) -> None:
     import io
 

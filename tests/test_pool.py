@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
-from prune2edge import config, models, pipeline, pool, store
+from prune2edge import config, models, pool
 
 
 def tiny_model() -> torch.nn.Module:
