@@ -39,6 +39,8 @@ DEFAULTS: dict[str, Any] = {
                                       # turn; pair with train.schedule: restarts and train.cycles equal to it
         "mask_noise": 0.0,            # pruning ranks |w| * exp(mask_noise * N(0,1)), noise fixed per member:
                                       # each member keeps a different set of weights (0 = pure magnitude)
+        "distill": 0.0,               # weight of distillation from the final fp32 baseline in the fine-tuning loss
+        "distill_temperature": 4.0,   # (0 = plain cross-entropy; costs one teacher forward pass per step)
     },
     "quantize": {"calibration_size": 256, "max_drop": 0.03, "min_agreement": 0.9},
     "cluster": {"method": "kmeans-onehot", "k": 5, "k_max": 10, "preset": None},
@@ -137,6 +139,9 @@ def validate(cfg: dict) -> dict:
     _range(cfg, "pool.sparsity", 0.0, 1.0, closed_hi=False)
     _range(cfg, "pool.prune_end", 0.0, 1.0)
     _range(cfg, "pool.mask_noise", 0.0, 10.0)
+    _range(cfg, "pool.distill", 0.0, 1.0)
+    t = cfg["pool"]["distill_temperature"]
+    _need(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0, "pool.distill_temperature", "must be a number > 0", t)
     snaps = cfg["pool"]["snapshots"]
     _need(isinstance(snaps, int) and not isinstance(snaps, bool) and (snaps == 0 or snaps >= 2), "pool.snapshots",
           "must be 0 (clone the final baseline) or an integer >= 2", snaps)

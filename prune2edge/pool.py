@@ -157,13 +157,14 @@ def train_member(run_dir: Path, member: MemberPlan) -> dict:
     model = load_baseline(run_dir, member.source)
     settings = train.TrainSettings(epochs=member.epochs, batch_size=member.batch_size, optimizer=p["optimizer"], lr=member.lr,
                                    momentum=p["momentum"], weight_decay=p["weight_decay"], schedule=p["lr_schedule"],
-                                   label_smoothing=p["label_smoothing"])
+                                   label_smoothing=p["label_smoothing"], distill=p["distill"], temperature=p["distill_temperature"])
     total = max(1, round(member.epochs * math.ceil(len(x) / member.batch_size)))
     pruner = MagnitudePruner(models.prunable(model), member.sparsity, p["schedule"], p["scope"], round(p["prune_end"] * total),
                              noise=p["mask_noise"], seed=member.seed)
     pruner.update(pruner.target(0))
     history = train.fit(model, x, y, settings, seed=member.seed, augment=train.augment_kind(p["augment"], store.split(run_dir, "train")[0].shape[1:]),
-                        device=cfg["device"], after_step=pruner, desc=member.name, progress=False)
+                        device=cfg["device"], after_step=pruner, teacher=load_baseline(run_dir) if p["distill"] else None,
+                        desc=member.name, progress=False)
     pruner.update(member.sparsity)
     model.cpu()
     x_val, y_val = tensors(run_dir, "val")

@@ -28,6 +28,8 @@ class TrainSettings:
     augment: str = "auto"
     label_smoothing: float = 0.0
     cycles: int = 1
+    distill: float = 0.0  # weight of the teacher's softened outputs in the loss (fit's ``teacher``)
+    temperature: float = 4.0
 
 
 def augment_kind(setting: str, image_shape: tuple[int, int, int]) -> str:
@@ -86,13 +88,15 @@ def fit(
     x_val: torch.Tensor | None = None,
     y_val: torch.Tensor | None = None,
     after_step: Callable[[int, int], None] | None = None,
+    teacher: nn.Module | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> list[dict]:
     """Train in place on preprocessed NCHW tensors; returns one history row per epoch.
 
     ``epochs`` may be fractional (a partial last epoch). ``after_step(step, total)`` runs after
-    every optimiser step (the pool uses it to apply pruning masks).
+    every optimiser step (the pool uses it to apply pruning masks). With a ``teacher`` and ``s.distill`` > 0 the
+    loss is (1 - distill) * cross-entropy + distill * T^2 * KL(teacher || model) at temperature T (Hinton et al. 2015).
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -106,6 +110,9 @@ def fit(
         opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, nesterov=s.momentum > 0, weight_decay=s.weight_decay)
     sched = make_schedule(opt, s.schedule, total, s.cycles)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=s.label_smoothing)
+    distill = s.distill if teacher is not None else 0.0
+    if distill:
+        teacher.eval().to(device)
     history, step, t0 = [], 0, time.perf_counter()
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
     while step < total:
@@ -120,6 +127,11 @@ def fit(
             yb = y[idx].to(device, non_blocking=True)
             out = model(xb)
             loss = loss_fn(out, yb)
+            if distill:
+                with torch.no_grad():
+                    soft = torch.softmax(teacher(xb) / s.temperature, 1)
+                kl = nn.functional.kl_div(torch.log_softmax(out / s.temperature, 1), soft, reduction="batchmean")
+                loss = (1 - distill) * loss + distill * s.temperature ** 2 * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

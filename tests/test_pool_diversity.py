@@ -1,4 +1,4 @@
-"""Pool diversity options: baseline snapshots (cosine restarts), mask perturbation; fast, on tiny data."""
+"""Pool options: baseline snapshots (cosine restarts), mask perturbation, distillation; fast, on tiny data."""
 from __future__ import annotations
 
 import pytest
@@ -72,7 +72,8 @@ def test_mask_noise_changes_which_weights_survive_but_not_how_many(scope):
 
 
 @pytest.mark.parametrize("key,value", [("pool.snapshots", 1), ("pool.snapshots", -2), ("pool.snapshots", 2.5),
-                                       ("pool.mask_noise", -0.1), ("train.cycles", 0), ("train.schedule", "sgdr")])
+                                       ("pool.mask_noise", -0.1), ("train.cycles", 0), ("train.schedule", "sgdr"),
+                                       ("pool.distill", 1.5), ("pool.distill_temperature", 0)])
 def test_config_rejects_bad_diversity_settings(key, value):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         config.load(None, config.parse_settings([f"{key}={value}"]))
@@ -105,3 +106,25 @@ def test_missing_snapshot_is_a_clear_error(tmp_path):
     pipeline.baseline(run, cfg, progress=False)
     with pytest.raises(UserError, match="snapshot"):
         pool.load_baseline(run, 2)
+
+
+def test_distillation_pulls_the_student_towards_the_teacher():
+    """Trained on labels that are pure noise, a student distilled from a teacher learns the teacher's decisions;
+    the same student trained on the labels alone does not."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 1, 8, 8, generator=gen)
+    noise = torch.randint(0, 10, (512,), generator=gen)
+    rule = (x.flatten(1) @ torch.randn(64, 10, generator=gen)).argmax(1)
+    teacher = tiny_model(seed=1)
+    train.fit(teacher, x, rule, train.TrainSettings(epochs=20, batch_size=64, lr=0.05), seed=0, progress=False)
+    decided = train.predict_proba(teacher, x).argmax(1)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+
+    def agreement(distill: float) -> float:
+        student = tiny_model(seed=2)
+        s = train.TrainSettings(epochs=15, batch_size=64, lr=0.05, distill=distill, temperature=2.0)
+        train.fit(student, x, noise, s, seed=0, teacher=teacher, progress=False)
+        return float((train.predict_proba(student, x).argmax(1) == decided).mean())
+
+    assert agreement(1.0) > 0.5 > 0.25 > agreement(0.0)
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # the teacher is only read
