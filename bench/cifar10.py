@@ -32,6 +32,11 @@ STRATEGIES = ("accuracy-first", "diversity-first", "top-k", "random", "greedy")
 POOL_PHASES = ("pool", "quantize", "select")  # select = cluster + select
 
 
+def rel(path: str | Path) -> str:
+    """A path as written into results: relative to the repository, so the JSON names nothing of this machine."""
+    return os.path.relpath(path, ROOT)
+
+
 def machine() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -82,7 +87,7 @@ def summarise_run(run_dir: Path, baseline_seconds: float | None = None) -> dict:
     base_s = t["baseline"] if baseline_seconds is None else baseline_seconds
     pool_s = sum(t[p] for p in POOL_PHASES)
     return {
-        "run_dir": str(run_dir),
+        "run_dir": rel(run_dir),
         "baseline_fp32_test_acc": b["test_acc_fp32"],
         "baseline_int8_test_acc": b["test_acc_int8"],
         "baseline_bytes": {k: b["bytes"][k] for k in ("fp32", "int8", "int8_gzip")},
@@ -274,15 +279,16 @@ def main() -> None:
                 print(f"[bench] seed {seed}: the run exited with {rc} after metrics.json (a later phase failed)", flush=True)
         runs[str(seed)] = summarise_run(run_dir, base_s)
         if base_s is not None:
-            runs[str(seed)]["baseline_from"] = str(Path(args.baseline_from) / f"seed{seed}")
+            runs[str(seed)]["baseline_from"] = rel(Path(args.baseline_from) / f"seed{seed}")
     agg = aggregate(runs)
     results_file = ROOT / "bench" / "results" / (f"{name}.json" if name.startswith("cifar10") else f"cifar10-{name}.json")
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     command = (threads + "python bench/cifar10.py " + shlex.join(sys.argv[1:])).strip()
-    result = {"name": name, "config": os.path.relpath(args.config, ROOT), "set": args.set, "seeds": seeds,
+    resolved = yaml.safe_load((out / f"seed{seeds[0]}" / "config.yaml").read_text())
+    resolved["data"]["path"] = [rel(p) for p in resolved["data"]["path"]]
+    result = {"name": name, "config": rel(args.config), "set": args.set, "seeds": seeds,
               "machine": machine(), "date": datetime.date.today().isoformat(), "command": command,
-              "config_resolved": yaml.safe_load((out / f"seed{seeds[0]}" / "config.yaml").read_text()),
-              "results_file": os.path.relpath(results_file, ROOT), "runs": runs, "aggregate": agg, "targets": targets(agg)}
+              "config_resolved": resolved, "results_file": rel(results_file), "runs": runs, "aggregate": agg, "targets": targets(agg)}
     results_file.parent.mkdir(parents=True, exist_ok=True)
     results_file.write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)

@@ -105,6 +105,17 @@ def check_images(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return x
 
 
+def restrict(manifest: dict, members: list[str] | None) -> dict:
+    """The manifest with only the ``members`` ids (all when None); unknown ids are a clear error."""
+    if members is None:
+        return manifest
+    ids = [e["id"] for e in manifest["members"]]
+    unknown = sorted(set(members) - set(ids))
+    if unknown:
+        raise UserError(f"bundle has no member {unknown}; it has {ids}")
+    return manifest | {"members": [e for e in manifest["members"] if e["id"] in members]}
+
+
 class Bundle:
     """A verified ensemble ready to run. Build one with :meth:`load`."""
 
@@ -118,15 +129,8 @@ class Bundle:
     def load(cls, path: Path | str, members: list[str] | None = None, threads: int = 1) -> "Bundle":
         """Read and verify a bundle; ``members`` restricts it to those ids."""
         path = Path(path)
-        manifest = read_manifest(path)
-        entries = manifest["members"]
-        if members is not None:
-            unknown = set(members) - {e["id"] for e in entries}
-            if unknown:
-                raise UserError(f"bundle has no member {sorted(unknown)}; it has {[e['id'] for e in entries]}")
-            entries = [e for e in entries if e["id"] in members]
-            manifest = manifest | {"members": entries}
-        return cls(path, manifest, [session(verify_member(path, e), threads) for e in entries])
+        manifest = restrict(read_manifest(path), members)
+        return cls(path, manifest, [session(verify_member(path, e), threads) for e in manifest["members"]])
 
     @property
     def weights(self) -> np.ndarray | None:

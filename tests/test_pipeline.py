@@ -40,6 +40,10 @@ def test_run_records_splits_and_the_scored_test_set(demo_run):
     assert test["x"].shape == (450, 8, 8, 1) and test["x"].dtype == np.uint8 and len(test["y"]) == 450
     for name in ("config.yaml", "preprocess.json", "baseline/model.pt", "baseline/fp32.onnx", "selection.json", "timings.json"):
         assert (demo_run / name).exists(), name
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("metrics.json", "report.html", "bundle/manifest.json"):  # readable as open() would make them, not 0600
+        assert (demo_run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_cli_evaluate_and_predict_match_the_run(demo_run, tmp_path):

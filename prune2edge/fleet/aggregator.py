@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import Bundle, read_manifest
+from ..bundle import Bundle, read_manifest, restrict
 from ..errors import UserError
 from ..vote import vote
 from .mqtt import Broker, Link
@@ -42,13 +42,7 @@ class Aggregator:
     def __init__(self, bundle_dir: Path | str, broker: Broker, fleet: str, quorum: int | None = None,
                  timeout_ms: int = DEFAULT_TIMEOUT_MS, members: list[str] | None = None):
         self.topics = Topics(fleet)
-        manifest = read_manifest(bundle_dir)
-        ids = [e["id"] for e in manifest["members"]]
-        if members:
-            unknown = sorted(set(members) - set(ids))
-            if unknown:
-                raise UserError(f"bundle has no member {unknown}; it has {ids}")
-            manifest = manifest | {"members": [e for e in manifest["members"] if e["id"] in members]}
+        manifest = restrict(read_manifest(bundle_dir), members or None)
         # a manifest-only view: the rule, weights, classes and shape, with no member loaded (nodes run them)
         self.view = Bundle(Path(bundle_dir), manifest, [])
         self.ids = [e["id"] for e in manifest["members"]]

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..bundle import read_manifest, verify_member
+from ..bundle import read_manifest, restrict, verify_member
 from ..errors import UserError
 from .mqtt import Broker, Link
 from .wire import DEFAULT_TIMEOUT_MS, BadMessage, Topics, parse
@@ -104,14 +104,10 @@ class LocalFleet:
                  members: list[str] | None = None, quorum: int | None = None, timeout_ms: int = DEFAULT_TIMEOUT_MS,
                  workdir: Path | str | None = None):
         self.bundle_dir = Path(bundle_dir)
-        ids = [e["id"] for e in read_manifest(self.bundle_dir)["members"]]
-        unknown = sorted(set(members or []) - set(ids))
-        if unknown:
-            raise UserError(f"bundle has no member {unknown}; it has {ids}")
-        self.members = [m for m in ids if m in members] if members else ids
-        for entry in read_manifest(self.bundle_dir)["members"]:  # an altered member: say so before starting anything
-            if entry["id"] in self.members:
-                verify_member(self.bundle_dir, entry)
+        entries = restrict(read_manifest(self.bundle_dir), members or None)["members"]
+        self.members = [e["id"] for e in entries]
+        for entry in entries:  # an altered member: say so before starting anything
+            verify_member(self.bundle_dir, entry)
         self.topics = Topics(fleet)
         self.quorum, self.timeout_ms = quorum, timeout_ms
         self.own_workdir = workdir is None  # a temporary one is removed again after a clean shutdown
