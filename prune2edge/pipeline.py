@@ -33,7 +33,8 @@ def prepare(run_dir: Path, cfg: dict) -> None:
 
 
 def baseline(run_dir: Path, cfg: dict, progress: bool = True) -> dict:
-    """Train the baseline (or load the given weights); writes ``baseline/model.pt`` and ``model.json`` last."""
+    """Train the baseline (or load the given weights); writes ``baseline/model.pt`` and ``model.json`` last.
+    A killed training resumes from ``baseline/checkpoint.pt`` (its last finished epoch)."""
     out = run_dir / "baseline"
     if (out / "model.json").exists():
         return store.read_json(out / "model.json")
@@ -50,7 +51,8 @@ def baseline(run_dir: Path, cfg: dict, progress: bool = True) -> dict:
     else:
         history = train.fit(model, x, y, train.TrainSettings(**cfg["train"]), seed=cfg["seed"], device=cfg["device"],
                             augment=train.augment_kind(cfg["train"]["augment"], shape), x_val=x_val, y_val=y_val,
-                            after_step=pool.SnapshotSaver(model, out, cfg["pool"]["snapshots"]), desc="baseline", progress=progress)
+                            after_step=pool.SnapshotSaver(model, out, cfg["pool"]["snapshots"]), checkpoint=out / "checkpoint.pt",
+                            desc="baseline", progress=progress)
     model.cpu()
     out.mkdir(parents=True, exist_ok=True)
     store.write_state(out / "model.pt", model.state_dict())
@@ -59,6 +61,7 @@ def baseline(run_dir: Path, cfg: dict, progress: bool = True) -> dict:
               "parameters": sum(p.numel() for p in model.parameters()), "pretrained": bool(m["weights"]),
               "snapshots": cfg["pool"]["snapshots"]}
     store.write_json(out / "model.json", record)
+    (out / "checkpoint.pt").unlink(missing_ok=True)
     return record
 
 

@@ -5,12 +5,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import store
 from .vote import accuracy
 
 
@@ -89,6 +91,7 @@ def fit(
     y_val: torch.Tensor | None = None,
     after_step: Callable[[int, int], None] | None = None,
     teacher: nn.Module | None = None,
+    checkpoint: Path | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> list[dict]:
@@ -97,6 +100,8 @@ def fit(
     ``epochs`` may be fractional (a partial last epoch). ``after_step(step, total)`` runs after
     every optimiser step (the pool uses it to apply pruning masks). With a ``teacher`` and ``s.distill`` > 0 the
     loss is (1 - distill) * cross-entropy + distill * T^2 * KL(teacher || model) at temperature T (Hinton et al. 2015).
+    With a ``checkpoint`` path, the whole training state is saved there after every epoch and, when the file
+    exists, training continues from it: a killed run resumes where its last epoch ended, to the same weights.
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -114,7 +119,16 @@ def fit(
     if distill:
         teacher.eval().to(device)
     history, step, t0 = [], 0, time.perf_counter()
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["schedule"])
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        history, step = saved["history"], saved["step"]
+        t0 -= history[-1]["seconds"]  # seconds in the history keep counting from the first start
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, leave=False, unit="step")
     while step < total:
         model.train()
         order = torch.randperm(len(x), generator=gen)
@@ -149,6 +163,10 @@ def fit(
             row["val_acc"] = accuracy(predict_proba(model, x_val, device=device), y_val.numpy())
         bar.set_postfix({k: round(v, 4) for k, v in row.items() if k in ("train_loss", "val_acc")})
         history.append(row)
+        if checkpoint is not None and step < total:
+            store.write_state(checkpoint, {"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                                           "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                                           "history": history, "step": step})
     bar.close()
     return history
 
