@@ -106,13 +106,24 @@ def make_bundle(run_dir: Path, cfg: dict, selection: dict, members: list[dict], 
                         info["classes"], cfg["vote"]["rule"], cfg["vote"]["weighted"])
 
 
+def done_before(run_dir: Path, name: str) -> float:
+    """Seconds an interrupted earlier attempt already spent on a phase that now resumes (baseline epochs, pool
+    members), so that ``timings.json`` holds the whole phase, not only its resumed part."""
+    if name == "baseline" and (run_dir / "baseline" / "checkpoint.pt").exists():
+        history = torch.load(run_dir / "baseline" / "checkpoint.pt", map_location="cpu", weights_only=False)["history"]
+        return history[-1]["seconds"] if history else 0.0
+    if name == "pool":
+        return sum(store.read_json(f)["seconds"] for f in (run_dir / "pool").glob("*/member.json"))
+    return 0.0
+
+
 def run(cfg: dict, run_dir: Path | str, progress: bool = True) -> dict:
     """Run (or resume) every phase; returns the metrics also written to ``metrics.json``."""
     run_dir = Path(run_dir)
     timings = store.read_json(run_dir / "timings.json") if (run_dir / "timings.json").exists() else {}
 
     def phase(name: str, fn, *args):
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - (0.0 if name in timings else done_before(run_dir, name))
         out = fn(*args)
         if name not in timings:
             timings[name] = time.perf_counter() - t0

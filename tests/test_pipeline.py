@@ -97,6 +97,9 @@ def test_kill_mid_pool_then_rerun_gives_identical_metrics(tmp_path):
     assert again.returncode == 0, again.stderr
     assert {n: (run_dir / "pool" / n / "model.pt").stat().st_mtime_ns for n in done} == before  # not recomputed
     assert comparable(store.read_json(run_dir / "metrics.json")) == comparable(store.read_json(tmp_path / "ref" / "metrics.json"))
+    # the pool's time counts the members trained before the kill too
+    member_seconds = sum(store.read_json(f)["seconds"] for f in (run_dir / "pool").glob("*/member.json"))
+    assert store.read_json(run_dir / "timings.json")["pool"] >= member_seconds
     # a run directory belongs to one config
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump({**SMALL, "seed": 2}))
