@@ -46,7 +46,7 @@ def best_point(r: dict) -> dict:
     best = max(STRATEGIES, key=lambda s: a[f"ensemble_test_acc.{s}.soft"]["mean"])
     per_seed = []
     for run in r["runs"].values():
-        pick = next(c for c in run["curves"][best] if c["k"] == run["k"]) if best in run.get("curves", {}) else None
+        pick = next((c for c in run.get("curves", {}).get(best, []) if c["k"] == run["k"]), None)
         nbytes = pick["int8_gzip_vs_baseline_fp32"] if pick else run["selected"]["ensemble_int8_gzip_vs_baseline_fp32"]
         per_seed.append((100 * (run["ensemble_test_acc"][best]["soft"] - run["baseline_fp32_test_acc"]), 100 * nbytes,
                          run["pool_cost_vs_baseline"]))
@@ -71,8 +71,12 @@ def figure(rows: list[dict]) -> None:
         ax.axhline(0, color="grey", lw=1, label="baseline fp32")
         ax.axvline(limit, color="red", ls=":", lw=1, label=f"limit: {limit:g}{' %' if key == 'bytes' else ' x'}")
         ax.set_xlabel(label)
+        if key == "bytes":
+            ax.set_xscale("log")
+            ax.set_xticks([10, 15, 25, 50, 100, 200], ["10", "15", "25", "50", "100", "200"], minor=False)
+            ax.minorticks_off()
         ax.set_ylabel("best strategy's gain over baseline fp32 (points)")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper right")
         ax.grid(alpha=0.3)
     fig.suptitle("CIFAR-10 on 2 CPU cores: accuracy gain against bytes and cost (mean ± sd over seeds)")
     FIGURE.parent.mkdir(parents=True, exist_ok=True)
