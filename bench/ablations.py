@@ -13,7 +13,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import ROOT, STRATEGIES, replace_section  # noqa: E402
+from cifar10 import ROOT, best_strategy, replace_section  # noqa: E402
 
 TITLE = "## CIFAR-10: ablations"
 FIGURE = ROOT / "docs" / "figures" / "cifar10-tradeoff.png"
@@ -23,7 +23,7 @@ def row(r: dict) -> str:
     a = r["aggregate"]
     f = lambda k, s=100, d=2: (f"{s * a[k]['mean']:.{d}f}" + (f" ± {s * a[k]['sd']:.{d}f}" if len(r["seeds"]) > 1 else "")  # noqa: E731
                                if k in a else "n/a")
-    best = max(STRATEGIES, key=lambda s: a[f"ensemble_test_acc.{s}.soft"]["mean"])
+    best = best_strategy(a)
     gain = 100 * (a[f"ensemble_test_acc.{best}.soft"]["mean"] - a["baseline_fp32_test_acc"]["mean"])
     shared = " (baseline shared)" if any("baseline_from" in x for x in r["runs"].values()) else ""
     return (f"| {r['name']}{shared} | {', '.join(map(str, r['seeds']))} | {f('baseline_fp32_test_acc')} | "
@@ -42,8 +42,7 @@ def epoch_cost(r: dict) -> float:
 
 def best_point(r: dict) -> dict:
     """Best soft-vote strategy of a variant: gain over its baseline (points), its bytes and the pipeline cost, mean and sd over seeds."""
-    a = r["aggregate"]
-    best = max(STRATEGIES, key=lambda s: a[f"ensemble_test_acc.{s}.soft"]["mean"])
+    best = best_strategy(r["aggregate"])
     per_seed = []
     for run in r["runs"].values():
         pick = next((c for c in run.get("curves", {}).get(best, []) if c["k"] == run["k"]), None)
@@ -53,7 +52,7 @@ def best_point(r: dict) -> dict:
     sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
     cols = list(zip(*per_seed))
     return {"name": r["name"].removeprefix("cifar10-cpu-") if r["name"] != "cifar10-cpu" else "cifar10-cpu (default)",
-            "strategy": best, **{f"{k}": statistics.mean(c) for k, c in zip(("gain", "bytes", "cost"), cols)},
+            "strategy": best, **{k: statistics.mean(c) for k, c in zip(("gain", "bytes", "cost"), cols)},
             **{f"{k}_sd": sd(c) for k, c in zip(("gain", "bytes", "cost"), cols)}}
 
 

@@ -140,9 +140,14 @@ def aggregate(runs: dict[str, dict]) -> dict:
                 "sd": statistics.stdev(f[k] for f in flat) if len(flat) > 1 else 0.0} for k in keys}
 
 
+def best_strategy(agg: dict) -> str:
+    """The selection strategy with the highest mean soft-vote test accuracy over the seeds."""
+    return max(STRATEGIES, key=lambda s: agg[f"ensemble_test_acc.{s}.soft"]["mean"])
+
+
 def targets(agg: dict) -> dict:
     g = lambda k: agg[k]["mean"]  # noqa: E731
-    best = max(STRATEGIES, key=lambda s: g(f"ensemble_test_acc.{s}.soft"))
+    best = best_strategy(agg)
     gain = g(f"ensemble_test_acc.{best}.soft") - g("baseline_fp32_test_acc")
     return {
         "best_strategy_soft": best,

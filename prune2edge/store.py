@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -52,8 +53,6 @@ def read_json(path: Path) -> Any:
 
 def write_state(path: Path, state: dict) -> None:
     """A torch state_dict, written atomically."""
-    import io
-
     import torch
 
     buf = io.BytesIO()
@@ -62,8 +61,6 @@ def write_state(path: Path, state: dict) -> None:
 
 
 def write_npz(path: Path, **arrays: np.ndarray) -> None:
-    import io
-
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     write_bytes(path, buf.getvalue())
