@@ -39,3 +39,18 @@ def test_killed_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_pat
     assert [h["steps"] for h in history] == [h["steps"] for h in expected] == [5, 10, 15, 18]
     assert [h["train_loss"] for h in history] == pytest.approx([h["train_loss"] for h in expected])
     assert history[-1]["seconds"] >= history[1]["seconds"]
+
+
+@pytest.mark.parametrize("kind", ["crop", "crop_flip"])
+def test_batched_augmentation_equals_the_per_image_crop_and_flip(kind):
+    x = torch.randn(40, 3, 20, 12, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(5)
+    p = 20 // 8
+    padded = torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")
+    dy, dx = torch.randint(0, 2 * p + 1, (2, len(x)), generator=gen).tolist()
+    flip = torch.rand(len(x), generator=gen) < 0.5 if kind == "crop_flip" else torch.zeros(len(x), dtype=torch.bool)
+    expected = torch.stack([padded[i, :, dy[i]:dy[i] + 20, dx[i]:dx[i] + 12] for i in range(len(x))])
+    expected = torch.where(flip[:, None, None, None], expected.flip(3), expected)
+    got = train.augment_batch(x, kind, torch.Generator().manual_seed(5))
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, x)
