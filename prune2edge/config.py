@@ -41,6 +41,17 @@ DEFAULTS: dict[str, Any] = {
                                       # each member keeps a different set of weights (0 = pure magnitude)
         "distill": 0.0,               # weight of distillation from the final fp32 baseline in the fine-tuning loss
         "distill_temperature": 4.0,   # (0 = plain cross-entropy; costs one teacher forward pass per step)
+        "init": "baseline",           # baseline: members start from the baseline; fresh: from a new initialisation
+                                      # (born-again students: pair with distill > 0)
+        "member_kwargs": {},          # with init fresh: model kwargs overriding the baseline's (e.g. width: 24)
+        "mask": "magnitude",          # magnitude, or antirandom / antirandom-weighted: fixed masks that overlap as
+                                      # little as possible across members (random, or sampled in proportion to |w|)
+        "shrink": 1.0,                # start from shrink * w + perturb * w_fresh (shrink and perturb)
+        "perturb": 0.0,
+        "reinit_last": 0,             # re-initialise the last N prunable layers before training
+        "regrow": 0.0,                # prune-and-regrow (RigL): fraction of active weights moved every regrow_every steps
+        "regrow_every": 100,
+        "cyclical": False,            # one cyclical run from the baseline; a member at each cycle's low point (FGE)
     },
     "quantize": {"calibration_size": 256, "max_drop": 0.03, "min_agreement": 0.9},
     "cluster": {"method": "kmeans-onehot", "k": 5, "k_max": 10, "preset": None},
@@ -59,6 +70,9 @@ CHOICES = {
     "pool.lr_schedule": ("onecycle", "cosine", "constant"),
     "pool.optimizer": ("sgd", "adam"),
     "pool.augment": ("auto", "none", "crop", "crop_flip"),
+    "pool.init": ("baseline", "fresh"),
+    "pool.mask": ("magnitude", "antirandom", "antirandom-weighted"),
+    "pool.cyclical": (False, True),
     "cluster.method": ("kmeans-onehot", "kmeans-proba", "kmeans-labels", "agglomerative"),
     "cluster.preset": (None, "paper"),
     "select.strategy": ("accuracy-first", "diversity-first", "top-k", "random", "greedy"),
@@ -92,7 +106,7 @@ def _merge(base: dict, new: dict, prefix: str) -> None:
         name = f"{prefix}{key}"
         if key not in base:
             raise UserError(f"unknown config key '{name}'; known keys{' in ' + prefix[:-1] if prefix else ''}: {', '.join(base)}")
-        if isinstance(base[key], dict) and key != "kwargs":
+        if isinstance(base[key], dict) and key not in ("kwargs", "member_kwargs"):
             if not isinstance(value, dict):
                 raise UserError(f"config key '{name}' must be a mapping, got {value!r}")
             _merge(base[key], value, name + ".")
@@ -140,6 +154,22 @@ def validate(cfg: dict) -> dict:
     _range(cfg, "pool.prune_end", 0.0, 1.0)
     _range(cfg, "pool.mask_noise", 0.0, 10.0)
     _range(cfg, "pool.distill", 0.0, 1.0)
+    _range(cfg, "pool.shrink", 0.0, 1.0)
+    _range(cfg, "pool.perturb", 0.0, 10.0)
+    _range(cfg, "pool.regrow", 0.0, 1.0, closed_hi=False)
+    for key in ("pool.reinit_last", "pool.regrow_every"):
+        v = _get(cfg, key)
+        _need(isinstance(v, int) and not isinstance(v, bool) and v >= (0 if key == "pool.reinit_last" else 1), key,
+              "must be an integer >= 0" if key == "pool.reinit_last" else "must be a positive integer", v)
+    p = cfg["pool"]
+    _need(isinstance(p["member_kwargs"], dict), "pool.member_kwargs", "must be a mapping", p["member_kwargs"])
+    _need(not p["member_kwargs"] or p["init"] == "fresh", "pool.member_kwargs",
+          "changes the network, so needs pool.init: fresh (a pruned clone keeps the baseline's shape)", p["member_kwargs"])
+    _need(p["init"] == "baseline" or not (p["snapshots"] or p["cyclical"] or p["reinit_last"] or p["shrink"] != 1 or p["perturb"]),
+          "pool.init", "fresh starts from a new initialisation, so cannot be combined with snapshots, cyclical, shrink, "
+          "perturb or reinit_last", p["init"])
+    _need(not p["cyclical"] or (p["mask"] == "magnitude" and not p["snapshots"] and not p["bootstrap"]), "pool.cyclical",
+          "makes every member from one run, so cannot be combined with pool.mask antirandom, snapshots or bootstrap", p["cyclical"])
     t = cfg["pool"]["distill_temperature"]
     _need(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0, "pool.distill_temperature", "must be a number > 0", t)
     snaps = cfg["pool"]["snapshots"]

@@ -1,8 +1,10 @@
-"""Phase 1: a pool of magnitude-pruned clones of the baseline, each fine-tuned with its own settings.
+"""Phase 1: a pool of pruned members derived from the baseline, each trained with its own settings.
 
-Every member is cloned from the baseline (never from another member), pruned by L1 magnitude on a
-gradual schedule while it fine-tunes, and saved with its masks made permanent (plain zeros).
-Members are independent jobs run through an executor, written atomically and never recomputed.
+By default every member is cloned from the baseline (never from another member), pruned by L1 magnitude on a
+gradual schedule while it fine-tunes, and saved with its masks made permanent (plain zeros). The ``pool:``
+options move members into other basins: anti-random masks, shrink-and-perturb or re-initialised last layers,
+fresh initialisations distilled from the baseline, prune-and-regrow, and one cyclical run whose low points
+are the members. Members are jobs run through an executor, written atomically and never recomputed.
 """
 from __future__ import annotations
 
@@ -65,13 +67,20 @@ class MagnitudePruner:
     ``polynomial``: s(t) = s_f * (1 - (1 - t / t_end)^3), the cubic schedule of Zhu & Gupta (2017),
     reached at ``t_end`` and held after. ``constant``: s_f from the first step. Masks are recomputed
     from current magnitudes about 20 times during the ramp and re-applied after every step.
+    ``fixed``: masks chosen in advance (anti-random), held from the first step instead of magnitude ranking.
+    ``regrow`` > 0: after ``t_end``, every ``regrow_every`` steps each layer drops that fraction of its active
+    weights (smallest magnitude) and regrows as many inactive ones (largest gradient magnitude, starting at zero),
+    the fraction decaying with a cosine to zero at 3/4 of training (RigL, Evci et al. 2020): the mask explores at
+    constant sparsity.
     """
 
     def __init__(self, params: dict[str, torch.nn.Parameter], final: float, schedule: str, scope: str, end_step: int,
-                 noise: float = 0.0, seed: int = 0):
+                 noise: float = 0.0, seed: int = 0, fixed: dict[str, torch.Tensor] | None = None,
+                 regrow: float = 0.0, regrow_every: int = 100):
         self.params, self.final, self.schedule, self.scope = params, final, schedule, scope
         self.end_step = max(1, end_step)
         self.every = max(1, self.end_step // 20)
+        self.fixed, self.regrow, self.regrow_every = fixed, regrow, max(1, regrow_every)
         self.masks: dict[str, torch.Tensor] = {}
         # mask perturbation: rank |w| * exp(noise * eps) with eps ~ N(0, 1) drawn once per weight and member
         gen = torch.Generator().manual_seed(seed)
@@ -87,6 +96,10 @@ class MagnitudePruner:
 
     @torch.no_grad()
     def update(self, sparsity: float) -> None:
+        if self.fixed is not None:
+            self.masks = {n: m.to(w.device) for (n, w), m in zip(self.params.items(), self.fixed.values())}
+            self.apply()
+            return
         if sparsity <= 0:
             return
         score = self.scores()
@@ -104,10 +117,79 @@ class MagnitudePruner:
         for n, m in self.masks.items():
             self.params[n].mul_(m)
 
+    @torch.no_grad()
+    def regrow_masks(self, fraction: float) -> None:
+        """Drop ``fraction`` of each layer's active weights (smallest |w|) and grow as many (largest |grad|)."""
+        for n, w in self.params.items():
+            m = self.masks.get(n)
+            k = int(fraction * int(m.sum())) if m is not None and w.grad is not None else 0
+            if k == 0:
+                continue
+            flat = m.flatten()
+            drop = torch.where(flat, w.detach().abs().flatten(), torch.inf).topk(k, largest=False).indices
+            grow = torch.where(flat, -torch.inf, w.grad.abs().flatten()).topk(k).indices
+            flat = flat.clone()
+            flat[drop], flat[grow] = False, True
+            self.masks[n] = flat.view(m.shape)
+        self.apply()
+
+    def finish(self) -> None:
+        """The final masks: the target sparsity by magnitude, or the fixed / regrown masks as they stand."""
+        if self.fixed is None and not self.regrow:
+            self.update(self.final)
+        else:
+            self.apply()
+
     def __call__(self, step: int, total: int) -> None:
+        if not self.masks and step > 1:  # resumed mid-run: the masks are what the zeros say at today's target
+            self.update(self.target(step))
         self.apply()  # first undo the optimiser's step on pruned weights: they never grow back
         if step <= self.end_step and (step % self.every == 0 or step == self.end_step):
             self.update(self.target(step))
+        stop = max(self.end_step + 1, round(0.75 * total))
+        if self.regrow and self.end_step < step < stop and step % self.regrow_every == 0:
+            self.regrow_masks(self.regrow * 0.5 * (1 + math.cos(math.pi * (step - self.end_step) / (stop - self.end_step))))
+
+
+def antirandom_masks(params: dict[str, torch.Tensor], keep: list[float], index: int, seed: int,
+                     weighted: bool = False) -> dict[str, torch.Tensor]:
+    """Member ``index``'s masks when the members keep fractions ``keep`` of every layer with as little overlap as
+    possible (Prune and Tune ensembles, Whitaker & Whitley 2022).
+
+    Per layer, one order of the weights is drawn from the pool's ``seed`` (a random permutation, or, ``weighted``,
+    sampling without replacement with probability proportional to |w|), and the members take consecutive stretches
+    of it, wrapping around: disjoint while the fractions sum to at most 1, each weight shared by as few members as
+    the fractions allow otherwise.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    start = sum(keep[:index])
+    masks = {}
+    for n, w in params.items():
+        size = w.numel()
+        if weighted:  # Gumbel top-k: descending log|w| + Gumbel noise samples without replacement, p ~ |w|
+            u = torch.rand(size, generator=gen).clamp_min(1e-12)
+            order = torch.argsort(w.detach().abs().flatten().log() - (-u.log()).log(), descending=True)
+        else:
+            order = torch.randperm(size, generator=gen)
+        first, last = round(start * size), round((start + keep[index]) * size)  # shared bounds: no double counting
+        mask = torch.zeros(size, dtype=torch.bool)
+        mask[order[torch.arange(first, last) % size]] = True
+        masks[n] = mask.view(w.shape)
+    return masks
+
+
+@torch.no_grad()
+def leave_basin(model: torch.nn.Module, fresh: torch.nn.Module, shrink: float, perturb: float, reinit_last: int) -> None:
+    """Push a member's start away from the baseline: the last ``reinit_last`` prunable layers take ``fresh``'s
+    initial weights; every other parameter becomes ``shrink * w + perturb * w_fresh`` (shrink and perturb, Ash &
+    Adams 2020, with the noise drawn as a new initialisation of the same network)."""
+    reinit = set(list(models.prunable(model))[-reinit_last:]) if reinit_last else set()
+    fresh_params = dict(fresh.named_parameters())
+    for name, p in model.named_parameters():
+        if name.rpartition(".")[0] in reinit:
+            p.copy_(fresh_params[name])
+        elif shrink != 1.0 or perturb:
+            p.mul_(shrink).add_(fresh_params[name], alpha=perturb)
 
 
 def tensors(run_dir: Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,39 +224,126 @@ def load_baseline(run_dir: Path, source: int = 0) -> torch.nn.Module:
     return model
 
 
+def load_member(run_dir: Path, name: str) -> torch.nn.Module:
+    """A trained pool member (its own ``model_kwargs`` when it is a wider or narrower fresh student)."""
+    base = store.read_json(run_dir / "baseline" / "model.json")
+    kwargs = {**base["kwargs"], **store.read_json(run_dir / "pool" / name / "member.json").get("model_kwargs", {})}
+    model = models.build(base["arch"], tuple(base["image_shape"]), base["num_classes"], **kwargs)
+    model.load_state_dict(torch.load(run_dir / "pool" / name / "model.pt", map_location="cpu", weights_only=True))
+    return model
+
+
+def fresh_model(run_dir: Path, seed: int, overrides: dict | None = None) -> torch.nn.Module:
+    """A new initialisation (seeded) of the baseline's architecture, with ``overrides`` of its kwargs."""
+    base = store.read_json(run_dir / "baseline" / "model.json")
+    torch.manual_seed(seed)
+    return models.build(base["arch"], tuple(base["image_shape"]), base["num_classes"], **{**base["kwargs"], **(overrides or {})})
+
+
+def start_model(run_dir: Path, cfg: dict, member: MemberPlan) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
+    """A member's network before training, and its fixed (anti-random) masks if the pool uses them."""
+    p = cfg["pool"]
+    if p["init"] == "fresh":
+        model = fresh_model(run_dir, member.seed, p["member_kwargs"])
+    else:
+        model = load_baseline(run_dir, member.source)
+    fixed = None
+    if p["mask"] != "magnitude":  # drawn from the starting weights, before they leave the basin
+        plans = plan(cfg)
+        fixed = antirandom_masks(models.prunable(model), [1 - m.sparsity for m in plans], member.index,
+                                 seed=int(np.random.default_rng([cfg["seed"], 5]).integers(2**31)),
+                                 weighted=p["mask"] == "antirandom-weighted")
+    if p["init"] == "baseline" and (p["shrink"] != 1.0 or p["perturb"] or p["reinit_last"]):
+        leave_basin(model, fresh_model(run_dir, member.seed), p["shrink"], p["perturb"], p["reinit_last"])
+    return model, fixed
+
+
+def _settings(p: dict, epochs: float, lr: float, batch_size: int, schedule: str, cycles: int = 1) -> train.TrainSettings:
+    return train.TrainSettings(epochs=epochs, batch_size=batch_size, optimizer=p["optimizer"], lr=lr, momentum=p["momentum"],
+                               weight_decay=p["weight_decay"], schedule=schedule, cycles=cycles,
+                               label_smoothing=p["label_smoothing"], distill=p["distill"], temperature=p["distill_temperature"])
+
+
+def _pruner(model: torch.nn.Module, p: dict, sparsity: float, end_step: int, seed: int,
+            fixed: dict[str, torch.Tensor] | None = None) -> MagnitudePruner:
+    pruner = MagnitudePruner(models.prunable(model), sparsity, p["schedule"], p["scope"], end_step, noise=p["mask_noise"],
+                             seed=seed, fixed=fixed, regrow=p["regrow"], regrow_every=p["regrow_every"])
+    pruner.update(pruner.target(0))
+    return pruner
+
+
+def save_member(run_dir: Path, model: torch.nn.Module, record: dict, x_val: torch.Tensor, y_val: torch.Tensor) -> dict:
+    """Write ``pool/<name>/model.pt`` and then ``member.json`` (measured sparsity, fp32 validation accuracy)."""
+    out = run_dir / "pool" / record["name"]
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    was_training = model.training
+    info = {**record, "measured_sparsity": models.sparsity(model),
+            "val_acc_fp32": accuracy(train.predict_proba(model, x_val, device=next(model.parameters()).device), y_val.numpy())}
+    model.train(was_training)
+    out.mkdir(parents=True, exist_ok=True)
+    store.write_state(out / "model.pt", state)
+    store.write_json(out / "member.json", info)
+    return info
+
+
 def train_member(run_dir: Path, member: MemberPlan) -> dict:
-    """Clone the baseline, prune and fine-tune it, and write ``pool/<name>/`` (``member.json`` last)."""
+    """Start, prune and train one member, and write ``pool/<name>/`` (``member.json`` last)."""
     from . import config
 
     cfg = config.load(run_dir / "config.yaml")
     p = cfg["pool"]
-    out = run_dir / "pool" / member.name
     t0 = time.perf_counter()
     x, y = tensors(run_dir, "train")
     if member.bootstrap:
         idx = torch.from_numpy(np.random.default_rng(member.seed).integers(0, len(y), len(y)))
         x, y = x[idx], y[idx]
-    model = load_baseline(run_dir, member.source)
-    settings = train.TrainSettings(epochs=member.epochs, batch_size=member.batch_size, optimizer=p["optimizer"], lr=member.lr,
-                                   momentum=p["momentum"], weight_decay=p["weight_decay"], schedule=p["lr_schedule"],
-                                   label_smoothing=p["label_smoothing"], distill=p["distill"], temperature=p["distill_temperature"])
+    model, fixed = start_model(run_dir, cfg, member)
     total = max(1, round(member.epochs * math.ceil(len(x) / member.batch_size)))
-    pruner = MagnitudePruner(models.prunable(model), member.sparsity, p["schedule"], p["scope"], round(p["prune_end"] * total),
-                             noise=p["mask_noise"], seed=member.seed)
-    pruner.update(pruner.target(0))
-    history = train.fit(model, x, y, settings, seed=member.seed, augment=train.augment_kind(p["augment"], store.split(run_dir, "train")[0].shape[1:]),
+    pruner = _pruner(model, p, member.sparsity, round(p["prune_end"] * total), member.seed, fixed)
+    history = train.fit(model, x, y, _settings(p, member.epochs, member.lr, member.batch_size, p["lr_schedule"]),
+                        seed=member.seed, augment=train.augment_kind(p["augment"], store.split(run_dir, "train")[0].shape[1:]),
                         device=cfg["device"], after_step=pruner, teacher=load_baseline(run_dir) if p["distill"] else None,
                         desc=member.name, progress=False)
-    pruner.update(member.sparsity)
+    pruner.finish()
     model.cpu()
+    record = {**asdict(member), "name": member.name, "model_kwargs": p["member_kwargs"] if p["init"] == "fresh" else {},
+              "history": history, "seconds": time.perf_counter() - t0}
+    return save_member(run_dir, model, record, *tensors(run_dir, "val"))
+
+
+def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
+    """One run from the baseline with a cosine learning-rate cycle per member; at each cycle's low point the
+    current (pruned) network is saved as the next member (fast geometric ensembling, Garipov et al. 2018).
+
+    Pruning ramps to the highest sampled sparsity within ``prune_end`` of the first cycle; every cycle lasts member
+    0's epochs at member 0's peak learning rate. The run resumes from its last finished epoch after a kill."""
+    from . import config
+
+    cfg = config.load(run_dir / "config.yaml")
+    p, lead, n = cfg["pool"], plans[0], len(plans)
+    sparsity = max(m.sparsity for m in plans)
+    t0 = time.perf_counter()
+    x, y = tensors(run_dir, "train")
     x_val, y_val = tensors(run_dir, "val")
-    info = {**asdict(member), "name": member.name, "measured_sparsity": models.sparsity(model),
-            "val_acc_fp32": accuracy(train.predict_proba(model, x_val), y_val.numpy()),
-            "history": history, "seconds": time.perf_counter() - t0}
-    out.mkdir(parents=True, exist_ok=True)
-    store.write_state(out / "model.pt", model.state_dict())
-    store.write_json(out / "member.json", info)
-    return info
+    model, _ = start_model(run_dir, cfg, lead)
+    total = n * max(1, round(lead.epochs * math.ceil(len(x) / lead.batch_size)))
+    pruner = _pruner(model, p, sparsity, round(p["prune_end"] * total / n), lead.seed)
+    infos: dict[int, dict] = {}
+
+    def after_step(step: int, total_steps: int) -> None:
+        pruner(step, total_steps)
+        j = step * n // total_steps - 1
+        if step * n % total_steps == 0 and not (run_dir / "pool" / plans[j].name / "member.json").exists():
+            record = {**asdict(plans[j]), "sparsity": sparsity, "epochs": lead.epochs, "lr": lead.lr, "batch_size": lead.batch_size,
+                      "name": plans[j].name, "model_kwargs": {}, "cyclical": True, "seconds": (time.perf_counter() - t0) / n}
+            infos[j] = save_member(run_dir, model, record, x_val, y_val)
+
+    train.fit(model, x, y, _settings(p, n * lead.epochs, lead.lr, lead.batch_size, "restarts", n), seed=lead.seed,
+              augment=train.augment_kind(p["augment"], store.split(run_dir, "train")[0].shape[1:]), device=cfg["device"],
+              after_step=after_step, teacher=load_baseline(run_dir) if p["distill"] else None,
+              checkpoint=run_dir / "pool" / "cyclical.pt", desc="cyclical", progress=False)
+    (run_dir / "pool" / "cyclical.pt").unlink(missing_ok=True)
+    return [infos.get(i) or store.read_json(run_dir / "pool" / m.name / "member.json") for i, m in enumerate(plans)]
 
 
 class InProcessExecutor(Executor):
@@ -203,22 +372,26 @@ def make_executor(workers: int) -> Executor:
 
 def build(run_dir: Path, cfg: dict, executor: Executor, progress: bool = True) -> list[dict]:
     """Train every member not yet on disk; return all members' records in index order."""
-    plans = plan(cfg)
+    plans, p = plan(cfg), cfg["pool"]
     done = {m.name: store.read_json(run_dir / "pool" / m.name / "member.json")
             for m in plans if (run_dir / "pool" / m.name / "member.json").exists()}
     todo = [m for m in plans if m.name not in done]
     bar = tqdm(total=len(plans), initial=len(done), desc="pool", disable=not progress, unit="member")
 
     def record(f: Future) -> None:
-        if f.exception() is None:
-            info = f.result()
+        if f.exception() is not None:
+            return
+        for info in f.result() if isinstance(f.result(), list) else [f.result()]:
             done[info["name"]] = info
             bar.set_postfix(last=info["name"], sparsity=round(info["measured_sparsity"]["overall"], 3), val=round(info["val_acc_fp32"], 4))
-            bar.update(1)
+        bar.n = len(done)
+        bar.refresh()
 
+    # a cyclical pool is one job that makes every member; otherwise one job per member
+    jobs = [(train_cyclical, plans)] if p["cyclical"] and todo else [] if p["cyclical"] else [(train_member, m) for m in todo]
     futures = []
-    for m in todo:
-        futures.append(executor.submit(train_member, run_dir, m))
+    for fn, arg in jobs:
+        futures.append(executor.submit(fn, run_dir, arg))
         futures[-1].add_done_callback(record)
     for f in futures:
         f.result()  # raises the first member's failure, after the others have finished and been saved

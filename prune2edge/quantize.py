@@ -104,7 +104,7 @@ def quantize_model(folder: Path, model: torch.nn.Module, image_shape: tuple[int,
 
 def quantize_all(run_dir: Path, cfg: dict, members: list[dict], progress: bool = True) -> dict[str, dict]:
     """Quantise the baseline and every pool member not yet done; returns records by name (``baseline`` first)."""
-    from .pool import load_baseline, tensors
+    from .pool import load_baseline, load_member, tensors
 
     q = cfg["quantize"]
     x_train, _ = tensors(run_dir, "train")
@@ -119,7 +119,6 @@ def quantize_all(run_dir: Path, cfg: dict, members: list[dict], progress: bool =
         if (folder / "quant.json").exists():
             records[name] = store.read_json(folder / "quant.json")
             continue
-        model = load_baseline(run_dir)
-        model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+        model = load_baseline(run_dir) if name == "baseline" else load_member(run_dir, name)
         records[name] = quantize_model(folder, model, image_shape, calib, x_val, y_val, q["max_drop"], q["min_agreement"])
     return records
