@@ -37,6 +37,17 @@ def rel(path: str | Path) -> str:
     return os.path.relpath(path, ROOT)
 
 
+def command_line() -> str:
+    """How this script was invoked, as written into results (``OMP_NUM_THREADS`` included when set)."""
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    return (threads + f"python {rel(sys.argv[0])} " + shlex.join(sys.argv[1:])).strip()
+
+
+def shipped_bytes(sizes: dict) -> int:
+    """A model's bytes as shipped: ``shipped`` where its record has it, else int8 + gzip."""
+    return sizes.get("shipped", sizes["int8_gzip"])
+
+
 def machine() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -109,7 +120,8 @@ def summarise_run(run_dir: Path, baseline_seconds: float | None = None) -> dict:
         "selected": {"members": e["members"], "mean_disagreement": e["mean_disagreement"],
                      "mean_member_test_acc": e["mean_member_test_acc"], "test_acc": e["test_acc"],
                      "gain_vs_baseline_fp32": e["gain_vs_baseline_fp32"], "mcnemar_p": e["mcnemar_p_vs_baseline_fp32"],
-                     "bytes": [{"name": x["name"], **{k: x["bytes"][k] for k in ("fp32", "int8", "int8_gzip")}} for x in selected],
+                     "bytes": [{"name": x["name"], **{k: x["bytes"][k] for k in ("fp32", "int8", "int8_gzip", "shipped") if k in x["bytes"]}}
+                               for x in selected],
                      "max_member_int8_gzip_vs_baseline_fp32": max(x["bytes"]["int8_gzip"] for x in selected) / base_fp32_bytes,
                      "ensemble_int8_gzip_vs_baseline_fp32": sum(x["bytes"]["int8_gzip"] for x in selected) / base_fp32_bytes,
                      "all_int8": all(x["full_integer"] and x["status"] == "ok" for x in selected)},
@@ -287,12 +299,10 @@ def main() -> None:
             runs[str(seed)]["baseline_from"] = rel(Path(args.baseline_from) / f"seed{seed}")
     agg = aggregate(runs)
     results_file = ROOT / "bench" / "results" / (f"{name}.json" if name.startswith("cifar10") else f"cifar10-{name}.json")
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = (threads + "python bench/cifar10.py " + shlex.join(sys.argv[1:])).strip()
     resolved = yaml.safe_load((out / f"seed{seeds[0]}" / "config.yaml").read_text())
     resolved["data"]["path"] = [rel(p) for p in resolved["data"]["path"]]
     result = {"name": name, "config": rel(args.config), "set": args.set, "seeds": seeds,
-              "machine": machine(), "date": datetime.date.today().isoformat(), "command": command,
+              "machine": machine(), "date": datetime.date.today().isoformat(), "command": command_line(),
               "config_resolved": resolved, "results_file": rel(results_file), "runs": runs, "aggregate": agg, "targets": targets(agg)}
     results_file.parent.mkdir(parents=True, exist_ok=True)
     results_file.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,155 @@
+"""Benchmark reference rows (bench/reference.py) on two tiny real runs of the digits demo config: the deep ensemble
+is the soft vote of the seeds' fp32 baselines, the compute-matched baseline trains the asked epochs from the baseline
+once and is read from its cache after, one member is the shipped k = 1 pick, and the ablation table takes the rows."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prune2edge import cli, config, pipeline, pool, report, store, train
+from prune2edge.bundle import predict_proba, session
+from prune2edge.vote import accuracy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import ablations  # noqa: E402
+import cifar10  # noqa: E402
+import reference  # noqa: E402
+
+TINY = {"model": {"kwargs": {"width": 8, "depth": 2}}, "train": {"epochs": 2},
+        "pool": {"size": 2, "epochs": [0.5, 0.5], "distill": 0.0}, "cluster": {"k": 2, "k_max": 2},
+        "quantize": {"calibration_size": 64, "max_drop": 1.0, "min_agreement": 0.0}}
+
+
+@pytest.fixture(scope="module")
+def variant(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A variant folder with two seeds of a tiny real run (2 baseline epochs, 2 members of half an epoch, every member kept)."""
+    out = tmp_path_factory.mktemp("variant")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report, "write", lambda run_dir: None)  # the HTML report is not under test and takes seconds
+        for seed in (0, 1):
+            pipeline.run(config.load(cli.DEMO_CONFIG, {**TINY, "seed": seed}), out / f"seed{seed}", progress=False)
+    return out
+
+
+def test_deep_ensemble_is_the_soft_vote_of_the_seeds_fp32_baselines(variant):
+    runs = [variant / "seed0", variant / "seed1"]
+    de = reference.deep_ensemble(runs)
+    x, y = store.split(runs[0], "test")
+    proba = [predict_proba(session(d / "baseline" / "fp32.onnx"), store.preprocessing(d).apply(x)) for d in runs]
+    single = [accuracy(p, y) for p in proba]
+    assert de["k"] == 2
+    assert de["test_acc"] == accuracy((proba[0] + proba[1]) / 2, y)
+    assert de["baseline_test_acc"] == single
+    assert de["gain_vs_mean_baseline_fp32"] == pytest.approx(de["test_acc"] - np.mean(single))
+    assert de["mean_disagreement"] == pytest.approx((proba[0].argmax(1) != proba[1].argmax(1)).mean())
+    assert de["bytes"] == sum((d / "baseline" / "fp32.onnx").stat().st_size for d in runs)
+    assert (de["bytes_vs_baseline_fp32"], de["cost_vs_baseline"]) == (2, 1)
+
+
+def test_deep_ensemble_refuses_runs_scored_on_other_labels(variant, tmp_path):
+    other = tmp_path / "seed9"
+    shutil.copytree(variant / "seed1", other)
+    test = dict(np.load(other / "test.npz"))
+    test["y"] = np.roll(test["y"], 1)
+    np.savez(other / "test.npz", **test)
+    with pytest.raises(SystemExit, match="other test labels"):
+        reference.deep_ensemble([variant / "seed0", other])
+
+
+def test_compute_matched_trains_the_pools_epochs_from_the_baseline_once(variant, monkeypatch):
+    run = variant / "seed0"
+    cfg = config.load(run / "config.yaml")
+    assert reference.pool_epochs(run) == 1.0  # two members of half an epoch
+    started, real_fit = {}, train.fit
+
+    def spy(model, x, y, settings, **kw):
+        started.update(weights={k: v.clone() for k, v in model.state_dict().items()}, settings=settings, n=len(x))
+        return real_fit(model, x, y, settings, **kw)
+
+    monkeypatch.setattr(train, "fit", spy)
+    first = reference.compute_matched(run)
+    baseline = torch.load(run / "baseline" / "model.pt", weights_only=True)
+    assert all(torch.equal(started["weights"][k], v) for k, v in baseline.items())
+    assert vars(started["settings"]) == {**vars(train.TrainSettings(**cfg["train"])), "epochs": 1.0}
+    assert started["n"] == len(np.load(run / "splits.npz")["train"])
+    steps_per_epoch = -(-started["n"] // cfg["train"]["batch_size"])
+    assert first["epochs"] == 1.0 and first["history"][-1]["steps"] == steps_per_epoch
+
+    folder = run / "reference" / "compute-matched-1ep"
+    assert sorted(p.name for p in folder.iterdir()) == ["model.pt", "result.json"]  # the checkpoint is gone
+    model = pool.load_baseline(run)
+    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    x_test, y_test = pool.tensors(run, "test")
+    assert first["test_acc"] == accuracy(train.predict_proba(model, x_test), y_test.numpy())
+
+    monkeypatch.setattr(train, "fit", lambda *a, **kw: pytest.fail("retrained a cached compute-matched baseline"))
+    assert reference.compute_matched(run) == first
+
+    monkeypatch.setattr(train, "fit", spy)
+    half = reference.compute_matched(run, epochs=0.5)
+    assert half["epochs"] == 0.5 and half["history"][-1]["steps"] == round(0.5 * steps_per_epoch)
+    assert (run / "reference" / "compute-matched-0.5ep" / "model.pt").exists()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_compute_matched_training_resumes_from_its_last_epoch(variant, monkeypatch):
+    run, real_fit, ran = variant / "seed1", train.fit, []
+
+    def die_in_epoch_2(step: int, total: int) -> None:
+        if step == total - 1:
+            raise Killed
+
+    monkeypatch.setattr(train, "fit", lambda *a, **kw: real_fit(*a, **kw, after_step=die_in_epoch_2))
+    with pytest.raises(Killed):
+        reference.compute_matched(run, epochs=2)
+    folder = reference.cache(run, 2)
+    assert (folder / "checkpoint.pt").exists() and not (folder / "result.json").exists()
+    monkeypatch.setattr(train, "fit", lambda *a, **kw: real_fit(*a, **kw, after_step=lambda step, total: ran.append(step)))
+    result = reference.compute_matched(run, epochs=2)
+    steps_per_epoch = result["history"][0]["steps"]
+    assert ran == list(range(steps_per_epoch + 1, 2 * steps_per_epoch + 1))  # epoch 2 only: epoch 1 was kept
+    assert [h["epoch"] for h in result["history"]] == [1, 2] and not (folder / "checkpoint.pt").exists()
+
+
+def test_one_member_is_the_shipped_strategys_k1_pick_alone(variant):
+    run = variant / "seed0"
+    one = reference.one_member(run)
+    quant = {p.parent.name: store.read_json(p) for p in sorted((run / "pool").glob("*/quant.json"))}
+    assert one["strategy"] == "accuracy-first"
+    assert one["member"] == max(quant, key=lambda n: quant[n]["val_acc_int8"])  # one cluster: the best on validation
+    x, y = store.split(run, "test")
+    member = predict_proba(session(run / "pool" / one["member"] / "int8.onnx"), store.preprocessing(run).apply(x))
+    assert one["test_acc"] == accuracy(member, y)
+    assert one["bytes"] == store.gzip_size(run / "pool" / one["member"] / "int8.onnx")  # no shipped size recorded
+    assert one["bytes_vs_baseline_fp32"] == one["bytes"] / (run / "baseline" / "fp32.onnx").stat().st_size
+
+
+def test_reference_rows_reach_the_results_section_and_the_ablation_table(variant, tmp_path):
+    ref = {**reference.reference(variant, [0, 1]), "machine": "m", "date": "d", "command": "python bench/reference.py v",
+           "results_file": "bench/results/v-reference.json"}
+    de, cm = ref["deep_ensemble"], ref["aggregate"]["compute_matched.test_acc"]
+    cached = [store.read_json(variant / f"seed{s}" / "reference" / "compute-matched-1ep" / "result.json") for s in (0, 1)]
+    assert cm["mean"] == pytest.approx(np.mean([c["test_acc"] for c in cached]))
+    text = reference.markdown(ref)
+    assert text.startswith(reference.TITLE) and f"| {100 * de['test_acc']:.2f} |" in text
+    assert f"{100 * cm['mean']:.2f} ± {100 * cm['sd']:.2f}" in text
+
+    runs = {str(s): cifar10.summarise_run(variant / f"seed{s}") for s in (0, 1)}
+    method = {"name": "v", "seeds": [0, 1], "runs": runs, "aggregate": cifar10.aggregate(runs), "command": "python bench/cifar10.py",
+              "config_resolved": config.load(variant / "seed0" / "config.yaml")}
+    lines = ablations.table([method], [ref]).splitlines()
+    h = lines.index(ablations.HEADER[0])
+    deep, matched, one, row = lines[h + 2:h + 6]  # the reference rows come first, then the method
+    assert deep.startswith("| **deep ensemble**: 2 fp32 baselines") and f"| {100 * de['test_acc']:.2f} (k=2) |" in deep
+    assert matched.startswith("| **compute-matched baseline**") and f"| {100 * cm['mean']:.2f} ± " in matched
+    assert one.startswith("| **one member** of v") and row.startswith("| v | 0, 1 |")
+    ablations.figure([method], [ref], tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
