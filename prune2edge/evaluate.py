@@ -109,12 +109,14 @@ def selection_warnings(m: dict) -> list[dict]:
     rivals = [("baseline_int8", "baseline int8", "the int8 baseline", b),
               ("member", best["name"], f"member {best['name']}", best)]
     hint = "" if m["k_choice"]["by"] == "auto" else ", or set cluster.k: auto"
+    n_val = m["dataset"]["n_val"]
     return [{"kind": kind, "better": name, "better_val_acc": r["val_acc_int8"], "ensemble_val_acc": e["val_acc"],
              "better_test_acc": r["test_acc_int8"], "ensemble_test_acc": e["test_acc"],
              "message": f"{who} alone ({_kib(r['bytes']['int8_gzip'])} int8 gzip) beats the selected ensemble ({e['strategy']}, "
-                        f"k={e['k']}, {_kib(e['bytes']['int8_gzip'])}) on validation: {100 * r['val_acc_int8']:.2f} % vs "
-                        f"{100 * e['val_acc']:.2f} % (test, for reference: {100 * r['test_acc_int8']:.2f} % vs "
-                        f"{100 * e['test_acc']:.2f} %); ship it instead{hint}"}
+                        f"k={e['k']}, {_kib(e['bytes']['int8_gzip'])}) on validation: {100 * r['val_acc_int8']:.2f}% vs "
+                        f"{100 * e['val_acc']:.2f}%, {round((r['val_acc_int8'] - e['val_acc']) * n_val)} more of the {n_val} "
+                        f"images right (test, for reference: {100 * r['test_acc_int8']:.2f}% vs {100 * e['test_acc']:.2f}%); "
+                        f"consider shipping it instead{hint}"}
             for kind, name, who, r in rivals if r["val_acc_int8"] > e["val_acc"]]
 
 

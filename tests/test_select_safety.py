@@ -158,7 +158,7 @@ def test_worse_ensemble_is_reported_on_validation_only(demo_run):
         assert [w["kind"] for w in s["warnings"]] == kinds
         text = evaluate.table(s)
         for w in s["warnings"]:
-            assert f"WARNING: {w['message']}" in text and f"{100 * v:.2f} %" in w["message"]
+            assert f"WARNING: {w['message']}" in text and f"{100 * v:.2f}%" in w["message"]
             assert w["ensemble_val_acc"] == v and w["better_val_acc"] > v
         if "member" in kinds:
             assert s["warnings"][-1]["better"] == top and f"member {top} alone" in s["warnings"][-1]["message"]
@@ -169,7 +169,9 @@ def test_worse_ensemble_is_reported_on_validation_only(demo_run):
     expected = [kind for kind, val in (("baseline_int8", m["baseline"]["val_acc_int8"]), ("member", best)) if val > v]
     assert [w["kind"] for w in m["warnings"]] == expected
     page = (demo_run / "report.html").read_text()
+    n = m["dataset"]["n_val"]
     for w in m["warnings"]:
+        assert f"{round(w['better_val_acc'] * n) - round(v * n)} more of the {n} images right" in w["message"]
         assert f"WARNING: {w['message']}" in evaluate.table(m) and html.escape(w["message"]) in page
     assert ('id="warnings"' in page) == bool(expected)
     assert {"k_choice", "skipped_clusters"} <= set(m)
