@@ -33,13 +33,15 @@ def _fit(proba: np.ndarray, method: str, k: int, seed: int) -> np.ndarray:
 
 
 def cluster(proba: np.ndarray, method: str = "kmeans-onehot", k: int | str = 5, k_max: int = 10, seed: int = 0) -> dict:
-    """Cluster members ``[M, N, K]``; ``k="auto"`` picks the k in 2..k_max with the best silhouette.
+    """Cluster members ``[M, N, K]``; ``k="silhouette"`` picks the k in 2..k_max with the best silhouette.
+
+    (``cluster.k: auto``, k chosen on the selected ensemble's validation accuracy, is ``pipeline.choose``.)
 
     Returns ``labels`` (renumbered 0..k-1 in order of first appearance), ``k`` and the silhouette scores tried.
     """
     m = len(proba)
     scores: dict[int, float] = {}
-    if k == "auto":
+    if k == "silhouette":
         dist = disagreement(proba) if method == "agglomerative" else None
         for kk in range(2, min(k_max, m - 1) + 1):
             labels = _fit(proba, method, kk, seed)

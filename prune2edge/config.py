@@ -55,7 +55,9 @@ DEFAULTS: dict[str, Any] = {
     },
     "quantize": {"calibration_size": 256, "max_drop": 0.03, "min_agreement": 0.9},
     "cluster": {"method": "kmeans-onehot", "k": 5, "k_max": 10, "preset": None},
-    "select": {"strategy": "accuracy-first"},
+    "select": {"strategy": "accuracy-first",
+               "max_acc_gap": 0.02},      # accuracy-first / diversity-first take only members at most this far below
+                                          # the best member on validation; a cluster with none is skipped
     "vote": {"rule": "soft", "weighted": False},
 }
 
@@ -189,10 +191,14 @@ def validate(cfg: dict) -> dict:
     if cfg["cluster"]["preset"]:
         cfg["cluster"].update(PRESETS[cfg["cluster"]["preset"]])
     k = cfg["cluster"]["k"]
-    _need(k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 1), "cluster.k", "must be a positive integer or 'auto'", k)
+    _need(k in ("auto", "silhouette") or (isinstance(k, int) and not isinstance(k, bool) and k >= 1), "cluster.k",
+          "must be a positive integer, 'auto' or 'silhouette'", k)
     if isinstance(k, int) and k > cfg["pool"]["size"]:
         raise UserError(f"config key 'cluster.k' is {k}, larger than the pool (pool.size = {cfg['pool']['size']}); "
                         "lower cluster.k or raise pool.size")
+    gap = cfg["select"]["max_acc_gap"]
+    _need(isinstance(gap, (int, float)) and not isinstance(gap, bool) and 0 <= gap <= 1, "select.max_acc_gap",
+          "must be a number in [0, 1] (a fraction of validation accuracy)", gap)
     _need(isinstance(cfg["model"]["kwargs"], dict), "model.kwargs", "must be a mapping", cfg["model"]["kwargs"])
     mt = cfg["data"]["max_train"]
     _need(mt is None or (isinstance(mt, int) and mt > 1), "data.max_train", "must be null or an integer > 1", mt)

@@ -61,9 +61,10 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
                       **_diversity(ms, test, y_test), "bytes": sizes(ms),
                       "mcnemar_p_vs_baseline_fp32": mcnemar(y_test, base_pred, ens(ms, test).argmax(1))}
                   for s, ms in sel["strategies"].items()}
-    curves = {s: [{"k": len(ms), "members": ms, "val_acc": accuracy(ens(ms, val), y_val), "test_acc": accuracy(ens(ms, test), y_test)}
-                  for ms in picks] for s, picks in sel["sweep"].items()}
-    metrics = {
+    curves = {s: [{"k": len(ms), "clusters": i, "members": ms, "val_acc": accuracy(ens(ms, val), y_val),
+                   "test_acc": accuracy(ens(ms, test), y_test)} for i, ms in enumerate(picks, 1)]
+              for s, picks in sel["sweep"].items()}
+    metrics: dict = {
         "dataset": info,
         "baseline": {"val_acc_fp32": base_q["val_acc_fp32"], "val_acc_int8": base_q["val_acc_int8"],
                      "test_acc_fp32": accuracy(base32, y_test), "test_acc_int8": accuracy(base8, y_test),
@@ -83,14 +84,44 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
         "strategies": strategies,
         "curves": curves,
         "clustering": {k: v for k, v in sel["clustering"].items() if k != "labels"},
+        # (a selection.json written before k_choice and skipped_clusters existed has neither)
+        "k_choice": {k: v for k, v in sel.get("k_choice", {"by": "config"}).items() if k != "curve"},
+        "skipped_clusters": sel.get("skipped_clusters", []),
         "dropped": sel["dropped"],
         "timings": dict(timings),
     }
+    metrics["warnings"] = selection_warnings(metrics)
     store.write_npz(run_dir / "test.npz", x=x_test, y=y_test)
     store.write_npz(run_dir / "test_scores.npz", names=np.array(names), members=np.stack([test[n] for n in names]),
                     baseline_fp32=base32, baseline_int8=base8, ensemble=ens_test)
     store.write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def selection_warnings(m: dict) -> list[dict]:
+    """Where one model alone beats the selected ensemble on validation: the int8 baseline, or the best int8 member.
+
+    Decided on validation accuracy only; the test accuracies are shown beside it, for reference.
+    """
+    b, e = m["baseline"], m["ensemble"]
+    ok = [x for x in m["members"] if x["status"] == "ok"]
+    best = min(ok, key=lambda x: (-x["val_acc_int8"], x["bytes"]["int8_gzip"], x["name"]))  # the smallest of the best
+    rivals = [("baseline_int8", "baseline int8", "the int8 baseline", b),
+              ("member", best["name"], f"member {best['name']}", best)]
+    hint = "" if m["k_choice"]["by"] == "auto" else ", or set cluster.k: auto"
+    n_val = m["dataset"]["n_val"]
+    return [{"kind": kind, "better": name, "better_val_acc": r["val_acc_int8"], "ensemble_val_acc": e["val_acc"],
+             "better_test_acc": r["test_acc_int8"], "ensemble_test_acc": e["test_acc"],
+             "message": f"{who} alone ({_kib(r['bytes']['int8_gzip'])} int8 gzip) beats the selected ensemble ({e['strategy']}, "
+                        f"k={e['k']}, {_kib(e['bytes']['int8_gzip'])}) on validation: {100 * r['val_acc_int8']:.2f}% vs "
+                        f"{100 * e['val_acc']:.2f}%, {round((r['val_acc_int8'] - e['val_acc']) * n_val)} more of the {n_val} "
+                        f"images right (test, for reference: {100 * r['test_acc_int8']:.2f}% vs {100 * e['test_acc']:.2f}%); "
+                        f"consider shipping it instead{hint}"}
+            for kind, name, who, r in rivals if r["val_acc_int8"] > e["val_acc"]]
+
+
+def _kib(n: float) -> str:
+    return f"{n / 1024:,.1f} KiB"
 
 
 def _diversity(members: list[str], proba: dict, y: np.ndarray) -> dict:
@@ -119,17 +150,16 @@ def evaluate_bundle(path: Path | str, spec: dict) -> dict:
 def table(m: dict) -> str:
     """A readable summary of ``metrics.json``."""
     b, e = m["baseline"], m["ensemble"]
-    kb = lambda n: f"{n / 1024:,.1f} KiB"  # noqa: E731
     rows = [("model", "test acc", "fp32", "int8", "int8 gzip"),
-            ("baseline fp32", f"{b['test_acc_fp32']:.4f}", kb(b["bytes"]["fp32"]), "", ""),
-            ("baseline int8", f"{b['test_acc_int8']:.4f}", "", kb(b["bytes"]["int8"]), kb(b["bytes"]["int8_gzip"]))]
+            ("baseline fp32", f"{b['test_acc_fp32']:.4f}", _kib(b["bytes"]["fp32"]), "", ""),
+            ("baseline int8", f"{b['test_acc_int8']:.4f}", "", _kib(b["bytes"]["int8"]), _kib(b["bytes"]["int8_gzip"]))]
     for mem in m["members"]:
         if mem["selected"]:
             rows.append((f"  {mem['name']} (s={mem['sparsity_measured']:.2f}, c{mem['cluster']})", f"{mem['test_acc_int8']:.4f}",
-                         "", kb(mem["bytes"]["int8"]), kb(mem["bytes"]["int8_gzip"])))
+                         "", _kib(mem["bytes"]["int8"]), _kib(mem["bytes"]["int8_gzip"])))
     rows.append((f"pool vote ({m['pool_vote']['members']} members)", f"{m['pool_vote']['test_acc']:.4f}", "", "", ""))
     rows.append((f"ensemble: {e['strategy']}, {e['rule']} vote, k={e['k']}", f"{e['test_acc']:.4f}", "",
-                 kb(e["bytes"]["int8"]), kb(e["bytes"]["int8_gzip"])))
+                 _kib(e["bytes"]["int8"]), _kib(e["bytes"]["int8_gzip"])))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -140,4 +170,7 @@ def table(m: dict) -> str:
         f"{s} {v['test_acc']['soft']:.4f}/{v['test_acc']['hard']:.4f}" for s, v in m["strategies"].items()))
     if m["dropped"]:
         lines.append(f"dropped by the int8 gate: {', '.join(m['dropped'])}")
+    for s in m["skipped_clusters"]:
+        lines.append(f"cluster c{s['cluster']} ({', '.join(s['members'])}) skipped: {s['reason']}")
+    lines.extend(f"WARNING: {w['message']}" for w in m["warnings"])
     return "\n".join(lines)

@@ -66,7 +66,11 @@ def baseline(run_dir: Path, cfg: dict, progress: bool = True) -> dict:
 
 
 def choose(run_dir: Path, cfg: dict, members: list[dict], quant: dict[str, dict]) -> dict:
-    """Cluster the members that passed the int8 gate, and select the voters; writes ``selection.json``."""
+    """Cluster the members that passed the int8 gate, and select the voters; writes ``selection.json``.
+
+    ``cluster.k: auto`` takes the k in 1..k_max whose selected ensemble (the configured strategy and vote)
+    is the most accurate on validation, ties to the smaller k; ``silhouette`` the best-separated clustering.
+    """
     path = run_dir / "selection.json"
     if path.exists():
         return store.read_json(path)
@@ -76,17 +80,22 @@ def choose(run_dir: Path, cfg: dict, members: list[dict], quant: dict[str, dict]
                         "or lower pool.sparsity")
     proba = np.stack([np.load(run_dir / "pool" / n / "val_proba.npy") for n in names])
     _, y_val = store.split(run_dir, "val")
-    c = cfg["cluster"]
-    k = c["k"] if c["k"] == "auto" else min(c["k"], len(names))
+    c, strategy, gap, rule = cfg["cluster"], cfg["select"]["strategy"], cfg["select"]["max_acc_gap"], cfg["vote"]["rule"]
+    weights = np.array([quant[n]["val_acc_int8"] for n in names]) if cfg["vote"]["weighted"] else None
+    picks = select.sweep(proba, y_val, c["method"], rule, cfg["seed"], c["k_max"], gap)
+    curve = select.curve(proba, y_val, picks[strategy], rule, weights)
+    k = select.best_k(curve) if c["k"] == "auto" else c["k"] if c["k"] == "silhouette" else min(c["k"], len(names))
     result = cluster.cluster(proba, c["method"], k, c["k_max"], cfg["seed"])
-    chosen = {s: select.select(s, proba, y_val, result["labels"], method=c["method"], rule=cfg["vote"]["rule"], seed=cfg["seed"])
-              for s in select.STRATEGIES}
+    chosen = {s: select.select(s, proba, y_val, result["labels"], method=c["method"], rule=rule, seed=cfg["seed"],
+                               max_acc_gap=gap) for s in select.STRATEGIES}
     record = {"candidates": names, "dropped": [m["name"] for m in members if m["name"] not in names],
-              "clustering": result, "strategy": cfg["select"]["strategy"],
-              "selected": [names[i] for i in chosen[cfg["select"]["strategy"]]],
+              "clustering": result, "strategy": strategy,
+              "selected": [names[i] for i in chosen[strategy]],
               "strategies": {s: [names[i] for i in idx] for s, idx in chosen.items()},
-              "sweep": {s: [[names[i] for i in idx] for idx in picks]
-                        for s, picks in select.sweep(proba, y_val, c["method"], cfg["vote"]["rule"], cfg["seed"], c["k_max"]).items()}}
+              "k_choice": {"by": c["k"] if isinstance(c["k"], str) else "config", "k": result["k_requested"],
+                           "curve": [{**p, "members": [names[i] for i in p["members"]]} for p in curve]},
+              "skipped_clusters": select.skipped(proba, y_val, result["labels"], gap, names),
+              "sweep": {s: [[names[i] for i in idx] for idx in ks] for s, ks in picks.items()}}
     store.write_json(path, record)
     return record
 

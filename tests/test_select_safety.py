@@ -1,0 +1,177 @@
+"""Safe selection: outlier clusters are skipped, k is chosen on validation, a worse ensemble is reported."""
+from __future__ import annotations
+
+import copy
+import html
+
+import numpy as np
+import pytest
+
+from prune2edge import cluster, config, evaluate, pipeline, select, store
+from prune2edge.errors import UserError
+from prune2edge.vote import accuracy, vote
+
+
+def member(y: np.ndarray, wrong: np.ndarray, conf: float = 0.9, k: int = 10) -> np.ndarray:
+    """Validation probabilities of a member that answers ``(y + 1) % k`` on the images ``wrong``, ``y`` elsewhere."""
+    pred = y.copy()
+    pred[wrong] = (y[wrong] + 1) % k
+    p = np.full((len(y), k), (1 - conf) / (k - 1))
+    p[np.arange(len(y)), pred] = conf
+    return p
+
+
+def families_and_outlier(y: np.ndarray) -> np.ndarray:
+    """Three families of two good members (disjoint mistakes, ~7 % each), then one member wrong on ~37 % of images."""
+    n = len(y)
+    blocks = np.array_split(np.arange(n), 14)  # disjoint blocks of images
+    proba = []
+    for f in range(3):
+        proba.append(member(y, blocks[f]))
+        proba.append(member(y, np.r_[blocks[f], blocks[3 + f][:1]]))  # one extra mistake: close to its twin
+    proba.append(member(y, np.concatenate(blocks[6:11])))
+    return np.stack(proba)
+
+
+@pytest.fixture
+def pool():
+    y = np.random.default_rng(0).integers(0, 10, 140)
+    proba = families_and_outlier(y)
+    labels = cluster.cluster(proba, "kmeans-onehot", k=4)["labels"]
+    assert labels.count(labels[6]) == 1, "the weak member must sit alone in its cluster"
+    return proba, y, labels
+
+
+@pytest.mark.parametrize("strategy", ["accuracy-first", "diversity-first"])
+def test_outlier_cluster_is_skipped_not_forced_in(pool, strategy):
+    proba, y, labels = pool
+    accs = [accuracy(p, y) for p in proba]
+    assert max(accs) - accs[6] > 0.2
+    chosen = select.select(strategy, proba, y, labels, max_acc_gap=0.02)
+    assert 6 not in chosen and len(chosen) == 3 and len({labels[i] for i in chosen}) == 3  # one per good cluster
+    assert 6 in select.select(strategy, proba, y, labels, max_acc_gap=1.0)  # the rule, not the clustering, keeps it out
+    # the boundary: a member exactly max_acc_gap below the best is taken, one a little further is not
+    gap = max(accs) - accs[6]
+    assert 6 in select.select(strategy, proba, y, labels, max_acc_gap=gap)
+    assert 6 not in select.select(strategy, proba, y, labels, max_acc_gap=gap - 1e-3)
+
+
+def test_skipped_clusters_say_why(pool):
+    proba, y, labels = pool
+    names = [f"m{i:03d}" for i in range(len(proba))]
+    (rec,) = select.skipped(proba, y, labels, 0.02, names)
+    assert rec["cluster"] == labels[6] and rec["members"] == ["m006"] and rec["best_member"] == "m006"
+    assert rec["best_val_acc"] == accuracy(proba[6], y)
+    assert rec["pool_best_val_acc"] == max(accuracy(p, y) for p in proba)
+    assert "m006" in rec["reason"] and "select.max_acc_gap = 0.02" in rec["reason"] and rec["pool_best"] in rec["reason"]
+    assert select.skipped(proba, y, labels, 1.0, names) == []
+
+
+def fake_run(tmp_path, proba_for, **overrides):
+    """A run directory up to the int8 pool: the real split of digits, members with the given validation probabilities."""
+    cfg = config.load(None, overrides)
+    pipeline.prepare(tmp_path, cfg)
+    _, y_val = store.split(tmp_path, "val")
+    proba = proba_for(y_val)
+    members = [{"name": f"m{i:03d}"} for i in range(len(proba))]
+    quant = {}
+    for m, p in zip(members, proba):
+        (tmp_path / "pool" / m["name"]).mkdir(parents=True)
+        np.save(tmp_path / "pool" / m["name"] / "val_proba.npy", p.astype(np.float32))
+        quant[m["name"]] = {"status": "ok", "val_acc_int8": accuracy(p, y_val)}
+    return cfg, members, quant, y_val, proba
+
+
+def test_choose_records_the_skipped_outlier(tmp_path):
+    cfg, members, quant, _, _ = fake_run(tmp_path, families_and_outlier, cluster={"k": 4})
+    sel = pipeline.choose(tmp_path, cfg, members, quant)
+    assert sel["clustering"]["labels"].count(sel["clustering"]["labels"][6]) == 1
+    assert "m006" not in sel["selected"] and len(sel["selected"]) == 3
+    assert "m006" not in sel["strategies"]["diversity-first"]
+    assert [s["members"] for s in sel["skipped_clusters"]] == [["m006"]]
+    assert store.read_json(tmp_path / "selection.json") == sel
+
+
+def one_strong_member(y: np.ndarray) -> np.ndarray:
+    """A cautious member right on 95 % of images, and four confident ones that share their mistakes: every
+    ensemble follows the confident ones, so no ensemble beats the cautious member alone."""
+    n = len(y)
+    idx = np.arange(n)
+    shared, own = idx[7:15], idx[15:19]
+    return np.stack([member(y, idx[:7], conf=0.6)] + [member(y, np.r_[shared, own[i]]) for i in range(4)])
+
+
+def three_families(y: np.ndarray) -> np.ndarray:
+    """Three families of two members with disjoint mistakes: one member per family votes every mistake away."""
+    blocks = np.array_split(np.arange(len(y)), 9)
+    return np.stack([member(y, np.r_[blocks[f], blocks[3 + f][:twin]]) for f in range(3) for twin in (0, 1)])
+
+
+@pytest.mark.parametrize("make, k", [(one_strong_member, 1), (three_families, 3)])
+def test_k_auto_takes_the_best_k_on_validation(tmp_path, make, k):
+    cfg, members, quant, y_val, proba = fake_run(tmp_path, make, cluster={"k": "auto", "k_max": 5})
+    sel = pipeline.choose(tmp_path, cfg, members, quant)
+    choice = sel["k_choice"]
+    assert choice["by"] == "auto" and choice["k"] == k == sel["clustering"]["k"]
+    names = sel["candidates"]
+    for p in choice["curve"]:  # the curve is the configured strategy's ensembles, scored on validation
+        assert p["members"] == sel["sweep"]["accuracy-first"][p["k"] - 1]
+        assert p["val_acc"] == accuracy(vote(proba[[names.index(n) for n in p["members"]]]), y_val)
+    best = max(p["val_acc"] for p in choice["curve"])
+    assert choice["curve"][k - 1]["val_acc"] == best and all(p["val_acc"] < best for p in choice["curve"][:k - 1])
+    assert sel["selected"] == choice["curve"][k - 1]["members"]
+    single = max(accuracy(p, y_val) for p in proba)
+    if k == 1:
+        assert all(p["val_acc"] < single for p in choice["curve"][1:])
+    else:
+        assert best > single
+
+
+def test_k_choice_keys_validate():
+    assert config.load(None, {"cluster": {"k": "silhouette"}})["cluster"]["k"] == "silhouette"
+    with pytest.raises(UserError, match="'cluster.k' must be a positive integer, 'auto' or 'silhouette'"):
+        config.load(None, {"cluster": {"k": "best"}})
+    with pytest.raises(UserError, match=r"'select.max_acc_gap' must be a number in \[0, 1\]"):
+        config.load(None, {"select": {"max_acc_gap": 2}})
+
+
+def test_worse_ensemble_is_reported_on_validation_only(demo_run):
+    m = store.read_json(demo_run / "metrics.json")
+    v = m["ensemble"]["val_acc"]
+    best = max(x["val_acc_int8"] for x in m["members"] if x["status"] == "ok")
+    top = next(x["name"] for x in m["members"] if x["status"] == "ok")
+
+    def scenario(baseline_val: float, member_val: float) -> dict:
+        """The demo's metrics with the int8 baseline and the best member (``top``) at these validation accuracies."""
+        s = copy.deepcopy(m)
+        s["baseline"]["val_acc_int8"] = baseline_val
+        for x in s["members"]:
+            x["val_acc_int8"] = member_val if x["name"] == top else member_val - 0.01
+        s["warnings"] = evaluate.selection_warnings(s)
+        return s
+
+    fine = scenario(v - 0.01, v)  # a tie is not worse
+    assert fine["warnings"] == [] and "WARNING" not in evaluate.table(fine)
+    for baseline_val, member_val, kinds in ((v + 0.01, v, ["baseline_int8"]), (v - 0.01, v + 0.01, ["member"]),
+                                            (v + 0.02, v + 0.01, ["baseline_int8", "member"])):
+        s = scenario(baseline_val, member_val)
+        assert [w["kind"] for w in s["warnings"]] == kinds
+        text = evaluate.table(s)
+        for w in s["warnings"]:
+            assert f"WARNING: {w['message']}" in text and f"{100 * v:.2f}%" in w["message"]
+            assert w["ensemble_val_acc"] == v and w["better_val_acc"] > v
+        if "member" in kinds:
+            assert s["warnings"][-1]["better"] == top and f"member {top} alone" in s["warnings"][-1]["message"]
+        # test numbers never decide: making the ensemble perfect on test changes nothing
+        s["ensemble"]["test_acc"] = 1.0
+        assert [w["kind"] for w in evaluate.selection_warnings(s)] == kinds
+    # the real run: warned exactly when a single model is ahead on validation, in metrics, table and report
+    expected = [kind for kind, val in (("baseline_int8", m["baseline"]["val_acc_int8"]), ("member", best)) if val > v]
+    assert [w["kind"] for w in m["warnings"]] == expected
+    page = (demo_run / "report.html").read_text()
+    n = m["dataset"]["n_val"]
+    for w in m["warnings"]:
+        assert f"{round(w['better_val_acc'] * n) - round(v * n)} more of the {n} images right" in w["message"]
+        assert f"WARNING: {w['message']}" in evaluate.table(m) and html.escape(w["message"]) in page
+    assert ('id="warnings"' in page) == bool(expected)
+    assert {"k_choice", "skipped_clusters"} <= set(m)
