@@ -42,7 +42,7 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
     ens_test = bundle.predict_proba(x_test)
     chosen = sel["selected"]
     assert np.allclose(ens_test, ens(chosen, test), atol=1e-5), "bundle and pool disagree"
-    sizes = lambda ms: {k: sum(quant[n]["bytes"][k] for n in ms) for k in ("fp32", "int8", "fp32_gzip", "int8_gzip")}  # noqa: E731
+    sizes = lambda ms: {k: sum(quant[n]["bytes"][k] for n in ms) for k in ("fp32", "int8", "fp32_gzip", "int8_gzip", "shipped")}  # noqa: E731
     labels = dict(zip(sel["candidates"], sel["clustering"]["labels"]))
     members = []
     for n in names:
@@ -120,17 +120,18 @@ def table(m: dict) -> str:
     """A readable summary of ``metrics.json``."""
     b, e = m["baseline"], m["ensemble"]
     kb = lambda n: f"{n / 1024:,.1f} KiB"  # noqa: E731
-    rows = [("model", "test acc", "fp32", "int8", "int8 gzip"),
-            ("baseline fp32", f"{b['test_acc_fp32']:.4f}", kb(b["bytes"]["fp32"]), "", ""),
-            ("baseline int8", f"{b['test_acc_int8']:.4f}", "", kb(b["bytes"]["int8"]), kb(b["bytes"]["int8_gzip"]))]
+    rows = [("model", "test acc", "fp32", "int8", "int8 gzip", "shipped"),
+            ("baseline fp32", f"{b['test_acc_fp32']:.4f}", kb(b["bytes"]["fp32"]), "", "", ""),
+            ("baseline int8", f"{b['test_acc_int8']:.4f}", "", kb(b["bytes"]["int8"]), kb(b["bytes"]["int8_gzip"]),
+             kb(b["bytes"]["shipped"]))]
     for mem in m["members"]:
         if mem["selected"]:
             rows.append((f"  {mem['name']} (s={mem['sparsity_measured']:.2f}, c{mem['cluster']})", f"{mem['test_acc_int8']:.4f}",
-                         "", kb(mem["bytes"]["int8"]), kb(mem["bytes"]["int8_gzip"])))
-    rows.append((f"pool vote ({m['pool_vote']['members']} members)", f"{m['pool_vote']['test_acc']:.4f}", "", "", ""))
+                         "", kb(mem["bytes"]["int8"]), kb(mem["bytes"]["int8_gzip"]), kb(mem["bytes"]["shipped"])))
+    rows.append((f"pool vote ({m['pool_vote']['members']} members)", f"{m['pool_vote']['test_acc']:.4f}", "", "", "", ""))
     rows.append((f"ensemble: {e['strategy']}, {e['rule']} vote, k={e['k']}", f"{e['test_acc']:.4f}", "",
-                 kb(e["bytes"]["int8"]), kb(e["bytes"]["int8_gzip"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+                 kb(e["bytes"]["int8"]), kb(e["bytes"]["int8_gzip"]), kb(e["bytes"]["shipped"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     gain = 100 * e["gain_vs_baseline_fp32"]
