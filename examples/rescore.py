@@ -1,18 +1,41 @@
-"""Re-score a prune2edge bundle from outside: only its manifest, its ONNX files, numpy and onnxruntime.
+"""Re-score a prune2edge bundle from outside: only its manifest, its member files, numpy and onnxruntime.
 
     python examples/rescore.py RUN_DIR/bundle RUN_DIR/test.npz
 
-Reads raw images ``x`` and labels ``y`` from the npz, reproduces the manifest's preprocessing and
-voting rule from their written description, and prints the ensemble's accuracy. It imports nothing
-from prune2edge, so it checks that the manifest alone is enough to run the ensemble.
+Reads raw images ``x`` and labels ``y`` from the npz, decodes each member to its int8 ONNX model,
+reproduces the manifest's preprocessing and voting rule from their written description, and prints
+the ensemble's accuracy. It imports nothing from prune2edge, so it checks that the manifest alone is
+enough to run the ensemble.
 """
 import hashlib
 import json
+import lzma
 import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+
+def decode(blob: bytes) -> bytes:
+    """A ``p2e-sparse-xz`` member to its ONNX bytes, following the layout in the manifest's ``encodings``."""
+    data = lzma.decompress(blob)
+    n = int.from_bytes(data[:4], "little")
+    head = json.loads(data[4:4 + n])
+    rest, pos = data[4 + n:4 + n + head["rest"]], 4 + n + head["rest"]
+    bitmaps = []
+    for w in head["weights"]:
+        bitmaps.append(np.unpackbits(np.frombuffer(data, np.uint8, (w["size"] + 7) // 8, pos), count=w["size"]).astype(bool))
+        pos += (w["size"] + 7) // 8
+    onnx_bytes, taken = b"", 0
+    for w, nonzero in zip(head["weights"], bitmaps):
+        q = np.zeros(w["size"], np.int8)
+        q[nonzero] = np.array(w["codebook"], np.int8)[np.frombuffer(data, np.uint8, int(nonzero.sum()), pos)]
+        pos += int(nonzero.sum())
+        before = w["at"] - len(onnx_bytes)
+        onnx_bytes += rest[taken:taken + before] + q.tobytes()
+        taken += before
+    return onnx_bytes + rest[taken:]
 
 
 def main(bundle_dir: str, npz: str) -> None:
@@ -26,8 +49,13 @@ def main(bundle_dir: str, npz: str) -> None:
     probas, weights = [], []
     for member in manifest["members"]:
         path = bundle / member["path"]
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == member["sha256"], f"{path} altered"
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        blob = path.read_bytes()
+        assert hashlib.sha256(blob).hexdigest() == member["sha256"], f"{path} altered"
+        if member.get("encoding", "onnx") != "onnx":  # version-1 bundles: plain ONNX files, no "encoding"
+            assert member["encoding"] == "p2e-sparse-xz", f"{path}: unknown encoding {member['encoding']}"
+            blob = decode(blob)
+            assert hashlib.sha256(blob).hexdigest() == member["onnx_sha256"], f"{path} decodes to another model"
+        sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
         logits = sess.run(None, {manifest["input"]["onnx_input"]: inp})[0]
         e = np.exp(logits - logits.max(1, keepdims=True))
         probas.append(e / e.sum(1, keepdims=True))

@@ -1,13 +1,16 @@
 """The deployable bundle: ``manifest.json`` plus int8 ONNX members. Needs only numpy and onnxruntime.
 
-``Bundle.load(path)`` verifies every member's sha256 before anything runs; ``predict`` takes raw
-images exactly as the dataset stores them (uint8, NHWC or NHW) and applies the manifest's
-preprocessing and voting rule.
+Members are shipped encoded (:data:`ENCODING`, written by :func:`prune2edge.quantize.encode`).
+``Bundle.load(path)`` verifies every shipped file's sha256, decodes it in memory to the exact int8
+ONNX bytes (checked against their sha256 too) and only then runs it; version-1 bundles of plain
+``.onnx`` members load as before. ``predict`` takes raw images exactly as the dataset stores them
+(uint8, NHWC or NHW) and applies the manifest's preprocessing and voting rule.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
+import lzma
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +18,49 @@ import onnxruntime as ort
 
 from .errors import UserError
 from .preprocess import Preprocessing
-from .store import sha256, write_json
+from .store import write_bytes, write_json
 from .vote import softmax, vote
 
 FORMAT = "prune2edge-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: members are plain int8 ONNX files, with no "encoding"
+ENCODING = "p2e-sparse-xz"
+ENCODINGS = {
+    "onnx": "the file is the int8 ONNX model",
+    ENCODING: "one xz stream of: a 4-byte little-endian length L; L bytes of JSON {rest, weights: [{at, size, codebook}]}; "
+              "'rest' bytes: the ONNX file with its int8 weight tensors cut out; for each weight tensor a bitmap of its "
+              "non-zeros (numpy packbits, ceil(size / 8) bytes); for each weight tensor one uint8 per non-zero, its index "
+              "into codebook. Each tensor, rebuilt as int8 (codebook values at the non-zeros, else 0), goes back in at "
+              "byte offset 'at' of the ONNX file",
+}
 
 
-def session(path: Path | str, threads: int = 0) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session (``threads`` = 0 lets ORT choose)."""
+def session(model: Path | str | bytes, threads: int = 0) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session on an ONNX file or its bytes (``threads`` = 0 lets ORT choose)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"])
+
+
+def decode(blob: bytes) -> bytes:
+    """The int8 ONNX bytes of a member shipped as :data:`ENCODING` (layout: :data:`ENCODINGS`)."""
+    data = lzma.decompress(blob, format=lzma.FORMAT_XZ)
+    n = int.from_bytes(data[:4], "little")
+    head = json.loads(data[4:4 + n])
+    rest = data[4 + n:4 + n + head["rest"]]
+    streams = np.frombuffer(data, np.uint8, offset=4 + n + head["rest"])
+    *bitmaps, indices = np.split(streams, np.cumsum([-(-w["size"] // 8) for w in head["weights"]], dtype=int))
+    out, r = bytearray(), 0
+    for w, bitmap in zip(head["weights"], bitmaps):
+        nonzero = np.unpackbits(bitmap, count=w["size"]).astype(bool)
+        q = np.zeros(w["size"], np.int8)
+        q[nonzero] = np.array(w["codebook"], np.int8)[indices[:nonzero.sum()]]
+        indices = indices[nonzero.sum():]
+        gap = w["at"] - len(out)  # file bytes before this tensor
+        out += rest[r:r + gap] + q.tobytes()
+        r += gap
+    return bytes(out + rest[r:])
 
 
 def predict_proba(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -38,18 +71,20 @@ def predict_proba(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 2
 
 def write(out: Path, members: list[dict], preprocessing: Preprocessing, image_shape: tuple[int, int, int],
           classes: list[str], rule: str, weighted: bool = False) -> dict:
-    """Copy each member's int8 ONNX (``member["onnx"]``) into ``out/members/`` and write the manifest last.
+    """Copy each member's shipped file (``member["shipped"]``, an :data:`ENCODING` int8 ONNX model) into
+    ``out/members/`` and write the manifest last.
 
     Each member dict also carries its ``id``, its voting ``weight`` (used when ``weighted``) and any
     metadata to record (sparsity, accuracy, cluster...).
     """
-    (out / "members").mkdir(parents=True, exist_ok=True)
     entries = []
     for m in members:
-        rel = f"members/{m['id']}.onnx"
-        shutil.copyfile(m["onnx"], out / rel)
-        entries.append({k: v for k, v in m.items() if k != "onnx"} | {"path": rel, "sha256": sha256(out / rel),
-                                                                    "bytes": (out / rel).stat().st_size})
+        rel, blob = f"members/{m['id']}.p2e", Path(m["shipped"]).read_bytes()
+        onnx_bytes = decode(blob)
+        write_bytes(out / rel, blob)
+        entries.append({k: v for k, v in m.items() if k != "shipped"} | {
+            "encoding": ENCODING, "path": rel, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
+            "onnx_bytes": len(onnx_bytes), "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest()})
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -59,6 +94,7 @@ def write(out: Path, members: list[dict], preprocessing: Preprocessing, image_sh
         "classes": list(classes),
         "vote": {"rule": rule, "weighted": weighted, "tie_break": "lowest class index",
                  "combine": "soft: weighted mean of member probabilities; hard: weighted count of member argmax votes"},
+        "encodings": {ENCODING: ENCODINGS[ENCODING]},
         "members": entries,
     }
     write_json(out / "manifest.json", manifest)
@@ -74,21 +110,38 @@ def read_manifest(path: Path | str) -> dict:
         raise UserError(f"'{path}' is not a bundle: no manifest.json in it") from None
     except json.JSONDecodeError as e:
         raise UserError(f"'{path / 'manifest.json'}' is not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"'{path}' is not a {FORMAT} v{FORMAT_VERSION} bundle "
-                        f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r})")
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
+        raise UserError(f"'{path}' is not a {FORMAT} bundle of version {' or '.join(map(str, READABLE_VERSIONS))} "
+                        f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r}); "
+                        "a newer bundle needs a newer prune2edge")
     return manifest
 
 
-def verify_member(bundle_dir: Path, entry: dict) -> Path:
-    """The member's file path, after checking that it exists and its sha256 matches the manifest."""
+def verify_member(bundle_dir: Path, entry: dict) -> bytes:
+    """The member's shipped file, after checking that it exists and its sha256 matches the manifest."""
     path = bundle_dir / entry["path"]
     if not path.is_file():
         raise UserError(f"bundle member '{entry['id']}' is missing: '{path}' does not exist; re-copy the bundle")
-    if sha256(path) != entry["sha256"]:
+    blob = path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
         raise UserError(f"bundle member '{entry['id']}' was altered: sha256 of '{path}' does not match the manifest; "
                         "re-copy the bundle from its source")
-    return path
+    return blob
+
+
+def member_onnx(bundle_dir: Path, entry: dict) -> bytes:
+    """The member's int8 ONNX bytes: its shipped file verified, then decoded and checked against the manifest."""
+    blob, encoding = verify_member(bundle_dir, entry), entry.get("encoding", "onnx")
+    if encoding == "onnx":
+        return blob
+    if encoding != ENCODING:
+        raise UserError(f"bundle member '{entry['id']}' has encoding {encoding!r}; this prune2edge reads "
+                        f"{', '.join(ENCODINGS)}: update prune2edge")
+    onnx_bytes = decode(blob)
+    if hashlib.sha256(onnx_bytes).hexdigest() != entry["onnx_sha256"]:
+        raise UserError(f"bundle member '{entry['id']}' does not decode to the ONNX model its manifest names; "
+                        "re-copy the bundle from its source")
+    return onnx_bytes
 
 
 def check_images(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -127,10 +180,10 @@ class Bundle:
 
     @classmethod
     def load(cls, path: Path | str, members: list[str] | None = None, threads: int = 1) -> "Bundle":
-        """Read and verify a bundle; ``members`` restricts it to those ids."""
+        """Read, verify and decode a bundle; ``members`` restricts it to those ids."""
         path = Path(path)
         manifest = restrict(read_manifest(path), members)
-        return cls(path, manifest, [session(verify_member(path, e), threads) for e in manifest["members"]])
+        return cls(path, manifest, [session(member_onnx(path, e), threads) for e in manifest["members"]])
 
     @property
     def weights(self) -> np.ndarray | None:

@@ -53,7 +53,8 @@ DEFAULTS: dict[str, Any] = {
         "regrow_every": 100,
         "cyclical": False,            # one cyclical run from the baseline; a member at each cycle's low point (FGE)
     },
-    "quantize": {"calibration_size": 256, "max_drop": 0.03, "min_agreement": 0.9},
+    "quantize": {"calibration_size": 256, "max_drop": 0.03, "min_agreement": 0.9,
+                 "codebook_bits": 0},         # 2..8: each member layer's int8 weights share 2^bits values (0 = off)
     "cluster": {"method": "kmeans-onehot", "k": 5, "k_max": 10, "preset": None},
     "select": {"strategy": "accuracy-first",
                "max_acc_gap": 0.02},      # accuracy-first / diversity-first take only members at most this far below
@@ -181,6 +182,9 @@ def validate(cfg: dict) -> dict:
           "needs the baseline to be trained here (model.weights is set), so must be 0", snaps)
     _range(cfg, "quantize.max_drop", 0.0, 1.0)
     _range(cfg, "quantize.min_agreement", 0.0, 1.0)
+    bits = cfg["quantize"]["codebook_bits"]
+    _need(isinstance(bits, int) and not isinstance(bits, bool) and (bits == 0 or 2 <= bits <= 8), "quantize.codebook_bits",
+          "must be 0 (off) or an integer from 2 to 8", bits)
     lo, _ = _range(cfg, "pool.epochs", 0.0, 1e6)
     _need(lo > 0, "pool.epochs", "must be > 0", cfg["pool"]["epochs"])
     lo, _ = _range(cfg, "pool.lr", 0.0, 10.0)

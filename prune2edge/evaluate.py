@@ -42,7 +42,7 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
     ens_test = bundle.predict_proba(x_test)
     chosen = sel["selected"]
     assert np.allclose(ens_test, ens(chosen, test), atol=1e-5), "bundle and pool disagree"
-    sizes = lambda ms: {k: sum(quant[n]["bytes"][k] for n in ms) for k in ("fp32", "int8", "fp32_gzip", "int8_gzip")}  # noqa: E731
+    sizes = lambda ms: {k: sum(quant[n]["bytes"][k] for n in ms) for k in ("fp32", "int8", "fp32_gzip", "int8_gzip", "shipped")}  # noqa: E731
     labels = dict(zip(sel["candidates"], sel["clustering"]["labels"]))
     members = []
     for n in names:
@@ -112,8 +112,8 @@ def selection_warnings(m: dict) -> list[dict]:
     n_val = m["dataset"]["n_val"]
     return [{"kind": kind, "better": name, "better_val_acc": r["val_acc_int8"], "ensemble_val_acc": e["val_acc"],
              "better_test_acc": r["test_acc_int8"], "ensemble_test_acc": e["test_acc"],
-             "message": f"{who} alone ({_kib(r['bytes']['int8_gzip'])} int8 gzip) beats the selected ensemble ({e['strategy']}, "
-                        f"k={e['k']}, {_kib(e['bytes']['int8_gzip'])}) on validation: {100 * r['val_acc_int8']:.2f}% vs "
+             "message": f"{who} alone ({_kib(r['bytes']['shipped'])} shipped) beats the selected ensemble ({e['strategy']}, "
+                        f"k={e['k']}, {_kib(e['bytes']['shipped'])} shipped) on validation: {100 * r['val_acc_int8']:.2f}% vs "
                         f"{100 * e['val_acc']:.2f}%, {round((r['val_acc_int8'] - e['val_acc']) * n_val)} more of the {n_val} "
                         f"images right (test, for reference: {100 * r['test_acc_int8']:.2f}% vs {100 * e['test_acc']:.2f}%); "
                         f"consider shipping it instead{hint}"}
@@ -150,17 +150,18 @@ def evaluate_bundle(path: Path | str, spec: dict) -> dict:
 def table(m: dict) -> str:
     """A readable summary of ``metrics.json``."""
     b, e = m["baseline"], m["ensemble"]
-    rows = [("model", "test acc", "fp32", "int8", "int8 gzip"),
-            ("baseline fp32", f"{b['test_acc_fp32']:.4f}", _kib(b["bytes"]["fp32"]), "", ""),
-            ("baseline int8", f"{b['test_acc_int8']:.4f}", "", _kib(b["bytes"]["int8"]), _kib(b["bytes"]["int8_gzip"]))]
+    rows = [("model", "test acc", "fp32", "int8", "int8 gzip", "shipped"),
+            ("baseline fp32", f"{b['test_acc_fp32']:.4f}", _kib(b["bytes"]["fp32"]), "", "", ""),
+            ("baseline int8", f"{b['test_acc_int8']:.4f}", "", _kib(b["bytes"]["int8"]), _kib(b["bytes"]["int8_gzip"]),
+             _kib(b["bytes"]["shipped"]))]
     for mem in m["members"]:
         if mem["selected"]:
             rows.append((f"  {mem['name']} (s={mem['sparsity_measured']:.2f}, c{mem['cluster']})", f"{mem['test_acc_int8']:.4f}",
-                         "", _kib(mem["bytes"]["int8"]), _kib(mem["bytes"]["int8_gzip"])))
-    rows.append((f"pool vote ({m['pool_vote']['members']} members)", f"{m['pool_vote']['test_acc']:.4f}", "", "", ""))
+                         "", _kib(mem["bytes"]["int8"]), _kib(mem["bytes"]["int8_gzip"]), _kib(mem["bytes"]["shipped"])))
+    rows.append((f"pool vote ({m['pool_vote']['members']} members)", f"{m['pool_vote']['test_acc']:.4f}", "", "", "", ""))
     rows.append((f"ensemble: {e['strategy']}, {e['rule']} vote, k={e['k']}", f"{e['test_acc']:.4f}", "",
-                 _kib(e["bytes"]["int8"]), _kib(e["bytes"]["int8_gzip"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+                 _kib(e["bytes"]["int8"]), _kib(e["bytes"]["int8_gzip"]), _kib(e["bytes"]["shipped"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     gain = 100 * e["gain_vs_baseline_fp32"]

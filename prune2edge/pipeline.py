@@ -107,7 +107,7 @@ def make_bundle(run_dir: Path, cfg: dict, selection: dict, members: list[dict], 
     info = store.read_json(run_dir / "dataset.json")
     by_name = {m["name"]: m for m in members}
     labels = dict(zip(selection["candidates"], selection["clustering"]["labels"]))
-    entries = [{"id": n, "onnx": run_dir / "pool" / n / "int8.onnx", "weight": quant[n]["val_acc_int8"],
+    entries = [{"id": n, "shipped": run_dir / "pool" / n / quantize.SHIPPED, "weight": quant[n]["val_acc_int8"],
                 "gzip_bytes": quant[n]["bytes"]["int8_gzip"], "sparsity_target": by_name[n]["sparsity"],
                 "sparsity": by_name[n]["measured_sparsity"]["overall"], "val_acc": quant[n]["val_acc_int8"],
                 "cluster": labels[n]} for n in selection["selected"]]

@@ -87,7 +87,7 @@ class MagnitudePruner:
         self.noise = {n: torch.exp(noise * torch.randn(w.shape, generator=gen)) for n, w in params.items()} if noise > 0 else None
 
     def scores(self) -> dict[str, torch.Tensor]:
-        return {n: w.detach().abs() * self.noise[n] if self.noise else w.detach().abs() for n, w in self.params.items()}
+        return {n: w.detach().abs() * self.noise[n].to(w.device) if self.noise else w.detach().abs() for n, w in self.params.items()}
 
     def target(self, step: int) -> float:
         if self.schedule == "constant" or step >= self.end_step:
@@ -115,7 +115,10 @@ class MagnitudePruner:
     @torch.no_grad()
     def apply(self) -> None:
         for n, m in self.masks.items():
-            self.params[n].mul_(m)
+            w = self.params[n]
+            if m.device != w.device:  # the network moved to the training device after the masks were made
+                self.masks[n] = m = m.to(w.device)
+            w.mul_(m)
 
     @torch.no_grad()
     def regrow_masks(self, fraction: float) -> None:

@@ -1,14 +1,18 @@
 """Phase 2: export to ONNX and full-integer static post-training quantisation with ONNX Runtime.
 
 Weights become per-channel int8, activations uint8 (QOperator format: QLinearConv, QGemm, ...),
-calibrated on training images with the inference preprocessing. Every model is gated on
-validation data: int8 accuracy against fp32, and fp32/int8 agreement. A model that fails is
-retried with other calibration settings, then dropped, and the record says so.
+calibrated on training images with the inference preprocessing. With ``codebook_bits`` a member's
+int8 weights then share a few values per layer (weight sharing, Han et al. 2016, "Deep Compression").
+Every model is gated on validation data as it will run: int8 accuracy against fp32, and fp32/int8
+agreement. A model that fails is retried with other calibration settings, then dropped, and the record
+says so. Each model is also written as it is shipped (``int8.p2e``, see :func:`encode`).
 """
 from __future__ import annotations
 
 import collections
+import json
 import logging
+import lzma
 import warnings
 from pathlib import Path
 
@@ -19,7 +23,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from tqdm.auto import tqdm
 
 from . import store
-from .bundle import predict_proba, session
+from .bundle import decode, predict_proba, session
 from .vote import accuracy
 
 # tried in order until one passes the gate
@@ -32,6 +36,8 @@ METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.P
 INT8_OPS = {"QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAveragePool", "QLinearMul",
             "QLinearConcat", "QLinearAveragePool", "QLinearLeakyRelu", "QLinearSigmoid", "ConvInteger", "MatMulInteger"}
 FLOAT_COMPUTE_OPS = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
+WEIGHT_OPS = ("QLinearConv", "QGemm")  # input 3: the int8 weight (per-channel, symmetric); input 5: its zero point
+SHIPPED = "int8.p2e"
 
 
 def export_onnx(model: torch.nn.Module, path: Path, image_shape: tuple[int, int, int]) -> None:
@@ -65,13 +71,110 @@ def quantize_onnx(fp32: Path, int8: Path, calib: np.ndarray, calibration: str = 
     tmp.replace(int8)
 
 
+def int8_weights(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The int8 weight initializers of the model's QLinearConv and QGemm nodes, in file order."""
+    names = {n.input[3] for n in model.graph.node if n.op_type in WEIGHT_OPS}
+    return [t for t in model.graph.initializer if t.name in names and t.data_type == onnx.TensorProto.INT8 and t.raw_data]
+
+
+def kmeans_1d(values: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
+    """Exact k-means of sorted distinct ``values`` weighted by ``counts``, no cluster holding both signs:
+    each value's cluster centre, rounded to an integer (so never 0). Dynamic programming over contiguous
+    segments (1-D clusters are contiguous), O(k n^2): deterministic, no seed."""
+    v, w = values.astype(np.float64), counts.astype(np.float64)
+    s1, s2, sw = (np.concatenate([[0.0], np.cumsum(a)]) for a in (w * v, w * v * v, w))
+    i, j = np.triu_indices(len(v))
+    cost = np.full((len(v), len(v)), np.inf)  # cost[i, j]: squared error of one cluster holding values i..j
+    cost[i, j] = s2[j + 1] - s2[i] - (s1[j + 1] - s1[i]) ** 2 / (sw[j + 1] - sw[i])
+    cost[(v[:, None] < 0) & (v[None, :] > 0)] = np.inf
+    best, starts = cost[0], []  # best[j]: least error of values 0..j in the clusters so far
+    for _ in range(k - 1):
+        total = np.concatenate([[np.inf], best[:-1]])[:, None] + cost  # last cluster starts at i
+        starts.append(total.argmin(0))
+        best = total.min(0)
+    bounds = [len(v)]  # walk back from the last cluster
+    for start in reversed(starts):
+        bounds.append(int(start[bounds[-1] - 1]))
+    bounds = [0, *reversed(bounds)]
+    centres = [np.rint((s1[b] - s1[a]) / (sw[b] - sw[a])) for a, b in zip(bounds[:-1], bounds[1:])]
+    return np.repeat(centres, np.diff(bounds)).astype(values.dtype)
+
+
+def share_weights(q: np.ndarray, bits: int) -> np.ndarray:
+    """``q`` with its non-zero values snapped to at most ``2**bits - 1`` shared values (k-means centres, one
+    sign each); zeros stay zeros, so the layer holds at most ``2**bits`` distinct values, 0 included."""
+    nonzero = q != 0
+    values, counts = np.unique(q[nonzero], return_counts=True)
+    if len(values) < 2 ** bits:
+        return q
+    out = q.copy()
+    out[nonzero] = kmeans_1d(values, counts, 2 ** bits - 1)[np.searchsorted(values, q[nonzero])]
+    return out
+
+
+def apply_codebooks(path: Path, bits: int) -> None:
+    """Snap every int8 weight tensor of an int8 ONNX model to its own codebook of ``2**bits`` values, in place."""
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    if any(onnx.numpy_helper.to_array(inits[n.input[5]]).any() for n in model.graph.node if n.op_type in WEIGHT_OPS):
+        raise ValueError(f"'{path}' has int8 weights with a non-zero zero point; codebooks need symmetric weights")
+    for t in int8_weights(model):
+        t.raw_data = share_weights(np.frombuffer(t.raw_data, np.int8), bits).tobytes()
+    onnx.save(model, str(path))
+
+
+def encode(onnx_bytes: bytes) -> bytes:
+    """The shipped form of an int8 ONNX model; :func:`prune2edge.bundle.decode` gives back the same bytes.
+
+    Each int8 weight tensor is cut out of the file and stored as a bitmap of its non-zeros (np.packbits)
+    and, per non-zero, its index (uint8) into the tensor's sorted distinct non-zero values; then one xz
+    stream (LZMA2, preset 9e, lc=0 pb=0, a dictionary the size of the data) holds a JSON header, the rest
+    of the file, every bitmap, every index.
+
+    Measured on small_cnn (width 16, stem pool; 398 KB fp32, 108 KB int8 ONNX) with weights from a CIFAR-10
+    training, pruned globally by magnitude to 80 / 85 / 90 % (no fine-tuning), in KB:
+
+                   this layout         xz -9e              bz2 -9              gzip -9 (zlib -9 the same)
+    plain int8     29.1 / 23.2 / 17.1  30.6 / 24.7 / 18.4  35.0 / 28.0 / 20.6  35.4 / 28.7 / 21.2
+    4-bit codes    20.5 / 16.8 / 12.9  25.1 / 20.6 / 15.6  26.7 / 22.0 / 16.9  27.6 / 23.0 / 17.4
+
+    The layout wins: 5-7 % fewer bytes than xz (18 % with codebooks, whose few values the bitmap and index
+    streams expose to the coder), 18-27 % fewer than gzip; lc=0 pb=0 beat xz's defaults by about 1 %, and
+    one stream of separate bitmaps and indices beat them interleaved per tensor by 1-3 %. The bitmaps and
+    indices compress to within about 3 % of their order-0 entropy; the ONNX rest (names, scales, biases)
+    takes about 2.8 KB and the header 0.3-0.5 KB.
+    """
+    weights = int8_weights(onnx.load_from_string(onnx_bytes))
+    rest, bitmaps, indices, header, cut = [], [], [], [], 0
+    for t in weights:
+        q = np.frombuffer(t.raw_data, np.int8)
+        at = onnx_bytes.index(t.raw_data, cut)
+        rest.append(onnx_bytes[cut:at])
+        cut = at + q.size
+        codebook = np.unique(q[q != 0])
+        bitmaps.append(np.packbits(q != 0).tobytes())
+        indices.append(np.searchsorted(codebook, q[q != 0]).astype(np.uint8).tobytes())
+        header.append({"at": at, "size": q.size, "codebook": codebook.tolist()})
+    rest.append(onnx_bytes[cut:])
+    rest_bytes = b"".join(rest)
+    head = json.dumps({"rest": len(rest_bytes), "weights": header}).encode()
+    payload = b"".join([len(head).to_bytes(4, "little"), head, rest_bytes, *bitmaps, *indices])
+    blob = lzma.compress(payload, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, filters=[
+        {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": max(len(payload), 1 << 12), "lc": 0, "pb": 0}])
+    if decode(blob) != onnx_bytes:
+        raise RuntimeError("encoding an int8 ONNX model did not round-trip")
+    return blob
+
+
 def op_counts(path: Path) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node))
 
 
 def quantize_model(folder: Path, model: torch.nn.Module, image_shape: tuple[int, int, int], calib: np.ndarray,
-                   x_val: np.ndarray, y_val: np.ndarray, max_drop: float, min_agreement: float) -> dict:
-    """Export, quantise and gate one model in ``folder``; writes fp32.onnx, int8.onnx, val_proba.npy, quant.json."""
+                   x_val: np.ndarray, y_val: np.ndarray, max_drop: float, min_agreement: float,
+                   codebook_bits: int = 0) -> dict:
+    """Export, quantise (snapping weights to codebooks when ``codebook_bits``) and gate one model in ``folder``;
+    writes fp32.onnx, int8.onnx, int8.p2e (as shipped), val_proba.npy, quant.json."""
     fp32, int8 = folder / "fp32.onnx", folder / "int8.onnx"
     export_onnx(model, fp32, image_shape)
     p32 = predict_proba(session(fp32), x_val)
@@ -79,6 +182,8 @@ def quantize_model(folder: Path, model: torch.nn.Module, image_shape: tuple[int,
     attempts = []
     for setting in ATTEMPTS:
         quantize_onnx(fp32, int8, calib, **setting)
+        if codebook_bits:
+            apply_codebooks(int8, codebook_bits)
         p8 = predict_proba(session(int8), x_val)
         acc8, agree = accuracy(p8, y_val), float((p8.argmax(1) == p32.argmax(1)).mean())
         passed = acc8 >= acc32 - max_drop and agree >= min_agreement
@@ -86,14 +191,17 @@ def quantize_model(folder: Path, model: torch.nn.Module, image_shape: tuple[int,
         if passed:
             break
     ops = op_counts(int8)
+    store.write_bytes(folder / SHIPPED, encode(int8.read_bytes()))
     record = {
         "status": "ok" if attempts[-1]["passed"] else "dropped",
         "attempts": attempts,
         "val_acc_fp32": acc32,
         "val_acc_int8": attempts[-1]["val_acc_int8"],
         "agreement": attempts[-1]["agreement"],
+        "codebook_bits": codebook_bits,
         "bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size,
-                  "fp32_gzip": store.gzip_size(fp32), "int8_gzip": store.gzip_size(int8)},
+                  "fp32_gzip": store.gzip_size(fp32), "int8_gzip": store.gzip_size(int8),
+                  "shipped": (folder / SHIPPED).stat().st_size},
         "ops": ops,
         "full_integer": not (FLOAT_COMPUTE_OPS & set(ops)) and bool(INT8_OPS & set(ops)),
     }
@@ -103,7 +211,8 @@ def quantize_model(folder: Path, model: torch.nn.Module, image_shape: tuple[int,
 
 
 def quantize_all(run_dir: Path, cfg: dict, members: list[dict], progress: bool = True) -> dict[str, dict]:
-    """Quantise the baseline and every pool member not yet done; returns records by name (``baseline`` first)."""
+    """Quantise the baseline and every pool member not yet done; returns records by name (``baseline`` first).
+    Codebooks (``quantize.codebook_bits``) are for the members: the baseline stays the plain int8 reference."""
     from .pool import load_baseline, load_member, tensors
 
     q = cfg["quantize"]
@@ -120,5 +229,6 @@ def quantize_all(run_dir: Path, cfg: dict, members: list[dict], progress: bool =
             records[name] = store.read_json(folder / "quant.json")
             continue
         model = load_baseline(run_dir) if name == "baseline" else load_member(run_dir, name)
-        records[name] = quantize_model(folder, model, image_shape, calib, x_val, y_val, q["max_drop"], q["min_agreement"])
+        records[name] = quantize_model(folder, model, image_shape, calib, x_val, y_val, q["max_drop"], q["min_agreement"],
+                                       0 if name == "baseline" else q["codebook_bits"])
     return records

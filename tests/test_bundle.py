@@ -1,4 +1,5 @@
-"""The bundle: self-describing, verified before use, runnable with numpy and onnxruntime alone."""
+"""The bundle: self-describing, verified before use, runnable with numpy and onnxruntime alone; members shipped
+encoded, and version-1 bundles of plain ONNX members still load."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from prune2edge import UserError, store
-from prune2edge.bundle import Bundle
+from prune2edge.bundle import Bundle, decode, predict_proba, session
 from prune2edge.vote import vote
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,12 +38,27 @@ def test_votes_equal_a_recomputation_from_member_outputs(demo_run):
 
 def test_manifest_describes_members_and_preprocessing(demo_run):
     m = json.loads((demo_run / "bundle" / "manifest.json").read_text())
-    assert m["format"] == "prune2edge-bundle" and m["format_version"] == 1
+    assert m["format"] == "prune2edge-bundle" and m["format_version"] == 2
     assert m["input"]["shape"] == [8, 8, 1] and m["input"]["preprocess"]["scale"] == 1 / 16
     assert len(m["classes"]) == 10 and m["vote"]["rule"] == "soft"
+    assert set(m["encodings"]) == {"p2e-sparse-xz"}
     for e in m["members"]:
         assert {"id", "path", "sha256", "bytes", "gzip_bytes", "sparsity", "val_acc", "cluster"} <= set(e)
-        assert e["bytes"] == (demo_run / "bundle" / e["path"]).stat().st_size
+        assert e["encoding"] == "p2e-sparse-xz" and e["path"] == f"members/{e['id']}.p2e"
+        shipped = (demo_run / "bundle" / e["path"]).read_bytes()
+        assert e["bytes"] == len(shipped) == store.read_json(demo_run / "pool" / e["id"] / "quant.json")["bytes"]["shipped"]
+        assert e["onnx_bytes"] == len(decode(shipped)) > e["bytes"]
+
+
+def test_encoded_members_predict_exactly_what_their_decoded_onnx_predicts(demo_run, tmp_path):
+    b = Bundle.load(demo_run / "bundle")
+    x = np.load(demo_run / "test.npz")["x"][:200]
+    members = b.member_proba(x)
+    for e, proba in zip(b.manifest["members"], members):
+        onnx_file = tmp_path / f"{e['id']}.onnx"
+        onnx_file.write_bytes(decode((demo_run / "bundle" / e["path"]).read_bytes()))
+        assert onnx_file.read_bytes() == (demo_run / "pool" / e["id"] / "int8.onnx").read_bytes()
+        assert np.array_equal(proba, predict_proba(session(onnx_file), b.preprocessing.apply(x)))
 
 
 @pytest.fixture
@@ -52,11 +68,59 @@ def bundle_copy(demo_run, tmp_path):
 
 
 def test_tampered_member_is_refused(bundle_copy):
-    member = sorted((bundle_copy / "members").iterdir())[0]
-    data = bytearray(member.read_bytes())
+    first, second = sorted((bundle_copy / "members").iterdir())[:2]
+    assert first.suffix == ".p2e"
+    data = bytearray(first.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    member.write_bytes(bytes(data))
+    first.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"member '{first.stem}' was altered: sha256"):
+        Bundle.load(bundle_copy)
+    # another member's file with a manifest edited to match its hash: it decodes to the wrong model
+    first.write_bytes(second.read_bytes())
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    next(e for e in manifest["members"] if e["id"] == first.stem)["sha256"] = store.sha256(first)
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=f"member '{first.stem}' does not decode to the ONNX model its manifest names"):
+        Bundle.load(bundle_copy)
+
+
+def version_1(bundle: Path) -> None:
+    """Rewrite a bundle as version 1 wrote it: plain ONNX member files, no encoding."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for e in manifest["members"]:
+        shipped = bundle / e.pop("path")
+        onnx_bytes = decode(shipped.read_bytes())
+        shipped.unlink()
+        (bundle / "members" / f"{e['id']}.onnx").write_bytes(onnx_bytes)
+        for key in ("encoding", "onnx_bytes", "onnx_sha256"):
+            del e[key]
+        e.update(path=f"members/{e['id']}.onnx", sha256=store.sha256(bundle / "members" / f"{e['id']}.onnx"),
+                 bytes=len(onnx_bytes))
+    del manifest["encodings"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest | {"format_version": 1}))
+
+
+def test_a_version_1_bundle_still_loads(demo_run, bundle_copy):
+    version_1(bundle_copy)
+    x = np.load(demo_run / "test.npz")["x"]
+    assert np.array_equal(Bundle.load(bundle_copy).member_proba(x), Bundle.load(demo_run / "bundle").member_proba(x))
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "rescore.py"), str(bundle_copy), str(demo_run / "test.npz")],
+                         capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["accuracy"] == store.read_json(demo_run / "metrics.json")["ensemble"]["test_acc"]
+    member = sorted((bundle_copy / "members").iterdir())[0]
+    member.write_bytes(member.read_bytes()[:-1])
     with pytest.raises(UserError, match=f"member '{member.stem}' was altered: sha256"):
+        Bundle.load(bundle_copy)
+
+
+def test_a_newer_bundle_says_to_update(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest | {"format_version": 3}))
+    with pytest.raises(UserError, match="version 1 or 2 .*version=3.*needs a newer prune2edge"):
+        Bundle.load(bundle_copy)
+    manifest["members"][0]["encoding"] = "zstd"
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="has encoding 'zstd'; this prune2edge reads onnx, p2e-sparse-xz"):
         Bundle.load(bundle_copy)
 
 

@@ -134,10 +134,11 @@ def test_node_needs_no_torch_or_sklearn(bundle):
 def test_clear_errors(bundle, tmp_path, mosquitto_exe):
     altered = tmp_path / "bundle"
     shutil.copytree(bundle, altered)
-    m = members(bundle)[1]
-    blob = bytearray((altered / "members" / f"{m}.onnx").read_bytes())
+    entry = read_manifest(bundle)["members"][1]
+    m, shipped = entry["id"], altered / entry["path"]
+    blob = bytearray(shipped.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
-    (altered / "members" / f"{m}.onnx").write_bytes(bytes(blob))
+    shipped.write_bytes(bytes(blob))
     unused = f"mqtt://127.0.0.1:{fleet.free_port()}"
     cases = [
         (["node", str(altered), "--member", m, "--broker", unused], f"bundle member '{m}' was altered"),
@@ -145,7 +146,7 @@ def test_clear_errors(bundle, tmp_path, mosquitto_exe):
         (["node", str(bundle), "--member", m, "--broker", "http://x:1"], "bad broker URL 'http://x:1'"),
         (["node", str(bundle), "--member", m, "--broker", "mqtt://h:port"], "bad broker URL"),
         (["node", str(bundle), "--member", m, "--broker", unused], "cannot reach the MQTT broker at"),
-        (["aggregator", str(bundle), "--broker", unused, "--quorum", "9"], "--quorum must be between 1 and 5"),
+        (["aggregator", str(bundle), "--broker", unused, "--quorum", "9"], f"--quorum must be between 1 and {len(members(bundle))}"),
         (["node", str(bundle), "--member", m, "--broker", unused, "--fleet", "a/b"], "bad fleet name"),
         (["fleet", str(altered), "--members", m], f"bundle member '{m}' was altered"),
     ]

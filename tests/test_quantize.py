@@ -1,13 +1,22 @@
-"""Phase 2: full-integer ONNX models, three sizes recorded, and a gate that retries or drops collapsed models."""
+"""Phase 2: full-integer ONNX models, sizes recorded, a gate that retries or drops collapsed models, codebooks,
+and the shipped encoding."""
 from __future__ import annotations
+
+import itertools
+import runpy
+import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from torch import nn
 
-from prune2edge import quantize, store
-from prune2edge.bundle import predict_proba, session
+from prune2edge import UserError, config, models, quantize, store
+from prune2edge.bundle import decode, predict_proba, session
+from prune2edge.pool import MagnitudePruner
+from prune2edge.vote import accuracy
 
 
 def test_members_are_full_integer_and_sizes_are_measured(demo_run):
@@ -71,3 +80,104 @@ def test_onnx_fp32_matches_torch(demo_run):
         ref = torch.softmax(model(x), 1).numpy()
     out = predict_proba(session(demo_run / "baseline" / "fp32.onnx"), x.numpy())
     assert np.allclose(ref, out, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """A small CNN (12x10 RGB, 5 classes) pruned to 80 % by magnitude, quantised without and with codebooks.
+    Returns ``{bits: (folder, record)}`` and the validation data (labelled by the fp32 model itself)."""
+    torch.manual_seed(0)
+    model = models.build("small_cnn", (12, 10, 3), 5, width=8, depth=2).eval()
+    MagnitudePruner(models.prunable(model), 0.8, "constant", "layer", 1).update(0.8)
+    x = np.random.default_rng(0).normal(size=(128, 3, 12, 10)).astype(np.float32)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).argmax(1).numpy()
+    out = {}
+    for bits in (0, 2, 4):
+        folder = tmp_path_factory.mktemp(f"bits{bits}")
+        out[bits] = folder, quantize.quantize_model(folder, model, (12, 10, 3), x[:64], x[64:], y[64:], max_drop=1.0,
+                                                    min_agreement=0.0, codebook_bits=bits)
+    return out, x[64:], y[64:]
+
+
+def weights(path) -> dict[str, np.ndarray]:
+    return {t.name: np.frombuffer(t.raw_data, np.int8) for t in quantize.int8_weights(onnx.load(str(path)))}
+
+
+def test_codebooks_share_at_most_2_to_the_bits_values_per_layer_and_keep_every_zero(quantized):
+    runs, _, _ = quantized
+    plain = weights(runs[0][0] / "int8.onnx")
+    assert len(plain) == 4  # three QLinearConv weights and the QGemm weight
+    for bits in (2, 4):
+        folder, rec = runs[bits]
+        assert rec["codebook_bits"] == bits and quantize.op_counts(folder / "int8.onnx") == rec["ops"] == runs[0][1]["ops"]
+        for name, q in weights(folder / "int8.onnx").items():
+            assert len(np.unique(plain[name])) > 2 ** bits  # the codebook had work to do
+            assert len(np.unique(q)) <= 2 ** bits and 0 in q
+            assert np.array_equal(q == 0, plain[name] == 0)  # every pruned weight stays zero, and only those
+            assert np.array_equal(np.sign(q), np.sign(plain[name]))
+
+
+def test_kmeans_1d_is_the_exact_optimum():
+    rng = np.random.default_rng(1)
+    values = np.unique(rng.integers(-60, 60, 12))
+    values = values[values != 0]
+    counts = rng.integers(1, 20, len(values))
+    for k in (2, 3, 4):
+        best = np.inf
+        for cuts in itertools.combinations(range(1, len(values)), k - 1):
+            groups = np.split(np.arange(len(values)), cuts)
+            if any(values[g].min() < 0 < values[g].max() for g in groups):
+                continue
+            best = min(best, sum(np.cov(values[g], aweights=counts[g], bias=True) * counts[g].sum() for g in groups))
+        centres = quantize.kmeans_1d(values, counts, k)
+        assert len(np.unique(centres)) == k and (np.sign(centres) == np.sign(values)).all()
+        error = float((counts * (values - centres) ** 2).sum())
+        assert best <= error <= best + counts.sum() * 0.25  # the optimum, up to rounding centres to integers
+
+
+def test_the_gate_measures_the_snapped_model(quantized):
+    runs, x_val, y_val = quantized
+    p32 = predict_proba(session(runs[2][0] / "fp32.onnx"), x_val)
+    for folder, rec in runs.values():
+        p8 = predict_proba(session(folder / "int8.onnx"), x_val)
+        assert rec["val_acc_int8"] == accuracy(p8, y_val) == rec["attempts"][-1]["val_acc_int8"]
+        assert rec["agreement"] == float((p8.argmax(1) == p32.argmax(1)).mean())
+        assert np.array_equal(np.load(folder / "val_proba.npy"), p8)
+
+
+def test_shipped_file_decodes_to_the_exact_int8_onnx(quantized):
+    rescore = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "rescore.py"))
+    for folder, rec in quantized[0].values():
+        shipped = (folder / quantize.SHIPPED).read_bytes()
+        assert rec["bytes"]["shipped"] == len(shipped)
+        assert decode(shipped) == rescore["decode"](shipped) == (folder / "int8.onnx").read_bytes()
+    fp32 = (folder / "fp32.onnx").read_bytes()  # no int8 weights at all: the whole file is the rest
+    assert decode(quantize.encode(fp32)) == fp32
+
+
+def test_codebooks_ship_fewer_bytes(quantized):
+    shipped = {bits: rec["bytes"]["shipped"] for bits, (_, rec) in quantized[0].items()}
+    assert shipped[2] < shipped[4] < shipped[0]
+    assert all(rec["bytes"]["shipped"] < rec["bytes"]["int8_gzip"] for _, rec in quantized[0].values())
+
+
+def test_codebooks_are_for_members_and_the_baseline_stays_plain_int8(demo_run, tmp_path):
+    run = tmp_path / "run"
+    for f in ("config.yaml", "dataset.json", "splits.npz", "preprocess.json", "baseline/model.pt", "baseline/model.json",
+              "pool/m000/model.pt"):
+        (run / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(demo_run / f, run / f)
+    cfg = config.load(demo_run / "config.yaml", {"quantize": {"codebook_bits": 3}})
+    records = quantize.quantize_all(run, cfg, [{"name": "m000"}], progress=False)
+    assert records["baseline"]["codebook_bits"] == 0 and records["m000"]["codebook_bits"] == 3
+    assert max(len(np.unique(q)) for q in weights(run / "baseline" / "int8.onnx").values()) > 8
+    assert max(len(np.unique(q)) for q in weights(run / "pool" / "m000" / "int8.onnx").values()) <= 8
+    plain = store.read_json(demo_run / "pool" / "m000" / "quant.json")
+    assert plain["codebook_bits"] == 0 and records["m000"]["bytes"]["shipped"] < plain["bytes"]["shipped"]
+
+
+@pytest.mark.parametrize("bits", [1, 9, -2, 2.0, True, "4"])
+def test_codebook_bits_must_be_off_or_2_to_8(bits):
+    with pytest.raises(UserError, match="config key 'quantize.codebook_bits' must be 0 \\(off\\) or an integer from 2 to 8"):
+        config.load(overrides={"quantize": {"codebook_bits": bits}})
