@@ -19,7 +19,6 @@ import torch
 from tqdm.auto import tqdm
 
 from . import models, store, train
-from .errors import UserError
 from .vote import accuracy
 
 
@@ -110,12 +109,6 @@ class MagnitudePruner:
             self.update(self.target(step))
 
 
-def tensors(run_dir: Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A recorded split of the run, preprocessed, as (NCHW float32, int64) tensors."""
-    x, y = store.split(run_dir, name)
-    return torch.from_numpy(store.preprocessing(run_dir).apply(x)), torch.from_numpy(y)
-
-
 class SnapshotSaver:
     """``after_step`` hook of the baseline's training: saves ``snapshot<j>.pt`` at steps j/n of it, j = 1..n-1
     (snapshot n is the final baseline, ``model.pt``). ``n`` < 2 saves nothing."""
@@ -129,19 +122,6 @@ class SnapshotSaver:
                 store.write_state(self.folder / f"snapshot{j}.pt", {k: v.detach().cpu() for k, v in self.model.state_dict().items()})
 
 
-def load_baseline(run_dir: Path, source: int = 0) -> torch.nn.Module:
-    """The baseline network (``source`` 0 or the last snapshot), or its training snapshot ``source``."""
-    cfg = store.read_json(run_dir / "baseline" / "model.json")
-    model = models.build(cfg["arch"], tuple(cfg["image_shape"]), cfg["num_classes"], **cfg["kwargs"])
-    snap = run_dir / "baseline" / f"snapshot{source}.pt"
-    path = snap if source and snap.exists() else run_dir / "baseline" / "model.pt"
-    if source and not snap.exists() and source != cfg.get("snapshots", 0):
-        raise UserError(f"baseline snapshot '{snap}' is missing; delete '{run_dir / 'baseline'}' to retrain the baseline "
-                        "with pool.snapshots set")
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model
-
-
 def train_member(run_dir: Path, member: MemberPlan) -> dict:
     """Clone the baseline, prune and fine-tune it, and write ``pool/<name>/`` (``member.json`` last)."""
     from . import config
@@ -150,11 +130,11 @@ def train_member(run_dir: Path, member: MemberPlan) -> dict:
     p = cfg["pool"]
     out = run_dir / "pool" / member.name
     t0 = time.perf_counter()
-    x, y = tensors(run_dir, "train")
+    x, y = store.tensors(run_dir, "train")
     if member.bootstrap:
         idx = torch.from_numpy(np.random.default_rng(member.seed).integers(0, len(y), len(y)))
         x, y = x[idx], y[idx]
-    model = load_baseline(run_dir, member.source)
+    model = store.load_baseline(run_dir, member.source)
     settings = train.TrainSettings(epochs=member.epochs, batch_size=member.batch_size, optimizer=p["optimizer"], lr=member.lr,
                                    momentum=p["momentum"], weight_decay=p["weight_decay"], schedule=p["lr_schedule"],
                                    label_smoothing=p["label_smoothing"], distill=p["distill"], temperature=p["distill_temperature"])
@@ -163,11 +143,11 @@ def train_member(run_dir: Path, member: MemberPlan) -> dict:
                              noise=p["mask_noise"], seed=member.seed)
     pruner.update(pruner.target(0))
     history = train.fit(model, x, y, settings, seed=member.seed, augment=train.augment_kind(p["augment"], store.split(run_dir, "train")[0].shape[1:]),
-                        device=cfg["device"], after_step=pruner, teacher=load_baseline(run_dir) if p["distill"] else None,
+                        device=cfg["device"], after_step=pruner, teacher=store.load_baseline(run_dir) if p["distill"] else None,
                         desc=member.name, progress=False)
     pruner.update(member.sparsity)
     model.cpu()
-    x_val, y_val = tensors(run_dir, "val")
+    x_val, y_val = store.tensors(run_dir, "val")
     info = {**asdict(member), "name": member.name, "measured_sparsity": models.sparsity(model),
             "val_acc_fp32": accuracy(train.predict_proba(model, x_val), y_val.numpy()),
             "history": history, "seconds": time.perf_counter() - t0}
