@@ -137,7 +137,8 @@ def train_member(run_dir: Path, member: MemberPlan) -> dict:
     model = store.load_baseline(run_dir, member.source)
     settings = train.TrainSettings(epochs=member.epochs, batch_size=member.batch_size, optimizer=p["optimizer"], lr=member.lr,
                                    momentum=p["momentum"], weight_decay=p["weight_decay"], schedule=p["lr_schedule"],
-                                   label_smoothing=p["label_smoothing"], distill=p["distill"], temperature=p["distill_temperature"])
+                                   label_smoothing=p["label_smoothing"], distill=p["distill"], temperature=p["distill_temperature"],
+                                   compile=p["compile"])
     total = max(1, round(member.epochs * math.ceil(len(x) / member.batch_size)))
     pruner = MagnitudePruner(models.prunable(model), member.sparsity, p["schedule"], p["scope"], round(p["prune_end"] * total),
                              noise=p["mask_noise"], seed=member.seed)
