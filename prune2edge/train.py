@@ -396,9 +396,9 @@ def fit_group(members: list[Member], *, augment: str = "none", device: str = "cp
             for v in params.values():
                 v.grad = None
     bar.close()
-    for m in members:
+    for m in members:  # each member owns its tensors again (saving one must not save the whole group)
         for t in [*m.model.parameters(), *m.model.buffers()]:
-            t.data = t.data.clone()
+            t.data, t.grad = t.data.clone(), None
     return [lane.history for lane in lanes]
 
 

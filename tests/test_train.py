@@ -115,12 +115,38 @@ def test_compile_settings_are_checked():
         train.fit(_member(GROUP[0])[0], x, y, train.TrainSettings(compile="cuda-graph"), seed=0, progress=False)
 
 
+@pytest.mark.parametrize("kind", ["onecycle", "cosine", "constant", "restarts"])
+def test_schedules_fill_a_tensor_learning_rate_in_place(kind):
+    """What a captured CUDA step relies on: the rate it reads is one tensor, refilled by the schedule every step."""
+    rates = []
+    for lr in (0.1, torch.tensor(0.1)):
+        w = torch.nn.Parameter(torch.zeros(3))
+        opt = torch.optim.SGD([w], lr=lr, momentum=0.9, nesterov=True)
+        sched = train.make_schedule(opt, kind, total=20, cycles=2, cycle_momentum=False)
+        tensor = opt.param_groups[0]["lr"]
+        seen = []
+        for _ in range(19):
+            w.grad = torch.ones(3)
+            opt.step()
+            sched.step()
+            seen.append(float(opt.param_groups[0]["lr"]))
+        assert opt.param_groups[0]["lr"] is tensor or not torch.is_tensor(lr)
+        rates.append(seen)
+    assert rates[1] == pytest.approx(rates[0], abs=1e-7)
+    assert kind == "constant" or len(set(rates[0])) > 5  # the rate does change
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU path is tested above)")
 
 
+def close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
+    """Equal up to a relative difference of the whole tensor (a pruning mask may flip at its threshold)."""
+    return float((a.double() - b.double()).norm()) <= rel * float(a.double().norm()) + 1e-6
+
+
 @cuda
-@pytest.mark.parametrize("compile_, optimizer", [("cuda-graph", "sgd"), ("cuda-graph", "adam"), ("torch", "sgd")])
-def test_cuda_graph_and_compiled_steps_equal_the_eager_step(compile_, optimizer):
+@pytest.mark.parametrize("compile_, optimizer, rel", [("cuda-graph", "sgd", 1e-3), ("cuda-graph", "adam", 1e-3), ("torch", "sgd", 1e-2)])
+def test_cuda_graph_and_compiled_steps_equal_the_eager_step(compile_, optimizer, rel):
     x, y = _data()  # 300 images, batch 64: every epoch ends with a partial batch, which runs eagerly between replays
     spec = {"lr": 0.05, "epochs": 3, "batch_size": 64, "sparsity": 0.7, "schedule": "cosine"}  # the rate changes every step
     trained = []
@@ -133,7 +159,7 @@ def test_cuda_graph_and_compiled_steps_equal_the_eager_step(compile_, optimizer)
     assert [h["steps"] for h in h_fast] == [h["steps"] for h in h_eager] == [5, 10, 15]
     for (name, a), b in zip(eager.state_dict().items(), fast.state_dict().values()):
         assert a.dtype == b.dtype and (a.dtype == torch.long or a.dtype == torch.float32), name  # fp32 master weights and BN
-        assert torch.allclose(a.float(), b.float(), atol=1e-3, rtol=1e-3), name
+        assert close(a, b, rel), name  # a frozen learning rate (cosine: it changes every step) would fail this
     assert models.sparsity(fast)["overall"] == pytest.approx(0.7, abs=0.01)
     assert not torch.allclose(eager.state_dict()["head.2.weight"], _member(spec, "cuda")[0].state_dict()["head.2.weight"])
 
@@ -153,4 +179,4 @@ def test_lockstep_on_cuda_follows_each_member_alone():
     train.fit_group(members, augment="crop_flip", device="cuda", progress=False)
     for model, m in zip(alone, members):  # bf16 forward passes of a grouped and a plain convolution: looser tolerance
         for (name, a), b in zip(model.state_dict().items(), m.model.state_dict().values()):
-            assert torch.allclose(a.float(), b.float(), atol=1e-2), name
+            assert close(a, b, 2e-2), name
