@@ -102,7 +102,7 @@ def bench_sequential(bundle: Path, ids: list[str], x: np.ndarray, y: np.ndarray)
 def bench_torch(run_dir: Path, bundle: Path, x: np.ndarray, y: np.ndarray) -> dict:
     import torch
 
-    from prune2edge.pool import load_baseline
+    from prune2edge.store import load_baseline
     from prune2edge.preprocess import Preprocessing
 
     torch.set_num_threads(1)

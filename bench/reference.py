@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10 import (POOL_PHASES, ROOT, aggregate, command_line, machine, pm, rel, replace_section,  # noqa: E402
                      shipped_bytes)
 
-from prune2edge import config, pool, store, train  # noqa: E402
+from prune2edge import config, store, train  # noqa: E402
 from prune2edge.vote import accuracy, disagreement, vote  # noqa: E402
 
 TITLE = "## CIFAR-10: reference rows"
@@ -86,15 +86,15 @@ def compute_matched(run_dir: Path, epochs: float | None = None) -> dict:
     cfg = config.load(run_dir / "config.yaml")
     settings = train.TrainSettings(**{**cfg["train"], "epochs": epochs})
     shape = tuple(store.read_json(run_dir / "dataset.json")["image_shape"])
-    model = pool.load_baseline(run_dir)
-    x, y = pool.tensors(run_dir, "train")
-    x_val, y_val = pool.tensors(run_dir, "val")
+    model = store.load_baseline(run_dir)
+    x, y = store.tensors(run_dir, "train")
+    x_val, y_val = store.tensors(run_dir, "val")
     history = train.fit(model, x, y, settings, seed=cfg["seed"], augment=train.augment_kind(cfg["train"]["augment"], shape),
                         device=cfg["device"], x_val=x_val, y_val=y_val, checkpoint=out / "checkpoint.pt",
                         desc=f"compute-matched {rel(run_dir)}")
     model.cpu()
     store.write_state(out / "model.pt", model.state_dict())
-    x_test, y_test = pool.tensors(run_dir, "test")
+    x_test, y_test = store.tensors(run_dir, "test")
     result = {"epochs": epochs, "baseline_epochs": cfg["train"]["epochs"], "settings": asdict(settings),
               "val_acc": history[-1]["val_acc"], "test_acc": accuracy(train.predict_proba(model, x_test), y_test.numpy()),
               "seconds": history[-1]["seconds"], "history": history}

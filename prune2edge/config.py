@@ -17,7 +17,8 @@ DEFAULTS: dict[str, Any] = {
     "model": {"arch": "small_cnn", "kwargs": {}, "weights": None},
     "train": {"epochs": 10.0, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
               "weight_decay": 5e-4, "schedule": "onecycle", "augment": "auto", "label_smoothing": 0.0,
-              "cycles": 1},                  # restarts schedule: cosine cycles (SGDR / snapshot ensembles)
+              "cycles": 1,                   # restarts schedule: cosine cycles (SGDR / snapshot ensembles)
+              "compile": "none"},            # torch: torch.compile the network; cuda-graph: whole step as a CUDA graph
     "pool": {
         "size": 20,
         "sparsity": [0.5, 0.9],       # final sparsity, spread evenly over the range across members
@@ -52,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
         "regrow": 0.0,                # prune-and-regrow (RigL): fraction of active weights moved every regrow_every steps
         "regrow_every": 100,
         "cyclical": False,            # one cyclical run from the baseline; a member at each cycle's low point (FGE)
+        "compile": "none",            # as train.compile, for the members' fine-tuning
     },
     "quantize": {"calibration_size": 256, "max_drop": 0.03, "min_agreement": 0.9,
                  "codebook_bits": 0},         # 2..8: each member layer's int8 weights share 2^bits values (0 = off)
@@ -68,6 +70,7 @@ CHOICES = {
     "train.optimizer": ("sgd", "adam"),
     "train.schedule": ("onecycle", "cosine", "constant", "restarts"),
     "train.augment": ("auto", "none", "crop", "crop_flip"),
+    "train.compile": ("none", "torch", "cuda-graph"),
     "pool.schedule": ("polynomial", "constant"),
     "pool.scope": ("layer", "global"),
     "pool.lr_schedule": ("onecycle", "cosine", "constant"),
@@ -76,6 +79,7 @@ CHOICES = {
     "pool.init": ("baseline", "fresh"),
     "pool.mask": ("magnitude", "antirandom", "antirandom-weighted"),
     "pool.cyclical": (False, True),
+    "pool.compile": ("none", "torch", "cuda-graph"),
     "cluster.method": ("kmeans-onehot", "kmeans-proba", "kmeans-labels", "agglomerative"),
     "cluster.preset": (None, "paper"),
     "select.strategy": ("accuracy-first", "diversity-first", "top-k", "random", "greedy"),
@@ -151,6 +155,8 @@ def validate(cfg: dict) -> dict:
                 "pool.momentum", "pool.weight_decay", "pool.label_smoothing"):
         v = _get(cfg, key)
         _need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, key, "must be a number >= 0", v)
+    for key in ("train.compile", "pool.compile"):
+        _need(_get(cfg, key) != "cuda-graph" or cfg["device"] == "cuda", key, "'cuda-graph' needs device: cuda", _get(cfg, key))
     _need(cfg["train"]["epochs"] > 0 or cfg["model"]["weights"], "train.epochs", "must be > 0 unless model.weights is given", cfg["train"]["epochs"])
     _range(cfg, "data.val_fraction", 0.01, 0.9)
     _range(cfg, "pool.sparsity", 0.0, 1.0, closed_hi=False)

@@ -43,8 +43,8 @@ def baseline(run_dir: Path, cfg: dict, progress: bool = True) -> dict:
     m = cfg["model"]
     torch.manual_seed(cfg["seed"])
     model = models.build(m["arch"], shape, k, **m["kwargs"])
-    x, y = pool.tensors(run_dir, "train")
-    x_val, y_val = pool.tensors(run_dir, "val")
+    x, y = store.tensors(run_dir, "train")
+    x_val, y_val = store.tensors(run_dir, "val")
     history: list[dict] = []
     if m["weights"]:
         models.load_weights(model, m["weights"])

@@ -21,7 +21,6 @@ import torch
 from tqdm.auto import tqdm
 
 from . import models, store, train
-from .errors import UserError
 from .vote import accuracy
 
 
@@ -195,12 +194,6 @@ def leave_basin(model: torch.nn.Module, fresh: torch.nn.Module, shrink: float, p
             p.mul_(shrink).add_(fresh_params[name], alpha=perturb)
 
 
-def tensors(run_dir: Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A recorded split of the run, preprocessed, as (NCHW float32, int64) tensors."""
-    x, y = store.split(run_dir, name)
-    return torch.from_numpy(store.preprocessing(run_dir).apply(x)), torch.from_numpy(y)
-
-
 class SnapshotSaver:
     """``after_step`` hook of the baseline's training: saves ``snapshot<j>.pt`` at steps j/n of it, j = 1..n-1
     (snapshot n is the final baseline, ``model.pt``). ``n`` < 2 saves nothing."""
@@ -212,28 +205,6 @@ class SnapshotSaver:
         for j in range(1, self.n):
             if step == max(1, round(total * j / self.n)):
                 store.write_state(self.folder / f"snapshot{j}.pt", {k: v.detach().cpu() for k, v in self.model.state_dict().items()})
-
-
-def load_baseline(run_dir: Path, source: int = 0) -> torch.nn.Module:
-    """The baseline network (``source`` 0 or the last snapshot), or its training snapshot ``source``."""
-    cfg = store.read_json(run_dir / "baseline" / "model.json")
-    model = models.build(cfg["arch"], tuple(cfg["image_shape"]), cfg["num_classes"], **cfg["kwargs"])
-    snap = run_dir / "baseline" / f"snapshot{source}.pt"
-    path = snap if source and snap.exists() else run_dir / "baseline" / "model.pt"
-    if source and not snap.exists() and source != cfg.get("snapshots", 0):
-        raise UserError(f"baseline snapshot '{snap}' is missing; delete '{run_dir / 'baseline'}' to retrain the baseline "
-                        "with pool.snapshots set")
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model
-
-
-def load_member(run_dir: Path, name: str) -> torch.nn.Module:
-    """A trained pool member (its own ``model_kwargs`` when it is a wider or narrower fresh student)."""
-    base = store.read_json(run_dir / "baseline" / "model.json")
-    kwargs = {**base["kwargs"], **store.read_json(run_dir / "pool" / name / "member.json").get("model_kwargs", {})}
-    model = models.build(base["arch"], tuple(base["image_shape"]), base["num_classes"], **kwargs)
-    model.load_state_dict(torch.load(run_dir / "pool" / name / "model.pt", map_location="cpu", weights_only=True))
-    return model
 
 
 def fresh_model(run_dir: Path, seed: int, overrides: dict | None = None) -> torch.nn.Module:
@@ -249,7 +220,7 @@ def start_model(run_dir: Path, cfg: dict, member: MemberPlan) -> tuple[torch.nn.
     if p["init"] == "fresh":
         model = fresh_model(run_dir, member.seed, p["member_kwargs"])
     else:
-        model = load_baseline(run_dir, member.source)
+        model = store.load_baseline(run_dir, member.source)
     fixed = None
     if p["mask"] != "magnitude":  # drawn from the starting weights, before they leave the basin
         plans = plan(cfg)
@@ -264,7 +235,8 @@ def start_model(run_dir: Path, cfg: dict, member: MemberPlan) -> tuple[torch.nn.
 def _settings(p: dict, epochs: float, lr: float, batch_size: int, schedule: str, cycles: int = 1) -> train.TrainSettings:
     return train.TrainSettings(epochs=epochs, batch_size=batch_size, optimizer=p["optimizer"], lr=lr, momentum=p["momentum"],
                                weight_decay=p["weight_decay"], schedule=schedule, cycles=cycles,
-                               label_smoothing=p["label_smoothing"], distill=p["distill"], temperature=p["distill_temperature"])
+                               label_smoothing=p["label_smoothing"], distill=p["distill"], temperature=p["distill_temperature"],
+                               compile=p["compile"])
 
 
 def _pruner(model: torch.nn.Module, p: dict, sparsity: float, end_step: int, seed: int,
@@ -296,7 +268,7 @@ def train_member(run_dir: Path, member: MemberPlan) -> dict:
     cfg = config.load(run_dir / "config.yaml")
     p = cfg["pool"]
     t0 = time.perf_counter()
-    x, y = tensors(run_dir, "train")
+    x, y = store.tensors(run_dir, "train")
     if member.bootstrap:
         idx = torch.from_numpy(np.random.default_rng(member.seed).integers(0, len(y), len(y)))
         x, y = x[idx], y[idx]
@@ -305,13 +277,13 @@ def train_member(run_dir: Path, member: MemberPlan) -> dict:
     pruner = _pruner(model, p, member.sparsity, round(p["prune_end"] * total), member.seed, fixed)
     history = train.fit(model, x, y, _settings(p, member.epochs, member.lr, member.batch_size, p["lr_schedule"]),
                         seed=member.seed, augment=train.augment_kind(p["augment"], store.split(run_dir, "train")[0].shape[1:]),
-                        device=cfg["device"], after_step=pruner, teacher=load_baseline(run_dir) if p["distill"] else None,
+                        device=cfg["device"], after_step=pruner, teacher=store.load_baseline(run_dir) if p["distill"] else None,
                         desc=member.name, progress=False)
     pruner.finish()
     model.cpu()
     record = {**asdict(member), "name": member.name, "model_kwargs": p["member_kwargs"] if p["init"] == "fresh" else {},
               "history": history, "seconds": time.perf_counter() - t0}
-    return save_member(run_dir, model, record, *tensors(run_dir, "val"))
+    return save_member(run_dir, model, record, *store.tensors(run_dir, "val"))
 
 
 def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
@@ -326,8 +298,8 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
     p, lead, n = cfg["pool"], plans[0], len(plans)
     sparsity = max(m.sparsity for m in plans)
     t0 = time.perf_counter()
-    x, y = tensors(run_dir, "train")
-    x_val, y_val = tensors(run_dir, "val")
+    x, y = store.tensors(run_dir, "train")
+    x_val, y_val = store.tensors(run_dir, "val")
     model, _ = start_model(run_dir, cfg, lead)
     total = n * max(1, round(lead.epochs * math.ceil(len(x) / lead.batch_size)))
     pruner = _pruner(model, p, sparsity, round(p["prune_end"] * total / n), lead.seed)
@@ -343,7 +315,7 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
 
     train.fit(model, x, y, _settings(p, n * lead.epochs, lead.lr, lead.batch_size, "restarts", n), seed=lead.seed,
               augment=train.augment_kind(p["augment"], store.split(run_dir, "train")[0].shape[1:]), device=cfg["device"],
-              after_step=after_step, teacher=load_baseline(run_dir) if p["distill"] else None,
+              after_step=after_step, teacher=store.load_baseline(run_dir) if p["distill"] else None,
               checkpoint=run_dir / "pool" / "cyclical.pt", desc="cyclical", progress=False)
     (run_dir / "pool" / "cyclical.pt").unlink(missing_ok=True)
     return [infos.get(i) or store.read_json(run_dir / "pool" / m.name / "member.json") for i, m in enumerate(plans)]

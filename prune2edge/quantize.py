@@ -213,13 +213,11 @@ def quantize_model(folder: Path, model: torch.nn.Module, image_shape: tuple[int,
 def quantize_all(run_dir: Path, cfg: dict, members: list[dict], progress: bool = True) -> dict[str, dict]:
     """Quantise the baseline and every pool member not yet done; returns records by name (``baseline`` first).
     Codebooks (``quantize.codebook_bits``) are for the members: the baseline stays the plain int8 reference."""
-    from .pool import load_baseline, load_member, tensors
-
     q = cfg["quantize"]
-    x_train, _ = tensors(run_dir, "train")
+    x_train, _ = store.tensors(run_dir, "train")
     rng = np.random.default_rng([cfg["seed"], 2])
     calib = x_train[rng.choice(len(x_train), min(q["calibration_size"], len(x_train)), replace=False)].numpy()
-    x_val, y_val = tensors(run_dir, "val")
+    x_val, y_val = store.tensors(run_dir, "val")
     x_val, y_val = x_val.numpy(), y_val.numpy()
     image_shape = tuple(store.read_json(run_dir / "baseline" / "model.json")["image_shape"])
     folders = {"baseline": run_dir / "baseline", **{m["name"]: run_dir / "pool" / m["name"] for m in members}}
@@ -228,7 +226,7 @@ def quantize_all(run_dir: Path, cfg: dict, members: list[dict], progress: bool =
         if (folder / "quant.json").exists():
             records[name] = store.read_json(folder / "quant.json")
             continue
-        model = load_baseline(run_dir) if name == "baseline" else load_member(run_dir, name)
+        model = store.load_baseline(run_dir) if name == "baseline" else store.load_member(run_dir, name)
         records[name] = quantize_model(folder, model, image_shape, calib, x_val, y_val, q["max_drop"], q["min_agreement"],
                                        0 if name == "baseline" else q["codebook_bits"])
     return records

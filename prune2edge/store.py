@@ -1,4 +1,4 @@
-"""The run directory as an artifact store: atomic writes, hashes, and the data splits a run recorded."""
+"""The run directory as an artifact store: atomic writes, hashes, the data splits a run recorded, and its baseline."""
 from __future__ import annotations
 
 import functools
@@ -9,9 +9,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -97,3 +102,43 @@ def preprocessing(run_dir: str | Path):
     from .preprocess import Preprocessing
 
     return Preprocessing.from_dict(read_json(Path(run_dir) / "preprocess.json"))
+
+
+def tensors(run_dir: str | Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A recorded split of the run, preprocessed, as (NCHW float32, int64) tensors."""
+    import torch
+
+    x, y = split(run_dir, name)
+    return torch.from_numpy(preprocessing(run_dir).apply(x)), torch.from_numpy(y)
+
+
+def load_baseline(run_dir: str | Path, source: int = 0) -> torch.nn.Module:
+    """The baseline network (``source`` 0 or the last snapshot), or its training snapshot ``source``."""
+    import torch
+
+    from . import models
+
+    run_dir = Path(run_dir)
+    cfg = read_json(run_dir / "baseline" / "model.json")
+    model = models.build(cfg["arch"], tuple(cfg["image_shape"]), cfg["num_classes"], **cfg["kwargs"])
+    snap = run_dir / "baseline" / f"snapshot{source}.pt"
+    path = snap if source and snap.exists() else run_dir / "baseline" / "model.pt"
+    if source and not snap.exists() and source != cfg.get("snapshots", 0):
+        raise UserError(f"baseline snapshot '{snap}' is missing; delete '{run_dir / 'baseline'}' to retrain the baseline "
+                        "with pool.snapshots set")
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model
+
+
+def load_member(run_dir: str | Path, name: str) -> torch.nn.Module:
+    """A trained pool member (its own ``model_kwargs`` when it is a wider or narrower fresh student)."""
+    import torch
+
+    from . import models
+
+    run_dir = Path(run_dir)
+    base = read_json(run_dir / "baseline" / "model.json")
+    kwargs = {**base["kwargs"], **read_json(run_dir / "pool" / name / "member.json").get("model_kwargs", {})}
+    model = models.build(base["arch"], tuple(base["image_shape"]), base["num_classes"], **kwargs)
+    model.load_state_dict(torch.load(run_dir / "pool" / name / "model.pt", map_location="cpu", weights_only=True))
+    return model

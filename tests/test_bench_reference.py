@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from prune2edge import cli, config, pipeline, pool, report, store, train
+from prune2edge import cli, config, pipeline, report, store, train
 from prune2edge.bundle import predict_proba, session
 from prune2edge.vote import accuracy
 
@@ -82,9 +82,9 @@ def test_compute_matched_trains_the_pools_epochs_from_the_baseline_once(variant,
 
     folder = run / "reference" / "compute-matched-1ep"
     assert sorted(p.name for p in folder.iterdir()) == ["model.pt", "result.json"]  # the checkpoint is gone
-    model = pool.load_baseline(run)
+    model = store.load_baseline(run)
     model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
-    x_test, y_test = pool.tensors(run, "test")
+    x_test, y_test = store.tensors(run, "test")
     assert first["test_acc"] == accuracy(train.predict_proba(model, x_test), y_test.numpy())
 
     monkeypatch.setattr(train, "fit", lambda *a, **kw: pytest.fail("retrained a cached compute-matched baseline"))

@@ -79,7 +79,7 @@ def test_weighted_antirandom_gives_the_first_members_the_larger_weights():
 def test_antirandom_members_keep_disjoint_weights_after_training(tiny_run, tmp_path):
     run, cfg = configured(*tiny_run, tmp_path, mask="antirandom", sparsity=0.7)
     members = pool.build(run, cfg, pool.InProcessExecutor(), progress=False)
-    alive = [flat_masks({n: w != 0 for n, w in models.prunable(pool.load_member(run, m["name"])).items()}) for m in members]
+    alive = [flat_masks({n: w != 0 for n, w in models.prunable(store.load_member(run, m["name"])).items()}) for m in members]
     for a, b in itertools.combinations(alive, 2):
         assert not (a & b).any()  # 3 x 30 % kept: the trained members share no weight
     assert all(abs(m["measured_sparsity"]["overall"] - 0.7) < 0.02 for m in members)
@@ -110,7 +110,7 @@ def test_perturbed_member_starts_where_configured(tiny_run, tmp_path):
     run, cfg = configured(*tiny_run, tmp_path, shrink=0.5, perturb=0.1)
     plan = pool.plan(cfg)[1]
     model, fixed = pool.start_model(run, cfg, plan)
-    base, fresh = pool.load_baseline(run), pool.fresh_model(run, plan.seed)
+    base, fresh = store.load_baseline(run), pool.fresh_model(run, plan.seed)
     assert fixed is None
     for p, b, f in zip(model.parameters(), base.parameters(), fresh.parameters()):
         assert torch.allclose(p, 0.5 * b + 0.1 * f, atol=1e-7)
@@ -124,7 +124,7 @@ def test_fresh_wider_students_are_built_recorded_and_reloaded(tiny_run, tmp_path
     assert torch.equal(models.prunable(model)["head.2"], models.prunable(pool.fresh_model(run, plan.seed, {"width": 12}))["head.2"])
     members = pool.build(run, cfg, pool.InProcessExecutor(), progress=False)
     assert members[0]["model_kwargs"] == {"width": 12}
-    reloaded = pool.load_member(run, members[0]["name"])
+    reloaded = store.load_member(run, members[0]["name"])
     assert reloaded.features[0][0].out_channels == 12
     assert abs(models.sparsity(reloaded)["overall"] - 0.7) < 0.02
 
@@ -155,7 +155,7 @@ def test_cyclical_pool_takes_one_member_per_cycle_from_one_run(tiny_run, tmp_pat
     members = pool.build(run, cfg, pool.InProcessExecutor(), progress=False)
     assert [m["name"] for m in members] == ["m000", "m001", "m002"]
     assert all(m["cyclical"] and m["sparsity"] == max(p.sparsity for p in pool.plan(cfg)) for m in members)
-    states = [pool.load_member(run, m["name"]).state_dict() for m in members]
+    states = [store.load_member(run, m["name"]).state_dict() for m in members]
     assert not torch.equal(states[0]["head.2.weight"], states[2]["head.2.weight"])
     assert all(m["measured_sparsity"]["overall"] >= m["sparsity"] - 0.01 for m in members)
     assert not (run / "pool" / "cyclical.pt").exists()

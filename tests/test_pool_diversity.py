@@ -90,8 +90,8 @@ def test_snapshot_members_clone_different_checkpoints(tmp_path):
     pipeline.prepare(run, cfg)
     pipeline.baseline(run, cfg, progress=False)
     assert sorted(p.name for p in (run / "baseline").glob("snapshot*.pt")) == ["snapshot1.pt", "snapshot2.pt"]
-    first = [pool.load_baseline(run, j).state_dict()["head.2.weight"] for j in (1, 2, 3)]
-    assert not torch.equal(first[0], first[1]) and torch.equal(first[2], pool.load_baseline(run).state_dict()["head.2.weight"])
+    first = [store.load_baseline(run, j).state_dict()["head.2.weight"] for j in (1, 2, 3)]
+    assert not torch.equal(first[0], first[1]) and torch.equal(first[2], store.load_baseline(run).state_dict()["head.2.weight"])
     members = pool.build(run, cfg, pool.InProcessExecutor(), progress=False)
     assert [m["source"] for m in members] == [3, 2, 1]
     assert all(abs(m["measured_sparsity"]["overall"] - 0.5) < 0.01 for m in members)
@@ -105,7 +105,7 @@ def test_missing_snapshot_is_a_clear_error(tmp_path):
     pipeline.prepare(run, cfg)
     pipeline.baseline(run, cfg, progress=False)
     with pytest.raises(UserError, match="snapshot"):
-        pool.load_baseline(run, 2)
+        store.load_baseline(run, 2)
 
 
 def test_distillation_pulls_the_student_towards_the_teacher():

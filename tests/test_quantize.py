@@ -72,7 +72,7 @@ def test_gate_retries_then_drops_and_records_every_attempt(tmp_path):
 
 
 def test_onnx_fp32_matches_torch(demo_run):
-    from prune2edge.pool import load_baseline, tensors
+    from prune2edge.store import load_baseline, tensors
 
     model = load_baseline(demo_run).eval()
     x, _ = tensors(demo_run, "val")

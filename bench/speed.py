@@ -1,0 +1,291 @@
+"""Training speed: the current ``train.fit`` (and ``train.fit_group`` for a pool) against the training loop as it
+was before the speed work, side by side in one process, on synthetic CIFAR-shaped data (no dataset needed).
+
+    python bench/speed.py                          # CPU with 1 and 2 threads, and CUDA where a GPU is
+    python bench/speed.py --devices cuda           # only the GPU
+    python bench/speed.py --steps 8 --repeats 5    # longer, steadier
+
+Networks: the baseline of configs/cifar10-cpu.yaml and resnet20, each trained with that config's ``train:``
+settings; and a pool of 8 members of the first, pruned and fine-tuned with its ``pool:`` settings (one after the
+other with each loop, and all at once with ``fit_group``). Every loop gets the same data, settings and seeds,
+and the loops take turns within each repeat, so load from other jobs slows them alike: on a shared machine the
+speed-up ``new / old`` (images per second over the reference's) is the number that counts, not the absolute rates.
+Writes bench/results/speed-<device>.json and the ``## Training speed`` section of docs/RESULTS.md (from every
+speed-*.json present).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cifar10 import ROOT, machine, rel, replace_section  # noqa: E402
+
+from prune2edge import config, models, pool, train  # noqa: E402
+
+TITLE = "## Training speed"
+EPOCH_IMAGES = 45_000  # CIFAR-10's training split less the 10 % validation
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# THE REFERENCE: train.augment_batch and train.fit as they were before the speed work (prune2edge/train.py at
+# commit 3ef4ff6~1), copied verbatim but for the checkpoint, validation and progress bar, which this bench does not
+# use. Every speed-up is measured against it; leave it as it is.
+# ---------------------------------------------------------------------------------------------------------------
+def reference_augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    if kind == "none":
+        return x
+    n, _, h, w = x.shape
+    p = max(1, h // 8)
+    padded = nn.functional.pad(x, (p, p, p, p), mode="reflect")
+    dy, dx = torch.randint(0, 2 * p + 1, (2, n), generator=gen).tolist()
+    x = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    if kind == "crop_flip":
+        flip = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def reference_fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: train.TrainSettings, *, seed: int,
+                  augment: str = "none", device: str = "cpu", after_step: Callable[[int, int], None] | None = None) -> list[dict]:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model.to(device)
+    steps_per_epoch = max(1, math.ceil(len(x) / s.batch_size))
+    total = max(1, round(s.epochs * steps_per_epoch))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if s.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, nesterov=s.momentum > 0, weight_decay=s.weight_decay)
+    sched = train.make_schedule(opt, s.schedule, total, s.cycles)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=s.label_smoothing)
+    history, step, t0 = [], 0, time.perf_counter()
+    while step < total:
+        model.train()
+        order = torch.randperm(len(x), generator=gen)
+        seen, loss_sum, correct = 0, 0.0, 0
+        for i in range(0, len(x), s.batch_size):
+            if step >= total:
+                break
+            idx = order[i:i + s.batch_size]
+            xb = reference_augment_batch(x[idx], augment, gen).to(device, non_blocking=True)
+            yb = y[idx].to(device, non_blocking=True)
+            out = model(xb)
+            loss = loss_fn(out, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if after_step is not None:
+                after_step(step, total)
+            seen += len(idx)
+            loss_sum += loss.item() * len(idx)
+            correct += int((out.argmax(1) == yb).sum())
+        history.append({"epoch": len(history) + 1, "steps": step, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                        "seconds": time.perf_counter() - t0})
+    return history
+# ---------------------------------------------------------------------------------------------------------------
+
+
+Job = Callable[[], Callable[[], object]]  # builds fresh networks (not timed) and returns the training call (timed)
+
+
+def network(cfg: dict) -> nn.Module:
+    torch.manual_seed(0)
+    return models.build(cfg["model"]["arch"], (32, 32, 3), 10, **cfg["model"]["kwargs"])
+
+
+def fit(*args, **kwargs) -> list[dict]:
+    return train.fit(*args, progress=False, **kwargs)
+
+
+def single(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str, loop: Callable, compile_: str = "none") -> Job:
+    """One network trained for one epoch of ``x`` with the config's ``train:`` settings."""
+    s = train.TrainSettings(**{**cfg["train"], "epochs": 1, "compile": compile_})
+
+    def prepare() -> Callable[[], object]:
+        model = network(cfg)
+        return lambda: loop(model, x, y, s, seed=0, augment="crop_flip", device=device)
+
+    return prepare
+
+
+def members(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str) -> list[train.Member]:
+    """The pool's members as ``pool.plan`` samples them (seeds, sparsities, rates), each with its pruning hook, for
+    one epoch of ``x``; the network is the baseline architecture (its weights do not matter for speed)."""
+    p = cfg["pool"]
+    out = []
+    for m in pool.plan(cfg):
+        model = network(cfg).to(device)
+        s = train.TrainSettings(epochs=1, batch_size=m.batch_size, optimizer=p["optimizer"], lr=m.lr, momentum=p["momentum"],
+                                weight_decay=p["weight_decay"], schedule=p["lr_schedule"], label_smoothing=p["label_smoothing"])
+        pruner = pool.MagnitudePruner(models.prunable(model), m.sparsity, p["schedule"], p["scope"],
+                                      round(p["prune_end"] * math.ceil(len(x) / m.batch_size)), noise=p["mask_noise"], seed=m.seed)
+        pruner.update(pruner.target(0))
+        out.append(train.Member(model, x, y, s, m.seed, pruner))
+    return out
+
+
+def one_by_one(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str, loop: Callable) -> Job:
+    def prepare() -> Callable[[], object]:
+        ms = members(cfg, x, y, device)
+        return lambda: [loop(m.model, m.x, m.y, m.settings, seed=m.seed, augment="crop_flip", device=device, after_step=m.after_step)
+                        for m in ms]
+
+    return prepare
+
+
+def lockstep(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str) -> Job:
+    def prepare() -> Callable[[], object]:
+        ms = members(cfg, x, y, device)
+        return lambda: train.fit_group(ms, augment="crop_flip", device=device, progress=False)
+
+    return prepare
+
+
+def singles(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str) -> dict[str, Job]:
+    jobs = {"reference": single(cfg, x, y, device, reference_fit), "fit": single(cfg, x, y, device, fit)}
+    if device == "cuda":
+        jobs["fit, cuda-graph"] = single(cfg, x, y, device, fit, "cuda-graph")
+    return jobs
+
+
+def pools(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str) -> dict[str, Job]:
+    return {"reference": one_by_one(cfg, x, y, device, reference_fit), "fit": one_by_one(cfg, x, y, device, fit),
+            "fit_group (lockstep)": lockstep(cfg, x, y, device)}
+
+
+def timings(jobs: dict[str, Job], repeats: int, device: str) -> dict[str, list[float]]:
+    """Seconds of each job in each round; the jobs take turns, each round starting with the next one."""
+    seconds: dict[str, list[float]] = {name: [] for name in jobs}
+    names = list(jobs)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            run = jobs[name]()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds[name].append(time.perf_counter() - t0)
+    return seconds
+
+
+def rows(case: str, make: Callable[[torch.Tensor, torch.Tensor], dict[str, Job]], data: tuple[torch.Tensor, torch.Tensor],
+         warm: tuple[torch.Tensor, torch.Tensor], images: int, steps: int, per_epoch: int, repeats: int, device: str,
+         threads: int | None) -> list[dict]:
+    """One row per loop: rates from the median round, and the speed-up as the median over rounds of old / new seconds.
+    Every loop first trains on ``warm`` (one batch) untimed: kernel selection, caches, CUDA set-up."""
+    for job in make(*warm).values():
+        job()()
+    seconds = timings(make(*data), repeats, device)
+    ref = seconds["reference"]
+    out = []
+    for name, t in seconds.items():
+        mid = statistics.median(t)
+        out.append({"case": case, "device": device, "threads": threads, "loop": name, "images": images, "steps": steps,
+                    "seconds": [round(v, 4) for v in t], "images_per_s": images / mid, "steps_per_s": steps / mid,
+                    "seconds_per_epoch": per_epoch * mid / images,
+                    "speedup_vs_reference": statistics.median(a / b for a, b in zip(ref, t))})
+        print(f"{case:48s} {device} {threads or '-'}t {name:22s} {images / mid:8.0f} img/s {steps / mid:7.2f} steps/s "
+              f"{out[-1]['seconds_per_epoch']:8.1f} s/epoch  x{out[-1]['speedup_vs_reference']:.2f}", flush=True)
+    return out
+
+
+def bench_device(cfg: dict, device: str, steps: int, repeats: int, threads: int | None) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    batch = cfg["train"]["batch_size"]
+    x, y = torch.randn(steps * batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (steps * batch,), generator=gen)
+    warm = x[:batch], y[:batch]
+    out = []
+    for model in (cfg["model"], {**cfg["model"], "arch": "resnet20", "kwargs": {}}):
+        c = {**cfg, "model": model}
+        out += rows(describe(model), lambda x, y, c=c: singles(c, x, y, device), (x, y), warm, len(x), math.ceil(len(x) / batch),
+                    EPOCH_IMAGES, repeats, device, threads)
+    n = cfg["pool"]["size"]
+    pool_steps = sum(math.ceil(len(x) / m.batch_size) for m in pool.plan(cfg))
+    out += rows(f"pool of {n} x {describe(cfg['model'])}", lambda x, y: pools(cfg, x, y, device), (x, y), warm, n * len(x), pool_steps,
+                n * EPOCH_IMAGES, repeats, device, threads)
+    return out
+
+
+def describe(model: dict) -> str:
+    return " ".join([model["arch"], *(f"{k}={v}" for k, v in model["kwargs"].items())])
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [TITLE, "",
+             "Training throughput of `train.fit` (and `train.fit_group` for a pool) against the loop before the speed work "
+             "(kept in `bench/speed.py` as the reference), measured side by side in one process on synthetic 32x32x3 data "
+             "with crop + flip augmentation. s/epoch: one epoch of 45,000 images (a pool: every member's epoch). "
+             "new / old: the median over rounds of the reference's seconds over the loop's; on a shared machine this "
+             "ratio is the number to read, the absolute rates move with the load.", ""]
+    for r in results:
+        lines += [f"- {r['device']}: {r['machine']}; torch {r['torch']}; {r['date']}; load average {r['load_average'][0]:.1f} "
+                  f"before, {r['load_average'][1]:.1f} after; {r['repeats']} rounds; `{r['command']}`; raw numbers: `{r['results_file']}`"]
+    if not any(r["device"] == "cuda" for r in results):
+        lines.append("- cuda: not measured yet (no GPU where this ran); `python bench/speed.py` on a machine with one adds it, "
+                     "with the `cuda-graph` step")
+    lines += ["", "| network | device | threads | loop | images/s | steps/s | s/epoch | new / old |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for x in r["rows"]:
+            lines.append(f"| {x['case']} | {x['device']} | {x['threads'] or '-'} | {x['loop']} | {x['images_per_s']:.0f} | "
+                         f"{x['steps_per_s']:.2f} | {x['seconds_per_epoch']:.0f} | {x['speedup_vs_reference']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "cifar10-cpu.yaml"))
+    ap.add_argument("--steps", type=int, default=2, help="training steps per network (pool: per member) on the CPU (default 2)")
+    ap.add_argument("--cuda-steps", type=int, default=100, help="the same on CUDA (default 100)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
+    ap.add_argument("--pool-size", type=int, default=8)
+    ap.add_argument("--threads", default="1,2", help="CPU thread counts (default 1,2)")
+    ap.add_argument("--devices", default="cpu,cuda", help="cpu, cuda or both (default; cuda only where a GPU is)")
+    ap.add_argument("--no-docs", action="store_true", help="do not touch docs/RESULTS.md")
+    args = ap.parse_args()
+    cfg = config.load(args.config, {"pool": {"size": args.pool_size}, "cluster": {"k": 1}})  # clustering plays no part here
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    command = (threads + "python bench/speed.py " + shlex.join(sys.argv[1:])).strip()
+    for device in [d for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]:
+        load = os.getloadavg()[0]
+        if device == "cpu":
+            out = []
+            for t in (int(v) for v in args.threads.split(",")):
+                torch.set_num_threads(t)
+                out += bench_device(cfg, device, args.steps, args.repeats, t)
+            name = machine()
+        else:
+            out = bench_device(cfg, device, args.cuda_steps, args.repeats, None)
+            name = f"{torch.cuda.get_device_name()}; {machine()}"
+        path = ROOT / "bench" / "results" / f"speed-{device}.json"
+        result = {"device": device, "machine": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+                  "command": command, "config": rel(args.config), "repeats": args.repeats,
+                  "load_average": [load, os.getloadavg()[0]], "results_file": rel(path), "rows": out}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    results = [json.loads(p.read_text()) for p in sorted((ROOT / "bench" / "results").glob("speed-*.json"))]
+    text = markdown(results)
+    print(text)
+    if not args.no_docs:
+        replace_section(ROOT / "docs" / "RESULTS.md", TITLE, text)
+
+
+if __name__ == "__main__":
+    main()
