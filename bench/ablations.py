@@ -13,7 +13,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import ROOT, aggregate, best_strategy, replace_section, shipped_bytes  # noqa: E402
+from cifar10 import ROOT, aggregate, best_strategy, publish, shipped_bytes  # noqa: E402
 
 TITLE = "## CIFAR-10: ablations"
 FIGURE = ROOT / "docs" / "figures" / "cifar10-frontier.png"
@@ -158,9 +158,7 @@ def main(names: list[str]) -> None:
     rows = [json.loads((results / f"{n}.json").read_text()) for n in names]
     refs = [json.loads((results / f"{n}-reference.json").read_text()) for n in names if (results / f"{n}-reference.json").exists()]
     figure(rows, refs, FIGURE)
-    text = table(rows, refs)
-    print(text)
-    replace_section(ROOT / "docs" / "RESULTS.md", TITLE, text)
+    publish(TITLE, table(rows, refs))
 
 
 if __name__ == "__main__":

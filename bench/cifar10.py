@@ -236,6 +236,19 @@ def curve_rows(runs: dict[str, dict], strategy: str) -> list[tuple[int, float, f
     return out
 
 
+def write_result(path: Path, result: dict) -> None:
+    """A bench's numbers as JSON under bench/results/."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def publish(title: str, text: str, docs: bool = True) -> None:
+    """Print a bench's markdown and, with ``docs``, make it the ``title`` section of docs/RESULTS.md."""
+    print(text)
+    if docs:
+        replace_section(ROOT / "docs" / "RESULTS.md", title, text)
+
+
 def replace_section(path: Path, title: str, text: str) -> None:
     """Replace the section that starts with ``title`` (up to the next ``## ``), or append it."""
     old = path.read_text() if path.exists() else "# Results\n"
@@ -304,12 +317,8 @@ def main() -> None:
     result = {"name": name, "config": rel(args.config), "set": args.set, "seeds": seeds,
               "machine": machine(), "date": datetime.date.today().isoformat(), "command": command_line(),
               "config_resolved": resolved, "results_file": rel(results_file), "runs": runs, "aggregate": agg, "targets": targets(agg)}
-    results_file.parent.mkdir(parents=True, exist_ok=True)
-    results_file.write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    print(text)
-    if not args.no_docs:
-        replace_section(ROOT / "docs" / "RESULTS.md", f"## CIFAR-10: {name}", text)
+    write_result(results_file, result)
+    publish(f"## CIFAR-10: {name}", markdown(result), not args.no_docs)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 from dataclasses import asdict
@@ -29,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import (POOL_PHASES, ROOT, aggregate, command_line, machine, pm, rel, replace_section,  # noqa: E402
-                     shipped_bytes)
+from cifar10 import (POOL_PHASES, ROOT, aggregate, command_line, machine, pm, publish, rel,  # noqa: E402
+                     shipped_bytes, write_result)
 
 from prune2edge import config, store, train  # noqa: E402
 from prune2edge.vote import accuracy, disagreement, vote  # noqa: E402
@@ -200,12 +199,8 @@ def main() -> None:
     results_file = ROOT / "bench" / "results" / f"{variant.name}-reference.json"
     result = {**reference(variant, seeds, args.epochs), "machine": machine(), "date": datetime.date.today().isoformat(),
               "command": command_line(), "results_file": rel(results_file)}
-    results_file.parent.mkdir(parents=True, exist_ok=True)
-    results_file.write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    print(text)
-    if not args.no_docs:
-        replace_section(ROOT / "docs" / "RESULTS.md", TITLE, text)
+    write_result(results_file, result)
+    publish(TITLE, markdown(result), not args.no_docs)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import ROOT, machine, rel, replace_section  # noqa: E402
+from cifar10 import ROOT, machine, publish, rel, write_result  # noqa: E402
 
 from prune2edge import config, models, pool, train  # noqa: E402
 
@@ -278,13 +278,9 @@ def main() -> None:
         result = {"device": device, "machine": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
                   "command": command, "config": rel(args.config), "repeats": args.repeats,
                   "load_average": [load, os.getloadavg()[0]], "results_file": rel(path), "rows": out}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(path, result)
     results = [json.loads(p.read_text()) for p in sorted((ROOT / "bench" / "results").glob("speed-*.json"))]
-    text = markdown(results)
-    print(text)
-    if not args.no_docs:
-        replace_section(ROOT / "docs" / "RESULTS.md", TITLE, text)
+    publish(TITLE, markdown(results), not args.no_docs)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def test_codebooks_ship_fewer_bytes(quantized):
 def test_codebooks_are_for_members_and_the_baseline_stays_plain_int8(demo_run, tmp_path):
     run = tmp_path / "run"
     for f in ("config.yaml", "dataset.json", "splits.npz", "preprocess.json", "baseline/model.pt", "baseline/model.json",
-              "pool/m000/model.pt"):
+              "pool/m000/model.pt", "pool/m000/member.json"):
         (run / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(demo_run / f, run / f)
     cfg = config.load(demo_run / "config.yaml", {"quantize": {"codebook_bits": 3}})
