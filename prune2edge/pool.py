@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import models, store, train
+from .errors import UserError
 from .vote import accuracy
 
 
@@ -69,8 +70,8 @@ class MagnitudePruner:
     ``fixed``: masks chosen in advance (anti-random), held from the first step instead of magnitude ranking.
     ``regrow`` > 0: after ``t_end``, every ``regrow_every`` steps each layer drops that fraction of its active
     weights (smallest magnitude) and regrows as many inactive ones (largest gradient magnitude, starting at zero),
-    the fraction decaying with a cosine to zero at 3/4 of training (RigL, Evci et al. 2020): the mask explores at
-    constant sparsity.
+    the fraction decaying with a cosine to zero at 3/4 of the steps after ``t_end`` (RigL, Evci et al. 2020): the
+    mask explores at constant sparsity, then settles.
     """
 
     def __init__(self, params: dict[str, torch.nn.Parameter], final: float, schedule: str, scope: str, end_step: int,
@@ -148,9 +149,13 @@ class MagnitudePruner:
         self.apply()  # first undo the optimiser's step on pruned weights: they never grow back
         if step <= self.end_step and (step % self.every == 0 or step == self.end_step):
             self.update(self.target(step))
-        stop = max(self.end_step + 1, round(0.75 * total))
-        if self.regrow and self.end_step < step < stop and step % self.regrow_every == 0:
+        if self.regrow and step in self.regrow_steps(total):
+            stop = self.end_step + round(0.75 * (total - self.end_step))
             self.regrow_masks(self.regrow * 0.5 * (1 + math.cos(math.pi * (step - self.end_step) / (stop - self.end_step))))
+
+    def regrow_steps(self, total: int) -> range:
+        """The steps that move the mask: every ``regrow_every`` from the end of the ramp to 3/4 of what is left."""
+        return range(self.end_step + self.regrow_every, self.end_step + round(0.75 * (total - self.end_step)), self.regrow_every)
 
 
 def antirandom_masks(params: dict[str, torch.Tensor], keep: list[float], index: int, seed: int,
@@ -239,10 +244,16 @@ def _settings(p: dict, epochs: float, lr: float, batch_size: int, schedule: str,
                                compile=p["compile"])
 
 
-def _pruner(model: torch.nn.Module, p: dict, sparsity: float, end_step: int, seed: int,
+def _pruner(model: torch.nn.Module, p: dict, sparsity: float, total: int, seed: int,
             fixed: dict[str, torch.Tensor] | None = None) -> MagnitudePruner:
-    pruner = MagnitudePruner(models.prunable(model), sparsity, p["schedule"], p["scope"], end_step, noise=p["mask_noise"],
-                             seed=seed, fixed=fixed, regrow=p["regrow"], regrow_every=p["regrow_every"])
+    """The member's pruner over ``total`` steps, ramping over the first ``prune_end`` of them; a clear error when
+    ``pool.regrow`` is set but no step would move the mask."""
+    pruner = MagnitudePruner(models.prunable(model), sparsity, p["schedule"], p["scope"], round(p["prune_end"] * total),
+                             noise=p["mask_noise"], seed=seed, fixed=fixed, regrow=p["regrow"], regrow_every=p["regrow_every"])
+    if p["regrow"] and not pruner.regrow_steps(total):
+        raise UserError(f"pool.regrow is {p['regrow']:g} but no step would regrow: after the pruning ramp (pool.prune_end = "
+                        f"{p['prune_end']:g} of {total} steps) fewer than pool.regrow_every = {p['regrow_every']} steps are "
+                        "left to explore; lower pool.regrow_every or pool.prune_end, or train longer (pool.epochs)")
     pruner.update(pruner.target(0))
     return pruner
 
@@ -274,7 +285,7 @@ def train_member(run_dir: Path, member: MemberPlan) -> dict:
         x, y = x[idx], y[idx]
     model, fixed = start_model(run_dir, cfg, member)
     total = max(1, round(member.epochs * math.ceil(len(x) / member.batch_size)))
-    pruner = _pruner(model, p, member.sparsity, round(p["prune_end"] * total), member.seed, fixed)
+    pruner = _pruner(model, p, member.sparsity, total, member.seed, fixed)
     history = train.fit(model, x, y, _settings(p, member.epochs, member.lr, member.batch_size, p["lr_schedule"]),
                         seed=member.seed, augment=train.augment_kind(p["augment"], store.split(run_dir, "train")[0].shape[1:]),
                         device=cfg["device"], after_step=pruner, teacher=store.load_baseline(run_dir) if p["distill"] else None,
@@ -301,8 +312,8 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
     x, y = store.tensors(run_dir, "train")
     x_val, y_val = store.tensors(run_dir, "val")
     model, _ = start_model(run_dir, cfg, lead)
-    total = n * max(1, round(lead.epochs * math.ceil(len(x) / lead.batch_size)))
-    pruner = _pruner(model, p, sparsity, round(p["prune_end"] * total / n), lead.seed)
+    cycle = max(1, round(lead.epochs * math.ceil(len(x) / lead.batch_size)))
+    pruner = _pruner(model, p, sparsity, cycle, lead.seed)  # the ramp is within the first cycle
     infos: dict[int, dict] = {}
 
     def after_step(step: int, total_steps: int) -> None:
@@ -310,7 +321,7 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
         j = step * n // total_steps - 1
         if step * n % total_steps == 0 and not (run_dir / "pool" / plans[j].name / "member.json").exists():
             record = {**asdict(plans[j]), "sparsity": sparsity, "epochs": lead.epochs, "lr": lead.lr, "batch_size": lead.batch_size,
-                      "name": plans[j].name, "model_kwargs": {}, "cyclical": True, "seconds": (time.perf_counter() - t0) / n}
+                      "name": plans[j].name, "model_kwargs": {}, "cyclical": True, "seconds": (time.perf_counter() - t0) / (j + 1)}  # per cycle so far
             infos[j] = save_member(run_dir, model, record, x_val, y_val)
 
     train.fit(model, x, y, _settings(p, n * lead.epochs, lead.lr, lead.batch_size, "restarts", n), seed=lead.seed,

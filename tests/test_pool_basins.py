@@ -174,3 +174,19 @@ def test_cyclical_pool_takes_one_member_per_cycle_from_one_run(tiny_run, tmp_pat
 def test_config_rejects_bad_or_conflicting_basin_options(opts, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         config.load(None, {"pool": opts})
+
+
+def test_regrow_that_could_never_move_the_mask_is_a_clear_error(tiny_run, tmp_path):
+    run, cfg = configured(*tiny_run, tmp_path, regrow=0.3, regrow_every=1000)
+    with pytest.raises(UserError, match="pool.regrow_every"):
+        pool.train_member(run, pool.plan(cfg)[0])
+
+
+def test_regrow_member_keeps_other_weights_than_plain_pruning_at_the_same_sparsity(tiny_run, tmp_path):
+    alive = {}
+    for regrow in (0.0, 0.5):
+        run, cfg = configured(*tiny_run, tmp_path / str(regrow), regrow=regrow, regrow_every=1, prune_end=0.2, epochs=2.0)
+        info = pool.train_member(run, pool.plan(cfg)[0])
+        alive[regrow] = flat_masks({n: w != 0 for n, w in models.prunable(store.load_member(run, info["name"])).items()})
+        assert abs(info["measured_sparsity"]["overall"] - 0.7) < 0.02
+    assert (alive[0.5] & ~alive[0.0]).sum() > 0.05 * alive[0.0].sum()  # explored: weights plain pruning had dropped
