@@ -124,10 +124,12 @@ def summarise_run(run_dir: Path, baseline_seconds: float | None = None) -> dict:
                                for x in selected],
                      "max_member_int8_gzip_vs_baseline_fp32": max(x["bytes"]["int8_gzip"] for x in selected) / base_fp32_bytes,
                      "ensemble_int8_gzip_vs_baseline_fp32": sum(x["bytes"]["int8_gzip"] for x in selected) / base_fp32_bytes,
+                     "max_member_shipped_vs_baseline_fp32": max(shipped_bytes(x["bytes"]) for x in selected) / base_fp32_bytes,
+                     "ensemble_shipped_vs_baseline_fp32": sum(shipped_bytes(x["bytes"]) for x in selected) / base_fp32_bytes,
                      "all_int8": all(x["full_integer"] and x["status"] == "ok" for x in selected)},
         # accuracy against ensemble size: each strategy's pick for k = 1..k_max clusters (from metrics.json "curves")
         "curves": {s: [{"k": c["k"], "test_acc": c["test_acc"], "val_acc": c["val_acc"],
-                        "int8_gzip_vs_baseline_fp32": sum(by_name[n]["bytes"]["int8_gzip"] for n in c["members"]) / base_fp32_bytes}
+                        "shipped_vs_baseline_fp32": sum(shipped_bytes(by_name[n]["bytes"]) for n in c["members"]) / base_fp32_bytes}
                        for c in picks] for s, picks in m.get("curves", {}).items()},
         "seconds": {**t, "baseline_used_for_ratio": base_s, "pool_quantize_select": pool_s},
         "pool_cost_vs_baseline": pool_s / base_s if base_s else None,
@@ -158,17 +160,16 @@ def best_strategy(agg: dict) -> str:
 
 
 def targets(agg: dict) -> dict:
+    """The issue-9 limits that one variant can check alone: each member at most 5 % of the baseline's fp32 ONNX as
+    shipped, and pool + quantise + select at most 1x the baseline's training time. (Reaching the deep ensemble is
+    checked against bench/reference.py's rows, in the ablation table.)"""
     g = lambda k: agg[k]["mean"]  # noqa: E731
     best = best_strategy(agg)
-    gain = g(f"ensemble_test_acc.{best}.soft") - g("baseline_fp32_test_acc")
     return {
-        "best_strategy_soft": best,
-        "best_gain_points": 100 * gain, "gain_ge_3_points": gain >= 0.03,
-        "max_member_int8_gzip_vs_baseline_fp32": g("selected.max_member_int8_gzip_vs_baseline_fp32"),
-        "member_le_5pct": g("selected.max_member_int8_gzip_vs_baseline_fp32") <= 0.05,
-        "ensemble_int8_gzip_vs_baseline_fp32": g("selected.ensemble_int8_gzip_vs_baseline_fp32"),
-        "ensemble_le_25pct": g("selected.ensemble_int8_gzip_vs_baseline_fp32") <= 0.25,
-        "pool_cost_vs_baseline": g("pool_cost_vs_baseline"), "pool_cost_le_1_5x": g("pool_cost_vs_baseline") <= 1.5,
+        "best_strategy_soft": best, "best_gain_points": 100 * (g(f"ensemble_test_acc.{best}.soft") - g("baseline_fp32_test_acc")),
+        "max_member_shipped_vs_baseline_fp32": g("selected.max_member_shipped_vs_baseline_fp32"),
+        "member_le_5pct": g("selected.max_member_shipped_vs_baseline_fp32") <= 0.05,
+        "pool_cost_vs_baseline": g("pool_cost_vs_baseline"), "pool_cost_le_1x": g("pool_cost_vs_baseline") <= 1.0,
     }
 
 
@@ -200,22 +201,22 @@ def markdown(result: dict) -> str:
               f"mean pairwise disagreement {pm(a, 'selected.mean_disagreement', 1, 3)} "
               f"(whole pool {pm(a, 'pool_mean_disagreement', 1, 3)}); vote minus mean member "
               f"{pm(a, 'pool_vote_minus_mean_member')} points (pool)",
-              f"- member sparsity {pm(a, 'member_sparsity_mean')} %; largest selected member int8+gzip = "
-              f"{pm(a, 'selected.max_member_int8_gzip_vs_baseline_fp32')} % of the baseline's fp32 ONNX "
-              f"({pm(a, 'baseline_bytes.fp32', 1 / 1024, 1)} KiB); selected ensemble = "
-              f"{pm(a, 'selected.ensemble_int8_gzip_vs_baseline_fp32')} %",
+              f"- member sparsity {pm(a, 'member_sparsity_mean')} %; largest selected member as shipped = "
+              f"{pm(a, 'selected.max_member_shipped_vs_baseline_fp32')} % of the baseline's fp32 ONNX "
+              f"({pm(a, 'baseline_bytes.fp32', 1 / 1024, 1)} KiB; int8+gzip: "
+              f"{pm(a, 'selected.max_member_int8_gzip_vs_baseline_fp32')} %); selected ensemble as shipped = "
+              f"{pm(a, 'selected.ensemble_shipped_vs_baseline_fp32')} %",
               f"- seconds: baseline {pm(a, 'seconds.baseline_used_for_ratio', 1, 0)}, pool {pm(a, 'seconds.pool', 1, 0)}, "
               f"quantise {pm(a, 'seconds.quantize', 1, 0)}, cluster+select {pm(a, 'seconds.select', 1, 0)}, "
               f"evaluate {pm(a, 'seconds.evaluate', 1, 0)}; pool+quantise+select = {pm(a, 'pool_cost_vs_baseline', 1, 2)} x baseline",
-              f"- targets: best strategy ({t['best_strategy_soft']}, soft) {t['best_gain_points']:+.2f} points "
-              f"({'met' if t['gain_ge_3_points'] else 'NOT met'}: >= +3); member <= 5 %: "
-              f"{'met' if t['member_le_5pct'] else 'NOT met'}; ensemble <= 25 %: {'met' if t['ensemble_le_25pct'] else 'NOT met'}; "
-              f"pool cost <= 1.5x: {'met' if t['pool_cost_le_1_5x'] else 'NOT met'}",
+              f"- limits: member <= 5 % as shipped: {'met' if t['member_le_5pct'] else 'NOT met'}; pool cost <= 1x: "
+              f"{'met' if t['pool_cost_le_1x'] else 'NOT met'}; best strategy ({t['best_strategy_soft']}, soft, chosen on test: "
+              f"for comparison only) {t['best_gain_points']:+.2f} points",
               f"- raw numbers: `{result['results_file']}`", ""]
     curve = curve_rows(result["runs"], "greedy")
     if curve:
         lines += ["Accuracy against ensemble size (greedy selection on validation, soft vote; mean over seeds): "
-                  "k, test accuracy %, gain over baseline fp32 (points), ensemble int8+gzip as % of baseline fp32", "",
+                  "k, test accuracy %, gain over baseline fp32 (points), ensemble as shipped, % of baseline fp32", "",
                   "| k | test acc | gain | bytes % |", "|---|---|---|---|"]
         lines += [f"| {k} | {100 * acc:.2f} | {100 * gain:+.2f} | {100 * b:.1f} |" for k, acc, gain, b in curve] + [""]
     return "\n".join(lines)
@@ -232,7 +233,7 @@ def curve_rows(runs: dict[str, dict], strategy: str) -> list[tuple[int, float, f
         base = [r["baseline_fp32_test_acc"] for r in runs.values()]
         out.append((pts[0]["k"], statistics.mean(p["test_acc"] for p in pts),
                     statistics.mean(p["test_acc"] - b for p, b in zip(pts, base)),
-                    statistics.mean(p["int8_gzip_vs_baseline_fp32"] for p in pts)))
+                    statistics.mean(p["shipped_vs_baseline_fp32"] for p in pts)))
     return out
 
 
