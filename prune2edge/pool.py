@@ -258,6 +258,11 @@ def _pruner(model: torch.nn.Module, p: dict, sparsity: float, total: int, seed: 
     return pruner
 
 
+def _augment(run_dir: Path, p: dict) -> str:
+    """The members' augmentation for the run's image shape (read from its record, not from the images)."""
+    return train.augment_kind(p["augment"], tuple(store.read_json(run_dir / "dataset.json")["image_shape"]))
+
+
 def save_member(run_dir: Path, model: torch.nn.Module, record: dict, x_val: torch.Tensor, y_val: torch.Tensor) -> dict:
     """Write ``pool/<name>/model.pt`` and then ``member.json`` (measured sparsity, fp32 validation accuracy)."""
     out = run_dir / "pool" / record["name"]
@@ -287,7 +292,7 @@ def train_member(run_dir: Path, member: MemberPlan) -> dict:
     total = max(1, round(member.epochs * math.ceil(len(x) / member.batch_size)))
     pruner = _pruner(model, p, member.sparsity, total, member.seed, fixed)
     history = train.fit(model, x, y, _settings(p, member.epochs, member.lr, member.batch_size, p["lr_schedule"]),
-                        seed=member.seed, augment=train.augment_kind(p["augment"], store.split(run_dir, "train")[0].shape[1:]),
+                        seed=member.seed, augment=_augment(run_dir, p),
                         device=cfg["device"], after_step=pruner, teacher=store.load_baseline(run_dir) if p["distill"] else None,
                         desc=member.name, progress=False)
     pruner.finish()
@@ -325,7 +330,7 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
             infos[j] = save_member(run_dir, model, record, x_val, y_val)
 
     train.fit(model, x, y, _settings(p, n * lead.epochs, lead.lr, lead.batch_size, "restarts", n), seed=lead.seed,
-              augment=train.augment_kind(p["augment"], store.split(run_dir, "train")[0].shape[1:]), device=cfg["device"],
+              augment=_augment(run_dir, p), device=cfg["device"],
               after_step=after_step, teacher=store.load_baseline(run_dir) if p["distill"] else None,
               checkpoint=run_dir / "pool" / "cyclical.pt", desc="cyclical", progress=False)
     (run_dir / "pool" / "cyclical.pt").unlink(missing_ok=True)
@@ -374,7 +379,10 @@ def build(run_dir: Path, cfg: dict, executor: Executor, progress: bool = True) -
         bar.refresh()
 
     # a cyclical pool is one job that makes every member; otherwise one job per member
-    jobs = [(train_cyclical, plans)] if p["cyclical"] and todo else [] if p["cyclical"] else [(train_member, m) for m in todo]
+    if p["cyclical"]:
+        jobs = [(train_cyclical, plans)] if todo else []
+    else:
+        jobs = [(train_member, m) for m in todo]
     futures = []
     for fn, arg in jobs:
         futures.append(executor.submit(fn, run_dir, arg))
