@@ -248,13 +248,9 @@ def yaml_text(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
-def same_run(a: dict, b: dict) -> bool:
-    """Whether two configs give the same results (``workers`` only changes how fast)."""
-    return not differences(a, b)
-
-
 def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two configs, each as ``key: A -> B`` (``workers`` aside)."""
+    """Where two configs would give different results, as ``key: A -> B`` per dotted key (``workers`` only
+    changes how fast, so it is left out); empty for the same run."""
     out = []
     for key in sorted(set(a) | set(b), key=list({**a, **b}).index):
         name, va, vb = f"{prefix}{key}", a.get(key), b.get(key)
