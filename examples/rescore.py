@@ -4,7 +4,9 @@
 
 Reads raw images ``x`` and labels ``y`` from the npz, decodes each member to its int8 ONNX model,
 reproduces the manifest's preprocessing and voting rule from their written description, and prints
-the ensemble's accuracy. It imports nothing from prune2edge, so it checks that the manifest alone is
+the ensemble's accuracy. From prune2edge it takes only the input steps (resize and colour, numpy alone:
+``prune2edge.preprocess``), so that they have one implementation, and it thereby takes images of any size
+when the bundle resizes; everything else it rebuilds from the manifest, which checks that the manifest is
 enough to run the ensemble.
 """
 import hashlib
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from prune2edge.preprocess import InputSteps, check_images
 
 
 def decode(blob: bytes) -> bytes:
@@ -42,7 +46,8 @@ def main(bundle_dir: str, npz: str) -> None:
     bundle = Path(bundle_dir)
     manifest = json.loads((bundle / "manifest.json").read_text())
     data = np.load(npz)
-    x, y = data["x"], data["y"]
+    x = check_images(data["x"], tuple(manifest["input"]["shape"]), InputSteps.from_dict(manifest["input"].get("steps")))
+    y = data["y"]
     pre = manifest["input"]["preprocess"]
     inp = (x.astype(np.float32) * np.float32(pre["scale"]) - np.float32(pre["mean"])) / np.float32(pre["std"])
     inp = np.ascontiguousarray(inp.transpose(0, 3, 1, 2))

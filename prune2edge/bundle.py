@@ -3,8 +3,8 @@
 Members are shipped encoded (:data:`ENCODING`, written by :func:`prune2edge.quantize.encode`).
 ``Bundle.load(path)`` verifies every shipped file's sha256, decodes it in memory to the exact int8
 ONNX bytes (checked against their sha256 too) and only then runs it; version-1 bundles of plain
-``.onnx`` members load as before. ``predict`` takes raw images exactly as the dataset stores them
-(uint8, NHWC or NHW) and applies the manifest's preprocessing and voting rule.
+``.onnx`` members load as before. ``predict`` takes raw uint8 images (NHWC or NHW) and applies the manifest's
+input steps (resize and colour, when the run set them: then images of any size), preprocessing and voting rule.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import UserError
-from .preprocess import Preprocessing
+from .preprocess import InputSteps, Preprocessing, check_images
 from .store import write_bytes, write_json
 from .vote import softmax, vote
 
@@ -70,7 +70,7 @@ def predict_proba(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 2
 
 
 def write(out: Path, members: list[dict], preprocessing: Preprocessing, image_shape: tuple[int, int, int],
-          classes: list[str], rule: str, weighted: bool = False) -> dict:
+          classes: list[str], rule: str, weighted: bool = False, steps: InputSteps | None = None) -> dict:
     """Copy each member's shipped file (``member["shipped"]``, an :data:`ENCODING` int8 ONNX model) into
     ``out/members/`` and write the manifest last.
 
@@ -89,7 +89,8 @@ def write(out: Path, members: list[dict], preprocessing: Preprocessing, image_sh
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "input": {"shape": list(image_shape), "layout": "HWC", "dtype": "uint8", "onnx_input": "input",
-                  "onnx_layout": "NCHW", "onnx_dtype": "float32", "preprocess": preprocessing.to_dict()},
+                  "onnx_layout": "NCHW", "onnx_dtype": "float32", "steps": (steps or InputSteps()).to_dict(),
+                  "preprocess": preprocessing.to_dict()},
         "output": {"onnx_output": "logits", "postprocess": "softmax over the last axis"},
         "classes": list(classes),
         "vote": {"rule": rule, "weighted": weighted, "tie_break": "lowest class index",
@@ -144,20 +145,6 @@ def member_onnx(bundle_dir: Path, entry: dict) -> bytes:
     return onnx_bytes
 
 
-def check_images(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Raw images as uint8 NHWC of the bundle's shape (also takes NHW for one channel, or one image), or a clear error."""
-    x = np.asarray(x)
-    if shape[-1] == 1 and x.shape[-2:] == tuple(shape[:2]):
-        x = x[..., None]
-    if x.shape == tuple(shape):
-        x = x[None]
-    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape):
-        raise UserError(f"images have shape {tuple(x.shape)} but the model takes {tuple(shape)} (HWC) per image")
-    if x.dtype != np.uint8:
-        raise UserError(f"images have dtype {x.dtype}; the bundle takes raw uint8 pixels")
-    return x
-
-
 def restrict(manifest: dict, members: list[str] | None) -> dict:
     """The manifest with only the ``members`` ids (all when None); unknown ids are a clear error."""
     if members is None:
@@ -176,6 +163,7 @@ class Bundle:
         self.path, self.manifest, self.sessions = path, manifest, sessions
         self.preprocessing = Preprocessing.from_dict(manifest["input"]["preprocess"])
         self.shape = tuple(manifest["input"]["shape"])
+        self.steps = InputSteps.from_dict(manifest["input"].get("steps"))  # none in bundles made before them
         self.classes = manifest["classes"]
 
     @classmethod
@@ -192,7 +180,7 @@ class Bundle:
 
     def member_proba(self, x: np.ndarray) -> np.ndarray:
         """Each member's class probabilities for raw images: ``[M, N, K]``."""
-        inp = self.preprocessing.apply(check_images(x, self.shape))
+        inp = self.preprocessing.apply(check_images(x, self.shape, self.steps))
         return np.stack([predict_proba(s, inp) for s in self.sessions])
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:

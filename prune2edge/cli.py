@@ -97,11 +97,16 @@ def evaluate(bundle_dir: Path, spec: str) -> None:
     for name, acc in result["members"].items():
         click.echo(f"member {name}: {acc:.4f}")
     click.echo(f"ensemble test accuracy: {result['test_acc']:.4f} on {result['n_test']} images")
+    for w in result["warnings"]:
+        click.secho(f"warning: {w}", fg="yellow", err=True)
 
 
 def read_images(paths: list[str]) -> tuple[list[str], "object"]:
-    """Image files (png/jpg) or arrays (.npy, or .npz with x / x_test) -> names and one uint8 array."""
+    """Image files (png/jpg) or arrays (.npy, or .npz with x / x_test) -> names and the uint8 images: one array,
+    or a list of arrays when their shapes differ."""
     import numpy as np
+
+    from .data import read_arrays, read_image
 
     names, arrays = [], []
     for p in paths:
@@ -109,29 +114,16 @@ def read_images(paths: list[str]) -> tuple[list[str], "object"]:
         if not path.is_file():
             raise UserError(f"no such file: '{p}'")
         if path.suffix in (".npy", ".npz"):
-            try:
-                z = np.load(path, allow_pickle=False)
-            except ValueError as e:
-                raise UserError(f"cannot read '{p}' ({e})") from None
-            if path.suffix == ".npz":
-                key = next((k for k in ("x", "x_test", "images") if k in z.files), None)
-                if key is None:
-                    raise UserError(f"'{p}' has no array named x, x_test or images (has {z.files})")
-                z = z[key]
-            names += [f"{p}[{i}]" for i in range(len(z))]
-            arrays += list(z)
+            z = read_arrays(path)
+            key = next((k for k in ("x", "x_test", "images") if k in z), None)
+            if key is None:
+                raise UserError(f"'{p}' has no array named x, x_test or images (has {sorted(z)})")
+            names += [f"{p}[{i}]" for i in range(len(z[key]))]
+            arrays += list(z[key])
         else:
-            from PIL import Image, UnidentifiedImageError
-
-            try:
-                arrays.append(np.asarray(Image.open(path)))
-            except UnidentifiedImageError:
-                raise UserError(f"'{p}' is not an image, .npy or .npz file") from None
+            arrays.append(read_image(path))
             names.append(p)
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise UserError(f"the inputs mix image shapes {sorted(shapes)}")
-    return names, np.stack(arrays)
+    return names, np.stack(arrays) if len({a.shape for a in arrays}) == 1 else arrays
 
 
 @main.command()
@@ -139,13 +131,12 @@ def read_images(paths: list[str]) -> tuple[list[str], "object"]:
 @click.argument("files", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def predict(bundle_dir: Path, files: tuple[str, ...], as_json: bool) -> None:
-    """Classify image FILES (png/jpg, .npy, .npz) with BUNDLE_DIR; needs only onnxruntime and numpy."""
+    """Classify image FILES (png/jpg of any size when the bundle resizes, .npy, .npz) with BUNDLE_DIR; needs only
+    onnxruntime and numpy (and Pillow for image files)."""
     from .bundle import Bundle
 
     b = Bundle.load(bundle_dir)
     names, x = read_images(list(files))
-    if x.ndim == 4 and b.shape[-1] == 3 and x.shape[-1] == 4:
-        x = x[..., :3]  # RGBA images: drop alpha
     scores = b.predict_proba(x)
     for name, s in zip(names, scores):
         k = int(s.argmax())
@@ -195,31 +186,32 @@ def _log_to_stderr(level: str = "INFO") -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
 
 
-def _inputs(items: list[str]) -> tuple[list[str], "object", "object"]:
-    """A dataset spec (its test split, with labels) or image/array files -> names, uint8 images, labels or None."""
+def _inputs(items: list[str]) -> tuple[list[str], "object", "object", list[str] | None]:
+    """A dataset spec (its test split, with labels) or image/array files -> names, uint8 images, labels or None,
+    class names or None."""
     import numpy as np
 
-    if len(items) == 1 and items[0].partition(":")[0] in DATASET_SPECS and not Path(items[0]).exists():
-        from . import data
+    from . import data
 
+    if len(items) == 1 and items[0].partition(":")[0] in DATASET_SPECS and not Path(items[0]).exists():
         d = data.load(data.parse_spec(items[0]))
-        return [f"{d.name}:test[{i}]" for i in range(len(d.x_test))], d.x_test, d.y_test
+        return [f"{d.name}:test[{i}]" for i in range(len(d.x_test))], d.x_test, d.y_test, d.classes if d.named else None
     names, x = read_images(items)
     labels = None
     if len(items) == 1 and items[0].endswith(".npz"):  # labels next to the images: (x, y) or (x_test, y_test)
-        with np.load(items[0], allow_pickle=False) as z:
-            key = next((k for k in ("x", "x_test", "images") if k in z.files), None)
-            ykey = {"x": "y", "x_test": "y_test", "images": "labels"}.get(key)
-            if ykey in z.files and len(z[ykey]) == len(x):
-                labels = z[ykey].astype(np.int64)
-    return names, x, labels
+        z = data.read_arrays(items[0])
+        key = next((k for k in ("x", "x_test", "images") if k in z), None)
+        ykey = {"x": "y", "x_test": "y_test", "images": "labels"}.get(key)
+        if ykey in z and len(z[ykey]) == len(x):
+            labels = z[ykey].astype(np.int64)
+    return names, x, labels, None
 
 
 def _classify(broker, fleet_name: str, items: list[str], out: Path | None, rate: float | None, max_in_flight: int,
               timeout: float, limit: int | None) -> dict:
     from . import fleet
 
-    names, x, y = _inputs(items)
+    names, x, y, classes = _inputs(items)
     if limit is not None:
         names, x, y = names[:limit], x[:limit], None if y is None else y[:limit]
     sink = open(out, "w") if out else sys.stdout
@@ -229,7 +221,7 @@ def _classify(broker, fleet_name: str, items: list[str], out: Path | None, rate:
             sink.flush()
 
         s = fleet.classify(broker, fleet_name, x, names, y, on_result=write, rate=rate, max_in_flight=max_in_flight,
-                           timeout_s=timeout)
+                           timeout_s=timeout, classes=classes)
     finally:
         if out:
             sink.close()

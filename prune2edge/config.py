@@ -7,13 +7,18 @@ from typing import Any
 
 import yaml
 
+from .data import TEST_FRACTION
 from .errors import UserError
+from .preprocess import COLORS
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "cpu",
     "workers": 1,
-    "data": {"name": "digits", "path": None, "download": False, "val_fraction": 0.1, "max_train": None},
+    "data": {"name": "digits", "path": None, "download": False, "val_fraction": 0.1, "max_train": None,
+             "test_fraction": TEST_FRACTION,  # carved (stratified, seed 0) from a source without a test split
+             "image_size": None,              # int or [h, w]: every image resized to it (area filter); None: as stored
+             "color": None},                  # grey or rgb: every image converted to it; None: as stored
     "model": {"arch": "small_cnn", "kwargs": {}, "weights": None},
     "train": {"epochs": 10.0, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
               "weight_decay": 5e-4, "schedule": "onecycle", "augment": "auto", "label_smoothing": 0.0,
@@ -67,6 +72,7 @@ DEFAULTS: dict[str, Any] = {
 CHOICES = {
     "device": ("cpu", "cuda"),
     "data.name": ("digits", "cifar10", "cifar100", "npz", "imagefolder"),
+    "data.color": (None, *COLORS),
     "train.optimizer": ("sgd", "adam"),
     "train.schedule": ("onecycle", "cosine", "constant", "restarts"),
     "train.augment": ("auto", "none", "crop", "crop_flip"),
@@ -159,6 +165,11 @@ def validate(cfg: dict) -> dict:
         _need(_get(cfg, key) != "cuda-graph" or cfg["device"] == "cuda", key, "'cuda-graph' needs device: cuda", _get(cfg, key))
     _need(cfg["train"]["epochs"] > 0 or cfg["model"]["weights"], "train.epochs", "must be > 0 unless model.weights is given", cfg["train"]["epochs"])
     _range(cfg, "data.val_fraction", 0.01, 0.9)
+    _range(cfg, "data.test_fraction", 0.01, 0.9)
+    size = cfg["data"]["image_size"]
+    _need(size is None or all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                              for v in (size if isinstance(size, list) and len(size) == 2 else [size])),
+          "data.image_size", "must be null (as stored), a positive integer or a [height, width] pair of them", size)
     _range(cfg, "pool.sparsity", 0.0, 1.0, closed_hi=False)
     _range(cfg, "pool.prune_end", 0.0, 1.0)
     _range(cfg, "pool.mask_noise", 0.0, 10.0)
@@ -237,6 +248,16 @@ def yaml_text(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
-def same_run(a: dict, b: dict) -> bool:
-    """Whether two configs give the same results (``workers`` only changes how fast)."""
-    return {**a, "workers": 0} == {**b, "workers": 0}
+def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Where two configs would give different results, as ``key: A -> B`` per dotted key (``workers`` only
+    changes how fast, so it is left out); empty for the same run."""
+    out = []
+    for key in sorted(set(a) | set(b), key=list({**a, **b}).index):
+        name, va, vb = f"{prefix}{key}", a.get(key), b.get(key)
+        if name == "workers" or va == vb:
+            continue
+        if isinstance(va, dict) and isinstance(vb, dict) and key not in ("kwargs", "member_kwargs"):
+            out += differences(va, vb, name + ".")
+        else:
+            out.append(f"{name}: {va!r} -> {vb!r}")
+    return out

@@ -138,13 +138,30 @@ def _mean_offdiag(d: np.ndarray) -> float:
 
 
 def evaluate_bundle(path: Path | str, spec: dict) -> dict:
-    """Score a bundle on a dataset's test split, independently of the run that made it."""
-    ds = data.load(spec)
+    """Score a bundle on a dataset's test split, independently of the run that made it. The data is read through
+    the bundle's input steps, must have the bundle's classes, and a score no better than chance adds a warning."""
     b = Bundle.load(path)
+    ds = data.load({**spec, **b.steps.to_config()} if b.steps.size or b.steps.color else spec)
+    data.check_classes(b.classes, ds.classes if ds.named else None, ds.y_test)
     proba = b.member_proba(ds.x_test)
     ensemble = vote(proba, b.manifest["vote"]["rule"], b.weights)
-    return {"test_acc": accuracy(ensemble, ds.y_test), "n_test": len(ds.y_test),
+    acc = accuracy(ensemble, ds.y_test)
+    return {"test_acc": acc, "n_test": len(ds.y_test), "warnings": chance_warnings(acc, ds.y_test, b.classes),
             "members": {e["id"]: accuracy(p, ds.y_test) for e, p in zip(b.manifest["members"], proba)}}
+
+
+def chance_warnings(acc: float, y: np.ndarray, classes: list[str]) -> list[str]:
+    """A warning naming the likely causes when ``acc`` is not clearly above chance: the accuracy of always
+    answering the most frequent class (one-sided binomial test, p >= 0.01)."""
+    counts = np.bincount(y, minlength=len(classes))
+    chance, n = counts.max() / len(y), len(y)
+    p = binomtest(round(acc * n), n, chance, alternative="greater").pvalue
+    if p < 0.01:
+        return []
+    return [f"test accuracy {acc:.4f} is no better than chance ({chance:.4f}, always answering '{classes[counts.argmax()]}'; "
+            f"p = {p:.2g} on {n} images). Likely causes: the data orders its classes differently from the bundle "
+            f"({data.short_list(classes)}); its images differ from the training images (size, colour, value range, "
+            "preprocessing done by hand); or it is another dataset"]
 
 
 def table(m: dict) -> str:
@@ -173,5 +190,5 @@ def table(m: dict) -> str:
         lines.append(f"dropped by the int8 gate: {', '.join(m['dropped'])}")
     for s in m["skipped_clusters"]:
         lines.append(f"cluster c{s['cluster']} ({', '.join(s['members'])}) skipped: {s['reason']}")
-    lines.extend(f"WARNING: {w['message']}" for w in m["warnings"])
+    lines.extend(f"WARNING: {w['message']}" for w in m["dataset"].get("warnings", []) + m["warnings"])  # data, selection
     return "\n".join(lines)

@@ -9,25 +9,35 @@ import torch
 
 from . import bundle, cluster, config, data, evaluate, models, pool, quantize, report, select, store, train
 from .errors import UserError
-from .preprocess import Preprocessing
+from .preprocess import InputSteps, Preprocessing
 from .vote import accuracy
 
 
 def prepare(run_dir: Path, cfg: dict) -> None:
-    """Record the config, the split indices and the preprocessing fitted on the training split."""
+    """Record the config, the split indices, the input steps and the preprocessing fitted on the training split;
+    warn in ``dataset.json`` about images copied across the splits."""
     saved = run_dir / "config.yaml"
     if saved.exists():
-        if not config.same_run(config.load(saved), cfg):
-            raise UserError(f"'{run_dir}' holds a run with a different config; use another output directory "
-                            "(or delete it to start over)")
+        changed = config.differences(config.load(saved), cfg)
+        if changed:
+            raise UserError(f"'{run_dir}' holds a run with a different config ({'; '.join(changed)}, from that run's "
+                            "to this one); use another output directory (or delete it to start over)")
         if (run_dir / "preprocess.json").exists():
             return
     ds = data.load(cfg["data"])
     run_dir.mkdir(parents=True, exist_ok=True)
     tr, va = data.split_train_val(ds.y_train, cfg["data"]["val_fraction"], cfg["seed"], cfg["data"]["max_train"])
-    store.write_npz(run_dir / "splits.npz", train=tr, val=va, test=np.arange(len(ds.y_test)))
-    store.write_json(run_dir / "dataset.json", {"name": ds.name, "classes": ds.classes, "image_shape": ds.image_shape,
-                                                "n_train": len(tr), "n_val": len(va), "n_test": len(ds.y_test)})
+    carved = {} if ds.carved_test is None else {"carved_test": ds.carved_test}
+    store.write_npz(run_dir / "splits.npz", train=tr, val=va, test=np.arange(len(ds.y_test)), **carved)
+    split = {"train": ds.x_train[tr], "val": ds.x_train[va], "test": ds.x_test}
+    copies = data.duplicates(split)
+    warning = data.duplicate_warning(copies, {k: len(v) for k, v in split.items()})
+    store.write_json(run_dir / "dataset.json", {
+        "name": ds.name, "classes": ds.classes, "image_shape": ds.image_shape, "n_train": len(tr), "n_val": len(va),
+        "n_test": len(ds.y_test), "input_steps": InputSteps.from_config(cfg["data"]).to_dict(),
+        "test_split": "given" if ds.carved_test is None else
+                      f"carved: {cfg['data']['test_fraction']:g} of the source, stratified, seed {data.TEST_SEED}",
+        "duplicates": copies, "warnings": [warning] if warning else []})
     store.write_bytes(saved, config.yaml_text(cfg).encode())
     store.write_json(run_dir / "preprocess.json", Preprocessing.fit(ds.x_train[tr], ds.scale).to_dict())
 
@@ -112,7 +122,8 @@ def make_bundle(run_dir: Path, cfg: dict, selection: dict, members: list[dict], 
                 "sparsity": by_name[n]["measured_sparsity"]["overall"], "val_acc": quant[n]["val_acc_int8"],
                 "cluster": labels[n]} for n in selection["selected"]]
     return bundle.write(run_dir / "bundle", entries, store.preprocessing(run_dir), tuple(info["image_shape"]),
-                        info["classes"], cfg["vote"]["rule"], cfg["vote"]["weighted"])
+                        info["classes"], cfg["vote"]["rule"], cfg["vote"]["weighted"],
+                        InputSteps.from_dict(info.get("input_steps")))
 
 
 def done_before(run_dir: Path, name: str) -> float:

@@ -55,7 +55,8 @@ def export_onnx(model: torch.nn.Module, path: Path, image_shape: tuple[int, int,
 
 class _Calibration(CalibrationDataReader):
     def __init__(self, x: np.ndarray, batch: int = 32):
-        self.batches = iter([{"input": x[i:i + batch]} for i in range(0, len(x), batch)])
+        batch = next(b for b in range(min(batch, len(x)), 0, -1) if len(x) % b == 0)  # equal batches: the percentile
+        self.batches = iter([{"input": x[i:i + batch]} for i in range(0, len(x), batch)])  # collector stacks them
 
     def get_next(self) -> dict | None:
         return next(self.batches, None)

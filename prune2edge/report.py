@@ -674,6 +674,7 @@ def headline(run: Run) -> dict | None:
     members = {mm["name"]: mm for mm in m["members"]}
     return {"baseline": b, "ensemble": e, "pool_vote": m["pool_vote"], "pool_size": len(m["members"]),
             "warnings": m.get("warnings", []),  # none in a metrics.json from before the check
+            "data_warnings": m["dataset"].get("warnings", []),  # images copied across the splits
             "selected": [members[n] for n in e["members"]], "significant": e["mcnemar_p_vs_baseline_fp32"] < 0.05,
             "ratio": {k: e["bytes"][k] / b["bytes"][k] for k in ("fp32", "int8", "int8_gzip")},
             "ratio_vs_fp32": e["bytes"]["int8_gzip"] / b["bytes"]["fp32"], "n_test": len(run.test["y"]) if run.test else None}

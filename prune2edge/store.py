@@ -85,7 +85,12 @@ def dataset(run_dir: str):
     """The dataset a run's recorded config names (loaded once per process)."""
     from . import config, data
 
-    return data.load(config.load(Path(run_dir) / "config.yaml")["data"])
+    ds = data.load(config.load(Path(run_dir) / "config.yaml")["data"])
+    splits = Path(run_dir) / "splits.npz"
+    if ds.carved_test is not None and splits.exists() and not np.array_equal(np.load(splits)["carved_test"], ds.carved_test):
+        raise UserError(f"the test split carved from the data now differs from the one '{run_dir}' recorded in "
+                        "splits.npz (the data or scikit-learn changed); start a new run directory")
+    return ds
 
 
 def split(run_dir: str | Path, name: str) -> tuple[np.ndarray, np.ndarray]:

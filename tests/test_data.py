@@ -151,3 +151,146 @@ def test_cifar100_fine_labels(tmp_path):
     (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"f{i}".encode() for i in range(100)]}))
     ds = data.load(data.parse_spec(f"cifar100:{tmp_path}"))
     assert len(ds.classes) == 100 and ds.x_train.shape == (30, 32, 32, 3) and ds.y_test.max() < 100
+
+
+def xy(n_per_class=10, classes=3, size=(6, 5), seed=0):
+    """Distinct random images, labels in class blocks."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n_per_class * classes, *size), dtype=np.uint8), np.repeat(np.arange(classes), n_per_class)
+
+
+def test_an_npz_of_x_and_y_alone_gets_a_stratified_seeded_test_split(tmp_path):
+    x, y = xy()
+    np.savez(tmp_path / "one.npz", x=x, y=y, class_names=np.array(["a", "b", "c"]))
+    ds = data.load({"name": "npz", "path": str(tmp_path / "one.npz"), "test_fraction": 0.3})
+    assert ds.classes == ["a", "b", "c"] and ds.named  # class_names read like label_names
+    assert len(ds.y_test) == 9 and np.bincount(ds.y_test).tolist() == [3, 3, 3] and len(ds.y_train) == 21
+    assert np.array_equal(ds.x_test, x[ds.carved_test, ..., None]) and np.array_equal(ds.y_test, y[ds.carved_test])
+    rest = np.setdiff1d(np.arange(30), ds.carved_test)
+    assert np.array_equal(ds.x_train[..., 0], x[rest])  # the training split is the rest, in file order
+    again = data.load(data.parse_spec(f"npz:{tmp_path / 'one.npz'}"))  # default fraction 0.2, same seed
+    assert len(again.y_test) == 6 and again.named
+    assert np.array_equal(data.load({"name": "npz", "path": str(tmp_path / "one.npz"), "test_fraction": 0.3}).carved_test,
+                          ds.carved_test)
+    np.savez(tmp_path / "unnamed.npz", x=x, y=y)
+    assert not data.load_npz(str(tmp_path / "unnamed.npz")).named
+    np.savez(tmp_path / "few.npz", x=x[:4], y=np.array([0, 0, 0, 1]))
+    with pytest.raises(UserError, match="cannot carve a stratified test split of 0.2 .*every class needs at least 2"):
+        data.load_npz(str(tmp_path / "few.npz"))
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"images": 0, "labels": 0}, r"npz data lacks \['x_train', 'y_train'\]: found keys \['images', 'labels'\]"),
+    ({"x": 0}, r"lacks \['y'\]: found keys \['x'\]"),
+    ({"x_train": 0, "y_train": 0, "x_test": 0}, r"lacks \['y_test'\]: found keys \['x_test', 'x_train', 'y_train'\]"),
+])
+def test_missing_npz_keys_list_the_keys_found(tmp_path, keys, message):
+    x, y = xy()
+    np.savez(tmp_path / "d.npz", **{k: x if k.startswith(("x", "images")) else y for k in keys})
+    with pytest.raises(UserError, match=message):
+        data.load({"name": "npz", "path": str(tmp_path / "d.npz")})
+
+
+def test_npz_labels_out_of_range_are_named(tmp_path):
+    x, y = xy()
+    np.savez(tmp_path / "d.npz", x=x, y=y + 1, label_names=np.array(["a", "b", "c"]))
+    with pytest.raises(UserError, match=r"labels out of range: found 1..3, expected 0..2 \(3 classes\)"):
+        data.load({"name": "npz", "path": str(tmp_path / "d.npz")})
+    np.savez(tmp_path / "d.npz", x=x, y=y - 1)
+    with pytest.raises(UserError, match=r"labels out of range: found -1..1"):
+        data.load({"name": "npz", "path": str(tmp_path / "d.npz")})
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"x_train,y_train\n1,2\n", r"cannot read npz file '.*bad.npz': it is not a numpy .npz or .npy file but a text file"),
+    (b"", "it is not a numpy .npz or .npy file but empty"),
+    (b"\x00\x01\x02\x03garbage", r"not a numpy .npz or .npy file but a file that starts with b'\\x00\\x01"),
+    (b"PK\x03\x04 truncated", r"cannot read npz file .*: it is truncated or damaged; write or copy it again"),
+])
+def test_a_file_that_is_no_npz_says_what_it_is(tmp_path, content, message):
+    (tmp_path / "bad.npz").write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        data.load({"name": "npz", "path": str(tmp_path / "bad.npz")})
+
+
+def test_truncated_and_pickled_npz(tmp_path):
+    x, y = xy(n_per_class=200, size=(16, 16))
+    np.savez_compressed(tmp_path / "full.npz", x=x, y=y)
+    blob = (tmp_path / "full.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(blob[:len(blob) // 2])
+    with pytest.raises(UserError, match="cannot read npz file .*cut.npz.*truncated or damaged"):
+        data.read_arrays(tmp_path / "cut.npz")
+    np.savez(tmp_path / "objects.npz", x=x, y=y, label_names=np.array(["a", 1, None], dtype=object))
+    with pytest.raises(UserError, match="holds pickled Python objects, which prune2edge does not load"):
+        data.read_arrays(tmp_path / "objects.npz")
+    np.save(tmp_path / "x.npy", x)
+    assert np.array_equal(data.read_arrays(tmp_path / "x.npy")["x"], x)
+
+
+def test_a_bare_path_gets_the_prefix_it_needs(tmp_path):
+    x, y = xy()
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    with pytest.raises(UserError, match=f"unknown dataset '{tmp_path / 'd.npz'}'.*write 'npz:{tmp_path / 'd.npz'}'"):
+        data.load(data.parse_spec(str(tmp_path / "d.npz")))
+    with pytest.raises(UserError, match=f"for a folder of images write 'imagefolder:{tmp_path}'"):
+        data.load(data.parse_spec(str(tmp_path)))
+    with pytest.raises(UserError, match="needs its kind in front: 'npz:/no/such.file' .* or 'imagefolder:/no/such.file'"):
+        data.load(data.parse_spec("/no/such.file"))
+
+
+def test_image_size_and_color_apply_as_images_are_loaded(tmp_path):
+    rng = np.random.default_rng(0)
+    for i, c in enumerate(("cat", "dog") * 6):  # no test/: one carved; sizes and colours mixed
+        (tmp_path / "train" / c).mkdir(parents=True, exist_ok=True)
+        shape = (40, 30, 3) if i % 3 else (20, 15)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(tmp_path / "train" / c / f"{i}.png")
+    with pytest.raises(UserError, match=r"mixes image sizes .*set data.image_size \(e.g. 64, or \[height, width\]\)"):
+        data.load({"name": "imagefolder", "path": str(tmp_path)})
+    ds = data.load({"name": "imagefolder", "path": str(tmp_path), "image_size": [8, 6], "test_fraction": 0.25})
+    assert ds.x_train.shape[1:] == (8, 6, 3) and len(ds.y_test) == 3 and ds.carved_test is not None
+    grey = data.load({"name": "imagefolder", "path": str(tmp_path), "image_size": 8, "color": "grey"})
+    assert grey.image_shape == (8, 8, 1)
+    x, y = xy(size=(12, 12, 3))
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:3], y_test=y[:3])
+    ds = data.load({"name": "npz", "path": str(tmp_path / "d.npz"), "image_size": 6, "color": "grey"})
+    assert ds.x_train.shape == (30, 6, 6, 1) and ds.x_test.shape == (3, 6, 6, 1) and ds.carved_test is None
+    digits = data.load({"name": "digits", "image_size": 16, "color": "rgb"})  # any source, not only files
+    assert digits.image_shape == (16, 16, 3)
+
+
+def test_imagefolder_layouts(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / "flat" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((4, 4), 40 * i + (c == "b"), np.uint8)).save(tmp_path / "flat" / c / f"{i}.png")
+    ds = data.load_imagefolder(tmp_path / "flat")  # DIR/<class>/ alone
+    assert ds.classes == ["a", "b"] and len(ds.y_test) == 2 and len(ds.y_train) == 8
+    (tmp_path / "flat" / "test" / "c").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"imagefolder '.*flat/test' has classes \['c'\] that .* lacks; its classes are \['a', 'b'\]"):
+        data.load_imagefolder(tmp_path / "flat")
+    with pytest.raises(UserError, match="is not a directory"):
+        data.load_imagefolder(tmp_path / "nope")
+    (tmp_path / "broken" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "broken" / "train" / "a" / "0.jpg").write_bytes(b"\xff\xd8 not really")
+    with pytest.raises(UserError, match="cannot read image '.*0.jpg'"):
+        data.load_imagefolder(tmp_path / "broken")
+
+
+def test_copies_across_splits_are_counted():
+    x, _ = xy(size=(4, 4))
+    counts = data.duplicates({"train": x[:20], "val": np.concatenate([x[20:25], x[:2]]), "test": np.concatenate([x[25:], x[3:4], x[21:22]])})
+    assert counts == {"train/val": 2, "train/test": 1, "val/test": 1}
+    w = data.duplicate_warning(counts, {"train": 20, "val": 7, "test": 7})
+    assert "2 of the 7 validation images also in the training split; 1 of the 7 test images also in the training split" in w["message"]
+    assert data.duplicate_warning({"train/val": 0}, {}) is None
+
+
+def test_classes_are_checked_against_a_model():
+    data.check_classes(["a", "b"], ["a", "b"], np.array([0, 1]))
+    data.check_classes(["a", "b"], None, np.array([0, 1]))
+    with pytest.raises(UserError, match="the model's classes in another order .*data: b, a; model: a, b"):
+        data.check_classes(["a", "b"], ["b", "a"])
+    with pytest.raises(UserError, match="the data's 3 classes are not the model's 2: .*not in the model: c; not in the data: none"):
+        data.check_classes(["a", "b"], ["a", "b", "c"])
+    with pytest.raises(UserError, match=r"labels run 0..4, but the model has 2 classes \(labels 0..1: a, b\)"):
+        data.check_classes(["a", "b"], None, np.array([0, 4]))

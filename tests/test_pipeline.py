@@ -11,9 +11,10 @@ import time
 import numpy as np
 import pytest
 import yaml
+from click.testing import CliRunner
 from conftest import prune2edge_cli
 
-from prune2edge import store
+from prune2edge import UserError, cli, config, data, evaluate, pipeline, store
 
 
 def test_demo_run_meets_its_targets(demo_run):
@@ -49,7 +50,7 @@ def test_run_records_splits_and_the_scored_test_set(demo_run):
 def test_cli_evaluate_and_predict_match_the_run(demo_run, tmp_path):
     m = store.read_json(demo_run / "metrics.json")
     out = prune2edge_cli("evaluate", str(demo_run / "bundle"), "--data", "digits")
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0 and "warning" not in out.stderr, out.stderr
     assert f"ensemble test accuracy: {m['ensemble']['test_acc']:.4f} on 450 images" in out.stdout
     test = np.load(demo_run / "test.npz")
     np.save(tmp_path / "few.npy", test["x"][:5])
@@ -104,7 +105,7 @@ def test_kill_mid_pool_then_rerun_gives_identical_metrics(tmp_path):
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump({**SMALL, "seed": 2}))
     out = prune2edge_cli("run", str(changed), "--out", str(run_dir))
-    assert out.returncode == 2 and "holds a run with a different config" in out.stderr
+    assert out.returncode == 2 and "holds a run with a different config (seed: 1 -> 2, from that run's to this one)" in out.stderr
 
 
 @pytest.mark.parametrize("config_text, message", [
@@ -154,3 +155,77 @@ def test_bad_inputs_to_predict(demo_run, tmp_path):
     assert out.returncode == 2 and f"member '{victim.stem}' was altered" in out.stderr and "Traceback" not in out.stderr
     out = prune2edge_cli("predict", str(tmp_path), str(tmp_path / "ok.npy"))
     assert out.returncode == 2 and "is not a bundle: no manifest.json" in out.stderr
+
+
+def invoke(*args: str):
+    """The real command line, in this process (faster than a subprocess for many small error cases)."""
+    return CliRunner().invoke(cli.main, list(args))
+
+
+def truncated_npz(path):
+    x = np.random.default_rng(0).integers(0, 256, (400, 8, 8), dtype=np.uint8)
+    np.savez_compressed(path, x=x, y=np.arange(400) % 10)
+    path.write_bytes(path.read_bytes()[:3000])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_text("x_train,y_train\n1,2\n"), "it is not a numpy .npz or .npy file but a text file"),
+    (lambda p: p.write_bytes(b"\x00" * 64), "it is not a numpy .npz or .npy file but a file that starts with"),
+    (truncated_npz, "it is truncated or damaged; write or copy it again"),
+])
+def test_a_bad_npz_gets_a_clear_error_in_every_command(demo_run, tmp_path, make, message):
+    bad = tmp_path / "bad.npz"
+    make(bad)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"name": "npz", "path": str(bad)}}))
+    bundle = str(demo_run / "bundle")
+    for args in (["run", str(cfg), "--out", str(tmp_path / "run")], ["evaluate", bundle, "--data", f"npz:{bad}"],
+                 ["predict", bundle, str(bad)], ["classify", "--broker", "mqtt://127.0.0.1:9", str(bad)]):
+        out = invoke(*args)
+        assert out.exit_code == 2 and f"cannot read npz file '{bad}'" in out.stderr and message in out.stderr, (args, out.stderr)
+
+
+def test_evaluate_refuses_other_classes_and_warns_at_chance(demo_run, tmp_path):
+    d = data.load_digits()
+    bundle = str(demo_run / "bundle")
+
+    def evaluate_on(name: str, **arrays):
+        np.savez(tmp_path / name, **{"x_train": d.x_train, "y_train": d.y_train, "x_test": d.x_test, "y_test": d.y_test, **arrays})
+        return invoke("evaluate", bundle, "--data", f"npz:{tmp_path / name}")
+
+    out = evaluate_on("pets.npz", y_train=d.y_train % 2, y_test=d.y_test % 2, label_names=np.array(["cat", "dog"]))
+    assert out.exit_code == 2 and "the data's 2 classes are not the model's 10: the data has cat, dog, the model 0, 1, 2" in out.stderr
+    out = evaluate_on("reordered.npz", label_names=np.array(list("1023456789")))
+    assert out.exit_code == 2 and "the model's classes in another order (data: 1, 0, 2" in out.stderr
+    out = evaluate_on("twelve.npz", y_test=np.where(d.y_test == 9, 11, d.y_test))
+    assert out.exit_code == 2 and "the data's labels run 0..11, but the model has 10 classes" in out.stderr
+    out = evaluate_on("shifted.npz", y_test=(d.y_test + 1) % 10)  # numbered classes, in another order
+    assert out.exit_code == 0 and "ensemble test accuracy: 0.0" in out.stdout
+    assert "warning: test accuracy 0.0" in out.stderr and "no better than chance (0.1022" in out.stderr
+    assert "Likely causes: the data orders its classes differently from the bundle" in out.stderr
+    out = invoke("evaluate", bundle, "--data", str(tmp_path / "shifted.npz"))
+    assert out.exit_code == 2 and f"write 'npz:{tmp_path / 'shifted.npz'}'" in out.stderr
+
+
+def test_copies_across_splits_are_reported_in_dataset_json_and_the_summary(demo_run, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (60, 8, 8), dtype=np.uint8)
+    x[50:56] = x[:6]  # six images saved twice
+    np.savez(tmp_path / "parts.npz", x=x, y=np.arange(60) % 3)
+    cfg = config.load(None, {"data": {"name": "npz", "path": str(tmp_path / "parts.npz")}})
+    pipeline.prepare(tmp_path / "run", cfg)
+    info = store.read_json(tmp_path / "run" / "dataset.json")
+    splits = np.load(tmp_path / "run" / "splits.npz")
+    assert info["test_split"] == "carved: 0.2 of the source, stratified, seed 0" and len(splits["carved_test"]) == 12
+    test = set(splits["carved_test"].tolist())
+    train = set(np.setdiff1d(np.arange(60), splits["carved_test"])[np.concatenate([splits["train"], splits["val"]])].tolist())
+    crossing = sum((a in test) != (b in test) for a, b in zip(range(6), range(50, 56)))  # the copies split train/test
+    assert crossing and info["duplicates"]["train/test"] + info["duplicates"]["val/test"] == crossing
+    assert len(train | test) == 60
+    [w] = info["warnings"]
+    assert w["kind"] == "duplicates" and "exact copies across the splits" in w["message"]
+    m = store.read_json(demo_run / "metrics.json")
+    assert f"WARNING: {w['message']}" in evaluate.table(dict(m, dataset=info))  # the run's summary shows it
+    np.savez(tmp_path / "run" / "splits.npz", **dict(splits, carved_test=splits["carved_test"][::-1]))
+    with pytest.raises(UserError, match="the test split carved from the data now differs from the one"):
+        store.dataset(str(tmp_path / "run"))

@@ -65,7 +65,8 @@ class Aggregator:
         self.lock = threading.Lock()
         info = {"role": "aggregator", "instance": self.instance, "members": self.ids, "quorum": self.quorum,
                 "timeout_ms": timeout_ms, "rule": self.rule, "shape": list(self.view.shape),
-                "classes": self.view.classes, "max_frame_bytes": self.max_bytes}
+                "classes": self.view.classes, "max_frame_bytes": self.max_bytes,
+                "input_steps": manifest["input"].get("steps")}  # clients resize and convert frames with them
         self.offline = (self.topics.aggregator, status_payload("offline", **info))
         # a persistent session (fixed client id, clean_session=False): while this aggregator restarts, the broker
         # queues the frames and votes it misses and delivers them when it is back

@@ -8,8 +8,9 @@ import time
 
 import numpy as np
 
-from ..bundle import check_images
+from ..data import check_classes
 from ..errors import UserError
+from ..preprocess import InputSteps, check_images
 from .mqtt import Broker, Link
 from .wire import DEFAULT_TIMEOUT_MS, BadMessage, Topics, encode_frame, parse, resend_after
 
@@ -18,7 +19,8 @@ log = logging.getLogger(__name__)
 
 def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | None = None,
              labels: np.ndarray | None = None, on_result=None, rate: float | None = None, max_in_flight: int = 64,
-             timeout_s: float = 30.0, retry_s: float | None = None, ready_timeout_s: float = 30.0) -> dict:
+             timeout_s: float = 30.0, retry_s: float | None = None, ready_timeout_s: float = 30.0,
+             classes: list[str] | None = None) -> dict:
     """Publish each image as a frame and collect one outcome per frame; returns a summary.
 
     ``on_result(row)`` gets each outcome as it arrives: the aggregator's result plus ``index``, ``input``,
@@ -26,7 +28,8 @@ def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | 
     ``max_in_flight`` frames wait for an outcome at a time; ``rate`` caps frames per second. A frame with no
     outcome after ``retry_s`` is re-sent (backing off), and every frame in flight is re-sent when the connection
     comes back; the client gives up when for ``timeout_s`` no frame was sent and no outcome came, and reports
-    the frames still missing.
+    the frames still missing. Images of any size go through the fleet's input steps (from the aggregator) before
+    they are sent; ``classes`` (the data's class names) and ``labels`` must fit the fleet's classes.
     """
     topics = Topics(fleet)
     run = secrets.token_hex(4)
@@ -89,10 +92,8 @@ def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | 
                 log.warning("only %d of the fleet's %d members are online; classifying anyway",
                             sum(bool(state["live"].get(m)) for m in members), len(members))
         try:
-            images = np.asarray(images)
-            if agg["shape"][-1] == 3 and images.ndim == 4 and images.shape[-1] == 4:
-                images = images[..., :3]  # RGBA images: drop alpha
-            images = check_images(images, tuple(agg["shape"]))
+            check_classes(agg["classes"], classes, labels)
+            images = check_images(images, tuple(agg["shape"]), InputSteps.from_dict(agg.get("input_steps")))
         except UserError as e:
             raise UserError(f"fleet '{fleet}': {e}") from None
         retry_s = retry_s or resend_after(agg.get("timeout_ms", DEFAULT_TIMEOUT_MS) / 1000)
