@@ -10,7 +10,7 @@ from scipy.stats import binomtest
 
 from . import data, selective, store
 from .bundle import Bundle, predict_proba, session
-from .vote import AGREEMENT, accuracy, decide, disagreement, vote
+from .vote import AGREEMENT, accuracy, disagreement, margin, vote
 
 MAX_SUBSETS = 1000  # degradation: at most this many subsets of members per number missing (drawn when there are more)
 
@@ -96,10 +96,10 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
         "timings": dict(timings),
     }
     metrics["warnings"] = selection_warnings(metrics)
-    chosen_weights = [weight[n] for n in chosen] if weighted else None
-    metrics["decisions"] = decision_metrics(np.stack([val[n] for n in chosen]), np.stack([test[n] for n in chosen]), rule,
-                                            chosen_weights, base32_val, base32, y_val, y_test, cfg["vote"]["target_accuracy"])
-    metrics["degradation"] = {**degradation(np.stack([test[n] for n in chosen]), y_test, rule, chosen_weights, cfg["seed"]),
+    metrics["decisions"] = decision_metrics(ens(chosen, val), ens_test, base32_val, base32, y_val, y_test,
+                                            cfg["vote"]["target_accuracy"])
+    metrics["degradation"] = {**degradation(np.stack([test[n] for n in chosen]), y_test, rule,
+                                            [weight[n] for n in chosen] if weighted else None, cfg["seed"]),
                               "baseline_fp32_test_acc": metrics["baseline"]["test_acc_fp32"],
                               "baseline_int8_test_acc": metrics["baseline"]["test_acc_int8"],
                               "best_member": {k: best_member(metrics["members"])[k] for k in ("name", "val_acc_int8", "test_acc_int8")}}
@@ -112,24 +112,21 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
     return metrics
 
 
-def decision_metrics(members_val: np.ndarray, members_test: np.ndarray, rule: str, weights: list[float] | None,
-                     baseline_val: np.ndarray, baseline_test: np.ndarray, y_val: np.ndarray, y_test: np.ndarray,
-                     target_accuracy: float | None) -> dict:
+def decision_metrics(ensemble_val: np.ndarray, ensemble_test: np.ndarray, baseline_val: np.ndarray,
+                     baseline_test: np.ndarray, y_val: np.ndarray, y_test: np.ndarray, target_accuracy: float | None) -> dict:
     """How far the ensemble's vote margin and the baseline's own top probability can be trusted, on the test split:
     risk–coverage (``curve``, ``aurc``), expected calibration error of the top score (``ece``), and each model's
     abstain threshold for ``target_accuracy``, chosen on validation only, with its test ``coverage`` and accuracy of
-    the decided frames. Arrays: members' probabilities ``[M, N, K]``, the baseline's ``[N, K]``."""
-    ens_val, ens_test = decide(members_val, rule, weights), decide(members_test, rule, weights)
-    models = {"ensemble": ("vote margin", ens_val.margin, ens_val.classes, ens_test.margin, ens_test.classes, ens_test.confidence),
-              "baseline_fp32": ("top probability", baseline_val.max(1), baseline_val.argmax(1), baseline_test.max(1),
-                                baseline_test.argmax(1), baseline_test.max(1))}
+    the decided frames. Arguments: the ensemble's vote scores and the baseline's probabilities, ``[N, K]``."""
+    models = {"ensemble": ("vote margin", margin(ensemble_val), ensemble_val, margin(ensemble_test), ensemble_test),
+              "baseline_fp32": ("top probability", baseline_val.max(1), baseline_val, baseline_test.max(1), baseline_test)}
     out: dict = {"target_accuracy": target_accuracy, "agreement": AGREEMENT, "ece_binning": selective.ECE_BINNING}
-    for name, (score, s_val, pred_val, s_test, pred_test, confidence) in models.items():
-        right = pred_test == y_test
-        rec = {"score": score, "test_acc": float(right.mean()), "ece": selective.calibration_error(confidence, right),
+    for name, (score, s_val, p_val, s_test, p_test) in models.items():
+        right = p_test.argmax(1) == y_test
+        rec = {"score": score, "test_acc": float(right.mean()), "ece": selective.calibration_error(p_test.max(1), right),
                "aurc": selective.aurc(s_test, right), "curve": selective.curve_points(s_test, right)}
         if target_accuracy is not None:
-            rec["threshold"] = selective.choose_threshold(s_val, pred_val == y_val, target_accuracy)
+            rec["threshold"] = selective.choose_threshold(s_val, p_val.argmax(1) == y_val, target_accuracy)
             rec["at_threshold"] = selective.operating_point(s_test, right, rec["threshold"]["abstain_below"])
         out[name] = rec
     return out
