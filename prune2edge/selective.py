@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 ECE_BINS = 15
-ECE_BINNING = (f"{ECE_BINS} equal-width bins of the top score over [0, 1] (the first closed, the others open below); "
-               "ECE = sum over bins of (frames in bin / all frames) * |accuracy - mean top score| in the bin")
+ECE_BINNING = (f"{ECE_BINS} equal-width bins of the top score, [0, 1/{ECE_BINS}], (1/{ECE_BINS}, 2/{ECE_BINS}], ..., "
+               f"({ECE_BINS - 1}/{ECE_BINS}, 1]; ECE = sum over bins of (frames in the bin / all frames) * "
+               "|accuracy - mean top score| in the bin")
 CURVE_COVERAGES = tuple(round(0.05 * i, 2) for i in range(1, 21))
 
 

@@ -5,19 +5,24 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from prune2edge import UserError, config, data, latency, pipeline, selective, store
+from prune2edge import UserError, cli, config, data, latency, pipeline, selective, store
 from prune2edge.bundle import Bundle, decode, read_manifest
 from prune2edge.fleet import Broker, LocalFleet, Topics, dumps, encode_frame
 from prune2edge.vote import decide, vote
 
 from conftest import prune2edge_cli
 from test_fleet import Listener, broker, members, mosquitto_exe  # noqa: F401 (fixtures)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import decisions  # noqa: E402
 
 
 def test_decide_reports_votes_margin_and_review():
@@ -153,7 +158,7 @@ def test_latency_comes_from_running_the_model(demo_run):
     x = store.preprocessing(demo_run).apply(np.load(demo_run / "test.npz")["x"][:4])
     entry = read_manifest(demo_run / "bundle")["members"][0]
     assert latency.measure(decode((demo_run / "bundle" / entry["path"]).read_bytes()), x, 3) > 0
-    with pytest.raises(Exception):  # ONNX Runtime runs the model: input it cannot take fails
+    with pytest.raises(InvalidArgument, match="invalid dimensions"):  # ONNX Runtime runs the model on the images
         latency.measure(demo_run / "baseline" / "fp32.onnx", x[:, :, :4], 3)
 
 
@@ -213,3 +218,23 @@ def test_fleet_sends_a_split_vote_to_review(demo_run, broker, tmp_path):  # noqa
         listener.link.stop()
     finally:
         lf.stop()
+
+
+def test_bench_numbers_are_the_runs_own(demo_run):
+    """bench/decisions.py measures a finished run with the pipeline's functions: at the config's target it gets the
+    run's own metrics.json numbers, and it writes a section from them."""
+    m = store.read_json(demo_run / "metrics.json")
+    target = m["decisions"]["target_accuracy"]
+    run = decisions.measure_run(demo_run, [0.5, target], cli.DEMO_CONFIG)
+    assert run["config_differences"] == []
+    for name, _ in decisions.MODELS:
+        assert run["targets"][f"{target:g}"][name] == {k: m["decisions"][name][k] for k in ("threshold", "at_threshold")}
+        assert run[name]["ece"] == m["decisions"][name]["ece"]
+    assert run["degradation"]["missing"]["0"] == m["degradation"]["rows"][0]
+    assert decisions.differences(config.load(demo_run / "config.yaml", {"vote": {"rule": "hard"}}), cli.DEMO_CONFIG) == [
+        "vote.rule: 'hard' (reference 'soft')"]
+    result = {"title": "## Decisions: test", "runs_dir": "x", "reference": "demo.yaml", "seeds": [0], "targets": [0.5, target],
+              "default_target": target, "machine": "m", "date": "d", "command": "c", "results_file": "r",
+              "runs": {"0": run}, "aggregate": decisions.aggregate({"0": run})}
+    text = decisions.markdown(result)
+    assert f"| {target:g} (default) | ensemble (vote margin) |" in text and "(every setting)" in text
