@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import ROOT, aggregate, command_line, machine, pm, publish, rel, write_result  # noqa: E402
+from cifar10 import ROOT, aggregate, command_line, machine, pm, publish, rel, write_result
 
-from prune2edge import config, evaluate, selective, store  # noqa: E402
-from prune2edge.bundle import predict_proba, session  # noqa: E402
-from prune2edge.vote import vote  # noqa: E402
+from prune2edge import config, evaluate, selective, store
+from prune2edge.bundle import predict_proba, session
+from prune2edge.vote import vote
 
 MODELS = (("ensemble", "ensemble (vote margin)"), ("baseline_fp32", "baseline fp32 (top probability)"))
 

@@ -19,10 +19,10 @@ from prune2edge.fleet import Broker, LocalFleet, Topics, dumps, encode_frame
 from prune2edge.vote import decide, vote
 
 from conftest import prune2edge_cli
-from test_fleet import Listener, broker, members, mosquitto_exe  # noqa: F401 (fixtures)
+from test_fleet import Listener, broker, members, mosquitto_exe  # noqa: F401 (broker, mosquitto_exe: fixtures)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import decisions  # noqa: E402
+import decisions
 
 
 def test_decide_reports_votes_margin_and_review():
@@ -163,9 +163,9 @@ def test_latency_comes_from_running_the_model(demo_run):
 
 
 def test_config_checks_the_new_keys():
-    with pytest.raises(UserError, match="'vote.target_accuracy' must be null .* or an accuracy in \\(0, 1\\], got 1.5"):
+    with pytest.raises(UserError, match=r"'vote.target_accuracy' must be null .* or an accuracy in \(0, 1\], got 1.5"):
         config.load(overrides={"vote": {"target_accuracy": 1.5}})
-    with pytest.raises(UserError, match="'bundle.latency_runs' must be a positive integer, got 0"):
+    with pytest.raises(UserError, match=r"'bundle\.latency_runs' must be a positive integer, got 0"):
         config.load(overrides={"bundle": {"latency_runs": 0}})
     assert config.load(overrides={"vote": {"target_accuracy": None}})["vote"]["target_accuracy"] is None
 
@@ -190,7 +190,7 @@ def test_predict_cli_marks_review(demo_run):
     assert "Traceback" not in bad.stderr
 
 
-def test_fleet_sends_a_split_vote_to_review(demo_run, broker, tmp_path):  # noqa: F811 (fixture)
+def test_fleet_sends_a_split_vote_to_review(demo_run, broker, tmp_path):  # noqa: F811 (the fixture)
     bundle = demo_run / "bundle"
     ids = members(bundle)[:2]
     sha = {e["id"]: e["sha256"] for e in read_manifest(bundle)["members"]}
