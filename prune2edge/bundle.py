@@ -4,7 +4,8 @@ Members are shipped encoded (:data:`ENCODING`, written by :func:`prune2edge.quan
 ``Bundle.load(path)`` verifies every shipped file's sha256, decodes it in memory to the exact int8
 ONNX bytes (checked against their sha256 too) and only then runs it; version-1 bundles of plain
 ``.onnx`` members load as before. ``predict`` takes raw uint8 images (NHWC or NHW) and applies the manifest's
-input steps (resize and colour, when the run set them: then images of any size), preprocessing and voting rule.
+input steps (resize and colour, when the run set them: then images of any size), preprocessing and voting rule;
+``decide`` also says how sure the vote is and sends frames it is unsure of to review.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import onnxruntime as ort
 from .errors import UserError
 from .preprocess import InputSteps, Preprocessing, check_images
 from .store import write_bytes, write_json
-from .vote import softmax, vote
+from .vote import AGREEMENT, Decisions, decide, softmax, vote
 
 FORMAT = "prune2edge-bundle"
 FORMAT_VERSION = 2
@@ -70,12 +71,14 @@ def predict_proba(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 2
 
 
 def write(out: Path, members: list[dict], preprocessing: Preprocessing, image_shape: tuple[int, int, int],
-          classes: list[str], rule: str, weighted: bool = False, steps: InputSteps | None = None) -> dict:
+          classes: list[str], rule: str, weighted: bool = False, steps: InputSteps | None = None,
+          abstain: dict | None = None, latency: dict | None = None) -> dict:
     """Copy each member's shipped file (``member["shipped"]``, an :data:`ENCODING` int8 ONNX model) into
     ``out/members/`` and write the manifest last.
 
     Each member dict also carries its ``id``, its voting ``weight`` (used when ``weighted``) and any
-    metadata to record (sparsity, accuracy, cluster...).
+    metadata to record (sparsity, accuracy, cluster, latency...). ``abstain``: the default abstain threshold
+    and how it was chosen (:func:`prune2edge.selective.choose_threshold`); ``latency``: how latencies were measured.
     """
     entries = []
     for m in members:
@@ -94,8 +97,10 @@ def write(out: Path, members: list[dict], preprocessing: Preprocessing, image_sh
         "output": {"onnx_output": "logits", "postprocess": "softmax over the last axis"},
         "classes": list(classes),
         "vote": {"rule": rule, "weighted": weighted, "tie_break": "lowest class index",
-                 "combine": "soft: weighted mean of member probabilities; hard: weighted count of member argmax votes"},
+                 "combine": "soft: weighted mean of member probabilities; hard: weighted count of member argmax votes",
+                 **({"agreement": AGREEMENT, "abstain_below": abstain["abstain_below"], "abstain": abstain} if abstain else {})},
         "encodings": {ENCODING: ENCODINGS[ENCODING]},
+        **({"latency": latency} if latency else {}),
         "members": entries,
     }
     write_json(out / "manifest.json", manifest)
@@ -190,3 +195,17 @@ class Bundle:
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Ensemble class indices for raw images."""
         return self.predict_proba(x).argmax(1)
+
+    def threshold(self, abstain_below: float | None = None) -> float:
+        """``abstain_below`` checked, or else the manifest's default abstain threshold (0, none, in older bundles)."""
+        if abstain_below is None:
+            return float(self.manifest["vote"].get("abstain_below", 0.0))
+        if not 0 <= abstain_below <= 1:
+            raise UserError(f"the abstain threshold (--abstain-below) is a margin of the vote, from 0 (decide every "
+                            f"frame) to 1; got {abstain_below}")
+        return float(abstain_below)
+
+    def decide(self, x: np.ndarray, abstain_below: float | None = None) -> Decisions:
+        """Per raw image: class, confidence, votes for the winner, the vote's margin, and ``review`` where the margin
+        is below ``abstain_below`` (default: the manifest's threshold)."""
+        return decide(self.member_proba(x), self.manifest["vote"]["rule"], self.weights, self.threshold(abstain_below))

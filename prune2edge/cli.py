@@ -10,6 +10,8 @@ import click
 from .errors import UserError
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
+ABSTAIN_HELP = ("Send a frame to review (no class) when the vote's margin, the winner's score minus the runner-up's, is "
+                "below T (0 decides every frame). Default: the bundle's threshold, chosen on validation.")
 
 
 class Main(click.Group):
@@ -130,18 +132,23 @@ def read_images(paths: list[str]) -> tuple[list[str], "object"]:
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.argument("files", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def predict(bundle_dir: Path, files: tuple[str, ...], as_json: bool) -> None:
+@click.option("--abstain-below", type=float, metavar="T", help=ABSTAIN_HELP)
+def predict(bundle_dir: Path, files: tuple[str, ...], as_json: bool, abstain_below: float | None) -> None:
     """Classify image FILES (png/jpg of any size when the bundle resizes, .npy, .npz) with BUNDLE_DIR; needs only
     onnxruntime and numpy (and Pillow for image files)."""
     from .bundle import Bundle
 
     b = Bundle.load(bundle_dir)
     names, x = read_images(list(files))
-    scores = b.predict_proba(x)
-    for name, s in zip(names, scores):
-        k = int(s.argmax())
-        row = {"input": name, "class": k, "label": b.classes[k], "confidence": round(float(s[k]), 4)}
-        click.echo(json.dumps(row) if as_json else f"{name}\t{b.classes[k]}\t{s[k]:.3f}")
+    d = b.decide(x, abstain_below)
+    for i, name in enumerate(names):
+        k, review = int(d.classes[i]), bool(d.review[i])
+        row = {"input": name, "status": "review" if review else "decided", "class": None if review else k,
+               "label": None if review else b.classes[k], "confidence": round(float(d.confidence[i]), 4),
+               "votes": int(d.votes[i]), "members": d.members, "margin": round(float(d.margin[i]), 4),
+               "abstain_below": d.abstain_below}
+        click.echo(json.dumps(row) if as_json else f"{name}\t{'review' if review else b.classes[k]}\t{d.confidence[i]:.3f}"
+                   f"\t{d.votes[i]}/{d.members} votes\tmargin {d.margin[i]:.3f}")
 
 
 # --- Fleet over MQTT: thin shells over prune2edge.fleet (which needs only numpy, onnxruntime, paho-mqtt) ---
@@ -226,8 +233,10 @@ def _classify(broker, fleet_name: str, items: list[str], out: Path | None, rate:
         if out:
             sink.close()
     acc = f"; accuracy {s['accuracy']:.4f}" if "accuracy" in s else ""
-    click.echo(f"{s['frames']} frames: {s['decided']} decided, {s['undecided']} undecided, {len(s['missing'])} "
-               f"without an answer, in {s['elapsed_s']:.1f} s ({s['frames_per_s']} frames/s); round trip p50 "
+    if s["review"] and s.get("decided_accuracy") is not None:
+        acc += f" ({s['decided_accuracy']:.4f} of the decided frames)"
+    click.echo(f"{s['frames']} frames: {s['decided']} decided, {s['review']} to review, {s['undecided']} undecided, "
+               f"{len(s['missing'])} without an answer, in {s['elapsed_s']:.1f} s ({s['frames_per_s']} frames/s); round trip p50 "
                f"{s['rtt_ms_p50']:.1f} ms, p99 {s['rtt_ms_p99']:.1f} ms{acc}", err=True)
     if s["missing"]:
         raise UserError(f"{len(s['missing'])} of {s['frames']} frames got no decision (none came for {timeout:g} s), "
@@ -272,14 +281,15 @@ def node(bundle_dir: Path, member: str, fleet_name: str, max_batch: int, **mqtt)
 @click.option("--members", help="Comma-separated member ids in this fleet (default: all of the bundle's).")
 @click.option("--quorum", type=int, help="Votes needed for a decision (default: a majority of the members).")
 @click.option("--timeout-ms", type=int, default=2000, show_default=True, help="How long to wait for a frame's votes.")
+@click.option("--abstain-below", type=float, metavar="T", help=ABSTAIN_HELP)
 def aggregator(bundle_dir: Path, fleet_name: str, members: str | None, quorum: int | None, timeout_ms: int,
-               **mqtt) -> None:
-    """Collect the nodes' votes and publish one decision (or `undecided`, with the reason) per frame."""
+               abstain_below: float | None, **mqtt) -> None:
+    """Collect the nodes' votes and publish one decision (`decided`, `review`, or `undecided` with the reason) per frame."""
     from . import fleet
 
     _log_to_stderr()
     agg = fleet.Aggregator(bundle_dir, _broker(mqtt), fleet_name, quorum, timeout_ms,
-                           members.split(",") if members else None)
+                           members.split(",") if members else None, abstain_below)
     agg.serve(fleet.stop_on_signals())
 
 
@@ -300,11 +310,12 @@ def classify(data: tuple[str, ...], fleet_name: str, out: Path | None, rate: flo
 @click.option("--members", help="Comma-separated member ids to run (default: all of the bundle's).")
 @click.option("--quorum", type=int, help="Votes needed for a decision (default: a majority of the members).")
 @click.option("--timeout-ms", type=int, default=2000, show_default=True, help="How long to wait for a frame's votes.")
+@click.option("--abstain-below", type=float, metavar="T", help=ABSTAIN_HELP)
 @click.option("--classify", "data", help="Classify this (dataset spec or file), print the accuracy, shut down.")
 @_with(_classify_options)
 def fleet_command(bundle_dir: Path, fleet_name: str, members: str | None, quorum: int | None, timeout_ms: int,
-                  data: str | None, out: Path | None, rate: float | None, max_in_flight: int, timeout: float,
-                  limit: int | None, **mqtt) -> None:
+                  abstain_below: float | None, data: str | None, out: Path | None, rate: float | None,
+                  max_in_flight: int, timeout: float, limit: int | None, **mqtt) -> None:
     """Run every member as a node process plus an aggregator on this machine (until Ctrl-C, or --classify DATA)."""
     from . import fleet
 
@@ -313,7 +324,7 @@ def fleet_command(bundle_dir: Path, fleet_name: str, members: str | None, quorum
 
     _log_to_stderr("WARNING")
     lf = fleet.LocalFleet(bundle_dir, _broker(mqtt), fleet_name, members.split(",") if members else None, quorum,
-                          timeout_ms)
+                          timeout_ms, abstain_below=abstain_below)
 
     def interrupt(*_):
         raise KeyboardInterrupt

@@ -66,7 +66,10 @@ DEFAULTS: dict[str, Any] = {
     "select": {"strategy": "accuracy-first",
                "max_acc_gap": 0.02},      # accuracy-first / diversity-first take only members at most this far below
                                           # the best member on validation; a cluster with none is skipped
-    "vote": {"rule": "soft", "weighted": False},
+    "vote": {"rule": "soft", "weighted": False,
+             "target_accuracy": 0.95},    # the bundle's default abstain threshold: the lowest vote margin at which the
+                                          # decided validation frames are this accurate (null: no default threshold)
+    "bundle": {"latency_runs": 100},      # each member's int8 latency at batch 1: median of this many timed runs
 }
 
 CHOICES = {
@@ -153,7 +156,8 @@ def validate(cfg: dict) -> dict:
     """Check types and ranges; apply the clustering preset. Returns the same dict."""
     for key, options in CHOICES.items():
         _need(_get(cfg, key) in options, key, f"must be one of {[o for o in options if o is not None]}", _get(cfg, key))
-    for key in ("seed", "workers", "pool.size", "train.batch_size", "train.cycles", "quantize.calibration_size", "cluster.k_max"):
+    for key in ("seed", "workers", "pool.size", "train.batch_size", "train.cycles", "quantize.calibration_size", "cluster.k_max",
+                "bundle.latency_runs"):
         v = _get(cfg, key)
         _need(isinstance(v, int) and not isinstance(v, bool) and v >= (0 if key == "seed" else 1), key,
               "must be a positive integer", v)
@@ -220,6 +224,9 @@ def validate(cfg: dict) -> dict:
     gap = cfg["select"]["max_acc_gap"]
     _need(isinstance(gap, (int, float)) and not isinstance(gap, bool) and 0 <= gap <= 1, "select.max_acc_gap",
           "must be a number in [0, 1] (a fraction of validation accuracy)", gap)
+    ta = cfg["vote"]["target_accuracy"]
+    _need(ta is None or (isinstance(ta, (int, float)) and not isinstance(ta, bool) and 0 < ta <= 1), "vote.target_accuracy",
+          "must be null (no default abstain threshold) or an accuracy in (0, 1]", ta)
     _need(isinstance(cfg["model"]["kwargs"], dict), "model.kwargs", "must be a mapping", cfg["model"]["kwargs"])
     mt = cfg["data"]["max_train"]
     _need(mt is None or (isinstance(mt, int) and mt > 1), "data.max_train", "must be null or an integer > 1", mt)

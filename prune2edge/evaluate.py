@@ -1,14 +1,18 @@
 """The report: the test split, read once, scores the baseline, every member and every ensemble."""
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import binomtest
 
-from . import data, store
+from . import data, selective, store
 from .bundle import Bundle, predict_proba, session
-from .vote import accuracy, disagreement, vote
+from .vote import AGREEMENT, accuracy, disagreement, margin, vote
+
+MAX_SUBSETS = 1000  # degradation: at most this many subsets of members per number missing (drawn when there are more)
 
 
 def mcnemar(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> float:
@@ -21,13 +25,14 @@ def mcnemar(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> float:
 def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
     """Score everything on the test split; writes ``metrics.json``, ``test.npz`` and ``test_scores.npz``."""
     x_test, y_test = store.split(run_dir, "test")
-    _, y_val = store.split(run_dir, "val")
+    x_val, y_val = store.split(run_dir, "val")
     inp = store.preprocessing(run_dir).apply(x_test)
     info = store.read_json(run_dir / "dataset.json")
     sel = store.read_json(run_dir / "selection.json")
     rule, weighted = cfg["vote"]["rule"], cfg["vote"]["weighted"]
     base_q = store.read_json(run_dir / "baseline" / "quant.json")
     base32 = predict_proba(session(run_dir / "baseline" / "fp32.onnx"), inp)
+    base32_val = predict_proba(session(run_dir / "baseline" / "fp32.onnx"), store.preprocessing(run_dir).apply(x_val))
     base8 = predict_proba(session(run_dir / "baseline" / "int8.onnx"), inp)
     names = sorted(p.name for p in (run_dir / "pool").iterdir() if (p / "quant.json").exists())
     test = {n: predict_proba(session(run_dir / "pool" / n / "int8.onnx"), inp) for n in names}
@@ -91,11 +96,66 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
         "timings": dict(timings),
     }
     metrics["warnings"] = selection_warnings(metrics)
+    metrics["decisions"] = decision_metrics(ens(chosen, val), ens_test, base32_val, base32, y_val, y_test,
+                                            cfg["vote"]["target_accuracy"])
+    metrics["degradation"] = {**degradation(np.stack([test[n] for n in chosen]), y_test, rule,
+                                            [weight[n] for n in chosen] if weighted else None, cfg["seed"]),
+                              "baseline_fp32_test_acc": metrics["baseline"]["test_acc_fp32"],
+                              "baseline_int8_test_acc": metrics["baseline"]["test_acc_int8"],
+                              "best_member": {k: best_member(metrics["members"])[k] for k in ("name", "val_acc_int8", "test_acc_int8")}}
+    if "latency" in bundle.manifest:
+        metrics["latency"] = bundle.manifest["latency"] | {"members": {e["id"]: e["latency_ms"] for e in bundle.manifest["members"]}}
     store.write_npz(run_dir / "test.npz", x=x_test, y=y_test)
     store.write_npz(run_dir / "test_scores.npz", names=np.array(names), members=np.stack([test[n] for n in names]),
                     baseline_fp32=base32, baseline_int8=base8, ensemble=ens_test)
     store.write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def decision_metrics(ensemble_val: np.ndarray, ensemble_test: np.ndarray, baseline_val: np.ndarray,
+                     baseline_test: np.ndarray, y_val: np.ndarray, y_test: np.ndarray, target_accuracy: float | None) -> dict:
+    """How far the ensemble's vote margin and the baseline's own top probability can be trusted, on the test split:
+    risk–coverage (``curve``, ``aurc``), expected calibration error of the top score (``ece``), and each model's
+    abstain threshold for ``target_accuracy``, chosen on validation only, with its test ``coverage`` and accuracy of
+    the decided frames. Arguments: the ensemble's vote scores and the baseline's probabilities, ``[N, K]``."""
+    models = {"ensemble": ("vote margin", margin(ensemble_val), ensemble_val, margin(ensemble_test), ensemble_test),
+              "baseline_fp32": ("top probability", baseline_val.max(1), baseline_val, baseline_test.max(1), baseline_test)}
+    out: dict = {"target_accuracy": target_accuracy, "agreement": AGREEMENT, "ece_binning": selective.ECE_BINNING}
+    for name, (score, s_val, p_val, s_test, p_test) in models.items():
+        right = p_test.argmax(1) == y_test
+        rec = {"score": score, "test_acc": float(right.mean()), "ece": selective.calibration_error(p_test.max(1), right),
+               "aurc": selective.aurc(s_test, right), "curve": selective.curve_points(s_test, right)}
+        if target_accuracy is not None:
+            rec["threshold"] = selective.choose_threshold(s_val, p_val.argmax(1) == y_val, target_accuracy)
+            rec["at_threshold"] = selective.operating_point(s_test, right, rec["threshold"]["abstain_below"])
+        out[name] = rec
+    return out
+
+
+def degradation(members_test: np.ndarray, y_test: np.ndarray, rule: str, weights: list[float] | None,
+                seed: int = 0) -> dict:
+    """Test accuracy of the vote with every subset of j of its k members missing, j = 0..k-1: mean, min and max over
+    the subsets (:data:`MAX_SUBSETS` drawn at random, seeded, where there are more); ``below_quorum`` where fewer
+    than the fleet's default quorum (a majority) would vote, so a fleet would answer ``undecided``."""
+    k, quorum = len(members_test), len(members_test) // 2 + 1
+    rng = np.random.default_rng([seed, 12])
+    w = None if weights is None else np.asarray(weights, np.float64)
+    rows = []
+    for j in range(k):
+        every = math.comb(k, j) <= MAX_SUBSETS
+        left = (list(itertools.combinations(range(k), k - j)) if every else
+                [np.sort(rng.choice(k, k - j, replace=False)) for _ in range(MAX_SUBSETS)])
+        accs = [accuracy(vote(members_test[list(s)], rule, None if w is None else w[list(s)]), y_test) for s in left]
+        rows.append({"missing": j, "voting": k - j, "subsets": len(left), "every_subset": every,
+                     "mean": float(np.mean(accs)), "min": float(np.min(accs)), "max": float(np.max(accs)),
+                     "below_quorum": k - j < quorum})
+    return {"k": k, "default_quorum": quorum, "rows": rows}
+
+
+def best_member(members: list[dict]) -> dict:
+    """The pool member that passed the int8 gate with the best validation accuracy (the smallest of the best)."""
+    ok = [x for x in members if x["status"] == "ok"]
+    return min(ok, key=lambda x: (-x["val_acc_int8"], x["bytes"]["int8_gzip"], x["name"]))
 
 
 def selection_warnings(m: dict) -> list[dict]:
@@ -104,8 +164,7 @@ def selection_warnings(m: dict) -> list[dict]:
     Decided on validation accuracy only; the test accuracies are shown beside it, for reference.
     """
     b, e = m["baseline"], m["ensemble"]
-    ok = [x for x in m["members"] if x["status"] == "ok"]
-    best = min(ok, key=lambda x: (-x["val_acc_int8"], x["bytes"]["int8_gzip"], x["name"]))  # the smallest of the best
+    best = best_member(m["members"])
     rivals = [("baseline_int8", "baseline int8", "the int8 baseline", b),
               ("member", best["name"], f"member {best['name']}", best)]
     hint = "" if m["k_choice"]["by"] == "auto" else ", or set cluster.k: auto"
@@ -118,6 +177,33 @@ def selection_warnings(m: dict) -> list[dict]:
                         f"images right (test, for reference: {100 * r['test_acc_int8']:.2f}% vs {100 * e['test_acc']:.2f}%); "
                         f"consider shipping it instead{hint}"}
             for kind, name, who, r in rivals if r["val_acc_int8"] > e["val_acc"]]
+
+
+def _reliability_lines(m: dict) -> list[str]:
+    """The summary's lines on decisions (abstain threshold, coverage, calibration), degradation and latency."""
+    d, g = m["decisions"], m["degradation"]
+    target = d["target_accuracy"]
+    lines = ["decisions" + ("" if target is None else f" (abstain thresholds chosen on validation for {target:g} accuracy)") + ":"]
+    for name, who in (("ensemble", "ensemble (vote margin)"), ("baseline_fp32", "baseline fp32 (top probability)")):
+        r = d[name]
+        line = f"{who}: ECE {r['ece']:.4f}, AURC {r['aurc']:.4f}"
+        if "threshold" in r:
+            t, op = r["threshold"], r["at_threshold"]
+            acc = "n/a" if op["accuracy"] is None else f"{op['accuracy']:.4f}"
+            line += (f"; abstain below {t['abstain_below']:.4f} (validation: {100 * t['val_coverage']:.1f}% decided at "
+                     f"{t['val_accuracy']:.4f}{'' if t['target_met'] else ', target NOT met'}): test {100 * op['coverage']:.1f}% "
+                     f"decided at {acc}")
+        lines.append("  " + line)
+    best = g["best_member"]
+    lines.append("members missing -> test acc mean (min-max): " + "; ".join(
+        f"{r['missing']}: {r['mean']:.4f} ({r['min']:.4f}-{r['max']:.4f}){' <quorum' if r['below_quorum'] else ''}"
+        for r in g["rows"]) + f"; best single member {best['name']} {best['test_acc_int8']:.4f}")
+    if "latency" in m:
+        t = m["latency"]
+        lines.append(f"latency, batch 1, 1 thread (median of {t['runs']}, ms): " + ", ".join(
+            f"{n} {v:.3f}" for n, v in t["members"].items()) + f"; baseline fp32 {t['baseline_fp32_ms']:.3f}, "
+            f"int8 {t['baseline_int8_ms']:.3f}")
+    return lines
 
 
 def _kib(n: float) -> str:
@@ -186,6 +272,7 @@ def table(m: dict) -> str:
                  f"mean pairwise disagreement {e['mean_disagreement']:.3f}")
     lines.append("other strategies (test acc, soft/hard): " + "; ".join(
         f"{s} {v['test_acc']['soft']:.4f}/{v['test_acc']['hard']:.4f}" for s, v in m["strategies"].items()))
+    lines.extend(_reliability_lines(m))
     if m["dropped"]:
         lines.append(f"dropped by the int8 gate: {', '.join(m['dropped'])}")
     for s in m["skipped_clusters"]:

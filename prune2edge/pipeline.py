@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import bundle, cluster, config, data, evaluate, models, pool, quantize, report, select, store, train
+from . import bundle, cluster, config, data, evaluate, latency, models, pool, quantize, report, select, selective, store, train
 from .errors import UserError
 from .preprocess import InputSteps, Preprocessing
-from .vote import accuracy
+from .vote import accuracy, decide
 
 
 def prepare(run_dir: Path, cfg: dict) -> None:
@@ -110,20 +110,39 @@ def choose(run_dir: Path, cfg: dict, members: list[dict], quant: dict[str, dict]
     return record
 
 
+def abstain_threshold(run_dir: Path, cfg: dict, chosen: list[str], quant: dict[str, dict]) -> dict | None:
+    """The ensemble's default abstain threshold for ``vote.target_accuracy``, chosen on validation only (the chosen
+    members' int8 validation probabilities and labels); None when the config sets no target."""
+    target = cfg["vote"]["target_accuracy"]
+    if target is None:
+        return None
+    _, y_val = store.split(run_dir, "val")
+    proba = np.stack([np.load(run_dir / "pool" / n / "val_proba.npy") for n in chosen])
+    weights = np.array([quant[n]["val_acc_int8"] for n in chosen]) if cfg["vote"]["weighted"] else None
+    d = decide(proba, cfg["vote"]["rule"], weights)
+    return selective.choose_threshold(d.margin, d.classes == y_val, target)
+
+
 def make_bundle(run_dir: Path, cfg: dict, selection: dict, members: list[dict], quant: dict[str, dict]) -> dict:
-    """Write ``bundle/`` with the selected int8 members."""
+    """Write ``bundle/`` with the selected int8 members, the default abstain threshold and measured latencies."""
     if (run_dir / "bundle" / "manifest.json").exists():
         return bundle.read_manifest(run_dir / "bundle")
     info = store.read_json(run_dir / "dataset.json")
     by_name = {m["name"]: m for m in members}
     labels = dict(zip(selection["candidates"], selection["clustering"]["labels"]))
+    runs = cfg["bundle"]["latency_runs"]
+    x_val = store.tensors(run_dir, "val")[0][:runs].numpy()
     entries = [{"id": n, "shipped": run_dir / "pool" / n / quantize.SHIPPED, "weight": quant[n]["val_acc_int8"],
                 "gzip_bytes": quant[n]["bytes"]["int8_gzip"], "sparsity_target": by_name[n]["sparsity"],
                 "sparsity": by_name[n]["measured_sparsity"]["overall"], "val_acc": quant[n]["val_acc_int8"],
-                "cluster": labels[n]} for n in selection["selected"]]
+                "cluster": labels[n], "latency_ms": latency.measure(run_dir / "pool" / n / "int8.onnx", x_val, runs)}
+               for n in selection["selected"]]
+    timing = latency.describe(runs) | {
+        f"baseline_{kind}_ms": latency.measure(run_dir / "baseline" / f"{kind}.onnx", x_val, runs) for kind in ("fp32", "int8")}
     return bundle.write(run_dir / "bundle", entries, store.preprocessing(run_dir), tuple(info["image_shape"]),
                         info["classes"], cfg["vote"]["rule"], cfg["vote"]["weighted"],
-                        InputSteps.from_dict(info.get("input_steps")))
+                        InputSteps.from_dict(info.get("input_steps")),
+                        abstain_threshold(run_dir, cfg, selection["selected"], quant), timing)
 
 
 def done_before(run_dir: Path, name: str) -> float:

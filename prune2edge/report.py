@@ -24,9 +24,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, PercentFormatter
 
-from . import store
+from . import selective, store
 from .errors import UserError
-from .vote import disagreement
+from .vote import disagreement, margin
 
 TEMPLATE = "report.html.j2"
 DPI = 110
@@ -58,7 +58,18 @@ def times(x: float) -> str:
     return f"×{x:.2f}"
 
 
-FORMATS: dict[str, Callable] = {"pct": pct, "pts": pts, "kib": kib, "p": pvalue, "int": str, "times": times}
+def dec(x: float) -> str:
+    """A score or error in [0, 1]: ``0.012345`` -> ``0.0123``."""
+    return f"{x:.4f}"
+
+
+def ms(x: float) -> str:
+    """Milliseconds: ``0.04712`` -> ``0.047 ms``."""
+    return f"{x:.3f} ms"
+
+
+FORMATS: dict[str, Callable] = {"pct": pct, "pts": pts, "kib": kib, "p": pvalue, "int": str, "times": times, "dec": dec,
+                                "ms": ms}
 
 
 # --------------------------------------------------------------------------- what the run directory holds
@@ -623,6 +634,85 @@ def fig_timings(run: Run) -> Figure | Missing:
     return fig
 
 
+DECIDERS = (("ensemble", "ensemble, by its vote's margin", "#d62728"),
+            ("baseline_fp32", "baseline fp32, by its top probability", "black"))
+
+
+def _decision_scores(run: Run) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per model of :data:`DECIDERS`: its test score that ranks frames, its top score, and whether it was right."""
+    y = run.test["y"]
+    ens, base = run.scores["ensemble"], run.scores["baseline_fp32"]
+    return {"ensemble": (margin(ens), ens.max(1), ens.argmax(1) == y),
+            "baseline_fp32": (base.max(1), base.max(1), base.argmax(1) == y)}
+
+
+def fig_risk_coverage(run: Run) -> Figure | Missing:
+    """Accuracy of the decided test frames against the share decided, and the reliability of the top scores."""
+    if not run.evaluated or "decisions" not in run.metrics:
+        return Missing("needs metrics.json with 'decisions', test.npz and test_scores.npz (phase 'evaluate')")
+    d = run.metrics["decisions"]
+    fig = _figure(11, 5.2)
+    rc, rel = fig.subplots(1, 2)
+    for name, label, colour in DECIDERS:
+        score, top, right = _decision_scores(run)[name]
+        coverage, acc = selective.risk_coverage(score, right)
+        rc.plot(coverage, acc, color=colour, lw=1.8, label=f"{label} (AURC {d[name]['aurc']:.4f})")
+        if "at_threshold" in d[name] and d[name]["at_threshold"]["accuracy"] is not None:
+            op = d[name]["at_threshold"]
+            rc.scatter(op["coverage"], op["accuracy"], s=80, color=colour, edgecolors="white", zorder=4,
+                       label=f"threshold {d[name]['threshold']['abstain_below']:.3f} (chosen on validation): "
+                             f"{pct(op['coverage'])} decided")
+        bins = selective.calibration_bins(top, right)
+        rel.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], color=colour, marker="o", ms=4,
+                 label=f"{label.split(',')[0]}: ECE {d[name]['ece']:.4f}")
+    if d["target_accuracy"] is not None:
+        rc.axhline(d["target_accuracy"], color="#5c6bc0", ls=":", lw=1.2, label=f"target accuracy {pct(d['target_accuracy'])}")
+    rc.set_xlabel("coverage: share of test frames decided (the rest go to review)")
+    rc.set_ylabel("accuracy of the decided frames")
+    rc.set_title("Risk–coverage (test split)")
+    rc.legend(fontsize=8, loc="lower left")
+    rel.plot([0, 1], [0, 1], color="#9e9e9e", ls="--", lw=1, label="perfectly calibrated")
+    rel.set_xlabel("top score (mean in each bin)")
+    rel.set_ylabel("accuracy in the bin")
+    rel.set_title(f"Reliability ({selective.ECE_BINS} equal-width bins, test split)")
+    rel.legend(fontsize=8, loc="upper left")
+    for ax in (rc, rel):
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0) if ax is rc else FuncFormatter(lambda v, _: f"{v:.1f}"))
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.grid(True, alpha=0.3)
+    return fig
+
+
+def fig_degradation(run: Run) -> Figure | Missing:
+    """Test accuracy of the vote with members missing (mean, min and max over which ones), beside single models."""
+    if not run.metrics or "degradation" not in run.metrics:
+        return Missing("needs metrics.json with 'degradation' (phase 'evaluate')")
+    g = run.metrics["degradation"]
+    rows = g["rows"]
+    j = np.array([r["missing"] for r in rows])
+    mean, lo, hi = (np.array([r[key] for r in rows]) for key in ("mean", "min", "max"))
+    fig = _figure(8.5, 4.8)
+    ax = fig.add_subplot()
+    ax.fill_between(j, lo, hi, color="#d62728", alpha=0.15, label="ensemble: min to max over which members are missing")
+    ax.plot(j, mean, color="#d62728", marker="o", lw=1.8, label="ensemble: mean over which members are missing")
+    ax.axhline(g["baseline_fp32_test_acc"], color="black", ls="--", lw=1, label="baseline fp32")
+    ax.axhline(g["best_member"]["test_acc_int8"], color="#1f77b4", ls=":", lw=1.5,
+               label=f"best single member ({g['best_member']['name']}, by validation)")
+    below = [r["missing"] for r in rows if r["below_quorum"]]
+    if below:
+        ax.axvspan(min(below) - 0.5, max(below) + 0.5, color="#9e9e9e", alpha=0.15,
+                   label=f"fewer than the default quorum ({g['default_quorum']}): a fleet answers 'undecided'")
+    ax.set_xlabel(f"members missing (of {g['k']})")
+    ax.set_ylabel("test accuracy")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_title("Accuracy as devices drop out")
+    ax.grid(True, alpha=0.3)
+    ax.margins(y=0.25)
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
 # (id, section, title, one-line explanation, function), in page order
 FIGURES = [
     ("accuracy-vs-size", "pool", "Accuracy against size",
@@ -650,6 +740,14 @@ FIGURES = [
     ("class-gains", "errors", "Per-class change",
      "Test accuracy of the ensemble minus that of the fp32 baseline, class by class: which classes the ensemble fixes "
      "and which it breaks.", fig_class_gains),
+    ("risk-coverage", "decisions", "Deciding or sending to review",
+     "Left: if only the frames a model is surest of are decided and the rest go to a person, how accurate are the "
+     "decided ones? Frames are ranked by the vote's margin for the ensemble and by the top probability for the "
+     "baseline; dots: the thresholds chosen on validation. Right: whether a top score of 0.9 is right 90% of the time.",
+     fig_risk_coverage),
+    ("degradation", "devices", "Accuracy as devices drop out",
+     "The ensemble's test accuracy with j of its members missing, over every choice of which ones (or a random "
+     "sample of them when there are many), beside the fp32 baseline and the best single member.", fig_degradation),
     ("disputed-images", "disagreement", "The most disputed test images",
      "The test images on which the selected members' votes are most split: each member's vote, the ensemble's answer "
      "and the truth; 'pairs disagreeing' is the share of member pairs that vote differently (images enlarged with "

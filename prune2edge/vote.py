@@ -1,9 +1,14 @@
 """Combining members' class probabilities into one decision. Needs only numpy (edge devices run it)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 RULES = ("soft", "hard")
+AGREEMENT = ("margin of the vote: the winning class's ensemble score minus the runner-up's (soft: mean member "
+             "probabilities; hard: share of the member votes; weighted when the vote is), in [0, 1]; a frame whose "
+             "margin is below the abstain threshold goes to review")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -30,6 +35,42 @@ def vote(proba: np.ndarray, rule: str = "soft", weights: np.ndarray | None = Non
         onehot = np.eye(k)[proba.argmax(-1)]  # [M, N, K]
         return np.round(np.tensordot(w, onehot, axes=1), 12)  # rounding makes equal weighted counts exact ties
     raise ValueError(f"unknown voting rule '{rule}': use one of {RULES}")
+
+
+def margin(scores: np.ndarray) -> np.ndarray:
+    """The vote's agreement per row: the highest score minus the second highest (see :data:`AGREEMENT`)."""
+    scores = np.asarray(scores)
+    if scores.shape[-1] < 2:
+        return scores[..., 0]
+    top2 = np.partition(scores, -2, axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """One row per frame: the ensemble's class, its ``confidence`` (the class's ensemble score), ``votes`` (members
+    whose own top class it is, of ``members``), the ``margin`` (:data:`AGREEMENT`) and ``review`` (margin below the
+    abstain threshold: the frame gets no class)."""
+
+    classes: np.ndarray
+    confidence: np.ndarray
+    votes: np.ndarray
+    members: int
+    margin: np.ndarray
+    review: np.ndarray
+    abstain_below: float
+
+
+def decide(proba: np.ndarray, rule: str = "soft", weights: np.ndarray | None = None,
+           abstain_below: float = 0.0) -> Decisions:
+    """Members' probabilities ``[M, N, K]`` -> the ensemble's :class:`Decisions` under ``rule`` (see :func:`vote`)."""
+    proba = np.asarray(proba)
+    scores = vote(proba, rule, weights)
+    classes = scores.argmax(1)
+    agree = margin(scores)
+    return Decisions(classes=classes, confidence=scores[np.arange(len(classes)), classes],
+                     votes=(proba.argmax(-1) == classes).sum(0), members=len(proba), margin=agree,
+                     review=agree < abstain_below, abstain_below=float(abstain_below))
 
 
 def accuracy(scores: np.ndarray, y: np.ndarray) -> float:

@@ -71,8 +71,8 @@ SMALL = {
 
 
 def comparable(metrics: dict) -> dict:
-    """Metrics without wall-clock times."""
-    metrics = dict(metrics, timings=None)
+    """Metrics without wall-clock times (phase timings, measured latencies)."""
+    metrics = dict(metrics, timings=None, latency=None)
     metrics["members"] = [dict(x, fine_tune_seconds=None) for x in metrics["members"]]
     return metrics
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..bundle import Bundle, read_manifest, restrict
 from ..errors import UserError
-from ..vote import vote
+from ..vote import decide
 from .mqtt import Broker, Link
 from .wire import (DEFAULT_TIMEOUT_MS, BadMessage, Topics, decode_frame, dumps, frame_limit, parse, read_frame_id,
                    resend_after, status_payload)
@@ -37,10 +37,12 @@ class _Frame:
 
 class Aggregator:
     """Decides each frame with the bundle's voting rule: as soon as every live member has voted (and at least
-    ``quorum`` have), else at ``timeout_ms`` with >= quorum votes, else publishes it as ``undecided``."""
+    ``quorum`` have), else at ``timeout_ms`` with >= quorum votes, else publishes it as ``undecided``. A decision
+    whose vote margin is below ``abstain_below`` (default: the bundle's threshold) is published as ``review``."""
 
     def __init__(self, bundle_dir: Path | str, broker: Broker, fleet: str, quorum: int | None = None,
-                 timeout_ms: int = DEFAULT_TIMEOUT_MS, members: list[str] | None = None):
+                 timeout_ms: int = DEFAULT_TIMEOUT_MS, members: list[str] | None = None,
+                 abstain_below: float | None = None):
         self.topics = Topics(fleet)
         manifest = restrict(read_manifest(bundle_dir), members or None)
         # a manifest-only view: the rule, weights, classes and shape, with no member loaded (nodes run them)
@@ -48,6 +50,7 @@ class Aggregator:
         self.ids = [e["id"] for e in manifest["members"]]
         self.sha256 = {e["id"]: e["sha256"] for e in manifest["members"]}
         self.rule = manifest["vote"]["rule"]
+        self.abstain_below = self.view.threshold(abstain_below)
         self.quorum = len(self.ids) // 2 + 1 if quorum is None else quorum
         if not 1 <= self.quorum <= len(self.ids):
             raise UserError(f"--quorum must be between 1 and {len(self.ids)} (the fleet's members), got {self.quorum}")
@@ -59,12 +62,12 @@ class Aggregator:
         self.pending: OrderedDict[str, _Frame] = OrderedDict()
         self.done: OrderedDict[str, bytes] = OrderedDict()   # frame id -> its published result
         self.live: dict[str, str] = {}                       # member -> instance of its online node
-        self.stats = {"decided": 0, "undecided": 0, "ignored_votes": 0, "resent": 0}
+        self.stats = {"decided": 0, "review": 0, "undecided": 0, "ignored_votes": 0, "resent": 0}
         self.next_deadline = math.inf  # the earliest deadline in `pending` (or later: deadlines only move later)
         self.settle_until = math.inf  # until then, early decisions need every member's vote (see SETTLE_S)
         self.lock = threading.Lock()
         info = {"role": "aggregator", "instance": self.instance, "members": self.ids, "quorum": self.quorum,
-                "timeout_ms": timeout_ms, "rule": self.rule, "shape": list(self.view.shape),
+                "timeout_ms": timeout_ms, "rule": self.rule, "abstain_below": self.abstain_below, "shape": list(self.view.shape),
                 "classes": self.view.classes, "max_frame_bytes": self.max_bytes,
                 "input_steps": manifest["input"].get("steps")}  # clients resize and convert frames with them
         self.offline = (self.topics.aggregator, status_payload("offline", **info))
@@ -193,15 +196,17 @@ class Aggregator:
         elif weights is not None and weights.sum() <= 0:
             result |= {"status": "undecided", "reason": f"the members that voted ({voters}) all have weight 0"}
         else:
-            scores = vote(np.stack([frame.votes[m] for m in voters])[:, None, :], self.rule, weights)[0]
-            k = int(scores.argmax())
-            result |= {"status": "decided", "class": k, "label": self.view.classes[k],
-                       "confidence": round(float(scores[k]), 6)}
+            d = decide(np.stack([frame.votes[m] for m in voters])[:, None, :], self.rule, weights, self.abstain_below)
+            k, review = int(d.classes[0]), bool(d.review[0])
+            result |= {"status": "review" if review else "decided", "class": None if review else k,
+                       "label": None if review else self.view.classes[k], "confidence": round(float(d.confidence[0]), 6),
+                       "votes": int(d.votes[0]), "margin": round(float(d.margin[0]), 6)}
         self._publish(fid, result, frame)
 
     def _publish(self, fid: str, result: dict, frame: _Frame | None) -> None:
-        result = {"frame": fid, "class": None, "label": None, "confidence": None} | result | {
+        result = {"frame": fid, "class": None, "label": None, "confidence": None, "votes": None, "margin": None} | result | {
             "missing": [m for m in self.ids if m not in result["voted"]], "quorum": self.quorum, "rule": self.rule,
+            "abstain_below": self.abstain_below,
             "latency_ms": None if frame is None else round((time.monotonic() - frame.first_seen) * 1000, 3),
             "aggregator": self.instance}
         payload = dumps(result)
@@ -214,8 +219,9 @@ class Aggregator:
     def serve(self, stop: threading.Event) -> None:
         """Decide frames until ``stop`` is set; a frame still waiting at its timeout is decided or undecided then."""
         self.link.start()
-        log.info("aggregator for fleet '%s' on %s: members %s, quorum %d, timeout %.0f ms, rule %s",
-                 self.topics.fleet, self.link.broker.url, self.ids, self.quorum, self.timeout_s * 1000, self.rule)
+        log.info("aggregator for fleet '%s' on %s: members %s, quorum %d, timeout %.0f ms, rule %s, abstain below %g",
+                 self.topics.fleet, self.link.broker.url, self.ids, self.quorum, self.timeout_s * 1000, self.rule,
+                 self.abstain_below)
         settled = False
         try:
             while not stop.wait(0.01):

@@ -23,10 +23,10 @@ def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | 
              classes: list[str] | None = None) -> dict:
     """Publish each image as a frame and collect one outcome per frame; returns a summary.
 
-    ``on_result(row)`` gets each outcome as it arrives: the aggregator's result plus ``index``, ``input``,
-    ``rtt_ms`` (client send to client receive) and ``truth`` when ``labels`` are given. At most
-    ``max_in_flight`` frames wait for an outcome at a time; ``rate`` caps frames per second. A frame with no
-    outcome after ``retry_s`` is re-sent (backing off), and every frame in flight is re-sent when the connection
+    ``on_result(row)`` gets each outcome (``decided``, ``review`` or ``undecided``) as it arrives: the aggregator's
+    result plus ``index``, ``input``, ``rtt_ms`` (client send to client receive) and ``truth`` when ``labels`` are
+    given. At most ``max_in_flight`` frames wait for an outcome at a time; ``rate`` caps frames per second. A frame
+    with no outcome after ``retry_s`` is re-sent (backing off), and every frame in flight is re-sent when the connection
     comes back; the client gives up when for ``timeout_s`` no frame was sent and no outcome came, and reports
     the frames still missing. Images of any size go through the fleet's input steps (from the aggregator) before
     they are sent; ``classes`` (the data's class names) and ``labels`` must fit the fleet's classes.
@@ -126,12 +126,15 @@ def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | 
         link.stop()
     rows = list(got.values())
     decided = [r for r in rows if r["status"] == "decided"]
+    review = sum(r["status"] == "review" for r in rows)
     rtt = np.array([r["rtt_ms"] for r in rows]) if rows else np.zeros(1)
-    summary = {"frames": len(ids), "decided": len(decided), "undecided": len(rows) - len(decided),
+    summary = {"frames": len(ids), "decided": len(decided), "review": review, "undecided": len(rows) - len(decided) - review,
                "missing": [ids[i] for i in range(len(ids)) if i not in got], "elapsed_s": round(elapsed, 3),
                "frames_per_s": round(len(rows) / elapsed, 2) if elapsed > 0 else None,
                "rtt_ms_p50": round(float(np.percentile(rtt, 50)), 3), "rtt_ms_p99": round(float(np.percentile(rtt, 99)), 3),
                "resent": sum(n - 1 for _, n in last_sent.values())}
     if labels is not None:
-        summary["accuracy"] = sum(r["class"] == r["truth"] for r in decided) / len(ids)
+        right = sum(r["class"] == r["truth"] for r in decided)
+        summary["accuracy"] = right / len(ids)  # frames to review or undecided count as not right
+        summary["decided_accuracy"] = right / len(decided) if decided else None
     return summary

@@ -102,14 +102,14 @@ class LocalFleet:
 
     def __init__(self, bundle_dir: Path | str, broker: Broker | None = None, fleet: str = "default",
                  members: list[str] | None = None, quorum: int | None = None, timeout_ms: int = DEFAULT_TIMEOUT_MS,
-                 workdir: Path | str | None = None):
+                 workdir: Path | str | None = None, abstain_below: float | None = None):
         self.bundle_dir = Path(bundle_dir)
         entries = restrict(read_manifest(self.bundle_dir), members or None)["members"]
         self.members = [e["id"] for e in entries]
         for entry in entries:  # an altered member: say so before starting anything
             verify_member(self.bundle_dir, entry)
         self.topics = Topics(fleet)
-        self.quorum, self.timeout_ms = quorum, timeout_ms
+        self.quorum, self.timeout_ms, self.abstain_below = quorum, timeout_ms, abstain_below
         self.own_workdir = workdir is None  # a temporary one is removed again after a clean shutdown
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="prune2edge-fleet-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,8 @@ class LocalFleet:
         cmd = [sys.executable, "-m", "prune2edge.cli"]
         if role == "aggregator":
             cmd += ["aggregator", str(self.bundle_dir), "--members", ",".join(self.members),
-                    "--timeout-ms", str(self.timeout_ms)] + (["--quorum", str(self.quorum)] if self.quorum else [])
+                    "--timeout-ms", str(self.timeout_ms)] + (["--quorum", str(self.quorum)] if self.quorum else []) \
+                + ([] if self.abstain_below is None else ["--abstain-below", repr(self.abstain_below)])
         else:
             cmd += ["node", str(self.bundle_dir), "--member", role]
         return cmd + args + ["--fleet", self.topics.fleet], env
