@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,12 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "cpu",
     "workers": 1,
+    "executor": "local",              # local: in this process, or `workers` local processes; ray: Ray tasks
+    "ray": {"address": None,          # null: RAY_ADDRESS, or a Ray instance on this machine; auto: the cluster this
+                                      # machine joined (ray start); ray://HOST:PORT (Ray Client); HOST:PORT (the head)
+            "num_cpus": 1,            # reserved per member (and its torch threads)
+            "num_gpus": 0,            # reserved per member; > 0 with device: cuda (a fraction shares a GPU)
+            "max_retries": 3},        # a member whose worker dies (killed, node lost) runs again this many times
     "data": {"name": "digits", "path": None, "download": False, "val_fraction": 0.1, "max_train": None},
     "model": {"arch": "small_cnn", "kwargs": {}, "weights": None},
     "train": {"epochs": 10.0, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
@@ -66,6 +73,7 @@ DEFAULTS: dict[str, Any] = {
 
 CHOICES = {
     "device": ("cpu", "cuda"),
+    "executor": ("local", "ray"),
     "data.name": ("digits", "cifar10", "cifar100", "npz", "imagefolder"),
     "train.optimizer": ("sgd", "adam"),
     "train.schedule": ("onecycle", "cosine", "constant", "restarts"),
@@ -210,9 +218,33 @@ def validate(cfg: dict) -> dict:
     _need(isinstance(gap, (int, float)) and not isinstance(gap, bool) and 0 <= gap <= 1, "select.max_acc_gap",
           "must be a number in [0, 1] (a fraction of validation accuracy)", gap)
     _need(isinstance(cfg["model"]["kwargs"], dict), "model.kwargs", "must be a mapping", cfg["model"]["kwargs"])
+    _validate_ray(cfg)
     mt = cfg["data"]["max_train"]
     _need(mt is None or (isinstance(mt, int) and mt > 1), "data.max_train", "must be null or an integer > 1", mt)
     return cfg
+
+
+def _validate_ray(cfg: dict) -> None:
+    r = cfg["ray"]
+    address = r["address"]
+    _need(address is None or (isinstance(address, str) and re.fullmatch(r"auto|(ray://)?[\w.-]+:\d+", address)),
+          "ray.address", "must be null (a Ray instance on this machine), 'auto', 'ray://HOST:PORT' or 'HOST:PORT'", address)
+    for key, low in (("num_cpus", 0), ("num_gpus", 0)):
+        v = r[key]
+        _need(isinstance(v, (int, float)) and not isinstance(v, bool) and (v > low if key == "num_cpus" else v >= low),
+              f"ray.{key}", "must be a number > 0" if key == "num_cpus" else "must be a number >= 0", v)
+    v = r["max_retries"]
+    _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, "ray.max_retries", "must be an integer >= 0", v)
+    if cfg["executor"] != "ray":
+        return
+    _need(cfg["workers"] == 1, "workers", "runs members in local processes; with executor: ray, Ray schedules them "
+          "by ray.num_cpus / ray.num_gpus per member, so leave workers at 1", cfg["workers"])
+    _need(not cfg["pool"]["cyclical"], "pool.cyclical", "makes every member in one run, which cannot be spread; "
+          "use executor: local", cfg["pool"]["cyclical"])
+    _need(cfg["device"] != "cuda" or r["num_gpus"] > 0, "ray.num_gpus", "must be > 0 with device: cuda (e.g. 1, or 0.5 "
+          "for two members per GPU), so that Ray gives each member a GPU", r["num_gpus"])
+    _need(cfg["device"] == "cuda" or r["num_gpus"] == 0, "ray.num_gpus", "reserves GPUs that device: cpu leaves idle; "
+          "set it to 0 or use device: cuda", r["num_gpus"])
 
 
 def parse_settings(settings: list[str] | tuple[str, ...]) -> dict:
@@ -238,5 +270,7 @@ def yaml_text(cfg: dict) -> str:
 
 
 def same_run(a: dict, b: dict) -> bool:
-    """Whether two configs give the same results (``workers`` only changes how fast)."""
-    return {**a, "workers": 0} == {**b, "workers": 0}
+    """Whether two configs give the same results (``workers``, ``executor`` and ``ray`` only change where and how
+    fast members train)."""
+    where = {"workers": 0, "executor": None, "ray": None}
+    return {**a, **where} == {**b, **where}
