@@ -21,6 +21,10 @@ def _import_ray():
     return ray
 
 
+def _first_line(e: BaseException) -> str:
+    return next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
 def _call(fn: Callable, threads: int, *args: Any) -> Any:
     """A job inside a Ray worker, with torch limited to the task's CPUs."""
     import torch
@@ -81,14 +85,17 @@ class RayExecutor(Executor):
         return out
 
     def _plain(self, e: BaseException) -> BaseException:
-        """The job's own exception for one it raised; a clear error for a job Ray lost (after its retries)."""
-        ray = self._ray
-        if isinstance(e, ray.exceptions.RayTaskError):
-            return e.cause
-        if isinstance(e, ray.exceptions.RayError):
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        """The job's own exception for one it raised; a clear error for a job a worker could not run (it lacks
+        prune2edge, say) or that Ray lost (after its retries)."""
+        errors = self._ray.exceptions
+        if isinstance(e, errors.RayTaskError):
+            if not isinstance(e.cause, errors.RayError):
+                return e.cause
+            return UserError(f"a Ray worker could not run a pool job ({_first_line(e.cause)}); every worker needs "
+                             "prune2edge and the same torch as this machine: pip install 'prune2edge[ray]'")
+        if isinstance(e, errors.RayError):
             return UserError(f"a pool job was lost on the Ray cluster after ray.max_retries = {self.max_retries} "
-                             f"retries ({type(e).__name__}: {first}); the members finished so far are saved: "
+                             f"retries ({type(e).__name__}: {_first_line(e)}); the members finished so far are saved: "
                              "run the same command again to continue")
         return e
 
