@@ -15,8 +15,9 @@ DEFAULTS: dict[str, Any] = {
     "device": "cpu",
     "workers": 1,
     "executor": "local",              # local: in this process, or `workers` local processes; ray: Ray tasks
-    "ray": {"address": None,          # null: RAY_ADDRESS, or a Ray instance on this machine; auto: the cluster this
-                                      # machine joined (ray start); ray://HOST:PORT (Ray Client); HOST:PORT (the head)
+    "ray": {"address": None,          # null: RAY_ADDRESS, or the cluster `ray start` began here, or a new local
+                                      # instance; auto: the cluster this machine joined (ray start);
+                                      # ray://HOST:PORT (Ray Client); HOST:PORT (the head)
             "num_cpus": 1,            # reserved per member (and its torch threads)
             "num_gpus": 0,            # reserved per member; > 0 with device: cuda (a fraction shares a GPU)
             "max_retries": 3},        # a member whose worker dies (killed, node lost) runs again this many times

@@ -439,8 +439,8 @@ def build(run_dir: Path, cfg: dict, executor: Executor, progress: bool = True) -
         bar.refresh()
 
     saved = 0
-    for fn, source, arg in jobs:
-        executor.submit(fn, source, arg).add_done_callback(finished.put)
+    for fn, src, arg in jobs:
+        executor.submit(fn, src, arg).add_done_callback(finished.put)
         while not finished.empty():  # the in-process executor has run it already: save it before the next one
             save(finished.get())
             saved += 1

@@ -35,7 +35,8 @@ def _call(fn: Callable, threads: int, *args: Any) -> Any:
 
 class RayExecutor(Executor):
     """Runs each job as a Ray task, with ``num_cpus`` and ``num_gpus`` reserved for it, on the Ray cluster at
-    ``address`` (``None``: ``RAY_ADDRESS``, or a Ray instance on this machine, started here and stopped on shutdown).
+    ``address`` (``None``: ``RAY_ADDRESS``, else the cluster ``ray start`` began on this machine, else a Ray instance
+    started here and stopped on shutdown).
 
     Arguments and results travel through Ray's object store (:meth:`put` shares a large argument once), so
     nothing needs a shared filesystem. A job whose worker dies (killed, out of memory, its node lost) runs again,
