@@ -150,13 +150,12 @@ def test_a_jobs_own_error_fails_once_and_a_lost_worker_is_a_clear_error(ray_clus
             f.write(f"{os.getpid()}\n")
         os.kill(os.getpid(), signal.SIGKILL)
 
-    with RayExecutor(max_retries=3) as ex:
-        with pytest.raises(UserError, match=r"^config key 'pool\.lr' must be > 0, got -1$"):
-            ex.submit(failing_job, str(tmp_path / "failing")).result(60)
+    with RayExecutor(max_retries=3) as ex, pytest.raises(UserError, match=r"^config key 'pool\.lr' must be > 0, got -1$"):
+        ex.submit(failing_job, str(tmp_path / "failing")).result(60)
     assert len((tmp_path / "failing").read_text().split()) == 1  # not retried
-    with RayExecutor(max_retries=0) as ex:
-        with pytest.raises(UserError, match=r"lost on the Ray cluster after ray\.max_retries = 0 retries.*run the same command again"):
-            ex.submit(dying_job, str(tmp_path / "dying")).result(120)
+    lost = r"lost on the Ray cluster after ray\.max_retries = 0 retries.*run the same command again"
+    with RayExecutor(max_retries=0) as ex, pytest.raises(UserError, match=lost):
+        ex.submit(dying_job, str(tmp_path / "dying")).result(120)
     assert len((tmp_path / "dying").read_text().split()) == 1
 
 
