@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10 import ROOT, command_line, machine, publish, rel, write_result  # noqa: E402
 
-from prune2edge import cli, config, pipeline, pool  # noqa: E402
+from prune2edge import cli, config, pool  # noqa: E402
 from prune2edge.ray_executor import RayExecutor  # noqa: E402
 
 TITLE = "## Pool on Ray"
@@ -56,15 +56,16 @@ def timed_pool(prepared: Path, run_dir: Path, cfg: dict, executor) -> tuple[floa
 
 
 def markdown(r: dict) -> str:
-    lines = [TITLE, "",
-             f"A pool of {r['size']} members (`prune2edge/demo.yaml`: digits, small_cnn width 16 depth 3, {r['epochs']} epochs "
+    about = (f"A pool of {r['size']} members (`prune2edge/demo.yaml`: digits, small_cnn width 16 depth 3, {r['epochs']} epochs "
              f"each) trained three ways on one machine with {r['workers']} workers, one thread per member, the setups taking "
              "turns within each round: the local process pool (`workers`), `executor: ray` starting its own Ray instance "
              "(start and stop timed), and `executor: ray` connecting to a Ray instance already running (a new Ray job per "
-             "pool, its workers started within the timing). Overhead: seconds over the local pool's, the median over rounds. "
-             "Member seconds: the members' own training time, summed (work, not wall time).", "",
-             f"- {r['machine']}; torch {r['torch']}, ray {r['ray']}; {r['date']}; load average {r['load_average'][0]:.1f} "
-             f"before, {r['load_average'][1]:.1f} after; {r['repeats']} rounds; `{r['command']}`; raw numbers: `{r['results_file']}`",
+             "pool, its workers started within the timing). Overhead: seconds over the local pool's, the median over rounds; "
+             "on a shared machine this ratio is the number to read. Member seconds: each member's training as timed inside "
+             "its worker, summed.")
+    where = (f"- {r['machine']}; torch {r['torch']}, ray {r['ray']}; {r['date']}; load average {r['load_average'][0]:.1f} "
+             f"before, {r['load_average'][1]:.1f} after; {r['repeats']} rounds; `{r['command']}`; raw numbers: `{r['results_file']}`")
+    lines = [TITLE, "", about, "", where,
              f"- every setup wrote bit-identical member weights: {'yes' if r['identical_members'] else 'NO'}", "",
              "| setup | seconds (median) | seconds per round | member seconds (sum, median) | overhead vs local |",
              "|---|---|---|---|---|"]
@@ -80,7 +81,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
     ap.add_argument("--no-docs", action="store_true", help="do not touch docs/RESULTS.md")
     args = ap.parse_args()
-    import ray  # here, not at the top: the local pool's spawned workers import this module
+    import ray  # here, not at the top: the local pool's spawned workers import this module, as they would the CLI
+
+    from prune2edge import pipeline
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.pop("RAY_ADDRESS", None)  # "new instance" must start its own
