@@ -230,12 +230,11 @@ def _validate_ray(cfg: dict) -> None:
     address = r["address"]
     _need(address is None or (isinstance(address, str) and re.fullmatch(r"auto|(ray://)?[\w.-]+:\d+", address)),
           "ray.address", "must be null (a Ray instance on this machine), 'auto', 'ray://HOST:PORT' or 'HOST:PORT'", address)
-    for key, low in (("num_cpus", 0), ("num_gpus", 0)):
-        v = r[key]
-        _need(isinstance(v, (int, float)) and not isinstance(v, bool) and (v > low if key == "num_cpus" else v >= low),
-              f"ray.{key}", "must be a number > 0" if key == "num_cpus" else "must be a number >= 0", v)
-    v = r["max_retries"]
-    _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, "ray.max_retries", "must be an integer >= 0", v)
+    cpus, gpus, retries = r["num_cpus"], r["num_gpus"], r["max_retries"]
+    _need(isinstance(cpus, (int, float)) and not isinstance(cpus, bool) and cpus > 0, "ray.num_cpus", "must be a number > 0", cpus)
+    _need(isinstance(gpus, (int, float)) and not isinstance(gpus, bool) and gpus >= 0, "ray.num_gpus", "must be a number >= 0", gpus)
+    _need(isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0, "ray.max_retries",
+          "must be an integer >= 0", retries)
     if cfg["executor"] != "ray":
         return
     _need(cfg["workers"] == 1, "workers", "runs members in local processes; with executor: ray, Ray schedules them "

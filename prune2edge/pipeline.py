@@ -139,7 +139,8 @@ def run(cfg: dict, run_dir: Path | str, progress: bool = True) -> dict:
             store.write_json(run_dir / "timings.json", timings)
         return out
 
-    executor = pool.make_executor(cfg["workers"], cfg["ray"] if cfg["executor"] == "ray" else None)  # no Ray: fail now
+    # made before any phase: executor: ray where Ray is not installed fails now, not after the baseline
+    executor = pool.make_executor(cfg["workers"], cfg["ray"] if cfg["executor"] == "ray" else None)
     phase("prepare", prepare, run_dir, cfg)
     phase("baseline", baseline, run_dir, cfg, progress)
     with executor as ex:

@@ -101,7 +101,8 @@ class RayExecutor(Executor):
         return e
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop the Ray instance this executor started (one it found running is left as it is)."""
+        """Disconnect from Ray if this executor connected (stopping the instance it started, if it started one); a
+        connection it found open is left as it is."""
         if self._started:
             self._ray.shutdown()
             self._started = False
