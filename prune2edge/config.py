@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,13 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "cpu",
     "workers": 1,
+    "executor": "local",              # local: in this process, or `workers` local processes; ray: Ray tasks
+    "ray": {"address": None,          # null: RAY_ADDRESS, or the cluster `ray start` began here, or a new local
+                                      # instance; auto: the cluster this machine joined (ray start);
+                                      # ray://HOST:PORT (Ray Client); HOST:PORT (the head)
+            "num_cpus": 1,            # reserved per member (and its torch threads)
+            "num_gpus": 0,            # reserved per member; > 0 with device: cuda (a fraction shares a GPU)
+            "max_retries": 3},        # a member whose worker dies (killed, node lost) runs again this many times
     "data": {"name": "digits", "path": None, "download": False, "val_fraction": 0.1, "max_train": None,
              "test_fraction": TEST_FRACTION,  # carved (stratified, seed 0) from a source without a test split
              "image_size": None,              # int or [h, w]: every image resized to it (area filter); None: as stored
@@ -74,6 +82,7 @@ DEFAULTS: dict[str, Any] = {
 
 CHOICES = {
     "device": ("cpu", "cuda"),
+    "executor": ("local", "ray"),
     "data.name": ("digits", "cifar10", "cifar100", "npz", "imagefolder"),
     "data.color": (None, *COLORS),
     "train.optimizer": ("sgd", "adam"),
@@ -228,9 +237,32 @@ def validate(cfg: dict) -> dict:
     _need(ta is None or (isinstance(ta, (int, float)) and not isinstance(ta, bool) and 0 < ta <= 1), "vote.target_accuracy",
           "must be null (no default abstain threshold) or an accuracy in (0, 1]", ta)
     _need(isinstance(cfg["model"]["kwargs"], dict), "model.kwargs", "must be a mapping", cfg["model"]["kwargs"])
+    _validate_ray(cfg)
     mt = cfg["data"]["max_train"]
     _need(mt is None or (isinstance(mt, int) and mt > 1), "data.max_train", "must be null or an integer > 1", mt)
     return cfg
+
+
+def _validate_ray(cfg: dict) -> None:
+    r = cfg["ray"]
+    address = r["address"]
+    _need(address is None or (isinstance(address, str) and re.fullmatch(r"auto|(ray://)?[\w.-]+:\d+", address)),
+          "ray.address", "must be null (a Ray instance on this machine), 'auto', 'ray://HOST:PORT' or 'HOST:PORT'", address)
+    cpus, gpus, retries = r["num_cpus"], r["num_gpus"], r["max_retries"]
+    _need(isinstance(cpus, (int, float)) and not isinstance(cpus, bool) and cpus > 0, "ray.num_cpus", "must be a number > 0", cpus)
+    _need(isinstance(gpus, (int, float)) and not isinstance(gpus, bool) and gpus >= 0, "ray.num_gpus", "must be a number >= 0", gpus)
+    _need(isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0, "ray.max_retries",
+          "must be an integer >= 0", retries)
+    if cfg["executor"] != "ray":
+        return
+    _need(cfg["workers"] == 1, "workers", "runs members in local processes; with executor: ray, Ray schedules them "
+          "by ray.num_cpus / ray.num_gpus per member, so leave workers at 1", cfg["workers"])
+    _need(not cfg["pool"]["cyclical"], "pool.cyclical", "makes every member in one run, which cannot be spread; "
+          "use executor: local", cfg["pool"]["cyclical"])
+    _need(cfg["device"] != "cuda" or r["num_gpus"] > 0, "ray.num_gpus", "must be > 0 with device: cuda (e.g. 1, or 0.5 "
+          "for two members per GPU), so that Ray gives each member a GPU", r["num_gpus"])
+    _need(cfg["device"] == "cuda" or r["num_gpus"] == 0, "ray.num_gpus", "reserves GPUs that device: cpu leaves idle; "
+          "set it to 0 or use device: cuda", r["num_gpus"])
 
 
 def parse_settings(settings: list[str] | tuple[str, ...]) -> dict:
@@ -255,13 +287,16 @@ def yaml_text(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
+WHERE = ("workers", "executor", "ray")  # keys that change where and how fast a run goes, not its results
+
+
 def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Where two configs would give different results, as ``key: A -> B`` per dotted key (``workers`` only
-    changes how fast, so it is left out); empty for the same run."""
+    """Where two configs would give different results, as ``key: A -> B`` per dotted key (``workers``, ``executor``
+    and ``ray`` only change where and how fast members train, so they are left out); empty for the same run."""
     out = []
     for key in sorted(set(a) | set(b), key=list({**a, **b}).index):
         name, va, vb = f"{prefix}{key}", a.get(key), b.get(key)
-        if name == "workers" or va == vb:
+        if name in WHERE or va == vb:
             continue
         if isinstance(va, dict) and isinstance(vb, dict) and key not in ("kwargs", "member_kwargs"):
             out += differences(va, vb, name + ".")

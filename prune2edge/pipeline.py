@@ -169,9 +169,11 @@ def run(cfg: dict, run_dir: Path | str, progress: bool = True) -> dict:
             store.write_json(run_dir / "timings.json", timings)
         return out
 
+    # made before any phase: executor: ray where Ray is not installed fails now, not after the baseline
+    executor = pool.make_executor(cfg["workers"], cfg["ray"] if cfg["executor"] == "ray" else None)
     phase("prepare", prepare, run_dir, cfg)
     phase("baseline", baseline, run_dir, cfg, progress)
-    with pool.make_executor(cfg["workers"]) as ex:
+    with executor as ex:
         members = phase("pool", pool.build, run_dir, cfg, ex, progress)
     quant = phase("quantize", quantize.quantize_all, run_dir, cfg, members, progress)
     selection = phase("select", choose, run_dir, cfg, members, quant)

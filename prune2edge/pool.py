@@ -4,12 +4,14 @@ By default every member is cloned from the baseline (never from another member),
 gradual schedule while it fine-tunes, and saved with its masks made permanent (plain zeros). The ``pool:``
 options move members into other basins: anti-random masks, shrink-and-perturb or re-initialised last layers,
 fresh initialisations distilled from the baseline, prune-and-regrow, and one cyclical run whose low points
-are the members. Members are jobs run through an executor, written atomically and never recomputed.
+are the members. Members are jobs run through an executor (in-process, local processes, or Ray tasks on a
+cluster), written atomically by this process and never recomputed.
 """
 from __future__ import annotations
 
 import math
 import os
+import queue
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -22,6 +24,8 @@ from tqdm.auto import tqdm
 
 from . import models, store, train
 from .errors import UserError
+from .preprocess import Preprocessing
+from .ray_executor import RayExecutor
 from .vote import accuracy
 
 
@@ -212,20 +216,60 @@ class SnapshotSaver:
                 store.write_state(self.folder / f"snapshot{j}.pt", {k: v.detach().cpu() for k, v in self.model.state_dict().items()})
 
 
-def fresh_model(run_dir: Path, seed: int, overrides: dict | None = None) -> torch.nn.Module:
-    """A new initialisation (seeded) of the baseline's architecture, with ``overrides`` of its kwargs."""
-    base = store.read_json(run_dir / "baseline" / "model.json")
-    torch.manual_seed(seed)
-    return models.build(base["arch"], tuple(base["image_shape"]), base["num_classes"], **{**base["kwargs"], **(overrides or {})})
+@dataclass
+class RunInputs:
+    """Everything training a member reads from its run, in memory, so that a job needs no access to the run
+    directory (a Ray task on another machine): the config, the raw training and validation splits with the fitted
+    preprocessing, the image shape, and the baseline's record and weights (each checkpoint members start from)."""
+
+    cfg: dict
+    baseline_record: dict
+    image_shape: tuple[int, int, int]
+    preprocessing: Preprocessing
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    states: dict[int, dict[str, torch.Tensor]]
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunInputs:
+        """Read them from a prepared run directory whose baseline is trained."""
+        from . import config
+
+        cfg = config.load(run_dir / "config.yaml")
+        sources = {0} | {m.source for m in plan(cfg)}
+        return cls(cfg, store.read_json(run_dir / "baseline" / "model.json"),
+                   tuple(store.read_json(run_dir / "dataset.json")["image_shape"]), store.preprocessing(run_dir),
+                   {name: store.split(run_dir, name) for name in ("train", "val")},
+                   {s: store.load_baseline(run_dir, s).state_dict() for s in sources})
+
+    def tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``train`` or ``val`` split, preprocessed, as (NCHW float32, int64) tensors."""
+        x, y = self.splits[name]
+        return torch.from_numpy(self.preprocessing.apply(x)), torch.tensor(y)
+
+    def _network(self, overrides: dict | None = None) -> torch.nn.Module:
+        b = self.baseline_record
+        return models.build(b["arch"], tuple(b["image_shape"]), b["num_classes"], **{**b["kwargs"], **(overrides or {})})
+
+    def baseline(self, source: int = 0) -> torch.nn.Module:
+        """The baseline network (``source`` 0), or the checkpoint ``source`` of its training (``pool.snapshots``)."""
+        model = self._network()
+        model.load_state_dict(self.states[source])
+        return model
+
+    def fresh(self, seed: int, overrides: dict | None = None) -> torch.nn.Module:
+        """A new initialisation (seeded) of the baseline's architecture, with ``overrides`` of its kwargs."""
+        torch.manual_seed(seed)
+        return self._network(overrides)
 
 
-def start_model(run_dir: Path, cfg: dict, member: MemberPlan) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
+def start_model(src: RunInputs, member: MemberPlan) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
     """A member's network before training, and its fixed (anti-random) masks if the pool uses them."""
+    cfg = src.cfg
     p = cfg["pool"]
     if p["init"] == "fresh":
-        model = fresh_model(run_dir, member.seed, p["member_kwargs"])
+        model = src.fresh(member.seed, p["member_kwargs"])
     else:
-        model = store.load_baseline(run_dir, member.source)
+        model = src.baseline(member.source)
     fixed = None
     if p["mask"] != "magnitude":  # drawn from the starting weights, before they leave the basin
         plans = plan(cfg)
@@ -233,7 +277,7 @@ def start_model(run_dir: Path, cfg: dict, member: MemberPlan) -> tuple[torch.nn.
                                  seed=int(np.random.default_rng([cfg["seed"], 5]).integers(2**31)),
                                  weighted=p["mask"] == "antirandom-weighted")
     if p["init"] == "baseline" and (p["shrink"] != 1.0 or p["perturb"] or p["reinit_last"]):
-        leave_basin(model, fresh_model(run_dir, member.seed), p["shrink"], p["perturb"], p["reinit_last"])
+        leave_basin(model, src.fresh(member.seed), p["shrink"], p["perturb"], p["reinit_last"])
     return model, fixed
 
 
@@ -258,48 +302,52 @@ def _pruner(model: torch.nn.Module, p: dict, sparsity: float, total: int, seed: 
     return pruner
 
 
-def _augment(run_dir: Path, p: dict) -> str:
-    """The members' augmentation for the run's image shape (read from its record, not from the images)."""
-    return train.augment_kind(p["augment"], tuple(store.read_json(run_dir / "dataset.json")["image_shape"]))
-
-
-def save_member(run_dir: Path, model: torch.nn.Module, record: dict, x_val: torch.Tensor, y_val: torch.Tensor) -> dict:
-    """Write ``pool/<name>/model.pt`` and then ``member.json`` (measured sparsity, fp32 validation accuracy)."""
-    out = run_dir / "pool" / record["name"]
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+def measure(model: torch.nn.Module, record: dict, x_val: torch.Tensor, y_val: torch.Tensor) -> tuple[bytes, dict]:
+    """A trained member's state_dict (``torch.save`` bytes) and its record with the measured sparsity and fp32
+    validation accuracy added."""
+    state = store.state_bytes({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     was_training = model.training
     info = {**record, "measured_sparsity": models.sparsity(model),
             "val_acc_fp32": accuracy(train.predict_proba(model, x_val, device=next(model.parameters()).device), y_val.numpy())}
     model.train(was_training)
-    out.mkdir(parents=True, exist_ok=True)
-    store.write_state(out / "model.pt", state)
+    return state, info
+
+
+def write_member(run_dir: Path, state: bytes, info: dict) -> dict:
+    """Write ``pool/<name>/model.pt`` and then ``member.json`` (a member exists once its record does)."""
+    out = run_dir / "pool" / info["name"]
+    store.write_bytes(out / "model.pt", state)
     store.write_json(out / "member.json", info)
     return info
 
 
-def train_member(run_dir: Path, member: MemberPlan) -> dict:
-    """Start, prune and train one member, and write ``pool/<name>/`` (``member.json`` last)."""
-    from . import config
-
-    cfg = config.load(run_dir / "config.yaml")
-    p = cfg["pool"]
+def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dict]:
+    """Start, prune and train one member from its run (a directory on this machine, or the run's inputs); returns
+    its state_dict as ``torch.save`` bytes and its record, for :func:`write_member`."""
+    src = source if isinstance(source, RunInputs) else RunInputs.load(source)
+    p = src.cfg["pool"]
     t0 = time.perf_counter()
-    x, y = store.tensors(run_dir, "train")
+    x, y = src.tensors("train")
     if member.bootstrap:
         idx = torch.from_numpy(np.random.default_rng(member.seed).integers(0, len(y), len(y)))
         x, y = x[idx], y[idx]
-    model, fixed = start_model(run_dir, cfg, member)
+    model, fixed = start_model(src, member)
     total = max(1, round(member.epochs * math.ceil(len(x) / member.batch_size)))
     pruner = _pruner(model, p, member.sparsity, total, member.seed, fixed)
     history = train.fit(model, x, y, _settings(p, member.epochs, member.lr, member.batch_size, p["lr_schedule"]),
-                        seed=member.seed, augment=_augment(run_dir, p),
-                        device=cfg["device"], after_step=pruner, teacher=store.load_baseline(run_dir) if p["distill"] else None,
+                        seed=member.seed, augment=train.augment_kind(p["augment"], src.image_shape),
+                        device=src.cfg["device"], after_step=pruner, teacher=src.baseline() if p["distill"] else None,
                         desc=member.name, progress=False)
     pruner.finish()
     model.cpu()
     record = {**asdict(member), "name": member.name, "model_kwargs": p["member_kwargs"] if p["init"] == "fresh" else {},
               "history": history, "seconds": time.perf_counter() - t0}
-    return save_member(run_dir, model, record, *store.tensors(run_dir, "val"))
+    return measure(model, record, *src.tensors("val"))
+
+
+def train_member(run_dir: Path, member: MemberPlan) -> dict:
+    """Train one member and write ``pool/<name>/`` (``member.json`` last)."""
+    return write_member(run_dir, *fit_member(run_dir, member))
 
 
 def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
@@ -308,15 +356,13 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
 
     Pruning ramps to the highest sampled sparsity within ``prune_end`` of the first cycle; every cycle lasts member
     0's epochs at member 0's peak learning rate. The run resumes from its last finished epoch after a kill."""
-    from . import config
-
-    cfg = config.load(run_dir / "config.yaml")
-    p, lead, n = cfg["pool"], plans[0], len(plans)
+    src = RunInputs.load(run_dir)
+    p, lead, n = src.cfg["pool"], plans[0], len(plans)
     sparsity = max(m.sparsity for m in plans)
     t0 = time.perf_counter()
-    x, y = store.tensors(run_dir, "train")
-    x_val, y_val = store.tensors(run_dir, "val")
-    model, _ = start_model(run_dir, cfg, lead)
+    x, y = src.tensors("train")
+    x_val, y_val = src.tensors("val")
+    model, _ = start_model(src, lead)
     cycle = max(1, round(lead.epochs * math.ceil(len(x) / lead.batch_size)))
     pruner = _pruner(model, p, sparsity, cycle, lead.seed)  # the ramp is within the first cycle
     infos: dict[int, dict] = {}
@@ -327,11 +373,11 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
         if step * n % total_steps == 0 and not (run_dir / "pool" / plans[j].name / "member.json").exists():
             record = {**asdict(plans[j]), "sparsity": sparsity, "epochs": lead.epochs, "lr": lead.lr, "batch_size": lead.batch_size,
                       "name": plans[j].name, "model_kwargs": {}, "cyclical": True, "seconds": (time.perf_counter() - t0) / (j + 1)}  # per cycle so far
-            infos[j] = save_member(run_dir, model, record, x_val, y_val)
+            infos[j] = write_member(run_dir, *measure(model, record, x_val, y_val))
 
     train.fit(model, x, y, _settings(p, n * lead.epochs, lead.lr, lead.batch_size, "restarts", n), seed=lead.seed,
-              augment=_augment(run_dir, p), device=cfg["device"],
-              after_step=after_step, teacher=store.load_baseline(run_dir) if p["distill"] else None,
+              augment=train.augment_kind(p["augment"], src.image_shape), device=src.cfg["device"],
+              after_step=after_step, teacher=src.baseline() if p["distill"] else None,
               checkpoint=run_dir / "pool" / "cyclical.pt", desc="cyclical", progress=False)
     (run_dir / "pool" / "cyclical.pt").unlink(missing_ok=True)
     return [infos.get(i) or store.read_json(run_dir / "pool" / m.name / "member.json") for i, m in enumerate(plans)]
@@ -353,8 +399,11 @@ def _limit_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def make_executor(workers: int) -> Executor:
-    """The seam where member jobs run: in-process for 1 worker, else a local process pool."""
+def make_executor(workers: int, ray: dict | None = None) -> Executor:
+    """The seam where member jobs run: in-process for 1 worker, a local process pool for more, or, given the
+    config's ``ray:`` settings, Ray tasks (:class:`~prune2edge.ray_executor.RayExecutor`)."""
+    if ray is not None:
+        return RayExecutor(**ray)
     if workers <= 1:
         return InProcessExecutor()
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -362,32 +411,42 @@ def make_executor(workers: int) -> Executor:
 
 
 def build(run_dir: Path, cfg: dict, executor: Executor, progress: bool = True) -> list[dict]:
-    """Train every member not yet on disk; return all members' records in index order."""
+    """Train every member not yet on disk and write each here as it arrives; return all members' records in index
+    order. A job's failure is raised after the other jobs have finished and been saved."""
     plans, p = plan(cfg), cfg["pool"]
     done = {m.name: store.read_json(run_dir / "pool" / m.name / "member.json")
             for m in plans if (run_dir / "pool" / m.name / "member.json").exists()}
     todo = [m for m in plans if m.name not in done]
     bar = tqdm(total=len(plans), initial=len(done), desc="pool", disable=not progress, unit="member")
+    # a cyclical pool is one job that makes (and writes) every member; otherwise one job per member, which returns
+    # the member for this process to write; Ray tasks read the run's inputs from Ray's object store, put there once
+    if p["cyclical"]:
+        jobs = [(train_cyclical, run_dir, plans)] if todo else []
+    else:
+        source = executor.put(RunInputs.load(run_dir)) if todo and isinstance(executor, RayExecutor) else run_dir
+        jobs = [(fit_member, source, m) for m in todo]
+    finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
+    failures: list[BaseException] = []
 
-    def record(f: Future) -> None:
+    def save(f: Future) -> None:
         if f.exception() is not None:
+            failures.append(f.exception())
             return
-        for info in f.result() if isinstance(f.result(), list) else [f.result()]:
+        for info in f.result() if p["cyclical"] else [write_member(run_dir, *f.result())]:
             done[info["name"]] = info
             bar.set_postfix(last=info["name"], sparsity=round(info["measured_sparsity"]["overall"], 3), val=round(info["val_acc_fp32"], 4))
         bar.n = len(done)
         bar.refresh()
 
-    # a cyclical pool is one job that makes every member; otherwise one job per member
-    if p["cyclical"]:
-        jobs = [(train_cyclical, plans)] if todo else []
-    else:
-        jobs = [(train_member, m) for m in todo]
-    futures = []
-    for fn, arg in jobs:
-        futures.append(executor.submit(fn, run_dir, arg))
-        futures[-1].add_done_callback(record)
-    for f in futures:
-        f.result()  # raises the first member's failure, after the others have finished and been saved
+    saved = 0
+    for fn, src, arg in jobs:
+        executor.submit(fn, src, arg).add_done_callback(finished.put)
+        while not finished.empty():  # the in-process executor has run it already: save it before the next one
+            save(finished.get())
+            saved += 1
+    for _ in range(len(jobs) - saved):
+        save(finished.get())
     bar.close()
+    if failures:
+        raise failures[0]
     return [done[m.name] for m in plans]

@@ -56,13 +56,18 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def write_state(path: Path, state: dict) -> None:
-    """A torch state_dict, written atomically."""
+def state_bytes(state: dict) -> bytes:
+    """A torch state_dict as the bytes ``torch.save`` writes."""
     import torch
 
     buf = io.BytesIO()
     torch.save(state, buf)
-    write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_state(path: Path, state: dict) -> None:
+    """A torch state_dict, written atomically."""
+    write_bytes(path, state_bytes(state))
 
 
 def write_npz(path: Path, **arrays: np.ndarray) -> None:

@@ -109,8 +109,9 @@ def test_reinit_last_replaces_exactly_the_last_layers():
 def test_perturbed_member_starts_where_configured(tiny_run, tmp_path):
     run, cfg = configured(*tiny_run, tmp_path, shrink=0.5, perturb=0.1)
     plan = pool.plan(cfg)[1]
-    model, fixed = pool.start_model(run, cfg, plan)
-    base, fresh = store.load_baseline(run), pool.fresh_model(run, plan.seed)
+    src = pool.RunInputs.load(run)
+    model, fixed = pool.start_model(src, plan)
+    base, fresh = store.load_baseline(run), src.fresh(plan.seed)
     assert fixed is None
     for p, b, f in zip(model.parameters(), base.parameters(), fresh.parameters()):
         assert torch.allclose(p, 0.5 * b + 0.1 * f, atol=1e-7)
@@ -119,9 +120,10 @@ def test_perturbed_member_starts_where_configured(tiny_run, tmp_path):
 def test_fresh_wider_students_are_built_recorded_and_reloaded(tiny_run, tmp_path):
     run, cfg = configured(*tiny_run, tmp_path, init="fresh", member_kwargs={"width": 12}, distill=0.5, size=2)
     plan = pool.plan(cfg)[0]
-    model, _ = pool.start_model(run, cfg, plan)
+    src = pool.RunInputs.load(run)
+    model, _ = pool.start_model(src, plan)
     assert model.features[0][0].out_channels == 12
-    assert torch.equal(models.prunable(model)["head.2"], models.prunable(pool.fresh_model(run, plan.seed, {"width": 12}))["head.2"])
+    assert torch.equal(models.prunable(model)["head.2"], models.prunable(src.fresh(plan.seed, {"width": 12}))["head.2"])
     members = pool.build(run, cfg, pool.InProcessExecutor(), progress=False)
     assert members[0]["model_kwargs"] == {"width": 12}
     reloaded = store.load_member(run, members[0]["name"])
