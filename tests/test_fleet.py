@@ -94,7 +94,10 @@ def start_stream(url: str, name: str, npz: Path, out: Path, n: int = 450, rate: 
 
 
 def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """The complete JSON lines of ``path``: while the client appends, the text after the last newline may be
+    a line it is still writing (a read can land between the pages of one write), so it is left for later."""
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [json.loads(line) for line in lines]
 
 
 def wait_rows(path: Path, n: int, proc: subprocess.Popen, timeout: float = 30) -> list[dict]:
