@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
                "max_acc_gap": 0.02},      # accuracy-first / diversity-first take only members at most this far below
                                           # the best member on validation; a cluster with none is skipped
     "vote": {"rule": "soft", "weighted": False},
+    "deploy": {"devices": None},          # a devices file (YAML/JSON): each device's memory (and latency) budget
 }
 
 CHOICES = {
@@ -210,6 +211,9 @@ def validate(cfg: dict) -> dict:
     _need(isinstance(gap, (int, float)) and not isinstance(gap, bool) and 0 <= gap <= 1, "select.max_acc_gap",
           "must be a number in [0, 1] (a fraction of validation accuracy)", gap)
     _need(isinstance(cfg["model"]["kwargs"], dict), "model.kwargs", "must be a mapping", cfg["model"]["kwargs"])
+    dev = cfg["deploy"]["devices"]
+    _need(dev is None or (isinstance(dev, str) and bool(dev)), "deploy.devices",
+          "must be the path of a devices file (YAML or JSON), or null", dev)
     mt = cfg["data"]["max_train"]
     _need(mt is None or (isinstance(mt, int) and mt > 1), "data.max_train", "must be null or an integer > 1", mt)
     return cfg

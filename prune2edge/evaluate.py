@@ -88,6 +88,7 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
         "k_choice": {k: v for k, v in sel.get("k_choice", {"by": "config"}).items() if k != "curve"},
         "skipped_clusters": sel.get("skipped_clusters", []),
         "dropped": sel["dropped"],
+        "devices": sel.get("devices"),  # with deploy.devices: budgets, what they rule out, member -> device
         "timings": dict(timings),
     }
     metrics["warnings"] = selection_warnings(metrics)
@@ -173,5 +174,25 @@ def table(m: dict) -> str:
         lines.append(f"dropped by the int8 gate: {', '.join(m['dropped'])}")
     for s in m["skipped_clusters"]:
         lines.append(f"cluster c{s['cluster']} ({', '.join(s['members'])}) skipped: {s['reason']}")
+    lines.extend(_device_lines(m["devices"]) if m.get("devices") else [])
     lines.extend(f"WARNING: {w['message']}" for w in m["warnings"])
     return "\n".join(lines)
+
+
+def _device_lines(d: dict) -> list[str]:
+    """The summary table's lines on the fleet: which device runs which member, and which budget rules out whom."""
+    def budget(dev: dict) -> str:
+        return f"{dev['memory_bytes']:,} B" + ("" if dev["latency_ms"] is None else f", {dev['latency_ms']:g} ms")
+
+    lines = ["devices: " + "; ".join(f"{dev['name']} ({budget(dev)}) runs {d['assignment'][dev['name']] or 'nothing (idle)'}"
+                                     for dev in d["devices"])]
+    out: dict[tuple[str, str], list[str]] = {}
+    for r in d["ruled_out"]:
+        need = f"{r['need']:,} B" if r["budget"] == "memory_bytes" else f"{r['need']:g} ms"
+        out.setdefault((r["device"], r["budget"].split("_")[0]), []).append(f"{r['member']} ({need})")
+    lines += [f"{dev}'s {kind} budget rules out {', '.join(ms)}" for (dev, kind), ms in out.items()]
+    if d["unfit"]:
+        lines.append(f"fit no device, so not selectable: {', '.join(d['unfit'])}")
+    lines += [f"cluster c{u['cluster']} ({', '.join(u['members'])}) has no member on a device: {u['reason']}"
+              for u in d["unplaced"]]
+    return lines
