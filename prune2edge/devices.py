@@ -110,10 +110,11 @@ def fit(devices: list[Device], sizes: dict[str, int], latency: dict[str, float] 
         for m, name in enumerate(names):
             over = [("memory_bytes", sizes[name], dev.memory_bytes, "bytes")]
             if dev.latency_ms is not None:
-                over.append(("latency_ms", round(latency[name], 4), dev.latency_ms, "ms"))
+                over.append(("latency_ms", latency[name], dev.latency_ms, "ms"))
             for budget, need, limit, unit in over:
                 if need > limit:
                     fits[m, d] = False
+                    need = need if budget == "memory_bytes" else round(need, 4)
                     ruled_out.append({"member": name, "device": dev.name, "budget": budget, "need": need, "limit": limit,
                                       "reason": f"{name} needs {need:,} {unit}, over the {budget} budget of {limit:,} {unit}"})
         if not fits[:, d].any():

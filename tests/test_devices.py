@@ -90,6 +90,25 @@ def test_cli_rejects_a_bad_devices_file_before_training(tmp_path):
     assert not (tmp_path / "run" / "baseline").exists()  # nothing trained
 
 
+def test_fit_records_each_budget_that_rules_a_member_out():
+    fleet_ = [devices.Device("big", 100, 2.0), devices.Device("small", 50)]
+    sizes = {"a": 40, "b": 60, "c": 100, "d": 120}
+    latency = {"a": 3.0, "b": 1.0, "c": 2.0, "d": 0.5}  # c sits exactly on both budgets of "big": it fits
+    fits, out = devices.fit(fleet_, sizes, latency)
+    assert fits.tolist() == [[False, True], [True, False], [True, False], [False, False]]
+    assert [(r["member"], r["device"], r["budget"], r["need"], r["limit"]) for r in out] == [
+        ("a", "big", "latency_ms", 3.0, 2.0), ("d", "big", "memory_bytes", 120, 100),
+        ("b", "small", "memory_bytes", 60, 50), ("c", "small", "memory_bytes", 100, 50),
+        ("d", "small", "memory_bytes", 120, 50)]
+    assert out[0]["reason"] == "a needs 3.0 ms, over the latency_ms budget of 2.0 ms"
+    lines = evaluate._device_lines({"devices": devices.record(fleet_), "assignment": {"big": "b", "small": None},
+                                    "ruled_out": out, "unfit": ["d"], "unplaced": []})
+    assert lines == ["devices: big (100 B, 2 ms) runs b; small (50 B) runs nothing (idle)",
+                     "big's latency budget rules out a (3 ms)", "big's memory budget rules out d (120 B)",
+                     "small's memory budget rules out b (60 B), c (100 B), d (120 B)",
+                     "fit no device, so not selectable: d"]
+
+
 # --- placing members on devices (synthetic pools) ----------------------------------------------------------------
 
 
