@@ -91,7 +91,7 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
         "devices": sel.get("devices"),  # with deploy.devices: budgets, what they rule out, member -> device
         "timings": dict(timings),
     }
-    metrics["warnings"] = selection_warnings(metrics)
+    metrics["warnings"] = selection_warnings(metrics) + device_warnings(metrics)
     store.write_npz(run_dir / "test.npz", x=x_test, y=y_test)
     store.write_npz(run_dir / "test_scores.npz", names=np.array(names), members=np.stack([test[n] for n in names]),
                     baseline_fp32=base32, baseline_int8=base8, ensemble=ens_test)
@@ -119,6 +119,21 @@ def selection_warnings(m: dict) -> list[dict]:
                         f"images right (test, for reference: {100 * r['test_acc_int8']:.2f}% vs {100 * e['test_acc']:.2f}%); "
                         f"consider shipping it instead{hint}"}
             for kind, name, who, r in rivals if r["val_acc_int8"] > e["val_acc"]]
+
+
+def device_warnings(m: dict) -> list[dict]:
+    """With ``deploy.devices``: each device the selection left without a member, each cluster it could not place."""
+    d = m.get("devices")
+    if not d:
+        return []
+    lost = len(m["skipped_clusters"]) + len(d["unplaced"])
+    out = [{"kind": "device_idle", "device": name,
+            "message": f"device '{name}' runs no member: the ensemble has {m['ensemble']['k']} members for "
+                       f"{len(d['devices'])} devices (k = {m['clustering']['k']}, by {m['k_choice']['by']}; "
+                       f"{lost} cluster(s) skipped or without a device)"} for name in d["idle"]]
+    return out + [{"kind": "cluster_unplaced", "cluster": u["cluster"],
+                   "message": f"cluster c{u['cluster']} ({', '.join(u['members'])}) has no member on a device: "
+                              f"{u['reason']}"} for u in d["unplaced"]]
 
 
 def _kib(n: float) -> str:
@@ -193,6 +208,4 @@ def _device_lines(d: dict) -> list[str]:
     lines += [f"{dev}'s {kind} budget rules out {', '.join(ms)}" for (dev, kind), ms in out.items()]
     if d["unfit"]:
         lines.append(f"fit no device, so not selectable: {', '.join(d['unfit'])}")
-    lines += [f"cluster c{u['cluster']} ({', '.join(u['members'])}) has no member on a device: {u['reason']}"
-              for u in d["unplaced"]]
-    return lines
+    return lines  # idle devices and clusters without a device: device_warnings

@@ -109,6 +109,20 @@ def test_fit_records_each_budget_that_rules_a_member_out():
                      "fit no device, so not selectable: d"]
 
 
+def test_idle_devices_and_clusters_without_a_device_are_warnings():
+    d = {"devices": devices.record([devices.Device(n, 100) for n in ("a", "b", "c")]), "assignment": {"a": "m1", "b": None,
+         "c": None}, "idle": ["b", "c"], "ruled_out": [], "unfit": [],
+         "unplaced": [{"cluster": 1, "members": ["m4", "m5"], "reason": "no device left that fits one of them"}]}
+    m = {"devices": d, "skipped_clusters": [{"cluster": 2}], "ensemble": {"k": 1}, "clustering": {"k": 3},
+         "k_choice": {"by": "config"}}
+    w = evaluate.device_warnings(m)
+    assert [x["kind"] for x in w] == ["device_idle", "device_idle", "cluster_unplaced"]
+    assert w[0]["message"] == ("device 'b' runs no member: the ensemble has 1 members for 3 devices (k = 3, by config; "
+                               "2 cluster(s) skipped or without a device)")
+    assert w[2]["message"] == "cluster c1 (m4, m5) has no member on a device: no device left that fits one of them"
+    assert evaluate.device_warnings({"devices": None}) == []
+
+
 # --- placing members on devices (synthetic pools) ----------------------------------------------------------------
 
 
@@ -232,6 +246,7 @@ def test_selection_records_which_budget_rules_out_which_member(fleet_run):
     board_out = [f"{r['member']} ({r['need']:,} B)" for r in d["ruled_out"] if r["device"] == "board"]
     assert f"board's memory budget rules out {', '.join(board_out)}" in text
     assert "mcu's memory budget rules out" in text
+    assert not [w for w in m["warnings"] if w["kind"] in ("device_idle", "cluster_unplaced")]  # every device runs one
     assert Bundle.load(fleet_run / "bundle").predict(np.zeros((2, 8, 8), np.uint8)).shape == (2,)
 
 
