@@ -230,8 +230,14 @@ def test_node_killed_mid_stream_then_restarted(bundle, broker, digits_npz, tmp_p
         wait_rows(out, 60, proc)
         lf.procs[victim].kill()  # SIGKILL: no goodbye, the broker publishes its Last Will
         n_killed = len(wait_rows(out, len(rows(out)) + 40, proc))
-        lf.spawn(victim)
-        lf.wait_ready(roles=[victim])
+        # The stream waits for the new node: starting a process that imports numpy and onnxruntime can take
+        # longer than the rest of the stream on a busy machine, and then the restarted node had nothing to vote on.
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            lf.spawn(victim)
+            lf.wait_ready(roles=[victim])
+        finally:
+            proc.send_signal(signal.SIGCONT)
         got = finish(proc, out, 450)
     assert all(r["status"] == "decided" for r in got)
     without = [r for r in got if r["voted"] == [m for m in ids if m != victim]]
