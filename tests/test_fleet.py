@@ -167,6 +167,22 @@ def test_missing_mosquitto_says_how_to_install(monkeypatch):
         fleet.find_mosquitto()
 
 
+def test_client_resends_overdue_frames_while_it_streams(broker):
+    """A frame with no outcome is sent again after retry_s even while the stream goes on (it used to wait for a
+    full window or the end of the stream, past the aggregator's wait for a frame it knows only by votes)."""
+    t, url = Topics("resend"), Broker.parse(broker.url)
+    listener = Listener(url, [t.frames])
+    listener.link.publish(t.aggregator, fleet.dumps({"state": "online", "members": [], "shape": [8, 8, 1],
+                                                     "timeout_ms": 500}), retain=True)  # an aggregator that never answers
+    summary = fleet.classify(url, "resend", np.zeros((12, 8, 8, 1), np.uint8), rate=2, retry_s=1.5, timeout_s=1.0)
+    listener.wait(lambda: len(listener.messages) == 12 + summary["resent"])
+    listener.link.stop()
+    sends = [m["id"] for _, m in listener.messages]
+    first = sends.index(sends[0], 1)  # frame 0 sent again ...
+    assert first < sends.index(summary["missing"][-1]), sends  # ... before the last frame was first sent
+    assert len(summary["missing"]) == 12
+
+
 def test_client_exits_nonzero_when_decisions_never_come(bundle, broker, digits_npz, tmp_path):
     lf = LocalFleet(bundle, Broker.parse(broker.url), "mute", workdir=tmp_path / "fleet")
     agg = lf.spawn("aggregator")
