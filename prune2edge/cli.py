@@ -48,10 +48,11 @@ def _run(cfg: dict, out: Path, quiet: bool) -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Override the config's device.")
 @click.option("--data-path", help="Override data.path (a directory, or comma-separated npz files).")
 @click.option("--seed", type=int, help="Override the config's seed.")
+@click.option("--devices", "devices_file", help="A devices file (YAML/JSON): select members that fit each device (deploy.devices).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override one config key, e.g. pool.size=8 (repeatable).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(config_file: str, out: Path | None, workers: int | None, device: str | None, data_path: str | None,
-        seed: int | None, settings: tuple[str, ...], quiet: bool) -> None:
+        seed: int | None, devices_file: str | None, settings: tuple[str, ...], quiet: bool) -> None:
     """Run every phase of CONFIG_FILE (YAML); re-running continues an interrupted run."""
     from . import config
 
@@ -62,6 +63,8 @@ def run(config_file: str, out: Path | None, workers: int | None, device: str | N
         overrides["device"] = device
     if seed is not None:
         overrides["seed"] = seed
+    if devices_file is not None:
+        overrides.setdefault("deploy", {})["devices"] = devices_file
     if data_path is not None:
         overrides.setdefault("data", {})["path"] = data_path.split(",") if "," in data_path else data_path
     cfg = config.load(config_file, overrides)
@@ -264,13 +267,17 @@ def _with(options):
 
 @main.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--member", required=True, help="The member id this node runs (see the bundle's manifest.json).")
+@click.option("--member", help="The member id this node runs (see the bundle's manifest.json).")
+@click.option("--device", help="Or: this device's name; the node runs the member the bundle assigns to it.")
 @_mqtt_options()
 @click.option("--max-batch", type=int, default=32, show_default=True, help="Frames run in one batch when queued.")
-def node(bundle_dir: Path, member: str, fleet_name: str, max_batch: int, **mqtt) -> None:
+def node(bundle_dir: Path, member: str | None, device: str | None, fleet_name: str, max_batch: int, **mqtt) -> None:
     """Serve one bundle member: verify it, then vote on the fleet's frames (needs no torch or scikit-learn)."""
     from . import fleet
 
+    if (member is None) == (device is None):
+        raise UserError("give either --member ID or --device NAME (the member the bundle assigns to that device)")
+    member = member or fleet.member_on(bundle_dir, device)
     _log_to_stderr()
     fleet.Node(bundle_dir, member, _broker(mqtt), fleet_name, max_batch=max_batch).serve(fleet.stop_on_signals())
 

@@ -78,6 +78,7 @@ DEFAULTS: dict[str, Any] = {
              "target_accuracy": 0.95},    # the bundle's default abstain threshold: the lowest vote margin at which the
                                           # decided validation frames are this accurate (null: no default threshold)
     "bundle": {"latency_runs": 100},      # each member's int8 latency at batch 1: median of this many timed runs
+    "deploy": {"devices": None},          # a devices file (YAML/JSON): each device's memory (and latency) budget
 }
 
 CHOICES = {
@@ -238,6 +239,9 @@ def validate(cfg: dict) -> dict:
           "must be null (no default abstain threshold) or an accuracy in (0, 1]", ta)
     _need(isinstance(cfg["model"]["kwargs"], dict), "model.kwargs", "must be a mapping", cfg["model"]["kwargs"])
     _validate_ray(cfg)
+    dev = cfg["deploy"]["devices"]
+    _need(dev is None or (isinstance(dev, str) and bool(dev)), "deploy.devices",
+          "must be the path of a devices file (YAML or JSON), or null", dev)
     mt = cfg["data"]["max_train"]
     _need(mt is None or (isinstance(mt, int) and mt > 1), "data.max_train", "must be null or an integer > 1", mt)
     return cfg

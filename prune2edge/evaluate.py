@@ -93,9 +93,10 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
         "k_choice": {k: v for k, v in sel.get("k_choice", {"by": "config"}).items() if k != "curve"},
         "skipped_clusters": sel.get("skipped_clusters", []),
         "dropped": sel["dropped"],
+        "devices": sel.get("devices"),  # with deploy.devices: budgets, what they rule out, member -> device
         "timings": dict(timings),
     }
-    metrics["warnings"] = selection_warnings(metrics)
+    metrics["warnings"] = selection_warnings(metrics) + device_warnings(metrics)
     metrics["decisions"] = decision_metrics(ens(chosen, val), ens_test, base32_val, base32, y_val, y_test,
                                             cfg["vote"]["target_accuracy"])
     metrics["degradation"] = {**degradation(np.stack([test[n] for n in chosen]), y_test, rule,
@@ -206,6 +207,21 @@ def _reliability_lines(m: dict) -> list[str]:
     return lines
 
 
+def device_warnings(m: dict) -> list[dict]:
+    """With ``deploy.devices``: each device the selection left without a member, each cluster it could not place."""
+    d = m.get("devices")
+    if not d:
+        return []
+    lost = len(m["skipped_clusters"]) + len(d["unplaced"])
+    out = [{"kind": "device_idle", "device": name,
+            "message": f"device '{name}' runs no member: the ensemble has {m['ensemble']['k']} members for "
+                       f"{len(d['devices'])} devices (k = {m['clustering']['k']}, by {m['k_choice']['by']}; "
+                       f"{lost} cluster(s) skipped or without a device)"} for name in d["idle"]]
+    return out + [{"kind": "cluster_unplaced", "cluster": u["cluster"],
+                   "message": f"cluster c{u['cluster']} ({', '.join(u['members'])}) has no member on a device: "
+                              f"{u['reason']}"} for u in d["unplaced"]]
+
+
 def _kib(n: float) -> str:
     return f"{n / 1024:,.1f} KiB"
 
@@ -277,5 +293,23 @@ def table(m: dict) -> str:
         lines.append(f"dropped by the int8 gate: {', '.join(m['dropped'])}")
     for s in m["skipped_clusters"]:
         lines.append(f"cluster c{s['cluster']} ({', '.join(s['members'])}) skipped: {s['reason']}")
+    lines.extend(_device_lines(m["devices"]) if m.get("devices") else [])
     lines.extend(f"WARNING: {w['message']}" for w in m["dataset"].get("warnings", []) + m["warnings"])  # data, selection
     return "\n".join(lines)
+
+
+def _device_lines(d: dict) -> list[str]:
+    """The summary table's lines on the fleet: which device runs which member, and which budget rules out whom."""
+    def budget(dev: dict) -> str:
+        return f"{dev['memory_bytes']:,} B" + ("" if dev["latency_ms"] is None else f", {dev['latency_ms']:g} ms")
+
+    lines = ["devices: " + "; ".join(f"{dev['name']} ({budget(dev)}) runs {d['assignment'][dev['name']] or 'nothing (idle)'}"
+                                     for dev in d["devices"])]
+    out: dict[tuple[str, str], list[str]] = {}
+    for r in d["ruled_out"]:
+        need = f"{r['need']:,} B" if r["budget"] == "memory_bytes" else f"{r['need']:g} ms"
+        out.setdefault((r["device"], r["budget"].split("_")[0]), []).append(f"{r['member']} ({need})")
+    lines += [f"{dev}'s {kind} budget rules out {', '.join(ms)}" for (dev, kind), ms in out.items()]
+    if d["unfit"]:
+        lines.append(f"fit no device, so not selectable: {', '.join(d['unfit'])}")
+    return lines  # idle devices and clusters without a device: device_warnings

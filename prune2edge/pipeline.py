@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import bundle, cluster, config, data, evaluate, latency, models, pool, quantize, report, select, selective, store, train
+from . import bundle, cluster, config, data, devices, evaluate, latency, models, pool, quantize, report, select, selective, store, train
 from .errors import UserError
 from .preprocess import InputSteps, Preprocessing
 from .vote import accuracy, decide
@@ -80,10 +80,17 @@ def choose(run_dir: Path, cfg: dict, members: list[dict], quant: dict[str, dict]
 
     ``cluster.k: auto`` takes the k in 1..k_max whose selected ensemble (the configured strategy and vote)
     is the most accurate on validation, ties to the smaller k; ``silhouette`` the best-separated clustering.
+    With ``deploy.devices``, only members that fit a device are selected, each gets a device it fits
+    (:func:`select.assign`), and k is at most the number of devices.
     """
     path = run_dir / "selection.json"
+    fleet = devices.load(cfg["deploy"]["devices"]) if cfg["deploy"]["devices"] else None
     if path.exists():
-        return store.read_json(path)
+        sel = store.read_json(path)
+        if (sel.get("devices") or {}).get("devices") != (fleet and devices.record(fleet)):
+            raise UserError(f"'{path}' was selected for other devices than deploy.devices now lists; delete it, "
+                            "bundle/ and metrics.json to select again (or use another output directory)")
+        return sel
     names = [m["name"] for m in members if quant[m["name"]]["status"] == "ok"]
     if not names:
         raise UserError("every pool member failed the int8 gate; see pool/*/quant.json, and raise quantize.max_drop "
@@ -92,20 +99,38 @@ def choose(run_dir: Path, cfg: dict, members: list[dict], quant: dict[str, dict]
     _, y_val = store.split(run_dir, "val")
     c, strategy, gap, rule = cfg["cluster"], cfg["select"]["strategy"], cfg["select"]["max_acc_gap"], cfg["vote"]["rule"]
     weights = np.array([quant[n]["val_acc_int8"] for n in names]) if cfg["vote"]["weighted"] else None
-    picks = select.sweep(proba, y_val, c["method"], rule, cfg["seed"], c["k_max"], gap)
+    k_max, fits, placed = c["k_max"], None, None
+    if fleet:
+        fits, placed = fit_devices(run_dir, cfg, fleet, names, quant)
+        k_max = min(k_max, len(fleet))
+        if isinstance(c["k"], int) and c["k"] > len(fleet):
+            raise UserError(f"config key 'cluster.k' is {c['k']}, but the devices file '{cfg['deploy']['devices']}' lists "
+                            f"{len(fleet)} devices and each runs one member; lower cluster.k or use cluster.k: auto")
+    picks = select.sweep(proba, y_val, c["method"], rule, cfg["seed"], k_max, gap, fits)
     curve = select.curve(proba, y_val, picks[strategy], rule, weights)
     k = select.best_k(curve) if c["k"] == "auto" else c["k"] if c["k"] == "silhouette" else min(c["k"], len(names))
-    result = cluster.cluster(proba, c["method"], k, c["k_max"], cfg["seed"])
-    chosen = {s: select.select(s, proba, y_val, result["labels"], method=c["method"], rule=rule, seed=cfg["seed"],
-                               max_acc_gap=gap) for s in select.STRATEGIES}
+    result = cluster.cluster(proba, c["method"], k, k_max, cfg["seed"])
+    kw = {"method": c["method"], "rule": rule, "seed": cfg["seed"], "max_acc_gap": gap}
+    chosen = {s: select.select(s, proba, y_val, result["labels"], **kw, fits=fits) for s in select.STRATEGIES}
     record = {"candidates": names, "dropped": [m["name"] for m in members if m["name"] not in names],
               "clustering": result, "strategy": strategy,
               "selected": [names[i] for i in chosen[strategy]],
               "strategies": {s: [names[i] for i in idx] for s, idx in chosen.items()},
               "k_choice": {"by": c["k"] if isinstance(c["k"], str) else "config", "k": result["k_requested"],
                            "curve": [{**p, "members": [names[i] for i in p["members"]]} for p in curve]},
-              "skipped_clusters": select.skipped(proba, y_val, result["labels"], gap, names),
+              "skipped_clusters": select.skipped(proba, y_val, result["labels"], gap, names,
+                                                 None if fits is None else fits.any(1)),
               "sweep": {s: [[names[i] for i in idx] for idx in ks] for s, ks in picks.items()}}
+    if fleet:
+        slots = select.slots(strategy, proba, y_val, result["labels"], **kw, fits=fits)
+        where = select.assign(slots, fits)
+        on = {d: names[m] for m, d in where.items()}
+        placed |= {"assignment": {dev.name: on.get(d) for d, dev in enumerate(fleet)},
+                   "idle": [dev.name for d, dev in enumerate(fleet) if d not in on],
+                   "unplaced": [{"cluster": int(result["labels"][s[0]]), "members": [names[i] for i in s],
+                                 "reason": "no device left that fits one of them (each device runs one member)"}
+                                for s in slots if not set(s) & set(where)]}
+        record["devices"] = placed
     store.write_json(path, record)
     return record
 
@@ -123,6 +148,26 @@ def abstain_threshold(run_dir: Path, cfg: dict, chosen: list[str], quant: dict[s
     return selective.choose_threshold(d.margin, d.classes == y_val, target)
 
 
+def fit_devices(run_dir: Path, cfg: dict, fleet: list[devices.Device], names: list[str],
+                quant: dict[str, dict]) -> tuple[np.ndarray, dict]:
+    """Which of the members ``names`` fit which device (shipped bytes; int8 latency at batch 1 where a device has a
+    latency budget), and the record of it for ``selection.json``."""
+    sizes = {n: quant[n]["bytes"]["shipped"] for n in names}
+    ms, runs = None, cfg["bundle"]["latency_runs"]
+    if any(dev.latency_ms is not None for dev in fleet):
+        x_val = store.tensors(run_dir, "val")[0][:runs].numpy()
+        ms = {n: latency.measure(run_dir / "pool" / n / "int8.onnx", x_val, runs) for n in names}
+    fits, ruled_out = devices.fit(fleet, sizes, ms)
+    return fits, {
+        "devices": devices.record(fleet),
+        "latency": None if ms is None else latency.describe(runs) | {"model": "int8.onnx"},
+        "members": {n: {"shipped_bytes": sizes[n], "latency_ms": None if ms is None else round(ms[n], 4),
+                        "fits": [dev.name for d, dev in enumerate(fleet) if fits[i, d]]} for i, n in enumerate(names)},
+        "ruled_out": ruled_out,
+        "unfit": [n for i, n in enumerate(names) if not fits[i].any()],
+    }
+
+
 def make_bundle(run_dir: Path, cfg: dict, selection: dict, members: list[dict], quant: dict[str, dict]) -> dict:
     """Write ``bundle/`` with the selected int8 members, the default abstain threshold and measured latencies."""
     if (run_dir / "bundle" / "manifest.json").exists():
@@ -130,13 +175,14 @@ def make_bundle(run_dir: Path, cfg: dict, selection: dict, members: list[dict], 
     info = store.read_json(run_dir / "dataset.json")
     by_name = {m["name"]: m for m in members}
     labels = dict(zip(selection["candidates"], selection["clustering"]["labels"]))
+    device = {m: d for d, m in (selection.get("devices") or {}).get("assignment", {}).items() if m}
     runs = cfg["bundle"]["latency_runs"]
     x_val = store.tensors(run_dir, "val")[0][:runs].numpy()
     entries = [{"id": n, "shipped": run_dir / "pool" / n / quantize.SHIPPED, "weight": quant[n]["val_acc_int8"],
                 "gzip_bytes": quant[n]["bytes"]["int8_gzip"], "sparsity_target": by_name[n]["sparsity"],
                 "sparsity": by_name[n]["measured_sparsity"]["overall"], "val_acc": quant[n]["val_acc_int8"],
                 "cluster": labels[n], "latency_ms": latency.measure(run_dir / "pool" / n / "int8.onnx", x_val, runs)}
-               for n in selection["selected"]]
+               | ({"device": device[n]} if n in device else {}) for n in selection["selected"]]
     timing = latency.describe(runs) | {
         f"baseline_{kind}_ms": latency.measure(run_dir / "baseline" / f"{kind}.onnx", x_val, runs) for kind in ("fp32", "int8")}
     return bundle.write(run_dir / "bundle", entries, store.preprocessing(run_dir), tuple(info["image_shape"]),
@@ -171,6 +217,8 @@ def run(cfg: dict, run_dir: Path | str, progress: bool = True) -> dict:
 
     # made before any phase: executor: ray where Ray is not installed fails now, not after the baseline
     executor = pool.make_executor(cfg["workers"], cfg["ray"] if cfg["executor"] == "ray" else None)
+    if cfg["deploy"]["devices"]:
+        devices.load(cfg["deploy"]["devices"])  # a bad devices file fails now, not after training
     phase("prepare", prepare, run_dir, cfg)
     phase("baseline", baseline, run_dir, cfg, progress)
     with executor as ex:

@@ -14,9 +14,9 @@ from .aggregator import Aggregator
 from .client import classify
 from .local import LocalFleet, Mosquitto, find_mosquitto, free_port
 from .mqtt import Broker, Link, stop_on_signals
-from .node import Node
+from .node import Node, member_on
 from .wire import BadMessage, Topics, decode_frame, dumps, encode_frame, frame_limit, parse, resend_after
 
 __all__ = ["Aggregator", "BadMessage", "Broker", "Link", "LocalFleet", "Mosquitto", "Node", "Topics", "classify",
-           "decode_frame", "dumps", "encode_frame", "find_mosquitto", "frame_limit", "free_port", "parse",
+           "decode_frame", "dumps", "encode_frame", "find_mosquitto", "frame_limit", "free_port", "member_on", "parse",
            "resend_after", "stop_on_signals"]

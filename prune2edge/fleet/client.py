@@ -26,8 +26,8 @@ def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | 
     ``on_result(row)`` gets each outcome (``decided``, ``review`` or ``undecided``) as it arrives: the aggregator's
     result plus ``index``, ``input``, ``rtt_ms`` (client send to client receive) and ``truth`` when ``labels`` are
     given. At most ``max_in_flight`` frames wait for an outcome at a time; ``rate`` caps frames per second. A frame
-    with no outcome after ``retry_s`` is re-sent (backing off), and every frame in flight is re-sent when the connection
-    comes back; the client gives up when for ``timeout_s`` no frame was sent and no outcome came, and reports
+    with no outcome after ``retry_s`` is re-sent (backing off), all along the stream; every frame in flight is re-sent
+    when the connection comes back, and its back-off starts over; the client gives up when for ``timeout_s`` no frame was sent and no outcome came, and reports
     the frames still missing. Images of any size go through the fleet's input steps (from the aggregator) before
     they are sent; ``classes`` (the data's class names) and ``labels`` must fit the fleet's classes.
     """
@@ -38,7 +38,8 @@ def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | 
     ids = [f"{run}-{i}" for i in range(len(images))]
     index = {fid: i for i, fid in enumerate(ids)}
     first_sent: dict[int, float] = {}
-    last_sent: dict[int, tuple[float, int]] = {}  # index -> (monotonic time, sends)
+    waiting: dict[int, tuple[float, int]] = {}  # frames in flight: index -> (last sent, monotonic; back-off step)
+    resent = [0]
     outcomes: dict[int, dict] = {}
     progress = [time.monotonic()]
 
@@ -57,6 +58,7 @@ def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | 
                 if labels is not None:
                     row["truth"] = int(labels[i])
                 outcomes[i] = row
+                waiting.pop(i, None)
                 progress[0] = time.monotonic()
                 if on_result:
                     on_result(row)
@@ -72,10 +74,14 @@ def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | 
                 resend_overdue(time.monotonic(), everything=True)
 
     def resend_overdue(now: float, everything: bool = False) -> None:
-        for i, (t, n) in list(last_sent.items()):
-            if i not in outcomes and (everything or now - t > min(retry_s * 2 ** (n - 1), 30)):
+        """Send again the frames whose outcome is overdue (after retry_s, 2 retry_s, ... 30 s), or ``everything``
+        in flight after a reconnect: what was sent before may have died with the broker, so the back-off starts
+        over, and the next re-send comes within the aggregator's wait for a frame it knows only by votes."""
+        for i, (t, n) in list(waiting.items()):
+            if everything or now - t > min(retry_s * 2 ** (n - 1), 30):
                 link.publish(topics.frames, payloads[i])
-                last_sent[i] = (now, n + 1)
+                waiting[i] = (now, 1 if everything else n + 1)
+                resent[0] += 1
 
     link = Link(broker, f"p2e-{fleet}-client-{run}", [topics.results, topics.aggregator, topics.status()],
                 on_message, on_connect=on_connect).start()
@@ -104,20 +110,22 @@ def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | 
             return time.monotonic() - progress[0] > timeout_s
 
         for i in range(len(ids)):
-            if rate:
-                time.sleep(max(0.0, t_start + i / rate - time.monotonic()))
             with cond:
-                while len(first_sent) - len(outcomes) >= max_in_flight and not stalled():
-                    cond.wait(0.05)
-                    resend_overdue(time.monotonic())
-                if stalled():
+                while True:  # until frame i is due (rate) and the window has room; meanwhile, re-send what is overdue
+                    now = time.monotonic()
+                    resend_overdue(now)
+                    due = t_start + i / rate if rate else now
+                    full = len(waiting) >= max_in_flight
+                    if (not full and now >= due) or (full and stalled()):
+                        break
+                    cond.wait(min(0.05, due - now) if now < due else 0.05)
+                if full:  # stalled
                     break
-                now = time.monotonic()
-                first_sent[i], last_sent[i] = now, (now, 1)
+                first_sent[i], waiting[i] = now, (now, 1)
                 progress[0] = now  # "stalled" = no outcome for timeout_s since the last frame sent or answered
             link.publish(topics.frames, payloads[i])
         with cond:
-            while len(outcomes) < len(first_sent) and not stalled():
+            while waiting and not stalled():
                 cond.wait(0.05)
                 resend_overdue(time.monotonic())
             elapsed = time.monotonic() - t_start
@@ -132,7 +140,7 @@ def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | 
                "missing": [ids[i] for i in range(len(ids)) if i not in got], "elapsed_s": round(elapsed, 3),
                "frames_per_s": round(len(rows) / elapsed, 2) if elapsed > 0 else None,
                "rtt_ms_p50": round(float(np.percentile(rtt, 50)), 3), "rtt_ms_p99": round(float(np.percentile(rtt, 99)), 3),
-               "resent": sum(n - 1 for _, n in last_sent.values())}
+               "resent": resent[0]}
     if labels is not None:
         right = sum(r["class"] == r["truth"] for r in decided)
         summary["accuracy"] = right / len(ids)  # frames to review or undecided count as not right

@@ -106,6 +106,7 @@ class LocalFleet:
         self.bundle_dir = Path(bundle_dir)
         entries = restrict(read_manifest(self.bundle_dir), members or None)["members"]
         self.members = [e["id"] for e in entries]
+        self.devices = {e["id"]: e.get("device") for e in entries}  # a bundle selected for devices: member -> device
         for entry in entries:  # an altered member: say so before starting anything
             verify_member(self.bundle_dir, entry)
         self.topics = Topics(fleet)
@@ -125,8 +126,9 @@ class LocalFleet:
             cmd += ["aggregator", str(self.bundle_dir), "--members", ",".join(self.members),
                     "--timeout-ms", str(self.timeout_ms)] + (["--quorum", str(self.quorum)] if self.quorum else []) \
                 + ([] if self.abstain_below is None else ["--abstain-below", repr(self.abstain_below)])
-        else:
-            cmd += ["node", str(self.bundle_dir), "--member", role]
+        else:  # a member the bundle assigns to a device is started as that device's node
+            cmd += ["node", str(self.bundle_dir)] + (["--device", self.devices[role]] if self.devices[role] else
+                                                     ["--member", role])
         return cmd + args + ["--fleet", self.topics.fleet], env
 
     def spawn(self, role: str) -> subprocess.Popen:

@@ -10,11 +10,24 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import Bundle
+from ..bundle import Bundle, read_manifest
+from ..errors import UserError
 from .mqtt import Broker, Link
 from .wire import BadMessage, Topics, decode_frame, dumps, frame_limit, status_payload
 
 log = logging.getLogger(__name__)
+
+
+def member_on(bundle_dir: Path | str, device: str) -> str:
+    """The member the bundle assigns to ``device`` (a bundle selected for a devices file, ``deploy.devices``)."""
+    assigned = {e["device"]: e["id"] for e in read_manifest(bundle_dir)["members"] if e.get("device")}
+    if not assigned:
+        raise UserError(f"bundle '{bundle_dir}' assigns no member to a device (it was selected without "
+                        "deploy.devices); start the node with --member ID")
+    if device not in assigned:
+        raise UserError(f"bundle '{bundle_dir}' assigns no member to device '{device}'; it assigns "
+                        f"{', '.join(f'{m} to {d}' for d, m in assigned.items())}")
+    return assigned[device]
 
 
 class Node:
@@ -30,7 +43,8 @@ class Node:
         self.max_bytes = frame_limit(self.bundle.shape)
         self.frames: queue.Queue = queue.Queue()
         self.served = 0
-        info = {"role": "node", "member": member, "instance": self.instance, "sha256": self.sha256}
+        info = {"role": "node", "member": member, "instance": self.instance, "sha256": self.sha256,
+                "device": self.bundle.manifest["members"][0].get("device")}  # the device the bundle assigns it to
         self.offline = (self.topics.status(member), status_payload("offline", **info))
         self.link = Link(broker, f"p2e-{fleet}-{member}-{self.instance}", [self.topics.frames], self._on_message,
                          will=self.offline,

@@ -1,0 +1,116 @@
+"""Fleet-aware deployment: the devices file, and which member fits which device.
+
+A devices file (YAML, or JSON, which is YAML too) lists the fleet; each device runs one member::
+
+    devices:
+      - {name: gateway, memory_bytes: 262144, latency_ms: 5}   # latency_ms is optional
+      - {name: mcu-1, memory_bytes: 40000}
+
+A member fits a device when its shipped bytes are at most ``memory_bytes`` and, if the device has a
+``latency_ms`` budget, its int8 latency at batch 1 (:func:`prune2edge.latency.measure`) is at most that.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .errors import UserError
+
+KEYS = ("name", "memory_bytes", "latency_ms")
+
+
+@dataclass(frozen=True)
+class Device:
+    """One device of the fleet and its budgets."""
+
+    name: str
+    memory_bytes: int
+    latency_ms: float | None = None
+
+    def describe(self) -> str:
+        latency = "" if self.latency_ms is None else f", latency budget {self.latency_ms:g} ms"
+        return f"device '{self.name}' (memory budget {self.memory_bytes:,} bytes{latency})"
+
+
+def _positive(value, integer: bool) -> bool:
+    kinds = (int,) if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and value > 0
+
+
+def load(path: Path | str) -> list[Device]:
+    """The devices of a devices file, validated: a clear UserError names the file, the entry and what is wrong."""
+    hint = "see README.md, 'Devices'"
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise UserError(f"cannot read devices file '{path}': {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"devices file '{path}' is not valid YAML or JSON: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("devices"), list) or not doc["devices"]:
+        raise UserError(f"devices file '{path}' must hold 'devices:', a non-empty list of "
+                        f"{{name, memory_bytes[, latency_ms]}}; {hint}")
+    if set(doc) != {"devices"}:
+        raise UserError(f"devices file '{path}': unknown key(s) {sorted(set(doc) - {'devices'})}; it holds only 'devices'")
+    devices: list[Device] = []
+    for i, entry in enumerate(doc["devices"], 1):
+        where = f"devices file '{path}', device {i}"
+        if not isinstance(entry, dict):
+            raise UserError(f"{where} must be a mapping {{name, memory_bytes[, latency_ms]}}, got {entry!r}")
+        if set(entry) - set(KEYS):
+            raise UserError(f"{where}: unknown key(s) {sorted(set(entry) - set(KEYS))}; a device has {', '.join(KEYS)}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise UserError(f"{where} has no name: give each device a 'name' (a non-empty string)")
+        where = f"devices file '{path}', device '{name}'"
+        if not _positive(entry.get("memory_bytes"), integer=True):
+            raise UserError(f"{where}: 'memory_bytes' must be a positive integer (bytes a member may take), "
+                            f"got {entry.get('memory_bytes')!r}")
+        if entry.get("latency_ms") is not None and not _positive(entry["latency_ms"], integer=False):
+            raise UserError(f"{where}: 'latency_ms' must be a positive number of milliseconds (or left out), "
+                            f"got {entry['latency_ms']!r}")
+        if any(d.name == name for d in devices):
+            raise UserError(f"devices file '{path}' lists device '{name}' twice; device names must be unique")
+        devices.append(Device(name, entry["memory_bytes"], entry.get("latency_ms")))
+    return devices
+
+
+def fit(devices: list[Device], sizes: dict[str, int], latency: dict[str, float] | None = None) -> tuple[np.ndarray, list[dict]]:
+    """Which member fits which device: ``fits[member, device]`` (members in the order of ``sizes``: shipped bytes),
+    and one record per (member, device, budget) that rules the member out of the device.
+
+    A device that no member fits is a UserError naming the device, its budget and the smallest (fastest) member.
+    """
+    names = list(sizes)
+    fits = np.ones((len(names), len(devices)), bool)
+    ruled_out = []
+    for d, dev in enumerate(devices):
+        for m, name in enumerate(names):
+            over = [("memory_bytes", sizes[name], dev.memory_bytes, "bytes")]
+            if dev.latency_ms is not None:
+                over.append(("latency_ms", latency[name], dev.latency_ms, "ms"))
+            for budget, need, limit, unit in over:
+                if need > limit:
+                    fits[m, d] = False
+                    need = need if budget == "memory_bytes" else round(need, 4)
+                    ruled_out.append({"member": name, "device": dev.name, "budget": budget, "need": need, "limit": limit,
+                                      "reason": f"{name} needs {need:,} {unit}, over the {budget} budget of {limit:,} {unit}"})
+        if not fits[:, d].any():
+            smallest = min(names, key=lambda n: (sizes[n], n))
+            if sizes[smallest] > dev.memory_bytes:
+                raise UserError(f"no member fits {dev.describe()}: the smallest member, {smallest}, ships "
+                                f"{sizes[smallest]:,} bytes; raise its memory_bytes or make smaller members "
+                                "(higher pool.sparsity, quantize.codebook_bits)")
+            small = [n for n in names if sizes[n] <= dev.memory_bytes]
+            fastest = min(small, key=lambda n: (latency[n], n))
+            raise UserError(f"no member fits {dev.describe()}: the fastest member within its memory budget, {fastest}, "
+                            f"takes {latency[fastest]:.3f} ms at batch 1 ({sizes[fastest]:,} bytes); raise its "
+                            "latency_ms or make faster members")
+    return fits, ruled_out
+
+
+def record(devices: list[Device]) -> list[dict]:
+    """The devices as JSON-ready dicts (as selection.json records them)."""
+    return [asdict(d) for d in devices]
