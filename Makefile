@@ -18,6 +18,8 @@ demo: setup
 	$(BIN)/prune2edge demo
 
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -10,6 +10,7 @@ finished seeds and phases (the pipeline resumes). Every number in the summary is
 ``bench/results/<config>[-<label>].json`` (``cifar10-`` prefixed when the config's name lacks it) and replaces its own ``## CIFAR-10: ...`` section
 of ``docs/RESULTS.md`` (other sections are left as they are).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,13 +79,19 @@ def same_baseline(a: dict, b: dict) -> bool:
     only matters for the restarts schedule), and ``b`` saved every snapshot ``a`` clones from."""
     train = lambda c: {k: v for k, v in c["train"].items() if k != "cycles" or c["train"]["schedule"] == "restarts"}  # noqa: E731
     need, have = a["pool"]["snapshots"], b["pool"]["snapshots"]
+
     def data(c: dict) -> dict:
         path = c["data"]["path"]
         paths = path if isinstance(path, list) else [path]
         return {**c["data"], "path": sorted(os.path.realpath(ROOT / p) for p in paths)}
 
-    return (a["seed"] == b["seed"] and a["model"] == b["model"] and data(a) == data(b) and train(a) == train(b)
-            and (need == 0 or need == have))
+    return (
+        a["seed"] == b["seed"]
+        and a["model"] == b["model"]
+        and data(a) == data(b)
+        and train(a) == train(b)
+        and (need == 0 or need == have)
+    )
 
 
 def summarise_run(run_dir: Path, baseline_seconds: float | None = None) -> dict:
@@ -102,9 +109,18 @@ def summarise_run(run_dir: Path, baseline_seconds: float | None = None) -> dict:
         "baseline_fp32_test_acc": b["test_acc_fp32"],
         "baseline_int8_test_acc": b["test_acc_int8"],
         "baseline_bytes": {k: b["bytes"][k] for k in ("fp32", "int8", "int8_gzip")},
-        "members": [{"name": x["name"], "test_acc_int8": x["test_acc_int8"], "sparsity": x["sparsity_measured"],
-                     "selected": x["selected"], "source": x["plan"].get("source", 0), "status": x["status"],
-                     "full_integer": x["full_integer"]} for x in m["members"]],
+        "members": [
+            {
+                "name": x["name"],
+                "test_acc_int8": x["test_acc_int8"],
+                "sparsity": x["sparsity_measured"],
+                "selected": x["selected"],
+                "source": x["plan"].get("source", 0),
+                "status": x["status"],
+                "full_integer": x["full_integer"],
+            }
+            for x in m["members"]
+        ],
         "member_test_acc_int8_mean": statistics.mean(x["test_acc_int8"] for x in m["members"]),
         "member_sparsity_mean": statistics.mean(x["sparsity_measured"] for x in m["members"]),
         "pool_vote_test_acc": m["pool_vote"]["test_acc"],
@@ -117,20 +133,40 @@ def summarise_run(run_dir: Path, baseline_seconds: float | None = None) -> dict:
         "ensemble_mean_disagreement": {s: v.get("mean_disagreement") for s, v in m["strategies"].items()},
         "ensemble_vote_minus_mean_member": {s: v.get("vote_minus_mean_member") for s, v in m["strategies"].items()},
         "ensemble_mcnemar_p": {s: v.get("mcnemar_p_vs_baseline_fp32") for s, v in m["strategies"].items()},
-        "selected": {"members": e["members"], "mean_disagreement": e["mean_disagreement"],
-                     "mean_member_test_acc": e["mean_member_test_acc"], "test_acc": e["test_acc"],
-                     "gain_vs_baseline_fp32": e["gain_vs_baseline_fp32"], "mcnemar_p": e["mcnemar_p_vs_baseline_fp32"],
-                     "bytes": [{"name": x["name"], **{k: x["bytes"][k] for k in ("fp32", "int8", "int8_gzip", "shipped") if k in x["bytes"]}}
-                               for x in selected],
-                     "max_member_int8_gzip_vs_baseline_fp32": max(x["bytes"]["int8_gzip"] for x in selected) / base_fp32_bytes,
-                     "ensemble_int8_gzip_vs_baseline_fp32": sum(x["bytes"]["int8_gzip"] for x in selected) / base_fp32_bytes,
-                     "max_member_shipped_vs_baseline_fp32": max(shipped_bytes(x["bytes"]) for x in selected) / base_fp32_bytes,
-                     "ensemble_shipped_vs_baseline_fp32": sum(shipped_bytes(x["bytes"]) for x in selected) / base_fp32_bytes,
-                     "all_int8": all(x["full_integer"] and x["status"] == "ok" for x in selected)},
+        "selected": {
+            "members": e["members"],
+            "mean_disagreement": e["mean_disagreement"],
+            "mean_member_test_acc": e["mean_member_test_acc"],
+            "test_acc": e["test_acc"],
+            "gain_vs_baseline_fp32": e["gain_vs_baseline_fp32"],
+            "mcnemar_p": e["mcnemar_p_vs_baseline_fp32"],
+            "bytes": [
+                {
+                    "name": x["name"],
+                    **{k: x["bytes"][k] for k in ("fp32", "int8", "int8_gzip", "shipped") if k in x["bytes"]},
+                }
+                for x in selected
+            ],
+            "max_member_int8_gzip_vs_baseline_fp32": max(x["bytes"]["int8_gzip"] for x in selected) / base_fp32_bytes,
+            "ensemble_int8_gzip_vs_baseline_fp32": sum(x["bytes"]["int8_gzip"] for x in selected) / base_fp32_bytes,
+            "max_member_shipped_vs_baseline_fp32": max(shipped_bytes(x["bytes"]) for x in selected) / base_fp32_bytes,
+            "ensemble_shipped_vs_baseline_fp32": sum(shipped_bytes(x["bytes"]) for x in selected) / base_fp32_bytes,
+            "all_int8": all(x["full_integer"] and x["status"] == "ok" for x in selected),
+        },
         # accuracy against ensemble size: each strategy's pick for k = 1..k_max clusters (from metrics.json "curves")
-        "curves": {s: [{"k": c["k"], "test_acc": c["test_acc"], "val_acc": c["val_acc"],
-                        "shipped_vs_baseline_fp32": sum(shipped_bytes(by_name[n]["bytes"]) for n in c["members"]) / base_fp32_bytes}
-                       for c in picks] for s, picks in m.get("curves", {}).items()},
+        "curves": {
+            s: [
+                {
+                    "k": c["k"],
+                    "test_acc": c["test_acc"],
+                    "val_acc": c["val_acc"],
+                    "shipped_vs_baseline_fp32": sum(shipped_bytes(by_name[n]["bytes"]) for n in c["members"])
+                    / base_fp32_bytes,
+                }
+                for c in picks
+            ]
+            for s, picks in m.get("curves", {}).items()
+        },
         "seconds": {**t, "baseline_used_for_ratio": base_s, "pool_quantize_select": pool_s},
         "pool_cost_vs_baseline": pool_s / base_s if base_s else None,
     }
@@ -150,8 +186,13 @@ def aggregate(runs: dict[str, dict]) -> dict:
     """mean and sd (n - 1) over seeds of every scalar field the runs share."""
     flat = [_scalars(r) for r in runs.values()]
     keys = [k for k in flat[0] if all(k in f for f in flat)]
-    return {k: {"mean": statistics.mean(f[k] for f in flat),
-                "sd": statistics.stdev(f[k] for f in flat) if len(flat) > 1 else 0.0} for k in keys}
+    return {
+        k: {
+            "mean": statistics.mean(f[k] for f in flat),
+            "sd": statistics.stdev(f[k] for f in flat) if len(flat) > 1 else 0.0,
+        }
+        for k in keys
+    }
 
 
 def best_strategy(agg: dict) -> str:
@@ -166,10 +207,12 @@ def targets(agg: dict) -> dict:
     g = lambda k: agg[k]["mean"]  # noqa: E731
     best = best_strategy(agg)
     return {
-        "best_strategy_soft": best, "best_gain_points": 100 * (g(f"ensemble_test_acc.{best}.soft") - g("baseline_fp32_test_acc")),
+        "best_strategy_soft": best,
+        "best_gain_points": 100 * (g(f"ensemble_test_acc.{best}.soft") - g("baseline_fp32_test_acc")),
         "max_member_shipped_vs_baseline_fp32": g("selected.max_member_shipped_vs_baseline_fp32"),
         "member_le_5pct": g("selected.max_member_shipped_vs_baseline_fp32") <= 0.05,
-        "pool_cost_vs_baseline": g("pool_cost_vs_baseline"), "pool_cost_le_1x": g("pool_cost_vs_baseline") <= 1.0,
+        "pool_cost_vs_baseline": g("pool_cost_vs_baseline"),
+        "pool_cost_le_1x": g("pool_cost_vs_baseline") <= 1.0,
     }
 
 
@@ -182,42 +225,56 @@ def pm(agg: dict, key: str, scale: float = 100, digits: int = 2) -> str:
 def markdown(result: dict) -> str:
     a, t = result["aggregate"], result["targets"]
     title = f"## CIFAR-10: {result['name']}"
-    lines = [title, "",
-             f"- machine: {result['machine']}; date: {result['date']}; seeds: {', '.join(map(str, result['seeds']))}",
-             f"- command: `{result['command']}`",
-             f"- config: `{result['config']}`" + (f", overrides: `{' '.join(result['set'])}`" if result["set"] else ""),
-             "- the CPU was shared with other jobs while this ran; wall-clock numbers are noisy", "",
-             "| | test accuracy % (mean ± sd) |", "|---|---|",
-             f"| baseline fp32 | {pm(a, 'baseline_fp32_test_acc')} |",
-             f"| baseline int8 | {pm(a, 'baseline_int8_test_acc')} |",
-             f"| pool members int8 (mean) | {pm(a, 'member_test_acc_int8_mean')} |",
-             f"| pool vote (all members, soft) | {pm(a, 'pool_vote_test_acc')} |"]
+    lines = [
+        title,
+        "",
+        f"- machine: {result['machine']}; date: {result['date']}; seeds: {', '.join(map(str, result['seeds']))}",
+        f"- command: `{result['command']}`",
+        f"- config: `{result['config']}`" + (f", overrides: `{' '.join(result['set'])}`" if result["set"] else ""),
+        "- the CPU was shared with other jobs while this ran; wall-clock numbers are noisy",
+        "",
+        "| | test accuracy % (mean ± sd) |",
+        "|---|---|",
+        f"| baseline fp32 | {pm(a, 'baseline_fp32_test_acc')} |",
+        f"| baseline int8 | {pm(a, 'baseline_int8_test_acc')} |",
+        f"| pool members int8 (mean) | {pm(a, 'member_test_acc_int8_mean')} |",
+        f"| pool vote (all members, soft) | {pm(a, 'pool_vote_test_acc')} |",
+    ]
     for s in STRATEGIES:
-        lines.append(f"| ensemble {s}: soft / hard | {pm(a, f'ensemble_test_acc.{s}.soft')} / {pm(a, f'ensemble_test_acc.{s}.hard')} |")
-    lines += ["",
-              f"- selected ensemble ({result['runs'][str(result['seeds'][0])]['strategy']}, k = {pm(a, 'k', 1, 1)}): "
-              f"gain vs baseline fp32 {pm(a, 'selected.gain_vs_baseline_fp32')} points, McNemar p per seed "
-              f"{', '.join(format(r['selected']['mcnemar_p'], '.2g') for r in result['runs'].values())}; "
-              f"mean pairwise disagreement {pm(a, 'selected.mean_disagreement', 1, 3)} "
-              f"(whole pool {pm(a, 'pool_mean_disagreement', 1, 3)}); vote minus mean member "
-              f"{pm(a, 'pool_vote_minus_mean_member')} points (pool)",
-              f"- member sparsity {pm(a, 'member_sparsity_mean')} %; largest selected member as shipped = "
-              f"{pm(a, 'selected.max_member_shipped_vs_baseline_fp32')} % of the baseline's fp32 ONNX "
-              f"({pm(a, 'baseline_bytes.fp32', 1 / 1024, 1)} KiB; int8+gzip: "
-              f"{pm(a, 'selected.max_member_int8_gzip_vs_baseline_fp32')} %); selected ensemble as shipped = "
-              f"{pm(a, 'selected.ensemble_shipped_vs_baseline_fp32')} %",
-              f"- seconds: baseline {pm(a, 'seconds.baseline_used_for_ratio', 1, 0)}, pool {pm(a, 'seconds.pool', 1, 0)}, "
-              f"quantise {pm(a, 'seconds.quantize', 1, 0)}, cluster+select {pm(a, 'seconds.select', 1, 0)}, "
-              f"evaluate {pm(a, 'seconds.evaluate', 1, 0)}; pool+quantise+select = {pm(a, 'pool_cost_vs_baseline', 1, 2)} x baseline",
-              f"- limits: member <= 5 % as shipped: {'met' if t['member_le_5pct'] else 'NOT met'}; pool cost <= 1x: "
-              f"{'met' if t['pool_cost_le_1x'] else 'NOT met'}; best strategy ({t['best_strategy_soft']}, soft, chosen on test: "
-              f"for comparison only) {t['best_gain_points']:+.2f} points",
-              f"- raw numbers: `{result['results_file']}`", ""]
+        lines.append(
+            f"| ensemble {s}: soft / hard | {pm(a, f'ensemble_test_acc.{s}.soft')} / {pm(a, f'ensemble_test_acc.{s}.hard')} |"
+        )
+    lines += [
+        "",
+        f"- selected ensemble ({result['runs'][str(result['seeds'][0])]['strategy']}, k = {pm(a, 'k', 1, 1)}): "
+        f"gain vs baseline fp32 {pm(a, 'selected.gain_vs_baseline_fp32')} points, McNemar p per seed "
+        f"{', '.join(format(r['selected']['mcnemar_p'], '.2g') for r in result['runs'].values())}; "
+        f"mean pairwise disagreement {pm(a, 'selected.mean_disagreement', 1, 3)} "
+        f"(whole pool {pm(a, 'pool_mean_disagreement', 1, 3)}); vote minus mean member "
+        f"{pm(a, 'pool_vote_minus_mean_member')} points (pool)",
+        f"- member sparsity {pm(a, 'member_sparsity_mean')} %; largest selected member as shipped = "
+        f"{pm(a, 'selected.max_member_shipped_vs_baseline_fp32')} % of the baseline's fp32 ONNX "
+        f"({pm(a, 'baseline_bytes.fp32', 1 / 1024, 1)} KiB; int8+gzip: "
+        f"{pm(a, 'selected.max_member_int8_gzip_vs_baseline_fp32')} %); selected ensemble as shipped = "
+        f"{pm(a, 'selected.ensemble_shipped_vs_baseline_fp32')} %",
+        f"- seconds: baseline {pm(a, 'seconds.baseline_used_for_ratio', 1, 0)}, pool {pm(a, 'seconds.pool', 1, 0)}, "
+        f"quantise {pm(a, 'seconds.quantize', 1, 0)}, cluster+select {pm(a, 'seconds.select', 1, 0)}, "
+        f"evaluate {pm(a, 'seconds.evaluate', 1, 0)}; pool+quantise+select = {pm(a, 'pool_cost_vs_baseline', 1, 2)} x baseline",
+        f"- limits: member <= 5 % as shipped: {'met' if t['member_le_5pct'] else 'NOT met'}; pool cost <= 1x: "
+        f"{'met' if t['pool_cost_le_1x'] else 'NOT met'}; best strategy ({t['best_strategy_soft']}, soft, chosen on test: "
+        f"for comparison only) {t['best_gain_points']:+.2f} points",
+        f"- raw numbers: `{result['results_file']}`",
+        "",
+    ]
     curve = curve_rows(result["runs"], "greedy")
     if curve:
-        lines += ["Accuracy against ensemble size (greedy selection on validation, soft vote; mean over seeds): "
-                  "k, test accuracy %, gain over baseline fp32 (points), ensemble as shipped, % of baseline fp32", "",
-                  "| k | test acc | gain | bytes % |", "|---|---|---|---|"]
+        lines += [
+            "Accuracy against ensemble size (greedy selection on validation, soft vote; mean over seeds): "
+            "k, test accuracy %, gain over baseline fp32 (points), ensemble as shipped, % of baseline fp32",
+            "",
+            "| k | test acc | gain | bytes % |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {k} | {100 * acc:.2f} | {100 * gain:+.2f} | {100 * b:.1f} |" for k, acc, gain, b in curve] + [""]
     return "\n".join(lines)
 
@@ -231,9 +288,14 @@ def curve_rows(runs: dict[str, dict], strategy: str) -> list[tuple[int, float, f
     for i in range(min(len(c) for c in curves)):
         pts = [c[i] for c in curves]
         base = [r["baseline_fp32_test_acc"] for r in runs.values()]
-        out.append((pts[0]["k"], statistics.mean(p["test_acc"] for p in pts),
-                    statistics.mean(p["test_acc"] - b for p, b in zip(pts, base)),
-                    statistics.mean(p["shipped_vs_baseline_fp32"] for p in pts)))
+        out.append(
+            (
+                pts[0]["k"],
+                statistics.mean(p["test_acc"] for p in pts),
+                statistics.mean(p["test_acc"] - b for p, b in zip(pts, base)),
+                statistics.mean(p["shipped_vs_baseline_fp32"] for p in pts),
+            )
+        )
     return out
 
 
@@ -268,12 +330,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "cifar10-cpu.yaml"))
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"), help="folder holding the CIFAR-10 .npz parts")
+    ap.add_argument(
+        "--data",
+        default=str(ROOT.parent / "shared" / "data" / "cifar10"),
+        help="folder holding the CIFAR-10 .npz parts",
+    )
     ap.add_argument("--out", default=None, help="runs go to OUT/seed<S> (default runs/bench/<config>[-<label>])")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--label", default=None, help="names a variant (an ablation): results file and RESULTS.md section")
-    ap.add_argument("--baseline-from", default=None, help="reuse the finished baselines in DIR/seed<S> (same seed, data, "
-                    "model, train settings); the pool-cost ratio then uses that run's baseline seconds")
+    ap.add_argument(
+        "--baseline-from",
+        default=None,
+        help="reuse the finished baselines in DIR/seed<S> (same seed, data, "
+        "model, train settings); the pool-cost ratio then uses that run's baseline seconds",
+    )
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--no-docs", action="store_true", help="do not touch docs/RESULTS.md")
     args = ap.parse_args()
@@ -286,8 +356,21 @@ def main() -> None:
     runs: dict[str, dict] = {}
     for seed in seeds:
         run_dir = out / f"seed{seed}"
-        cmd = [sys.executable, "-m", "prune2edge.cli", "run", args.config, "--out", str(run_dir), "--seed", str(seed),
-               "--data-path", ",".join(paths), "--quiet", *[x for s in args.set for x in ("--set", s)]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "prune2edge.cli",
+            "run",
+            args.config,
+            "--out",
+            str(run_dir),
+            "--seed",
+            str(seed),
+            "--data-path",
+            ",".join(paths),
+            "--quiet",
+            *[x for s in args.set for x in ("--set", s)],
+        ]
         if args.workers:
             cmd += ["--workers", str(args.workers)]
         base_s = None
@@ -307,17 +390,33 @@ def main() -> None:
             if not (run_dir / "metrics.json").exists():
                 sys.exit(f"[bench] seed {seed} failed (exit {rc}) before writing metrics.json; re-run to resume")
             if rc:
-                print(f"[bench] seed {seed}: the run exited with {rc} after metrics.json (a later phase failed)", flush=True)
+                print(
+                    f"[bench] seed {seed}: the run exited with {rc} after metrics.json (a later phase failed)",
+                    flush=True,
+                )
         runs[str(seed)] = summarise_run(run_dir, base_s)
         if base_s is not None:
             runs[str(seed)]["baseline_from"] = rel(Path(args.baseline_from) / f"seed{seed}")
     agg = aggregate(runs)
-    results_file = ROOT / "bench" / "results" / (f"{name}.json" if name.startswith("cifar10") else f"cifar10-{name}.json")
+    results_file = (
+        ROOT / "bench" / "results" / (f"{name}.json" if name.startswith("cifar10") else f"cifar10-{name}.json")
+    )
     resolved = yaml.safe_load((out / f"seed{seeds[0]}" / "config.yaml").read_text())
     resolved["data"]["path"] = [rel(p) for p in resolved["data"]["path"]]
-    result = {"name": name, "config": rel(args.config), "set": args.set, "seeds": seeds,
-              "machine": machine(), "date": datetime.date.today().isoformat(), "command": command_line(),
-              "config_resolved": resolved, "results_file": rel(results_file), "runs": runs, "aggregate": agg, "targets": targets(agg)}
+    result = {
+        "name": name,
+        "config": rel(args.config),
+        "set": args.set,
+        "seeds": seeds,
+        "machine": machine(),
+        "date": datetime.date.today().isoformat(),
+        "command": command_line(),
+        "config_resolved": resolved,
+        "results_file": rel(results_file),
+        "runs": runs,
+        "aggregate": agg,
+        "targets": targets(agg),
+    }
     write_result(results_file, result)
     publish(f"## CIFAR-10: {name}", markdown(result), not args.no_docs)
 

@@ -15,6 +15,7 @@ For k = 3 and 5 members of the demo bundle (k = 3: its first three), on one priv
 All numbers come from one run of this script, side by side. Writes bench/results/fleet.json and the
 "## Fleet (MQTT)" section of docs/RESULTS.md (replacing only that section).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,14 +52,29 @@ def machine() -> dict:
     import paho.mqtt
     import torch
 
-    return {"cpu": model.group(1).strip() if model else platform.processor(), "cores": os.cpu_count(),
-            "os": platform.platform(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-            "torch": torch.__version__, "paho_mqtt": paho.mqtt.__version__, "broker": mosq.strip(),
-            "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}
+    return {
+        "cpu": model.group(1).strip() if model else platform.processor(),
+        "cores": os.cpu_count(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+        "paho_mqtt": paho.mqtt.__version__,
+        "broker": mosq.strip(),
+        "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
+    }
 
 
-def bench_fleet(bundle: Path, broker: fleet.Broker, ids: list[str], x: np.ndarray, y: np.ndarray, offline: np.ndarray,
-                rate: float, paced_frames: int) -> dict:
+def bench_fleet(
+    bundle: Path,
+    broker: fleet.Broker,
+    ids: list[str],
+    x: np.ndarray,
+    y: np.ndarray,
+    offline: np.ndarray,
+    rate: float,
+    paced_frames: int,
+) -> dict:
     with fleet.LocalFleet(bundle, broker, f"bench{len(ids)}", members=ids):
         fleet.classify(broker, f"bench{len(ids)}", x[:50])  # warm up every process
         rows: list[dict] = []
@@ -68,16 +84,28 @@ def bench_fleet(bundle: Path, broker: fleet.Broker, ids: list[str], x: np.ndarra
         paced: list[dict] = []
         p = fleet.classify(broker, f"bench{len(ids)}", x[:paced_frames], on_result=paced.append, rate=rate)
     return {
-        "mode": "fleet-mqtt", "k": len(ids), "members": ids, "frames": s["frames"],
-        "frames_per_s": s["frames_per_s"], "rtt_ms_p50_saturated": s["rtt_ms_p50"], "rtt_ms_p99_saturated": s["rtt_ms_p99"],
-        "decided": s["decided"], "undecided": s["undecided"], "missing": len(s["missing"]), "accuracy": s["accuracy"],
+        "mode": "fleet-mqtt",
+        "k": len(ids),
+        "members": ids,
+        "frames": s["frames"],
+        "frames_per_s": s["frames_per_s"],
+        "rtt_ms_p50_saturated": s["rtt_ms_p50"],
+        "rtt_ms_p99_saturated": s["rtt_ms_p99"],
+        "decided": s["decided"],
+        "undecided": s["undecided"],
+        "missing": len(s["missing"]),
+        "accuracy": s["accuracy"],
         "same_decisions_as_offline": same,
-        "paced": {"rate": rate, "frames": p["frames"], "decided": p["decided"],
-                  "latency_ms_p50": pct([r["rtt_ms"] for r in paced], 50),
-                  "latency_ms_p99": pct([r["rtt_ms"] for r in paced], 99),
-                  "aggregator_ms_p50": pct([r["latency_ms"] for r in paced], 50),
-                  "aggregator_ms_p99": pct([r["latency_ms"] for r in paced], 99),
-                  "node_infer_ms_p50": pct([v for r in paced for v in r["infer_ms"].values()], 50)},
+        "paced": {
+            "rate": rate,
+            "frames": p["frames"],
+            "decided": p["decided"],
+            "latency_ms_p50": pct([r["rtt_ms"] for r in paced], 50),
+            "latency_ms_p99": pct([r["rtt_ms"] for r in paced], 99),
+            "aggregator_ms_p50": pct([r["latency_ms"] for r in paced], 50),
+            "aggregator_ms_p99": pct([r["latency_ms"] for r in paced], 99),
+            "node_infer_ms_p50": pct([v for r in paced for v in r["infer_ms"].values()], 50),
+        },
     }
 
 
@@ -88,22 +116,30 @@ def bench_sequential(bundle: Path, ids: list[str], x: np.ndarray, y: np.ndarray)
     t0 = time.perf_counter()
     for i in range(len(x)):
         t = time.perf_counter()
-        pred.append(int(b.predict(x[i:i + 1])[0]))
+        pred.append(int(b.predict(x[i : i + 1])[0]))
         lat.append((time.perf_counter() - t) * 1000)
     total = time.perf_counter() - t0
     t = time.perf_counter()
     b.predict(x)
     batched = time.perf_counter() - t
-    return {"mode": "sequential-onnx-int8", "k": len(ids), "members": ids, "frames": len(x),
-            "frames_per_s": round(len(x) / total, 2), "latency_ms_p50": pct(lat, 50), "latency_ms_p99": pct(lat, 99),
-            "accuracy": float((np.array(pred) == y).mean()), "batched_frames_per_s": round(len(x) / batched, 2)}
+    return {
+        "mode": "sequential-onnx-int8",
+        "k": len(ids),
+        "members": ids,
+        "frames": len(x),
+        "frames_per_s": round(len(x) / total, 2),
+        "latency_ms_p50": pct(lat, 50),
+        "latency_ms_p99": pct(lat, 99),
+        "accuracy": float((np.array(pred) == y).mean()),
+        "batched_frames_per_s": round(len(x) / batched, 2),
+    }
 
 
 def bench_torch(run_dir: Path, bundle: Path, x: np.ndarray, y: np.ndarray) -> dict:
     import torch
 
-    from prune2edge.store import load_baseline
     from prune2edge.preprocess import Preprocessing
+    from prune2edge.store import load_baseline
 
     torch.set_num_threads(1)
     model = load_baseline(run_dir).eval()
@@ -114,15 +150,23 @@ def bench_torch(run_dir: Path, bundle: Path, x: np.ndarray, y: np.ndarray) -> di
         t0 = time.perf_counter()
         for i in range(len(x)):
             t = time.perf_counter()
-            pred.append(int(model(torch.from_numpy(prep.apply(x[i:i + 1]))).argmax(1)[0]))
+            pred.append(int(model(torch.from_numpy(prep.apply(x[i : i + 1]))).argmax(1)[0]))
             lat.append((time.perf_counter() - t) * 1000)
         total = time.perf_counter() - t0
         t = time.perf_counter()
         model(torch.from_numpy(prep.apply(x)))
         batched = time.perf_counter() - t
-    return {"mode": "pytorch-fp32-baseline", "k": 1, "frames": len(x), "threads": 1,
-            "frames_per_s": round(len(x) / total, 2), "latency_ms_p50": pct(lat, 50), "latency_ms_p99": pct(lat, 99),
-            "accuracy": float((np.array(pred) == y).mean()), "batched_frames_per_s": round(len(x) / batched, 2)}
+    return {
+        "mode": "pytorch-fp32-baseline",
+        "k": 1,
+        "frames": len(x),
+        "threads": 1,
+        "frames_per_s": round(len(x) / total, 2),
+        "latency_ms_p50": pct(lat, 50),
+        "latency_ms_p99": pct(lat, 99),
+        "accuracy": float((np.array(pred) == y).mean()),
+        "batched_frames_per_s": round(len(x) / batched, 2),
+    }
 
 
 def markdown(result: dict) -> str:
@@ -144,31 +188,52 @@ def markdown(result: dict) -> str:
     for r in result["results"]:
         if r["mode"] == "fleet-mqtt":
             p = r["paced"]
-            lines.append(f"| fleet over MQTT, saturated (64 in flight) | {r['k']} | {r['frames_per_s']:.0f} | "
-                         f"{r['rtt_ms_p50_saturated']:.1f} | {r['rtt_ms_p99_saturated']:.1f} | {r['accuracy']:.4f} |")
-            lines.append(f"| fleet over MQTT, paced at {p['rate']:g}/s | {r['k']} | - | {p['latency_ms_p50']:.1f} | "
-                         f"{p['latency_ms_p99']:.1f} | - |")
+            lines.append(
+                f"| fleet over MQTT, saturated (64 in flight) | {r['k']} | {r['frames_per_s']:.0f} | "
+                f"{r['rtt_ms_p50_saturated']:.1f} | {r['rtt_ms_p99_saturated']:.1f} | {r['accuracy']:.4f} |"
+            )
+            lines.append(
+                f"| fleet over MQTT, paced at {p['rate']:g}/s | {r['k']} | - | {p['latency_ms_p50']:.1f} | "
+                f"{p['latency_ms_p99']:.1f} | - |"
+            )
         elif r["mode"] == "sequential-onnx-int8":
-            lines.append(f"| same members in one process, one frame at a time | {r['k']} | {r['frames_per_s']:.0f} | "
-                         f"{r['latency_ms_p50']:.2f} | {r['latency_ms_p99']:.2f} | {r['accuracy']:.4f} |")
+            lines.append(
+                f"| same members in one process, one frame at a time | {r['k']} | {r['frames_per_s']:.0f} | "
+                f"{r['latency_ms_p50']:.2f} | {r['latency_ms_p99']:.2f} | {r['accuracy']:.4f} |"
+            )
         else:
-            lines.append(f"| fp32 PyTorch baseline, one frame at a time | 1 | {r['frames_per_s']:.0f} | "
-                         f"{r['latency_ms_p50']:.2f} | {r['latency_ms_p99']:.2f} | {r['accuracy']:.4f} |")
-    lines += ["", "Batched, for reference (the whole split in one call): " + ", ".join(
-        f"{'int8 k=' + str(r['k']) if r['k'] > 1 else 'fp32 PyTorch'} {r['batched_frames_per_s']:.0f} frames/s"
-        for r in result["results"] if "batched_frames_per_s" in r) + "."]
+            lines.append(
+                f"| fp32 PyTorch baseline, one frame at a time | 1 | {r['frames_per_s']:.0f} | "
+                f"{r['latency_ms_p50']:.2f} | {r['latency_ms_p99']:.2f} | {r['accuracy']:.4f} |"
+            )
+    lines += [
+        "",
+        "Batched, for reference (the whole split in one call): "
+        + ", ".join(
+            f"{'int8 k=' + str(r['k']) if r['k'] > 1 else 'fp32 PyTorch'} {r['batched_frames_per_s']:.0f} frames/s"
+            for r in result["results"]
+            if "batched_frames_per_s" in r
+        )
+        + ".",
+    ]
     fleets = [r for r in result["results"] if r["mode"] == "fleet-mqtt"]
-    lines += ["", "Fleet latency is client send -> decision received (client clock); in the paced runs the aggregator's "
-              "own share (first message of a frame -> decision published) had p50 " + ", ".join(
-                  f"{r['paced']['aggregator_ms_p50']:.1f} ms (k={r['k']})" for r in fleets) +
-              ", and each node's inference p50 " + ", ".join(
-                  f"{r['paced']['node_infer_ms_p50']:.2f} ms (k={r['k']})" for r in fleets) +
-              ". Fleet decisions equal the offline ensemble's (`Bundle.predict`) for every frame: " +
-              ", ".join(f"k={r['k']}: {'yes' if r['same_decisions_as_offline'] else 'NO'}" for r in fleets) + ".",
-              "", "On one machine the fleet is slower than running the members in one process: every frame crosses "
-              "the broker twice (frame out, k votes in, one decision out) as JSON, and the k node processes share "
-              "the same cores. The fleet buys fault tolerance and spreading members over devices, not speed on "
-              "one box.", ""]
+    lines += [
+        "",
+        "Fleet latency is client send -> decision received (client clock); in the paced runs the aggregator's "
+        "own share (first message of a frame -> decision published) had p50 "
+        + ", ".join(f"{r['paced']['aggregator_ms_p50']:.1f} ms (k={r['k']})" for r in fleets)
+        + ", and each node's inference p50 "
+        + ", ".join(f"{r['paced']['node_infer_ms_p50']:.2f} ms (k={r['k']})" for r in fleets)
+        + ". Fleet decisions equal the offline ensemble's (`Bundle.predict`) for every frame: "
+        + ", ".join(f"k={r['k']}: {'yes' if r['same_decisions_as_offline'] else 'NO'}" for r in fleets)
+        + ".",
+        "",
+        "On one machine the fleet is slower than running the members in one process: every frame crosses "
+        "the broker twice (frame out, k votes in, one decision out) as JSON, and the k node processes share "
+        "the same cores. The fleet buys fault tolerance and spreading members over devices, not speed on "
+        "one box.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -200,9 +265,14 @@ def main() -> None:
     ids = [e["id"] for e in read_manifest(bundle)["members"]]
     d = load_digits()
     x, y = np.concatenate([d.x_test] * a.repeat), np.concatenate([d.y_test] * a.repeat)
-    result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
-              "command": "python bench/fleet.py " + " ".join(sys.argv[1:]), "repeat": a.repeat, "frames": len(x),
-              "results": []}
+    result = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "command": "python bench/fleet.py " + " ".join(sys.argv[1:]),
+        "repeat": a.repeat,
+        "frames": len(x),
+        "results": [],
+    }
     with tempfile.TemporaryDirectory() as tmp, fleet.Mosquitto(tmp) as broker:
         url = fleet.Broker.parse(broker.url)
         for k in (3, 5):

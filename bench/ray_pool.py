@@ -18,6 +18,7 @@ Overhead: a setup's seconds over ``local``'s, the median over rounds. Every setu
 (checked: bit-identical ``model.pt``). Writes bench/results/ray-pool.json and the ``## Pool on Ray`` section of
 docs/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,15 +35,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import ROOT, command_line, machine, publish, rel, write_result  # noqa: E402
+from cifar10 import ROOT, command_line, machine, publish, rel, write_result
 
-from prune2edge import cli, config, pool  # noqa: E402
-from prune2edge.ray_executor import RayExecutor  # noqa: E402
+from prune2edge import cli, config, pool
+from prune2edge.ray_executor import RayExecutor
 
 TITLE = "## Pool on Ray"
 # a Ray instance that outlives the pools: started in its own process, stopped when its stdin closes
-CLUSTER = ("import ray, sys; ray.init(num_cpus=int(sys.argv[1]), include_dashboard=False); "
-           "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read(); ray.shutdown()")
+CLUSTER = (
+    "import ray, sys; ray.init(num_cpus=int(sys.argv[1]), include_dashboard=False); "
+    "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read(); ray.shutdown()"
+)
 
 
 def timed_pool(prepared: Path, run_dir: Path, cfg: dict, executor) -> tuple[float, float]:
@@ -56,22 +59,35 @@ def timed_pool(prepared: Path, run_dir: Path, cfg: dict, executor) -> tuple[floa
 
 
 def markdown(r: dict) -> str:
-    about = (f"A pool of {r['size']} members (`prune2edge/demo.yaml`: digits, small_cnn width 16 depth 3, {r['epochs']} epochs "
-             f"each) trained three ways on one machine with {r['workers']} workers, one thread per member, the setups taking "
-             "turns within each round: the local process pool (`workers`), `executor: ray` starting its own Ray instance "
-             "(start and stop timed), and `executor: ray` connecting to a Ray instance already running (a new Ray job per "
-             "pool, its workers started within the timing). Overhead: seconds over the local pool's, the median over rounds; "
-             "on a shared machine this ratio is the number to read. Member seconds: each member's training as timed inside "
-             "its worker, summed.")
-    where = (f"- {r['machine']}; torch {r['torch']}, ray {r['ray']}; {r['date']}; load average {r['load_average'][0]:.1f} "
-             f"before, {r['load_average'][1]:.1f} after; {r['repeats']} rounds; `{r['command']}`; raw numbers: `{r['results_file']}`")
-    lines = [TITLE, "", about, "", where,
-             f"- every setup wrote bit-identical member weights: {'yes' if r['identical_members'] else 'NO'}", "",
-             "| setup | seconds (median) | seconds per round | member seconds (sum, median) | overhead vs local |",
-             "|---|---|---|---|---|"]
+    about = (
+        f"A pool of {r['size']} members (`prune2edge/demo.yaml`: digits, small_cnn width 16 depth 3, {r['epochs']} epochs "
+        f"each) trained three ways on one machine with {r['workers']} workers, one thread per member, the setups taking "
+        "turns within each round: the local process pool (`workers`), `executor: ray` starting its own Ray instance "
+        "(start and stop timed), and `executor: ray` connecting to a Ray instance already running (a new Ray job per "
+        "pool, its workers started within the timing). Overhead: seconds over the local pool's, the median over rounds; "
+        "on a shared machine this ratio is the number to read. Member seconds: each member's training as timed inside "
+        "its worker, summed."
+    )
+    where = (
+        f"- {r['machine']}; torch {r['torch']}, ray {r['ray']}; {r['date']}; load average {r['load_average'][0]:.1f} "
+        f"before, {r['load_average'][1]:.1f} after; {r['repeats']} rounds; `{r['command']}`; raw numbers: `{r['results_file']}`"
+    )
+    lines = [
+        TITLE,
+        "",
+        about,
+        "",
+        where,
+        f"- every setup wrote bit-identical member weights: {'yes' if r['identical_members'] else 'NO'}",
+        "",
+        "| setup | seconds (median) | seconds per round | member seconds (sum, median) | overhead vs local |",
+        "|---|---|---|---|---|",
+    ]
     for row in r["rows"]:
-        lines.append(f"| {row['setup']} | {row['seconds']:.1f} | {', '.join(f'{s:.1f}' for s in row['rounds'])} | "
-                     f"{row['member_seconds']:.1f} | {row['overhead']:.2f}x |")
+        lines.append(
+            f"| {row['setup']} | {row['seconds']:.1f} | {', '.join(f'{s:.1f}' for s in row['rounds'])} | "
+            f"{row['member_seconds']:.1f} | {row['overhead']:.2f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -88,38 +104,65 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.pop("RAY_ADDRESS", None)  # "new instance" must start its own
     workers = os.cpu_count() or 1
-    cfg = config.load(cli.DEMO_CONFIG, {"pool": {"size": args.size}, "cluster": {"k": 1}})  # clustering plays no part here
+    cfg = config.load(
+        cli.DEMO_CONFIG, {"pool": {"size": args.size}, "cluster": {"k": 1}}
+    )  # clustering plays no part here
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="ray-pool-") as tmp:
         prepared = Path(tmp) / "prepared"
         pipeline.prepare(prepared, cfg)
         pipeline.baseline(prepared, cfg, progress=False)
-        cluster = subprocess.Popen([sys.executable, "-c", CLUSTER, str(workers)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        cluster = subprocess.Popen(
+            [sys.executable, "-c", CLUSTER, str(workers)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         try:
             address = cluster.stdout.readline().strip()
-            setups = {"local (process pool)": lambda: pool.make_executor(workers),
-                      "ray, new instance": lambda: RayExecutor(),
-                      "ray, running cluster": lambda: RayExecutor(address=address)}
+            setups = {
+                "local (process pool)": lambda: pool.make_executor(workers),
+                "ray, new instance": lambda: RayExecutor(),
+                "ray, running cluster": lambda: RayExecutor(address=address),
+            }
             times: dict[str, list[tuple[float, float]]] = {s: [] for s in setups}
             identical = True
             for i in range(args.repeats):
                 for j, (name, make) in enumerate(setups.items()):
                     times[name].append(timed_pool(prepared, Path(tmp) / f"r{i}s{j}", cfg, make))
                     print(f"round {i + 1}: {name}: {times[name][-1][0]:.1f} s", flush=True)
-                    identical &= all((Path(tmp) / f"r{i}s{j}" / "pool" / m.name / "model.pt").read_bytes()
-                                     == (Path(tmp) / "r0s0" / "pool" / m.name / "model.pt").read_bytes() for m in pool.plan(cfg))
+                    identical &= all(
+                        (Path(tmp) / f"r{i}s{j}" / "pool" / m.name / "model.pt").read_bytes()
+                        == (Path(tmp) / "r0s0" / "pool" / m.name / "model.pt").read_bytes()
+                        for m in pool.plan(cfg)
+                    )
         finally:
             cluster.stdin.close()
             cluster.wait(60)
     local = statistics.median(t for t, _ in times["local (process pool)"])
-    rows = [{"setup": name, "rounds": [t for t, _ in ts], "seconds": statistics.median(t for t, _ in ts),
-             "member_seconds": statistics.median(m for _, m in ts), "overhead": statistics.median(t for t, _ in ts) / local}
-            for name, ts in times.items()]
+    rows = [
+        {
+            "setup": name,
+            "rounds": [t for t, _ in ts],
+            "seconds": statistics.median(t for t, _ in ts),
+            "member_seconds": statistics.median(m for _, m in ts),
+            "overhead": statistics.median(t for t, _ in ts) / local,
+        }
+        for name, ts in times.items()
+    ]
     path = ROOT / "bench" / "results" / "ray-pool.json"
-    result = {"machine": machine(), "torch": torch.__version__, "ray": ray.__version__,
-              "date": datetime.date.today().isoformat(), "command": command_line(), "size": args.size, "workers": workers,
-              "epochs": cfg["pool"]["epochs"], "repeats": args.repeats, "load_average": [load, os.getloadavg()[0]],
-              "identical_members": identical, "results_file": rel(path), "rows": rows}
+    result = {
+        "machine": machine(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": command_line(),
+        "size": args.size,
+        "workers": workers,
+        "epochs": cfg["pool"]["epochs"],
+        "repeats": args.repeats,
+        "load_average": [load, os.getloadavg()[0]],
+        "identical_members": identical,
+        "results_file": rel(path),
+        "rows": rows,
+    }
     write_result(path, result)
     publish(TITLE, markdown(result), not args.no_docs)
 

@@ -16,6 +16,7 @@ Cost is compute beyond one trained baseline, in units of its training time (as t
 ``bench/results/<variant>-reference.json`` and the ``## CIFAR-10: reference rows`` section of docs/RESULTS.md.
 The test split only scores; nothing here is chosen on it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import (POOL_PHASES, ROOT, aggregate, command_line, machine, pm, publish, rel,  # noqa: E402
-                     shipped_bytes, write_result)
+from cifar10 import POOL_PHASES, ROOT, aggregate, command_line, machine, pm, publish, rel, shipped_bytes, write_result
 
-from prune2edge import config, store, train  # noqa: E402
-from prune2edge.vote import accuracy, disagreement, vote  # noqa: E402
+from prune2edge import config, store, train
+from prune2edge.vote import accuracy, disagreement, vote
 
 TITLE = "## CIFAR-10: reference rows"
 
@@ -49,17 +49,25 @@ def deep_ensemble(run_dirs: list[Path]) -> dict:
     y = np.load(run_dirs[0] / "test.npz")["y"]
     for d in run_dirs[1:]:
         if not np.array_equal(np.load(d / "test.npz")["y"], y):
-            sys.exit(f"'{d}' scored other test labels than '{run_dirs[0]}': a deep ensemble needs runs on the same test split")
+            sys.exit(
+                f"'{d}' scored other test labels than '{run_dirs[0]}': a deep ensemble needs runs on the same test split"
+            )
     proba = np.stack([np.load(d / "test_scores.npz")["baseline_fp32"] for d in run_dirs])
     k = len(run_dirs)
     single = [accuracy(p, y) for p in proba]
     acc = accuracy(vote(proba, "soft"), y)
     seconds = [baseline_seconds(d) for d in run_dirs]
-    return {"k": k, "test_acc": acc, "baseline_test_acc": single, "gain_vs_mean_baseline_fp32": acc - statistics.mean(single),
-            "mean_disagreement": float(disagreement(proba)[~np.eye(k, dtype=bool)].mean()),
-            "bytes": sum(store.read_json(d / "metrics.json")["baseline"]["bytes"]["fp32"] for d in run_dirs),
-            "bytes_vs_baseline_fp32": float(k),
-            "seconds": sum(seconds) if None not in seconds else None, "cost_vs_baseline": k - 1}
+    return {
+        "k": k,
+        "test_acc": acc,
+        "baseline_test_acc": single,
+        "gain_vs_mean_baseline_fp32": acc - statistics.mean(single),
+        "mean_disagreement": float(disagreement(proba)[~np.eye(k, dtype=bool)].mean()),
+        "bytes": sum(store.read_json(d / "metrics.json")["baseline"]["bytes"]["fp32"] for d in run_dirs),
+        "bytes_vs_baseline_fp32": float(k),
+        "seconds": sum(seconds) if None not in seconds else None,
+        "cost_vs_baseline": k - 1,
+    }
 
 
 def pool_epochs(run_dir: Path) -> float:
@@ -88,15 +96,31 @@ def compute_matched(run_dir: Path, epochs: float | None = None) -> dict:
     model = store.load_baseline(run_dir)
     x, y = store.tensors(run_dir, "train")
     x_val, y_val = store.tensors(run_dir, "val")
-    history = train.fit(model, x, y, settings, seed=cfg["seed"], augment=train.augment_kind(cfg["train"]["augment"], shape),
-                        device=cfg["device"], x_val=x_val, y_val=y_val, checkpoint=out / "checkpoint.pt",
-                        desc=f"compute-matched {rel(run_dir)}")
+    history = train.fit(
+        model,
+        x,
+        y,
+        settings,
+        seed=cfg["seed"],
+        augment=train.augment_kind(cfg["train"]["augment"], shape),
+        device=cfg["device"],
+        x_val=x_val,
+        y_val=y_val,
+        checkpoint=out / "checkpoint.pt",
+        desc=f"compute-matched {rel(run_dir)}",
+    )
     model.cpu()
     store.write_state(out / "model.pt", model.state_dict())
     x_test, y_test = store.tensors(run_dir, "test")
-    result = {"epochs": epochs, "baseline_epochs": cfg["train"]["epochs"], "settings": asdict(settings),
-              "val_acc": history[-1]["val_acc"], "test_acc": accuracy(train.predict_proba(model, x_test), y_test.numpy()),
-              "seconds": history[-1]["seconds"], "history": history}
+    result = {
+        "epochs": epochs,
+        "baseline_epochs": cfg["train"]["epochs"],
+        "settings": asdict(settings),
+        "val_acc": history[-1]["val_acc"],
+        "test_acc": accuracy(train.predict_proba(model, x_test), y_test.numpy()),
+        "seconds": history[-1]["seconds"],
+        "history": history,
+    }
     store.write_json(out / "result.json", result)
     (out / "checkpoint.pt").unlink(missing_ok=True)
     return result
@@ -115,9 +139,16 @@ def one_member(run_dir: Path) -> dict:
     pick = next(c for c in m["curves"][strategy] if c["k"] == 1)
     member = next(x for x in m["members"] if x["name"] == pick["members"][0])
     nbytes = shipped_bytes(member["bytes"])
-    return {"strategy": strategy, "member": member["name"], "test_acc": pick["test_acc"], "val_acc": pick["val_acc"],
-            "gain_vs_baseline_fp32": pick["test_acc"] - m["baseline"]["test_acc_fp32"], "bytes": nbytes,
-            "bytes_vs_baseline_fp32": nbytes / m["baseline"]["bytes"]["fp32"], "cost_vs_baseline": pool_cost(run_dir)}
+    return {
+        "strategy": strategy,
+        "member": member["name"],
+        "test_acc": pick["test_acc"],
+        "val_acc": pick["val_acc"],
+        "gain_vs_baseline_fp32": pick["test_acc"] - m["baseline"]["test_acc_fp32"],
+        "bytes": nbytes,
+        "bytes_vs_baseline_fp32": nbytes / m["baseline"]["bytes"]["fp32"],
+        "cost_vs_baseline": pool_cost(run_dir),
+    }
 
 
 def seed_rows(run_dir: Path, epochs: float | None = None) -> dict:
@@ -125,12 +156,18 @@ def seed_rows(run_dir: Path, epochs: float | None = None) -> dict:
     base_acc = store.read_json(run_dir / "metrics.json")["baseline"]["test_acc_fp32"]
     base_s = baseline_seconds(run_dir)
     cm = compute_matched(run_dir, epochs)
-    return {"run_dir": rel(run_dir), "baseline_fp32_test_acc": base_acc, "baseline_seconds": base_s,
-            "compute_matched": {**{k: cm[k] for k in ("epochs", "baseline_epochs", "val_acc", "test_acc", "seconds")},
-                                "gain_vs_baseline_fp32": cm["test_acc"] - base_acc,
-                                "cost_vs_baseline": cm["seconds"] / base_s if base_s else None,
-                                "weights": rel(cache(run_dir, cm["epochs"]) / "model.pt")},
-            "one_member": one_member(run_dir)}
+    return {
+        "run_dir": rel(run_dir),
+        "baseline_fp32_test_acc": base_acc,
+        "baseline_seconds": base_s,
+        "compute_matched": {
+            **{k: cm[k] for k in ("epochs", "baseline_epochs", "val_acc", "test_acc", "seconds")},
+            "gain_vs_baseline_fp32": cm["test_acc"] - base_acc,
+            "cost_vs_baseline": cm["seconds"] / base_s if base_s else None,
+            "weights": rel(cache(run_dir, cm["epochs"]) / "model.pt"),
+        },
+        "one_member": one_member(run_dir),
+    }
 
 
 def reference(variant_dir: Path, seeds: list[int], epochs: float | None = None) -> dict:
@@ -140,8 +177,14 @@ def reference(variant_dir: Path, seeds: list[int], epochs: float | None = None) 
         if not (d / "metrics.json").exists():
             sys.exit(f"'{d}' has no metrics.json: finish the run first (bench/cifar10.py)")
     runs = {str(s): seed_rows(d, epochs) for s, d in zip(seeds, run_dirs)}
-    return {"name": variant_dir.name, "variant_dir": rel(variant_dir), "seeds": seeds, "runs": runs,
-            "aggregate": aggregate(runs), "deep_ensemble": deep_ensemble(run_dirs) if len(run_dirs) > 1 else None}
+    return {
+        "name": variant_dir.name,
+        "variant_dir": rel(variant_dir),
+        "seeds": seeds,
+        "runs": runs,
+        "aggregate": aggregate(runs),
+        "deep_ensemble": deep_ensemble(run_dirs) if len(run_dirs) > 1 else None,
+    }
 
 
 def markdown(result: dict) -> str:
@@ -149,37 +192,52 @@ def markdown(result: dict) -> str:
     runs = list(result["runs"].values())
     cm_epochs = ", ".join(f"{r['compute_matched']['epochs']:g}" for r in runs)
     member = runs[0]["one_member"]
-    lines = [TITLE, "",
-             f"Reference rows for `{result['variant_dir']}`, measured on its own runs (seeds "
-             f"{', '.join(map(str, result['seeds']))}); mean ± sd over the seeds. Gain: test accuracy minus the "
-             "baseline fp32's (points). Bytes: % of the baseline's fp32 ONNX, on one device and in all. Cost: "
-             "compute beyond one trained baseline, in units of its training time (what the pool's cost measures).", "",
-             f"- machine: {result['machine']}; date: {result['date']}",
-             f"- command: `{result['command']}`", "",
-             "| reference | test accuracy % | gain | bytes on one device % | bytes in all % | cost |",
-             "|---|---|---|---|---|---|",
-             f"| baseline fp32 (one network) | {pm(a, 'baseline_fp32_test_acc')} | 0 | 100 | 100 | 0 |"]
+    lines = [
+        TITLE,
+        "",
+        f"Reference rows for `{result['variant_dir']}`, measured on its own runs (seeds "
+        f"{', '.join(map(str, result['seeds']))}); mean ± sd over the seeds. Gain: test accuracy minus the "
+        "baseline fp32's (points). Bytes: % of the baseline's fp32 ONNX, on one device and in all. Cost: "
+        "compute beyond one trained baseline, in units of its training time (what the pool's cost measures).",
+        "",
+        f"- machine: {result['machine']}; date: {result['date']}",
+        f"- command: `{result['command']}`",
+        "",
+        "| reference | test accuracy % | gain | bytes on one device % | bytes in all % | cost |",
+        "|---|---|---|---|---|---|",
+        f"| baseline fp32 (one network) | {pm(a, 'baseline_fp32_test_acc')} | 0 | 100 | 100 | 0 |",
+    ]
     if de:
-        lines.append(f"| deep ensemble: soft vote of {de['k']} baselines trained from different seeds | {100 * de['test_acc']:.2f} | "
-                     f"{100 * de['gain_vs_mean_baseline_fp32']:+.2f} | 100 | {100 * de['bytes_vs_baseline_fp32']:.0f} | "
-                     f"{de['cost_vs_baseline']} ({de['k']} x in all) |")
+        lines.append(
+            f"| deep ensemble: soft vote of {de['k']} baselines trained from different seeds | {100 * de['test_acc']:.2f} | "
+            f"{100 * de['gain_vs_mean_baseline_fp32']:+.2f} | 100 | {100 * de['bytes_vs_baseline_fp32']:.0f} | "
+            f"{de['cost_vs_baseline']} ({de['k']} x in all) |"
+        )
     else:
         lines.append("| deep ensemble | needs >= 2 seeds | | | | |")
-    lines += [f"| compute-matched baseline: trained on for {cm_epochs} more epochs | {pm(a, 'compute_matched.test_acc')} | "
-              f"{pm(a, 'compute_matched.gain_vs_baseline_fp32')} | 100 | 100 | {pm(a, 'compute_matched.cost_vs_baseline', 1)} |",
-              f"| one member alone (k = 1, {member['strategy']} on validation) | {pm(a, 'one_member.test_acc')} | "
-              f"{pm(a, 'one_member.gain_vs_baseline_fp32')} | {pm(a, 'one_member.bytes_vs_baseline_fp32')} | "
-              f"{pm(a, 'one_member.bytes_vs_baseline_fp32')} | {pm(a, 'one_member.cost_vs_baseline', 1)} "
-              "(the pool it was chosen from) |", ""]
+    lines += [
+        f"| compute-matched baseline: trained on for {cm_epochs} more epochs | {pm(a, 'compute_matched.test_acc')} | "
+        f"{pm(a, 'compute_matched.gain_vs_baseline_fp32')} | 100 | 100 | {pm(a, 'compute_matched.cost_vs_baseline', 1)} |",
+        f"| one member alone (k = 1, {member['strategy']} on validation) | {pm(a, 'one_member.test_acc')} | "
+        f"{pm(a, 'one_member.gain_vs_baseline_fp32')} | {pm(a, 'one_member.bytes_vs_baseline_fp32')} | "
+        f"{pm(a, 'one_member.bytes_vs_baseline_fp32')} | {pm(a, 'one_member.cost_vs_baseline', 1)} "
+        "(the pool it was chosen from) |",
+        "",
+    ]
     if de:
-        lines.append(f"- deep ensemble: single baselines {', '.join(f'{100 * v:.2f}' for v in de['baseline_test_acc'])} %; "
-                     f"mean pairwise disagreement {de['mean_disagreement']:.3f}")
-    lines += [f"- compute-matched: as many extra epochs as the pool's members spent fine-tuning (unless `--epochs` "
-              "says otherwise), with the run's `train:` settings (optimiser, schedule over the extra epochs), from the "
-              f"converged baseline's weights, on the run's training split, after a baseline of "
-              f"{runs[0]['compute_matched']['baseline_epochs']:g} epochs; validation {pm(a, 'compute_matched.val_acc')} %; "
-              "weights in `<run>/reference/`",
-              f"- raw numbers: `{result['results_file']}`", ""]
+        lines.append(
+            f"- deep ensemble: single baselines {', '.join(f'{100 * v:.2f}' for v in de['baseline_test_acc'])} %; "
+            f"mean pairwise disagreement {de['mean_disagreement']:.3f}"
+        )
+    lines += [
+        f"- compute-matched: as many extra epochs as the pool's members spent fine-tuning (unless `--epochs` "
+        "says otherwise), with the run's `train:` settings (optimiser, schedule over the extra epochs), from the "
+        f"converged baseline's weights, on the run's training split, after a baseline of "
+        f"{runs[0]['compute_matched']['baseline_epochs']:g} epochs; validation {pm(a, 'compute_matched.val_acc')} %; "
+        "weights in `<run>/reference/`",
+        f"- raw numbers: `{result['results_file']}`",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -187,8 +245,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variant", help="a variant's run folder, holding seed<S>/ (e.g. runs/bench/cifar10-cpu-clones)")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    ap.add_argument("--epochs", type=float, default=None,
-                    help="extra epochs of the compute-matched baseline (default: each seed's pool epochs)")
+    ap.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="extra epochs of the compute-matched baseline (default: each seed's pool epochs)",
+    )
     ap.add_argument("--no-docs", action="store_true", help="do not touch docs/RESULTS.md")
     args = ap.parse_args()
 
@@ -197,8 +259,13 @@ def main() -> None:
     if args.epochs is not None and args.epochs <= 0:
         sys.exit(f"--epochs must be > 0, got {args.epochs:g}")
     results_file = ROOT / "bench" / "results" / f"{variant.name}-reference.json"
-    result = {**reference(variant, seeds, args.epochs), "machine": machine(), "date": datetime.date.today().isoformat(),
-              "command": command_line(), "results_file": rel(results_file)}
+    result = {
+        **reference(variant, seeds, args.epochs),
+        "machine": machine(),
+        "date": datetime.date.today().isoformat(),
+        "command": command_line(),
+        "results_file": rel(results_file),
+    }
     write_result(results_file, result)
     publish(TITLE, markdown(result), not args.no_docs)
 

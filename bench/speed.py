@@ -13,6 +13,7 @@ speed-up ``new / old`` (images per second over the reference's) is the number th
 Writes bench/results/speed-<device>.json and the ``## Training speed`` section of docs/RESULTS.md (from every
 speed-*.json present).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import ROOT, machine, publish, rel, write_result  # noqa: E402
+from cifar10 import ROOT, machine, publish, rel, write_result
 
-from prune2edge import config, models, pool, train  # noqa: E402
+from prune2edge import config, models, pool, train
 
 TITLE = "## Training speed"
 EPOCH_IMAGES = 45_000  # CIFAR-10's training split less the 10 % validation
@@ -51,15 +52,24 @@ def reference_augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator) ->
     p = max(1, h // 8)
     padded = nn.functional.pad(x, (p, p, p, p), mode="reflect")
     dy, dx = torch.randint(0, 2 * p + 1, (2, n), generator=gen).tolist()
-    x = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
     if kind == "crop_flip":
         flip = torch.rand(n, generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x
 
 
-def reference_fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: train.TrainSettings, *, seed: int,
-                  augment: str = "none", device: str = "cpu", after_step: Callable[[int, int], None] | None = None) -> list[dict]:
+def reference_fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    s: train.TrainSettings,
+    *,
+    seed: int,
+    augment: str = "none",
+    device: str = "cpu",
+    after_step: Callable[[int, int], None] | None = None,
+) -> list[dict]:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model.to(device)
@@ -69,7 +79,9 @@ def reference_fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: train.T
     if s.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     else:
-        opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, nesterov=s.momentum > 0, weight_decay=s.weight_decay)
+        opt = torch.optim.SGD(
+            params, lr=s.lr, momentum=s.momentum, nesterov=s.momentum > 0, weight_decay=s.weight_decay
+        )
     sched = train.make_schedule(opt, s.schedule, total, s.cycles)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=s.label_smoothing)
     history, step, t0 = [], 0, time.perf_counter()
@@ -80,7 +92,7 @@ def reference_fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: train.T
         for i in range(0, len(x), s.batch_size):
             if step >= total:
                 break
-            idx = order[i:i + s.batch_size]
+            idx = order[i : i + s.batch_size]
             xb = reference_augment_batch(x[idx], augment, gen).to(device, non_blocking=True)
             yb = y[idx].to(device, non_blocking=True)
             out = model(xb)
@@ -95,9 +107,18 @@ def reference_fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: train.T
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
             correct += int((out.argmax(1) == yb).sum())
-        history.append({"epoch": len(history) + 1, "steps": step, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                        "seconds": time.perf_counter() - t0})
+        history.append(
+            {
+                "epoch": len(history) + 1,
+                "steps": step,
+                "train_loss": loss_sum / seen,
+                "train_acc": correct / seen,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
     return history
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -131,10 +152,25 @@ def members(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str) -> list[tr
     out = []
     for m in pool.plan(cfg):
         model = network(cfg).to(device)
-        s = train.TrainSettings(epochs=1, batch_size=m.batch_size, optimizer=p["optimizer"], lr=m.lr, momentum=p["momentum"],
-                                weight_decay=p["weight_decay"], schedule=p["lr_schedule"], label_smoothing=p["label_smoothing"])
-        pruner = pool.MagnitudePruner(models.prunable(model), m.sparsity, p["schedule"], p["scope"],
-                                      round(p["prune_end"] * math.ceil(len(x) / m.batch_size)), noise=p["mask_noise"], seed=m.seed)
+        s = train.TrainSettings(
+            epochs=1,
+            batch_size=m.batch_size,
+            optimizer=p["optimizer"],
+            lr=m.lr,
+            momentum=p["momentum"],
+            weight_decay=p["weight_decay"],
+            schedule=p["lr_schedule"],
+            label_smoothing=p["label_smoothing"],
+        )
+        pruner = pool.MagnitudePruner(
+            models.prunable(model),
+            m.sparsity,
+            p["schedule"],
+            p["scope"],
+            round(p["prune_end"] * math.ceil(len(x) / m.batch_size)),
+            noise=p["mask_noise"],
+            seed=m.seed,
+        )
         pruner.update(pruner.target(0))
         out.append(train.Member(model, x, y, s, m.seed, pruner))
     return out
@@ -143,8 +179,12 @@ def members(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str) -> list[tr
 def one_by_one(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str, loop: Callable) -> Job:
     def prepare() -> Callable[[], object]:
         ms = members(cfg, x, y, device)
-        return lambda: [loop(m.model, m.x, m.y, m.settings, seed=m.seed, augment="crop_flip", device=device, after_step=m.after_step)
-                        for m in ms]
+        return lambda: [
+            loop(
+                m.model, m.x, m.y, m.settings, seed=m.seed, augment="crop_flip", device=device, after_step=m.after_step
+            )
+            for m in ms
+        ]
 
     return prepare
 
@@ -165,8 +205,11 @@ def singles(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str) -> dict[st
 
 
 def pools(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str) -> dict[str, Job]:
-    return {"reference": one_by_one(cfg, x, y, device, reference_fit), "fit": one_by_one(cfg, x, y, device, fit),
-            "fit_group (lockstep)": lockstep(cfg, x, y, device)}
+    return {
+        "reference": one_by_one(cfg, x, y, device, reference_fit),
+        "fit": one_by_one(cfg, x, y, device, fit),
+        "fit_group (lockstep)": lockstep(cfg, x, y, device),
+    }
 
 
 def timings(jobs: dict[str, Job], repeats: int, device: str) -> dict[str, list[float]]:
@@ -174,7 +217,7 @@ def timings(jobs: dict[str, Job], repeats: int, device: str) -> dict[str, list[f
     seconds: dict[str, list[float]] = {name: [] for name in jobs}
     names = list(jobs)
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             run = jobs[name]()
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -186,9 +229,18 @@ def timings(jobs: dict[str, Job], repeats: int, device: str) -> dict[str, list[f
     return seconds
 
 
-def rows(case: str, make: Callable[[torch.Tensor, torch.Tensor], dict[str, Job]], data: tuple[torch.Tensor, torch.Tensor],
-         warm: tuple[torch.Tensor, torch.Tensor], images: int, steps: int, per_epoch: int, repeats: int, device: str,
-         threads: int | None) -> list[dict]:
+def rows(
+    case: str,
+    make: Callable[[torch.Tensor, torch.Tensor], dict[str, Job]],
+    data: tuple[torch.Tensor, torch.Tensor],
+    warm: tuple[torch.Tensor, torch.Tensor],
+    images: int,
+    steps: int,
+    per_epoch: int,
+    repeats: int,
+    device: str,
+    threads: int | None,
+) -> list[dict]:
     """One row per loop: rates from the median round, and the speed-up as the median over rounds of old / new seconds.
     Every loop first trains on ``warm`` (one batch) untimed: kernel selection, caches, CUDA set-up."""
     for job in make(*warm).values():
@@ -198,12 +250,26 @@ def rows(case: str, make: Callable[[torch.Tensor, torch.Tensor], dict[str, Job]]
     out = []
     for name, t in seconds.items():
         mid = statistics.median(t)
-        out.append({"case": case, "device": device, "threads": threads, "loop": name, "images": images, "steps": steps,
-                    "seconds": [round(v, 4) for v in t], "images_per_s": images / mid, "steps_per_s": steps / mid,
-                    "seconds_per_epoch": per_epoch * mid / images,
-                    "speedup_vs_reference": statistics.median(a / b for a, b in zip(ref, t))})
-        print(f"{case:48s} {device} {threads or '-'}t {name:22s} {images / mid:8.0f} img/s {steps / mid:7.2f} steps/s "
-              f"{out[-1]['seconds_per_epoch']:8.1f} s/epoch  x{out[-1]['speedup_vs_reference']:.2f}", flush=True)
+        out.append(
+            {
+                "case": case,
+                "device": device,
+                "threads": threads,
+                "loop": name,
+                "images": images,
+                "steps": steps,
+                "seconds": [round(v, 4) for v in t],
+                "images_per_s": images / mid,
+                "steps_per_s": steps / mid,
+                "seconds_per_epoch": per_epoch * mid / images,
+                "speedup_vs_reference": statistics.median(a / b for a, b in zip(ref, t)),
+            }
+        )
+        print(
+            f"{case:48s} {device} {threads or '-'}t {name:22s} {images / mid:8.0f} img/s {steps / mid:7.2f} steps/s "
+            f"{out[-1]['seconds_per_epoch']:8.1f} s/epoch  x{out[-1]['speedup_vs_reference']:.2f}",
+            flush=True,
+        )
     return out
 
 
@@ -215,12 +281,32 @@ def bench_device(cfg: dict, device: str, steps: int, repeats: int, threads: int 
     out = []
     for model in (cfg["model"], {**cfg["model"], "arch": "resnet20", "kwargs": {}}):
         c = {**cfg, "model": model}
-        out += rows(describe(model), lambda x, y, c=c: singles(c, x, y, device), (x, y), warm, len(x), math.ceil(len(x) / batch),
-                    EPOCH_IMAGES, repeats, device, threads)
+        out += rows(
+            describe(model),
+            lambda x, y, c=c: singles(c, x, y, device),
+            (x, y),
+            warm,
+            len(x),
+            math.ceil(len(x) / batch),
+            EPOCH_IMAGES,
+            repeats,
+            device,
+            threads,
+        )
     n = cfg["pool"]["size"]
     pool_steps = sum(math.ceil(len(x) / m.batch_size) for m in pool.plan(cfg))
-    out += rows(f"pool of {n} x {describe(cfg['model'])}", lambda x, y: pools(cfg, x, y, device), (x, y), warm, n * len(x), pool_steps,
-                n * EPOCH_IMAGES, repeats, device, threads)
+    out += rows(
+        f"pool of {n} x {describe(cfg['model'])}",
+        lambda x, y: pools(cfg, x, y, device),
+        (x, y),
+        warm,
+        n * len(x),
+        pool_steps,
+        n * EPOCH_IMAGES,
+        repeats,
+        device,
+        threads,
+    )
     return out
 
 
@@ -229,30 +315,46 @@ def describe(model: dict) -> str:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = [TITLE, "",
-             "Training throughput of `train.fit` (and `train.fit_group` for a pool) against the loop before the speed work "
-             "(kept in `bench/speed.py` as the reference), measured side by side in one process on synthetic 32x32x3 data "
-             "with crop + flip augmentation. s/epoch: one epoch of 45,000 images (a pool: every member's epoch). "
-             "new / old: the median over rounds of the reference's seconds over the loop's; on a shared machine this "
-             "ratio is the number to read, the absolute rates move with the load.", ""]
+    lines = [
+        TITLE,
+        "",
+        "Training throughput of `train.fit` (and `train.fit_group` for a pool) against the loop before the speed work "
+        "(kept in `bench/speed.py` as the reference), measured side by side in one process on synthetic 32x32x3 data "
+        "with crop + flip augmentation. s/epoch: one epoch of 45,000 images (a pool: every member's epoch). "
+        "new / old: the median over rounds of the reference's seconds over the loop's; on a shared machine this "
+        "ratio is the number to read, the absolute rates move with the load.",
+        "",
+    ]
     for r in results:
-        lines += [f"- {r['device']}: {r['machine']}; torch {r['torch']}; {r['date']}; load average {r['load_average'][0]:.1f} "
-                  f"before, {r['load_average'][1]:.1f} after; {r['repeats']} rounds; `{r['command']}`; raw numbers: `{r['results_file']}`"]
+        lines += [
+            f"- {r['device']}: {r['machine']}; torch {r['torch']}; {r['date']}; load average {r['load_average'][0]:.1f} "
+            f"before, {r['load_average'][1]:.1f} after; {r['repeats']} rounds; `{r['command']}`; raw numbers: `{r['results_file']}`"
+        ]
     if not any(r["device"] == "cuda" for r in results):
-        lines.append("- cuda: not measured yet (no GPU where this ran); `python bench/speed.py` on a machine with one adds it, "
-                     "with the `cuda-graph` step")
-    lines += ["", "| network | device | threads | loop | images/s | steps/s | s/epoch | new / old |", "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            "- cuda: not measured yet (no GPU where this ran); `python bench/speed.py` on a machine with one adds it, "
+            "with the `cuda-graph` step"
+        )
+    lines += [
+        "",
+        "| network | device | threads | loop | images/s | steps/s | s/epoch | new / old |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         for x in r["rows"]:
-            lines.append(f"| {x['case']} | {x['device']} | {x['threads'] or '-'} | {x['loop']} | {x['images_per_s']:.0f} | "
-                         f"{x['steps_per_s']:.2f} | {x['seconds_per_epoch']:.0f} | {x['speedup_vs_reference']:.2f} |")
+            lines.append(
+                f"| {x['case']} | {x['device']} | {x['threads'] or '-'} | {x['loop']} | {x['images_per_s']:.0f} | "
+                f"{x['steps_per_s']:.2f} | {x['seconds_per_epoch']:.0f} | {x['speedup_vs_reference']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "cifar10-cpu.yaml"))
-    ap.add_argument("--steps", type=int, default=2, help="training steps per network (pool: per member) on the CPU (default 2)")
+    ap.add_argument(
+        "--steps", type=int, default=2, help="training steps per network (pool: per member) on the CPU (default 2)"
+    )
     ap.add_argument("--cuda-steps", type=int, default=100, help="the same on CUDA (default 100)")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
     ap.add_argument("--pool-size", type=int, default=8)
@@ -260,7 +362,9 @@ def main() -> None:
     ap.add_argument("--devices", default="cpu,cuda", help="cpu, cuda or both (default; cuda only where a GPU is)")
     ap.add_argument("--no-docs", action="store_true", help="do not touch docs/RESULTS.md")
     args = ap.parse_args()
-    cfg = config.load(args.config, {"pool": {"size": args.pool_size}, "cluster": {"k": 1}})  # clustering plays no part here
+    cfg = config.load(
+        args.config, {"pool": {"size": args.pool_size}, "cluster": {"k": 1}}
+    )  # clustering plays no part here
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     command = (threads + "python bench/speed.py " + shlex.join(sys.argv[1:])).strip()
     for device in [d for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]:
@@ -275,9 +379,18 @@ def main() -> None:
             out = bench_device(cfg, device, args.cuda_steps, args.repeats, None)
             name = f"{torch.cuda.get_device_name()}; {machine()}"
         path = ROOT / "bench" / "results" / f"speed-{device}.json"
-        result = {"device": device, "machine": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-                  "command": command, "config": rel(args.config), "repeats": args.repeats,
-                  "load_average": [load, os.getloadavg()[0]], "results_file": rel(path), "rows": out}
+        result = {
+            "device": device,
+            "machine": name,
+            "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(),
+            "command": command,
+            "config": rel(args.config),
+            "repeats": args.repeats,
+            "load_average": [load, os.getloadavg()[0]],
+            "results_file": rel(path),
+            "rows": out,
+        }
         write_result(path, result)
     results = [json.loads(p.read_text()) for p in sorted((ROOT / "bench" / "results").glob("speed-*.json"))]
     publish(TITLE, markdown(results), not args.no_docs)

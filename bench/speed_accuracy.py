@@ -9,6 +9,7 @@ Each (loop, seed) trains the config's baseline on the run's training split (the 
 preprocessing, prepared in ``runs/bench/speed-accuracy/seed<S>``) and scores it on the validation and test splits.
 Finished seeds are kept in ``bench/results/speed-accuracy-<loop>.json``; a re-run trains only the missing ones.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,11 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import ROOT, command_line, data_paths, machine, publish, rel, write_result  # noqa: E402
-from speed import reference_fit  # noqa: E402
+from cifar10 import ROOT, command_line, data_paths, machine, publish, rel, write_result
+from speed import reference_fit
 
-from prune2edge import config, models, pipeline, store, train  # noqa: E402
-from prune2edge.vote import accuracy  # noqa: E402
+from prune2edge import config, models, pipeline, store, train
+from prune2edge.vote import accuracy
 
 TITLE = "## Training speed: accuracy of the faster loop"
 LOOPS = ("reference", "fit")
@@ -60,37 +61,57 @@ def train_one(cfg: dict, run_dir: Path, loop: str) -> dict:
 
 
 def markdown(results: dict[str, dict]) -> str:
-    lines = [TITLE, "",
-             "The baseline of `configs/cifar10-cpu.yaml` (small_cnn w16 + stem pool, 30 one-cycle epochs) trained to the "
-             "end with `train.fit` and with the loop before the speed work (`bench/speed.py`'s reference), on the same "
-             "split, preprocessing and seeds. Validation: 5,000 images of the training split; test: the 10,000 test "
-             "images, read once per model for this table. Seconds are wall-clock on a shared machine (the two loops ran "
-             "at the same time, one per core), so their ratio is indicative only; `## Training speed` has the "
-             "side-by-side ratio.", ""]
+    lines = [
+        TITLE,
+        "",
+        "The baseline of `configs/cifar10-cpu.yaml` (small_cnn w16 + stem pool, 30 one-cycle epochs) trained to the "
+        "end with `train.fit` and with the loop before the speed work (`bench/speed.py`'s reference), on the same "
+        "split, preprocessing and seeds. Validation: 5,000 images of the training split; test: the 10,000 test "
+        "images, read once per model for this table. Seconds are wall-clock on a shared machine (the two loops ran "
+        "at the same time, one per core), so their ratio is indicative only; `## Training speed` has the "
+        "side-by-side ratio.",
+        "",
+    ]
     for loop in LOOPS:
         if loop in results:
             r = results[loop]
-            lines.append(f"- {loop}: {r['machine']}; torch {r['torch']}; {r['date']}; `{r['command']}`; raw numbers: "
-                         f"`{r['results_file']}`")
-    lines += ["", "| loop | seeds | val accuracy (%) | test accuracy (%) | test, per seed | minutes per baseline |",
-              "|---|---|---|---|---|---|"]
+            lines.append(
+                f"- {loop}: {r['machine']}; torch {r['torch']}; {r['date']}; `{r['command']}`; raw numbers: "
+                f"`{r['results_file']}`"
+            )
+    lines += [
+        "",
+        "| loop | seeds | val accuracy (%) | test accuracy (%) | test, per seed | minutes per baseline |",
+        "|---|---|---|---|---|---|",
+    ]
     for loop in LOOPS:
         runs = results.get(loop, {}).get("seeds", {})
         if not runs:
             continue
         val = [100 * r["val_acc"] for r in runs.values()]
         test = [100 * r["test_acc"] for r in runs.values()]
-        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+
+        def sd(v):
+            return statistics.stdev(v) if len(v) > 1 else 0.0
+
         per_seed = ", ".join(f"{s}: {100 * r['test_acc']:.2f}" for s, r in sorted(runs.items()))
-        lines.append(f"| {loop} | {len(runs)} | {statistics.mean(val):.2f} ± {sd(val):.2f} | "
-                     f"{statistics.mean(test):.2f} ± {sd(test):.2f} | {per_seed} | "
-                     f"{statistics.mean(r['seconds'] for r in runs.values()) / 60:.1f} |")
+        lines.append(
+            f"| {loop} | {len(runs)} | {statistics.mean(val):.2f} ± {sd(val):.2f} | "
+            f"{statistics.mean(test):.2f} ± {sd(test):.2f} | {per_seed} | "
+            f"{statistics.mean(r['seconds'] for r in runs.values()) / 60:.1f} |"
+        )
     if all(results.get(loop, {}).get("seeds") for loop in LOOPS):
         common = sorted(set(results["fit"]["seeds"]) & set(results["reference"]["seeds"]))
-        diffs = [100 * (results["fit"]["seeds"][s]["test_acc"] - results["reference"]["seeds"][s]["test_acc"]) for s in common]
+        diffs = [
+            100 * (results["fit"]["seeds"][s]["test_acc"] - results["reference"]["seeds"][s]["test_acc"])
+            for s in common
+        ]
         if diffs:
-            lines += ["", f"fit − reference, test accuracy, seed for seed ({len(diffs)} seeds): "
-                          f"{statistics.mean(diffs):+.2f} points (per seed: {', '.join(f'{d:+.2f}' for d in diffs)})."]
+            lines += [
+                "",
+                f"fit − reference, test accuracy, seed for seed ({len(diffs)} seeds): "
+                f"{statistics.mean(diffs):+.2f} points (per seed: {', '.join(f'{d:+.2f}' for d in diffs)}).",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -99,7 +120,11 @@ def main() -> None:
     ap.add_argument("--loop", choices=LOOPS, help="the loop to train with")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     ap.add_argument("--config", default=str(ROOT / "configs" / "cifar10-cpu.yaml"))
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"), help="folder holding the CIFAR-10 .npz parts")
+    ap.add_argument(
+        "--data",
+        default=str(ROOT.parent / "shared" / "data" / "cifar10"),
+        help="folder holding the CIFAR-10 .npz parts",
+    )
     ap.add_argument("--report", action="store_true", help="only write the RESULTS.md section from the results files")
     ap.add_argument("--no-docs", action="store_true", help="do not touch docs/RESULTS.md")
     args = ap.parse_args()
@@ -110,9 +135,20 @@ def main() -> None:
             if str(seed) in result["seeds"]:
                 continue
             cfg = config.load(args.config, {"seed": seed, "data": {"path": data_paths(args.data)}})
-            result["seeds"][str(seed)] = train_one(cfg, ROOT / "runs" / "bench" / "speed-accuracy" / f"seed{seed}", args.loop)
-            result.update({"loop": args.loop, "config": rel(args.config), "machine": machine(), "torch": torch.__version__,
-                           "date": datetime.date.today().isoformat(), "command": command_line(), "results_file": rel(path)})
+            result["seeds"][str(seed)] = train_one(
+                cfg, ROOT / "runs" / "bench" / "speed-accuracy" / f"seed{seed}", args.loop
+            )
+            result.update(
+                {
+                    "loop": args.loop,
+                    "config": rel(args.config),
+                    "machine": machine(),
+                    "torch": torch.__version__,
+                    "date": datetime.date.today().isoformat(),
+                    "command": command_line(),
+                    "results_file": rel(path),
+                }
+            )
             write_result(path, result)
             print(f"[speed-accuracy] {args.loop} seed {seed}: {result['seeds'][str(seed)]}", flush=True)
     results = {loop: json.loads(results_path(loop).read_text()) for loop in LOOPS if results_path(loop).exists()}

@@ -4,6 +4,7 @@ Session measurement (2 shared cores, OMP_NUM_THREADS=1, crop+flip, batch 128): s
 w32 + stem_pool ~430-470 img/s (4x the weights), w48 + stem_pool ~170-245 img/s. Under contention 2 threads ran
 2-3x slower than 1 (140-190 vs 415-420 img/s for w16).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,8 @@ def measure(arch: str, kwargs: dict, batch: int, steps: int, augment: str) -> fl
     for i in range(steps):
         if i == 2:
             t0 = time.perf_counter()
-        xb = train.augment_batch(x[i * batch:(i + 1) * batch], augment, gen)
-        loss = torch.nn.functional.cross_entropy(model(xb), y[i * batch:(i + 1) * batch])
+        xb = train.augment_batch(x[i * batch : (i + 1) * batch], augment, gen)
+        loss = torch.nn.functional.cross_entropy(model(xb), y[i * batch : (i + 1) * batch])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -38,9 +39,14 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=128)
     a = ap.parse_args()
-    cands = [("small_cnn", {"width": 16, "depth": 3}), ("small_cnn", {"width": 24, "depth": 3}),
-             ("small_cnn", {"width": 32, "depth": 3}), ("small_cnn", {"width": 32, "depth": 3, "stem_pool": True}),
-             ("small_cnn", {"width": 48, "depth": 3, "stem_pool": True}), ("resnet20", {})]
+    cands = [
+        ("small_cnn", {"width": 16, "depth": 3}),
+        ("small_cnn", {"width": 24, "depth": 3}),
+        ("small_cnn", {"width": 32, "depth": 3}),
+        ("small_cnn", {"width": 32, "depth": 3, "stem_pool": True}),
+        ("small_cnn", {"width": 48, "depth": 3, "stem_pool": True}),
+        ("resnet20", {}),
+    ]
     print(f"torch threads {torch.get_num_threads()}")
     for arch, kw in cands:
         for aug in ("none", "crop_flip"):

@@ -9,6 +9,7 @@ the ensemble's accuracy. From prune2edge it takes only the input steps (resize a
 when the bundle resizes; everything else it rebuilds from the manifest, which checks that the manifest is
 enough to run the ensemble.
 """
+
 import hashlib
 import json
 import lzma
@@ -25,11 +26,13 @@ def decode(blob: bytes) -> bytes:
     """A ``p2e-sparse-xz`` member to its ONNX bytes, following the layout in the manifest's ``encodings``."""
     data = lzma.decompress(blob)
     n = int.from_bytes(data[:4], "little")
-    head = json.loads(data[4:4 + n])
-    rest, pos = data[4 + n:4 + n + head["rest"]], 4 + n + head["rest"]
+    head = json.loads(data[4 : 4 + n])
+    rest, pos = data[4 + n : 4 + n + head["rest"]], 4 + n + head["rest"]
     bitmaps = []
     for w in head["weights"]:
-        bitmaps.append(np.unpackbits(np.frombuffer(data, np.uint8, (w["size"] + 7) // 8, pos), count=w["size"]).astype(bool))
+        bitmaps.append(
+            np.unpackbits(np.frombuffer(data, np.uint8, (w["size"] + 7) // 8, pos), count=w["size"]).astype(bool)
+        )
         pos += (w["size"] + 7) // 8
     onnx_bytes, taken = b"", 0
     for w, nonzero in zip(head["weights"], bitmaps):
@@ -37,7 +40,7 @@ def decode(blob: bytes) -> bytes:
         q[nonzero] = np.array(w["codebook"], np.int8)[np.frombuffer(data, np.uint8, int(nonzero.sum()), pos)]
         pos += int(nonzero.sum())
         before = w["at"] - len(onnx_bytes)
-        onnx_bytes += rest[taken:taken + before] + q.tobytes()
+        onnx_bytes += rest[taken : taken + before] + q.tobytes()
         taken += before
     return onnx_bytes + rest[taken:]
 
@@ -72,7 +75,7 @@ def main(bundle_dir: str, npz: str) -> None:
         k = probas[0].shape[1]
         scores = sum(wi * np.eye(k)[p.argmax(1)] for wi, p in zip(w, probas))
     pred = scores.argmax(1)  # ties: argmax takes the lowest class index, as the manifest says
-    print(json.dumps({"members": len(probas), "n": int(len(y)), "accuracy": float((pred == y).mean())}))
+    print(json.dumps({"members": len(probas), "n": len(y), "accuracy": float((pred == y).mean())}))
 
 
 if __name__ == "__main__":

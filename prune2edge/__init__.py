@@ -7,10 +7,11 @@
 
 Attributes load on first use, so ``import prune2edge.bundle`` on an edge device pulls in neither torch nor scikit-learn.
 """
+
 from .errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["Bundle", "UserError", "load_config", "run", "__version__"]
+__all__ = ["Bundle", "UserError", "__version__", "load_config", "run"]
 
 
 def __getattr__(name: str):

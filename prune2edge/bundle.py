@@ -7,6 +7,7 @@ ONNX bytes (checked against their sha256 too) and only then runs it; version-1 b
 input steps (resize and colour, when the run set them: then images of any size), preprocessing and voting rule;
 ``decide`` also says how sure the vote is and sends frames it is unsure of to review.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,10 +30,10 @@ ENCODING = "p2e-sparse-xz"
 ENCODINGS = {
     "onnx": "the file is the int8 ONNX model",
     ENCODING: "one xz stream of: a 4-byte little-endian length L; L bytes of JSON {rest, weights: [{at, size, codebook}]}; "
-              "'rest' bytes: the ONNX file with its int8 weight tensors cut out; for each weight tensor a bitmap of its "
-              "non-zeros (numpy packbits, ceil(size / 8) bytes); for each weight tensor one uint8 per non-zero, its index "
-              "into codebook. Each tensor, rebuilt as int8 (codebook values at the non-zeros, else 0), goes back in at "
-              "byte offset 'at' of the ONNX file",
+    "'rest' bytes: the ONNX file with its int8 weight tensors cut out; for each weight tensor a bitmap of its "
+    "non-zeros (numpy packbits, ceil(size / 8) bytes); for each weight tensor one uint8 per non-zero, its index "
+    "into codebook. Each tensor, rebuilt as int8 (codebook values at the non-zeros, else 0), goes back in at "
+    "byte offset 'at' of the ONNX file",
 }
 
 
@@ -41,25 +42,27 @@ def session(model: Path | str | bytes, threads: int = 0) -> ort.InferenceSession
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"]
+    )
 
 
 def decode(blob: bytes) -> bytes:
     """The int8 ONNX bytes of a member shipped as :data:`ENCODING` (layout: :data:`ENCODINGS`)."""
     data = lzma.decompress(blob, format=lzma.FORMAT_XZ)
     n = int.from_bytes(data[:4], "little")
-    head = json.loads(data[4:4 + n])
-    rest = data[4 + n:4 + n + head["rest"]]
+    head = json.loads(data[4 : 4 + n])
+    rest = data[4 + n : 4 + n + head["rest"]]
     streams = np.frombuffer(data, np.uint8, offset=4 + n + head["rest"])
     *bitmaps, indices = np.split(streams, np.cumsum([-(-w["size"] // 8) for w in head["weights"]], dtype=int))
     out, r = bytearray(), 0
     for w, bitmap in zip(head["weights"], bitmaps):
         nonzero = np.unpackbits(bitmap, count=w["size"]).astype(bool)
         q = np.zeros(w["size"], np.int8)
-        q[nonzero] = np.array(w["codebook"], np.int8)[indices[:nonzero.sum()]]
-        indices = indices[nonzero.sum():]
+        q[nonzero] = np.array(w["codebook"], np.int8)[indices[: nonzero.sum()]]
+        indices = indices[nonzero.sum() :]
         gap = w["at"] - len(out)  # file bytes before this tensor
-        out += rest[r:r + gap] + q.tobytes()
+        out += rest[r : r + gap] + q.tobytes()
         r += gap
     return bytes(out + rest[r:])
 
@@ -67,12 +70,23 @@ def decode(blob: bytes) -> bytes:
 def predict_proba(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Class probabilities (softmax of the model's logits) for preprocessed NCHW float32 input."""
     name = sess.get_inputs()[0].name
-    return np.concatenate([softmax(sess.run(None, {name: x[i:i + batch_size]})[0]) for i in range(0, len(x), batch_size)])
+    return np.concatenate(
+        [softmax(sess.run(None, {name: x[i : i + batch_size]})[0]) for i in range(0, len(x), batch_size)]
+    )
 
 
-def write(out: Path, members: list[dict], preprocessing: Preprocessing, image_shape: tuple[int, int, int],
-          classes: list[str], rule: str, weighted: bool = False, steps: InputSteps | None = None,
-          abstain: dict | None = None, latency: dict | None = None) -> dict:
+def write(
+    out: Path,
+    members: list[dict],
+    preprocessing: Preprocessing,
+    image_shape: tuple[int, int, int],
+    classes: list[str],
+    rule: str,
+    weighted: bool = False,
+    steps: InputSteps | None = None,
+    abstain: dict | None = None,
+    latency: dict | None = None,
+) -> dict:
     """Copy each member's shipped file (``member["shipped"]``, an :data:`ENCODING` int8 ONNX model) into
     ``out/members/`` and write the manifest last.
 
@@ -85,20 +99,43 @@ def write(out: Path, members: list[dict], preprocessing: Preprocessing, image_sh
         rel, blob = f"members/{m['id']}.p2e", Path(m["shipped"]).read_bytes()
         onnx_bytes = decode(blob)
         write_bytes(out / rel, blob)
-        entries.append({k: v for k, v in m.items() if k != "shipped"} | {
-            "encoding": ENCODING, "path": rel, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
-            "onnx_bytes": len(onnx_bytes), "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest()})
+        entries.append(
+            {k: v for k, v in m.items() if k != "shipped"}
+            | {
+                "encoding": ENCODING,
+                "path": rel,
+                "sha256": hashlib.sha256(blob).hexdigest(),
+                "bytes": len(blob),
+                "onnx_bytes": len(onnx_bytes),
+                "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+            }
+        )
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "input": {"shape": list(image_shape), "layout": "HWC", "dtype": "uint8", "onnx_input": "input",
-                  "onnx_layout": "NCHW", "onnx_dtype": "float32", "steps": (steps or InputSteps()).to_dict(),
-                  "preprocess": preprocessing.to_dict()},
+        "input": {
+            "shape": list(image_shape),
+            "layout": "HWC",
+            "dtype": "uint8",
+            "onnx_input": "input",
+            "onnx_layout": "NCHW",
+            "onnx_dtype": "float32",
+            "steps": (steps or InputSteps()).to_dict(),
+            "preprocess": preprocessing.to_dict(),
+        },
         "output": {"onnx_output": "logits", "postprocess": "softmax over the last axis"},
         "classes": list(classes),
-        "vote": {"rule": rule, "weighted": weighted, "tie_break": "lowest class index",
-                 "combine": "soft: weighted mean of member probabilities; hard: weighted count of member argmax votes",
-                 **({"agreement": AGREEMENT, "abstain_below": abstain["abstain_below"], "abstain": abstain} if abstain else {})},
+        "vote": {
+            "rule": rule,
+            "weighted": weighted,
+            "tie_break": "lowest class index",
+            "combine": "soft: weighted mean of member probabilities; hard: weighted count of member argmax votes",
+            **(
+                {"agreement": AGREEMENT, "abstain_below": abstain["abstain_below"], "abstain": abstain}
+                if abstain
+                else {}
+            ),
+        },
         "encodings": {ENCODING: ENCODINGS[ENCODING]},
         **({"latency": latency} if latency else {}),
         "members": entries,
@@ -117,9 +154,11 @@ def read_manifest(path: Path | str) -> dict:
     except json.JSONDecodeError as e:
         raise UserError(f"'{path / 'manifest.json'}' is not valid JSON ({e})") from None
     if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
-        raise UserError(f"'{path}' is not a {FORMAT} bundle of version {' or '.join(map(str, READABLE_VERSIONS))} "
-                        f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r}); "
-                        "a newer bundle needs a newer prune2edge")
+        raise UserError(
+            f"'{path}' is not a {FORMAT} bundle of version {' or '.join(map(str, READABLE_VERSIONS))} "
+            f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r}); "
+            "a newer bundle needs a newer prune2edge"
+        )
     return manifest
 
 
@@ -130,8 +169,10 @@ def verify_member(bundle_dir: Path, entry: dict) -> bytes:
         raise UserError(f"bundle member '{entry['id']}' is missing: '{path}' does not exist; re-copy the bundle")
     blob = path.read_bytes()
     if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
-        raise UserError(f"bundle member '{entry['id']}' was altered: sha256 of '{path}' does not match the manifest; "
-                        "re-copy the bundle from its source")
+        raise UserError(
+            f"bundle member '{entry['id']}' was altered: sha256 of '{path}' does not match the manifest; "
+            "re-copy the bundle from its source"
+        )
     return blob
 
 
@@ -141,12 +182,16 @@ def member_onnx(bundle_dir: Path, entry: dict) -> bytes:
     if encoding == "onnx":
         return blob
     if encoding != ENCODING:
-        raise UserError(f"bundle member '{entry['id']}' has encoding {encoding!r}; this prune2edge reads "
-                        f"{', '.join(ENCODINGS)}: update prune2edge")
+        raise UserError(
+            f"bundle member '{entry['id']}' has encoding {encoding!r}; this prune2edge reads "
+            f"{', '.join(ENCODINGS)}: update prune2edge"
+        )
     onnx_bytes = decode(blob)
     if hashlib.sha256(onnx_bytes).hexdigest() != entry["onnx_sha256"]:
-        raise UserError(f"bundle member '{entry['id']}' does not decode to the ONNX model its manifest names; "
-                        "re-copy the bundle from its source")
+        raise UserError(
+            f"bundle member '{entry['id']}' does not decode to the ONNX model its manifest names; "
+            "re-copy the bundle from its source"
+        )
     return onnx_bytes
 
 
@@ -172,7 +217,7 @@ class Bundle:
         self.classes = manifest["classes"]
 
     @classmethod
-    def load(cls, path: Path | str, members: list[str] | None = None, threads: int = 1) -> "Bundle":
+    def load(cls, path: Path | str, members: list[str] | None = None, threads: int = 1) -> Bundle:
         """Read, verify and decode a bundle; ``members`` restricts it to those ids."""
         path = Path(path)
         manifest = restrict(read_manifest(path), members)
@@ -201,8 +246,10 @@ class Bundle:
         if abstain_below is None:
             return float(self.manifest["vote"].get("abstain_below", 0.0))
         if not 0 <= abstain_below <= 1:
-            raise UserError(f"the abstain threshold (--abstain-below) is a margin of the vote, from 0 (decide every "
-                            f"frame) to 1; got {abstain_below}")
+            raise UserError(
+                f"the abstain threshold (--abstain-below) is a margin of the vote, from 0 (decide every "
+                f"frame) to 1; got {abstain_below}"
+            )
         return float(abstain_below)
 
     def decide(self, x: np.ndarray, abstain_below: float | None = None) -> Decisions:

@@ -1,4 +1,5 @@
 """``prune2edge``: a thin command-line shell over the Python API."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,10 @@ import click
 from .errors import UserError
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
-ABSTAIN_HELP = ("Send a frame to review (no class) when the vote's margin, the winner's score minus the runner-up's, is "
-                "below T (0 decides every frame). Default: the bundle's threshold, chosen on validation.")
+ABSTAIN_HELP = (
+    "Send a frame to review (no class) when the vote's margin, the winner's score minus the runner-up's, is "
+    "below T (0 decides every frame). Default: the bundle's threshold, chosen on validation."
+)
 
 
 class Main(click.Group):
@@ -43,16 +46,37 @@ def _run(cfg: dict, out: Path, quiet: bool) -> None:
 
 @main.command()
 @click.argument("config_file", type=click.Path(dir_okay=False))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default runs/<config name>).")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default runs/<config name>)."
+)
 @click.option("--workers", type=int, help="Train pool members in N local processes.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Override the config's device.")
 @click.option("--data-path", help="Override data.path (a directory, or comma-separated npz files).")
 @click.option("--seed", type=int, help="Override the config's seed.")
-@click.option("--devices", "devices_file", help="A devices file (YAML/JSON): select members that fit each device (deploy.devices).")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Override one config key, e.g. pool.size=8 (repeatable).")
+@click.option(
+    "--devices",
+    "devices_file",
+    help="A devices file (YAML/JSON): select members that fit each device (deploy.devices).",
+)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override one config key, e.g. pool.size=8 (repeatable).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run(config_file: str, out: Path | None, workers: int | None, device: str | None, data_path: str | None,
-        seed: int | None, devices_file: str | None, settings: tuple[str, ...], quiet: bool) -> None:
+def run(
+    config_file: str,
+    out: Path | None,
+    workers: int | None,
+    device: str | None,
+    data_path: str | None,
+    seed: int | None,
+    devices_file: str | None,
+    settings: tuple[str, ...],
+    quiet: bool,
+) -> None:
     """Run every phase of CONFIG_FILE (YAML); re-running continues an interrupted run."""
     from . import config
 
@@ -92,7 +116,9 @@ def report(run_dir: Path) -> None:
 
 @main.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--data", "spec", required=True, help="digits | cifar10:DIR | cifar100:DIR | npz:A.npz,B.npz | imagefolder:DIR")
+@click.option(
+    "--data", "spec", required=True, help="digits | cifar10:DIR | cifar100:DIR | npz:A.npz,B.npz | imagefolder:DIR"
+)
 def evaluate(bundle_dir: Path, spec: str) -> None:
     """Score BUNDLE_DIR on a dataset's test split, independently of the run that made it."""
     from . import data
@@ -106,7 +132,7 @@ def evaluate(bundle_dir: Path, spec: str) -> None:
         click.secho(f"warning: {w}", fg="yellow", err=True)
 
 
-def read_images(paths: list[str]) -> tuple[list[str], "object"]:
+def read_images(paths: list[str]) -> tuple[list[str], object]:
     """Image files (png/jpg) or arrays (.npy, or .npz with x / x_test) -> names and the uint8 images: one array,
     or a list of arrays when their shapes differ."""
     import numpy as np
@@ -146,12 +172,23 @@ def predict(bundle_dir: Path, files: tuple[str, ...], as_json: bool, abstain_bel
     d = b.decide(x, abstain_below)
     for i, name in enumerate(names):
         k, review = int(d.classes[i]), bool(d.review[i])
-        row = {"input": name, "status": "review" if review else "decided", "class": None if review else k,
-               "label": None if review else b.classes[k], "confidence": round(float(d.confidence[i]), 4),
-               "votes": int(d.votes[i]), "members": d.members, "margin": round(float(d.margin[i]), 4),
-               "abstain_below": d.abstain_below}
-        click.echo(json.dumps(row) if as_json else f"{name}\t{'review' if review else b.classes[k]}\t{d.confidence[i]:.3f}"
-                   f"\t{d.votes[i]}/{d.members} votes\tmargin {d.margin[i]:.3f}")
+        row = {
+            "input": name,
+            "status": "review" if review else "decided",
+            "class": None if review else k,
+            "label": None if review else b.classes[k],
+            "confidence": round(float(d.confidence[i]), 4),
+            "votes": int(d.votes[i]),
+            "members": d.members,
+            "margin": round(float(d.margin[i]), 4),
+            "abstain_below": d.abstain_below,
+        }
+        click.echo(
+            json.dumps(row)
+            if as_json
+            else f"{name}\t{'review' if review else b.classes[k]}\t{d.confidence[i]:.3f}"
+            f"\t{d.votes[i]}/{d.members} votes\tmargin {d.margin[i]:.3f}"
+        )
 
 
 # --- Fleet over MQTT: thin shells over prune2edge.fleet (which needs only numpy, onnxruntime, paho-mqtt) ---
@@ -162,13 +199,25 @@ DATASET_SPECS = ("digits", "cifar10", "cifar100", "npz", "imagefolder")
 def _mqtt_options(broker_required: bool = True):
     """--broker, --username/--password (or env vars), --tls-ca/--tls-cert/--tls-key and --fleet."""
     opts = [
-        click.option("--broker", required=broker_required,
-                     help="mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS" + ("" if broker_required else
-                          " (default: start a private Mosquitto on a free loopback port)")),
-        click.option("--fleet", "fleet_name", default="default", show_default=True,
-                     help="Fleet name: topics live under prune2edge/<fleet>/."),
-        click.option("--username", envvar="PRUNE2EDGE_MQTT_USERNAME", help="MQTT username [env PRUNE2EDGE_MQTT_USERNAME]."),
-        click.option("--password", envvar="PRUNE2EDGE_MQTT_PASSWORD", help="MQTT password [env PRUNE2EDGE_MQTT_PASSWORD]."),
+        click.option(
+            "--broker",
+            required=broker_required,
+            help="mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS"
+            + ("" if broker_required else " (default: start a private Mosquitto on a free loopback port)"),
+        ),
+        click.option(
+            "--fleet",
+            "fleet_name",
+            default="default",
+            show_default=True,
+            help="Fleet name: topics live under prune2edge/<fleet>/.",
+        ),
+        click.option(
+            "--username", envvar="PRUNE2EDGE_MQTT_USERNAME", help="MQTT username [env PRUNE2EDGE_MQTT_USERNAME]."
+        ),
+        click.option(
+            "--password", envvar="PRUNE2EDGE_MQTT_PASSWORD", help="MQTT password [env PRUNE2EDGE_MQTT_PASSWORD]."
+        ),
         click.option("--tls-ca", help="CA certificate (PEM) that signed the broker's certificate."),
         click.option("--tls-cert", help="Client certificate (PEM), for brokers that require one."),
         click.option("--tls-key", help="Private key (PEM) of --tls-cert."),
@@ -178,6 +227,7 @@ def _mqtt_options(broker_required: bool = True):
         for opt in reversed(opts):
             f = opt(f)
         return f
+
     return decorate
 
 
@@ -186,8 +236,9 @@ def _broker(opts: dict):
 
     if not opts.get("broker"):
         return None
-    return Broker.parse(opts["broker"], opts["username"], opts["password"], opts["tls_ca"], opts["tls_cert"],
-                        opts["tls_key"])
+    return Broker.parse(
+        opts["broker"], opts["username"], opts["password"], opts["tls_ca"], opts["tls_cert"], opts["tls_key"]
+    )
 
 
 def _log_to_stderr(level: str = "INFO") -> None:
@@ -196,7 +247,7 @@ def _log_to_stderr(level: str = "INFO") -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
 
 
-def _inputs(items: list[str]) -> tuple[list[str], "object", "object", list[str] | None]:
+def _inputs(items: list[str]) -> tuple[list[str], object, object, list[str] | None]:
     """A dataset spec (its test split, with labels) or image/array files -> names, uint8 images, labels or None,
     class names or None."""
     import numpy as np
@@ -217,42 +268,75 @@ def _inputs(items: list[str]) -> tuple[list[str], "object", "object", list[str] 
     return names, x, labels, None
 
 
-def _classify(broker, fleet_name: str, items: list[str], out: Path | None, rate: float | None, max_in_flight: int,
-              timeout: float, limit: int | None) -> dict:
+def _classify(
+    broker,
+    fleet_name: str,
+    items: list[str],
+    out: Path | None,
+    rate: float | None,
+    max_in_flight: int,
+    timeout: float,
+    limit: int | None,
+) -> dict:
     from . import fleet
 
     names, x, y, classes = _inputs(items)
     if limit is not None:
         names, x, y = names[:limit], x[:limit], None if y is None else y[:limit]
-    sink = open(out, "w") if out else sys.stdout
+    sink = open(out, "w") if out else sys.stdout  # noqa: SIM115 (closed below unless it is stdout)
     try:
+
         def write(row: dict) -> None:
             sink.write(json.dumps(row) + "\n")
             sink.flush()
 
-        s = fleet.classify(broker, fleet_name, x, names, y, on_result=write, rate=rate, max_in_flight=max_in_flight,
-                           timeout_s=timeout, classes=classes)
+        s = fleet.classify(
+            broker,
+            fleet_name,
+            x,
+            names,
+            y,
+            on_result=write,
+            rate=rate,
+            max_in_flight=max_in_flight,
+            timeout_s=timeout,
+            classes=classes,
+        )
     finally:
         if out:
             sink.close()
     acc = f"; accuracy {s['accuracy']:.4f}" if "accuracy" in s else ""
     if s["review"] and s.get("decided_accuracy") is not None:
         acc += f" ({s['decided_accuracy']:.4f} of the decided frames)"
-    click.echo(f"{s['frames']} frames: {s['decided']} decided, {s['review']} to review, {s['undecided']} undecided, "
-               f"{len(s['missing'])} without an answer, in {s['elapsed_s']:.1f} s ({s['frames_per_s']} frames/s); round trip p50 "
-               f"{s['rtt_ms_p50']:.1f} ms, p99 {s['rtt_ms_p99']:.1f} ms{acc}", err=True)
+    click.echo(
+        f"{s['frames']} frames: {s['decided']} decided, {s['review']} to review, {s['undecided']} undecided, "
+        f"{len(s['missing'])} without an answer, in {s['elapsed_s']:.1f} s ({s['frames_per_s']} frames/s); round trip p50 "
+        f"{s['rtt_ms_p50']:.1f} ms, p99 {s['rtt_ms_p99']:.1f} ms{acc}",
+        err=True,
+    )
     if s["missing"]:
-        raise UserError(f"{len(s['missing'])} of {s['frames']} frames got no decision (none came for {timeout:g} s), "
-                        f"e.g. {s['missing'][:3]}; are the aggregator and nodes running?")
+        raise UserError(
+            f"{len(s['missing'])} of {s['frames']} frames got no decision (none came for {timeout:g} s), "
+            f"e.g. {s['missing'][:3]}; are the aggregator and nodes running?"
+        )
     return s
 
 
 _classify_options = [
-    click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the decisions here (JSON lines)."),
+    click.option(
+        "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the decisions here (JSON lines)."
+    ),
     click.option("--rate", type=float, help="Frames per second (default: as fast as the fleet answers)."),
-    click.option("--max-in-flight", type=int, default=64, show_default=True, help="Frames awaiting a decision at once."),
-    click.option("--timeout", type=float, default=30.0, show_default=True,
-                 help="Give up when no decision has come for this many seconds."),
+    click.option(
+        "--max-in-flight", type=int, default=64, show_default=True, help="Frames awaiting a decision at once."
+    ),
+    click.option(
+        "--timeout",
+        type=float,
+        default=30.0,
+        show_default=True,
+        help="Give up when no decision has come for this many seconds.",
+    ),
     click.option("--limit", type=int, help="Only the first N images."),
 ]
 
@@ -262,6 +346,7 @@ def _with(options):
         for opt in reversed(options):
             f = opt(f)
         return f
+
     return decorate
 
 
@@ -289,14 +374,28 @@ def node(bundle_dir: Path, member: str | None, device: str | None, fleet_name: s
 @click.option("--quorum", type=int, help="Votes needed for a decision (default: a majority of the members).")
 @click.option("--timeout-ms", type=int, default=2000, show_default=True, help="How long to wait for a frame's votes.")
 @click.option("--abstain-below", type=float, metavar="T", help=ABSTAIN_HELP)
-def aggregator(bundle_dir: Path, fleet_name: str, members: str | None, quorum: int | None, timeout_ms: int,
-               abstain_below: float | None, **mqtt) -> None:
+def aggregator(
+    bundle_dir: Path,
+    fleet_name: str,
+    members: str | None,
+    quorum: int | None,
+    timeout_ms: int,
+    abstain_below: float | None,
+    **mqtt,
+) -> None:
     """Collect the nodes' votes and publish one decision (`decided`, `review`, or `undecided` with the reason) per frame."""
     from . import fleet
 
     _log_to_stderr()
-    agg = fleet.Aggregator(bundle_dir, _broker(mqtt), fleet_name, quorum, timeout_ms,
-                           members.split(",") if members else None, abstain_below)
+    agg = fleet.Aggregator(
+        bundle_dir,
+        _broker(mqtt),
+        fleet_name,
+        quorum,
+        timeout_ms,
+        members.split(",") if members else None,
+        abstain_below,
+    )
     agg.serve(fleet.stop_on_signals())
 
 
@@ -304,8 +403,16 @@ def aggregator(bundle_dir: Path, fleet_name: str, members: str | None, quorum: i
 @click.argument("data", nargs=-1, required=True)
 @_mqtt_options()
 @_with(_classify_options)
-def classify(data: tuple[str, ...], fleet_name: str, out: Path | None, rate: float | None, max_in_flight: int,
-             timeout: float, limit: int | None, **mqtt) -> None:
+def classify(
+    data: tuple[str, ...],
+    fleet_name: str,
+    out: Path | None,
+    rate: float | None,
+    max_in_flight: int,
+    timeout: float,
+    limit: int | None,
+    **mqtt,
+) -> None:
     """Send DATA (a dataset spec such as `digits`, .npz/.npy or image files) to a fleet; one JSON line per decision."""
     _log_to_stderr("WARNING")
     _classify(_broker(mqtt), fleet_name, list(data), out, rate, max_in_flight, timeout, limit)
@@ -320,28 +427,50 @@ def classify(data: tuple[str, ...], fleet_name: str, out: Path | None, rate: flo
 @click.option("--abstain-below", type=float, metavar="T", help=ABSTAIN_HELP)
 @click.option("--classify", "data", help="Classify this (dataset spec or file), print the accuracy, shut down.")
 @_with(_classify_options)
-def fleet_command(bundle_dir: Path, fleet_name: str, members: str | None, quorum: int | None, timeout_ms: int,
-                  abstain_below: float | None, data: str | None, out: Path | None, rate: float | None,
-                  max_in_flight: int, timeout: float, limit: int | None, **mqtt) -> None:
+def fleet_command(
+    bundle_dir: Path,
+    fleet_name: str,
+    members: str | None,
+    quorum: int | None,
+    timeout_ms: int,
+    abstain_below: float | None,
+    data: str | None,
+    out: Path | None,
+    rate: float | None,
+    max_in_flight: int,
+    timeout: float,
+    limit: int | None,
+    **mqtt,
+) -> None:
     """Run every member as a node process plus an aggregator on this machine (until Ctrl-C, or --classify DATA)."""
-    from . import fleet
-
     import signal
     import time
 
+    from . import fleet
+
     _log_to_stderr("WARNING")
-    lf = fleet.LocalFleet(bundle_dir, _broker(mqtt), fleet_name, members.split(",") if members else None, quorum,
-                          timeout_ms, abstain_below=abstain_below)
+    lf = fleet.LocalFleet(
+        bundle_dir,
+        _broker(mqtt),
+        fleet_name,
+        members.split(",") if members else None,
+        quorum,
+        timeout_ms,
+        abstain_below=abstain_below,
+    )
 
     def interrupt(*_):
         raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, interrupt)  # like Ctrl-C: stop the processes this command started
     interrupted = False
     try:
         lf.start()
-        click.echo(f"fleet '{fleet_name}': {len(lf.members)} nodes ({', '.join(lf.members)}) and an aggregator on "
-                   f"{lf.broker.url}; logs in {lf.workdir}" + (" (removed after a clean shutdown)" if lf.own_workdir else ""),
-                   err=True)
+        click.echo(
+            f"fleet '{fleet_name}': {len(lf.members)} nodes ({', '.join(lf.members)}) and an aggregator on "
+            f"{lf.broker.url}; logs in {lf.workdir}" + (" (removed after a clean shutdown)" if lf.own_workdir else ""),
+            err=True,
+        )
         if data:
             _classify(lf.broker, fleet_name, [data], out, rate, max_in_flight, timeout, limit)
         else:

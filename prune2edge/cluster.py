@@ -1,4 +1,5 @@
 """Phase 3: group pool members by how they predict on the validation split."""
+
 from __future__ import annotations
 
 import warnings
@@ -46,10 +47,19 @@ def cluster(proba: np.ndarray, method: str = "kmeans-onehot", k: int | str = 5, 
         for kk in range(2, min(k_max, m - 1) + 1):
             labels = _fit(proba, method, kk, seed)
             if len(set(labels)) > 1:
-                scores[kk] = float(silhouette_score(dist, labels, metric="precomputed") if dist is not None
-                                   else silhouette_score(features(proba, method), labels))
+                scores[kk] = float(
+                    silhouette_score(dist, labels, metric="precomputed")
+                    if dist is not None
+                    else silhouette_score(features(proba, method), labels)
+                )
         k = max(scores, key=scores.get) if scores else 1
     labels = _fit(proba, method, int(k), seed)
     order = {c: i for i, c in enumerate(dict.fromkeys(labels.tolist()))}
     labels = np.array([order[c] for c in labels])
-    return {"method": method, "k": int(labels.max()) + 1, "k_requested": int(k), "labels": labels.tolist(), "silhouette": scores}
+    return {
+        "method": method,
+        "k": int(labels.max()) + 1,
+        "k_requested": int(k),
+        "labels": labels.tolist(),
+        "silhouette": scores,
+    }

@@ -5,6 +5,7 @@ Every loader returns a :class:`Dataset` of raw pixels, brought to one size and c
 (stratified, seed 0). Nothing here knows about models; the split indices are the only thing the pipeline
 needs to reproduce which images were used where.
 """
+
 from __future__ import annotations
 
 import glob
@@ -46,7 +47,7 @@ CIFAR = {
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 GREY_MODES = ("1", "L", "LA")  # Pillow modes decoded as grey; every other mode is decoded as RGB
 TEST_FRACTION = 0.2  # of a source without a test split, carved as its test split
-TEST_SEED = 0        # fixed, so that every run (and `evaluate`) on the source scores the same test images
+TEST_SEED = 0  # fixed, so that every run (and `evaluate`) on the source scores the same test images
 SPLITS = {"train": "training", "val": "validation", "test": "test"}
 
 
@@ -61,7 +62,7 @@ class Dataset:
     y_test: np.ndarray
     classes: list[str]
     scale: float = 1 / 255
-    named: bool = True                     # False: the classes are the label numbers (no names in the source)
+    named: bool = True  # False: the classes are the label numbers (no names in the source)
     carved_test: np.ndarray | None = None  # where the source has no test split: its test images' positions in it
 
     @property
@@ -97,7 +98,9 @@ def load(spec: dict) -> Dataset:
             raise UserError(f"data.path is required for {name}: the directory holding '{CIFAR[name]['folder']}/'")
         ds = load_cifar(name, path, download=bool(spec.get("download", False)))
     else:
-        raise UserError(f"unknown dataset '{name}': use digits, cifar10, cifar100, npz or imagefolder{_path_hint(str(name))}")
+        raise UserError(
+            f"unknown dataset '{name}': use digits, cifar10, cifar100, npz or imagefolder{_path_hint(str(name))}"
+        )
     return replace(ds, x_train=steps.apply(ds.x_train), x_test=steps.apply(ds.x_test))
 
 
@@ -188,10 +191,17 @@ def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except OSError as e:
         raise UserError(f"cannot read {kind} file '{path}' ({e.strerror})") from None
     if not head.startswith((b"PK", b"\x93NUMPY")):
-        what = ("empty" if not head else "a text file" if all(32 <= c < 127 or c in b"\t\r\n" for c in head)
-                else f"a file that starts with {head!r}")
-        raise UserError(f"cannot read {kind} file '{path}': it is not a numpy .npz or .npy file but {what}; "
-                        "write it with numpy.savez (e.g. numpy.savez(path, x=images, y=labels))")
+        what = (
+            "empty"
+            if not head
+            else "a text file"
+            if all(32 <= c < 127 or c in b"\t\r\n" for c in head)
+            else f"a file that starts with {head!r}"
+        )
+        raise UserError(
+            f"cannot read {kind} file '{path}': it is not a numpy .npz or .npy file but {what}; "
+            "write it with numpy.savez (e.g. numpy.savez(path, x=images, y=labels))"
+        )
     try:
         if head.startswith(b"\x93NUMPY"):
             return {"x": np.load(path, allow_pickle=False)}
@@ -199,11 +209,17 @@ def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}
     except ValueError as e:
         if "allow_pickle" in str(e):
-            raise UserError(f"cannot read {kind} file '{path}': it holds pickled Python objects, which prune2edge does "
-                            "not load; save plain arrays (images uint8, labels integers, names as numpy.array(names))") from None
-        raise UserError(f"cannot read {kind} file '{path}' ({e}); is it a complete numpy .{kind}? Write or copy it again") from None
+            raise UserError(
+                f"cannot read {kind} file '{path}': it holds pickled Python objects, which prune2edge does "
+                "not load; save plain arrays (images uint8, labels integers, names as numpy.array(names))"
+            ) from None
+        raise UserError(
+            f"cannot read {kind} file '{path}' ({e}); is it a complete numpy .{kind}? Write or copy it again"
+        ) from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise UserError(f"cannot read {kind} file '{path}' ({e}): it is truncated or damaged; write or copy it again") from None
+        raise UserError(
+            f"cannot read {kind} file '{path}' ({e}): it is truncated or damaged; write or copy it again"
+        ) from None
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -234,20 +250,25 @@ def load_npz(paths: str | list[str], steps: InputSteps | None = None, test_fract
         need = ["x", "y"]
     missing = [k for k in need if k not in d]
     if missing:
-        raise UserError(f"npz data lacks {missing}: found keys {sorted(d)} in {list(paths)}. It takes x_train, y_train "
-                        "and x_test, y_test, or x, y alone (then a test split is carved); optionally label_names or "
-                        "class_names; each key may be in any one of the files")
+        raise UserError(
+            f"npz data lacks {missing}: found keys {sorted(d)} in {list(paths)}. It takes x_train, y_train "
+            "and x_test, y_test, or x, y alone (then a test split is carved); optionally label_names or "
+            "class_names; each key may be in any one of the files"
+        )
     names = next((d[k] for k in ("label_names", "class_names") if k in d), None)
     x, y = steps.apply(_as_nhwc(d[need[0]], need[0])), _labels(d[need[1]])
-    x_test, y_test = (steps.apply(_as_nhwc(d["x_test"], "x_test")), _labels(d["y_test"])) if len(need) == 4 else (x[:0], y[:0])
+    x_test, y_test = (
+        (steps.apply(_as_nhwc(d["x_test"], "x_test")), _labels(d["y_test"])) if len(need) == 4 else (x[:0], y[:0])
+    )
     k = len(names) if names is not None else int(max(y.max(initial=0), y_test.max(initial=0))) + 1
     classes = [str(c) for c in names] if names is not None else [str(i) for i in range(k)]
     ds = _checked(Dataset("npz", x, y, x_test, y_test, classes, named=names is not None))
     return ds if len(need) == 4 else carve_test(ds, test_fraction)
 
 
-def load_imagefolder(root: str | os.PathLike, steps: InputSteps | None = None,
-                     test_fraction: float = TEST_FRACTION) -> Dataset:
+def load_imagefolder(
+    root: str | os.PathLike, steps: InputSteps | None = None, test_fraction: float = TEST_FRACTION
+) -> Dataset:
     """``root/train/<class>/*.png|jpg`` and ``root/test/<class>/...``; without ``test/``, ``root/train/<class>/``
     or ``root/<class>/`` alone, and a test split is carved. Classes: the sorted folder names. Each image goes
     through ``steps`` as it is read; unless ``steps`` set a colour, the images are grey if all are, else RGB."""
@@ -260,15 +281,26 @@ def load_imagefolder(root: str | os.PathLike, steps: InputSteps | None = None,
         folders["test"] = root / "test"
     classes = sorted(p.name for p in folders["train"].iterdir() if p.is_dir() and p.name != "test")
     if not classes:
-        raise UserError(f"imagefolder '{root}' has no class folders: expected '{root}/train/<class>/*.png' (and "
-                        f"'{root}/test/<class>/'), or '{root}/<class>/*.png' (a test split is then carved)")
+        raise UserError(
+            f"imagefolder '{root}' has no class folders: expected '{root}/train/<class>/*.png' (and "
+            f"'{root}/test/<class>/'), or '{root}/<class>/*.png' (a test split is then carved)"
+        )
     if "test" in folders:
         other = sorted(p.name for p in folders["test"].iterdir() if p.is_dir() and p.name not in classes)
         if other:
-            raise UserError(f"imagefolder '{root}/test' has classes {other} that '{folders['train']}' lacks; "
-                            f"its classes are {classes}")
-    files = {s: [(f, i) for i, c in enumerate(classes) for f in sorted((folder / c).glob("*"))
-                 if f.suffix.lower() in IMAGE_SUFFIXES] for s, folder in folders.items()}
+            raise UserError(
+                f"imagefolder '{root}/test' has classes {other} that '{folders['train']}' lacks; "
+                f"its classes are {classes}"
+            )
+    files = {
+        s: [
+            (f, i)
+            for i, c in enumerate(classes)
+            for f in sorted((folder / c).glob("*"))
+            if f.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        for s, folder in folders.items()
+    }
     for split, fs in files.items():
         if not fs:
             raise UserError(f"imagefolder '{folders[split]}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -277,13 +309,23 @@ def load_imagefolder(root: str | os.PathLike, steps: InputSteps | None = None,
         imgs = {s: [InputSteps(color="rgb").apply(a) for a in v] for s, v in imgs.items()}
     shapes = {a.shape[1:] for v in imgs.values() for a in v}
     if len(shapes) > 1:
-        raise UserError(f"imagefolder '{root}' mixes image sizes {sorted(shapes)}; set data.image_size (e.g. 64, or "
-                        "[height, width]) to resize them as they are read")
+        raise UserError(
+            f"imagefolder '{root}' mixes image sizes {sorted(shapes)}; set data.image_size (e.g. 64, or "
+            "[height, width]) to resize them as they are read"
+        )
     x, y = (np.concatenate(imgs["train"]), np.array([i for _, i in files["train"]], np.int64))
     if "test" not in folders:
         return carve_test(_checked(Dataset("imagefolder", x, y, x[:0], y[:0], classes)), test_fraction)
-    return _checked(Dataset("imagefolder", x, y, np.concatenate(imgs["test"]),
-                            np.array([i for _, i in files["test"]], np.int64), classes))
+    return _checked(
+        Dataset(
+            "imagefolder",
+            x,
+            y,
+            np.concatenate(imgs["test"]),
+            np.array([i for _, i in files["test"]], np.int64),
+            classes,
+        )
+    )
 
 
 def _as_nhwc(x: np.ndarray, key: str) -> np.ndarray:
@@ -308,7 +350,9 @@ def _checked(d: Dataset) -> Dataset:
         if len(x) != len(y):
             raise UserError(f"{split} split has {len(x)} images but {len(y)} labels")
         if len(y) and (y.min() < 0 or y.max() >= k):
-            raise UserError(f"{split} labels out of range: found {y.min()}..{y.max()}, expected 0..{k - 1} ({k} classes)")
+            raise UserError(
+                f"{split} labels out of range: found {y.min()}..{y.max()}, expected 0..{k - 1} ({k} classes)"
+            )
     if d.x_train.shape[1:] != d.x_test.shape[1:]:
         raise UserError(f"train images are {d.x_train.shape[1:]} but test images are {d.x_test.shape[1:]}")
     if k < 2:
@@ -321,16 +365,28 @@ def carve_test(ds: Dataset, fraction: float, seed: int = TEST_SEED) -> Dataset:
     from sklearn.model_selection import train_test_split
 
     try:
-        rest, test = train_test_split(np.arange(len(ds.y_train)), test_size=fraction, stratify=ds.y_train, random_state=seed)
+        rest, test = train_test_split(
+            np.arange(len(ds.y_train)), test_size=fraction, stratify=ds.y_train, random_state=seed
+        )
     except ValueError as e:
-        raise UserError(f"{ds.name}: cannot carve a stratified test split of {fraction:g} ({e}); add images (every class "
-                        "needs at least 2) or change data.test_fraction") from None
+        raise UserError(
+            f"{ds.name}: cannot carve a stratified test split of {fraction:g} ({e}); add images (every class "
+            "needs at least 2) or change data.test_fraction"
+        ) from None
     rest, test = np.sort(rest), np.sort(test)
-    return replace(ds, x_train=ds.x_train[rest], y_train=ds.y_train[rest], x_test=ds.x_train[test],
-                   y_test=ds.y_train[test], carved_test=test)
+    return replace(
+        ds,
+        x_train=ds.x_train[rest],
+        y_train=ds.y_train[rest],
+        x_test=ds.x_train[test],
+        y_test=ds.y_train[test],
+        carved_test=test,
+    )
 
 
-def split_train_val(y: np.ndarray, val_fraction: float, seed: int, max_train: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def split_train_val(
+    y: np.ndarray, val_fraction: float, seed: int, max_train: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded train/validation indices into the training split (optionally subsampled first)."""
     from sklearn.model_selection import train_test_split
 
@@ -340,7 +396,9 @@ def split_train_val(y: np.ndarray, val_fraction: float, seed: int, max_train: in
             idx, _ = train_test_split(idx, train_size=max_train, stratify=y, random_state=seed)
         tr, va = train_test_split(idx, test_size=val_fraction, stratify=y[idx], random_state=seed)
     except ValueError as e:
-        raise UserError(f"cannot carve a stratified validation split ({e}); add images or change data.val_fraction") from None
+        raise UserError(
+            f"cannot carve a stratified validation split ({e}); add images or change data.val_fraction"
+        ) from None
     return np.sort(tr), np.sort(va)
 
 
@@ -350,7 +408,7 @@ def duplicates(splits: dict[str, np.ndarray]) -> dict[str, int]:
     digests = {s: [hashlib.blake2b(img.tobytes(), digest_size=16).digest() for img in x] for s, x in splits.items()}
     seen = {s: set(d) for s, d in digests.items()}
     names = list(splits)
-    return {f"{a}/{b}": sum(h in seen[a] for h in digests[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+    return {f"{a}/{b}": sum(h in seen[a] for h in digests[b]) for i, a in enumerate(names) for b in names[i + 1 :]}
 
 
 def duplicate_warning(counts: dict[str, int], sizes: dict[str, int]) -> dict | None:
@@ -359,10 +417,13 @@ def duplicate_warning(counts: dict[str, int], sizes: dict[str, int]) -> dict | N
     if not found:
         return None
     parts = [f"{n} of the {sizes[b]} {SPLITS[b]} images also in the {SPLITS[a]} split" for (a, b), n in found]
-    return {"kind": "duplicates", "duplicates": counts,
-            "message": f"exact copies across the splits (the same pixels after resizing): {'; '.join(parts)}. A model "
-                       "is scored on images it learned from, so those accuracies are optimistic (a known trap with "
-                       "inspection images); remove the copies, or keep each item's images in one split"}
+    return {
+        "kind": "duplicates",
+        "duplicates": counts,
+        "message": f"exact copies across the splits (the same pixels after resizing): {'; '.join(parts)}. A model "
+        "is scored on images it learned from, so those accuracies are optimistic (a known trap with "
+        "inspection images); remove the copies, or keep each item's images in one split",
+    }
 
 
 def check_classes(model_classes: list[str], names: list[str] | None, labels: np.ndarray | None = None) -> None:
@@ -371,17 +432,25 @@ def check_classes(model_classes: list[str], names: list[str] | None, labels: np.
     k, model_classes = len(model_classes), list(model_classes)
     if names is not None and list(names) != model_classes:
         if sorted(names) == sorted(model_classes):
-            raise UserError(f"the data has the model's classes in another order (data: {short_list(names)}; model: "
-                            f"{short_list(model_classes)}); relabel the data in the model's order")
-        raise UserError(f"the data's {len(names)} classes are not the model's {k}: the data has {short_list(names)}, the model "
-                        f"{short_list(model_classes)} (not in the model: {short_list([c for c in names if c not in model_classes])}; "
-                        f"not in the data: {short_list([c for c in model_classes if c not in names])}); use data with the "
-                        "model's classes")
+            raise UserError(
+                f"the data has the model's classes in another order (data: {short_list(names)}; model: "
+                f"{short_list(model_classes)}); relabel the data in the model's order"
+            )
+        raise UserError(
+            f"the data's {len(names)} classes are not the model's {k}: the data has {short_list(names)}, the model "
+            f"{short_list(model_classes)} (not in the model: {short_list([c for c in names if c not in model_classes])}; "
+            f"not in the data: {short_list([c for c in model_classes if c not in names])}); use data with the "
+            "model's classes"
+        )
     if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= k):
-        raise UserError(f"the data's labels run {labels.min()}..{labels.max()}, but the model has {k} classes "
-                        f"(labels 0..{k - 1}: {short_list(model_classes)})")
+        raise UserError(
+            f"the data's labels run {labels.min()}..{labels.max()}, but the model has {k} classes "
+            f"(labels 0..{k - 1}: {short_list(model_classes)})"
+        )
 
 
 def short_list(items: list[str], n: int = 12) -> str:
     """Up to ``n`` items, comma-separated, and how many there are in all when there are more."""
-    return ", ".join(map(str, items[:n])) + (f", ... ({len(items)} in all)" if len(items) > n else "") if items else "none"
+    return (
+        ", ".join(map(str, items[:n])) + (f", ... ({len(items)} in all)" if len(items) > n else "") if items else "none"
+    )

@@ -9,6 +9,7 @@ A devices file (YAML, or JSON, which is YAML too) lists the fleet; each device r
 A member fits a device when its shipped bytes are at most ``memory_bytes`` and, if the device has a
 ``latency_ms`` budget, its int8 latency at batch 1 (:func:`prune2edge.latency.measure`) is at most that.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -50,10 +51,14 @@ def load(path: Path | str) -> list[Device]:
     except yaml.YAMLError as e:
         raise UserError(f"devices file '{path}' is not valid YAML or JSON: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("devices"), list) or not doc["devices"]:
-        raise UserError(f"devices file '{path}' must hold 'devices:', a non-empty list of "
-                        f"{{name, memory_bytes[, latency_ms]}}; {hint}")
+        raise UserError(
+            f"devices file '{path}' must hold 'devices:', a non-empty list of "
+            f"{{name, memory_bytes[, latency_ms]}}; {hint}"
+        )
     if set(doc) != {"devices"}:
-        raise UserError(f"devices file '{path}': unknown key(s) {sorted(set(doc) - {'devices'})}; it holds only 'devices'")
+        raise UserError(
+            f"devices file '{path}': unknown key(s) {sorted(set(doc) - {'devices'})}; it holds only 'devices'"
+        )
     devices: list[Device] = []
     for i, entry in enumerate(doc["devices"], 1):
         where = f"devices file '{path}', device {i}"
@@ -66,18 +71,24 @@ def load(path: Path | str) -> list[Device]:
             raise UserError(f"{where} has no name: give each device a 'name' (a non-empty string)")
         where = f"devices file '{path}', device '{name}'"
         if not _positive(entry.get("memory_bytes"), integer=True):
-            raise UserError(f"{where}: 'memory_bytes' must be a positive integer (bytes a member may take), "
-                            f"got {entry.get('memory_bytes')!r}")
+            raise UserError(
+                f"{where}: 'memory_bytes' must be a positive integer (bytes a member may take), "
+                f"got {entry.get('memory_bytes')!r}"
+            )
         if entry.get("latency_ms") is not None and not _positive(entry["latency_ms"], integer=False):
-            raise UserError(f"{where}: 'latency_ms' must be a positive number of milliseconds (or left out), "
-                            f"got {entry['latency_ms']!r}")
+            raise UserError(
+                f"{where}: 'latency_ms' must be a positive number of milliseconds (or left out), "
+                f"got {entry['latency_ms']!r}"
+            )
         if any(d.name == name for d in devices):
             raise UserError(f"devices file '{path}' lists device '{name}' twice; device names must be unique")
         devices.append(Device(name, entry["memory_bytes"], entry.get("latency_ms")))
     return devices
 
 
-def fit(devices: list[Device], sizes: dict[str, int], latency: dict[str, float] | None = None) -> tuple[np.ndarray, list[dict]]:
+def fit(
+    devices: list[Device], sizes: dict[str, int], latency: dict[str, float] | None = None
+) -> tuple[np.ndarray, list[dict]]:
     """Which member fits which device: ``fits[member, device]`` (members in the order of ``sizes``: shipped bytes),
     and one record per (member, device, budget) that rules the member out of the device.
 
@@ -95,19 +106,31 @@ def fit(devices: list[Device], sizes: dict[str, int], latency: dict[str, float] 
                 if need > limit:
                     fits[m, d] = False
                     need = need if budget == "memory_bytes" else round(need, 4)
-                    ruled_out.append({"member": name, "device": dev.name, "budget": budget, "need": need, "limit": limit,
-                                      "reason": f"{name} needs {need:,} {unit}, over the {budget} budget of {limit:,} {unit}"})
+                    ruled_out.append(
+                        {
+                            "member": name,
+                            "device": dev.name,
+                            "budget": budget,
+                            "need": need,
+                            "limit": limit,
+                            "reason": f"{name} needs {need:,} {unit}, over the {budget} budget of {limit:,} {unit}",
+                        }
+                    )
         if not fits[:, d].any():
             smallest = min(names, key=lambda n: (sizes[n], n))
             if sizes[smallest] > dev.memory_bytes:
-                raise UserError(f"no member fits {dev.describe()}: the smallest member, {smallest}, ships "
-                                f"{sizes[smallest]:,} bytes; raise its memory_bytes or make smaller members "
-                                "(higher pool.sparsity, quantize.codebook_bits)")
+                raise UserError(
+                    f"no member fits {dev.describe()}: the smallest member, {smallest}, ships "
+                    f"{sizes[smallest]:,} bytes; raise its memory_bytes or make smaller members "
+                    "(higher pool.sparsity, quantize.codebook_bits)"
+                )
             small = [n for n in names if sizes[n] <= dev.memory_bytes]
             fastest = min(small, key=lambda n: (latency[n], n))
-            raise UserError(f"no member fits {dev.describe()}: the fastest member within its memory budget, {fastest}, "
-                            f"takes {latency[fastest]:.3f} ms at batch 1 ({sizes[fastest]:,} bytes); raise its "
-                            "latency_ms or make faster members")
+            raise UserError(
+                f"no member fits {dev.describe()}: the fastest member within its memory budget, {fastest}, "
+                f"takes {latency[fastest]:.3f} ms at batch 1 ({sizes[fastest]:,} bytes); raise its "
+                "latency_ms or make faster members"
+            )
     return fits, ruled_out
 
 

@@ -1,4 +1,5 @@
 """Inference latency at batch 1, measured with ONNX Runtime (one thread) on this machine, as the bundle records it."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,10 @@ WARMUP = 5  # untimed runs first: the first runs of a session pay for allocation
 def machine() -> str:
     """This machine in words: CPU model, logical CPUs, OS."""
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
-                 platform.processor() or platform.machine())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+        platform.processor() or platform.machine(),
+    )
     return f"{model}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
 
 
@@ -39,6 +42,14 @@ def measure(model: Path | str | bytes, x: np.ndarray, runs: int) -> float:
 
 def describe(runs: int) -> dict:
     """How :func:`measure` measured, for the manifest."""
-    return {"batch": 1, "threads": 1, "runs": runs, "warmup": WARMUP, "statistic": "median", "unit": "ms",
-            "input": "preprocessed validation images, one per run in turn", "onnxruntime": ort.__version__,
-            "machine": machine()}
+    return {
+        "batch": 1,
+        "threads": 1,
+        "runs": runs,
+        "warmup": WARMUP,
+        "statistic": "median",
+        "unit": "ms",
+        "input": "preprocessed validation images, one per run in turn",
+        "onnxruntime": ort.__version__,
+        "machine": machine(),
+    }

@@ -1,4 +1,5 @@
 """Baseline networks in plain ``torch.nn``, and loading a network the user brings."""
+
 from __future__ import annotations
 
 import importlib
@@ -39,9 +40,14 @@ class SmallCNN(nn.Module):
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
-        self.body = nn.Sequential(conv_bn(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
-        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.body = nn.Sequential(
+            conv_bn(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        )
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.body(x) + self.shortcut(x))
@@ -73,8 +79,20 @@ class KerasCifar10CNN(nn.Module):
             raise UserError(f"keras_cifar10_cnn needs images of at least 10x10, got {image_size}; use small_cnn")
         r = nn.ReLU
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3, padding=1), r(), nn.Conv2d(32, 32, 3), r(), nn.MaxPool2d(2), nn.Dropout(0.25),
-            nn.Conv2d(32, 64, 3, padding=1), r(), nn.Conv2d(64, 64, 3), r(), nn.MaxPool2d(2), nn.Dropout(0.25), nn.Flatten())
+            nn.Conv2d(in_channels, 32, 3, padding=1),
+            r(),
+            nn.Conv2d(32, 32, 3),
+            r(),
+            nn.MaxPool2d(2),
+            nn.Dropout(0.25),
+            nn.Conv2d(32, 64, 3, padding=1),
+            r(),
+            nn.Conv2d(64, 64, 3),
+            r(),
+            nn.MaxPool2d(2),
+            nn.Dropout(0.25),
+            nn.Flatten(),
+        )
         with torch.no_grad():
             n = self.features(torch.zeros(1, in_channels, *image_size)).shape[1]
         self.head = nn.Sequential(nn.Linear(n, 512), r(), nn.Dropout(0.5), nn.Linear(512, num_classes))
@@ -122,7 +140,9 @@ def check_shapes(model: nn.Module, image_shape: tuple[int, int, int], num_classe
     finally:
         model.train(was_training)
     if tuple(out.shape) != (2, num_classes):
-        raise UserError(f"the model outputs shape {tuple(out.shape[1:])} per image but the data has {num_classes} classes")
+        raise UserError(
+            f"the model outputs shape {tuple(out.shape[1:])} per image but the data has {num_classes} classes"
+        )
 
 
 def load_weights(model: nn.Module, path: str) -> nn.Module:

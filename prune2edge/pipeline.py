@@ -1,4 +1,5 @@
 """All phases in order, each skipped when its artifacts are already in the run directory (resumable)."""
+
 from __future__ import annotations
 
 import time
@@ -7,7 +8,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import bundle, cluster, config, data, devices, evaluate, latency, models, pool, quantize, report, select, selective, store, train
+from . import (
+    bundle,
+    cluster,
+    config,
+    data,
+    devices,
+    evaluate,
+    latency,
+    models,
+    pool,
+    quantize,
+    report,
+    select,
+    selective,
+    store,
+    train,
+)
 from .errors import UserError
 from .preprocess import InputSteps, Preprocessing
 from .vote import accuracy, decide
@@ -20,8 +37,10 @@ def prepare(run_dir: Path, cfg: dict) -> None:
     if saved.exists():
         changed = config.differences(config.load(saved), cfg)
         if changed:
-            raise UserError(f"'{run_dir}' holds a run with a different config ({'; '.join(changed)}, from that run's "
-                            "to this one); use another output directory (or delete it to start over)")
+            raise UserError(
+                f"'{run_dir}' holds a run with a different config ({'; '.join(changed)}, from that run's "
+                "to this one); use another output directory (or delete it to start over)"
+            )
         if (run_dir / "preprocess.json").exists():
             return
     ds = data.load(cfg["data"])
@@ -32,12 +51,23 @@ def prepare(run_dir: Path, cfg: dict) -> None:
     split = {"train": ds.x_train[tr], "val": ds.x_train[va], "test": ds.x_test}
     copies = data.duplicates(split)
     warning = data.duplicate_warning(copies, {k: len(v) for k, v in split.items()})
-    store.write_json(run_dir / "dataset.json", {
-        "name": ds.name, "classes": ds.classes, "image_shape": ds.image_shape, "n_train": len(tr), "n_val": len(va),
-        "n_test": len(ds.y_test), "input_steps": InputSteps.from_config(cfg["data"]).to_dict(),
-        "test_split": "given" if ds.carved_test is None else
-                      f"carved: {cfg['data']['test_fraction']:g} of the source, stratified, seed {data.TEST_SEED}",
-        "duplicates": copies, "warnings": [warning] if warning else []})
+    store.write_json(
+        run_dir / "dataset.json",
+        {
+            "name": ds.name,
+            "classes": ds.classes,
+            "image_shape": ds.image_shape,
+            "n_train": len(tr),
+            "n_val": len(va),
+            "n_test": len(ds.y_test),
+            "input_steps": InputSteps.from_config(cfg["data"]).to_dict(),
+            "test_split": "given"
+            if ds.carved_test is None
+            else f"carved: {cfg['data']['test_fraction']:g} of the source, stratified, seed {data.TEST_SEED}",
+            "duplicates": copies,
+            "warnings": [warning] if warning else [],
+        },
+    )
     store.write_bytes(saved, config.yaml_text(cfg).encode())
     store.write_json(run_dir / "preprocess.json", Preprocessing.fit(ds.x_train[tr], ds.scale).to_dict())
 
@@ -59,17 +89,35 @@ def baseline(run_dir: Path, cfg: dict, progress: bool = True) -> dict:
     if m["weights"]:
         models.load_weights(model, m["weights"])
     else:
-        history = train.fit(model, x, y, train.TrainSettings(**cfg["train"]), seed=cfg["seed"], device=cfg["device"],
-                            augment=train.augment_kind(cfg["train"]["augment"], shape), x_val=x_val, y_val=y_val,
-                            after_step=pool.SnapshotSaver(model, out, cfg["pool"]["snapshots"]), checkpoint=out / "checkpoint.pt",
-                            desc="baseline", progress=progress)
+        history = train.fit(
+            model,
+            x,
+            y,
+            train.TrainSettings(**cfg["train"]),
+            seed=cfg["seed"],
+            device=cfg["device"],
+            augment=train.augment_kind(cfg["train"]["augment"], shape),
+            x_val=x_val,
+            y_val=y_val,
+            after_step=pool.SnapshotSaver(model, out, cfg["pool"]["snapshots"]),
+            checkpoint=out / "checkpoint.pt",
+            desc="baseline",
+            progress=progress,
+        )
     model.cpu()
     out.mkdir(parents=True, exist_ok=True)
     store.write_state(out / "model.pt", model.state_dict())
-    record = {"arch": m["arch"], "kwargs": m["kwargs"], "image_shape": shape, "num_classes": k,
-              "val_acc_fp32": accuracy(train.predict_proba(model, x_val), y_val.numpy()), "history": history,
-              "parameters": sum(p.numel() for p in model.parameters()), "pretrained": bool(m["weights"]),
-              "snapshots": cfg["pool"]["snapshots"]}
+    record = {
+        "arch": m["arch"],
+        "kwargs": m["kwargs"],
+        "image_shape": shape,
+        "num_classes": k,
+        "val_acc_fp32": accuracy(train.predict_proba(model, x_val), y_val.numpy()),
+        "history": history,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "pretrained": bool(m["weights"]),
+        "snapshots": cfg["pool"]["snapshots"],
+    }
     store.write_json(out / "model.json", record)
     (out / "checkpoint.pt").unlink(missing_ok=True)
     return record
@@ -88,48 +136,75 @@ def choose(run_dir: Path, cfg: dict, members: list[dict], quant: dict[str, dict]
     if path.exists():
         sel = store.read_json(path)
         if (sel.get("devices") or {}).get("devices") != (fleet and devices.record(fleet)):
-            raise UserError(f"'{path}' was selected for other devices than deploy.devices now lists; delete it, "
-                            "bundle/ and metrics.json to select again (or use another output directory)")
+            raise UserError(
+                f"'{path}' was selected for other devices than deploy.devices now lists; delete it, "
+                "bundle/ and metrics.json to select again (or use another output directory)"
+            )
         return sel
     names = [m["name"] for m in members if quant[m["name"]]["status"] == "ok"]
     if not names:
-        raise UserError("every pool member failed the int8 gate; see pool/*/quant.json, and raise quantize.max_drop "
-                        "or lower pool.sparsity")
+        raise UserError(
+            "every pool member failed the int8 gate; see pool/*/quant.json, and raise quantize.max_drop "
+            "or lower pool.sparsity"
+        )
     proba = np.stack([np.load(run_dir / "pool" / n / "val_proba.npy") for n in names])
     _, y_val = store.split(run_dir, "val")
-    c, strategy, gap, rule = cfg["cluster"], cfg["select"]["strategy"], cfg["select"]["max_acc_gap"], cfg["vote"]["rule"]
+    c, strategy, gap, rule = (
+        cfg["cluster"],
+        cfg["select"]["strategy"],
+        cfg["select"]["max_acc_gap"],
+        cfg["vote"]["rule"],
+    )
     weights = np.array([quant[n]["val_acc_int8"] for n in names]) if cfg["vote"]["weighted"] else None
     k_max, fits, placed = c["k_max"], None, None
     if fleet:
         fits, placed = fit_devices(run_dir, cfg, fleet, names, quant)
         k_max = min(k_max, len(fleet))
         if isinstance(c["k"], int) and c["k"] > len(fleet):
-            raise UserError(f"config key 'cluster.k' is {c['k']}, but the devices file '{cfg['deploy']['devices']}' lists "
-                            f"{len(fleet)} devices and each runs one member; lower cluster.k or use cluster.k: auto")
+            raise UserError(
+                f"config key 'cluster.k' is {c['k']}, but the devices file '{cfg['deploy']['devices']}' lists "
+                f"{len(fleet)} devices and each runs one member; lower cluster.k or use cluster.k: auto"
+            )
     picks = select.sweep(proba, y_val, c["method"], rule, cfg["seed"], k_max, gap, fits)
     curve = select.curve(proba, y_val, picks[strategy], rule, weights)
     k = select.best_k(curve) if c["k"] == "auto" else c["k"] if c["k"] == "silhouette" else min(c["k"], len(names))
     result = cluster.cluster(proba, c["method"], k, k_max, cfg["seed"])
     kw = {"method": c["method"], "rule": rule, "seed": cfg["seed"], "max_acc_gap": gap}
     chosen = {s: select.select(s, proba, y_val, result["labels"], **kw, fits=fits) for s in select.STRATEGIES}
-    record = {"candidates": names, "dropped": [m["name"] for m in members if m["name"] not in names],
-              "clustering": result, "strategy": strategy,
-              "selected": [names[i] for i in chosen[strategy]],
-              "strategies": {s: [names[i] for i in idx] for s, idx in chosen.items()},
-              "k_choice": {"by": c["k"] if isinstance(c["k"], str) else "config", "k": result["k_requested"],
-                           "curve": [{**p, "members": [names[i] for i in p["members"]]} for p in curve]},
-              "skipped_clusters": select.skipped(proba, y_val, result["labels"], gap, names,
-                                                 None if fits is None else fits.any(1)),
-              "sweep": {s: [[names[i] for i in idx] for idx in ks] for s, ks in picks.items()}}
+    record = {
+        "candidates": names,
+        "dropped": [m["name"] for m in members if m["name"] not in names],
+        "clustering": result,
+        "strategy": strategy,
+        "selected": [names[i] for i in chosen[strategy]],
+        "strategies": {s: [names[i] for i in idx] for s, idx in chosen.items()},
+        "k_choice": {
+            "by": c["k"] if isinstance(c["k"], str) else "config",
+            "k": result["k_requested"],
+            "curve": [{**p, "members": [names[i] for i in p["members"]]} for p in curve],
+        },
+        "skipped_clusters": select.skipped(
+            proba, y_val, result["labels"], gap, names, None if fits is None else fits.any(1)
+        ),
+        "sweep": {s: [[names[i] for i in idx] for idx in ks] for s, ks in picks.items()},
+    }
     if fleet:
         slots = select.slots(strategy, proba, y_val, result["labels"], **kw, fits=fits)
         where = select.assign(slots, fits)
         on = {d: names[m] for m, d in where.items()}
-        placed |= {"assignment": {dev.name: on.get(d) for d, dev in enumerate(fleet)},
-                   "idle": [dev.name for d, dev in enumerate(fleet) if d not in on],
-                   "unplaced": [{"cluster": int(result["labels"][s[0]]), "members": [names[i] for i in s],
-                                 "reason": "no device left that fits one of them (each device runs one member)"}
-                                for s in slots if not set(s) & set(where)]}
+        placed |= {
+            "assignment": {dev.name: on.get(d) for d, dev in enumerate(fleet)},
+            "idle": [dev.name for d, dev in enumerate(fleet) if d not in on],
+            "unplaced": [
+                {
+                    "cluster": int(result["labels"][s[0]]),
+                    "members": [names[i] for i in s],
+                    "reason": "no device left that fits one of them (each device runs one member)",
+                }
+                for s in slots
+                if not set(s) & set(where)
+            ],
+        }
         record["devices"] = placed
     store.write_json(path, record)
     return record
@@ -148,8 +223,9 @@ def abstain_threshold(run_dir: Path, cfg: dict, chosen: list[str], quant: dict[s
     return selective.choose_threshold(d.margin, d.classes == y_val, target)
 
 
-def fit_devices(run_dir: Path, cfg: dict, fleet: list[devices.Device], names: list[str],
-                quant: dict[str, dict]) -> tuple[np.ndarray, dict]:
+def fit_devices(
+    run_dir: Path, cfg: dict, fleet: list[devices.Device], names: list[str], quant: dict[str, dict]
+) -> tuple[np.ndarray, dict]:
     """Which of the members ``names`` fit which device (shipped bytes; int8 latency at batch 1 where a device has a
     latency budget), and the record of it for ``selection.json``."""
     sizes = {n: quant[n]["bytes"]["shipped"] for n in names}
@@ -161,8 +237,14 @@ def fit_devices(run_dir: Path, cfg: dict, fleet: list[devices.Device], names: li
     return fits, {
         "devices": devices.record(fleet),
         "latency": None if ms is None else latency.describe(runs) | {"model": "int8.onnx"},
-        "members": {n: {"shipped_bytes": sizes[n], "latency_ms": None if ms is None else round(ms[n], 4),
-                        "fits": [dev.name for d, dev in enumerate(fleet) if fits[i, d]]} for i, n in enumerate(names)},
+        "members": {
+            n: {
+                "shipped_bytes": sizes[n],
+                "latency_ms": None if ms is None else round(ms[n], 4),
+                "fits": [dev.name for d, dev in enumerate(fleet) if fits[i, d]],
+            }
+            for i, n in enumerate(names)
+        },
         "ruled_out": ruled_out,
         "unfit": [n for i, n in enumerate(names) if not fits[i].any()],
     }
@@ -178,17 +260,37 @@ def make_bundle(run_dir: Path, cfg: dict, selection: dict, members: list[dict], 
     device = {m: d for d, m in (selection.get("devices") or {}).get("assignment", {}).items() if m}
     runs = cfg["bundle"]["latency_runs"]
     x_val = store.tensors(run_dir, "val")[0][:runs].numpy()
-    entries = [{"id": n, "shipped": run_dir / "pool" / n / quantize.SHIPPED, "weight": quant[n]["val_acc_int8"],
-                "gzip_bytes": quant[n]["bytes"]["int8_gzip"], "sparsity_target": by_name[n]["sparsity"],
-                "sparsity": by_name[n]["measured_sparsity"]["overall"], "val_acc": quant[n]["val_acc_int8"],
-                "cluster": labels[n], "latency_ms": latency.measure(run_dir / "pool" / n / "int8.onnx", x_val, runs)}
-               | ({"device": device[n]} if n in device else {}) for n in selection["selected"]]
+    entries = [
+        {
+            "id": n,
+            "shipped": run_dir / "pool" / n / quantize.SHIPPED,
+            "weight": quant[n]["val_acc_int8"],
+            "gzip_bytes": quant[n]["bytes"]["int8_gzip"],
+            "sparsity_target": by_name[n]["sparsity"],
+            "sparsity": by_name[n]["measured_sparsity"]["overall"],
+            "val_acc": quant[n]["val_acc_int8"],
+            "cluster": labels[n],
+            "latency_ms": latency.measure(run_dir / "pool" / n / "int8.onnx", x_val, runs),
+        }
+        | ({"device": device[n]} if n in device else {})
+        for n in selection["selected"]
+    ]
     timing = latency.describe(runs) | {
-        f"baseline_{kind}_ms": latency.measure(run_dir / "baseline" / f"{kind}.onnx", x_val, runs) for kind in ("fp32", "int8")}
-    return bundle.write(run_dir / "bundle", entries, store.preprocessing(run_dir), tuple(info["image_shape"]),
-                        info["classes"], cfg["vote"]["rule"], cfg["vote"]["weighted"],
-                        InputSteps.from_dict(info.get("input_steps")),
-                        abstain_threshold(run_dir, cfg, selection["selected"], quant), timing)
+        f"baseline_{kind}_ms": latency.measure(run_dir / "baseline" / f"{kind}.onnx", x_val, runs)
+        for kind in ("fp32", "int8")
+    }
+    return bundle.write(
+        run_dir / "bundle",
+        entries,
+        store.preprocessing(run_dir),
+        tuple(info["image_shape"]),
+        info["classes"],
+        cfg["vote"]["rule"],
+        cfg["vote"]["weighted"],
+        InputSteps.from_dict(info.get("input_steps")),
+        abstain_threshold(run_dir, cfg, selection["selected"], quant),
+        timing,
+    )
 
 
 def done_before(run_dir: Path, name: str) -> float:

@@ -7,6 +7,7 @@ fresh initialisations distilled from the baseline, prune-and-regrow, and one cyc
 are the members. Members are jobs run through an executor (in-process, local processes, or Ray tasks on a
 cluster), written atomically by this process and never recomputed.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,7 +41,9 @@ class MemberPlan:
     lr: float
     batch_size: int
     bootstrap: bool
-    source: int = 0  # the baseline checkpoint it is cloned from: 0 the final baseline, j >= 1 snapshot j (pool.snapshots)
+    source: int = (
+        0  # the baseline checkpoint it is cloned from: 0 the final baseline, j >= 1 snapshot j (pool.snapshots)
+    )
 
     @property
     def name(self) -> str:
@@ -51,7 +54,7 @@ def plan(cfg: dict) -> list[MemberPlan]:
     """Sample each member's settings from the ``pool:`` ranges (sparsity stratified over its range)."""
     p, n = cfg["pool"], cfg["pool"]["size"]
     rng = np.random.default_rng([cfg["seed"], 1])
-    lo, hi = (p["sparsity"] if isinstance(p["sparsity"], list) else [p["sparsity"]] * 2)
+    lo, hi = p["sparsity"] if isinstance(p["sparsity"], list) else [p["sparsity"]] * 2
     strata = (np.arange(n) + rng.uniform(size=n)) / n
     sparsity = lo + (hi - lo) * rng.permutation(strata)
     elo, ehi = p["epochs"] if isinstance(p["epochs"], list) else [p["epochs"]] * 2
@@ -59,10 +62,19 @@ def plan(cfg: dict) -> list[MemberPlan]:
     batches = p["batch_size"] if isinstance(p["batch_size"], list) else [p["batch_size"]]
     snaps = p["snapshots"]
     # with snapshots, members take the checkpoints in turn from the last (the baseline itself) backwards
-    return [MemberPlan(i, int(rng.integers(2**31)), round(float(sparsity[i]), 4), round(float(rng.uniform(elo, ehi)), 2),
-                       float(np.exp(rng.uniform(np.log(llo), np.log(lhi)))), int(rng.choice(batches)), bool(p["bootstrap"]),
-                       snaps - i % snaps if snaps else 0)
-            for i in range(n)]
+    return [
+        MemberPlan(
+            i,
+            int(rng.integers(2**31)),
+            round(float(sparsity[i]), 4),
+            round(float(rng.uniform(elo, ehi)), 2),
+            float(np.exp(rng.uniform(np.log(llo), np.log(lhi)))),
+            int(rng.choice(batches)),
+            bool(p["bootstrap"]),
+            snaps - i % snaps if snaps else 0,
+        )
+        for i in range(n)
+    ]
 
 
 class MagnitudePruner:
@@ -78,9 +90,19 @@ class MagnitudePruner:
     mask explores at constant sparsity, then settles.
     """
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], final: float, schedule: str, scope: str, end_step: int,
-                 noise: float = 0.0, seed: int = 0, fixed: dict[str, torch.Tensor] | None = None,
-                 regrow: float = 0.0, regrow_every: int = 100):
+    def __init__(
+        self,
+        params: dict[str, torch.nn.Parameter],
+        final: float,
+        schedule: str,
+        scope: str,
+        end_step: int,
+        noise: float = 0.0,
+        seed: int = 0,
+        fixed: dict[str, torch.Tensor] | None = None,
+        regrow: float = 0.0,
+        regrow_every: int = 100,
+    ):
         self.params, self.final, self.schedule, self.scope = params, final, schedule, scope
         self.end_step = max(1, end_step)
         self.every = max(1, self.end_step // 20)
@@ -88,10 +110,17 @@ class MagnitudePruner:
         self.masks: dict[str, torch.Tensor] = {}
         # mask perturbation: rank |w| * exp(noise * eps) with eps ~ N(0, 1) drawn once per weight and member
         gen = torch.Generator().manual_seed(seed)
-        self.noise = {n: torch.exp(noise * torch.randn(w.shape, generator=gen)) for n, w in params.items()} if noise > 0 else None
+        self.noise = (
+            {n: torch.exp(noise * torch.randn(w.shape, generator=gen)) for n, w in params.items()}
+            if noise > 0
+            else None
+        )
 
     def scores(self) -> dict[str, torch.Tensor]:
-        return {n: w.detach().abs() * self.noise[n].to(w.device) if self.noise else w.detach().abs() for n, w in self.params.items()}
+        return {
+            n: w.detach().abs() * self.noise[n].to(w.device) if self.noise else w.detach().abs()
+            for n, w in self.params.items()
+        }
 
     def target(self, step: int) -> float:
         if self.schedule == "constant" or step >= self.end_step:
@@ -155,15 +184,20 @@ class MagnitudePruner:
             self.update(self.target(step))
         if self.regrow and step in self.regrow_steps(total):
             stop = self.end_step + round(0.75 * (total - self.end_step))
-            self.regrow_masks(self.regrow * 0.5 * (1 + math.cos(math.pi * (step - self.end_step) / (stop - self.end_step))))
+            self.regrow_masks(
+                self.regrow * 0.5 * (1 + math.cos(math.pi * (step - self.end_step) / (stop - self.end_step)))
+            )
 
     def regrow_steps(self, total: int) -> range:
         """The steps that move the mask: every ``regrow_every`` from the end of the ramp to 3/4 of what is left."""
-        return range(self.end_step + self.regrow_every, self.end_step + round(0.75 * (total - self.end_step)), self.regrow_every)
+        return range(
+            self.end_step + self.regrow_every, self.end_step + round(0.75 * (total - self.end_step)), self.regrow_every
+        )
 
 
-def antirandom_masks(params: dict[str, torch.Tensor], keep: list[float], index: int, seed: int,
-                     weighted: bool = False) -> dict[str, torch.Tensor]:
+def antirandom_masks(
+    params: dict[str, torch.Tensor], keep: list[float], index: int, seed: int, weighted: bool = False
+) -> dict[str, torch.Tensor]:
     """Member ``index``'s masks when the members keep fractions ``keep`` of every layer with as little overlap as
     possible (Prune and Tune ensembles, Whitaker & Whitley 2022).
 
@@ -190,7 +224,9 @@ def antirandom_masks(params: dict[str, torch.Tensor], keep: list[float], index: 
 
 
 @torch.no_grad()
-def leave_basin(model: torch.nn.Module, fresh: torch.nn.Module, shrink: float, perturb: float, reinit_last: int) -> None:
+def leave_basin(
+    model: torch.nn.Module, fresh: torch.nn.Module, shrink: float, perturb: float, reinit_last: int
+) -> None:
     """Push a member's start away from the baseline: the last ``reinit_last`` prunable layers take ``fresh``'s
     initial weights; every other parameter becomes ``shrink * w + perturb * w_fresh`` (shrink and perturb, Ash &
     Adams 2020, with the noise drawn as a new initialisation of the same network)."""
@@ -213,7 +249,9 @@ class SnapshotSaver:
     def __call__(self, step: int, total: int) -> None:
         for j in range(1, self.n):
             if step == max(1, round(total * j / self.n)):
-                store.write_state(self.folder / f"snapshot{j}.pt", {k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+                store.write_state(
+                    self.folder / f"snapshot{j}.pt", {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+                )
 
 
 @dataclass
@@ -236,10 +274,14 @@ class RunInputs:
 
         cfg = config.load(run_dir / "config.yaml")
         sources = {0} | {m.source for m in plan(cfg)}
-        return cls(cfg, store.read_json(run_dir / "baseline" / "model.json"),
-                   tuple(store.read_json(run_dir / "dataset.json")["image_shape"]), store.preprocessing(run_dir),
-                   {name: store.split(run_dir, name) for name in ("train", "val")},
-                   {s: store.load_baseline(run_dir, s).state_dict() for s in sources})
+        return cls(
+            cfg,
+            store.read_json(run_dir / "baseline" / "model.json"),
+            tuple(store.read_json(run_dir / "dataset.json")["image_shape"]),
+            store.preprocessing(run_dir),
+            {name: store.split(run_dir, name) for name in ("train", "val")},
+            {s: store.load_baseline(run_dir, s).state_dict() for s in sources},
+        )
 
     def tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``train`` or ``val`` split, preprocessed, as (NCHW float32, int64) tensors."""
@@ -248,7 +290,9 @@ class RunInputs:
 
     def _network(self, overrides: dict | None = None) -> torch.nn.Module:
         b = self.baseline_record
-        return models.build(b["arch"], tuple(b["image_shape"]), b["num_classes"], **{**b["kwargs"], **(overrides or {})})
+        return models.build(
+            b["arch"], tuple(b["image_shape"]), b["num_classes"], **{**b["kwargs"], **(overrides or {})}
+        )
 
     def baseline(self, source: int = 0) -> torch.nn.Module:
         """The baseline network (``source`` 0), or the checkpoint ``source`` of its training (``pool.snapshots``)."""
@@ -273,31 +317,65 @@ def start_model(src: RunInputs, member: MemberPlan) -> tuple[torch.nn.Module, di
     fixed = None
     if p["mask"] != "magnitude":  # drawn from the starting weights, before they leave the basin
         plans = plan(cfg)
-        fixed = antirandom_masks(models.prunable(model), [1 - m.sparsity for m in plans], member.index,
-                                 seed=int(np.random.default_rng([cfg["seed"], 5]).integers(2**31)),
-                                 weighted=p["mask"] == "antirandom-weighted")
+        fixed = antirandom_masks(
+            models.prunable(model),
+            [1 - m.sparsity for m in plans],
+            member.index,
+            seed=int(np.random.default_rng([cfg["seed"], 5]).integers(2**31)),
+            weighted=p["mask"] == "antirandom-weighted",
+        )
     if p["init"] == "baseline" and (p["shrink"] != 1.0 or p["perturb"] or p["reinit_last"]):
         leave_basin(model, src.fresh(member.seed), p["shrink"], p["perturb"], p["reinit_last"])
     return model, fixed
 
 
-def _settings(p: dict, epochs: float, lr: float, batch_size: int, schedule: str, cycles: int = 1) -> train.TrainSettings:
-    return train.TrainSettings(epochs=epochs, batch_size=batch_size, optimizer=p["optimizer"], lr=lr, momentum=p["momentum"],
-                               weight_decay=p["weight_decay"], schedule=schedule, cycles=cycles,
-                               label_smoothing=p["label_smoothing"], distill=p["distill"], temperature=p["distill_temperature"],
-                               compile=p["compile"])
+def _settings(
+    p: dict, epochs: float, lr: float, batch_size: int, schedule: str, cycles: int = 1
+) -> train.TrainSettings:
+    return train.TrainSettings(
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=p["optimizer"],
+        lr=lr,
+        momentum=p["momentum"],
+        weight_decay=p["weight_decay"],
+        schedule=schedule,
+        cycles=cycles,
+        label_smoothing=p["label_smoothing"],
+        distill=p["distill"],
+        temperature=p["distill_temperature"],
+        compile=p["compile"],
+    )
 
 
-def _pruner(model: torch.nn.Module, p: dict, sparsity: float, total: int, seed: int,
-            fixed: dict[str, torch.Tensor] | None = None) -> MagnitudePruner:
+def _pruner(
+    model: torch.nn.Module,
+    p: dict,
+    sparsity: float,
+    total: int,
+    seed: int,
+    fixed: dict[str, torch.Tensor] | None = None,
+) -> MagnitudePruner:
     """The member's pruner over ``total`` steps, ramping over the first ``prune_end`` of them; a clear error when
     ``pool.regrow`` is set but no step would move the mask."""
-    pruner = MagnitudePruner(models.prunable(model), sparsity, p["schedule"], p["scope"], round(p["prune_end"] * total),
-                             noise=p["mask_noise"], seed=seed, fixed=fixed, regrow=p["regrow"], regrow_every=p["regrow_every"])
+    pruner = MagnitudePruner(
+        models.prunable(model),
+        sparsity,
+        p["schedule"],
+        p["scope"],
+        round(p["prune_end"] * total),
+        noise=p["mask_noise"],
+        seed=seed,
+        fixed=fixed,
+        regrow=p["regrow"],
+        regrow_every=p["regrow_every"],
+    )
     if p["regrow"] and not pruner.regrow_steps(total):
-        raise UserError(f"pool.regrow is {p['regrow']:g} but no step would regrow: after the pruning ramp (pool.prune_end = "
-                        f"{p['prune_end']:g} of {total} steps) fewer than pool.regrow_every = {p['regrow_every']} steps are "
-                        "left to explore; lower pool.regrow_every or pool.prune_end, or train longer (pool.epochs)")
+        raise UserError(
+            f"pool.regrow is {p['regrow']:g} but no step would regrow: after the pruning ramp (pool.prune_end = "
+            f"{p['prune_end']:g} of {total} steps) fewer than pool.regrow_every = {p['regrow_every']} steps are "
+            "left to explore; lower pool.regrow_every or pool.prune_end, or train longer (pool.epochs)"
+        )
     pruner.update(pruner.target(0))
     return pruner
 
@@ -307,8 +385,13 @@ def measure(model: torch.nn.Module, record: dict, x_val: torch.Tensor, y_val: to
     validation accuracy added."""
     state = store.state_bytes({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     was_training = model.training
-    info = {**record, "measured_sparsity": models.sparsity(model),
-            "val_acc_fp32": accuracy(train.predict_proba(model, x_val, device=next(model.parameters()).device), y_val.numpy())}
+    info = {
+        **record,
+        "measured_sparsity": models.sparsity(model),
+        "val_acc_fp32": accuracy(
+            train.predict_proba(model, x_val, device=next(model.parameters()).device), y_val.numpy()
+        ),
+    }
     model.train(was_training)
     return state, info
 
@@ -334,14 +417,28 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
     model, fixed = start_model(src, member)
     total = max(1, round(member.epochs * math.ceil(len(x) / member.batch_size)))
     pruner = _pruner(model, p, member.sparsity, total, member.seed, fixed)
-    history = train.fit(model, x, y, _settings(p, member.epochs, member.lr, member.batch_size, p["lr_schedule"]),
-                        seed=member.seed, augment=train.augment_kind(p["augment"], src.image_shape),
-                        device=src.cfg["device"], after_step=pruner, teacher=src.baseline() if p["distill"] else None,
-                        desc=member.name, progress=False)
+    history = train.fit(
+        model,
+        x,
+        y,
+        _settings(p, member.epochs, member.lr, member.batch_size, p["lr_schedule"]),
+        seed=member.seed,
+        augment=train.augment_kind(p["augment"], src.image_shape),
+        device=src.cfg["device"],
+        after_step=pruner,
+        teacher=src.baseline() if p["distill"] else None,
+        desc=member.name,
+        progress=False,
+    )
     pruner.finish()
     model.cpu()
-    record = {**asdict(member), "name": member.name, "model_kwargs": p["member_kwargs"] if p["init"] == "fresh" else {},
-              "history": history, "seconds": time.perf_counter() - t0}
+    record = {
+        **asdict(member),
+        "name": member.name,
+        "model_kwargs": p["member_kwargs"] if p["init"] == "fresh" else {},
+        "history": history,
+        "seconds": time.perf_counter() - t0,
+    }
     return measure(model, record, *src.tensors("val"))
 
 
@@ -371,14 +468,33 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
         pruner(step, total_steps)
         j = step * n // total_steps - 1
         if step * n % total_steps == 0 and not (run_dir / "pool" / plans[j].name / "member.json").exists():
-            record = {**asdict(plans[j]), "sparsity": sparsity, "epochs": lead.epochs, "lr": lead.lr, "batch_size": lead.batch_size,
-                      "name": plans[j].name, "model_kwargs": {}, "cyclical": True, "seconds": (time.perf_counter() - t0) / (j + 1)}  # per cycle so far
+            record = {
+                **asdict(plans[j]),
+                "sparsity": sparsity,
+                "epochs": lead.epochs,
+                "lr": lead.lr,
+                "batch_size": lead.batch_size,
+                "name": plans[j].name,
+                "model_kwargs": {},
+                "cyclical": True,
+                "seconds": (time.perf_counter() - t0) / (j + 1),
+            }  # per cycle so far
             infos[j] = write_member(run_dir, *measure(model, record, x_val, y_val))
 
-    train.fit(model, x, y, _settings(p, n * lead.epochs, lead.lr, lead.batch_size, "restarts", n), seed=lead.seed,
-              augment=train.augment_kind(p["augment"], src.image_shape), device=src.cfg["device"],
-              after_step=after_step, teacher=src.baseline() if p["distill"] else None,
-              checkpoint=run_dir / "pool" / "cyclical.pt", desc="cyclical", progress=False)
+    train.fit(
+        model,
+        x,
+        y,
+        _settings(p, n * lead.epochs, lead.lr, lead.batch_size, "restarts", n),
+        seed=lead.seed,
+        augment=train.augment_kind(p["augment"], src.image_shape),
+        device=src.cfg["device"],
+        after_step=after_step,
+        teacher=src.baseline() if p["distill"] else None,
+        checkpoint=run_dir / "pool" / "cyclical.pt",
+        desc="cyclical",
+        progress=False,
+    )
     (run_dir / "pool" / "cyclical.pt").unlink(missing_ok=True)
     return [infos.get(i) or store.read_json(run_dir / "pool" / m.name / "member.json") for i, m in enumerate(plans)]
 
@@ -390,7 +506,7 @@ class InProcessExecutor(Executor):
         f: Future = Future()
         try:
             f.set_result(fn(*args, **kwargs))
-        except Exception as e:  # noqa: BLE001 - handed to the caller through the future
+        except Exception as e:
             f.set_exception(e)
         return f
 
@@ -407,15 +523,20 @@ def make_executor(workers: int, ray: dict | None = None) -> Executor:
     if workers <= 1:
         return InProcessExecutor()
     threads = max(1, (os.cpu_count() or 1) // workers)
-    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_limit_threads, initargs=(threads,))
+    return ProcessPoolExecutor(
+        workers, mp_context=get_context("spawn"), initializer=_limit_threads, initargs=(threads,)
+    )
 
 
 def build(run_dir: Path, cfg: dict, executor: Executor, progress: bool = True) -> list[dict]:
     """Train every member not yet on disk and write each here as it arrives; return all members' records in index
     order. A job's failure is raised after the other jobs have finished and been saved."""
     plans, p = plan(cfg), cfg["pool"]
-    done = {m.name: store.read_json(run_dir / "pool" / m.name / "member.json")
-            for m in plans if (run_dir / "pool" / m.name / "member.json").exists()}
+    done = {
+        m.name: store.read_json(run_dir / "pool" / m.name / "member.json")
+        for m in plans
+        if (run_dir / "pool" / m.name / "member.json").exists()
+    }
     todo = [m for m in plans if m.name not in done]
     bar = tqdm(total=len(plans), initial=len(done), desc="pool", disable=not progress, unit="member")
     # a cyclical pool is one job that makes (and writes) every member; otherwise one job per member, which returns
@@ -434,7 +555,11 @@ def build(run_dir: Path, cfg: dict, executor: Executor, progress: bool = True) -
             return
         for info in f.result() if p["cyclical"] else [write_member(run_dir, *f.result())]:
             done[info["name"]] = info
-            bar.set_postfix(last=info["name"], sparsity=round(info["measured_sparsity"]["overall"], 3), val=round(info["val_acc_fp32"], 4))
+            bar.set_postfix(
+                last=info["name"],
+                sparsity=round(info["measured_sparsity"]["overall"], 3),
+                val=round(info["val_acc_fp32"], 4),
+            )
         bar.n = len(done)
         bar.refresh()
 

@@ -4,6 +4,7 @@ Needs only numpy, so an edge device can run it. Two steps, both written into eve
 :class:`InputSteps` brings raw images of any size to the model's input contract (resize, colour; uint8),
 then :class:`Preprocessing` normalises them: ``x = (raw * scale - mean[c]) / std[c]``, NHWC -> NCHW, float32.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -14,14 +15,18 @@ from .errors import UserError
 
 COLORS = ("grey", "rgb")
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2, as Pillow's convert("L")
-RESIZE = ("area: along each axis (n_in -> n_out pixels, s = n_in / n_out), output pixel i is the mean of the input "
-          "over [i * s, (i + 1) * s], each input pixel k weighted by the length of [k, k + 1] inside it, divided by s; "
-          "rows first, then columns")
-STEPS = ("with 4 channels and 'color' set, the 4th (alpha) is dropped; 'color' grey: RGB -> luma 0.299 R + 0.587 G + "
-         "0.114 B; resize to 'size' [h, w] (stretched, no crop) with the 'resize' filter; 'color' rgb: grey repeated "
-         "to 3 channels; computed in float32 from the uint8 pixels, rounded to the nearest integer (ties to even) and "
-         "clipped to 0..255 once at the end. A step whose input already matches is skipped, so images already of the "
-         "model's size and colour pass unchanged. null: as stored (the images must already match)")
+RESIZE = (
+    "area: along each axis (n_in -> n_out pixels, s = n_in / n_out), output pixel i is the mean of the input "
+    "over [i * s, (i + 1) * s], each input pixel k weighted by the length of [k, k + 1] inside it, divided by s; "
+    "rows first, then columns"
+)
+STEPS = (
+    "with 4 channels and 'color' set, the 4th (alpha) is dropped; 'color' grey: RGB -> luma 0.299 R + 0.587 G + "
+    "0.114 B; resize to 'size' [h, w] (stretched, no crop) with the 'resize' filter; 'color' rgb: grey repeated "
+    "to 3 channels; computed in float32 from the uint8 pixels, rounded to the nearest integer (ties to even) and "
+    "clipped to 0..255 once at the end. A step whose input already matches is skipped, so images already of the "
+    "model's size and colour pass unchanged. null: as stored (the images must already match)"
+)
 
 
 def area_weights(n_in: int, n_out: int) -> np.ndarray:
@@ -41,7 +46,7 @@ class InputSteps:
     color: str | None = None
 
     @classmethod
-    def from_config(cls, data: dict) -> "InputSteps":
+    def from_config(cls, data: dict) -> InputSteps:
         """From ``data.image_size`` (int or [h, w]) and ``data.color``."""
         size = data.get("image_size")
         return cls(None if size is None else (size, size) if isinstance(size, int) else tuple(size), data.get("color"))
@@ -51,11 +56,15 @@ class InputSteps:
         return {"image_size": None if self.size is None else list(self.size), "color": self.color}
 
     def to_dict(self) -> dict:
-        return {"size": None if self.size is None else list(self.size), "color": self.color, "resize": RESIZE,
-                "formula": STEPS}
+        return {
+            "size": None if self.size is None else list(self.size),
+            "color": self.color,
+            "resize": RESIZE,
+            "formula": STEPS,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "InputSteps":
+    def from_dict(cls, d: dict | None) -> InputSteps:
         """From :meth:`to_dict`; None (a bundle made before these steps existed) keeps images as stored."""
         d = d or {}
         return cls(None if d.get("size") is None else tuple(d["size"]), d.get("color"))
@@ -65,8 +74,10 @@ class InputSteps:
         if self.color and x.shape[-1] == 4:
             x = x[..., :3]
         if self.color and x.shape[-1] not in (1, 3):
-            raise UserError(f"images have {x.shape[-1]} channels; color: {self.color} converts images of 1 (grey), "
-                            "3 (RGB) or 4 (RGBA) channels")
+            raise UserError(
+                f"images have {x.shape[-1]} channels; color: {self.color} converts images of 1 (grey), "
+                "3 (RGB) or 4 (RGBA) channels"
+            )
         to_grey = self.color == "grey" and x.shape[-1] == 3
         resize = self.size is not None and tuple(x.shape[1:3]) != tuple(self.size)
         if to_grey or resize:
@@ -75,12 +86,12 @@ class InputSteps:
             rows, cols = (area_weights(x.shape[1], h), area_weights(x.shape[2], w).T) if resize else (None, None)
             chunk = max(1, (1 << 22) // int(np.prod(x.shape[1:])))  # about 16 MB of float32 at a time
             for i in range(0, len(x), chunk):
-                f = x[i:i + chunk].astype(np.float32)
+                f = x[i : i + chunk].astype(np.float32)
                 if to_grey:
                     f = f @ LUMA[:, None]
                 if resize:
                     f = (rows @ f.transpose(0, 3, 1, 2) @ cols).transpose(0, 2, 3, 1)
-                out[i:i + chunk] = np.clip(np.rint(f), 0, 255)
+                out[i : i + chunk] = np.clip(np.rint(f), 0, 255)
             x = out
         if self.color == "rgb" and x.shape[-1] == 1:
             x = np.repeat(x, 3, axis=-1)
@@ -97,8 +108,10 @@ def check_images(x, shape: tuple[int, ...], steps: InputSteps | None = None) -> 
     if isinstance(x, (list, tuple)):
         shapes = {np.shape(img) for img in x}
         if len(shapes) > 1 and steps.size is None and steps.color is None:
-            raise UserError(f"the images mix shapes {sorted(shapes)}, and this model takes {tuple(shape)} (HWC) as "
-                            "stored (it was made without data.image_size and data.color)")
+            raise UserError(
+                f"the images mix shapes {sorted(shapes)}, and this model takes {tuple(shape)} (HWC) as "
+                "stored (it was made without data.image_size and data.color)"
+            )
         if len(shapes) > 1:
             return np.concatenate([check_images(img, shape, steps) for img in x])
     x = np.asarray(x)
@@ -136,7 +149,7 @@ class Preprocessing:
     std: tuple[float, ...]
 
     @classmethod
-    def fit(cls, raw: np.ndarray, scale: float) -> "Preprocessing":
+    def fit(cls, raw: np.ndarray, scale: float) -> Preprocessing:
         """Per-channel mean and std of ``raw * scale`` (training images only)."""
         x = raw.reshape(-1, raw.shape[-1]).astype(np.float64) * scale
         std = np.maximum(x.std(axis=0), 1e-6)
@@ -160,5 +173,5 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         return cls(float(d["scale"]), tuple(d["mean"]), tuple(d["std"]))

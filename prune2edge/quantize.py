@@ -7,9 +7,11 @@ Every model is gated on validation data as it will run: int8 accuracy against fp
 agreement. A model that fails is retried with other calibration settings, then dropped, and the record
 says so. Each model is also written as it is shipped (``int8.p2e``, see :func:`encode`).
 """
+
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import logging
 import lzma
@@ -32,9 +34,25 @@ ATTEMPTS = (
     {"calibration": "percentile", "reduce_range": False},
     {"calibration": "minmax", "reduce_range": True},
 )
-METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}
-INT8_OPS = {"QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAveragePool", "QLinearMul",
-            "QLinearConcat", "QLinearAveragePool", "QLinearLeakyRelu", "QLinearSigmoid", "ConvInteger", "MatMulInteger"}
+METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "percentile": CalibrationMethod.Percentile,
+    "entropy": CalibrationMethod.Entropy,
+}
+INT8_OPS = {
+    "QLinearConv",
+    "QGemm",
+    "QLinearMatMul",
+    "QLinearAdd",
+    "QLinearGlobalAveragePool",
+    "QLinearMul",
+    "QLinearConcat",
+    "QLinearAveragePool",
+    "QLinearLeakyRelu",
+    "QLinearSigmoid",
+    "ConvInteger",
+    "MatMulInteger",
+}
 FLOAT_COMPUTE_OPS = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
 WEIGHT_OPS = ("QLinearConv", "QGemm")  # input 3: the int8 weight (per-channel, symmetric); input 5: its zero point
 SHIPPED = "int8.p2e"
@@ -47,35 +65,54 @@ def export_onnx(model: torch.nn.Module, path: Path, image_shape: tuple[int, int,
     tmp = path.with_suffix(".tmp.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, c, h, w),), str(tmp), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, c, h, w),),
+            str(tmp),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
     tmp.replace(path)
 
 
 class _Calibration(CalibrationDataReader):
     def __init__(self, x: np.ndarray, batch: int = 32):
         batch = next(b for b in range(min(batch, len(x)), 0, -1) if len(x) % b == 0)  # equal batches: the percentile
-        self.batches = iter([{"input": x[i:i + batch]} for i in range(0, len(x), batch)])  # collector stacks them
+        self.batches = iter([{"input": x[i : i + batch]} for i in range(0, len(x), batch)])  # collector stacks them
 
     def get_next(self) -> dict | None:
         return next(self.batches, None)
 
 
-def quantize_onnx(fp32: Path, int8: Path, calib: np.ndarray, calibration: str = "minmax", reduce_range: bool = False) -> None:
+def quantize_onnx(
+    fp32: Path, int8: Path, calib: np.ndarray, calibration: str = "minmax", reduce_range: bool = False
+) -> None:
     """Static int8 quantisation of an fp32 ONNX model: int8 per-channel weights, uint8 activations."""
     tmp = int8.with_suffix(".tmp.onnx")
     logging.getLogger().setLevel(logging.ERROR)  # the quantiser logs advice on every call
-    quantize_static(str(fp32), str(tmp), _Calibration(calib), quant_format=QuantFormat.QOperator, per_channel=True,
-                    reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=METHODS[calibration])
+    quantize_static(
+        str(fp32),
+        str(tmp),
+        _Calibration(calib),
+        quant_format=QuantFormat.QOperator,
+        per_channel=True,
+        reduce_range=reduce_range,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=METHODS[calibration],
+    )
     tmp.replace(int8)
 
 
 def int8_weights(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """The int8 weight initializers of the model's QLinearConv and QGemm nodes, in file order."""
     names = {n.input[3] for n in model.graph.node if n.op_type in WEIGHT_OPS}
-    return [t for t in model.graph.initializer if t.name in names and t.data_type == onnx.TensorProto.INT8 and t.raw_data]
+    return [
+        t for t in model.graph.initializer if t.name in names and t.data_type == onnx.TensorProto.INT8 and t.raw_data
+    ]
 
 
 def kmeans_1d(values: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
@@ -97,7 +134,7 @@ def kmeans_1d(values: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
     for start in reversed(starts):
         bounds.append(int(start[bounds[-1] - 1]))
     bounds = [0, *reversed(bounds)]
-    centres = [np.rint((s1[b] - s1[a]) / (sw[b] - sw[a])) for a, b in zip(bounds[:-1], bounds[1:])]
+    centres = [np.rint((s1[b] - s1[a]) / (sw[b] - sw[a])) for a, b in itertools.pairwise(bounds)]
     return np.repeat(centres, np.diff(bounds)).astype(values.dtype)
 
 
@@ -106,10 +143,10 @@ def share_weights(q: np.ndarray, bits: int) -> np.ndarray:
     sign each); zeros stay zeros, so the layer holds at most ``2**bits`` distinct values, 0 included."""
     nonzero = q != 0
     values, counts = np.unique(q[nonzero], return_counts=True)
-    if len(values) < 2 ** bits:
+    if len(values) < 2**bits:
         return q
     out = q.copy()
-    out[nonzero] = kmeans_1d(values, counts, 2 ** bits - 1)[np.searchsorted(values, q[nonzero])]
+    out[nonzero] = kmeans_1d(values, counts, 2**bits - 1)[np.searchsorted(values, q[nonzero])]
     return out
 
 
@@ -160,8 +197,20 @@ def encode(onnx_bytes: bytes) -> bytes:
     rest_bytes = b"".join(rest)
     head = json.dumps({"rest": len(rest_bytes), "weights": header}).encode()
     payload = b"".join([len(head).to_bytes(4, "little"), head, rest_bytes, *bitmaps, *indices])
-    blob = lzma.compress(payload, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, filters=[
-        {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": max(len(payload), 1 << 12), "lc": 0, "pb": 0}])
+    blob = lzma.compress(
+        payload,
+        format=lzma.FORMAT_XZ,
+        check=lzma.CHECK_NONE,
+        filters=[
+            {
+                "id": lzma.FILTER_LZMA2,
+                "preset": 9 | lzma.PRESET_EXTREME,
+                "dict_size": max(len(payload), 1 << 12),
+                "lc": 0,
+                "pb": 0,
+            }
+        ],
+    )
     if decode(blob) != onnx_bytes:
         raise RuntimeError("encoding an int8 ONNX model did not round-trip")
     return blob
@@ -171,9 +220,17 @@ def op_counts(path: Path) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node))
 
 
-def quantize_model(folder: Path, model: torch.nn.Module, image_shape: tuple[int, int, int], calib: np.ndarray,
-                   x_val: np.ndarray, y_val: np.ndarray, max_drop: float, min_agreement: float,
-                   codebook_bits: int = 0) -> dict:
+def quantize_model(
+    folder: Path,
+    model: torch.nn.Module,
+    image_shape: tuple[int, int, int],
+    calib: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    max_drop: float,
+    min_agreement: float,
+    codebook_bits: int = 0,
+) -> dict:
     """Export, quantise (snapping weights to codebooks when ``codebook_bits``) and gate one model in ``folder``;
     writes fp32.onnx, int8.onnx, int8.p2e (as shipped), val_proba.npy, quant.json."""
     fp32, int8 = folder / "fp32.onnx", folder / "int8.onnx"
@@ -200,9 +257,13 @@ def quantize_model(folder: Path, model: torch.nn.Module, image_shape: tuple[int,
         "val_acc_int8": attempts[-1]["val_acc_int8"],
         "agreement": attempts[-1]["agreement"],
         "codebook_bits": codebook_bits,
-        "bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size,
-                  "fp32_gzip": store.gzip_size(fp32), "int8_gzip": store.gzip_size(int8),
-                  "shipped": (folder / SHIPPED).stat().st_size},
+        "bytes": {
+            "fp32": fp32.stat().st_size,
+            "int8": int8.stat().st_size,
+            "fp32_gzip": store.gzip_size(fp32),
+            "int8_gzip": store.gzip_size(int8),
+            "shipped": (folder / SHIPPED).stat().st_size,
+        },
         "ops": ops,
         "full_integer": not (FLOAT_COMPUTE_OPS & set(ops)) and bool(INT8_OPS & set(ops)),
     }
@@ -228,6 +289,15 @@ def quantize_all(run_dir: Path, cfg: dict, members: list[dict], progress: bool =
             records[name] = store.read_json(folder / "quant.json")
             continue
         model = store.load_baseline(run_dir) if name == "baseline" else store.load_member(run_dir, name)
-        records[name] = quantize_model(folder, model, image_shape, calib, x_val, y_val, q["max_drop"], q["min_agreement"],
-                                       0 if name == "baseline" else q["codebook_bits"])
+        records[name] = quantize_model(
+            folder,
+            model,
+            image_shape,
+            calib,
+            x_val,
+            y_val,
+            q["max_drop"],
+            q["min_agreement"],
+            0 if name == "baseline" else q["codebook_bits"],
+        )
     return records

@@ -2,6 +2,7 @@
 
 Ray is optional (``pip install 'prune2edge[ray]'``) and imported only when this executor is made.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -15,9 +16,11 @@ def _import_ray():
     try:
         import ray
     except ImportError:
-        raise UserError("executor: ray needs Ray, which is not installed here; install it with "
-                        "pip install 'prune2edge[ray]' (on this machine and on every Ray worker), "
-                        "or use executor: local") from None
+        raise UserError(
+            "executor: ray needs Ray, which is not installed here; install it with "
+            "pip install 'prune2edge[ray]' (on this machine and on every Ray worker), "
+            "or use executor: local"
+        ) from None
     return ray
 
 
@@ -55,8 +58,10 @@ class RayExecutor(Executor):
             try:
                 ray.init(address=self.address)
             except ConnectionError as e:
-                raise UserError(f"cannot reach the Ray cluster at ray.address = {self.address!r} ({e}); start it "
-                                "(ray start --head) or fix ray.address") from None
+                raise UserError(
+                    f"cannot reach the Ray cluster at ray.address = {self.address!r} ({e}); start it "
+                    "(ray start --head) or fix ray.address"
+                ) from None
             self._started = True
         if self._task is None:
             self._task = ray.remote(_call)
@@ -70,9 +75,13 @@ class RayExecutor(Executor):
         if kwargs:
             raise TypeError("RayExecutor.submit takes positional arguments only")
         self._connect()
-        ref = self._task.options(name=fn.__name__, num_cpus=self.num_cpus, num_gpus=self.num_gpus,
-                                 max_retries=self.max_retries, retry_exceptions=False
-                                 ).remote(fn, max(1, int(self.num_cpus)), *args)
+        ref = self._task.options(
+            name=fn.__name__,
+            num_cpus=self.num_cpus,
+            num_gpus=self.num_gpus,
+            max_retries=self.max_retries,
+            retry_exceptions=False,
+        ).remote(fn, max(1, int(self.num_cpus)), *args)
         out: Future = Future()
 
         def relay(f: Future) -> None:
@@ -92,12 +101,16 @@ class RayExecutor(Executor):
         if isinstance(e, errors.RayTaskError):
             if not isinstance(e.cause, errors.RayError):
                 return e.cause
-            return UserError(f"a Ray worker could not run a pool job ({_first_line(e.cause)}); every worker needs "
-                             "prune2edge and the same torch as this machine: pip install 'prune2edge[ray]'")
+            return UserError(
+                f"a Ray worker could not run a pool job ({_first_line(e.cause)}); every worker needs "
+                "prune2edge and the same torch as this machine: pip install 'prune2edge[ray]'"
+            )
         if isinstance(e, errors.RayError):
-            return UserError(f"a pool job was lost on the Ray cluster after ray.max_retries = {self.max_retries} "
-                             f"retries ({type(e).__name__}: {_first_line(e)}); the members finished so far are saved: "
-                             "run the same command again to continue")
+            return UserError(
+                f"a pool job was lost on the Ray cluster after ray.max_retries = {self.max_retries} "
+                f"retries ({type(e).__name__}: {_first_line(e)}); the members finished so far are saved: "
+                "run the same command again to continue"
+            )
         return e
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

@@ -7,6 +7,7 @@ The report reads only what the pipeline wrote. The test split appears only throu
 ``test_scores.npz``, which the evaluation wrote; nothing here loads a dataset. A run that stopped early gets a
 report of what exists and a list of what is missing.
 """
+
 from __future__ import annotations
 
 import base64
@@ -14,9 +15,9 @@ import functools
 import inspect
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import yaml
@@ -33,6 +34,7 @@ DPI = 110
 
 
 # --------------------------------------------------------------------------- formatting (page and figures)
+
 
 def pct(x: float) -> str:
     """An accuracy as a percentage: ``0.99111`` -> ``99.11%``."""
@@ -68,11 +70,20 @@ def ms(x: float) -> str:
     return f"{x:.3f} ms"
 
 
-FORMATS: dict[str, Callable] = {"pct": pct, "pts": pts, "kib": kib, "p": pvalue, "int": str, "times": times, "dec": dec,
-                                "ms": ms}
+FORMATS: dict[str, Callable] = {
+    "pct": pct,
+    "pts": pts,
+    "kib": kib,
+    "p": pvalue,
+    "int": str,
+    "times": times,
+    "dec": dec,
+    "ms": ms,
+}
 
 
 # --------------------------------------------------------------------------- what the run directory holds
+
 
 def _json(path: Path) -> dict | None:
     return store.read_json(path) if path.exists() else None
@@ -90,17 +101,17 @@ class Run:
     """Everything the pipeline wrote to a run directory; ``None`` for what a phase has not written yet."""
 
     dir: Path
-    dataset: dict              # dataset.json: name, classes, image_shape, n_train/n_val/n_test
-    config_text: str           # config.yaml as written, every setting resolved
+    dataset: dict  # dataset.json: name, classes, image_shape, n_train/n_val/n_test
+    config_text: str  # config.yaml as written, every setting resolved
     config: dict
-    baseline: dict | None      # baseline/model.json (architecture, training history)
+    baseline: dict | None  # baseline/model.json (architecture, training history)
     baseline_quant: dict | None  # baseline/quant.json (int8 validation accuracy, sizes)
-    members: list[dict]        # pool/<name>/member.json, each with "quant": its quant.json or None
-    selection: dict | None     # selection.json: clusters, selected members, strategies
-    metrics: dict | None       # metrics.json: the test-set evaluation
-    test: dict | None          # test.npz: raw test images x (NHWC) and labels y
-    scores: dict | None        # test_scores.npz: every member's, the baselines' and the ensemble's test scores
-    timings: dict | None       # timings.json: seconds per phase
+    members: list[dict]  # pool/<name>/member.json, each with "quant": its quant.json or None
+    selection: dict | None  # selection.json: clusters, selected members, strategies
+    metrics: dict | None  # metrics.json: the test-set evaluation
+    test: dict | None  # test.npz: raw test images x (NHWC) and labels y
+    scores: dict | None  # test_scores.npz: every member's, the baselines' and the ensemble's test scores
+    timings: dict | None  # timings.json: seconds per phase
 
     @property
     def classes(self) -> list[str]:
@@ -124,8 +135,13 @@ class Run:
     @functools.cached_property
     def val_disagreement(self) -> tuple[list[str], np.ndarray] | None:
         """Members that passed the int8 gate, and how often each pair's int8 votes differ on the validation split."""
-        names = [m["name"] for m in self.members if m["quant"] and m["quant"]["status"] == "ok"
-                 and (self.dir / "pool" / m["name"] / "val_proba.npy").exists()]
+        names = [
+            m["name"]
+            for m in self.members
+            if m["quant"]
+            and m["quant"]["status"] == "ok"
+            and (self.dir / "pool" / m["name"] / "val_proba.npy").exists()
+        ]
         if len(names) < 2:
             return None
         proba = np.stack([np.load(self.dir / "pool" / n / "val_proba.npy") for n in names])
@@ -140,20 +156,28 @@ class Run:
         if planned and len(self.members) < planned:
             out.append(f"pool/: {len(self.members)} of {planned} pool members are trained (phase 'pool').")
         unquantised = [m["name"] for m in self.members if m["quant"] is None]
-        lacking = ([] if not unquantised else ["every pool member"] if len(unquantised) == len(self.members)
-                   else unquantised) + ([] if self.baseline_quant else ["the baseline"])
+        lacking = (
+            [] if not unquantised else ["every pool member"] if len(unquantised) == len(self.members) else unquantised
+        ) + ([] if self.baseline_quant else ["the baseline"])
         if lacking:
-            out.append("quant.json: int8 quantisation is not done (phase 'quantize'): no int8 accuracy or size for "
-                       f"{', '.join(lacking)}.")
+            out.append(
+                "quant.json: int8 quantisation is not done (phase 'quantize'): no int8 accuracy or size for "
+                f"{', '.join(lacking)}."
+            )
         if self.selection is None:
             out.append("selection.json: members are not clustered or selected yet (phase 'select').")
         if not (self.dir / "bundle" / "manifest.json").exists():
             out.append("bundle/manifest.json: the ensemble bundle is not written yet (phase 'bundle').")
-        absent = [n for n, v in (("metrics.json", self.metrics), ("test.npz", self.test), ("test_scores.npz", self.scores))
-                  if v is None]
+        absent = [
+            n
+            for n, v in (("metrics.json", self.metrics), ("test.npz", self.test), ("test_scores.npz", self.scores))
+            if v is None
+        ]
         if absent:
-            out.append(f"{', '.join(absent)}: the test-set evaluation has not run (phase 'evaluate'): no test "
-                       "accuracies, selection-strategy curves, confusion matrices or disagreement examples.")
+            out.append(
+                f"{', '.join(absent)}: the test-set evaluation has not run (phase 'evaluate'): no test "
+                "accuracies, selection-strategy curves, confusion matrices or disagreement examples."
+            )
         if self.timings is None:
             out.append("timings.json: no phase timings.")
         return out
@@ -163,23 +187,37 @@ def load(run_dir: Path | str) -> Run:
     """Read a run directory; a directory that ``prune2edge run`` did not make is a :class:`UserError`."""
     d = Path(run_dir)
     if not d.is_dir():
-        raise UserError(f"'{d}' is not a directory; pass the run directory of `prune2edge run` or `prune2edge demo` "
-                        "(their --out)")
+        raise UserError(
+            f"'{d}' is not a directory; pass the run directory of `prune2edge run` or `prune2edge demo` (their --out)"
+        )
     lacking = [f for f in ("config.yaml", "dataset.json") if not (d / f).is_file()]
     if lacking:
-        raise UserError(f"'{d}' is not a prune2edge run directory (no {' or '.join(lacking)}); pass the --out "
-                        "directory of `prune2edge run` or `prune2edge demo`")
+        raise UserError(
+            f"'{d}' is not a prune2edge run directory (no {' or '.join(lacking)}); pass the --out "
+            "directory of `prune2edge run` or `prune2edge demo`"
+        )
     text = (d / "config.yaml").read_text()
     members = []
     for p in sorted((d / "pool").glob("*/member.json")) if (d / "pool").is_dir() else []:
         members.append({**store.read_json(p), "quant": _json(p.parent / "quant.json")})
-    return Run(dir=d, dataset=store.read_json(d / "dataset.json"), config_text=text, config=yaml.safe_load(text) or {},
-               baseline=_json(d / "baseline" / "model.json"), baseline_quant=_json(d / "baseline" / "quant.json"),
-               members=members, selection=_json(d / "selection.json"), metrics=_json(d / "metrics.json"),
-               test=_npz(d / "test.npz"), scores=_npz(d / "test_scores.npz"), timings=_json(d / "timings.json"))
+    return Run(
+        dir=d,
+        dataset=store.read_json(d / "dataset.json"),
+        config_text=text,
+        config=yaml.safe_load(text) or {},
+        baseline=_json(d / "baseline" / "model.json"),
+        baseline_quant=_json(d / "baseline" / "quant.json"),
+        members=members,
+        selection=_json(d / "selection.json"),
+        metrics=_json(d / "metrics.json"),
+        test=_npz(d / "test.npz"),
+        scores=_npz(d / "test_scores.npz"),
+        timings=_json(d / "timings.json"),
+    )
 
 
 # --------------------------------------------------------------------------- figure helpers
+
 
 class Missing(str):
     """Returned by a figure function instead of a figure: why it cannot be drawn for this run."""
@@ -201,9 +239,28 @@ def _colour(cluster: int | None) -> str:
     """One colour per cluster (grey: no cluster)."""
     if cluster is None:
         return "#9e9e9e"
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
-               "#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354",
-               "#756bb1", "#636363"]
+    palette = [
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#17becf",
+        "#bcbd22",
+        "#7f7f7f",
+        "#393b79",
+        "#637939",
+        "#8c6d31",
+        "#843c39",
+        "#7b4173",
+        "#3182bd",
+        "#e6550d",
+        "#31a354",
+        "#756bb1",
+        "#636363",
+    ]
     return palette[cluster % len(palette)]
 
 
@@ -229,21 +286,37 @@ def _label_points(ax, xs, ys, names, bold=frozenset(), fontsize: float = 8) -> N
 
     for (x, y), name, at in zip(pts, names, zip(xs, ys)):
         w = 0.62 * fontsize * px * len(name) * (1.1 if name in bold else 1)
-        spots = [(6 * px, 2 * px), (6 * px, -h - 2 * px), (-6 * px - w, 2 * px), (-6 * px - w, -h - 2 * px),
-                 (-w / 2, 7 * px), (-w / 2, -h - 7 * px)]
+        spots = [
+            (6 * px, 2 * px),
+            (6 * px, -h - 2 * px),
+            (-6 * px - w, 2 * px),
+            (-6 * px - w, -h - 2 * px),
+            (-w / 2, 7 * px),
+            (-w / 2, -h - 7 * px),
+        ]
         boxes = [(x + dx, y + dy, x + dx + w, y + dy + h) for dx, dy in spots]
         cost = [sum(overlap(b, o) for o in obstacles + placed) for b in boxes]
         best = int(np.argmin(cost))
         placed.append(boxes[best])
         dx, dy = spots[best]
-        ax.annotate(name, at, textcoords="offset points", xytext=(dx / px, dy / px), ha="left", va="bottom",
-                    fontsize=fontsize, fontweight="bold" if name in bold else "normal").set_in_layout(False)
+        ax.annotate(
+            name,
+            at,
+            textcoords="offset points",
+            xytext=(dx / px, dy / px),
+            ha="left",
+            va="bottom",
+            fontsize=fontsize,
+            fontweight="bold" if name in bold else "normal",
+        ).set_in_layout(False)
 
 
 def _cluster_legend(ax, clusters: list[int], extra: list | None = None, **kw) -> None:
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], ls="", marker="o", ms=8, color=_colour(c), label=f"cluster {c}") for c in sorted(set(clusters))]
+    handles = [
+        Line2D([], [], ls="", marker="o", ms=8, color=_colour(c), label=f"cluster {c}") for c in sorted(set(clusters))
+    ]
     ax.legend(handles=handles + (extra or []), fontsize=9, **kw)
 
 
@@ -254,6 +327,7 @@ def _selected_marker():
 
 
 # --------------------------------------------------------------------------- the figures, one function each
+
 
 def fig_accuracy_vs_size(run: Run) -> Figure | Missing:
     """Every pool member's int8 validation accuracy against its compressed int8 size; the baseline and ensemble too."""
@@ -272,21 +346,42 @@ def fig_accuracy_vs_size(run: Run) -> Figure | Missing:
         if q["status"] != "ok":
             ax.scatter(x, y, marker="x", s=60, color="#9e9e9e", zorder=3)
         else:
-            ax.scatter(x, y, s=60, color=_colour(clusters.get(name)), zorder=3,
-                       edgecolors="black" if name in selected else "none", linewidths=2)
+            ax.scatter(
+                x,
+                y,
+                s=60,
+                color=_colour(clusters.get(name)),
+                zorder=3,
+                edgecolors="black" if name in selected else "none",
+                linewidths=2,
+            )
     if any(m["quant"]["status"] != "ok" for m in ms):
         extra.append(Line2D([], [], ls="", marker="x", ms=8, color="#9e9e9e", label="dropped by the int8 gate"))
     if run.baseline_quant:
         bq = run.baseline_quant
         ax.scatter(bq["bytes"]["int8_gzip"] / 1024, bq["val_acc_int8"], marker="s", s=90, color="black", zorder=4)
         ax.axhline(bq["val_acc_fp32"], color="black", ls="--", lw=1)
-        extra += [Line2D([], [], ls="", marker="s", ms=9, color="black", label="baseline, int8"),
-                  Line2D([], [], ls="--", color="black", lw=1, label="baseline fp32 accuracy")]
+        extra += [
+            Line2D([], [], ls="", marker="s", ms=9, color="black", label="baseline, int8"),
+            Line2D([], [], ls="--", color="black", lw=1, label="baseline fp32 accuracy"),
+        ]
     if run.metrics:
         e = run.metrics["ensemble"]
-        ax.scatter(e["bytes"]["int8_gzip"] / 1024, e["val_acc"], marker="*", s=320, color="gold", edgecolors="black", zorder=5)
-        extra.append(Line2D([], [], ls="", marker="*", ms=15, color="gold", mec="black",
-                            label=f"selected ensemble (k={e['k']}; total size)"))
+        ax.scatter(
+            e["bytes"]["int8_gzip"] / 1024, e["val_acc"], marker="*", s=320, color="gold", edgecolors="black", zorder=5
+        )
+        extra.append(
+            Line2D(
+                [],
+                [],
+                ls="",
+                marker="*",
+                ms=15,
+                color="gold",
+                mec="black",
+                label=f"selected ensemble (k={e['k']}; total size)",
+            )
+        )
     if selected:
         extra.insert(0, _selected_marker())
     ax.set_xscale("log")
@@ -301,8 +396,13 @@ def fig_accuracy_vs_size(run: Run) -> Figure | Missing:
     elif extra:
         ax.legend(handles=extra, fontsize=9, loc="lower right")
     if len(ms) <= 40:
-        _label_points(ax, [m["quant"]["bytes"]["int8_gzip"] / 1024 for m in ms], [m["quant"]["val_acc_int8"] for m in ms],
-                      [m["name"] for m in ms], selected)
+        _label_points(
+            ax,
+            [m["quant"]["bytes"]["int8_gzip"] / 1024 for m in ms],
+            [m["quant"]["val_acc_int8"] for m in ms],
+            [m["name"] for m in ms],
+            selected,
+        )
     return fig
 
 
@@ -322,15 +422,24 @@ def _mds(d: np.ndarray, seed: int = 0) -> np.ndarray:
 def fig_cluster_map(run: Run) -> Figure | Missing:
     """The members laid out in 2-D so that distance approximates how often two members disagree (validation)."""
     if run.val_disagreement is None:
-        return Missing("needs at least two members that passed the int8 gate, with pool/*/val_proba.npy (phase 'quantize')")
+        return Missing(
+            "needs at least two members that passed the int8 gate, with pool/*/val_proba.npy (phase 'quantize')"
+        )
     names, d = run.val_disagreement
     xy = _mds(100 * d)
     clusters, selected = run.clusters, set(run.selected)
     fig = _figure(7.5, 6)
     ax = fig.add_subplot()
     for (x, y), n in zip(xy, names):
-        ax.scatter(x, y, s=90, color=_colour(clusters.get(n)), edgecolors="black" if n in selected else "none",
-                   linewidths=2, zorder=3)
+        ax.scatter(
+            x,
+            y,
+            s=90,
+            color=_colour(clusters.get(n)),
+            edgecolors="black" if n in selected else "none",
+            linewidths=2,
+            zorder=3,
+        )
     ax.set_aspect("equal", adjustable="datalim")
     ax.margins(0.15)
     ax.set_xlabel("MDS axis 1 (distance in % of images voted differently)")
@@ -347,13 +456,19 @@ def fig_cluster_map(run: Run) -> Figure | Missing:
 def fig_disagreement_heatmap(run: Run) -> Figure | Missing:
     """Pairwise validation disagreement of the members, ordered by cluster."""
     if run.val_disagreement is None:
-        return Missing("needs at least two members that passed the int8 gate, with pool/*/val_proba.npy (phase 'quantize')")
+        return Missing(
+            "needs at least two members that passed the int8 gate, with pool/*/val_proba.npy (phase 'quantize')"
+        )
     names, d = run.val_disagreement
     clusters, selected = run.clusters, set(run.selected)
     order = sorted(range(len(names)), key=lambda i: (clusters.get(names[i], -1), names[i]))
     d = d[np.ix_(order, order)]
-    labels = [names[i] + (f" · c{clusters[names[i]]}" if names[i] in clusters else "") + (" ★" if names[i] in selected else "")
-              for i in order]
+    labels = [
+        names[i]
+        + (f" · c{clusters[names[i]]}" if names[i] in clusters else "")
+        + (" ★" if names[i] in selected else "")
+        for i in order
+    ]
     n = len(names)
     side = min(9, 2.5 + 0.4 * n)
     fig = _figure(side + 1.2, side)
@@ -369,8 +484,15 @@ def fig_disagreement_heatmap(run: Run) -> Figure | Missing:
         for i in range(n):
             for j in range(n):
                 if i != j:
-                    ax.text(j, i, f"{100 * d[i, j]:.1f}", ha="center", va="center", fontsize=7,
-                            color="white" if d[i, j] < 0.6 * d.max() else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{100 * d[i, j]:.1f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if d[i, j] < 0.6 * d.max() else "black",
+                    )
     # lines between clusters
     cl = [clusters.get(names[i], -1) for i in order]
     for b in [i for i in range(1, n) if cl[i] != cl[i - 1]]:
@@ -389,16 +511,22 @@ def fig_accuracy_vs_sparsity(run: Run) -> Figure | Missing:
     ax = fig.add_subplot()
     s = np.array([m["measured_sparsity"]["overall"] for m in run.members])
     fp32 = np.array([m["val_acc_fp32"] for m in run.members])
-    ax.scatter(s, fp32, s=60, facecolors="none", edgecolors="#1f77b4", linewidths=1.5, label="pool member, fp32", zorder=3)
+    ax.scatter(
+        s, fp32, s=60, facecolors="none", edgecolors="#1f77b4", linewidths=1.5, label="pool member, fp32", zorder=3
+    )
     q = [(si, m["quant"]["val_acc_int8"], a) for si, a, m in zip(s, fp32, run.members) if m["quant"]]
     if q:
         for si, a8, a32 in q:
             ax.plot([si, si], [a32, a8], color="#bbbbbb", lw=1, zorder=1)
-        ax.scatter([x[0] for x in q], [x[1] for x in q], s=45, marker="^", color="#d62728", label="pool member, int8", zorder=3)
+        ax.scatter(
+            [x[0] for x in q], [x[1] for x in q], s=45, marker="^", color="#d62728", label="pool member, int8", zorder=3
+        )
     if run.baseline:
         ax.axhline(run.baseline["val_acc_fp32"], color="black", ls="--", lw=1, label="baseline (0% sparsity), fp32")
     if run.baseline_quant:
-        ax.axhline(run.baseline_quant["val_acc_int8"], color="black", ls=":", lw=1.5, label="baseline (0% sparsity), int8")
+        ax.axhline(
+            run.baseline_quant["val_acc_int8"], color="black", ls=":", lw=1.5, label="baseline (0% sparsity), int8"
+        )
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_xlabel("measured sparsity (share of prunable weights that are exactly zero)")
@@ -412,8 +540,13 @@ def fig_accuracy_vs_sparsity(run: Run) -> Figure | Missing:
     return fig
 
 
-STRATEGY_STYLE = {"accuracy-first": ("#1f77b4", "o"), "diversity-first": ("#ff7f0e", "s"), "top-k": ("#2ca02c", "^"),
-                  "random": ("#7f7f7f", "v"), "greedy": ("#9467bd", "D")}
+STRATEGY_STYLE = {
+    "accuracy-first": ("#1f77b4", "o"),
+    "diversity-first": ("#ff7f0e", "s"),
+    "top-k": ("#2ca02c", "^"),
+    "random": ("#7f7f7f", "v"),
+    "greedy": ("#9467bd", "D"),
+}
 
 
 def fig_strategy_curves(run: Run) -> Figure | Missing:
@@ -423,17 +556,34 @@ def fig_strategy_curves(run: Run) -> Figure | Missing:
     m = run.metrics
     fig = _figure(11, 5.4)
     axes = fig.subplots(1, 2, sharey=True)
-    for ax, split, title in ((axes[0], "val", "validation: what the selection sees"),
-                             (axes[1], "test", "test: reported only, never used to choose")):
+    for ax, split, title in (
+        (axes[0], "val", "validation: what the selection sees"),
+        (axes[1], "test", "test: reported only, never used to choose"),
+    ):
         n = len(m["curves"])
         for i, (name, curve) in enumerate(m["curves"].items()):
             colour, marker = STRATEGY_STYLE.get(name, ("black", "o"))
             shift = 0.07 * (i - (n - 1) / 2)  # side by side, so that strategies with equal accuracy stay visible
-            ax.plot([p["k"] + shift for p in curve], [p[f"{split}_acc"] for p in curve], marker=marker, color=colour,
-                    label=name, lw=1.5, ms=5)
+            ax.plot(
+                [p["k"] + shift for p in curve],
+                [p[f"{split}_acc"] for p in curve],
+                marker=marker,
+                color=colour,
+                label=name,
+                lw=1.5,
+                ms=5,
+            )
         e = m["ensemble"]
-        ax.scatter(e["k"], e[f"{split}_acc"], marker="*", s=300, color="gold", edgecolors="black", zorder=5,
-                   label=f"chosen: {e['strategy']}, k={e['k']}")
+        ax.scatter(
+            e["k"],
+            e[f"{split}_acc"],
+            marker="*",
+            s=300,
+            color="gold",
+            edgecolors="black",
+            zorder=5,
+            label=f"chosen: {e['strategy']}, k={e['k']}",
+        )
         base = m["baseline"][f"{split}_acc_fp32"]
         ax.axhline(base, color="black", ls="--", lw=1, label="baseline fp32")
         ax.set_title(title)
@@ -467,8 +617,15 @@ def fig_confusion(run: Run) -> Figure | Missing:
         ax.imshow(rows, cmap="Blues", norm=PowerNorm(0.35, vmin=0, vmax=1))
         if k <= 20:
             for i, j in zip(*np.nonzero(c)):
-                ax.text(j, i, str(c[i, j]), ha="center", va="center", fontsize=8 if k <= 12 else 6,
-                        color="white" if rows[i, j] > 0.5 else ("#b71c1c" if i != j else "black"))
+                ax.text(
+                    j,
+                    i,
+                    str(c[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8 if k <= 12 else 6,
+                    color="white" if rows[i, j] > 0.5 else ("#b71c1c" if i != j else "black"),
+                )
             names = [n[:10] for n in run.classes]
             ax.set_xticks(range(k), names, rotation=90 if max(map(len, names)) > 2 else 0, fontsize=8)
             ax.set_yticks(range(k), names, fontsize=8)
@@ -505,11 +662,22 @@ def fig_class_gains(run: Run) -> Figure | Missing:
     colours = ["#2e7d32" if v > 0 else "#c62828" if v < 0 else "#9e9e9e" for v in delta]
     ax.bar(range(len(rows)), delta, color=colours)
     ax.axhline(0, color="black", lw=1)
-    ax.set_xticks(range(len(rows)), [f"{r['class'][:12]}\nn={r['n']}" for r in rows], fontsize=8,
-                  rotation=90 if len(rows) > 12 or max(len(r["class"]) for r in rows) > 6 else 0)
+    ax.set_xticks(
+        range(len(rows)),
+        [f"{r['class'][:12]}\nn={r['n']}" for r in rows],
+        fontsize=8,
+        rotation=90 if len(rows) > 12 or max(len(r["class"]) for r in rows) > 6 else 0,
+    )
     for i, v in enumerate(delta):
         if v != 0:
-            ax.annotate(f"{v:+.1f}", (i, v), textcoords="offset points", xytext=(0, 3 if v > 0 else -10), ha="center", fontsize=8)
+            ax.annotate(
+                f"{v:+.1f}",
+                (i, v),
+                textcoords="offset points",
+                xytext=(0, 3 if v > 0 else -10),
+                ha="center",
+                fontsize=8,
+            )
     lim = max(1.0, float(np.abs(delta).max()) * 1.25)
     ax.set_ylim(-lim, lim)
     ax.set_xlabel("class (n = test images of that class)")
@@ -526,8 +694,11 @@ def disputed_images(run: Run, limit: int = 16) -> tuple[list[int], np.ndarray, n
     proba = run.scores["members"][[names.index(n) for n in chosen]]
     k = len(chosen)
     # fraction of member pairs whose votes differ, image by image
-    per_image = np.array([disagreement(proba[:, i:i + 1]).sum() / (k * (k - 1)) for i in range(proba.shape[1])]) \
-        if k > 1 else np.zeros(proba.shape[1])
+    per_image = (
+        np.array([disagreement(proba[:, i : i + 1]).sum() / (k * (k - 1)) for i in range(proba.shape[1])])
+        if k > 1
+        else np.zeros(proba.shape[1])
+    )
     wrong = run.scores["ensemble"].argmax(1) != run.test["y"]
     order = np.lexsort((np.arange(len(per_image)), ~wrong, -per_image))
     return [int(i) for i in order[:limit] if per_image[i] > 0], proba.argmax(-1), per_image
@@ -574,13 +745,28 @@ def fig_disputed_images(run: Run) -> Figure | Missing:
         for sp in ax.spines.values():
             sp.set_color(colour)
             sp.set_linewidth(2.5)
-        ax.set_title(f"test #{i} · truth: {classes[y[i]][:14]}\nensemble: {classes[ens[i]][:14]} {'✓' if ok else '✗'}",
-                     fontsize=9, color=colour)
-        lines = [f"{n}: {classes[votes[j, i]][:12]} {'✓' if votes[j, i] == y[i] else '✗'}" for j, n in enumerate(chosen)]
+        ax.set_title(
+            f"test #{i} · truth: {classes[y[i]][:14]}\nensemble: {classes[ens[i]][:14]} {'✓' if ok else '✗'}",
+            fontsize=9,
+            color=colour,
+        )
+        lines = [
+            f"{n}: {classes[votes[j, i]][:12]} {'✓' if votes[j, i] == y[i] else '✗'}" for j, n in enumerate(chosen)
+        ]
         lines.append(f"pairs disagreeing: {100 * per_image[i]:.0f}%")
-        fig.text((c + 0.5) * tile_w / width, (bottom - 0.08) / height, "\n".join(lines), ha="center", va="top",
-                 fontsize=8, family="monospace", linespacing=1.25)
-    fig.suptitle("Test images the selected members disagree on most (✓ right, ✗ wrong)", y=1 - 0.12 / height, fontsize=11)
+        fig.text(
+            (c + 0.5) * tile_w / width,
+            (bottom - 0.08) / height,
+            "\n".join(lines),
+            ha="center",
+            va="top",
+            fontsize=8,
+            family="monospace",
+            linespacing=1.25,
+        )
+    fig.suptitle(
+        "Test images the selected members disagree on most (✓ right, ✗ wrong)", y=1 - 0.12 / height, fontsize=11
+    )
     return fig
 
 
@@ -601,8 +787,14 @@ def fig_baseline_history(run: Run) -> Figure | Missing:
     a.set_title("loss")
     b.plot(ep, [r["train_acc"] for r in h], color="#1f77b4", marker="o", ms=3, label="training (augmented batches)")
     if any("val_acc" in r for r in h):
-        b.plot([r["epoch"] for r in h if "val_acc" in r], [r["val_acc"] for r in h if "val_acc" in r], color="#d62728",
-               marker="o", ms=3, label="validation")
+        b.plot(
+            [r["epoch"] for r in h if "val_acc" in r],
+            [r["val_acc"] for r in h if "val_acc" in r],
+            color="#d62728",
+            marker="o",
+            ms=3,
+            label="validation",
+        )
     b.set_xlabel("epoch")
     b.set_ylabel("accuracy")
     b.yaxis.set_major_formatter(PercentFormatter(1.0))
@@ -634,16 +826,20 @@ def fig_timings(run: Run) -> Figure | Missing:
     return fig
 
 
-DECIDERS = (("ensemble", "ensemble, by its vote's margin", "#d62728"),
-            ("baseline_fp32", "baseline fp32, by its top probability", "black"))
+DECIDERS = (
+    ("ensemble", "ensemble, by its vote's margin", "#d62728"),
+    ("baseline_fp32", "baseline fp32, by its top probability", "black"),
+)
 
 
 def _decision_scores(run: Run) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per model of :data:`DECIDERS`: its test score that ranks frames, its top score, and whether it was right."""
     y = run.test["y"]
     ens, base = run.scores["ensemble"], run.scores["baseline_fp32"]
-    return {"ensemble": (margin(ens), ens.max(1), ens.argmax(1) == y),
-            "baseline_fp32": (base.max(1), base.max(1), base.argmax(1) == y)}
+    return {
+        "ensemble": (margin(ens), ens.max(1), ens.argmax(1) == y),
+        "baseline_fp32": (base.max(1), base.max(1), base.argmax(1) == y),
+    }
 
 
 def fig_risk_coverage(run: Run) -> Figure | Missing:
@@ -659,14 +855,29 @@ def fig_risk_coverage(run: Run) -> Figure | Missing:
         rc.plot(coverage, acc, color=colour, lw=1.8, label=f"{label} (AURC {d[name]['aurc']:.4f})")
         if "at_threshold" in d[name] and d[name]["at_threshold"]["accuracy"] is not None:
             op = d[name]["at_threshold"]
-            rc.scatter(op["coverage"], op["accuracy"], s=80, color=colour, edgecolors="white", zorder=4,
-                       label=f"threshold {d[name]['threshold']['abstain_below']:.3f} (chosen on validation): "
-                             f"{pct(op['coverage'])} decided")
+            rc.scatter(
+                op["coverage"],
+                op["accuracy"],
+                s=80,
+                color=colour,
+                edgecolors="white",
+                zorder=4,
+                label=f"threshold {d[name]['threshold']['abstain_below']:.3f} (chosen on validation): "
+                f"{pct(op['coverage'])} decided",
+            )
         bins = selective.calibration_bins(top, right)
-        rel.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], color=colour, marker="o", ms=4,
-                 label=f"{label.split(',')[0]}: ECE {d[name]['ece']:.4f}")
+        rel.plot(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            color=colour,
+            marker="o",
+            ms=4,
+            label=f"{label.split(',')[0]}: ECE {d[name]['ece']:.4f}",
+        )
     if d["target_accuracy"] is not None:
-        rc.axhline(d["target_accuracy"], color="#5c6bc0", ls=":", lw=1.2, label=f"target accuracy {pct(d['target_accuracy'])}")
+        rc.axhline(
+            d["target_accuracy"], color="#5c6bc0", ls=":", lw=1.2, label=f"target accuracy {pct(d['target_accuracy'])}"
+        )
     rc.set_xlabel("coverage: share of test frames decided (the rest go to review)")
     rc.set_ylabel("accuracy of the decided frames")
     rc.set_title("Risk–coverage (test split)")
@@ -696,12 +907,22 @@ def fig_degradation(run: Run) -> Figure | Missing:
     ax.fill_between(j, lo, hi, color="#d62728", alpha=0.15, label="ensemble: min to max over which members are missing")
     ax.plot(j, mean, color="#d62728", marker="o", lw=1.8, label="ensemble: mean over which members are missing")
     ax.axhline(g["baseline_fp32_test_acc"], color="black", ls="--", lw=1, label="baseline fp32")
-    ax.axhline(g["best_member"]["test_acc_int8"], color="#1f77b4", ls=":", lw=1.5,
-               label=f"best single member ({g['best_member']['name']}, by validation)")
+    ax.axhline(
+        g["best_member"]["test_acc_int8"],
+        color="#1f77b4",
+        ls=":",
+        lw=1.5,
+        label=f"best single member ({g['best_member']['name']}, by validation)",
+    )
     below = [r["missing"] for r in rows if r["below_quorum"]]
     if below:
-        ax.axvspan(min(below) - 0.5, max(below) + 0.5, color="#9e9e9e", alpha=0.15,
-                   label=f"fewer than the default quorum ({g['default_quorum']}): a fleet answers 'undecided'")
+        ax.axvspan(
+            min(below) - 0.5,
+            max(below) + 0.5,
+            color="#9e9e9e",
+            alpha=0.15,
+            label=f"fewer than the default quorum ({g['default_quorum']}): a fleet answers 'undecided'",
+        )
     ax.set_xlabel(f"members missing (of {g['k']})")
     ax.set_ylabel("test accuracy")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -715,53 +936,109 @@ def fig_degradation(run: Run) -> Figure | Missing:
 
 # (id, section, title, one-line explanation, function), in page order
 FIGURES = [
-    ("accuracy-vs-size", "pool", "Accuracy against size",
-     "Each dot is one pruned, int8-quantised pool member: further left is smaller on the wire, higher is more accurate "
-     "on validation. Colour = cluster, black ring = selected, black square = the unpruned baseline in int8, "
-     "star = the selected ensemble (all its members' sizes added up).", fig_accuracy_vs_size),
-    ("accuracy-vs-sparsity", "pool", "Accuracy against sparsity",
-     "What pruning costs: each member's validation accuracy at its measured sparsity, before (fp32, circle) and after "
-     "(int8, triangle) quantisation; a grey line joins the two. The black lines are the unpruned baseline's accuracy.",
-     fig_accuracy_vs_sparsity),
-    ("cluster-map", "clusters", "Cluster map",
-     "Members placed in 2-D (multidimensional scaling) so that the distance between two dots approximates how often "
-     "their int8 votes differ on validation images; the ensemble wants members from different clusters.",
-     fig_cluster_map),
-    ("disagreement-heatmap", "clusters", "Disagreement matrix",
-     "The same numbers as the map, exactly: the percentage of validation images on which two members vote differently, "
-     "rows and columns grouped by cluster (white lines separate clusters).", fig_disagreement_heatmap),
-    ("strategy-curves", "strategies", "Accuracy against number of members",
-     "Accuracy of the voting ensemble as members are added, for each way of choosing them. Left: validation, which the "
-     "choices were made on. Right: test, shown for reference only. (Lines are nudged sideways so that equal ones stay "
-     "visible.)", fig_strategy_curves),
-    ("confusion", "errors", "Confusion matrices",
-     "Rows: true class; columns: predicted class; the diagonal holds the correct answers, every other cell is a mistake.",
-     fig_confusion),
-    ("class-gains", "errors", "Per-class change",
-     "Test accuracy of the ensemble minus that of the fp32 baseline, class by class: which classes the ensemble fixes "
-     "and which it breaks.", fig_class_gains),
-    ("risk-coverage", "decisions", "Deciding or sending to review",
-     "Left: if only the frames a model is surest of are decided and the rest go to a person, how accurate are the "
-     "decided ones? Frames are ranked by the vote's margin for the ensemble and by the top probability for the "
-     "baseline; dots: the thresholds chosen on validation. Right: whether a top score of 0.9 is right 90% of the time.",
-     fig_risk_coverage),
-    ("degradation", "devices", "Accuracy as devices drop out",
-     "The ensemble's test accuracy with j of its members missing, over every choice of which ones (or a random "
-     "sample of them when there are many), beside the fp32 baseline and the best single member.", fig_degradation),
-    ("disputed-images", "disagreement", "The most disputed test images",
-     "The test images on which the selected members' votes are most split: each member's vote, the ensemble's answer "
-     "and the truth; 'pairs disagreeing' is the share of member pairs that vote differently (images enlarged with "
-     "nearest-neighbour pixels).", fig_disputed_images),
-    ("baseline-history", "training", "Baseline training",
-     "How the baseline learned, epoch by epoch: training loss, and accuracy on training and validation data.",
-     fig_baseline_history),
-    ("timings", "training", "Phase timings",
-     "Where the run's time went. (Written before this report, so the 'report' phase itself is not included the first "
-     "time.)", fig_timings),
+    (
+        "accuracy-vs-size",
+        "pool",
+        "Accuracy against size",
+        "Each dot is one pruned, int8-quantised pool member: further left is smaller on the wire, higher is more accurate "
+        "on validation. Colour = cluster, black ring = selected, black square = the unpruned baseline in int8, "
+        "star = the selected ensemble (all its members' sizes added up).",
+        fig_accuracy_vs_size,
+    ),
+    (
+        "accuracy-vs-sparsity",
+        "pool",
+        "Accuracy against sparsity",
+        "What pruning costs: each member's validation accuracy at its measured sparsity, before (fp32, circle) and after "
+        "(int8, triangle) quantisation; a grey line joins the two. The black lines are the unpruned baseline's accuracy.",
+        fig_accuracy_vs_sparsity,
+    ),
+    (
+        "cluster-map",
+        "clusters",
+        "Cluster map",
+        "Members placed in 2-D (multidimensional scaling) so that the distance between two dots approximates how often "
+        "their int8 votes differ on validation images; the ensemble wants members from different clusters.",
+        fig_cluster_map,
+    ),
+    (
+        "disagreement-heatmap",
+        "clusters",
+        "Disagreement matrix",
+        "The same numbers as the map, exactly: the percentage of validation images on which two members vote differently, "
+        "rows and columns grouped by cluster (white lines separate clusters).",
+        fig_disagreement_heatmap,
+    ),
+    (
+        "strategy-curves",
+        "strategies",
+        "Accuracy against number of members",
+        "Accuracy of the voting ensemble as members are added, for each way of choosing them. Left: validation, which the "
+        "choices were made on. Right: test, shown for reference only. (Lines are nudged sideways so that equal ones stay "
+        "visible.)",
+        fig_strategy_curves,
+    ),
+    (
+        "confusion",
+        "errors",
+        "Confusion matrices",
+        "Rows: true class; columns: predicted class; the diagonal holds the correct answers, every other cell is a mistake.",
+        fig_confusion,
+    ),
+    (
+        "class-gains",
+        "errors",
+        "Per-class change",
+        "Test accuracy of the ensemble minus that of the fp32 baseline, class by class: which classes the ensemble fixes "
+        "and which it breaks.",
+        fig_class_gains,
+    ),
+    (
+        "risk-coverage",
+        "decisions",
+        "Deciding or sending to review",
+        "Left: if only the frames a model is surest of are decided and the rest go to a person, how accurate are the "
+        "decided ones? Frames are ranked by the vote's margin for the ensemble and by the top probability for the "
+        "baseline; dots: the thresholds chosen on validation. Right: whether a top score of 0.9 is right 90% of the time.",
+        fig_risk_coverage,
+    ),
+    (
+        "degradation",
+        "devices",
+        "Accuracy as devices drop out",
+        "The ensemble's test accuracy with j of its members missing, over every choice of which ones (or a random "
+        "sample of them when there are many), beside the fp32 baseline and the best single member.",
+        fig_degradation,
+    ),
+    (
+        "disputed-images",
+        "disagreement",
+        "The most disputed test images",
+        "The test images on which the selected members' votes are most split: each member's vote, the ensemble's answer "
+        "and the truth; 'pairs disagreeing' is the share of member pairs that vote differently (images enlarged with "
+        "nearest-neighbour pixels).",
+        fig_disputed_images,
+    ),
+    (
+        "baseline-history",
+        "training",
+        "Baseline training",
+        "How the baseline learned, epoch by epoch: training loss, and accuracy on training and validation data.",
+        fig_baseline_history,
+    ),
+    (
+        "timings",
+        "training",
+        "Phase timings",
+        "Where the run's time went. (Written before this report, so the 'report' phase itself is not included the first "
+        "time.)",
+        fig_timings,
+    ),
 ]
 
 
 # --------------------------------------------------------------------------- the page
+
 
 def headline(run: Run) -> dict | None:
     """Headline numbers for the template, each with the metrics.json path it comes from (the page marks them)."""
@@ -770,12 +1047,19 @@ def headline(run: Run) -> dict | None:
     m = run.metrics
     b, e = m["baseline"], m["ensemble"]
     members = {mm["name"]: mm for mm in m["members"]}
-    return {"baseline": b, "ensemble": e, "pool_vote": m["pool_vote"], "pool_size": len(m["members"]),
-            "warnings": m.get("warnings", []),  # none in a metrics.json from before the check
-            "data_warnings": m["dataset"].get("warnings", []),  # images copied across the splits
-            "selected": [members[n] for n in e["members"]], "significant": e["mcnemar_p_vs_baseline_fp32"] < 0.05,
-            "ratio": {k: e["bytes"][k] / b["bytes"][k] for k in ("fp32", "int8", "int8_gzip")},
-            "ratio_vs_fp32": e["bytes"]["int8_gzip"] / b["bytes"]["fp32"], "n_test": len(run.test["y"]) if run.test else None}
+    return {
+        "baseline": b,
+        "ensemble": e,
+        "pool_vote": m["pool_vote"],
+        "pool_size": len(m["members"]),
+        "warnings": m.get("warnings", []),  # none in a metrics.json from before the check
+        "data_warnings": m["dataset"].get("warnings", []),  # images copied across the splits
+        "selected": [members[n] for n in e["members"]],
+        "significant": e["mcnemar_p_vs_baseline_fp32"] < 0.05,
+        "ratio": {k: e["bytes"][k] / b["bytes"][k] for k in ("fp32", "int8", "int8_gzip")},
+        "ratio_vs_fp32": e["bytes"]["int8_gzip"] / b["bytes"]["fp32"],
+        "n_test": len(run.test["y"]) if run.test else None,
+    }
 
 
 def config_blocks(text: str) -> list[str]:
@@ -791,14 +1075,25 @@ def config_blocks(text: str) -> list[str]:
 def render(run: Run, figures: list[dict]) -> str:
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
-                             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters.update(FORMATS)
     env.globals.update(fmt=lambda kind, value: FORMATS[kind](value), colour=_colour)
     return env.get_template(TEMPLATE).render(
-        run=run, figures=figures, head=headline(run), missing=run.missing(), config=config_blocks(run.config_text),
-        deltas=class_deltas(run) if run.evaluated else None, strategies=(run.metrics or {}).get("strategies"),
-        members={m["name"]: m for m in (run.metrics or {}).get("members", [])})
+        run=run,
+        figures=figures,
+        head=headline(run),
+        missing=run.missing(),
+        config=config_blocks(run.config_text),
+        deltas=class_deltas(run) if run.evaluated else None,
+        strategies=(run.metrics or {}).get("strategies"),
+        members={m["name"]: m for m in (run.metrics or {}).get("members", [])},
+    )
 
 
 def write(run_dir: Path | str) -> Path:

@@ -4,14 +4,17 @@ A score ranks frames by how sure a model is (the ensemble: the vote's margin, :d
 one model: its top probability). Frames scoring at least the threshold are *decided*, the rest go to review;
 *coverage* is the share decided. Needs only numpy.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 ECE_BINS = 15
-ECE_BINNING = (f"{ECE_BINS} equal-width bins of the top score, [0, 1/{ECE_BINS}], (1/{ECE_BINS}, 2/{ECE_BINS}], ..., "
-               f"({ECE_BINS - 1}/{ECE_BINS}, 1]; ECE = sum over bins of (frames in the bin / all frames) * "
-               "|accuracy - mean top score| in the bin")
+ECE_BINNING = (
+    f"{ECE_BINS} equal-width bins of the top score, [0, 1/{ECE_BINS}], (1/{ECE_BINS}, 2/{ECE_BINS}], ..., "
+    f"({ECE_BINS - 1}/{ECE_BINS}, 1]; ECE = sum over bins of (frames in the bin / all frames) * "
+    "|accuracy - mean top score| in the bin"
+)
 CURVE_COVERAGES = tuple(round(0.05 * i, 2) for i in range(1, 21))
 
 
@@ -45,16 +48,26 @@ def choose_threshold(score: np.ndarray, correct: np.ndarray, target_accuracy: fl
     met = ends[acc[ends] >= target_accuracy - 1e-12]
     i = int(met.max()) if met.size else int(ends[np.flatnonzero(acc[ends] == acc[ends].max()).max()])
     threshold = 0.0 if i == len(s) - 1 else float(s[i])
-    return {"abstain_below": threshold, "target_accuracy": float(target_accuracy), "target_met": bool(met.size),
-            "val_coverage": (i + 1) / len(s), "val_accuracy": float(acc[i]), "n_val": len(s)}
+    return {
+        "abstain_below": threshold,
+        "target_accuracy": float(target_accuracy),
+        "target_met": bool(met.size),
+        "val_coverage": (i + 1) / len(s),
+        "val_accuracy": float(acc[i]),
+        "n_val": len(s),
+    }
 
 
 def operating_point(score: np.ndarray, correct: np.ndarray, threshold: float) -> dict:
     """Coverage and accuracy of the decided frames (score >= ``threshold``; accuracy None when none is decided)."""
     decided = np.asarray(score) >= threshold
     correct = np.asarray(correct, bool)
-    return {"coverage": float(decided.mean()), "accuracy": float(correct[decided].mean()) if decided.any() else None,
-            "decided": int(decided.sum()), "n": len(decided)}
+    return {
+        "coverage": float(decided.mean()),
+        "accuracy": float(correct[decided].mean()) if decided.any() else None,
+        "decided": int(decided.sum()),
+        "n": len(decided),
+    }
 
 
 def calibration_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> list[dict]:
@@ -62,12 +75,22 @@ def calibration_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = EC
     confidence, correct = np.asarray(confidence, np.float64), np.asarray(correct, np.float64)
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
-    return [{"low": float(edges[b]), "high": float(edges[b + 1]), "n": int((which == b).sum()),
-             "confidence": float(confidence[which == b].mean()), "accuracy": float(correct[which == b].mean())}
-            for b in range(bins) if (which == b).any()]
+    return [
+        {
+            "low": float(edges[b]),
+            "high": float(edges[b + 1]),
+            "n": int((which == b).sum()),
+            "confidence": float(confidence[which == b].mean()),
+            "accuracy": float(correct[which == b].mean()),
+        }
+        for b in range(bins)
+        if (which == b).any()
+    ]
 
 
 def calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
     """Expected calibration error of top scores (:data:`ECE_BINNING`)."""
-    return float(sum(b["n"] * abs(b["accuracy"] - b["confidence"]) for b in calibration_bins(confidence, correct, bins))
-                 / len(confidence))
+    return float(
+        sum(b["n"] * abs(b["accuracy"] - b["confidence"]) for b in calibration_bins(confidence, correct, bins))
+        / len(confidence)
+    )

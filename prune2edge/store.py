@@ -1,4 +1,5 @@
 """The run directory as an artifact store: atomic writes, hashes, the data splits a run recorded, and its baseline."""
+
 from __future__ import annotations
 
 import functools
@@ -92,9 +93,15 @@ def dataset(run_dir: str):
 
     ds = data.load(config.load(Path(run_dir) / "config.yaml")["data"])
     splits = Path(run_dir) / "splits.npz"
-    if ds.carved_test is not None and splits.exists() and not np.array_equal(np.load(splits)["carved_test"], ds.carved_test):
-        raise UserError(f"the test split carved from the data now differs from the one '{run_dir}' recorded in "
-                        "splits.npz (the data or scikit-learn changed); start a new run directory")
+    if (
+        ds.carved_test is not None
+        and splits.exists()
+        and not np.array_equal(np.load(splits)["carved_test"], ds.carved_test)
+    ):
+        raise UserError(
+            f"the test split carved from the data now differs from the one '{run_dir}' recorded in "
+            "splits.npz (the data or scikit-learn changed); start a new run directory"
+        )
     return ds
 
 
@@ -134,8 +141,10 @@ def load_baseline(run_dir: str | Path, source: int = 0) -> torch.nn.Module:
     snap = run_dir / "baseline" / f"snapshot{source}.pt"
     path = snap if source and snap.exists() else run_dir / "baseline" / "model.pt"
     if source and not snap.exists() and source != cfg.get("snapshots", 0):
-        raise UserError(f"baseline snapshot '{snap}' is missing; delete '{run_dir / 'baseline'}' to retrain the baseline "
-                        "with pool.snapshots set")
+        raise UserError(
+            f"baseline snapshot '{snap}' is missing; delete '{run_dir / 'baseline'}' to retrain the baseline "
+            "with pool.snapshots set"
+        )
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model
 

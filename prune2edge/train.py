@@ -4,6 +4,7 @@ On CUDA the forward pass runs under bf16 autocast (weights, optimiser state and 
 the optimiser is fused and reads its learning rate from a device tensor, and ``compile`` can add
 ``torch.compile`` or capture the whole step as a CUDA graph. :func:`fit_group` trains several members at once.
 """
+
 from __future__ import annotations
 
 import copy
@@ -82,14 +83,20 @@ def restarts_factor(step: int, total: int, cycles: int, warmup: float = 0.1) -> 
     return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def make_schedule(opt: torch.optim.Optimizer, kind: str, total: int, cycles: int = 1,
-                  cycle_momentum: bool = True) -> torch.optim.lr_scheduler.LRScheduler:
+def make_schedule(
+    opt: torch.optim.Optimizer, kind: str, total: int, cycles: int = 1, cycle_momentum: bool = True
+) -> torch.optim.lr_scheduler.LRScheduler:
     """The learning-rate schedule over ``total`` steps; ``onecycle`` also cycles the momentum unless told not to."""
     if kind == "restarts":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: restarts_factor(s, total, cycles))
     if kind == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[float(g["lr"]) for g in opt.param_groups], total_steps=total,
-                                                   pct_start=0.25, cycle_momentum=cycle_momentum)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt,
+            max_lr=[float(g["lr"]) for g in opt.param_groups],
+            total_steps=total,
+            pct_start=0.25,
+            cycle_momentum=cycle_momentum,
+        )
     if kind == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -106,7 +113,9 @@ def make_optimizer(params: list[nn.Parameter], s: TrainSettings, device: str) ->
             kw["capturable"] = s.compile == "cuda-graph"
     if s.optimizer == "adam":
         return torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay, **kw)
-    return torch.optim.SGD(params, lr=lr, momentum=s.momentum, nesterov=s.momentum > 0, weight_decay=s.weight_decay, **kw)
+    return torch.optim.SGD(
+        params, lr=lr, momentum=s.momentum, nesterov=s.momentum > 0, weight_decay=s.weight_decay, **kw
+    )
 
 
 def autocast(device: str) -> torch.autocast:
@@ -122,7 +131,7 @@ def loss_of(out: torch.Tensor, y: torch.Tensor, s: TrainSettings, soft: torch.Te
     if soft is None:
         return loss
     kl = nn.functional.kl_div(torch.log_softmax(out / s.temperature, 1), soft, reduction="batchmean")
-    return (1 - s.distill) * loss + s.distill * s.temperature ** 2 * kl
+    return (1 - s.distill) * loss + s.distill * s.temperature**2 * kl
 
 
 def teacher_soft(teacher: nn.Module | None, xb: torch.Tensor, s: TrainSettings) -> torch.Tensor | None:
@@ -133,8 +142,9 @@ def teacher_soft(teacher: nn.Module | None, xb: torch.Tensor, s: TrainSettings) 
         return torch.softmax(teacher(xb) / s.temperature, 1)
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, s: TrainSettings, device: str,
-               teacher: nn.Module | None = None) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def train_step(
+    model: nn.Module, opt: torch.optim.Optimizer, s: TrainSettings, device: str, teacher: nn.Module | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """One optimiser step on a batch (forward, loss, backward, update); returns the detached loss and outputs.
     With ``s.compile == "torch"`` the network runs ``torch.compile``d."""
     forward = torch.compile(model) if s.compile == "torch" else model
@@ -160,8 +170,12 @@ class CudaGraphStep:
     Whatever changes between steps must be read from tensors: the learning rate is (:func:`make_optimizer`).
     """
 
-    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], batch_size: int,
-                 warmup: int = 3):
+    def __init__(
+        self,
+        step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        batch_size: int,
+        warmup: int = 3,
+    ):
         self.step, self.batch_size, self.warmup = step, batch_size, warmup
         self.side = torch.cuda.Stream()
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -256,7 +270,7 @@ def fit(
         for i in range(0, len(x), s.batch_size):
             if step >= total:
                 break
-            idx = order[i:i + s.batch_size]
+            idx = order[i : i + s.batch_size]
             xb = augment_batch(x[idx], augment, gen).contiguous(memory_format=torch.channels_last)
             yb = y[idx]
             loss, out = step_fn(xb, yb)
@@ -268,16 +282,30 @@ def fit(
             loss_sum += loss * len(idx)
             correct += (out.argmax(1) == yb).sum()
             bar.update(1)
-        row = {"epoch": len(history) + 1, "steps": step, "train_loss": float(loss_sum) / seen, "train_acc": int(correct) / seen,
-               "seconds": time.perf_counter() - t0}
+        row = {
+            "epoch": len(history) + 1,
+            "steps": step,
+            "train_loss": float(loss_sum) / seen,
+            "train_acc": int(correct) / seen,
+            "seconds": time.perf_counter() - t0,
+        }
         if x_val is not None and y_val is not None:
             row["val_acc"] = accuracy(predict_proba(model, x_val, device=device), y_val.numpy())
         bar.set_postfix({k: round(v, 4) for k, v in row.items() if k in ("train_loss", "val_acc")})
         history.append(row)
         if checkpoint is not None and step < total:
-            store.write_state(checkpoint, {"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
-                                           "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                                           "history": history, "step": step})
+            store.write_state(
+                checkpoint,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "schedule": sched.state_dict(),
+                    "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": history,
+                    "step": step,
+                },
+            )
     bar.close()
     model.to(memory_format=torch.contiguous_format)
     return history
@@ -309,12 +337,18 @@ class _Lane:
     def batch(self, augment: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self.pos == 0:
             self.order = torch.randperm(len(self.x), generator=self.gen).to(self.x.device)
-            self.seen, self.loss_sum, self.correct = 0, torch.zeros((), device=self.x.device), torch.zeros((), dtype=torch.long, device=self.x.device)
-        idx = self.order[self.pos:self.pos + self.s.batch_size]
+            self.seen, self.loss_sum, self.correct = (
+                0,
+                torch.zeros((), device=self.x.device),
+                torch.zeros((), dtype=torch.long, device=self.x.device),
+            )
+        idx = self.order[self.pos : self.pos + self.s.batch_size]
         self.pos += len(idx)
         return augment_batch(self.x[idx], augment, self.gen), self.y[idx]
 
-    def update(self, grads: dict[str, torch.Tensor], loss: torch.Tensor, out: torch.Tensor, yb: torch.Tensor, t0: float) -> None:
+    def update(
+        self, grads: dict[str, torch.Tensor], loss: torch.Tensor, out: torch.Tensor, yb: torch.Tensor, t0: float
+    ) -> None:
         """The member's optimiser step on its gradients, then its hook and running sums."""
         for name, p in self.m.model.named_parameters():
             p.grad = grads[name]
@@ -327,14 +361,28 @@ class _Lane:
         self.loss_sum += loss * len(yb)
         self.correct += (out.argmax(1) == yb).sum()
         if self.pos >= len(self.x) or self.step >= self.total:
-            self.history.append({"epoch": len(self.history) + 1, "steps": self.step, "train_loss": float(self.loss_sum) / self.seen,
-                                 "train_acc": int(self.correct) / self.seen, "seconds": time.perf_counter() - t0})
+            self.history.append(
+                {
+                    "epoch": len(self.history) + 1,
+                    "steps": self.step,
+                    "train_loss": float(self.loss_sum) / self.seen,
+                    "train_acc": int(self.correct) / self.seen,
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
             self.pos = 0
 
 
-def _lockstep(forward: Callable, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], rows: list[int],
-              batches: dict[int, tuple[torch.Tensor, torch.Tensor]], settings: list[TrainSettings], teacher: nn.Module | None,
-              device: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _lockstep(
+    forward: Callable,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    rows: list[int],
+    batches: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    settings: list[TrainSettings],
+    teacher: nn.Module | None,
+    device: str,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Forward and backward of the members ``rows`` of the stacked weights on their batches (of one size) in one
     vmapped call; gradients land in ``params[k].grad`` at those rows. Returns their losses and detached outputs."""
     every = len(rows) == len(next(iter(params.values())))
@@ -354,8 +402,15 @@ def _lockstep(forward: Callable, params: dict[str, torch.Tensor], buffers: dict[
     return [loss.detach() for loss in losses], out.detach()
 
 
-def fit_group(members: list[Member], *, augment: str = "none", device: str = "cpu", teacher: nn.Module | None = None,
-              desc: str = "group", progress: bool = True) -> list[list[dict]]:
+def fit_group(
+    members: list[Member],
+    *,
+    augment: str = "none",
+    device: str = "cpu",
+    teacher: nn.Module | None = None,
+    desc: str = "group",
+    progress: bool = True,
+) -> list[list[dict]]:
     """Train several networks of one architecture at once on one device; one ``fit`` history per member.
 
     Each member follows its own settings (learning rate, schedule, epochs, batch size, distillation), draws its
@@ -374,8 +429,10 @@ def fit_group(members: list[Member], *, augment: str = "none", device: str = "cp
     on_device: dict[int, torch.Tensor] = {}  # shared training data is moved once
     for m in members:
         m.model.to(device)
-    lanes = [_Lane(m, on_device.setdefault(id(m.x), m.x.to(device)), on_device.setdefault(id(m.y), m.y.to(device)), device)
-             for m in members]
+    lanes = [
+        _Lane(m, on_device.setdefault(id(m.x), m.x.to(device)), on_device.setdefault(id(m.y), m.y.to(device)), device)
+        for m in members
+    ]
     base = copy.deepcopy(members[0].model).to("meta").train()
     params, buffers = torch.func.stack_module_state([m.model for m in members])
     for i, m in enumerate(members):  # each member's tensors become its row of the stacked ones
@@ -389,7 +446,9 @@ def fit_group(members: list[Member], *, augment: str = "none", device: str = "cp
         batches = {i: lanes[i].batch(augment) for i in active}
         for size in sorted({len(yb) for _, yb in batches.values()}):
             rows = [i for i in active if len(batches[i][1]) == size]
-            losses, out = _lockstep(forward, params, buffers, rows, batches, [lanes[i].s for i in rows], teacher, device)
+            losses, out = _lockstep(
+                forward, params, buffers, rows, batches, [lanes[i].s for i in rows], teacher, device
+            )
             for j, i in enumerate(rows):
                 lanes[i].update({k: v.grad[i] for k, v in params.items()}, losses[j], out[j], batches[i][1], t0)
                 bar.update(1)
@@ -406,5 +465,5 @@ def fit_group(members: list[Member], *, augment: str = "none", device: str = "cp
 def predict_proba(model: nn.Module, x: torch.Tensor, device: str = "cpu", batch_size: int = 512) -> np.ndarray:
     """Softmax probabilities of a torch network in eval mode."""
     model.eval().to(device)
-    out = [torch.softmax(model(x[i:i + batch_size].to(device)), 1).cpu() for i in range(0, len(x), batch_size)]
+    out = [torch.softmax(model(x[i : i + batch_size].to(device)), 1).cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy()

@@ -1,4 +1,5 @@
 """Combining members' class probabilities into one decision. Needs only numpy (edge devices run it)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,9 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 
 RULES = ("soft", "hard")
-AGREEMENT = ("margin of the vote: the winning class's ensemble score minus the runner-up's (soft: mean member "
-             "probabilities; hard: share of the member votes; weighted when the vote is), in [0, 1]; a frame whose "
-             "margin is below the abstain threshold goes to review")
+AGREEMENT = (
+    "margin of the vote: the winning class's ensemble score minus the runner-up's (soft: mean member "
+    "probabilities; hard: share of the member votes; weighted when the vote is), in [0, 1]; a frame whose "
+    "margin is below the abstain threshold goes to review"
+)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -61,16 +64,23 @@ class Decisions:
     abstain_below: float
 
 
-def decide(proba: np.ndarray, rule: str = "soft", weights: np.ndarray | None = None,
-           abstain_below: float = 0.0) -> Decisions:
+def decide(
+    proba: np.ndarray, rule: str = "soft", weights: np.ndarray | None = None, abstain_below: float = 0.0
+) -> Decisions:
     """Members' probabilities ``[M, N, K]`` -> the ensemble's :class:`Decisions` under ``rule`` (see :func:`vote`)."""
     proba = np.asarray(proba)
     scores = vote(proba, rule, weights)
     classes = scores.argmax(1)
     agree = margin(scores)
-    return Decisions(classes=classes, confidence=scores[np.arange(len(classes)), classes],
-                     votes=(proba.argmax(-1) == classes).sum(0), members=len(proba), margin=agree,
-                     review=agree < abstain_below, abstain_below=float(abstain_below))
+    return Decisions(
+        classes=classes,
+        confidence=scores[np.arange(len(classes)), classes],
+        votes=(proba.argmax(-1) == classes).sum(0),
+        members=len(proba),
+        margin=agree,
+        review=agree < abstain_below,
+        abstain_below=float(abstain_below),
+    )
 
 
 def accuracy(scores: np.ndarray, y: np.ndarray) -> float:

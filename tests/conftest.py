@@ -1,4 +1,5 @@
 """Shared fixtures: one real demo run per test session, reused by every test that needs artifacts."""
+
 from __future__ import annotations
 
 import os
@@ -23,5 +24,6 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def prune2edge_cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     """Run the real command line in a subprocess, capturing its output."""
-    return subprocess.run([sys.executable, "-m", "prune2edge.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "prune2edge.cli", *args], capture_output=True, text=True, timeout=timeout, **kw
+    )

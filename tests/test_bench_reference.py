@@ -1,6 +1,7 @@
 """Benchmark reference rows (bench/reference.py) on two tiny real runs of the digits demo config: the deep ensemble
 is the soft vote of the seeds' fp32 baselines, the compute-matched baseline trains the asked epochs from the baseline
 once and is read from its cache after, one member is the shipped k = 1 pick, and the ablation table takes the rows."""
+
 from __future__ import annotations
 
 import shutil
@@ -16,13 +17,17 @@ from prune2edge.bundle import predict_proba, session
 from prune2edge.vote import accuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import ablations  # noqa: E402
-import cifar10  # noqa: E402
-import reference  # noqa: E402
+import ablations
+import cifar10
+import reference
 
-TINY = {"model": {"kwargs": {"width": 8, "depth": 2}}, "train": {"epochs": 2},
-        "pool": {"size": 2, "epochs": [0.5, 0.5], "distill": 0.0}, "cluster": {"k": 2, "k_max": 2},
-        "quantize": {"calibration_size": 64, "max_drop": 1.0, "min_agreement": 0.0}}
+TINY = {
+    "model": {"kwargs": {"width": 8, "depth": 2}},
+    "train": {"epochs": 2},
+    "pool": {"size": 2, "epochs": [0.5, 0.5], "distill": 0.0},
+    "cluster": {"k": 2, "k_max": 2},
+    "quantize": {"calibration_size": 64, "max_drop": 1.0, "min_agreement": 0.0},
+}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +117,9 @@ def test_a_killed_compute_matched_training_resumes_from_its_last_epoch(variant, 
         reference.compute_matched(run, epochs=2)
     folder = reference.cache(run, 2)
     assert (folder / "checkpoint.pt").exists() and not (folder / "result.json").exists()
-    monkeypatch.setattr(train, "fit", lambda *a, **kw: real_fit(*a, **kw, after_step=lambda step, total: ran.append(step)))
+    monkeypatch.setattr(
+        train, "fit", lambda *a, **kw: real_fit(*a, **kw, after_step=lambda step, total: ran.append(step))
+    )
     result = reference.compute_matched(run, epochs=2)
     steps_per_epoch = result["history"][0]["steps"]
     assert ran == list(range(steps_per_epoch + 1, 2 * steps_per_epoch + 1))  # epoch 2 only: epoch 1 was kept
@@ -133,21 +140,34 @@ def test_one_member_is_the_shipped_strategys_k1_pick_alone(variant):
 
 
 def test_reference_rows_reach_the_results_section_and_the_ablation_table(variant, tmp_path):
-    ref = {**reference.reference(variant, [0, 1]), "machine": "m", "date": "d", "command": "python bench/reference.py v",
-           "results_file": "bench/results/v-reference.json"}
+    ref = {
+        **reference.reference(variant, [0, 1]),
+        "machine": "m",
+        "date": "d",
+        "command": "python bench/reference.py v",
+        "results_file": "bench/results/v-reference.json",
+    }
     de, cm = ref["deep_ensemble"], ref["aggregate"]["compute_matched.test_acc"]
-    cached = [store.read_json(variant / f"seed{s}" / "reference" / "compute-matched-1ep" / "result.json") for s in (0, 1)]
+    cached = [
+        store.read_json(variant / f"seed{s}" / "reference" / "compute-matched-1ep" / "result.json") for s in (0, 1)
+    ]
     assert cm["mean"] == pytest.approx(np.mean([c["test_acc"] for c in cached]))
     text = reference.markdown(ref)
     assert text.startswith(reference.TITLE) and f"| {100 * de['test_acc']:.2f} |" in text
     assert f"{100 * cm['mean']:.2f} ± {100 * cm['sd']:.2f}" in text
 
     runs = {str(s): cifar10.summarise_run(variant / f"seed{s}") for s in (0, 1)}
-    method = {"name": "v", "seeds": [0, 1], "runs": runs, "aggregate": cifar10.aggregate(runs), "command": "python bench/cifar10.py",
-              "config_resolved": config.load(variant / "seed0" / "config.yaml")}
+    method = {
+        "name": "v",
+        "seeds": [0, 1],
+        "runs": runs,
+        "aggregate": cifar10.aggregate(runs),
+        "command": "python bench/cifar10.py",
+        "config_resolved": config.load(variant / "seed0" / "config.yaml"),
+    }
     lines = ablations.table([method], [ref]).splitlines()
     h = lines.index(ablations.HEADER[0])
-    deep, matched, one, row = lines[h + 2:h + 6]  # the reference rows come first, then the method
+    deep, matched, one, row = lines[h + 2 : h + 6]  # the reference rows come first, then the method
     assert deep.startswith("| **deep ensemble**: 2 fp32 baselines") and f"| {100 * de['test_acc']:.2f} (k=2) |" in deep
     assert matched.startswith("| **compute-matched baseline**") and f"| {100 * cm['mean']:.2f} ± " in matched
     assert one.startswith("| **one member** of v") and row.startswith("| v | 0, 1 |")

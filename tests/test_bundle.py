@@ -1,5 +1,6 @@
 """The bundle: self-describing, verified before use, runnable with numpy and onnxruntime alone; members shipped
 encoded, and version-1 bundles of plain ONNX members still load."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_separate_program_reproduces_the_ensemble_accuracy(demo_run):
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "rescore.py"), str(demo_run / "bundle"), str(demo_run / "test.npz")],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "rescore.py"), str(demo_run / "bundle"), str(demo_run / "test.npz")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result = json.loads(out.stdout)
     metrics = store.read_json(demo_run / "metrics.json")
     assert result["accuracy"] == metrics["ensemble"]["test_acc"] and result["members"] == metrics["ensemble"]["k"]
@@ -46,7 +51,11 @@ def test_manifest_describes_members_and_preprocessing(demo_run):
         assert {"id", "path", "sha256", "bytes", "gzip_bytes", "sparsity", "val_acc", "cluster"} <= set(e)
         assert e["encoding"] == "p2e-sparse-xz" and e["path"] == f"members/{e['id']}.p2e"
         shipped = (demo_run / "bundle" / e["path"]).read_bytes()
-        assert e["bytes"] == len(shipped) == store.read_json(demo_run / "pool" / e["id"] / "quant.json")["bytes"]["shipped"]
+        assert (
+            e["bytes"]
+            == len(shipped)
+            == store.read_json(demo_run / "pool" / e["id"] / "quant.json")["bytes"]["shipped"]
+        )
         assert e["onnx_bytes"] == len(decode(shipped)) > e["bytes"]
 
 
@@ -94,8 +103,11 @@ def version_1(bundle: Path) -> None:
         (bundle / "members" / f"{e['id']}.onnx").write_bytes(onnx_bytes)
         for key in ("encoding", "onnx_bytes", "onnx_sha256"):
             del e[key]
-        e.update(path=f"members/{e['id']}.onnx", sha256=store.sha256(bundle / "members" / f"{e['id']}.onnx"),
-                 bytes=len(onnx_bytes))
+        e.update(
+            path=f"members/{e['id']}.onnx",
+            sha256=store.sha256(bundle / "members" / f"{e['id']}.onnx"),
+            bytes=len(onnx_bytes),
+        )
     del manifest["encodings"]
     (bundle / "manifest.json").write_text(json.dumps(manifest | {"format_version": 1}))
 
@@ -104,8 +116,12 @@ def test_a_version_1_bundle_still_loads(demo_run, bundle_copy):
     version_1(bundle_copy)
     x = np.load(demo_run / "test.npz")["x"]
     assert np.array_equal(Bundle.load(bundle_copy).member_proba(x), Bundle.load(demo_run / "bundle").member_proba(x))
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "rescore.py"), str(bundle_copy), str(demo_run / "test.npz")],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "rescore.py"), str(bundle_copy), str(demo_run / "test.npz")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(out.stdout)["accuracy"] == store.read_json(demo_run / "metrics.json")["ensemble"]["test_acc"]
     member = sorted((bundle_copy / "members").iterdir())[0]
     member.write_bytes(member.read_bytes()[:-1])
@@ -141,6 +157,8 @@ def test_images_of_the_wrong_shape_or_dtype(demo_run):
 
 
 def test_bundle_runtime_needs_no_torch_or_sklearn():
-    code = ("import sys, prune2edge.bundle, prune2edge.vote, prune2edge.preprocess; "
-            "bad = {'torch', 'sklearn', 'scipy'} & set(sys.modules); assert not bad, bad")
+    code = (
+        "import sys, prune2edge.bundle, prune2edge.vote, prune2edge.preprocess; "
+        "bad = {'torch', 'sklearn', 'scipy'} & set(sys.modules); assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

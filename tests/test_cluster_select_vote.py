@@ -1,4 +1,5 @@
 """Phases 3-4: clustering groups near-duplicates, each strategy picks what it promises, votes are exact."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,7 +31,7 @@ def family_pool(seed: int = 0):
 def test_clusters_recover_the_families(method):
     proba, _ = family_pool()
     labels = cluster.cluster(proba, method, k=3)["labels"]
-    assert [len(set(labels[i:i + 3])) for i in (0, 3, 6)] == [1, 1, 1] and len(set(labels)) == 3
+    assert [len(set(labels[i : i + 3])) for i in (0, 3, 6)] == [1, 1, 1] and len(set(labels)) == 3
 
 
 def test_k_silhouette():
@@ -44,7 +45,9 @@ def test_accuracy_first_and_diversity_first():
     proba, y = family_pool()
     labels = cluster.cluster(proba, "kmeans-onehot", k=3)["labels"]
     accs = [accuracy(p, y) for p in proba]
-    best = select.select("accuracy-first", proba, y, labels, max_acc_gap=1.0)  # no outliers here: tests/test_select_safety.py
+    best = select.select(
+        "accuracy-first", proba, y, labels, max_acc_gap=1.0
+    )  # no outliers here: tests/test_select_safety.py
     assert best == [max(range(f, f + 3), key=lambda i: accs[i]) for f in (0, 3, 6)]
     central = select.select("diversity-first", proba, y, labels, max_acc_gap=1.0)
     assert len(central) == 3 and sorted({labels[i] for i in central}) == [0, 1, 2]

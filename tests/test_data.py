@@ -1,4 +1,5 @@
 """Loaders read every supported layout and refuse bad data with a message that says what to fix."""
+
 from __future__ import annotations
 
 import pickle
@@ -48,9 +49,13 @@ def test_cifar_corrupt_batch(tmp_path):
 def test_npz_keys_split_over_files_are_concatenated(tmp_path):
     rng = np.random.default_rng(0)
     a = {"x_train": rng.integers(0, 256, (30, 12, 10), dtype=np.uint8), "y_train": np.arange(30) % 3}
-    b = {"x_train": rng.integers(0, 256, (15, 12, 10), dtype=np.uint8), "y_train": np.arange(15) % 3,
-         "x_test": rng.integers(0, 256, (9, 12, 10), dtype=np.uint8), "y_test": np.arange(9) % 3,
-         "label_names": np.array(["a", "b", "c"])}
+    b = {
+        "x_train": rng.integers(0, 256, (15, 12, 10), dtype=np.uint8),
+        "y_train": np.arange(15) % 3,
+        "x_test": rng.integers(0, 256, (9, 12, 10), dtype=np.uint8),
+        "y_test": np.arange(9) % 3,
+        "label_names": np.array(["a", "b", "c"]),
+    }
     np.savez(tmp_path / "a.npz", **a)
     np.savez(tmp_path / "b.npz", **b)
     ds = data.load(data.parse_spec(f"npz:{tmp_path / 'a.npz'},{tmp_path / 'b.npz'}"))
@@ -58,16 +63,27 @@ def test_npz_keys_split_over_files_are_concatenated(tmp_path):
     assert np.array_equal(ds.x_train[30:, ..., 0], b["x_train"]) and ds.classes == ["a", "b", "c"]
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda d: d.pop("y_test"), r"lacks \['y_test'\]"),
-    (lambda d: d.update(x_train=d["x_train"].astype(np.float32)), "dtype float32; images must be uint8"),
-    (lambda d: d.update(y_train=np.full(20, 7)), r"train labels out of range: found 7..7, expected 0..2"),
-    (lambda d: d.update(x_test=np.zeros((5, 9, 9), np.uint8)), r"train images are \(8, 8, 1\) but test images are \(9, 9, 1\)"),
-    (lambda d: d.update(y_train=np.arange(19) % 3), "20 images but 19 labels"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.pop("y_test"), r"lacks \['y_test'\]"),
+        (lambda d: d.update(x_train=d["x_train"].astype(np.float32)), "dtype float32; images must be uint8"),
+        (lambda d: d.update(y_train=np.full(20, 7)), r"train labels out of range: found 7..7, expected 0..2"),
+        (
+            lambda d: d.update(x_test=np.zeros((5, 9, 9), np.uint8)),
+            r"train images are \(8, 8, 1\) but test images are \(9, 9, 1\)",
+        ),
+        (lambda d: d.update(y_train=np.arange(19) % 3), "20 images but 19 labels"),
+    ],
+)
 def test_npz_bad_data_is_named(tmp_path, change, message):
-    d = {"x_train": np.zeros((20, 8, 8), np.uint8), "y_train": np.arange(20) % 3, "x_test": np.zeros((5, 8, 8), np.uint8),
-         "y_test": np.arange(5) % 3, "label_names": np.array(["a", "b", "c"])}
+    d = {
+        "x_train": np.zeros((20, 8, 8), np.uint8),
+        "y_train": np.arange(20) % 3,
+        "x_test": np.zeros((5, 8, 8), np.uint8),
+        "y_test": np.arange(5) % 3,
+        "label_names": np.array(["a", "b", "c"]),
+    }
     change(d)
     np.savez(tmp_path / "d.npz", **d)
     with pytest.raises(UserError, match=message):
@@ -109,7 +125,7 @@ def test_split_is_stratified_seeded_and_disjoint():
     tr, va = data.split_train_val(y, 0.1, seed=3)
     assert len(va) == 20 and np.bincount(y[va]).tolist() == [5, 5, 5, 5]
     assert not set(tr) & set(va) and len(tr) + len(va) == 200
-    tr2, va2 = data.split_train_val(y, 0.1, seed=3)
+    _tr2, va2 = data.split_train_val(y, 0.1, seed=3)
     assert np.array_equal(va, va2) and not np.array_equal(va, data.split_train_val(y, 0.1, seed=4)[1])
 
 
@@ -145,8 +161,11 @@ def test_cifar100_fine_labels(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(1)
     for name, n in (("train", 30), ("test", 10)):
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": list(rng.integers(0, 100, n)),
-                 b"coarse_labels": list(rng.integers(0, 20, n))}
+        batch = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"fine_labels": list(rng.integers(0, 100, n)),
+            b"coarse_labels": list(rng.integers(0, 20, n)),
+        }
         (folder / name).write_bytes(pickle.dumps(batch))
     (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"f{i}".encode() for i in range(100)]}))
     ds = data.load(data.parse_spec(f"cifar100:{tmp_path}"))
@@ -156,7 +175,9 @@ def test_cifar100_fine_labels(tmp_path):
 def xy(n_per_class=10, classes=3, size=(6, 5), seed=0):
     """Distinct random images, labels in class blocks."""
     rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n_per_class * classes, *size), dtype=np.uint8), np.repeat(np.arange(classes), n_per_class)
+    return rng.integers(0, 256, (n_per_class * classes, *size), dtype=np.uint8), np.repeat(
+        np.arange(classes), n_per_class
+    )
 
 
 def test_an_npz_of_x_and_y_alone_gets_a_stratified_seeded_test_split(tmp_path):
@@ -170,8 +191,9 @@ def test_an_npz_of_x_and_y_alone_gets_a_stratified_seeded_test_split(tmp_path):
     assert np.array_equal(ds.x_train[..., 0], x[rest])  # the training split is the rest, in file order
     again = data.load(data.parse_spec(f"npz:{tmp_path / 'one.npz'}"))  # default fraction 0.2, same seed
     assert len(again.y_test) == 6 and again.named
-    assert np.array_equal(data.load({"name": "npz", "path": str(tmp_path / "one.npz"), "test_fraction": 0.3}).carved_test,
-                          ds.carved_test)
+    assert np.array_equal(
+        data.load({"name": "npz", "path": str(tmp_path / "one.npz"), "test_fraction": 0.3}).carved_test, ds.carved_test
+    )
     np.savez(tmp_path / "unnamed.npz", x=x, y=y)
     assert not data.load_npz(str(tmp_path / "unnamed.npz")).named
     np.savez(tmp_path / "few.npz", x=x[:4], y=np.array([0, 0, 0, 1]))
@@ -179,11 +201,17 @@ def test_an_npz_of_x_and_y_alone_gets_a_stratified_seeded_test_split(tmp_path):
         data.load_npz(str(tmp_path / "few.npz"))
 
 
-@pytest.mark.parametrize("keys, message", [
-    ({"images": 0, "labels": 0}, r"npz data lacks \['x_train', 'y_train'\]: found keys \['images', 'labels'\]"),
-    ({"x": 0}, r"lacks \['y'\]: found keys \['x'\]"),
-    ({"x_train": 0, "y_train": 0, "x_test": 0}, r"lacks \['y_test'\]: found keys \['x_test', 'x_train', 'y_train'\]"),
-])
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"images": 0, "labels": 0}, r"npz data lacks \['x_train', 'y_train'\]: found keys \['images', 'labels'\]"),
+        ({"x": 0}, r"lacks \['y'\]: found keys \['x'\]"),
+        (
+            {"x_train": 0, "y_train": 0, "x_test": 0},
+            r"lacks \['y_test'\]: found keys \['x_test', 'x_train', 'y_train'\]",
+        ),
+    ],
+)
 def test_missing_npz_keys_list_the_keys_found(tmp_path, keys, message):
     x, y = xy()
     np.savez(tmp_path / "d.npz", **{k: x if k.startswith(("x", "images")) else y for k in keys})
@@ -201,12 +229,18 @@ def test_npz_labels_out_of_range_are_named(tmp_path):
         data.load({"name": "npz", "path": str(tmp_path / "d.npz")})
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"x_train,y_train\n1,2\n", r"cannot read npz file '.*bad.npz': it is not a numpy .npz or .npy file but a text file"),
-    (b"", "it is not a numpy .npz or .npy file but empty"),
-    (b"\x00\x01\x02\x03garbage", r"not a numpy .npz or .npy file but a file that starts with b'\\x00\\x01"),
-    (b"PK\x03\x04 truncated", r"cannot read npz file .*: it is truncated or damaged; write or copy it again"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            b"x_train,y_train\n1,2\n",
+            r"cannot read npz file '.*bad.npz': it is not a numpy .npz or .npy file but a text file",
+        ),
+        (b"", "it is not a numpy .npz or .npy file but empty"),
+        (b"\x00\x01\x02\x03garbage", r"not a numpy .npz or .npy file but a file that starts with b'\\x00\\x01"),
+        (b"PK\x03\x04 truncated", r"cannot read npz file .*: it is truncated or damaged; write or copy it again"),
+    ],
+)
 def test_a_file_that_is_no_npz_says_what_it_is(tmp_path, content, message):
     (tmp_path / "bad.npz").write_bytes(content)
     with pytest.raises(UserError, match=message):
@@ -217,7 +251,7 @@ def test_truncated_and_pickled_npz(tmp_path):
     x, y = xy(n_per_class=200, size=(16, 16))
     np.savez_compressed(tmp_path / "full.npz", x=x, y=y)
     blob = (tmp_path / "full.npz").read_bytes()
-    (tmp_path / "cut.npz").write_bytes(blob[:len(blob) // 2])
+    (tmp_path / "cut.npz").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(UserError, match="cannot read npz file .*cut.npz.*truncated or damaged"):
         data.read_arrays(tmp_path / "cut.npz")
     np.savez(tmp_path / "objects.npz", x=x, y=y, label_names=np.array(["a", 1, None], dtype=object))
@@ -234,7 +268,9 @@ def test_a_bare_path_gets_the_prefix_it_needs(tmp_path):
         data.load(data.parse_spec(str(tmp_path / "d.npz")))
     with pytest.raises(UserError, match=f"for a folder of images write 'imagefolder:{tmp_path}'"):
         data.load(data.parse_spec(str(tmp_path)))
-    with pytest.raises(UserError, match="needs its kind in front: 'npz:/no/such.file' .* or 'imagefolder:/no/such.file'"):
+    with pytest.raises(
+        UserError, match="needs its kind in front: 'npz:/no/such.file' .* or 'imagefolder:/no/such.file'"
+    ):
         data.load(data.parse_spec("/no/such.file"))
 
 
@@ -266,7 +302,9 @@ def test_imagefolder_layouts(tmp_path):
     ds = data.load_imagefolder(tmp_path / "flat")  # DIR/<class>/ alone
     assert ds.classes == ["a", "b"] and len(ds.y_test) == 2 and len(ds.y_train) == 8
     (tmp_path / "flat" / "test" / "c").mkdir(parents=True)
-    with pytest.raises(UserError, match=r"imagefolder '.*flat/test' has classes \['c'\] that .* lacks; its classes are \['a', 'b'\]"):
+    with pytest.raises(
+        UserError, match=r"imagefolder '.*flat/test' has classes \['c'\] that .* lacks; its classes are \['a', 'b'\]"
+    ):
         data.load_imagefolder(tmp_path / "flat")
     with pytest.raises(UserError, match="is not a directory"):
         data.load_imagefolder(tmp_path / "nope")
@@ -278,10 +316,15 @@ def test_imagefolder_layouts(tmp_path):
 
 def test_copies_across_splits_are_counted():
     x, _ = xy(size=(4, 4))
-    counts = data.duplicates({"train": x[:20], "val": np.concatenate([x[20:25], x[:2]]), "test": np.concatenate([x[25:], x[3:4], x[21:22]])})
+    counts = data.duplicates(
+        {"train": x[:20], "val": np.concatenate([x[20:25], x[:2]]), "test": np.concatenate([x[25:], x[3:4], x[21:22]])}
+    )
     assert counts == {"train/val": 2, "train/test": 1, "val/test": 1}
     w = data.duplicate_warning(counts, {"train": 20, "val": 7, "test": 7})
-    assert "2 of the 7 validation images also in the training split; 1 of the 7 test images also in the training split" in w["message"]
+    assert (
+        "2 of the 7 validation images also in the training split; 1 of the 7 test images also in the training split"
+        in w["message"]
+    )
     assert data.duplicate_warning({"train/val": 0}, {}) is None
 
 
@@ -290,7 +333,9 @@ def test_classes_are_checked_against_a_model():
     data.check_classes(["a", "b"], None, np.array([0, 1]))
     with pytest.raises(UserError, match="the model's classes in another order .*data: b, a; model: a, b"):
         data.check_classes(["a", "b"], ["b", "a"])
-    with pytest.raises(UserError, match="the data's 3 classes are not the model's 2: .*not in the model: c; not in the data: none"):
+    with pytest.raises(
+        UserError, match="the data's 3 classes are not the model's 2: .*not in the model: c; not in the data: none"
+    ):
         data.check_classes(["a", "b"], ["a", "b", "c"])
     with pytest.raises(UserError, match=r"labels run 0..4, but the model has 2 classes \(labels 0..1: a, b\)"):
         data.check_classes(["a", "b"], None, np.array([0, 4]))

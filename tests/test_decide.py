@@ -1,5 +1,6 @@
 """Decisions that say how sure they are: the vote's margin and votes, `review` below a threshold chosen on validation
 only, in the bundle, `predict`, and the fleet; risk–coverage, calibration, degradation and latency in metrics.json."""
+
 from __future__ import annotations
 
 import json
@@ -11,24 +12,27 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import prune2edge_cli
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+from test_fleet import Listener, broker, members, mosquitto_exe  # noqa: F401 (broker, mosquitto_exe: fixtures)
 
 from prune2edge import UserError, cli, config, data, latency, pipeline, selective, store
 from prune2edge.bundle import Bundle, decode, read_manifest
 from prune2edge.fleet import Broker, LocalFleet, Topics, dumps, encode_frame
 from prune2edge.vote import decide, vote
 
-from conftest import prune2edge_cli
-from test_fleet import Listener, broker, members, mosquitto_exe  # noqa: F401 (broker, mosquitto_exe: fixtures)
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import decisions
 
 
 def test_decide_reports_votes_margin_and_review():
-    p = np.array([[[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]],    # member 0: class 0, class 1
-                  [[0.6, 0.3, 0.1], [0.5, 0.4, 0.1]],    # member 1: class 0, class 0
-                  [[0.2, 0.7, 0.1], [0.2, 0.7, 0.1]]])   # member 2: class 1, class 1
+    p = np.array(
+        [
+            [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]],  # member 0: class 0, class 1
+            [[0.6, 0.3, 0.1], [0.5, 0.4, 0.1]],  # member 1: class 0, class 0
+            [[0.2, 0.7, 0.1], [0.2, 0.7, 0.1]],
+        ]
+    )  # member 2: class 1, class 1
     soft = decide(p, "soft", abstain_below=0.2)
     assert soft.classes.tolist() == [0, 1] and soft.votes.tolist() == [2, 2] and soft.members == 3
     assert np.allclose(soft.confidence, [0.5, 19 / 30]) and np.allclose(soft.margin, [0.5 - 0.4, 19 / 30 - 0.8 / 3])
@@ -75,7 +79,9 @@ def test_bundle_decide_agrees_with_its_members(demo_run):
     assert 0 < d.review.sum() < len(x)
     manifest = read_manifest(demo_run / "bundle")
     assert b.decide(x[:5]).abstain_below == manifest["vote"]["abstain_below"] == b.threshold()
-    with pytest.raises(UserError, match=r"abstain threshold \(--abstain-below\) is a margin of the vote, from 0 .* to 1; got 1.5"):
+    with pytest.raises(
+        UserError, match=r"abstain threshold \(--abstain-below\) is a margin of the vote, from 0 .* to 1; got 1.5"
+    ):
         b.decide(x[:5], 1.5)
 
 
@@ -97,10 +103,15 @@ def test_threshold_is_chosen_on_validation_only(demo_run, tmp_path):
     y_val_changed = digits.y_train.copy()
     y_val_changed[val[:30]] = (y_val_changed[val[:30]] + 1) % 10
     rng = np.random.default_rng(0)
-    variants = {"same": (digits.x_test, digits.y_test, digits.y_train),
-                "test scrambled": (rng.integers(0, 17, digits.x_test.shape).astype(np.uint8), rng.permutation(digits.y_test),
-                                   digits.y_train),
-                "validation changed": (digits.x_test, digits.y_test, y_val_changed)}
+    variants = {
+        "same": (digits.x_test, digits.y_test, digits.y_train),
+        "test scrambled": (
+            rng.integers(0, 17, digits.x_test.shape).astype(np.uint8),
+            rng.permutation(digits.y_test),
+            digits.y_train,
+        ),
+        "validation changed": (digits.x_test, digits.y_test, y_val_changed),
+    }
     selection = store.read_json(demo_run / "selection.json")
     members_ = [store.read_json(p) for p in sorted((demo_run / "pool").glob("*/member.json"))]
     quant = {m["name"]: store.read_json(demo_run / "pool" / m["name"] / "quant.json") for m in members_}
@@ -113,8 +124,14 @@ def test_threshold_is_chosen_on_validation_only(demo_run, tmp_path):
         shutil.copytree(demo_run / "pool", run / "pool")
         shutil.copytree(demo_run / "baseline", run / "baseline")
         np.savez(run / "data.npz", x_train=digits.x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-        cfg = config.load(demo_run / "config.yaml", {"data": {"name": "npz", "path": str(run / "data.npz")},
-                                                      "vote": {"target_accuracy": 0.999}, "bundle": {"latency_runs": 3}})
+        cfg = config.load(
+            demo_run / "config.yaml",
+            {
+                "data": {"name": "npz", "path": str(run / "data.npz")},
+                "vote": {"target_accuracy": 0.999},
+                "bundle": {"latency_runs": 3},
+            },
+        )
         (run / "config.yaml").write_text(config.yaml_text(cfg))
         chosen[name] = pipeline.make_bundle(run, cfg, selection, members_, quant)["vote"]["abstain"]
     assert chosen["same"]["target_accuracy"] == 0.999 and chosen["same"]["n_val"] == len(val)
@@ -146,7 +163,10 @@ def test_metrics_hold_decisions_degradation_and_latency(demo_run):
     assert last["subsets"] == len(chosen) and (last["min"], last["max"]) == (min(accs), max(accs))
     assert last["mean"] == pytest.approx(np.mean(accs))
     assert [r["subsets"] for r in g["rows"]] == [math.comb(len(chosen), j) for j in range(len(chosen))]
-    assert g["best_member"]["test_acc_int8"] == next(x for x in m["members"] if x["name"] == g["best_member"]["name"])["test_acc_int8"]
+    assert (
+        g["best_member"]["test_acc_int8"]
+        == next(x for x in m["members"] if x["name"] == g["best_member"]["name"])["test_acc_int8"]
+    )
     t = manifest["latency"]
     assert t["runs"] == cfg["bundle"]["latency_runs"] and t["batch"] == 1 and t["threads"] == 1
     assert t["onnxruntime"] == ort.__version__ and t["baseline_fp32_ms"] > 0 and t["baseline_int8_ms"] > 0
@@ -205,8 +225,12 @@ def test_fleet_sends_a_split_vote_to_review(demo_run, broker, tmp_path):  # noqa
             for member, k in zip(ids, classes):
                 p = np.full(10, 0.02)
                 p[k] = 0.82
-                listener.link.publish(t.votes, dumps({"frame": frame, "member": member, "proba": p.tolist(),
-                                                      "sha256": sha[member], "infer_ms": 1.0}))
+                listener.link.publish(
+                    t.votes,
+                    dumps(
+                        {"frame": frame, "member": member, "proba": p.tolist(), "sha256": sha[member], "infer_ms": 1.0}
+                    ),
+                )
         listener.wait(lambda: {"f-split", "f-agree"} <= {r["frame"] for r in listener.on(t.results)})
         res = {r["frame"]: r for r in listener.on(t.results)}
         split, agree = res["f-split"], res["f-agree"]
@@ -228,13 +252,27 @@ def test_bench_numbers_are_the_runs_own(demo_run):
     run = decisions.measure_run(demo_run, [0.5, target], cli.DEMO_CONFIG)
     assert run["config_differences"] == []
     for name, _ in decisions.MODELS:
-        assert run["targets"][f"{target:g}"][name] == {k: m["decisions"][name][k] for k in ("threshold", "at_threshold")}
+        assert run["targets"][f"{target:g}"][name] == {
+            k: m["decisions"][name][k] for k in ("threshold", "at_threshold")
+        }
         assert run[name]["ece"] == m["decisions"][name]["ece"]
     assert run["degradation"]["missing"]["0"] == m["degradation"]["rows"][0]
-    assert decisions.differences(config.load(demo_run / "config.yaml", {"vote": {"rule": "hard"}}), cli.DEMO_CONFIG) == [
-        "vote.rule: 'hard' (reference 'soft')"]
-    result = {"title": "## Decisions: test", "runs_dir": "x", "reference": "demo.yaml", "seeds": [0], "targets": [0.5, target],
-              "default_target": target, "machine": "m", "date": "d", "command": "c", "results_file": "r",
-              "runs": {"0": run}, "aggregate": decisions.aggregate({"0": run})}
+    assert decisions.differences(
+        config.load(demo_run / "config.yaml", {"vote": {"rule": "hard"}}), cli.DEMO_CONFIG
+    ) == ["vote.rule: 'hard' (reference 'soft')"]
+    result = {
+        "title": "## Decisions: test",
+        "runs_dir": "x",
+        "reference": "demo.yaml",
+        "seeds": [0],
+        "targets": [0.5, target],
+        "default_target": target,
+        "machine": "m",
+        "date": "d",
+        "command": "c",
+        "results_file": "r",
+        "runs": {"0": run},
+        "aggregate": decisions.aggregate({"0": run}),
+    }
     text = decisions.markdown(result)
     assert f"| {target:g} (default) | ensemble (vote margin) |" in text and "(every setting)" in text

@@ -1,4 +1,5 @@
 """Fleet-aware selection: the devices file, members sized to each device, the assignment in the bundle and the fleet."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import prune2edge_cli
+
 from prune2edge import config, devices, evaluate, fleet, latency, pipeline, select, store
 from prune2edge.bundle import Bundle, read_manifest
 from prune2edge.cli import DEMO_CONFIG
@@ -34,7 +35,9 @@ def copy_run(demo_run: Path, out: Path, devices_file: Path | None, **overrides) 
     out.mkdir(parents=True)
     for name in RUN_FILES:
         (shutil.copytree if (demo_run / name).is_dir() else shutil.copy)(demo_run / name, out / name)
-    cfg = config.load(demo_run / "config.yaml", {**overrides, "deploy": {"devices": devices_file and str(devices_file)}})
+    cfg = config.load(
+        demo_run / "config.yaml", {**overrides, "deploy": {"devices": devices_file and str(devices_file)}}
+    )
     store.write_bytes(out / "config.yaml", config.yaml_text(cfg).encode())
     return (cfg, *pool_of(out))
 
@@ -42,26 +45,36 @@ def copy_run(demo_run: Path, out: Path, devices_file: Path | None, **overrides) 
 # --- the devices file --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, message", [
-    ("devices: []", "must hold 'devices:', a non-empty list of {name, memory_bytes[, latency_ms]}"),
-    ("- {name: a, memory_bytes: 10}", "must hold 'devices:'"),
-    ("devices:\n  - {memory_bytes: 100}", "device 1 has no name: give each device a 'name'"),
-    ("devices:\n  - {name: '  ', memory_bytes: 100}", "device 1 has no name"),
-    ("devices:\n  - {name: a, memory_bytes: 0}", "device 'a': 'memory_bytes' must be a positive integer (bytes a member "
-                                                  "may take), got 0"),
-    ("devices:\n  - {name: a, memory_bytes: -5}", "'memory_bytes' must be a positive integer"),
-    ("devices:\n  - {name: a, memory_bytes: 1.5}", "'memory_bytes' must be a positive integer"),
-    ("devices:\n  - {name: a, memory_bytes: true}", "'memory_bytes' must be a positive integer"),
-    ("devices:\n  - {name: a}", "'memory_bytes' must be a positive integer (bytes a member may take), got None"),
-    ("devices:\n  - {name: a, memory_bytes: 10, latency_ms: 0}", "device 'a': 'latency_ms' must be a positive number"),
-    ("devices:\n  - {name: a, memory_bytes: 10, latency_ms: fast}", "'latency_ms' must be a positive number"),
-    ("devices:\n  - {name: a, memory_bytes: 10}\n  - {name: a, memory_bytes: 20}", "lists device 'a' twice; device "
-                                                                                    "names must be unique"),
-    ("devices:\n  - {name: a, memory_bytes: 10, ram: 3}", "device 1: unknown key(s) ['ram']"),
-    ("devices: [{name: a, memory_bytes: 10}]\nfleet: x", "unknown key(s) ['fleet']; it holds only 'devices'"),
-    ("devices:\n  - 12", "device 1 must be a mapping"),
-    ("devices: [", "is not valid YAML or JSON"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("devices: []", "must hold 'devices:', a non-empty list of {name, memory_bytes[, latency_ms]}"),
+        ("- {name: a, memory_bytes: 10}", "must hold 'devices:'"),
+        ("devices:\n  - {memory_bytes: 100}", "device 1 has no name: give each device a 'name'"),
+        ("devices:\n  - {name: '  ', memory_bytes: 100}", "device 1 has no name"),
+        (
+            "devices:\n  - {name: a, memory_bytes: 0}",
+            "device 'a': 'memory_bytes' must be a positive integer (bytes a member may take), got 0",
+        ),
+        ("devices:\n  - {name: a, memory_bytes: -5}", "'memory_bytes' must be a positive integer"),
+        ("devices:\n  - {name: a, memory_bytes: 1.5}", "'memory_bytes' must be a positive integer"),
+        ("devices:\n  - {name: a, memory_bytes: true}", "'memory_bytes' must be a positive integer"),
+        ("devices:\n  - {name: a}", "'memory_bytes' must be a positive integer (bytes a member may take), got None"),
+        (
+            "devices:\n  - {name: a, memory_bytes: 10, latency_ms: 0}",
+            "device 'a': 'latency_ms' must be a positive number",
+        ),
+        ("devices:\n  - {name: a, memory_bytes: 10, latency_ms: fast}", "'latency_ms' must be a positive number"),
+        (
+            "devices:\n  - {name: a, memory_bytes: 10}\n  - {name: a, memory_bytes: 20}",
+            "lists device 'a' twice; device names must be unique",
+        ),
+        ("devices:\n  - {name: a, memory_bytes: 10, ram: 3}", "device 1: unknown key(s) ['ram']"),
+        ("devices: [{name: a, memory_bytes: 10}]\nfleet: x", "unknown key(s) ['fleet']; it holds only 'devices'"),
+        ("devices:\n  - 12", "device 1 must be a mapping"),
+        ("devices: [", "is not valid YAML or JSON"),
+    ],
+)
 def test_a_bad_devices_file_says_what_is_wrong(tmp_path, text, message):
     path = write(tmp_path, text)
     with pytest.raises(UserError) as e:
@@ -73,8 +86,16 @@ def test_devices_file_in_yaml_or_json(tmp_path):
     fleet_ = [{"name": "gateway", "memory_bytes": 262144, "latency_ms": 5}, {"name": "mcu-1", "memory_bytes": 40000}]
     as_json = devices.load(write(tmp_path, json.dumps({"devices": fleet_}), "devices.json"))
     assert as_json == [devices.Device("gateway", 262144, 5), devices.Device("mcu-1", 40000, None)]
-    assert devices.load(write(tmp_path, "devices:\n  - {name: gateway, memory_bytes: 262144, latency_ms: 5}\n"
-                                        "  - name: mcu-1\n    memory_bytes: 40000\n")) == as_json
+    assert (
+        devices.load(
+            write(
+                tmp_path,
+                "devices:\n  - {name: gateway, memory_bytes: 262144, latency_ms: 5}\n"
+                "  - name: mcu-1\n    memory_bytes: 40000\n",
+            )
+        )
+        == as_json
+    )
     with pytest.raises(UserError, match="cannot read devices file 'nope.yaml'"):
         devices.load("nope.yaml")
     with pytest.raises(UserError, match="'deploy.devices' must be the path of a devices file"):
@@ -83,8 +104,7 @@ def test_devices_file_in_yaml_or_json(tmp_path):
 
 def test_cli_rejects_a_bad_devices_file_before_training(tmp_path):
     bad = write(tmp_path, "devices:\n  - {name: mcu, memory_bytes: 0}")
-    r = prune2edge_cli("run", str(DEMO_CONFIG), "--out",
-                       str(tmp_path / "run"), "--devices", str(bad), timeout=120)
+    r = prune2edge_cli("run", str(DEMO_CONFIG), "--out", str(tmp_path / "run"), "--devices", str(bad), timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"error: devices file '{bad}', device 'mcu': 'memory_bytes' must be a positive integer" in r.stderr
     assert not (tmp_path / "run" / "baseline").exists()  # nothing trained
@@ -97,28 +117,53 @@ def test_fit_records_each_budget_that_rules_a_member_out():
     fits, out = devices.fit(fleet_, sizes, latency)
     assert fits.tolist() == [[False, True], [True, False], [True, False], [False, False]]
     assert [(r["member"], r["device"], r["budget"], r["need"], r["limit"]) for r in out] == [
-        ("a", "big", "latency_ms", 3.0, 2.0), ("d", "big", "memory_bytes", 120, 100),
-        ("b", "small", "memory_bytes", 60, 50), ("c", "small", "memory_bytes", 100, 50),
-        ("d", "small", "memory_bytes", 120, 50)]
+        ("a", "big", "latency_ms", 3.0, 2.0),
+        ("d", "big", "memory_bytes", 120, 100),
+        ("b", "small", "memory_bytes", 60, 50),
+        ("c", "small", "memory_bytes", 100, 50),
+        ("d", "small", "memory_bytes", 120, 50),
+    ]
     assert out[0]["reason"] == "a needs 3.0 ms, over the latency_ms budget of 2.0 ms"
-    lines = evaluate._device_lines({"devices": devices.record(fleet_), "assignment": {"big": "b", "small": None},
-                                    "ruled_out": out, "unfit": ["d"], "unplaced": []})
-    assert lines == ["devices: big (100 B, 2 ms) runs b; small (50 B) runs nothing (idle)",
-                     "big's latency budget rules out a (3 ms)", "big's memory budget rules out d (120 B)",
-                     "small's memory budget rules out b (60 B), c (100 B), d (120 B)",
-                     "fit no device, so not selectable: d"]
+    lines = evaluate._device_lines(
+        {
+            "devices": devices.record(fleet_),
+            "assignment": {"big": "b", "small": None},
+            "ruled_out": out,
+            "unfit": ["d"],
+            "unplaced": [],
+        }
+    )
+    assert lines == [
+        "devices: big (100 B, 2 ms) runs b; small (50 B) runs nothing (idle)",
+        "big's latency budget rules out a (3 ms)",
+        "big's memory budget rules out d (120 B)",
+        "small's memory budget rules out b (60 B), c (100 B), d (120 B)",
+        "fit no device, so not selectable: d",
+    ]
 
 
 def test_idle_devices_and_clusters_without_a_device_are_warnings():
-    d = {"devices": devices.record([devices.Device(n, 100) for n in ("a", "b", "c")]), "assignment": {"a": "m1", "b": None,
-         "c": None}, "idle": ["b", "c"], "ruled_out": [], "unfit": [],
-         "unplaced": [{"cluster": 1, "members": ["m4", "m5"], "reason": "no device left that fits one of them"}]}
-    m = {"devices": d, "skipped_clusters": [{"cluster": 2}], "ensemble": {"k": 1}, "clustering": {"k": 3},
-         "k_choice": {"by": "config"}}
+    d = {
+        "devices": devices.record([devices.Device(n, 100) for n in ("a", "b", "c")]),
+        "assignment": {"a": "m1", "b": None, "c": None},
+        "idle": ["b", "c"],
+        "ruled_out": [],
+        "unfit": [],
+        "unplaced": [{"cluster": 1, "members": ["m4", "m5"], "reason": "no device left that fits one of them"}],
+    }
+    m = {
+        "devices": d,
+        "skipped_clusters": [{"cluster": 2}],
+        "ensemble": {"k": 1},
+        "clustering": {"k": 3},
+        "k_choice": {"by": "config"},
+    }
     w = evaluate.device_warnings(m)
     assert [x["kind"] for x in w] == ["device_idle", "device_idle", "cluster_unplaced"]
-    assert w[0]["message"] == ("device 'b' runs no member: the ensemble has 1 members for 3 devices (k = 3, by config; "
-                               "2 cluster(s) skipped or without a device)")
+    assert w[0]["message"] == (
+        "device 'b' runs no member: the ensemble has 1 members for 3 devices (k = 3, by config; "
+        "2 cluster(s) skipped or without a device)"
+    )
     assert w[2]["message"] == "cluster c1 (m4, m5) has no member on a device: no device left that fits one of them"
     assert evaluate.device_warnings({"devices": None}) == []
 
@@ -160,12 +205,13 @@ def family_pool():
 def test_every_strategy_places_its_members_on_devices_they_fit(strategy):
     proba, y, labels = family_pool()
     everywhere = np.ones((9, 3), bool)
-    assert select.select(strategy, proba, y, labels, fits=everywhere, max_acc_gap=1.0) == \
-        select.select(strategy, proba, y, labels, max_acc_gap=1.0)  # no budget binds: selection as without devices
+    assert select.select(strategy, proba, y, labels, fits=everywhere, max_acc_gap=1.0) == select.select(
+        strategy, proba, y, labels, max_acc_gap=1.0
+    )  # no budget binds: selection as without devices
     fits = np.zeros((9, 3), bool)
-    fits[[0, 3, 6], 0] = True          # device 0 takes only each family's first member
+    fits[[0, 3, 6], 0] = True  # device 0 takes only each family's first member
     fits[[0, 1, 3, 4, 6, 7], 1] = True  # device 1 its first two
-    fits[:, 2] = True                  # device 2 any member
+    fits[:, 2] = True  # device 2 any member
     slots = select.slots(strategy, proba, y, labels, fits=fits, max_acc_gap=1.0)
     where = select.assign(slots, fits)
     assert all(fits[m, d] for m, d in where.items()) and len(set(where.values())) == len(where)
@@ -200,9 +246,12 @@ def fleet_run(demo_run, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("fleet-run")
     _, quant = pool_of(demo_run)
     sizes = sorted(q["bytes"]["shipped"] for q in quant.values() if q["status"] == "ok")
-    path = write(tmp, f"devices:\n  - {{name: gateway, memory_bytes: {sizes[-1]}, latency_ms: 10000}}\n"
-                      f"  - {{name: board, memory_bytes: {sizes[len(sizes) // 2]}}}\n"
-                      f"  - {{name: mcu, memory_bytes: {sizes[0]}}}\n")
+    path = write(
+        tmp,
+        f"devices:\n  - {{name: gateway, memory_bytes: {sizes[-1]}, latency_ms: 10000}}\n"
+        f"  - {{name: board, memory_bytes: {sizes[len(sizes) // 2]}}}\n"
+        f"  - {{name: mcu, memory_bytes: {sizes[0]}}}\n",
+    )
     run_dir = tmp / "run"
     cfg, members, quant = copy_run(demo_run, run_dir, path, cluster={"k": 3})
     sel = pipeline.choose(run_dir, cfg, members, quant)
@@ -230,8 +279,12 @@ def test_each_member_fits_the_device_it_is_assigned_to(fleet_run):
 
 def test_selection_records_which_budget_rules_out_which_member(fleet_run):
     d = store.read_json(fleet_run / "selection.json")["devices"]
-    expected = sorted((n, dev["name"]) for n, m in d["members"].items() for dev in d["devices"]
-                      if m["shipped_bytes"] > dev["memory_bytes"])
+    expected = sorted(
+        (n, dev["name"])
+        for n, m in d["members"].items()
+        for dev in d["devices"]
+        if m["shipped_bytes"] > dev["memory_bytes"]
+    )
     assert sorted((r["member"], r["device"]) for r in d["ruled_out"]) == expected and expected
     assert all(r["budget"] == "memory_bytes" and r["need"] > r["limit"] for r in d["ruled_out"])
     assert d["unfit"] == []  # the gateway takes any member
@@ -242,7 +295,9 @@ def test_selection_records_which_budget_rules_out_which_member(fleet_run):
     assert d["latency"] == latency.describe(runs) | {"model": "int8.onnx"}
     m = store.read_json(fleet_run / "metrics.json")
     text = evaluate.table(m)
-    assert f"devices: gateway ({d['devices'][0]['memory_bytes']:,} B, 10000 ms) runs {d['assignment']['gateway']}" in text
+    assert (
+        f"devices: gateway ({d['devices'][0]['memory_bytes']:,} B, 10000 ms) runs {d['assignment']['gateway']}" in text
+    )
     board_out = [f"{r['member']} ({r['need']:,} B)" for r in d["ruled_out"] if r["device"] == "board"]
     assert f"board's memory budget rules out {', '.join(board_out)}" in text
     assert "mcu's memory budget rules out" in text
@@ -253,23 +308,33 @@ def test_selection_records_which_budget_rules_out_which_member(fleet_run):
 def test_a_budget_no_member_fits_is_a_clear_error(demo_run, tmp_path):
     _, quant = pool_of(demo_run)
     smallest = min((q["bytes"]["shipped"], n) for n, q in quant.items() if q["status"] == "ok")
-    tiny = write(tmp_path, f"devices:\n  - {{name: big, memory_bytes: 10000000}}\n  - {{name: tiny, memory_bytes: {smallest[0] - 1}}}\n")
+    tiny = write(
+        tmp_path,
+        f"devices:\n  - {{name: big, memory_bytes: 10000000}}\n  - {{name: tiny, memory_bytes: {smallest[0] - 1}}}\n",
+    )
     copy_run(demo_run, tmp_path / "run", tiny)
     r = prune2edge_cli("run", str(tmp_path / "run" / "config.yaml"), "--out", str(tmp_path / "run"), "--quiet")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert (f"error: no member fits device 'tiny' (memory budget {smallest[0] - 1:,} bytes): the smallest member, "
-            f"{smallest[1]}, ships {smallest[0]:,} bytes") in r.stderr
+    assert (
+        f"error: no member fits device 'tiny' (memory budget {smallest[0] - 1:,} bytes): the smallest member, "
+        f"{smallest[1]}, ships {smallest[0]:,} bytes"
+    ) in r.stderr
     slow = write(tmp_path, "devices:\n  - {name: quick, memory_bytes: 10000000, latency_ms: 0.000001}\n", "slow.yaml")
     cfg, members, quant = copy_run(demo_run, tmp_path / "run2", slow)
-    with pytest.raises(UserError, match=r"no member fits device 'quick' \(memory budget 10,000,000 bytes, latency budget "
-                                        r"1e-06 ms\): the fastest member within its memory budget, m\d+, takes"):
+    with pytest.raises(
+        UserError,
+        match=r"no member fits device 'quick' \(memory budget 10,000,000 bytes, latency budget "
+        r"1e-06 ms\): the fastest member within its memory budget, m\d+, takes",
+    ):
         pipeline.choose(tmp_path / "run2", cfg, members, quant)
 
 
 def test_more_clusters_than_devices_or_other_devices_are_clear_errors(demo_run, fleet_run, tmp_path):
     two = write(tmp_path, "devices:\n  - {name: a, memory_bytes: 10000000}\n  - {name: b, memory_bytes: 10000000}\n")
     cfg, members, quant = copy_run(demo_run, tmp_path / "run", two, cluster={"k": 3})
-    with pytest.raises(UserError, match="'cluster.k' is 3, but the devices file .* lists 2 devices and each runs one member"):
+    with pytest.raises(
+        UserError, match="'cluster.k' is 3, but the devices file .* lists 2 devices and each runs one member"
+    ):
         pipeline.choose(tmp_path / "run", cfg, members, quant)
     cfg = config.load(fleet_run / "config.yaml", {"deploy": {"devices": str(two)}})
     with pytest.raises(UserError, match="was selected for other devices than deploy.devices now lists"):
@@ -306,10 +371,14 @@ def test_fleet_runs_each_member_on_its_device(fleet_run, tmp_path):
         with fleet.LocalFleet(bundle, url, "dev", workdir=tmp_path / "fleet") as lf:
             for m, dev in on.items():  # each node is started as its device's
                 cmd = lf.command(m)[0]
-                assert cmd[cmd.index("node"):cmd.index("node") + 4] == ["node", str(bundle), "--device", dev]
+                assert cmd[cmd.index("node") : cmd.index("node") + 4] == ["node", str(bundle), "--device", dev]
             t = fleet.Topics("dev")
-            link = fleet.Link(url, "test-statuses", [t.status()],
-                              lambda topic, payload: statuses.__setitem__(topic.rsplit("/", 1)[1], json.loads(payload))).start()
+            link = fleet.Link(
+                url,
+                "test-statuses",
+                [t.status()],
+                lambda topic, payload: statuses.__setitem__(topic.rsplit("/", 1)[1], json.loads(payload)),
+            ).start()
             d = load_digits()
             summary = fleet.classify(url, "dev", d.x_test[:20], labels=d.y_test[:20])
             link.stop()

@@ -4,6 +4,7 @@ Faults: a node killed (-9) mid-stream and restarted, the aggregator killed and r
 restarted, an altered member, malformed frames, wrong credentials. These tests fail (not skip) when
 Mosquitto is not installed: the fleet needs it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -27,8 +28,9 @@ RATE = 75  # frames per second for the fault streams: long enough to hit a fault
 
 
 def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "prune2edge.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "prune2edge.cli", *args], capture_output=True, text=True, timeout=timeout, **kw
+    )
 
 
 @pytest.fixture(scope="session")
@@ -88,9 +90,30 @@ class Listener:
 
 def start_stream(url: str, name: str, npz: Path, out: Path, n: int = 450, rate: float = RATE) -> subprocess.Popen:
     """`prune2edge classify` as its own process, paced, writing decisions to ``out``."""
-    return subprocess.Popen([sys.executable, "-m", "prune2edge.cli", "classify", str(npz), "--broker", url,
-                             "--fleet", name, "--rate", str(rate), "--limit", str(n), "--out", str(out),
-                             "--timeout", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prune2edge.cli",
+            "classify",
+            str(npz),
+            "--broker",
+            url,
+            "--fleet",
+            name,
+            "--rate",
+            str(rate),
+            "--limit",
+            str(n),
+            "--out",
+            str(out),
+            "--timeout",
+            "20",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def rows(path: Path) -> list[dict]:
@@ -111,7 +134,7 @@ def wait_rows(path: Path, n: int, proc: subprocess.Popen, timeout: float = 30) -
 
 def finish(proc: subprocess.Popen, out: Path, n: int) -> list[dict]:
     """Wait for the client; every frame it sent must have exactly one outcome."""
-    stdout, stderr = proc.communicate(timeout=90)
+    _stdout, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 0, stderr
     got = rows(out)
     assert sorted(r["index"] for r in got) == list(range(n)), stderr
@@ -149,7 +172,10 @@ def test_clear_errors(bundle, tmp_path, mosquitto_exe):
         (["node", str(bundle), "--member", m, "--broker", "http://x:1"], "bad broker URL 'http://x:1'"),
         (["node", str(bundle), "--member", m, "--broker", "mqtt://h:port"], "bad broker URL"),
         (["node", str(bundle), "--member", m, "--broker", unused], "cannot reach the MQTT broker at"),
-        (["aggregator", str(bundle), "--broker", unused, "--quorum", "9"], f"--quorum must be between 1 and {len(members(bundle))}"),
+        (
+            ["aggregator", str(bundle), "--broker", unused, "--quorum", "9"],
+            f"--quorum must be between 1 and {len(members(bundle))}",
+        ),
         (["node", str(bundle), "--member", m, "--broker", unused, "--fleet", "a/b"], "bad fleet name"),
         (["fleet", str(altered), "--members", m], f"bundle member '{m}' was altered"),
     ]
@@ -172,8 +198,11 @@ def test_client_resends_overdue_frames_while_it_streams(broker):
     full window or the end of the stream, past the aggregator's wait for a frame it knows only by votes)."""
     t, url = Topics("resend"), Broker.parse(broker.url)
     listener = Listener(url, [t.frames])
-    listener.link.publish(t.aggregator, fleet.dumps({"state": "online", "members": [], "shape": [8, 8, 1],
-                                                     "timeout_ms": 500}), retain=True)  # an aggregator that never answers
+    listener.link.publish(
+        t.aggregator,
+        fleet.dumps({"state": "online", "members": [], "shape": [8, 8, 1], "timeout_ms": 500}),
+        retain=True,
+    )  # an aggregator that never answers
     summary = fleet.classify(url, "resend", np.zeros((12, 8, 8, 1), np.uint8), rate=2, retry_s=1.5, timeout_s=1.0)
     listener.wait(lambda: len(listener.messages) == 12 + summary["resent"])
     listener.link.stop()
@@ -189,8 +218,9 @@ def test_client_exits_nonzero_when_decisions_never_come(bundle, broker, digits_n
     try:
         lf.wait_ready(roles=["aggregator"])
         agg.send_signal(signal.SIGSTOP)  # alive to the broker for a while, but it answers nothing
-        r = cli("classify", str(digits_npz[0]), "--limit", "5", "--broker", broker.url, "--fleet", "mute",
-                "--timeout", "2")
+        r = cli(
+            "classify", str(digits_npz[0]), "--limit", "5", "--broker", broker.url, "--fleet", "mute", "--timeout", "2"
+        )
         assert r.returncode == 2, r.stderr
         assert "error: 5 of 5 frames got no decision" in r.stderr, r.stderr
     finally:
@@ -199,8 +229,11 @@ def test_client_exits_nonzero_when_decisions_never_come(bundle, broker, digits_n
 
 
 def test_fleet_runs_until_ctrl_c(bundle, mosquitto_exe):
-    proc = subprocess.Popen([sys.executable, "-m", "prune2edge.cli", "fleet", str(bundle), "--members",
-                             members(bundle)[0]], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prune2edge.cli", "fleet", str(bundle), "--members", members(bundle)[0]],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         lines = []
         for line in proc.stderr:
@@ -310,12 +343,26 @@ def test_malformed_frames_are_reported_and_the_node_keeps_serving(bundle, broker
         bad = {
             "json": b"{not json",
             "shape": fleet.encode_frame("f-shape", np.zeros((8, 8), np.uint8)),
-            "dtype": json.dumps({"v": 1, "id": "f-nan", "shape": [8, 8, 1], "dtype": "float32",
-                                 "data": base64.b64encode(nan.tobytes()).decode()}).encode(),
+            "dtype": json.dumps(
+                {
+                    "v": 1,
+                    "id": "f-nan",
+                    "shape": [8, 8, 1],
+                    "dtype": "float32",
+                    "data": base64.b64encode(nan.tobytes()).decode(),
+                }
+            ).encode(),
             "size": b"{" + b" " * fleet.frame_limit((8, 8, 1)) + b"}",
             "version": json.dumps({"v": 99, "id": "f-v99"}).encode(),
-            "bytes": json.dumps({"v": 1, "id": "f-short", "shape": [8, 8, 1], "dtype": "uint8",
-                                 "data": base64.b64encode(b"abc").decode()}).encode(),
+            "bytes": json.dumps(
+                {
+                    "v": 1,
+                    "id": "f-short",
+                    "shape": [8, 8, 1],
+                    "dtype": "uint8",
+                    "data": base64.b64encode(b"abc").decode(),
+                }
+            ).encode(),
         }
         for payload in bad.values():
             listener.link.publish(t.frames, payload)
@@ -325,13 +372,19 @@ def test_malformed_frames_are_reported_and_the_node_keeps_serving(bundle, broker
         errors = {e["error"].split(" ")[0] + " " + str(e["frame"]) for e in listener.on(t.errors)}
         assert all(e["source"] == f"node/{m}" for e in listener.on(t.errors))
         text = " | ".join(e["error"] for e in listener.on(t.errors))
-        for needle in ("not valid JSON", "shape [8, 8]", "dtype 'float32'", "exceeds the limit", "wire version 99",
-                       "holds 3 bytes"):
+        for needle in (
+            "not valid JSON",
+            "shape [8, 8]",
+            "dtype 'float32'",
+            "exceeds the limit",
+            "wire version 99",
+            "holds 3 bytes",
+        ):
             assert needle in text, (needle, errors)
         results = {r["frame"]: r for r in listener.on(t.results)}
         assert results["f-good"]["status"] == "decided" and results["f-good"]["voted"] == [m]
         for fid in ("f-shape", "f-nan", "f-short"):  # malformed, but with an id: the client still gets an outcome
-            listener.wait(lambda: fid in {r["frame"] for r in listener.on(t.results)})
+            listener.wait(lambda fid=fid: fid in {r["frame"] for r in listener.on(t.results)})
             r = {r["frame"]: r for r in listener.on(t.results)}[fid]
             assert r["status"] == "undecided" and r["reason"].startswith("malformed frame")
         assert lf.dead() == []
@@ -352,8 +405,18 @@ def test_aggregator_decides_undecided_duplicates_and_late_votes(bundle, broker, 
         def vote(frame: str, member: str, k: int, digest: str | None = None) -> None:
             p = np.full(10, 0.02)
             p[k] = 0.82
-            listener.link.publish(t.votes, fleet.dumps({"frame": frame, "member": member, "proba": p.tolist(),
-                                                        "sha256": digest or sha[member], "infer_ms": 1.0}))
+            listener.link.publish(
+                t.votes,
+                fleet.dumps(
+                    {
+                        "frame": frame,
+                        "member": member,
+                        "proba": p.tolist(),
+                        "sha256": digest or sha[member],
+                        "infer_ms": 1.0,
+                    }
+                ),
+            )
 
         listener.link.publish(t.frames, fleet.encode_frame("f-silent", np.zeros((8, 8, 1), np.uint8)))
         vote("f-two", ids[0], 3)
@@ -386,17 +449,42 @@ def test_password_protected_broker(bundle, mosquitto_exe, digits_npz, tmp_path):
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(pwfile), "alice", "s3cret"], check=True)
     with Mosquitto(tmp_path / "broker", conf=["allow_anonymous false", f"password_file {pwfile}"]) as b:
         m = members(bundle)[0]
-        r = cli("node", str(bundle), "--member", m, "--broker", b.url, "--username", "alice", "--password", "nope",
-                timeout=60)
-        assert r.returncode == 2 and "refused the connection" in r.stderr and "--username/--password" in r.stderr, r.stderr
+        r = cli(
+            "node",
+            str(bundle),
+            "--member",
+            m,
+            "--broker",
+            b.url,
+            "--username",
+            "alice",
+            "--password",
+            "nope",
+            timeout=60,
+        )
+        assert r.returncode == 2 and "refused the connection" in r.stderr and "--username/--password" in r.stderr, (
+            r.stderr
+        )
         r = cli("node", str(bundle), "--member", m, "--broker", b.url, timeout=60)
         assert r.returncode == 2 and "refused the connection" in r.stderr, r.stderr
         auth = Broker.parse(b.url, "alice", "s3cret")
         with LocalFleet(bundle, auth, "auth", members=[m], workdir=tmp_path / "fleet"):
             out = tmp_path / "out.jsonl"
-            r = cli("classify", str(digits_npz[0]), "--limit", "20", "--broker", b.url, "--fleet", "auth",
-                    "--username", "alice", "--out", str(out), env={**__import__("os").environ,
-                                                                     "PRUNE2EDGE_MQTT_PASSWORD": "s3cret"})
+            r = cli(
+                "classify",
+                str(digits_npz[0]),
+                "--limit",
+                "20",
+                "--broker",
+                b.url,
+                "--fleet",
+                "auth",
+                "--username",
+                "alice",
+                "--out",
+                str(out),
+                env={**__import__("os").environ, "PRUNE2EDGE_MQTT_PASSWORD": "s3cret"},
+            )
             assert r.returncode == 0, r.stderr
             assert len(rows(out)) == 20 and all(row["status"] == "decided" for row in rows(out))
 
@@ -416,20 +504,49 @@ def test_tls_broker_with_client_certificates(bundle, mosquitto_exe, digits_npz, 
         key, csr, cert = (tmp_path / f"{name}.{s}" for s in ("key", "csr", "pem"))
         openssl(f"req -newkey rsa:2048 -nodes -keyout {key} -out {csr} -subj /CN={name}")
         openssl(f"x509 -req -in {csr} -CA {ca} -CAkey {ca_key} -CAcreateserial -out {cert} -days 1 -extfile {ext}")
-    conf = [f"cafile {ca}", f"certfile {tmp_path / 'server.pem'}", f"keyfile {tmp_path / 'server.key'}",
-            "require_certificate true"]
+    conf = [
+        f"cafile {ca}",
+        f"certfile {tmp_path / 'server.pem'}",
+        f"keyfile {tmp_path / 'server.key'}",
+        "require_certificate true",
+    ]
     with Mosquitto(tmp_path / "broker", conf=conf) as b:
         url = f"mqtts://127.0.0.1:{b.port}"
         m = members(bundle)[0]
-        for args in (["--broker", f"mqtt://127.0.0.1:{b.port}"],  # plain MQTT to a TLS port
-                     ["--broker", url, "--tls-ca", str(ca)]):       # no client certificate
+        for args in (
+            ["--broker", f"mqtt://127.0.0.1:{b.port}"],  # plain MQTT to a TLS port
+            ["--broker", url, "--tls-ca", str(ca)],
+        ):  # no client certificate
             r = cli("node", str(bundle), "--member", m, *args, timeout=60)
             assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr  # a clear error, not a hang
-        tls = ["--tls-ca", str(ca), "--tls-cert", str(tmp_path / "client.pem"), "--tls-key", str(tmp_path / "client.key")]
-        with LocalFleet(bundle, Broker.parse(url, tls_ca=tls[1], tls_cert=tls[3], tls_key=tls[5]), "tls", members=[m],
-                        workdir=tmp_path / "fleet"):
+        tls = [
+            "--tls-ca",
+            str(ca),
+            "--tls-cert",
+            str(tmp_path / "client.pem"),
+            "--tls-key",
+            str(tmp_path / "client.key"),
+        ]
+        with LocalFleet(
+            bundle,
+            Broker.parse(url, tls_ca=tls[1], tls_cert=tls[3], tls_key=tls[5]),
+            "tls",
+            members=[m],
+            workdir=tmp_path / "fleet",
+        ):
             out = tmp_path / "out.jsonl"
-            r = cli("classify", str(digits_npz[0]), "--limit", "10", "--broker", url, *tls, "--fleet", "tls",
-                    "--out", str(out))
+            r = cli(
+                "classify",
+                str(digits_npz[0]),
+                "--limit",
+                "10",
+                "--broker",
+                url,
+                *tls,
+                "--fleet",
+                "tls",
+                "--out",
+                str(out),
+            )
             assert r.returncode == 0, r.stderr
             assert len(rows(out)) == 10

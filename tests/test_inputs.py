@@ -1,5 +1,6 @@
 """Raw inspection images in: size and colour as part of the model's input contract, applied by every consumer of
 a bundle, and the README's image-folder example built and run as it says."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from conftest import prune2edge_cli
 from PIL import Image, ImageDraw
 
@@ -50,7 +50,9 @@ def inspection(tmp_path_factory) -> Path:
     for c in ("ok", "scratch"):
         (d / "parts" / c).mkdir(parents=True)
         for i in range(40):
-            part(rng, int(rng.choice([200, 300])), c == "scratch", bool(rng.integers(2))).save(d / "parts" / c / f"{i:03d}.jpg")
+            part(rng, int(rng.choice([200, 300])), c == "scratch", bool(rng.integers(2))).save(
+                d / "parts" / c / f"{i:03d}.jpg"
+            )
     part(rng, 300, True, True).save(d / "frame.jpg")
     part(rng, 200, False, False).save(d / "frame_ok.jpg")
     (d / "inspect.yaml").write_text(readme_config())
@@ -65,7 +67,9 @@ def test_the_readme_image_folder_example_runs_end_to_end(inspection):
     assert info["image_shape"] == [32, 32, 1] and info["classes"] == ["ok", "scratch"]
     assert info["input_steps"]["size"] == [32, 32] and info["input_steps"]["color"] == "grey"
     assert info["test_split"].startswith("carved: 0.2") and info["n_test"] == 16 and info["warnings"] == []
-    carved = np.load(run / "splits.npz")["carved_test"]  # positions in the folder's sorted files: 40 ok, then 40 scratch
+    carved = np.load(run / "splits.npz")[
+        "carved_test"
+    ]  # positions in the folder's sorted files: 40 ok, then 40 scratch
     assert len(carved) == 16 and (carved < 40).sum() == 8, "the carved test split is stratified"
     manifest = json.loads((run / "bundle" / "manifest.json").read_text())
     assert manifest["input"]["steps"]["size"] == [32, 32] and manifest["input"]["steps"]["color"] == "grey"
@@ -103,8 +107,12 @@ def test_rescore_applies_the_input_steps_to_raw_frames(inspection, tmp_path):
     y = np.arange(20) % 2
     np.savez(tmp_path / "frames.npz", x=frames, y=y)
     bundle = inspection / "runs" / "inspect" / "bundle"
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "rescore.py"), str(bundle), str(tmp_path / "frames.npz")],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "rescore.py"), str(bundle), str(tmp_path / "frames.npz")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(out.stdout)["accuracy"] == (Bundle.load(bundle).predict(frames) == y).mean()
 
 
@@ -117,7 +125,9 @@ def test_a_fleet_classifies_camera_frames_like_the_bundle(inspection, tmp_path):
         rows: list[dict] = []
         s = fleet.classify(lf.broker, "default", frames, labels=y, on_result=rows.append, classes=["ok", "scratch"])
         assert s["decided"] == 8
-        assert [r["class"] for r in sorted(rows, key=lambda r: r["index"])] == Bundle.load(bundle).predict(frames).tolist()
+        assert [r["class"] for r in sorted(rows, key=lambda r: r["index"])] == Bundle.load(bundle).predict(
+            frames
+        ).tolist()
         with pytest.raises(UserError, match="the data's 2 classes are not the model's 2: the data has ok, dent"):
             fleet.classify(lf.broker, "default", frames, labels=y, classes=["ok", "dent"])
         with pytest.raises(UserError, match="the model's classes in another order"):
@@ -134,7 +144,9 @@ def test_area_resize_and_grey_match_pillow():
     assert small.shape == (3, 32, 24, 3) and np.abs(small.astype(int) - reduced).max() <= 1
     grey = InputSteps(color="grey").apply(x)
     assert grey.shape == (3, 128, 96, 1)
-    assert np.abs(grey[..., 0].astype(int) - np.stack([np.asarray(Image.fromarray(a).convert("L")) for a in x])).max() <= 1
+    assert (
+        np.abs(grey[..., 0].astype(int) - np.stack([np.asarray(Image.fromarray(a).convert("L")) for a in x])).max() <= 1
+    )
     assert np.allclose(area_weights(7, 3).sum(1), 1) and np.allclose(area_weights(3, 7).sum(1), 1)
     assert np.allclose(area_weights(3, 2), [[2 / 3, 1 / 3, 0], [0, 1 / 3, 2 / 3]])
     same = InputSteps((128, 96), "rgb")
@@ -148,13 +160,19 @@ def test_area_resize_and_grey_match_pillow():
 
 def test_check_images_takes_any_size_only_when_the_model_resizes():
     steps = InputSteps((8, 8), "grey")
-    batch = check_images([np.zeros((20, 30), np.uint8), np.full((16, 16, 3), 255, np.uint8),
-                          np.zeros((9, 9, 4), np.uint8)], (8, 8, 1), steps)
+    batch = check_images(
+        [np.zeros((20, 30), np.uint8), np.full((16, 16, 3), 255, np.uint8), np.zeros((9, 9, 4), np.uint8)],
+        (8, 8, 1),
+        steps,
+    )
     assert batch.shape == (3, 8, 8, 1) and batch[1].min() == 255
     assert check_images(np.zeros((5, 40, 40), np.uint8), (8, 8, 1), steps).shape == (5, 8, 8, 1)  # NHW batch
     assert check_images(np.zeros((40, 40, 3), np.uint8), (8, 8, 1), steps).shape == (1, 8, 8, 1)  # one image
-    with pytest.raises(UserError, match=r"images have shape \(1, 40, 40, 1\) but the model takes \(8, 8, 1\) .*"
-                                        "a model made with data.image_size resizes"):
+    with pytest.raises(
+        UserError,
+        match=r"images have shape \(1, 40, 40, 1\) but the model takes \(8, 8, 1\) .*"
+        "a model made with data.image_size resizes",
+    ):
         check_images(np.zeros((1, 40, 40, 1), np.uint8), (8, 8, 1))
     with pytest.raises(UserError, match=r"shape \(1, 8, 8, 3\) .* a model made with data.color converts"):
         check_images(np.zeros((1, 8, 8, 3), np.uint8), (8, 8, 1))

@@ -1,4 +1,5 @@
 """End to end: the demo meets its targets, the CLI re-scores it, and a killed run resumes to identical metrics."""
+
 from __future__ import annotations
 
 import json
@@ -36,10 +37,21 @@ def test_run_records_splits_and_the_scored_test_set(demo_run):
     splits = np.load(demo_run / "splits.npz")
     assert not set(splits["train"]) & set(splits["val"])
     info = store.read_json(demo_run / "dataset.json")
-    assert (len(splits["train"]), len(splits["val"]), len(splits["test"])) == (info["n_train"], info["n_val"], info["n_test"])
+    assert (len(splits["train"]), len(splits["val"]), len(splits["test"])) == (
+        info["n_train"],
+        info["n_val"],
+        info["n_test"],
+    )
     test = np.load(demo_run / "test.npz")
     assert test["x"].shape == (450, 8, 8, 1) and test["x"].dtype == np.uint8 and len(test["y"]) == 450
-    for name in ("config.yaml", "preprocess.json", "baseline/model.pt", "baseline/fp32.onnx", "selection.json", "timings.json"):
+    for name in (
+        "config.yaml",
+        "preprocess.json",
+        "baseline/model.pt",
+        "baseline/fp32.onnx",
+        "selection.json",
+        "timings.json",
+    ):
         assert (demo_run / name).exists(), name
     umask = os.umask(0)
     os.umask(umask)
@@ -83,8 +95,11 @@ def test_kill_mid_pool_then_rerun_gives_identical_metrics(tmp_path):
     ref = prune2edge_cli("run", str(cfg), "--out", str(tmp_path / "ref"), "--quiet")
     assert ref.returncode == 0, ref.stderr
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "prune2edge.cli", "run", str(cfg), "--out", str(run_dir), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prune2edge.cli", "run", str(cfg), "--out", str(run_dir), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while not (run_dir / "pool" / "m001" / "member.json").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended or stalled before the pool"
@@ -97,7 +112,9 @@ def test_kill_mid_pool_then_rerun_gives_identical_metrics(tmp_path):
     again = prune2edge_cli("run", str(cfg), "--out", str(run_dir), "--quiet")
     assert again.returncode == 0, again.stderr
     assert {n: (run_dir / "pool" / n / "model.pt").stat().st_mtime_ns for n in done} == before  # not recomputed
-    assert comparable(store.read_json(run_dir / "metrics.json")) == comparable(store.read_json(tmp_path / "ref" / "metrics.json"))
+    assert comparable(store.read_json(run_dir / "metrics.json")) == comparable(
+        store.read_json(tmp_path / "ref" / "metrics.json")
+    )
     # the pool's time counts the members trained before the kill too
     member_seconds = sum(store.read_json(f)["seconds"] for f in (run_dir / "pool").glob("*/member.json"))
     assert store.read_json(run_dir / "timings.json")["pool"] >= member_seconds
@@ -105,22 +122,31 @@ def test_kill_mid_pool_then_rerun_gives_identical_metrics(tmp_path):
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump({**SMALL, "seed": 2}))
     out = prune2edge_cli("run", str(changed), "--out", str(run_dir))
-    assert out.returncode == 2 and "holds a run with a different config (seed: 1 -> 2, from that run's to this one)" in out.stderr
+    assert (
+        out.returncode == 2
+        and "holds a run with a different config (seed: 1 -> 2, from that run's to this one)" in out.stderr
+    )
 
 
-@pytest.mark.parametrize("config_text, message", [
-    ("pool: {sizee: 3}", "unknown config key 'pool.sizee'; known keys in pool: size,"),
-    ("pool: {sparsity: [0.5, 1.0]}", "config key 'pool.sparsity' must lie in [0.0, 1.0)"),
-    ("pool: {sparsity: -0.1}", "config key 'pool.sparsity' must lie in [0.0, 1.0)"),
-    ("pool: {size: 4}\ncluster: {k: 6}", "'cluster.k' is 6, larger than the pool (pool.size = 4)"),
-    ("select: {strategy: best}", "config key 'select.strategy' must be one of ['accuracy-first'"),
-    ("data: {name: npz, path: /nonexistent/x.npz}", "npz file not found: '/nonexistent/x.npz'"),
-    ("data: {name: cifar10, path: /nonexistent}", "cifar10 not found: expected '/nonexistent/cifar-10-batches-py/data_batch_1'"),
-    ("model: {arch: keras_cifar10_cnn}", "keras_cifar10_cnn needs images of at least 10x10, got (8, 8)"),
-    ("model: {arch: nosuchmodule:make}", "cannot import model factory 'nosuchmodule:make'"),
-    ("pool: [1, 2]", "config key 'pool' must be a mapping"),
-    (":\n  - ]", "is not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "config_text, message",
+    [
+        ("pool: {sizee: 3}", "unknown config key 'pool.sizee'; known keys in pool: size,"),
+        ("pool: {sparsity: [0.5, 1.0]}", "config key 'pool.sparsity' must lie in [0.0, 1.0)"),
+        ("pool: {sparsity: -0.1}", "config key 'pool.sparsity' must lie in [0.0, 1.0)"),
+        ("pool: {size: 4}\ncluster: {k: 6}", "'cluster.k' is 6, larger than the pool (pool.size = 4)"),
+        ("select: {strategy: best}", "config key 'select.strategy' must be one of ['accuracy-first'"),
+        ("data: {name: npz, path: /nonexistent/x.npz}", "npz file not found: '/nonexistent/x.npz'"),
+        (
+            "data: {name: cifar10, path: /nonexistent}",
+            "cifar10 not found: expected '/nonexistent/cifar-10-batches-py/data_batch_1'",
+        ),
+        ("model: {arch: keras_cifar10_cnn}", "keras_cifar10_cnn needs images of at least 10x10, got (8, 8)"),
+        ("model: {arch: nosuchmodule:make}", "cannot import model factory 'nosuchmodule:make'"),
+        ("pool: [1, 2]", "config key 'pool' must be a mapping"),
+        (":\n  - ]", "is not valid YAML"),
+    ],
+)
 def test_bad_config_gets_a_clear_error_without_traceback(tmp_path, config_text, message):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(config_text)
@@ -130,11 +156,19 @@ def test_bad_config_gets_a_clear_error_without_traceback(tmp_path, config_text, 
 
 
 def test_bad_dataset_files_get_a_clear_error(tmp_path):
-    np.savez(tmp_path / "labels.npz", x_train=np.zeros((20, 8, 8), np.uint8), y_train=np.arange(20) % 12,
-             x_test=np.zeros((4, 8, 8), np.uint8), y_test=np.arange(4), label_names=np.array(list("abcdefghij")))
+    np.savez(
+        tmp_path / "labels.npz",
+        x_train=np.zeros((20, 8, 8), np.uint8),
+        y_train=np.arange(20) % 12,
+        x_test=np.zeros((4, 8, 8), np.uint8),
+        y_test=np.arange(4),
+        label_names=np.array(list("abcdefghij")),
+    )
     (tmp_path / "corrupt.npz").write_bytes(b"\x00" * 100)
-    for name, message in (("labels.npz", "train labels out of range: found 0..11, expected 0..9 (10 classes)"),
-                          ("corrupt.npz", "cannot read npz file")):
+    for name, message in (
+        ("labels.npz", "train labels out of range: found 0..11, expected 0..9 (10 classes)"),
+        ("corrupt.npz", "cannot read npz file"),
+    ):
         cfg = tmp_path / "cfg.yaml"
         cfg.write_text(yaml.safe_dump({"data": {"name": "npz", "path": str(tmp_path / name)}}))
         out = prune2edge_cli("run", str(cfg), "--out", str(tmp_path / name / "run"))
@@ -168,21 +202,31 @@ def truncated_npz(path):
     path.write_bytes(path.read_bytes()[:3000])
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: p.write_text("x_train,y_train\n1,2\n"), "it is not a numpy .npz or .npy file but a text file"),
-    (lambda p: p.write_bytes(b"\x00" * 64), "it is not a numpy .npz or .npy file but a file that starts with"),
-    (truncated_npz, "it is truncated or damaged; write or copy it again"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_text("x_train,y_train\n1,2\n"), "it is not a numpy .npz or .npy file but a text file"),
+        (lambda p: p.write_bytes(b"\x00" * 64), "it is not a numpy .npz or .npy file but a file that starts with"),
+        (truncated_npz, "it is truncated or damaged; write or copy it again"),
+    ],
+)
 def test_a_bad_npz_gets_a_clear_error_in_every_command(demo_run, tmp_path, make, message):
     bad = tmp_path / "bad.npz"
     make(bad)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"data": {"name": "npz", "path": str(bad)}}))
     bundle = str(demo_run / "bundle")
-    for args in (["run", str(cfg), "--out", str(tmp_path / "run")], ["evaluate", bundle, "--data", f"npz:{bad}"],
-                 ["predict", bundle, str(bad)], ["classify", "--broker", "mqtt://127.0.0.1:9", str(bad)]):
+    for args in (
+        ["run", str(cfg), "--out", str(tmp_path / "run")],
+        ["evaluate", bundle, "--data", f"npz:{bad}"],
+        ["predict", bundle, str(bad)],
+        ["classify", "--broker", "mqtt://127.0.0.1:9", str(bad)],
+    ):
         out = invoke(*args)
-        assert out.exit_code == 2 and f"cannot read npz file '{bad}'" in out.stderr and message in out.stderr, (args, out.stderr)
+        assert out.exit_code == 2 and f"cannot read npz file '{bad}'" in out.stderr and message in out.stderr, (
+            args,
+            out.stderr,
+        )
 
 
 def test_evaluate_refuses_other_classes_and_warns_at_chance(demo_run, tmp_path):
@@ -190,11 +234,17 @@ def test_evaluate_refuses_other_classes_and_warns_at_chance(demo_run, tmp_path):
     bundle = str(demo_run / "bundle")
 
     def evaluate_on(name: str, **arrays):
-        np.savez(tmp_path / name, **{"x_train": d.x_train, "y_train": d.y_train, "x_test": d.x_test, "y_test": d.y_test, **arrays})
+        np.savez(
+            tmp_path / name,
+            **{"x_train": d.x_train, "y_train": d.y_train, "x_test": d.x_test, "y_test": d.y_test, **arrays},
+        )
         return invoke("evaluate", bundle, "--data", f"npz:{tmp_path / name}")
 
     out = evaluate_on("pets.npz", y_train=d.y_train % 2, y_test=d.y_test % 2, label_names=np.array(["cat", "dog"]))
-    assert out.exit_code == 2 and "the data's 2 classes are not the model's 10: the data has cat, dog, the model 0, 1, 2" in out.stderr
+    assert (
+        out.exit_code == 2
+        and "the data's 2 classes are not the model's 10: the data has cat, dog, the model 0, 1, 2" in out.stderr
+    )
     out = evaluate_on("reordered.npz", label_names=np.array(list("1023456789")))
     assert out.exit_code == 2 and "the model's classes in another order (data: 1, 0, 2" in out.stderr
     out = evaluate_on("twelve.npz", y_test=np.where(d.y_test == 9, 11, d.y_test))
@@ -218,7 +268,9 @@ def test_copies_across_splits_are_reported_in_dataset_json_and_the_summary(demo_
     splits = np.load(tmp_path / "run" / "splits.npz")
     assert info["test_split"] == "carved: 0.2 of the source, stratified, seed 0" and len(splits["carved_test"]) == 12
     test = set(splits["carved_test"].tolist())
-    train = set(np.setdiff1d(np.arange(60), splits["carved_test"])[np.concatenate([splits["train"], splits["val"]])].tolist())
+    train = set(
+        np.setdiff1d(np.arange(60), splits["carved_test"])[np.concatenate([splits["train"], splits["val"]])].tolist()
+    )
     crossing = sum((a in test) != (b in test) for a, b in zip(range(6), range(50, 56)))  # the copies split train/test
     assert crossing and info["duplicates"]["train/test"] + info["duplicates"]["val/test"] == crossing
     assert len(train | test) == 60

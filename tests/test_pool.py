@@ -1,6 +1,8 @@
 """Phase 1: magnitude pruning reaches its measured target; members are independent clones of the baseline."""
+
 from __future__ import annotations
 
+import itertools
 import shutil
 
 import pytest
@@ -40,8 +42,8 @@ def test_schedules():
     p = pool.MagnitudePruner({}, 0.9, "polynomial", "layer", end_step=100)
     targets = [p.target(t) for t in range(0, 121, 10)]
     assert targets[0] == 0 and targets[10] == pytest.approx(0.9) and targets[-1] == 0.9
-    assert all(a <= b for a, b in zip(targets, targets[1:]))
-    assert p.target(50) == pytest.approx(0.9 * (1 - 0.5 ** 3))
+    assert all(a <= b for a, b in itertools.pairwise(targets))
+    assert p.target(50) == pytest.approx(0.9 * (1 - 0.5**3))
     assert pool.MagnitudePruner({}, 0.7, "constant", "layer", 100).target(0) == 0.7
 
 

@@ -1,5 +1,6 @@
 """Pool methods that leave the baseline's basin: anti-random masks, shrink-and-perturb / re-initialised layers,
 fresh (wider) students, prune-and-regrow, and one cyclical run. Each is tested for what it promises, on tiny data."""
+
 from __future__ import annotations
 
 import itertools
@@ -19,10 +20,16 @@ def tiny_model(seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple:
     """A prepared run with a trained baseline on 300 digits (the pool is left to each test)."""
-    cfg = config.load(None, {"data": {"name": "digits", "max_train": 300}, "model": {"kwargs": {"width": 8, "depth": 2}},
-                             "train": {"epochs": 4, "batch_size": 64},
-                             "pool": {"size": 3, "sparsity": 0.7, "epochs": 1.0, "lr": 0.02, "batch_size": 64},
-                             "cluster": {"k": 2, "k_max": 3}})
+    cfg = config.load(
+        None,
+        {
+            "data": {"name": "digits", "max_train": 300},
+            "model": {"kwargs": {"width": 8, "depth": 2}},
+            "train": {"epochs": 4, "batch_size": 64},
+            "pool": {"size": 3, "sparsity": 0.7, "epochs": 1.0, "lr": 0.02, "batch_size": 64},
+            "cluster": {"k": 2, "k_max": 3},
+        },
+    )
     run = tmp_path_factory.mktemp("basins")
     pipeline.prepare(run, cfg)
     pipeline.baseline(run, cfg, progress=False)
@@ -79,7 +86,9 @@ def test_weighted_antirandom_gives_the_first_members_the_larger_weights():
 def test_antirandom_members_keep_disjoint_weights_after_training(tiny_run, tmp_path):
     run, cfg = configured(*tiny_run, tmp_path, mask="antirandom", sparsity=0.7)
     members = pool.build(run, cfg, pool.InProcessExecutor(), progress=False)
-    alive = [flat_masks({n: w != 0 for n, w in models.prunable(store.load_member(run, m["name"])).items()}) for m in members]
+    alive = [
+        flat_masks({n: w != 0 for n, w in models.prunable(store.load_member(run, m["name"])).items()}) for m in members
+    ]
     for a, b in itertools.combinations(alive, 2):
         assert not (a & b).any()  # 3 x 30 % kept: the trained members share no weight
     assert all(abs(m["measured_sparsity"]["overall"] - 0.7) < 0.02 for m in members)
@@ -168,11 +177,18 @@ def test_cyclical_pool_takes_one_member_per_cycle_from_one_run(tiny_run, tmp_pat
     assert again[1]["val_acc_fp32"] == first["val_acc_fp32"]
 
 
-@pytest.mark.parametrize("opts,key", [({"init": "fresh", "perturb": 0.1}, "pool.init"),
-                                      ({"member_kwargs": {"width": 4}}, "pool.member_kwargs"),
-                                      ({"cyclical": True, "mask": "antirandom"}, "pool.cyclical"),
-                                      ({"mask": "random"}, "pool.mask"), ({"shrink": 1.5}, "pool.shrink"),
-                                      ({"regrow": 1.0}, "pool.regrow"), ({"reinit_last": -1}, "pool.reinit_last")])
+@pytest.mark.parametrize(
+    "opts,key",
+    [
+        ({"init": "fresh", "perturb": 0.1}, "pool.init"),
+        ({"member_kwargs": {"width": 4}}, "pool.member_kwargs"),
+        ({"cyclical": True, "mask": "antirandom"}, "pool.cyclical"),
+        ({"mask": "random"}, "pool.mask"),
+        ({"shrink": 1.5}, "pool.shrink"),
+        ({"regrow": 1.0}, "pool.regrow"),
+        ({"reinit_last": -1}, "pool.reinit_last"),
+    ],
+)
 def test_config_rejects_bad_or_conflicting_basin_options(opts, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         config.load(None, {"pool": opts})
@@ -187,8 +203,12 @@ def test_regrow_that_could_never_move_the_mask_is_a_clear_error(tiny_run, tmp_pa
 def test_regrow_member_keeps_other_weights_than_plain_pruning_at_the_same_sparsity(tiny_run, tmp_path):
     alive = {}
     for regrow in (0.0, 0.5):
-        run, cfg = configured(*tiny_run, tmp_path / str(regrow), regrow=regrow, regrow_every=1, prune_end=0.2, epochs=2.0)
+        run, cfg = configured(
+            *tiny_run, tmp_path / str(regrow), regrow=regrow, regrow_every=1, prune_end=0.2, epochs=2.0
+        )
         info = pool.train_member(run, pool.plan(cfg)[0])
-        alive[regrow] = flat_masks({n: w != 0 for n, w in models.prunable(store.load_member(run, info["name"])).items()})
+        alive[regrow] = flat_masks(
+            {n: w != 0 for n, w in models.prunable(store.load_member(run, info["name"])).items()}
+        )
         assert abs(info["measured_sparsity"]["overall"] - 0.7) < 0.02
     assert (alive[0.5] & ~alive[0.0]).sum() > 0.05 * alive[0.0].sum()  # explored: weights plain pruning had dropped

@@ -1,4 +1,5 @@
 """Pool options: baseline snapshots (cosine restarts), mask perturbation, distillation; fast, on tiny data."""
+
 from __future__ import annotations
 
 import pytest
@@ -71,27 +72,51 @@ def test_mask_noise_changes_which_weights_survive_but_not_how_many(scope):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-@pytest.mark.parametrize("key,value", [("pool.snapshots", 1), ("pool.snapshots", -2), ("pool.snapshots", 2.5),
-                                       ("pool.mask_noise", -0.1), ("train.cycles", 0), ("train.schedule", "sgdr"),
-                                       ("pool.distill", 1.5), ("pool.distill_temperature", 0)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("pool.snapshots", 1),
+        ("pool.snapshots", -2),
+        ("pool.snapshots", 2.5),
+        ("pool.mask_noise", -0.1),
+        ("train.cycles", 0),
+        ("train.schedule", "sgdr"),
+        ("pool.distill", 1.5),
+        ("pool.distill_temperature", 0),
+    ],
+)
 def test_config_rejects_bad_diversity_settings(key, value):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         config.load(None, config.parse_settings([f"{key}={value}"]))
 
 
 def test_snapshot_members_clone_different_checkpoints(tmp_path):
-    cfg = config.load(None, {
-        "data": {"name": "digits", "max_train": 200}, "model": {"kwargs": {"width": 8, "depth": 2}},
-        "train": {"epochs": 3, "batch_size": 64, "schedule": "restarts", "cycles": 3},
-        "pool": {"size": 3, "snapshots": 3, "sparsity": 0.5, "epochs": 0.2, "lr": 0.001, "batch_size": 64,
-                 "mask_noise": 0.5},
-        "cluster": {"k": 2, "k_max": 3}})
+    cfg = config.load(
+        None,
+        {
+            "data": {"name": "digits", "max_train": 200},
+            "model": {"kwargs": {"width": 8, "depth": 2}},
+            "train": {"epochs": 3, "batch_size": 64, "schedule": "restarts", "cycles": 3},
+            "pool": {
+                "size": 3,
+                "snapshots": 3,
+                "sparsity": 0.5,
+                "epochs": 0.2,
+                "lr": 0.001,
+                "batch_size": 64,
+                "mask_noise": 0.5,
+            },
+            "cluster": {"k": 2, "k_max": 3},
+        },
+    )
     run = tmp_path / "run"
     pipeline.prepare(run, cfg)
     pipeline.baseline(run, cfg, progress=False)
     assert sorted(p.name for p in (run / "baseline").glob("snapshot*.pt")) == ["snapshot1.pt", "snapshot2.pt"]
     first = [store.load_baseline(run, j).state_dict()["head.2.weight"] for j in (1, 2, 3)]
-    assert not torch.equal(first[0], first[1]) and torch.equal(first[2], store.load_baseline(run).state_dict()["head.2.weight"])
+    assert not torch.equal(first[0], first[1]) and torch.equal(
+        first[2], store.load_baseline(run).state_dict()["head.2.weight"]
+    )
     members = pool.build(run, cfg, pool.InProcessExecutor(), progress=False)
     assert [m["source"] for m in members] == [3, 2, 1]
     assert all(abs(m["measured_sparsity"]["overall"] - 0.5) < 0.01 for m in members)
@@ -99,8 +124,14 @@ def test_snapshot_members_clone_different_checkpoints(tmp_path):
 
 
 def test_missing_snapshot_is_a_clear_error(tmp_path):
-    cfg = config.load(None, {"data": {"name": "digits", "max_train": 200}, "model": {"kwargs": {"width": 8, "depth": 2}},
-                             "train": {"epochs": 1, "batch_size": 64}})
+    cfg = config.load(
+        None,
+        {
+            "data": {"name": "digits", "max_train": 200},
+            "model": {"kwargs": {"width": 8, "depth": 2}},
+            "train": {"epochs": 1, "batch_size": 64},
+        },
+    )
     run = tmp_path / "run"
     pipeline.prepare(run, cfg)
     pipeline.baseline(run, cfg, progress=False)

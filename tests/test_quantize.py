@@ -1,5 +1,6 @@
 """Phase 2: full-integer ONNX models, sizes recorded, a gate that retries or drops collapsed models, codebooks,
 and the shipped encoding."""
+
 from __future__ import annotations
 
 import itertools
@@ -95,8 +96,12 @@ def quantized(tmp_path_factory):
     out = {}
     for bits in (0, 2, 4):
         folder = tmp_path_factory.mktemp(f"bits{bits}")
-        out[bits] = folder, quantize.quantize_model(folder, model, (12, 10, 3), x[:64], x[64:], y[64:], max_drop=1.0,
-                                                    min_agreement=0.0, codebook_bits=bits)
+        out[bits] = (
+            folder,
+            quantize.quantize_model(
+                folder, model, (12, 10, 3), x[:64], x[64:], y[64:], max_drop=1.0, min_agreement=0.0, codebook_bits=bits
+            ),
+        )
     return out, x[64:], y[64:]
 
 
@@ -110,10 +115,12 @@ def test_codebooks_share_at_most_2_to_the_bits_values_per_layer_and_keep_every_z
     assert len(plain) == 4  # three QLinearConv weights and the QGemm weight
     for bits in (2, 4):
         folder, rec = runs[bits]
-        assert rec["codebook_bits"] == bits and quantize.op_counts(folder / "int8.onnx") == rec["ops"] == runs[0][1]["ops"]
+        assert (
+            rec["codebook_bits"] == bits and quantize.op_counts(folder / "int8.onnx") == rec["ops"] == runs[0][1]["ops"]
+        )
         for name, q in weights(folder / "int8.onnx").items():
-            assert len(np.unique(plain[name])) > 2 ** bits  # the codebook had work to do
-            assert len(np.unique(q)) <= 2 ** bits and 0 in q
+            assert len(np.unique(plain[name])) > 2**bits  # the codebook had work to do
+            assert len(np.unique(q)) <= 2**bits and 0 in q
             assert np.array_equal(q == 0, plain[name] == 0)  # every pruned weight stays zero, and only those
             assert np.array_equal(np.sign(q), np.sign(plain[name]))
 
@@ -164,8 +171,16 @@ def test_codebooks_ship_fewer_bytes(quantized):
 
 def test_codebooks_are_for_members_and_the_baseline_stays_plain_int8(demo_run, tmp_path):
     run = tmp_path / "run"
-    for f in ("config.yaml", "dataset.json", "splits.npz", "preprocess.json", "baseline/model.pt", "baseline/model.json",
-              "pool/m000/model.pt", "pool/m000/member.json"):
+    for f in (
+        "config.yaml",
+        "dataset.json",
+        "splits.npz",
+        "preprocess.json",
+        "baseline/model.pt",
+        "baseline/model.json",
+        "pool/m000/model.pt",
+        "pool/m000/member.json",
+    ):
         (run / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(demo_run / f, run / f)
     cfg = config.load(demo_run / "config.yaml", {"quantize": {"codebook_bits": 3}})
@@ -179,5 +194,7 @@ def test_codebooks_are_for_members_and_the_baseline_stays_plain_int8(demo_run, t
 
 @pytest.mark.parametrize("bits", [1, 9, -2, 2.0, True, "4"])
 def test_codebook_bits_must_be_off_or_2_to_8(bits):
-    with pytest.raises(UserError, match="config key 'quantize.codebook_bits' must be 0 \\(off\\) or an integer from 2 to 8"):
+    with pytest.raises(
+        UserError, match="config key 'quantize.codebook_bits' must be 0 \\(off\\) or an integer from 2 to 8"
+    ):
         config.load(overrides={"quantize": {"codebook_bits": bits}})

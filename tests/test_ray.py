@@ -1,6 +1,7 @@
 """executor: ray, against a real Ray instance with 2 CPUs that these tests start once: members as Ray tasks match the
 in-process members bit for bit (1 thread), a killed worker's member is retried, a killed driver resumes with the same
 command, a member's own error fails once with its message, and without Ray the error says what to install."""
+
 from __future__ import annotations
 
 import os
@@ -38,10 +39,16 @@ def ray_cluster() -> str:
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     """A prepared run with its baseline (300 digits, no pool yet), and the same run's pool trained in this process
     with 1 thread: the undisturbed reference."""
-    cfg = config.load(None, {"data": {"name": "digits", "max_train": 300}, "model": {"kwargs": {"width": 8, "depth": 2}},
-                             "train": {"epochs": 4, "batch_size": 64},
-                             "pool": {"size": 3, "sparsity": 0.7, "epochs": 10.0, "lr": 0.02, "batch_size": 32},
-                             "cluster": {"k": 2, "k_max": 3}})
+    cfg = config.load(
+        None,
+        {
+            "data": {"name": "digits", "max_train": 300},
+            "model": {"kwargs": {"width": 8, "depth": 2}},
+            "train": {"epochs": 4, "batch_size": 64},
+            "pool": {"size": 3, "sparsity": 0.7, "epochs": 10.0, "lr": 0.02, "batch_size": 32},
+            "cluster": {"k": 2, "k_max": 3},
+        },
+    )
     run = tmp_path_factory.mktemp("ray") / "prepared"
     pipeline.prepare(run, cfg)
     pipeline.baseline(run, cfg, progress=False)
@@ -66,7 +73,9 @@ def assert_same_members(run: Path, reference: Path) -> None:
     names = sorted(p.name for p in (reference / "pool").iterdir())
     assert sorted(p.name for p in (run / "pool").iterdir()) == names
     for name in names:
-        assert (run / "pool" / name / "model.pt").read_bytes() == (reference / "pool" / name / "model.pt").read_bytes(), name
+        assert (run / "pool" / name / "model.pt").read_bytes() == (
+            reference / "pool" / name / "model.pt"
+        ).read_bytes(), name
         a, b = (store.read_json(d / "pool" / name / "member.json") for d in (run, reference))
         for rec in (a, b):
             rec.pop("seconds")
@@ -85,7 +94,10 @@ def our_workers(task: str) -> list[int]:
     out = []
     for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
         try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(f"ray::{task}".encode()) and parent(parent(pid)) == os.getpid():
+            if (
+                Path(f"/proc/{pid}/cmdline").read_bytes().startswith(f"ray::{task}".encode())
+                and parent(parent(pid)) == os.getpid()
+            ):
                 out.append(pid)
         except (OSError, ValueError, IndexError):
             continue
@@ -150,7 +162,10 @@ def test_a_jobs_own_error_fails_once_and_a_lost_worker_is_a_clear_error(ray_clus
             f.write(f"{os.getpid()}\n")
         os.kill(os.getpid(), signal.SIGKILL)
 
-    with RayExecutor(max_retries=3) as ex, pytest.raises(UserError, match=r"^config key 'pool\.lr' must be > 0, got -1$"):
+    with (
+        RayExecutor(max_retries=3) as ex,
+        pytest.raises(UserError, match=r"^config key 'pool\.lr' must be > 0, got -1$"),
+    ):
         ex.submit(failing_job, str(tmp_path / "failing")).result(60)
     assert len((tmp_path / "failing").read_text().split()) == 1  # not retried
     lost = r"lost on the Ray cluster after ray\.max_retries = 0 retries.*run the same command again"
@@ -165,7 +180,9 @@ def test_a_worker_without_the_jobs_code_is_a_clear_error(ray_cluster, tmp_path, 
     monkeypatch.syspath_prepend(str(tmp_path))
     import only_here
 
-    with pytest.raises(UserError, match=r"could not run a pool job \(.*No module named 'only_here'.*pip install 'prune2edge\[ray\]'"):
+    with pytest.raises(
+        UserError, match=r"could not run a pool job \(.*No module named 'only_here'.*pip install 'prune2edge\[ray\]'"
+    ):
         RayExecutor().submit(only_here.job).result(60)
 
 
@@ -189,16 +206,21 @@ def test_without_ray_installed_executor_ray_says_what_to_install(monkeypatch, tm
     assert "Traceback" not in out.output and not (tmp_path / "run").exists()  # it failed before any work
 
 
-@pytest.mark.parametrize("opts,key", [({"executor": "spark"}, "executor"),
-                                      ({"ray": {"address": "http://head:8265"}}, "ray.address"),
-                                      ({"ray": {"num_cpus": 0}}, "ray.num_cpus"),
-                                      ({"ray": {"num_gpus": -1}}, "ray.num_gpus"),
-                                      ({"ray": {"max_retries": -1}}, "ray.max_retries"),
-                                      ({"executor": "ray", "device": "cuda"}, "ray.num_gpus"),
-                                      ({"executor": "ray", "ray": {"num_gpus": 1}}, "ray.num_gpus"),
-                                      ({"executor": "ray", "workers": 2}, "workers"),
-                                      ({"executor": "ray", "pool": {"cyclical": True}}, "pool.cyclical"),
-                                      ({"ray": {"colour": 1}}, "ray.colour")])
+@pytest.mark.parametrize(
+    "opts,key",
+    [
+        ({"executor": "spark"}, "executor"),
+        ({"ray": {"address": "http://head:8265"}}, "ray.address"),
+        ({"ray": {"num_cpus": 0}}, "ray.num_cpus"),
+        ({"ray": {"num_gpus": -1}}, "ray.num_gpus"),
+        ({"ray": {"max_retries": -1}}, "ray.max_retries"),
+        ({"executor": "ray", "device": "cuda"}, "ray.num_gpus"),
+        ({"executor": "ray", "ray": {"num_gpus": 1}}, "ray.num_gpus"),
+        ({"executor": "ray", "workers": 2}, "workers"),
+        ({"executor": "ray", "pool": {"cyclical": True}}, "pool.cyclical"),
+        ({"ray": {"colour": 1}}, "ray.colour"),
+    ],
+)
 def test_config_rejects_bad_ray_settings(opts, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         config.load(None, opts)

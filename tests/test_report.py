@@ -1,4 +1,5 @@
 """The HTML report: rendered from a real demo run, opened in headless Chromium, numbers checked against metrics.json."""
+
 from __future__ import annotations
 
 import base64
@@ -11,18 +12,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import prune2edge_cli
 
 from prune2edge import report, store
 from prune2edge.errors import UserError
 
-from conftest import prune2edge_cli
-
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 # what a report of a complete run must mark with data-metric, so that the test can read the numbers exactly
-HEADLINE = {"baseline.test_acc_fp32", "baseline.test_acc_int8", "ensemble.test_acc", "ensemble.gain_vs_baseline_fp32",
-            "ensemble.mcnemar_p_vs_baseline_fp32", "ensemble.k", "baseline.bytes.fp32", "baseline.bytes.int8",
-            "baseline.bytes.int8_gzip", "ensemble.bytes.fp32", "ensemble.bytes.int8", "ensemble.bytes.int8_gzip"}
+HEADLINE = {
+    "baseline.test_acc_fp32",
+    "baseline.test_acc_int8",
+    "ensemble.test_acc",
+    "ensemble.gain_vs_baseline_fp32",
+    "ensemble.mcnemar_p_vs_baseline_fp32",
+    "ensemble.k",
+    "baseline.bytes.fp32",
+    "baseline.bytes.int8",
+    "baseline.bytes.int8_gzip",
+    "ensemble.bytes.fp32",
+    "ensemble.bytes.int8",
+    "ensemble.bytes.int8_gzip",
+}
 
 
 def _which(names: tuple[str, ...]) -> str | None:
@@ -39,14 +50,26 @@ def browser():
         pytest.fail("the browser test needs the selenium package: pip install -e '.[test]'")
     chromium, driver_path = _which(CHROMIUM), _which(("chromedriver",))
     if not chromium or not driver_path:
-        pytest.fail(f"the browser test needs headless Chromium and chromedriver, and found chromium={chromium}, "
-                    f"chromedriver={driver_path}: run scripts/system-deps.sh (apt-get install chromium chromium-driver)")
+        pytest.fail(
+            f"the browser test needs headless Chromium and chromedriver, and found chromium={chromium}, "
+            f"chromedriver={driver_path}: run scripts/system-deps.sh (apt-get install chromium chromium-driver)"
+        )
     profile = tempfile.mkdtemp(prefix="prune2edge-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-                f"--user-data-dir={profile}", "--window-size=1280,900"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,900",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)  # no Selenium Manager
     driver.set_page_load_timeout(60)
@@ -64,16 +87,24 @@ def open_page(driver, path: Path) -> None:
 def images(driver) -> list[dict]:
     return driver.execute_script(
         "return [...document.images].map(i => ({id: i.dataset.figure, complete: i.complete, width: i.naturalWidth,"
-        " src: i.getAttribute('src').slice(0, 22)}))")
+        " src: i.getAttribute('src').slice(0, 22)}))"
+    )
 
 
 def screenshot(driver, path: Path, width: int = 1280, mobile: bool = False) -> bytes:
     """The whole page as PNG (Chromium's DevTools protocol: beyond the viewport), at the given CSS width."""
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                           {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": mobile})
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": mobile}
+    )
     height = driver.execute_script("return document.documentElement.scrollHeight")
-    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
-                                                             "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}})
+    shot = driver.execute_cdp_cmd(
+        "Page.captureScreenshot",
+        {
+            "format": "png",
+            "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1},
+        },
+    )
     png = base64.b64decode(shot["data"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(png)
@@ -93,12 +124,16 @@ def test_run_writes_report_and_browser_shows_every_figure(demo_run: Path, browse
     assert page.is_file(), "pipeline.run did not write report.html"
     assert "report" in store.read_json(demo_run / "timings.json")
     html = page.read_text()
-    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|url\(|@import""", html), "the page refers to something outside it"
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|url\(|@import""", html), (
+        "the page refers to something outside it"
+    )
 
     open_page(browser, page)
     imgs = images(browser)
     pngs = sorted(p.stem for p in (demo_run / "figures").glob("*.png"))
-    assert sorted(i["id"] for i in imgs) == pngs == sorted(f[0] for f in report.FIGURES), "every figure, once, on the page"
+    assert sorted(i["id"] for i in imgs) == pngs == sorted(f[0] for f in report.FIGURES), (
+        "every figure, once, on the page"
+    )
     broken = [i["id"] for i in imgs if not (i["complete"] and i["width"] > 0)]
     assert not broken, f"broken images: {broken}"
     assert all(i["src"] == "data:image/png;base64," for i in imgs)
@@ -113,7 +148,7 @@ def test_run_writes_report_and_browser_shows_every_figure(demo_run: Path, browse
         assert json.loads(el.get_attribute("data-value")) == expected, path
         assert el.text == report.FORMATS[fmt](expected), (path, el.text)
         seen.add(path)
-    assert HEADLINE <= seen, f"headline numbers not on the page: {HEADLINE - seen}"
+    assert seen >= HEADLINE, f"headline numbers not on the page: {HEADLINE - seen}"
     for name in metrics["ensemble"]["members"]:
         assert f"members.{name}.bytes.int8_gzip" in seen
 
@@ -138,11 +173,26 @@ def _stop_after(src: Path, dst: Path, phase: str) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("phase, drawn", [
-    ("pool", {"accuracy-vs-sparsity", "baseline-history", "timings"}),
-    ("bundle", {"accuracy-vs-size", "accuracy-vs-sparsity", "cluster-map", "disagreement-heatmap", "baseline-history", "timings"}),
-])
-def test_report_of_an_unfinished_run_shows_what_exists(demo_run: Path, tmp_path: Path, browser, monkeypatch, phase, drawn) -> None:
+@pytest.mark.parametrize(
+    "phase, drawn",
+    [
+        ("pool", {"accuracy-vs-sparsity", "baseline-history", "timings"}),
+        (
+            "bundle",
+            {
+                "accuracy-vs-size",
+                "accuracy-vs-sparsity",
+                "cluster-map",
+                "disagreement-heatmap",
+                "baseline-history",
+                "timings",
+            },
+        ),
+    ],
+)
+def test_report_of_an_unfinished_run_shows_what_exists(
+    demo_run: Path, tmp_path: Path, browser, monkeypatch, phase, drawn
+) -> None:
     run = _stop_after(demo_run, tmp_path / "run", phase)
 
     def no_dataset(*a, **k):
@@ -181,7 +231,9 @@ def test_bad_run_directory_is_a_clear_error(tmp_path: Path) -> None:
         report.write(tmp_path)
     done = prune2edge_cli("report", str(tmp_path))
     assert done.returncode == 2
-    assert "error:" in done.stderr and "not a prune2edge run directory" in done.stderr and "Traceback" not in done.stderr
+    assert (
+        "error:" in done.stderr and "not a prune2edge run directory" in done.stderr and "Traceback" not in done.stderr
+    )
 
 
 @pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1), (32, 32, 3), (96, 80, 3)])
@@ -192,10 +244,20 @@ def test_disputed_images_for_gray_and_colour_images_of_any_size(tmp_path: Path, 
     y = rng.integers(0, k, n)
     members = rng.random((4, n, k)).astype(np.float32)
     names = np.array(["m0", "m1", "m2", "m3"])
-    run = report.Run(dir=tmp_path, dataset={"classes": classes, "image_shape": list(shape)}, config_text="", config={},
-                     baseline=None, baseline_quant=None, members=[], selection=None, timings=None,
-                     metrics={"ensemble": {"members": ["m1", "m3", "m0"]}}, test={"x": x, "y": y},
-                     scores={"names": names, "members": members, "ensemble": members[[1, 3, 0]].mean(0)})
+    run = report.Run(
+        dir=tmp_path,
+        dataset={"classes": classes, "image_shape": list(shape)},
+        config_text="",
+        config={},
+        baseline=None,
+        baseline_quant=None,
+        members=[],
+        selection=None,
+        timings=None,
+        metrics={"ensemble": {"members": ["m1", "m3", "m0"]}},
+        test={"x": x, "y": y},
+        scores={"names": names, "members": members, "ensemble": members[[1, 3, 0]].mean(0)},
+    )
     idx, votes, per_image = report.disputed_images(run)
     assert idx and votes.shape == (3, n) and per_image.max() <= 1
     assert list(per_image[idx]) == sorted(per_image[idx], reverse=True)

@@ -1,4 +1,5 @@
 """Safe selection: outlier clusters are skipped, k is chosen on validation, a worse ensemble is reported."""
+
 from __future__ import annotations
 
 import copy
@@ -63,7 +64,9 @@ def test_skipped_clusters_say_why(pool):
     assert rec["cluster"] == labels[6] and rec["members"] == ["m006"] and rec["best_member"] == "m006"
     assert rec["best_val_acc"] == accuracy(proba[6], y)
     assert rec["pool_best_val_acc"] == max(accuracy(p, y) for p in proba)
-    assert "m006" in rec["reason"] and "select.max_acc_gap = 0.02" in rec["reason"] and rec["pool_best"] in rec["reason"]
+    assert (
+        "m006" in rec["reason"] and "select.max_acc_gap = 0.02" in rec["reason"] and rec["pool_best"] in rec["reason"]
+    )
     assert select.skipped(proba, y, labels, 1.0, names) == []
 
 
@@ -118,7 +121,7 @@ def test_k_auto_takes_the_best_k_on_validation(tmp_path, make, k):
         assert p["members"] == sel["sweep"]["accuracy-first"][p["k"] - 1]
         assert p["val_acc"] == accuracy(vote(proba[[names.index(n) for n in p["members"]]]), y_val)
     best = max(p["val_acc"] for p in choice["curve"])
-    assert choice["curve"][k - 1]["val_acc"] == best and all(p["val_acc"] < best for p in choice["curve"][:k - 1])
+    assert choice["curve"][k - 1]["val_acc"] == best and all(p["val_acc"] < best for p in choice["curve"][: k - 1])
     assert sel["selected"] == choice["curve"][k - 1]["members"]
     single = max(accuracy(p, y_val) for p in proba)
     if k == 1:
@@ -152,8 +155,11 @@ def test_worse_ensemble_is_reported_on_validation_only(demo_run):
 
     fine = scenario(v - 0.01, v)  # a tie is not worse
     assert fine["warnings"] == [] and "WARNING" not in evaluate.table(fine)
-    for baseline_val, member_val, kinds in ((v + 0.01, v, ["baseline_int8"]), (v - 0.01, v + 0.01, ["member"]),
-                                            (v + 0.02, v + 0.01, ["baseline_int8", "member"])):
+    for baseline_val, member_val, kinds in (
+        (v + 0.01, v, ["baseline_int8"]),
+        (v - 0.01, v + 0.01, ["member"]),
+        (v + 0.02, v + 0.01, ["baseline_int8", "member"]),
+    ):
         s = scenario(baseline_val, member_val)
         assert [w["kind"] for w in s["warnings"]] == kinds
         text = evaluate.table(s)

@@ -1,4 +1,5 @@
 """Training: resuming a killed run, batched augmentation, members in lockstep, and the CUDA step (graph, compile)."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,11 +31,22 @@ def test_killed_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_pat
 
     ckpt = tmp_path / "checkpoint.pt"
     with pytest.raises(Killed):
-        train.fit(fresh(), x, y, s, seed=1, augment="crop_flip", after_step=die_in_epoch_3, checkpoint=ckpt, progress=False)
+        train.fit(
+            fresh(), x, y, s, seed=1, augment="crop_flip", after_step=die_in_epoch_3, checkpoint=ckpt, progress=False
+        )
     assert ckpt.exists()
     resumed, ran = fresh(), []
-    history = train.fit(resumed, x, y, s, seed=1, augment="crop_flip", checkpoint=ckpt, progress=False,
-                        after_step=lambda step, total: ran.append(step))
+    history = train.fit(
+        resumed,
+        x,
+        y,
+        s,
+        seed=1,
+        augment="crop_flip",
+        checkpoint=ckpt,
+        progress=False,
+        after_step=lambda step, total: ran.append(step),
+    )
     assert ran == list(range(11, 19))  # only what the checkpoint lacked: epoch 3 and the half epoch 4
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
     assert [h["steps"] for h in history] == [h["steps"] for h in expected] == [5, 10, 15, 18]
@@ -50,7 +62,7 @@ def test_batched_augmentation_equals_the_per_image_crop_and_flip(kind):
     padded = torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")
     dy, dx = torch.randint(0, 2 * p + 1, (2, len(x)), generator=gen).tolist()
     flip = torch.rand(len(x), generator=gen) < 0.5 if kind == "crop_flip" else torch.zeros(len(x), dtype=torch.bool)
-    expected = torch.stack([padded[i, :, dy[i]:dy[i] + 20, dx[i]:dx[i] + 12] for i in range(len(x))])
+    expected = torch.stack([padded[i, :, dy[i] : dy[i] + 20, dx[i] : dx[i] + 12] for i in range(len(x))])
     expected = torch.where(flip[:, None, None, None], expected.flip(3), expected)
     got = train.augment_batch(x, kind, torch.Generator().manual_seed(5))
     assert torch.equal(got, expected)
@@ -68,15 +80,30 @@ def _member(spec: dict, device: str = "cpu") -> tuple[torch.nn.Module, pool.Magn
     model = models.build("small_cnn", (16, 16, 3), 4, width=8, depth=2).to(device)
     pruner = pool.MagnitudePruner(models.prunable(model), spec["sparsity"], "polynomial", "layer", end_step=8)
     pruner.update(pruner.target(0))
-    s = train.TrainSettings(epochs=spec["epochs"], batch_size=spec["batch_size"], lr=spec["lr"], schedule=spec["schedule"],
-                            label_smoothing=spec.get("label_smoothing", 0.0))
+    s = train.TrainSettings(
+        epochs=spec["epochs"],
+        batch_size=spec["batch_size"],
+        lr=spec["lr"],
+        schedule=spec["schedule"],
+        label_smoothing=spec.get("label_smoothing", 0.0),
+    )
     return model, pruner, s
 
 
 # different learning rates, schedules, seeds, epochs (members finish at different steps) and batch sizes (run apart)
-GROUP = [{"lr": 0.05, "epochs": 2, "batch_size": 64, "seed": 1, "sparsity": 0.5, "schedule": "onecycle"},
-         {"lr": 0.01, "epochs": 1.5, "batch_size": 64, "seed": 2, "sparsity": 0.8, "schedule": "cosine", "label_smoothing": 0.1},
-         {"lr": 0.02, "epochs": 2, "batch_size": 32, "seed": 3, "sparsity": 0.7, "schedule": "restarts"}]
+GROUP = [
+    {"lr": 0.05, "epochs": 2, "batch_size": 64, "seed": 1, "sparsity": 0.5, "schedule": "onecycle"},
+    {
+        "lr": 0.01,
+        "epochs": 1.5,
+        "batch_size": 64,
+        "seed": 2,
+        "sparsity": 0.8,
+        "schedule": "cosine",
+        "label_smoothing": 0.1,
+    },
+    {"lr": 0.02, "epochs": 2, "batch_size": 32, "seed": 3, "sparsity": 0.7, "schedule": "restarts"},
+]
 
 
 def test_members_trained_in_lockstep_equal_members_trained_alone(tmp_path):
@@ -105,7 +132,9 @@ def test_members_trained_in_lockstep_equal_members_trained_alone(tmp_path):
 
 
 def test_compile_settings_are_checked():
-    assert config.load(None, {"train": {"compile": "torch"}, "pool": {"compile": "torch"}})["pool"]["compile"] == "torch"
+    assert (
+        config.load(None, {"train": {"compile": "torch"}, "pool": {"compile": "torch"}})["pool"]["compile"] == "torch"
+    )
     with pytest.raises(UserError, match="train.compile.*needs device: cuda"):
         config.load(None, {"train": {"compile": "cuda-graph"}})
     with pytest.raises(UserError, match="pool.compile"):
@@ -145,23 +174,37 @@ def close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
 
 
 @cuda
-@pytest.mark.parametrize("compile_, optimizer, rel", [("cuda-graph", "sgd", 1e-3), ("cuda-graph", "adam", 1e-3), ("torch", "sgd", 1e-2)])
+@pytest.mark.parametrize(
+    "compile_, optimizer, rel", [("cuda-graph", "sgd", 1e-3), ("cuda-graph", "adam", 1e-3), ("torch", "sgd", 1e-2)]
+)
 def test_cuda_graph_and_compiled_steps_equal_the_eager_step(compile_, optimizer, rel):
     x, y = _data()  # 300 images, batch 64: every epoch ends with a partial batch, which runs eagerly between replays
-    spec = {"lr": 0.05, "epochs": 3, "batch_size": 64, "sparsity": 0.7, "schedule": "cosine"}  # the rate changes every step
+    spec = {
+        "lr": 0.05,
+        "epochs": 3,
+        "batch_size": 64,
+        "sparsity": 0.7,
+        "schedule": "cosine",
+    }  # the rate changes every step
     trained = []
     for mode in ("none", compile_):
         model, pruner, s = _member(spec, "cuda")
         s.optimizer, s.compile = optimizer, mode
-        history = train.fit(model, x, y, s, seed=1, augment="crop_flip", device="cuda", after_step=pruner, progress=False)
+        history = train.fit(
+            model, x, y, s, seed=1, augment="crop_flip", device="cuda", after_step=pruner, progress=False
+        )
         trained.append((model, history))
     (eager, h_eager), (fast, h_fast) = trained
     assert [h["steps"] for h in h_fast] == [h["steps"] for h in h_eager] == [5, 10, 15]
     for (name, a), b in zip(eager.state_dict().items(), fast.state_dict().values()):
-        assert a.dtype == b.dtype and (a.dtype == torch.long or a.dtype == torch.float32), name  # fp32 master weights and BN
+        assert a.dtype == b.dtype and (a.dtype == torch.long or a.dtype == torch.float32), (
+            name
+        )  # fp32 master weights and BN
         assert close(a, b, rel), name  # a frozen learning rate (cosine: it changes every step) would fail this
     assert models.sparsity(fast)["overall"] == pytest.approx(0.7, abs=0.01)
-    assert not torch.allclose(eager.state_dict()["head.2.weight"], _member(spec, "cuda")[0].state_dict()["head.2.weight"])
+    assert not torch.allclose(
+        eager.state_dict()["head.2.weight"], _member(spec, "cuda")[0].state_dict()["head.2.weight"]
+    )
 
 
 @cuda
@@ -170,7 +213,9 @@ def test_lockstep_on_cuda_follows_each_member_alone():
     alone = []
     for spec in GROUP:
         model, pruner, s = _member(spec, "cuda")
-        train.fit(model, x, y, s, seed=spec["seed"], augment="crop_flip", device="cuda", after_step=pruner, progress=False)
+        train.fit(
+            model, x, y, s, seed=spec["seed"], augment="crop_flip", device="cuda", after_step=pruner, progress=False
+        )
         alone.append(model)
     members = []
     for spec in GROUP:

@@ -10,6 +10,7 @@ small device. The broker is a real MQTT broker (Eclipse Mosquitto); nothing here
     client      classify: frames out, decisions in
     local       a whole fleet on this machine: a private Mosquitto, one process per member, an aggregator
 """
+
 from .aggregator import Aggregator
 from .client import classify
 from .local import LocalFleet, Mosquitto, find_mosquitto, free_port
@@ -17,6 +18,24 @@ from .mqtt import Broker, Link, stop_on_signals
 from .node import Node, member_on
 from .wire import BadMessage, Topics, decode_frame, dumps, encode_frame, frame_limit, parse, resend_after
 
-__all__ = ["Aggregator", "BadMessage", "Broker", "Link", "LocalFleet", "Mosquitto", "Node", "Topics", "classify",
-           "decode_frame", "dumps", "encode_frame", "find_mosquitto", "frame_limit", "free_port", "member_on", "parse",
-           "resend_after", "stop_on_signals"]
+__all__ = [
+    "Aggregator",
+    "BadMessage",
+    "Broker",
+    "Link",
+    "LocalFleet",
+    "Mosquitto",
+    "Node",
+    "Topics",
+    "classify",
+    "decode_frame",
+    "dumps",
+    "encode_frame",
+    "find_mosquitto",
+    "frame_limit",
+    "free_port",
+    "member_on",
+    "parse",
+    "resend_after",
+    "stop_on_signals",
+]

@@ -1,4 +1,5 @@
 """The fleet's aggregator: the nodes' votes in, one decision (or ``undecided``, with the reason) per frame out."""
+
 from __future__ import annotations
 
 import logging
@@ -16,22 +17,32 @@ from ..bundle import Bundle, read_manifest, restrict
 from ..errors import UserError
 from ..vote import decide
 from .mqtt import Broker, Link
-from .wire import (DEFAULT_TIMEOUT_MS, BadMessage, Topics, decode_frame, dumps, frame_limit, parse, read_frame_id,
-                   resend_after, status_payload)
+from .wire import (
+    DEFAULT_TIMEOUT_MS,
+    BadMessage,
+    Topics,
+    decode_frame,
+    dumps,
+    frame_limit,
+    parse,
+    read_frame_id,
+    resend_after,
+    status_payload,
+)
 
 log = logging.getLogger(__name__)
 
-SETTLE_S = 1.0          # after (re)connecting, the aggregator waits this long for retained statuses before it
-                        # decides a frame on fewer than all members' votes
-DONE_MEMORY = 100_000   # decided frame ids the aggregator remembers (for duplicates and re-sends)
+SETTLE_S = 1.0  # after (re)connecting, the aggregator waits this long for retained statuses before it
+# decides a frame on fewer than all members' votes
+DONE_MEMORY = 100_000  # decided frame ids the aggregator remembers (for duplicates and re-sends)
 
 
 @dataclass
 class _Frame:
-    first_seen: float                  # time.monotonic() when this aggregator first heard of the frame
-    deadline: float                    # when it is decided with the votes in hand (or undecided)
-    payload: bytes | None = None       # the frame itself, when seen (not after an aggregator restart mid-frame)
-    votes: dict = field(default_factory=dict)    # member -> probabilities
+    first_seen: float  # time.monotonic() when this aggregator first heard of the frame
+    deadline: float  # when it is decided with the votes in hand (or undecided)
+    payload: bytes | None = None  # the frame itself, when seen (not after an aggregator restart mid-frame)
+    votes: dict = field(default_factory=dict)  # member -> probabilities
     infer_ms: dict = field(default_factory=dict)
 
 
@@ -40,9 +51,16 @@ class Aggregator:
     ``quorum`` have), else at ``timeout_ms`` with >= quorum votes, else publishes it as ``undecided``. A decision
     whose vote margin is below ``abstain_below`` (default: the bundle's threshold) is published as ``review``."""
 
-    def __init__(self, bundle_dir: Path | str, broker: Broker, fleet: str, quorum: int | None = None,
-                 timeout_ms: int = DEFAULT_TIMEOUT_MS, members: list[str] | None = None,
-                 abstain_below: float | None = None):
+    def __init__(
+        self,
+        bundle_dir: Path | str,
+        broker: Broker,
+        fleet: str,
+        quorum: int | None = None,
+        timeout_ms: int = DEFAULT_TIMEOUT_MS,
+        members: list[str] | None = None,
+        abstain_below: float | None = None,
+    ):
         self.topics = Topics(fleet)
         manifest = restrict(read_manifest(bundle_dir), members or None)
         # a manifest-only view: the rule, weights, classes and shape, with no member loaded (nodes run them)
@@ -60,22 +78,38 @@ class Aggregator:
         self.max_bytes = frame_limit(self.view.shape)
         self.instance = secrets.token_hex(4)
         self.pending: OrderedDict[str, _Frame] = OrderedDict()
-        self.done: OrderedDict[str, bytes] = OrderedDict()   # frame id -> its published result
-        self.live: dict[str, str] = {}                       # member -> instance of its online node
+        self.done: OrderedDict[str, bytes] = OrderedDict()  # frame id -> its published result
+        self.live: dict[str, str] = {}  # member -> instance of its online node
         self.stats = {"decided": 0, "review": 0, "undecided": 0, "ignored_votes": 0, "resent": 0}
         self.next_deadline = math.inf  # the earliest deadline in `pending` (or later: deadlines only move later)
         self.settle_until = math.inf  # until then, early decisions need every member's vote (see SETTLE_S)
         self.lock = threading.Lock()
-        info = {"role": "aggregator", "instance": self.instance, "members": self.ids, "quorum": self.quorum,
-                "timeout_ms": timeout_ms, "rule": self.rule, "abstain_below": self.abstain_below, "shape": list(self.view.shape),
-                "classes": self.view.classes, "max_frame_bytes": self.max_bytes,
-                "input_steps": manifest["input"].get("steps")}  # clients resize and convert frames with them
+        info = {
+            "role": "aggregator",
+            "instance": self.instance,
+            "members": self.ids,
+            "quorum": self.quorum,
+            "timeout_ms": timeout_ms,
+            "rule": self.rule,
+            "abstain_below": self.abstain_below,
+            "shape": list(self.view.shape),
+            "classes": self.view.classes,
+            "max_frame_bytes": self.max_bytes,
+            "input_steps": manifest["input"].get("steps"),
+        }  # clients resize and convert frames with them
         self.offline = (self.topics.aggregator, status_payload("offline", **info))
         # a persistent session (fixed client id, clean_session=False): while this aggregator restarts, the broker
         # queues the frames and votes it misses and delivers them when it is back
-        self.link = Link(broker, f"p2e-{fleet}-aggregator", [self.topics.frames, self.topics.votes, self.topics.status()],
-                         self._on_message, will=self.offline, clean_session=False, on_connect=self._on_connect,
-                         birth=lambda: (self.topics.aggregator, status_payload("online", **info)))
+        self.link = Link(
+            broker,
+            f"p2e-{fleet}-aggregator",
+            [self.topics.frames, self.topics.votes, self.topics.status()],
+            self._on_message,
+            will=self.offline,
+            clean_session=False,
+            on_connect=self._on_connect,
+            birth=lambda: (self.topics.aggregator, status_payload("online", **info)),
+        )
 
     # -- messages (paho's network thread)
 
@@ -103,8 +137,11 @@ class Aggregator:
             fid, _ = decode_frame(payload, self.view.shape, self.max_bytes)
         except BadMessage as e:  # the nodes report it on `errors`; the client still gets an outcome for its id
             if e.frame is not None and e.frame not in self.done and e.frame not in self.pending:
-                self._publish(e.frame, {"status": "undecided", "reason": f"malformed frame: {e}", "voted": [],
-                                        "by": "malformed frame"}, None)
+                self._publish(
+                    e.frame,
+                    {"status": "undecided", "reason": f"malformed frame: {e}", "voted": [], "by": "malformed frame"},
+                    None,
+                )
             return
         if fid in self.done:  # a re-sent frame: the client missed our answer
             self.stats["resent"] += 1
@@ -119,14 +156,26 @@ class Aggregator:
             if member not in self.sha256:
                 raise BadMessage(f"vote from {member!r}, which is not a member of this fleet ({self.ids})", fid)
             if msg.get("sha256") != self.sha256[member]:
-                raise BadMessage(f"vote from a node running a different '{member}' (sha256 {str(msg.get('sha256'))[:12]}"
-                                 f"... is not the bundle's {self.sha256[member][:12]}...); give it this bundle", fid)
+                raise BadMessage(
+                    f"vote from a node running a different '{member}' (sha256 {str(msg.get('sha256'))[:12]}"
+                    f"... is not the bundle's {self.sha256[member][:12]}...); give it this bundle",
+                    fid,
+                )
             proba = np.asarray(msg.get("proba"), np.float64)
             if proba.shape != (len(self.view.classes),) or not np.isfinite(proba).all() or (proba < 0).any():
                 raise BadMessage(f"vote from '{member}' does not hold {len(self.view.classes)} probabilities", fid)
         except (BadMessage, TypeError, ValueError) as e:
-            self.link.publish(self.topics.errors, dumps({"source": "aggregator", "frame": getattr(e, "frame", None),
-                                                         "error": f"bad vote: {e}", "at": time.time()}))
+            self.link.publish(
+                self.topics.errors,
+                dumps(
+                    {
+                        "source": "aggregator",
+                        "frame": getattr(e, "frame", None),
+                        "error": f"bad vote: {e}",
+                        "at": time.time(),
+                    }
+                ),
+            )
             return
         frame = self.pending.get(fid)
         if frame is None:
@@ -151,8 +200,11 @@ class Aggregator:
             return
         if msg.get("state") == "online":
             if msg.get("sha256") != self.sha256[member]:
-                log.warning("node for %s runs a different model (sha256 %s...); its votes are refused", member,
-                            str(msg.get("sha256"))[:12])
+                log.warning(
+                    "node for %s runs a different model (sha256 %s...); its votes are refused",
+                    member,
+                    str(msg.get("sha256"))[:12],
+                )
                 return
             self.live[member] = msg.get("instance")
             log.info("member %s online (%d of %d live)", member, len(self.live), len(self.ids))
@@ -191,24 +243,39 @@ class Aggregator:
             weights = weights[[self.ids.index(m) for m in voters]]
         if len(voters) < self.quorum:
             seen = "" if frame.payload else " (this aggregator never saw the frame itself: restarted mid-frame?)"
-            result |= {"status": "undecided", "reason": f"only {len(voters)} of {len(self.ids)} members voted within "
-                       f"{self.timeout_s * 1000:.0f} ms; quorum is {self.quorum}{seen}"}
+            result |= {
+                "status": "undecided",
+                "reason": f"only {len(voters)} of {len(self.ids)} members voted within "
+                f"{self.timeout_s * 1000:.0f} ms; quorum is {self.quorum}{seen}",
+            }
         elif weights is not None and weights.sum() <= 0:
             result |= {"status": "undecided", "reason": f"the members that voted ({voters}) all have weight 0"}
         else:
             d = decide(np.stack([frame.votes[m] for m in voters])[:, None, :], self.rule, weights, self.abstain_below)
             k, review = int(d.classes[0]), bool(d.review[0])
-            result |= {"status": "review" if review else "decided", "class": None if review else k,
-                       "label": None if review else self.view.classes[k], "confidence": round(float(d.confidence[0]), 6),
-                       "votes": int(d.votes[0]), "margin": round(float(d.margin[0]), 6)}
+            result |= {
+                "status": "review" if review else "decided",
+                "class": None if review else k,
+                "label": None if review else self.view.classes[k],
+                "confidence": round(float(d.confidence[0]), 6),
+                "votes": int(d.votes[0]),
+                "margin": round(float(d.margin[0]), 6),
+            }
         self._publish(fid, result, frame)
 
     def _publish(self, fid: str, result: dict, frame: _Frame | None) -> None:
-        result = {"frame": fid, "class": None, "label": None, "confidence": None, "votes": None, "margin": None} | result | {
-            "missing": [m for m in self.ids if m not in result["voted"]], "quorum": self.quorum, "rule": self.rule,
-            "abstain_below": self.abstain_below,
-            "latency_ms": None if frame is None else round((time.monotonic() - frame.first_seen) * 1000, 3),
-            "aggregator": self.instance}
+        result = (
+            {"frame": fid, "class": None, "label": None, "confidence": None, "votes": None, "margin": None}
+            | result
+            | {
+                "missing": [m for m in self.ids if m not in result["voted"]],
+                "quorum": self.quorum,
+                "rule": self.rule,
+                "abstain_below": self.abstain_below,
+                "latency_ms": None if frame is None else round((time.monotonic() - frame.first_seen) * 1000, 3),
+                "aggregator": self.instance,
+            }
+        )
         payload = dumps(result)
         self.stats[result["status"]] += 1
         self.done[fid] = payload
@@ -219,9 +286,16 @@ class Aggregator:
     def serve(self, stop: threading.Event) -> None:
         """Decide frames until ``stop`` is set; a frame still waiting at its timeout is decided or undecided then."""
         self.link.start()
-        log.info("aggregator for fleet '%s' on %s: members %s, quorum %d, timeout %.0f ms, rule %s, abstain below %g",
-                 self.topics.fleet, self.link.broker.url, self.ids, self.quorum, self.timeout_s * 1000, self.rule,
-                 self.abstain_below)
+        log.info(
+            "aggregator for fleet '%s' on %s: members %s, quorum %d, timeout %.0f ms, rule %s, abstain below %g",
+            self.topics.fleet,
+            self.link.broker.url,
+            self.ids,
+            self.quorum,
+            self.timeout_s * 1000,
+            self.rule,
+            self.abstain_below,
+        )
         settled = False
         try:
             while not stop.wait(0.01):

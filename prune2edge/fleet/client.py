@@ -1,4 +1,5 @@
 """A fleet client: frames out, decisions in."""
+
 from __future__ import annotations
 
 import logging
@@ -17,10 +18,20 @@ from .wire import DEFAULT_TIMEOUT_MS, BadMessage, Topics, encode_frame, parse, r
 log = logging.getLogger(__name__)
 
 
-def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | None = None,
-             labels: np.ndarray | None = None, on_result=None, rate: float | None = None, max_in_flight: int = 64,
-             timeout_s: float = 30.0, retry_s: float | None = None, ready_timeout_s: float = 30.0,
-             classes: list[str] | None = None) -> dict:
+def classify(
+    broker: Broker,
+    fleet: str,
+    images: np.ndarray,
+    names: list[str] | None = None,
+    labels: np.ndarray | None = None,
+    on_result=None,
+    rate: float | None = None,
+    max_in_flight: int = 64,
+    timeout_s: float = 30.0,
+    retry_s: float | None = None,
+    ready_timeout_s: float = 30.0,
+    classes: list[str] | None = None,
+) -> dict:
     """Publish each image as a frame and collect one outcome per frame; returns a summary.
 
     ``on_result(row)`` gets each outcome (``decided``, ``review`` or ``undecided``) as it arrives: the aggregator's
@@ -83,20 +94,30 @@ def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | 
                 waiting[i] = (now, 1 if everything else n + 1)
                 resent[0] += 1
 
-    link = Link(broker, f"p2e-{fleet}-client-{run}", [topics.results, topics.aggregator, topics.status()],
-                on_message, on_connect=on_connect).start()
+    link = Link(
+        broker,
+        f"p2e-{fleet}-client-{run}",
+        [topics.results, topics.aggregator, topics.status()],
+        on_message,
+        on_connect=on_connect,
+    ).start()
     try:
         with cond:  # the aggregator's (retained) birth tells us the fleet's input shape and members
             cond.wait_for(lambda: (state["aggregator"] or {}).get("state") == "online", ready_timeout_s)
             agg = state["aggregator"]
             if not agg or agg.get("state") != "online":
-                raise UserError(f"no aggregator is online for fleet '{fleet}' at {broker.url} (waited "
-                                f"{ready_timeout_s:.0f} s); start one: prune2edge aggregator BUNDLE --broker "
-                                f"{broker.url} --fleet {fleet}")
+                raise UserError(
+                    f"no aggregator is online for fleet '{fleet}' at {broker.url} (waited "
+                    f"{ready_timeout_s:.0f} s); start one: prune2edge aggregator BUNDLE --broker "
+                    f"{broker.url} --fleet {fleet}"
+                )
             members = agg["members"]
             if not cond.wait_for(lambda: all(state["live"].get(m) for m in members), min(ready_timeout_s, 5.0)):
-                log.warning("only %d of the fleet's %d members are online; classifying anyway",
-                            sum(bool(state["live"].get(m)) for m in members), len(members))
+                log.warning(
+                    "only %d of the fleet's %d members are online; classifying anyway",
+                    sum(bool(state["live"].get(m)) for m in members),
+                    len(members),
+                )
         try:
             check_classes(agg["classes"], classes, labels)
             images = check_images(images, tuple(agg["shape"]), InputSteps.from_dict(agg.get("input_steps")))
@@ -136,11 +157,18 @@ def classify(broker: Broker, fleet: str, images: np.ndarray, names: list[str] | 
     decided = [r for r in rows if r["status"] == "decided"]
     review = sum(r["status"] == "review" for r in rows)
     rtt = np.array([r["rtt_ms"] for r in rows]) if rows else np.zeros(1)
-    summary = {"frames": len(ids), "decided": len(decided), "review": review, "undecided": len(rows) - len(decided) - review,
-               "missing": [ids[i] for i in range(len(ids)) if i not in got], "elapsed_s": round(elapsed, 3),
-               "frames_per_s": round(len(rows) / elapsed, 2) if elapsed > 0 else None,
-               "rtt_ms_p50": round(float(np.percentile(rtt, 50)), 3), "rtt_ms_p99": round(float(np.percentile(rtt, 99)), 3),
-               "resent": resent[0]}
+    summary = {
+        "frames": len(ids),
+        "decided": len(decided),
+        "review": review,
+        "undecided": len(rows) - len(decided) - review,
+        "missing": [ids[i] for i in range(len(ids)) if i not in got],
+        "elapsed_s": round(elapsed, 3),
+        "frames_per_s": round(len(rows) / elapsed, 2) if elapsed > 0 else None,
+        "rtt_ms_p50": round(float(np.percentile(rtt, 50)), 3),
+        "rtt_ms_p99": round(float(np.percentile(rtt, 99)), 3),
+        "resent": resent[0],
+    }
     if labels is not None:
         right = sum(r["class"] == r["truth"] for r in decided)
         summary["accuracy"] = right / len(ids)  # frames to review or undecided count as not right

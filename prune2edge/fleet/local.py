@@ -1,4 +1,5 @@
 """A fleet on this machine: a private Mosquitto, one ``prune2edge node`` process per member, an aggregator."""
+
 from __future__ import annotations
 
 import os
@@ -17,14 +18,22 @@ from ..errors import UserError
 from .mqtt import Broker, Link
 from .wire import DEFAULT_TIMEOUT_MS, BadMessage, Topics, parse
 
-INSTALL_HINT = ("install it with `sudo apt-get install mosquitto` (Debian/Ubuntu; `brew install mosquitto` on macOS), "
-                "or pass --broker mqtt://HOST:PORT of a broker you run")
+INSTALL_HINT = (
+    "install it with `sudo apt-get install mosquitto` (Debian/Ubuntu; `brew install mosquitto` on macOS), "
+    "or pass --broker mqtt://HOST:PORT of a broker you run"
+)
 
 
 def find_mosquitto() -> str:
     """The mosquitto executable, or a UserError saying how to install it."""
-    exe = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto",
-                                                          "/opt/homebrew/sbin/mosquitto") if os.access(p, os.X_OK)), None)
+    exe = shutil.which("mosquitto") or next(
+        (
+            p
+            for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
+            if os.access(p, os.X_OK)
+        ),
+        None,
+    )
     if exe is None:
         raise UserError(f"Mosquitto (the MQTT broker) is not installed: {INSTALL_HINT}")
     return exe
@@ -63,15 +72,18 @@ class Mosquitto:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 10.0) -> "Mosquitto":
+    def start(self, timeout_s: float = 10.0) -> Mosquitto:
         with open(self.log_file, "ab") as logf:
-            self.proc = subprocess.Popen([self.exe, "-c", str(self.conf_file)], stdout=logf, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [self.exe, "-c", str(self.conf_file)], stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise UserError(f"mosquitto exited at start (status {self.proc.returncode}): "
-                                f"{self.log_file.read_text().strip().splitlines()[-1:]}; config {self.conf_file}")
+                raise UserError(
+                    f"mosquitto exited at start (status {self.proc.returncode}): "
+                    f"{self.log_file.read_text().strip().splitlines()[-1:]}; config {self.conf_file}"
+                )
             try:
                 socket.create_connection(("127.0.0.1", self.port), 0.2).close()
                 return self
@@ -89,7 +101,7 @@ class Mosquitto:
                 self.proc.kill()
                 self.proc.wait()
 
-    def __enter__(self) -> "Mosquitto":
+    def __enter__(self) -> Mosquitto:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -100,9 +112,17 @@ class LocalFleet:
     """Every member as its own ``prune2edge node`` process plus a ``prune2edge aggregator`` process on this
     machine; with no ``broker``, a private Mosquitto on a free loopback port."""
 
-    def __init__(self, bundle_dir: Path | str, broker: Broker | None = None, fleet: str = "default",
-                 members: list[str] | None = None, quorum: int | None = None, timeout_ms: int = DEFAULT_TIMEOUT_MS,
-                 workdir: Path | str | None = None, abstain_below: float | None = None):
+    def __init__(
+        self,
+        bundle_dir: Path | str,
+        broker: Broker | None = None,
+        fleet: str = "default",
+        members: list[str] | None = None,
+        quorum: int | None = None,
+        timeout_ms: int = DEFAULT_TIMEOUT_MS,
+        workdir: Path | str | None = None,
+        abstain_below: float | None = None,
+    ):
         self.bundle_dir = Path(bundle_dir)
         entries = restrict(read_manifest(self.bundle_dir), members or None)["members"]
         self.members = [e["id"] for e in entries]
@@ -123,27 +143,42 @@ class LocalFleet:
         args, env = self.broker.cli_args()
         cmd = [sys.executable, "-m", "prune2edge.cli"]
         if role == "aggregator":
-            cmd += ["aggregator", str(self.bundle_dir), "--members", ",".join(self.members),
-                    "--timeout-ms", str(self.timeout_ms)] + (["--quorum", str(self.quorum)] if self.quorum else []) \
+            cmd += (
+                [
+                    "aggregator",
+                    str(self.bundle_dir),
+                    "--members",
+                    ",".join(self.members),
+                    "--timeout-ms",
+                    str(self.timeout_ms),
+                ]
+                + (["--quorum", str(self.quorum)] if self.quorum else [])
                 + ([] if self.abstain_below is None else ["--abstain-below", repr(self.abstain_below)])
+            )
         else:  # a member the bundle assigns to a device is started as that device's node
-            cmd += ["node", str(self.bundle_dir)] + (["--device", self.devices[role]] if self.devices[role] else
-                                                     ["--member", role])
+            cmd += ["node", str(self.bundle_dir)] + (
+                ["--device", self.devices[role]] if self.devices[role] else ["--member", role]
+            )
         return cmd + args + ["--fleet", self.topics.fleet], env
 
     def spawn(self, role: str) -> subprocess.Popen:
         """Start (or restart) one process; its output goes to ``workdir/<role>.log``."""
         cmd, env = self.command(role)
         with open(self.workdir / f"{role}.log", "ab") as logf:
-            self.procs[role] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                env=os.environ | env | {"PYTHONUNBUFFERED": "1"})
+            self.procs[role] = subprocess.Popen(
+                cmd,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=os.environ | env | {"PYTHONUNBUFFERED": "1"},
+            )
         return self.procs[role]
 
     def log_tail(self, role: str, lines: int = 1) -> str:
         path = self.workdir / f"{role}.log"
         return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:]) if path.exists() else ""
 
-    def start(self, ready_timeout_s: float = 60.0) -> "LocalFleet":
+    def start(self, ready_timeout_s: float = 60.0) -> LocalFleet:
         if self.mosquitto:
             self.mosquitto.start()
             self.broker = Broker.parse(self.mosquitto.url)
@@ -171,19 +206,25 @@ class LocalFleet:
             if msg.get("state") == "online" and msg.get("pid") == pids.get(role):
                 online.add(role)
 
-        link = Link(self.broker, f"p2e-{self.topics.fleet}-watch-{secrets.token_hex(4)}",
-                    [self.topics.aggregator, self.topics.status()], on_message).start()
+        link = Link(
+            self.broker,
+            f"p2e-{self.topics.fleet}-watch-{secrets.token_hex(4)}",
+            [self.topics.aggregator, self.topics.status()],
+            on_message,
+        ).start()
         try:
             deadline = time.monotonic() + timeout_s
             while not set(roles) <= online:
                 for role in roles:
                     if self.procs[role].poll() is not None:
-                        raise UserError(f"fleet {role} exited (status {self.procs[role].returncode}): "
-                                        f"{self.log_tail(role)}")
+                        raise UserError(
+                            f"fleet {role} exited (status {self.procs[role].returncode}): {self.log_tail(role)}"
+                        )
                 if time.monotonic() > deadline:
                     late = sorted(set(roles) - online)
-                    raise UserError(f"fleet processes {late} did not come online within {timeout_s:.0f} s; "
-                                    f"logs in {self.workdir}")
+                    raise UserError(
+                        f"fleet processes {late} did not come online within {timeout_s:.0f} s; logs in {self.workdir}"
+                    )
                 time.sleep(0.05)
         finally:
             link.stop()
@@ -208,7 +249,7 @@ class LocalFleet:
         if self.own_workdir and all(p.returncode in (0, -signal.SIGTERM) for p in self.procs.values()):
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "LocalFleet":
+    def __enter__(self) -> LocalFleet:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -1,7 +1,9 @@
 """The fleet's MQTT connection: where the broker is and how to log in (``Broker``), and one connection that
 says clearly why it cannot connect and re-subscribes after every reconnect (``Link``)."""
+
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import socket
@@ -37,8 +39,15 @@ class Broker:
     key: str | None = None
 
     @classmethod
-    def parse(cls, url: str, username: str | None = None, password: str | None = None,
-              tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None) -> "Broker":
+    def parse(
+        cls,
+        url: str,
+        username: str | None = None,
+        password: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> Broker:
         hint = "use mqtt://HOST:PORT (or mqtts://HOST:PORT for TLS)"
         try:
             u = urlsplit(url)
@@ -53,10 +62,16 @@ class Broker:
         if tls_key and not tls_cert:
             raise UserError("--tls-key needs --tls-cert (the client certificate it belongs to)")
         tls = u.scheme == "mqtts" or bool(tls_ca or tls_cert)
-        return cls(u.hostname, port or (8883 if tls else 1883), tls,
-                   username if username is not None else (unquote(u.username) if u.username else None),
-                   password if password is not None else (unquote(u.password) if u.password else None),
-                   tls_ca, tls_cert, tls_key)
+        return cls(
+            u.hostname,
+            port or (8883 if tls else 1883),
+            tls,
+            username if username is not None else (unquote(u.username) if u.username else None),
+            password if password is not None else (unquote(u.password) if u.password else None),
+            tls_ca,
+            tls_cert,
+            tls_key,
+        )
 
     @property
     def url(self) -> str:
@@ -80,12 +95,22 @@ class Link:
     """One MQTT connection: connects or says clearly why not, then re-subscribes and re-announces itself
     (``birth``) after every reconnect; ``will`` is published by the broker if the process dies."""
 
-    def __init__(self, broker: Broker, client_id: str, subscriptions: list[str], on_message,
-                 will: tuple[str, bytes] | None = None, birth=None, clean_session: bool = True, on_connect=None):
+    def __init__(
+        self,
+        broker: Broker,
+        client_id: str,
+        subscriptions: list[str],
+        on_message,
+        will: tuple[str, bytes] | None = None,
+        birth=None,
+        clean_session: bool = True,
+        on_connect=None,
+    ):
         self.broker, self.subscriptions, self.birth, self.on_message = broker, subscriptions, birth, on_message
         self.on_connect = on_connect  # called with reconnected=True/False after each successful connect
-        self.client = c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
-                                      protocol=mqtt.MQTTv311)
+        self.client = c = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session, protocol=mqtt.MQTTv311
+        )
         c.max_queued_messages_set(0)
         c.max_inflight_messages_set(100)
         if broker.username is not None:
@@ -94,7 +119,9 @@ class Link:
             try:
                 c.tls_set(ca_certs=broker.ca, certfile=broker.cert, keyfile=broker.key)
             except (OSError, ValueError) as e:
-                raise UserError(f"cannot set up TLS for {broker.url} ({e}); check --tls-ca/--tls-cert/--tls-key") from None
+                raise UserError(
+                    f"cannot set up TLS for {broker.url} ({e}); check --tls-ca/--tls-cert/--tls-key"
+                ) from None
         if will:
             c.will_set(will[0], will[1], qos=QOS, retain=True)
         c.reconnect_delay_set(min_delay=0.1, max_delay=1)
@@ -104,16 +131,20 @@ class Link:
         self._refused: str | None = None
         self._closed: str | None = None  # the broker hung up before accepting us
 
-    def start(self, timeout_s: float = 10.0) -> "Link":
+    def start(self, timeout_s: float = 10.0) -> Link:
         url = self.broker.url
         try:
             self.client.connect(self.broker.host, self.broker.port, keepalive=KEEPALIVE_S)
         except ssl.SSLError as e:
-            raise UserError(f"TLS with the MQTT broker at {url} failed ({e.reason or e}); --tls-ca must be the CA that "
-                            "signed the broker's certificate, which must name the host in the URL") from None
+            raise UserError(
+                f"TLS with the MQTT broker at {url} failed ({e.reason or e}); --tls-ca must be the CA that "
+                "signed the broker's certificate, which must name the host in the URL"
+            ) from None
         except OSError as e:
-            raise UserError(f"cannot reach the MQTT broker at {url} ({e.strerror or e}); is it running? "
-                            "(`prune2edge fleet` starts a private one)") from None
+            raise UserError(
+                f"cannot reach the MQTT broker at {url} ({e.strerror or e}); is it running? "
+                "(`prune2edge fleet` starts a private one)"
+            ) from None
         self.client.loop_start()
         deadline = time.monotonic() + timeout_s
         while not self.connected.wait(0.05):
@@ -121,15 +152,23 @@ class Link:
                 self.client.loop_stop()
                 self.client.disconnect()
                 if self._refused:
-                    hint = ("; check --username/--password" if "authori" in self._refused.lower()
-                            or "password" in self._refused.lower() else "")
+                    hint = (
+                        "; check --username/--password"
+                        if "authori" in self._refused.lower() or "password" in self._refused.lower()
+                        else ""
+                    )
                     raise UserError(f"the MQTT broker at {url} refused the connection: {self._refused}{hint}")
                 if self._closed:
-                    hint = ("does it want a client certificate (--tls-cert/--tls-key), or is the port not TLS?"
-                            if self.broker.tls else "is it a TLS port? then use mqtts://HOST:PORT and --tls-ca")
+                    hint = (
+                        "does it want a client certificate (--tls-cert/--tls-key), or is the port not TLS?"
+                        if self.broker.tls
+                        else "is it a TLS port? then use mqtts://HOST:PORT and --tls-ca"
+                    )
                     raise UserError(f"the MQTT broker at {url} closed the connection before accepting it; {hint}")
-                raise UserError(f"no answer from an MQTT broker at {url} within {timeout_s:.0f} s "
-                                "(wrong port, or TLS on one side only?)")
+                raise UserError(
+                    f"no answer from an MQTT broker at {url} within {timeout_s:.0f} s "
+                    "(wrong port, or TLS on one side only?)"
+                )
         return self
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo:
@@ -139,10 +178,8 @@ class Link:
         """Say goodbye (retained, e.g. an ``offline`` status) if connected, then disconnect."""
         if last_words and self.connected.is_set():
             info = self.publish(*last_words, retain=True)
-            try:
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(2)
-            except (RuntimeError, ValueError):
-                pass
         self.client.disconnect()
         self.client.loop_stop()
 

@@ -15,6 +15,7 @@ frames, re-publishing the stored decision when a frame comes again; the client k
 outcome per frame id and re-sends frames that got none (this is how frames in flight survive an
 aggregator or broker restart).
 """
+
 from __future__ import annotations
 
 import base64
@@ -97,8 +98,15 @@ def frame_limit(shape: tuple[int, ...]) -> int:
 def encode_frame(frame_id: str, image: np.ndarray) -> bytes:
     """One raw uint8 HWC image as a frame payload."""
     img = np.ascontiguousarray(image)
-    return dumps({"id": frame_id, "shape": list(img.shape), "dtype": str(img.dtype),
-                  "data": base64.b64encode(img.tobytes()).decode("ascii"), "sent_at": time.time()})
+    return dumps(
+        {
+            "id": frame_id,
+            "shape": list(img.shape),
+            "dtype": str(img.dtype),
+            "data": base64.b64encode(img.tobytes()).decode("ascii"),
+            "sent_at": time.time(),
+        }
+    )
 
 
 def parse(payload: bytes, max_bytes: int) -> dict:
@@ -138,7 +146,6 @@ def decode_frame(payload: bytes, shape: tuple[int, ...], max_bytes: int | None =
     if len(raw) != math.prod(shape):
         raise BadMessage(f"'data' holds {len(raw)} bytes, shape {list(shape)} needs {math.prod(shape)}", fid)
     return fid, np.frombuffer(raw, np.uint8).reshape(shape)
-
 
 
 def status_payload(state: str, **info) -> bytes:
