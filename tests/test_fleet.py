@@ -200,7 +200,7 @@ def test_client_resends_overdue_frames_while_it_streams(broker):
     listener = Listener(url, [t.frames])
     listener.link.publish(
         t.aggregator,
-        fleet.dumps({"state": "online", "members": [], "shape": [8, 8, 1], "timeout_ms": 500}),
+        fleet.dumps({"state": "online", "members": [], "shape": [8, 8, 1], "classes": ["a", "b"], "timeout_ms": 500}),
         retain=True,
     )  # an aggregator that never answers
     summary = fleet.classify(url, "resend", np.zeros((12, 8, 8, 1), np.uint8), rate=2, retry_s=1.5, timeout_s=1.0)
