@@ -91,25 +91,24 @@ def markdown(results: dict[str, dict]) -> str:
         val = [100 * r["val_acc"] for r in runs.values()]
         test = [100 * r["test_acc"] for r in runs.values()]
 
-        def sd(v):
-            return statistics.stdev(v) if len(v) > 1 else 0.0
+        def mean_sd(v: list[float]) -> str:
+            return f"{statistics.mean(v):.2f}" + (f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else " (one seed)")
 
         per_seed = ", ".join(f"{s}: {100 * r['test_acc']:.2f}" for s, r in sorted(runs.items()))
         lines.append(
-            f"| {loop} | {len(runs)} | {statistics.mean(val):.2f} ± {sd(val):.2f} | "
-            f"{statistics.mean(test):.2f} ± {sd(test):.2f} | {per_seed} | "
+            f"| {loop} | {len(runs)} | {mean_sd(val)} | {mean_sd(test)} | {per_seed} | "
             f"{statistics.mean(r['seconds'] for r in runs.values()) / 60:.1f} |"
         )
     if all(results.get(loop, {}).get("seeds") for loop in LOOPS):
         common = sorted(set(results["fit"]["seeds"]) & set(results["reference"]["seeds"]))
-        diffs = [
-            100 * (results["fit"]["seeds"][s]["test_acc"] - results["reference"]["seeds"][s]["test_acc"])
-            for s in common
-        ]
-        if diffs:
+        for split in ("val", "test") if common else ():
+            diffs = [
+                100 * (results["fit"]["seeds"][s][f"{split}_acc"] - results["reference"]["seeds"][s][f"{split}_acc"])
+                for s in common
+            ]
             lines += [
                 "",
-                f"fit − reference, test accuracy, seed for seed ({len(diffs)} seeds): "
+                f"fit − reference, {split} accuracy, seed for seed ({len(diffs)} seeds): "
                 f"{statistics.mean(diffs):+.2f} points (per seed: {', '.join(f'{d:+.2f}' for d in diffs)}).",
             ]
     return "\n".join(lines) + "\n"
