@@ -462,7 +462,8 @@ def fleet_command(
     def interrupt(*_):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)  # like Ctrl-C: stop the processes this command started
+    for sig in (signal.SIGINT, signal.SIGTERM):  # stop the processes this command started, also when started with
+        signal.signal(sig, interrupt)  # SIGINT ignored (a background job of a non-interactive shell)
     interrupted = False
     try:
         lf.start()
