@@ -134,9 +134,10 @@ def main() -> None:
             if str(seed) in result["seeds"]:
                 continue
             cfg = config.load(args.config, {"seed": seed, "data": {"path": data_paths(args.data)}})
-            result["seeds"][str(seed)] = train_one(
-                cfg, ROOT / "runs" / "bench" / "speed-accuracy" / f"seed{seed}", args.loop
-            )
+            scores = train_one(cfg, ROOT / "runs" / "bench" / "speed-accuracy" / f"seed{seed}", args.loop)
+            if path.exists():  # another process may have finished other seeds of this loop meanwhile
+                result = json.loads(path.read_text())
+            result["seeds"][str(seed)] = scores
             result.update(
                 {
                     "loop": args.loop,

@@ -255,7 +255,12 @@ def _inputs(items: list[str]) -> tuple[list[str], object, object, list[str] | No
     from . import data
 
     if len(items) == 1 and items[0].partition(":")[0] in DATASET_SPECS and not Path(items[0]).exists():
-        d = data.load(data.parse_spec(items[0]))
+        spec = data.parse_spec(items[0])
+        if spec["name"] == "imagefolder" and spec["path"]:  # the files as stored: their sizes may differ
+            files, classes = data.imagefolder_test_files(spec["path"])
+            names, x = read_images([str(f) for f, _ in files])
+            return names, x, np.array([label for _, label in files], np.int64), classes
+        d = data.load(spec)
         return [f"{d.name}:test[{i}]" for i in range(len(d.x_test))], d.x_test, d.y_test, d.classes if d.named else None
     names, x = read_images(items)
     labels = None

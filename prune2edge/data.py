@@ -266,13 +266,9 @@ def load_npz(paths: str | list[str], steps: InputSteps | None = None, test_fract
     return ds if len(need) == 4 else carve_test(ds, test_fraction)
 
 
-def load_imagefolder(
-    root: str | os.PathLike, steps: InputSteps | None = None, test_fraction: float = TEST_FRACTION
-) -> Dataset:
-    """``root/train/<class>/*.png|jpg`` and ``root/test/<class>/...``; without ``test/``, ``root/train/<class>/``
-    or ``root/<class>/`` alone, and a test split is carved. Classes: the sorted folder names. Each image goes
-    through ``steps`` as it is read; unless ``steps`` set a colour, the images are grey if all are, else RGB."""
-    steps = steps or InputSteps()
+def imagefolder_files(root: str | os.PathLike) -> tuple[dict[str, list[tuple[Path, int]]], list[str]]:
+    """The image files of an image folder with their labels, by split (``train``, and ``test`` where the folder
+    has one), and its classes: the sorted folder names."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"imagefolder '{root}' is not a directory")
@@ -304,6 +300,29 @@ def load_imagefolder(
     for split, fs in files.items():
         if not fs:
             raise UserError(f"imagefolder '{folders[split]}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files, classes
+
+
+def imagefolder_test_files(
+    root: str | os.PathLike, test_fraction: float = TEST_FRACTION
+) -> tuple[list[tuple[Path, int]], list[str]]:
+    """The files of an image folder's test split (``test/``, or the split :func:`load_imagefolder` carves) with
+    their labels, and the classes; for sending the images as they are stored."""
+    files, classes = imagefolder_files(root)
+    if "test" in files:
+        return files["test"], classes
+    _, test = carve_indices(np.array([i for _, i in files["train"]]), test_fraction, f"imagefolder '{root}'")
+    return [files["train"][i] for i in test], classes
+
+
+def load_imagefolder(
+    root: str | os.PathLike, steps: InputSteps | None = None, test_fraction: float = TEST_FRACTION
+) -> Dataset:
+    """``root/train/<class>/*.png|jpg`` and ``root/test/<class>/...``; without ``test/``, ``root/train/<class>/``
+    or ``root/<class>/`` alone, and a test split is carved. Classes: the sorted folder names. Each image goes
+    through ``steps`` as it is read; unless ``steps`` set a colour, the images are grey if all are, else RGB."""
+    steps = steps or InputSteps()
+    files, classes = imagefolder_files(root)
     imgs = {s: [steps.apply(_as_nhwc(read_image(f)[None], str(f))) for f, _ in fs] for s, fs in files.items()}
     if any(a.shape[-1] == 3 for v in imgs.values() for a in v):  # colour as stored: RGB unless every image is grey
         imgs = {s: [InputSteps(color="rgb").apply(a) for a in v] for s, v in imgs.items()}
@@ -314,7 +333,7 @@ def load_imagefolder(
             "[height, width]) to resize them as they are read"
         )
     x, y = (np.concatenate(imgs["train"]), np.array([i for _, i in files["train"]], np.int64))
-    if "test" not in folders:
+    if "test" not in files:
         return carve_test(_checked(Dataset("imagefolder", x, y, x[:0], y[:0], classes)), test_fraction)
     return _checked(
         Dataset(
@@ -360,20 +379,23 @@ def _checked(d: Dataset) -> Dataset:
     return d
 
 
-def carve_test(ds: Dataset, fraction: float, seed: int = TEST_SEED) -> Dataset:
-    """``ds`` (with no test images yet) with a stratified, seeded test split carved from its training images."""
+def carve_indices(y: np.ndarray, fraction: float, name: str, seed: int = TEST_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted positions of the images kept for training and of a stratified, seeded test split carved from them."""
     from sklearn.model_selection import train_test_split
 
     try:
-        rest, test = train_test_split(
-            np.arange(len(ds.y_train)), test_size=fraction, stratify=ds.y_train, random_state=seed
-        )
+        rest, test = train_test_split(np.arange(len(y)), test_size=fraction, stratify=y, random_state=seed)
     except ValueError as e:
         raise UserError(
-            f"{ds.name}: cannot carve a stratified test split of {fraction:g} ({e}); add images (every class "
+            f"{name}: cannot carve a stratified test split of {fraction:g} ({e}); add images (every class "
             "needs at least 2) or change data.test_fraction"
         ) from None
-    rest, test = np.sort(rest), np.sort(test)
+    return np.sort(rest), np.sort(test)
+
+
+def carve_test(ds: Dataset, fraction: float, seed: int = TEST_SEED) -> Dataset:
+    """``ds`` (with no test images yet) with a stratified, seeded test split carved from its training images."""
+    rest, test = carve_indices(ds.y_train, fraction, ds.name, seed)
     return replace(
         ds,
         x_train=ds.x_train[rest],

@@ -128,6 +128,16 @@ def test_a_fleet_classifies_camera_frames_like_the_bundle(inspection, tmp_path):
         assert [r["class"] for r in sorted(rows, key=lambda r: r["index"])] == Bundle.load(bundle).predict(
             frames
         ).tolist()
+        # the README's folder (200 and 300 px, grey and RGB) from the command line: its carved test split, as stored
+        out = prune2edge_cli(
+            "classify", "imagefolder:parts", "--broker", lf.broker.url, "--out", str(tmp_path / "d.jsonl"),
+            cwd=inspection,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        acc = store.read_json(inspection / "runs" / "inspect" / "metrics.json")["ensemble"]["test_acc"]
+        assert "16 frames: 16 decided" in out.stderr and f"accuracy {acc:.4f}" in out.stderr
+        files = [json.loads(line)["input"] for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+        assert len(files) == 16 and all(Path(inspection, f).is_file() for f in files)
         with pytest.raises(UserError, match="the data's 2 classes are not the model's 2: the data has ok, dent"):
             fleet.classify(lf.broker, "default", frames, labels=y, classes=["ok", "dent"])
         with pytest.raises(UserError, match="the model's classes in another order"):
