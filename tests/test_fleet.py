@@ -8,7 +8,9 @@ Mosquitto is not installed: the fleet needs it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -233,6 +235,7 @@ def test_fleet_runs_until_ctrl_c(bundle, mosquitto_exe):
         [sys.executable, "-m", "prune2edge.cli", "fleet", str(bundle), "--members", members(bundle)[0]],
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group: a failure below kills its nodes and broker too
     )
     try:
         lines = []
@@ -246,7 +249,8 @@ def test_fleet_runs_until_ctrl_c(bundle, mosquitto_exe):
         assert proc.returncode == 0, rest
         assert "fleet stopped" in rest
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 # --- the whole fleet equals the offline ensemble ---------------------------------------------------------------
