@@ -169,6 +169,19 @@ def summarise_run(run_dir: Path, baseline_seconds: float | None = None) -> dict:
         },
         "seconds": {**t, "baseline_used_for_ratio": base_s, "pool_quantize_select": pool_s},
         "pool_cost_vs_baseline": pool_s / base_s if base_s else None,
+        **({"latency_ms": latency_summary(m["latency"])} if "latency" in m else {}),
+    }
+
+
+def latency_summary(t: dict) -> dict:
+    """Batch-1, one-thread latencies from ``metrics.json`` (runs made before they were measured have none)."""
+    ms = list(t["members"].values())
+    return {
+        "runs": t["runs"],
+        "member_max": max(ms),
+        "member_mean": statistics.mean(ms),
+        "baseline_int8": t["baseline_int8_ms"],
+        "baseline_fp32": t["baseline_fp32_ms"],
     }
 
 
@@ -263,6 +276,16 @@ def markdown(result: dict) -> str:
         f"- limits: member <= 5 % as shipped: {'met' if t['member_le_5pct'] else 'NOT met'}; pool cost <= 1x: "
         f"{'met' if t['pool_cost_le_1x'] else 'NOT met'}; best strategy ({t['best_strategy_soft']}, soft, chosen on test: "
         f"for comparison only) {t['best_gain_points']:+.2f} points",
+        *(
+            [
+                f"- int8 latency at batch 1, one thread (ms; median of {int(a['latency_ms.runs']['mean'])} runs "
+                f"on the run's machine, measured while other jobs ran): selected members "
+                f"{pm(a, 'latency_ms.member_mean', 1, 3)} (slowest {pm(a, 'latency_ms.member_max', 1, 3)}); "
+                f"baseline int8 {pm(a, 'latency_ms.baseline_int8', 1, 3)}, fp32 {pm(a, 'latency_ms.baseline_fp32', 1, 3)}"
+            ]
+            if "latency_ms.member_max" in a
+            else []
+        ),
         f"- raw numbers: `{result['results_file']}`",
         "",
     ]

@@ -165,6 +165,15 @@ def test_reference_rows_reach_the_results_section_and_the_ablation_table(variant
         "command": "python bench/cifar10.py",
         "config_resolved": config.load(variant / "seed0" / "config.yaml"),
     }
+    summary = cifar10.markdown(
+        method
+        | {"targets": cifar10.targets(method["aggregate"]), "machine": "m", "date": "d", "config": "c.yaml"}
+        | {"set": [], "results_file": "r.json"}
+    )
+    slowest = [
+        max(store.read_json(variant / f"seed{s}" / "metrics.json")["latency"]["members"].values()) for s in (0, 1)
+    ]
+    assert f"(slowest {np.mean(slowest):.3f} ± {np.std(slowest, ddof=1):.3f})" in summary
     lines = ablations.table([method], [ref]).splitlines()
     h = lines.index(ablations.HEADER[0])
     deep, matched, one, row = lines[h + 2 : h + 6]  # the reference rows come first, then the method
