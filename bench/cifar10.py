@@ -405,8 +405,10 @@ def main() -> None:
             theirs = cfgmod.load(src / "config.yaml")
             if not same_baseline(mine, theirs):
                 sys.exit(f"--baseline-from {src}: its seed, data, model or train settings differ from this run's")
-            share_baseline(src, run_dir)
             base_s = json.loads((src / "timings.json").read_text())["baseline"]
+            if base_s < 1:
+                sys.exit(f"--baseline-from {src}: that run reused its baseline too; name the run that trained it")
+            share_baseline(src, run_dir)
         if not (run_dir / "metrics.json").exists():
             print(f"[bench] seed {seed}: {shlex.join(cmd)}", flush=True)
             rc = subprocess.run(cmd, cwd=ROOT).returncode
