@@ -68,8 +68,8 @@ def markdown(results: dict[str, dict]) -> str:
         "end with `train.fit` and with the loop before the speed work (`bench/speed.py`'s reference), on the same "
         "split, preprocessing and seeds. Validation: 5,000 images of the training split; test: the 10,000 test "
         "images, read once per model for this table. Seconds are wall-clock on a shared machine (the two loops ran "
-        "at the same time, one per core), so their ratio is indicative only; `## Training speed` has the "
-        "side-by-side ratio.",
+        "at the same time, one per core, with a varying number of other jobs), so they do not compare; "
+        "`## Training speed` has the side-by-side ratio. The command shown is the last one that added a seed.",
         "",
     ]
     for loop in LOOPS:
@@ -81,8 +81,8 @@ def markdown(results: dict[str, dict]) -> str:
             )
     lines += [
         "",
-        "| loop | seeds | val accuracy (%) | test accuracy (%) | test, per seed | minutes per baseline |",
-        "|---|---|---|---|---|---|",
+        "| loop | seeds | val accuracy (%) | test accuracy (%) | test, per seed (minutes of training) |",
+        "|---|---|---|---|---|",
     ]
     for loop in LOOPS:
         runs = results.get(loop, {}).get("seeds", {})
@@ -94,11 +94,10 @@ def markdown(results: dict[str, dict]) -> str:
         def mean_sd(v: list[float]) -> str:
             return f"{statistics.mean(v):.2f}" + (f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else " (one seed)")
 
-        per_seed = ", ".join(f"{s}: {100 * r['test_acc']:.2f}" for s, r in sorted(runs.items()))
-        lines.append(
-            f"| {loop} | {len(runs)} | {mean_sd(val)} | {mean_sd(test)} | {per_seed} | "
-            f"{statistics.mean(r['seconds'] for r in runs.values()) / 60:.1f} |"
+        per_seed = ", ".join(
+            f"{s}: {100 * r['test_acc']:.2f} ({r['seconds'] / 60:.0f})" for s, r in sorted(runs.items())
         )
+        lines.append(f"| {loop} | {len(runs)} | {mean_sd(val)} | {mean_sd(test)} | {per_seed} |")
     if all(results.get(loop, {}).get("seeds") for loop in LOOPS):
         common = sorted(set(results["fit"]["seeds"]) & set(results["reference"]["seeds"]))
         for split in ("val", "test") if common else ():
@@ -109,7 +108,18 @@ def markdown(results: dict[str, dict]) -> str:
             lines += [
                 "",
                 f"fit − reference, {split} accuracy, seed for seed ({len(diffs)} seeds): "
-                f"{statistics.mean(diffs):+.2f} points (per seed: {', '.join(f'{d:+.2f}' for d in diffs)}).",
+                f"{statistics.mean(diffs):+.2f}"
+                + (f" ± {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "")
+                + f" points (per seed: {', '.join(f'{d:+.2f}' for d in diffs)})"
+                + (
+                    (
+                        "; within two standard errors of zero: no difference beyond seed noise."
+                        if abs(statistics.mean(diffs)) <= 2 * statistics.stdev(diffs) / len(diffs) ** 0.5
+                        else "; more than two standard errors from zero."
+                    )
+                    if len(diffs) > 1
+                    else "."
+                ),
             ]
     return "\n".join(lines) + "\n"
 
