@@ -4,14 +4,15 @@ was before the speed work, side by side in one process, on synthetic CIFAR-shape
     python bench/speed.py                          # CPU with 1 and 2 threads, and CUDA where a GPU is
     python bench/speed.py --devices cuda           # only the GPU
     python bench/speed.py --steps 8 --repeats 5    # longer, steadier
+    python bench/speed.py --report                 # only the RESULTS.md section, from the results files
 
 Networks: the baseline of configs/cifar10-cpu.yaml and resnet20, each trained with that config's ``train:``
 settings; and a pool of 8 members of the first, pruned and fine-tuned with its ``pool:`` settings (one after the
 other with each loop, and all at once with ``fit_group``). Every loop gets the same data, settings and seeds,
 and the loops take turns within each repeat, so load from other jobs slows them alike: on a shared machine the
 speed-up ``new / old`` (images per second over the reference's) is the number that counts, not the absolute rates.
-Writes bench/results/speed-<device>.json and the ``## Training speed`` section of docs/RESULTS.md (from every
-speed-*.json present).
+Writes bench/results/speed-<device>.json and the ``## Training speed`` section of docs/RESULTS.md (from
+speed-cpu.json and speed-cuda.json, where present).
 """
 
 from __future__ import annotations
@@ -346,7 +347,40 @@ def markdown(results: list[dict]) -> str:
                 f"| {x['case']} | {x['device']} | {x['threads'] or '-'} | {x['loop']} | {x['images_per_s']:.0f} | "
                 f"{x['steps_per_s']:.2f} | {x['seconds_per_epoch']:.0f} | {x['speedup_vs_reference']:.2f} |"
             )
+    for r in results:
+        lines += history(r)
     return "\n".join(lines) + "\n"
+
+
+def history(latest: dict) -> list[str]:
+    """Every run of this bench on the device, earliest first (``speed-<device>-earlier/``, then the latest): the
+    speed-up of ``fit`` per network and thread count, to show how much it moves from run to run."""
+    folder = ROOT / "bench" / "results" / f"speed-{latest['device']}-earlier"
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("run*.json"), key=lambda p: int(p.stem[3:]))]
+    if not runs:
+        return []
+    runs.append(latest)
+    cols = sorted(
+        {(x["case"], x["threads"]) for r in runs for x in r["rows"] if x["loop"] == "fit"},
+        key=lambda c: (c[1] or 0, c[0]),
+    )
+    lines = [
+        "",
+        f"Every {latest['device']} run of this bench (the table above is the last): new / old of `fit`, "
+        f"per network and threads; raw numbers of the earlier runs in `{rel(folder)}/`.",
+        "",
+        "| run | date | command | load before, after | " + " | ".join(f"{c} ({t}t)" for c, t in cols) + " |",
+        "|---|---|---|---|" + "---|" * len(cols),
+    ]
+    for i, r in enumerate(runs, 1):
+        ratio = {(x["case"], x["threads"]): x["speedup_vs_reference"] for x in r["rows"] if x["loop"] == "fit"}
+        cells = [f"{ratio[c]:.2f}" if c in ratio else "–" for c in cols]
+        lines.append(
+            f"| {i} | {r['date']} | `{r['command']}` | {r['load_average'][0]:.1f}, {r['load_average'][1]:.1f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines
 
 
 def main() -> None:
@@ -361,13 +395,15 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="CPU thread counts (default 1,2)")
     ap.add_argument("--devices", default="cpu,cuda", help="cpu, cuda or both (default; cuda only where a GPU is)")
     ap.add_argument("--no-docs", action="store_true", help="do not touch docs/RESULTS.md")
+    ap.add_argument("--report", action="store_true", help="measure nothing: write the section from the results files")
     args = ap.parse_args()
     cfg = config.load(
         args.config, {"pool": {"size": args.pool_size}, "cluster": {"k": 1}}
     )  # clustering plays no part here
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     command = (threads + "python bench/speed.py " + shlex.join(sys.argv[1:])).strip()
-    for device in [d for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]:
+    measured = [] if args.report else args.devices.split(",")
+    for device in [d for d in measured if d == "cpu" or torch.cuda.is_available()]:
         load = os.getloadavg()[0]
         if device == "cpu":
             out = []
@@ -379,6 +415,10 @@ def main() -> None:
             out = bench_device(cfg, device, args.cuda_steps, args.repeats, None)
             name = f"{torch.cuda.get_device_name()}; {machine()}"
         path = ROOT / "bench" / "results" / f"speed-{device}.json"
+        if path.exists():  # the earlier run is kept: the speed-up moves from run to run on a shared machine
+            earlier = path.with_name(f"speed-{device}-earlier")
+            earlier.mkdir(exist_ok=True)
+            path.rename(earlier / f"run{len(list(earlier.glob('run*.json'))) + 1}.json")
         result = {
             "device": device,
             "machine": name,
@@ -392,7 +432,8 @@ def main() -> None:
             "rows": out,
         }
         write_result(path, result)
-    results = [json.loads(p.read_text()) for p in sorted((ROOT / "bench" / "results").glob("speed-*.json"))]
+    files = [ROOT / "bench" / "results" / f"speed-{device}.json" for device in ("cpu", "cuda")]
+    results = [json.loads(p.read_text()) for p in files if p.exists()]
     publish(TITLE, markdown(results), not args.no_docs)
 
 
