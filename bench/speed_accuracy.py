@@ -105,21 +105,19 @@ def markdown(results: dict[str, dict]) -> str:
                 100 * (results["fit"]["seeds"][s][f"{split}_acc"] - results["reference"]["seeds"][s][f"{split}_acc"])
                 for s in common
             ]
+            mean, spread, verdict = statistics.mean(diffs), "", "."
+            if len(diffs) > 1:
+                sd = statistics.stdev(diffs)
+                spread = f" ± {sd:.2f}"
+                verdict = (
+                    "; within two standard errors of zero: no difference beyond seed noise."
+                    if abs(mean) <= 2 * sd / len(diffs) ** 0.5
+                    else "; more than two standard errors from zero."
+                )
             lines += [
                 "",
-                f"fit − reference, {split} accuracy, seed for seed ({len(diffs)} seeds): "
-                f"{statistics.mean(diffs):+.2f}"
-                + (f" ± {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "")
-                + f" points (per seed: {', '.join(f'{d:+.2f}' for d in diffs)})"
-                + (
-                    (
-                        "; within two standard errors of zero: no difference beyond seed noise."
-                        if abs(statistics.mean(diffs)) <= 2 * statistics.stdev(diffs) / len(diffs) ** 0.5
-                        else "; more than two standard errors from zero."
-                    )
-                    if len(diffs) > 1
-                    else "."
-                ),
+                f"fit − reference, {split} accuracy, seed for seed ({len(diffs)} seeds): {mean:+.2f}{spread} points "
+                f"(per seed: {', '.join(f'{d:+.2f}' for d in diffs)}){verdict}",
             ]
     return "\n".join(lines) + "\n"
 
