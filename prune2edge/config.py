@@ -73,9 +73,12 @@ DEFAULTS: dict[str, Any] = {
         # each member keeps a different set of weights (0 = pure magnitude)
         "distill": 0.0,  # weight of distillation from the final fp32 baseline in the fine-tuning loss
         "distill_temperature": 4.0,  # (0 = plain cross-entropy; costs one teacher forward pass per step)
-        "init": "baseline",  # baseline: members start from the baseline; fresh: from a new initialisation
-        # (born-again students: pair with distill > 0)
-        "member_kwargs": {},  # with init fresh: model kwargs overriding the baseline's (e.g. width: 24)
+        "family": "clones",  # clones: members start from the baseline; independent: each from its own new
+        # initialisation, trained for pool.epochs (optionally distilled from the baseline)
+        "member_kwargs": {},  # independent: model kwargs overriding the baseline's (e.g. width: 12)
+        "weight_bits": 0,  # 2..8: quantisation-aware training, weights on a per-channel grid of this many bits,
+        # shipped exactly (0 = off: int8 post-training quantisation alone)
+        "qat_start": 0.5,  # fraction of a member's steps after which its weights train fake-quantised
         "mask": "magnitude",  # magnitude, or antirandom / antirandom-weighted: fixed masks that overlap as
         # little as possible across members (random, or sampled in proportion to |w|)
         "shrink": 1.0,  # start from shrink * w + perturb * w_fresh (shrink and perturb)
@@ -122,7 +125,7 @@ CHOICES = {
     "pool.lr_schedule": ("onecycle", "cosine", "constant"),
     "pool.optimizer": ("sgd", "adam"),
     "pool.augment": ("auto", "none", "crop", "crop_flip"),
-    "pool.init": ("baseline", "fresh"),
+    "pool.family": ("clones", "independent"),
     "pool.mask": ("magnitude", "antirandom", "antirandom-weighted"),
     "pool.cyclical": (False, True),
     "pool.compile": ("none", "torch", "cuda-graph"),
@@ -272,19 +275,27 @@ def validate(cfg: dict) -> dict:
     p = cfg["pool"]
     _need(isinstance(p["member_kwargs"], dict), "pool.member_kwargs", "must be a mapping", p["member_kwargs"])
     _need(
-        not p["member_kwargs"] or p["init"] == "fresh",
+        not p["member_kwargs"] or p["family"] == "independent",
         "pool.member_kwargs",
-        "changes the network, so needs pool.init: fresh (a pruned clone keeps the baseline's shape)",
+        "changes the network, so needs pool.family: independent (a clone keeps the baseline's shape)",
         p["member_kwargs"],
     )
     _need(
-        p["init"] == "baseline"
+        p["family"] == "clones"
         or not (p["snapshots"] or p["cyclical"] or p["reinit_last"] or p["shrink"] != 1 or p["perturb"]),
-        "pool.init",
-        "fresh starts from a new initialisation, so cannot be combined with snapshots, cyclical, shrink, "
-        "perturb or reinit_last",
-        p["init"],
+        "pool.family",
+        "independent members start from a new initialisation, so cannot be combined with snapshots, cyclical, "
+        "shrink, perturb or reinit_last",
+        p["family"],
     )
+    bits = p["weight_bits"]
+    _need(
+        isinstance(bits, int) and not isinstance(bits, bool) and (bits == 0 or 2 <= bits <= 8),
+        "pool.weight_bits",
+        "must be 0 (off: int8 post-training quantisation) or an integer from 2 to 8",
+        bits,
+    )
+    _range(cfg, "pool.qat_start", 0.0, 1.0, closed_hi=False)
     _need(
         not p["cyclical"] or (p["mask"] == "magnitude" and not p["snapshots"] and not p["bootstrap"]),
         "pool.cyclical",

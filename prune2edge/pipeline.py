@@ -299,8 +299,10 @@ def done_before(run_dir: Path, name: str) -> float:
     if name == "baseline" and (run_dir / "baseline" / "checkpoint.pt").exists():
         history = torch.load(run_dir / "baseline" / "checkpoint.pt", map_location="cpu", weights_only=False)["history"]
         return history[-1]["seconds"] if history else 0.0
-    if name == "pool":
-        return sum(store.read_json(f)["seconds"] for f in (run_dir / "pool").glob("*/member.json"))
+    if name == "pool":  # finished members, and the saved epochs of a member that was killed while it trained
+        return sum(store.read_json(f)["seconds"] for f in (run_dir / "pool").glob("*/member.json")) + sum(
+            pool.checkpoint_seconds(f) for f in (run_dir / "pool").glob("*/checkpoint.pt")
+        )
     return 0.0
 
 

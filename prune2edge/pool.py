@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import models, store, train
+from . import models, qat, store, train
 from .errors import UserError
 from .preprocess import Preprocessing
 from .ray_executor import RayExecutor
@@ -310,7 +310,7 @@ def start_model(src: RunInputs, member: MemberPlan) -> tuple[torch.nn.Module, di
     """A member's network before training, and its fixed (anti-random) masks if the pool uses them."""
     cfg = src.cfg
     p = cfg["pool"]
-    if p["init"] == "fresh":
+    if p["family"] == "independent":
         model = src.fresh(member.seed, p["member_kwargs"])
     else:
         model = src.baseline(member.source)
@@ -324,7 +324,7 @@ def start_model(src: RunInputs, member: MemberPlan) -> tuple[torch.nn.Module, di
             seed=int(np.random.default_rng([cfg["seed"], 5]).integers(2**31)),
             weighted=p["mask"] == "antirandom-weighted",
         )
-    if p["init"] == "baseline" and (p["shrink"] != 1.0 or p["perturb"] or p["reinit_last"]):
+    if p["family"] == "clones" and (p["shrink"] != 1.0 or p["perturb"] or p["reinit_last"]):
         leave_basin(model, src.fresh(member.seed), p["shrink"], p["perturb"], p["reinit_last"])
     return model, fixed
 
@@ -401,22 +401,33 @@ def write_member(run_dir: Path, state: bytes, info: dict) -> dict:
     out = run_dir / "pool" / info["name"]
     store.write_bytes(out / "model.pt", state)
     store.write_json(out / "member.json", info)
+    member_checkpoint(run_dir, info["name"]).unlink(missing_ok=True)
     return info
 
 
 def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dict]:
-    """Start, prune and train one member from its run (a directory on this machine, or the run's inputs); returns
-    its state_dict as ``torch.save`` bytes and its record, for :func:`write_member`."""
+    """Start, prune (and with ``pool.weight_bits`` fake-quantise) and train one member from its run (a directory on
+    this machine, or the run's inputs); returns its state_dict as ``torch.save`` bytes and its record, for
+    :func:`write_member`. From a directory, a killed member resumes from ``pool/<name>/checkpoint.pt``."""
     src = source if isinstance(source, RunInputs) else RunInputs.load(source)
+    checkpoint = None if isinstance(source, RunInputs) else member_checkpoint(source, member.name)
     p = src.cfg["pool"]
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - checkpoint_seconds(checkpoint)
     x, y = src.tensors("train")
     if member.bootstrap:
         idx = torch.from_numpy(np.random.default_rng(member.seed).integers(0, len(y), len(y)))
         x, y = x[idx], y[idx]
     model, fixed = start_model(src, member)
     total = max(1, round(member.epochs * math.ceil(len(x) / member.batch_size)))
-    pruner = _pruner(model, p, member.sparsity, total, member.seed, fixed)
+    hooks = [_pruner(model, p, member.sparsity, total, member.seed, fixed)]
+    if p["weight_bits"]:  # after the pruner took the weights: it keeps masking the latent fp32 weights
+        hooks.append(qat.Switch(qat.attach(model, p["weight_bits"]), round(p["qat_start"] * total)))
+        hooks[-1](0, total)  # on from the first step when pool.qat_start is 0
+
+    def after_step(step: int, steps: int) -> None:
+        for hook in hooks:
+            hook(step, steps)
+
     history = train.fit(
         model,
         x,
@@ -425,21 +436,37 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
         seed=member.seed,
         augment=train.augment_kind(p["augment"], src.image_shape),
         device=src.cfg["device"],
-        after_step=pruner,
+        after_step=after_step,
         teacher=src.baseline() if p["distill"] else None,
+        checkpoint=checkpoint,
         desc=member.name,
         progress=False,
     )
-    pruner.finish()
+    hooks[0].finish()
+    qat.bake(model)
     model.cpu()
     record = {
         **asdict(member),
         "name": member.name,
-        "model_kwargs": p["member_kwargs"] if p["init"] == "fresh" else {},
+        "model_kwargs": p["member_kwargs"] if p["family"] == "independent" else {},
+        "weight_bits": p["weight_bits"],
         "history": history,
         "seconds": time.perf_counter() - t0,
     }
     return measure(model, record, *src.tensors("val"))
+
+
+def member_checkpoint(run_dir: Path, name: str) -> Path:
+    """Where a member's training state is saved after every epoch while it trains (removed once it is written)."""
+    return run_dir / "pool" / name / "checkpoint.pt"
+
+
+def checkpoint_seconds(path: Path | None) -> float:
+    """Training seconds a killed attempt saved in a checkpoint (0 without one): they count in the member's time."""
+    if path is None or not path.exists():
+        return 0.0
+    history = torch.load(path, map_location="cpu", weights_only=False)["history"]
+    return history[-1]["seconds"] if history else 0.0
 
 
 def train_member(run_dir: Path, member: MemberPlan) -> dict:

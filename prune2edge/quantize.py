@@ -3,6 +3,7 @@
 Weights become per-channel int8, activations uint8 (QOperator format: QLinearConv, QGemm, ...),
 calibrated on training images with the inference preprocessing. With ``codebook_bits`` a member's
 int8 weights then share a few values per layer (weight sharing, Han et al. 2016, "Deep Compression").
+Members trained with low-bit QAT keep exactly their trained weights (:mod:`prune2edge.qat`).
 Every model is gated on validation data as it will run: int8 accuracy against fp32, and fp32/int8
 agreement. A model that fails is retried with other calibration settings, then dropped, and the record
 says so. Each model is also written as it is shipped (``int8.p2e``, see :func:`encode`).
@@ -24,7 +25,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from tqdm.auto import tqdm
 
-from . import store
+from . import qat, store
 from .bundle import decode, predict_proba, session
 from .vote import accuracy
 
@@ -230,9 +231,11 @@ def quantize_model(
     max_drop: float,
     min_agreement: float,
     codebook_bits: int = 0,
+    weight_bits: int = 0,
 ) -> dict:
-    """Export, quantise (snapping weights to codebooks when ``codebook_bits``) and gate one model in ``folder``;
-    writes fp32.onnx, int8.onnx, int8.p2e (as shipped), val_proba.npy, quant.json."""
+    """Export, quantise and gate one model in ``folder``: a model trained with ``weight_bits``-bit QAT keeps exactly
+    its trained integers (:func:`prune2edge.qat.snap_onnx`), ``codebook_bits`` snaps int8 weights to codebooks.
+    Writes fp32.onnx, int8.onnx, int8.p2e (as shipped), val_proba.npy, quant.json."""
     fp32, int8 = folder / "fp32.onnx", folder / "int8.onnx"
     export_onnx(model, fp32, image_shape)
     p32 = predict_proba(session(fp32), x_val)
@@ -240,6 +243,8 @@ def quantize_model(
     attempts = []
     for setting in ATTEMPTS:
         quantize_onnx(fp32, int8, calib, **setting)
+        if 0 < weight_bits < 8:
+            qat.snap_onnx(int8, fp32, weight_bits)
         if codebook_bits:
             apply_codebooks(int8, codebook_bits)
         p8 = predict_proba(session(int8), x_val)
@@ -250,6 +255,7 @@ def quantize_model(
             break
     ops = op_counts(int8)
     store.write_bytes(folder / SHIPPED, encode(int8.read_bytes()))
+    n_weights = sum(len(t.raw_data) for t in int8_weights(onnx.load(str(int8))))
     record = {
         "status": "ok" if attempts[-1]["passed"] else "dropped",
         "attempts": attempts,
@@ -257,6 +263,9 @@ def quantize_model(
         "val_acc_int8": attempts[-1]["val_acc_int8"],
         "agreement": attempts[-1]["agreement"],
         "codebook_bits": codebook_bits,
+        "weight_bits": weight_bits or 8,
+        "weights": n_weights,
+        "bits_per_weight_shipped": 8 * (folder / SHIPPED).stat().st_size / n_weights,  # the whole file, per weight
         "bytes": {
             "fp32": fp32.stat().st_size,
             "int8": int8.stat().st_size,
@@ -299,5 +308,6 @@ def quantize_all(run_dir: Path, cfg: dict, members: list[dict], progress: bool =
             q["max_drop"],
             q["min_agreement"],
             0 if name == "baseline" else q["codebook_bits"],
+            0 if name == "baseline" else cfg["pool"]["weight_bits"],
         )
     return records

@@ -127,7 +127,7 @@ def test_perturbed_member_starts_where_configured(tiny_run, tmp_path):
 
 
 def test_fresh_wider_students_are_built_recorded_and_reloaded(tiny_run, tmp_path):
-    run, cfg = configured(*tiny_run, tmp_path, init="fresh", member_kwargs={"width": 12}, distill=0.5, size=2)
+    run, cfg = configured(*tiny_run, tmp_path, family="independent", member_kwargs={"width": 12}, distill=0.5, size=2)
     plan = pool.plan(cfg)[0]
     src = pool.RunInputs.load(run)
     model, _ = pool.start_model(src, plan)
@@ -180,7 +180,7 @@ def test_cyclical_pool_takes_one_member_per_cycle_from_one_run(tiny_run, tmp_pat
 @pytest.mark.parametrize(
     "opts,key",
     [
-        ({"init": "fresh", "perturb": 0.1}, "pool.init"),
+        ({"family": "independent", "perturb": 0.1}, "pool.family"),
         ({"member_kwargs": {"width": 4}}, "pool.member_kwargs"),
         ({"cyclical": True, "mask": "antirandom"}, "pool.cyclical"),
         ({"mask": "random"}, "pool.mask"),

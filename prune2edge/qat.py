@@ -1,0 +1,135 @@
+"""Quantisation-aware training of low-bit weights, and the int8 ONNX model that holds exactly the trained values.
+
+While a member trains, every Conv2d and Linear weight is fake-quantised per output channel to ``bits`` bits:
+symmetric, scale = max |w| / (2^(bits-1) - 1) over the channel, rounded to the nearest step in the forward pass and
+passed straight through in the backward pass (STE, Bengio et al. 2013). Baked, the weights are those grid values.
+
+Batch-norm folding multiplies each output channel by one factor, so the folded convolution ONNX Runtime quantises
+still holds ``bits``-bit integers per channel, at another scale. Its per-channel int8 quantisation rounds them to
+the int8 grid instead; :func:`snap_onnx` rewrites each int8 weight tensor (and the int32 bias whose scale depends on
+it) so that the shipped model holds exactly the trained integers: at most 2^bits - 1 distinct values per channel,
+which the shipped encoding (an index per weight into the tensor's distinct values) stores in about ``bits`` bits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import models
+
+# QLinearConv and QGemm: input 3 the int8 weight, 4 its scale; the int32 bias is input 8 (QLinearConv) or 6 (QGemm)
+BIAS_INPUT = {"QLinearConv": 8, "QGemm": 6}
+GRID_TOLERANCE = 1e-3  # |w / scale - round(w / scale)| above this: not on the grid
+
+
+def levels(bits: int) -> int:
+    """The largest integer of a symmetric ``bits``-bit grid: 2^(bits-1) - 1 (7 for 4 bits)."""
+    return 2 ** (bits - 1) - 1
+
+
+def channel_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel step of the grid, shaped to broadcast against ``w``."""
+    amax = w.detach().abs().flatten(1).amax(1).clamp_min(1e-12)
+    return (amax / levels(bits)).view(-1, *[1] * (w.dim() - 1))
+
+
+def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """``w`` rounded to its per-channel ``bits``-bit grid in the forward pass, the identity in the backward pass."""
+    scale = channel_scale(w, bits)
+    q = torch.clamp(torch.round(w / scale), -levels(bits), levels(bits)) * scale
+    return w + (q - w).detach()
+
+
+class FakeQuant(nn.Module):
+    """Parametrisation of a weight: fake-quantised once switched on. The switch is a buffer, so a checkpoint taken
+    mid-training restores it."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("on", torch.tensor(False))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(w, self.bits) if self.on else w
+
+
+def attach(model: nn.Module, bits: int) -> list[FakeQuant]:
+    """Parametrise every Conv2d and Linear weight of ``model`` with a (switched-off) :class:`FakeQuant`. The
+    ``Parameter`` objects stay the same, so an optimiser or pruner holding them keeps working."""
+    quants = []
+    for name in models.prunable(model):
+        module = model.get_submodule(name)
+        quants.append(FakeQuant(bits))
+        parametrize.register_parametrization(module, "weight", quants[-1])
+    return quants
+
+
+class Switch:
+    """``after_step`` hook that turns fake-quantisation on from step ``start`` of the training on."""
+
+    def __init__(self, quants: list[FakeQuant], start: int):
+        self.quants, self.start = quants, start
+
+    def __call__(self, step: int, total: int) -> None:
+        if step >= self.start and not bool(self.quants[0].on):
+            for q in self.quants:
+                q.on.fill_(True)
+
+
+def bake(model: nn.Module) -> None:
+    """Remove the parametrisations, leaving each weight at its (fake-)quantised value: plain tensors on the grid."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+
+def grid_integers(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The integers and per-channel scales (axis 0) of a weight that lies on a per-channel ``bits``-bit grid;
+    ValueError when it does not."""
+    flat = w.reshape(len(w), -1).astype(np.float64)
+    amax = np.abs(flat).max(1)
+    scale = np.where(amax > 0, amax / levels(bits), 1.0)
+    k = flat / scale[:, None]
+    if np.abs(k - np.rint(k)).max(initial=0.0) > GRID_TOLERANCE:
+        raise ValueError(f"weights are not on a {bits}-bit grid per output channel: train the model with QAT first")
+    return np.rint(k).astype(np.int8).reshape(w.shape), scale
+
+
+def snap_onnx(int8_path: Path, fp32_path: Path, bits: int) -> int:
+    """Rewrite the int8 weights of ``int8_path`` (ONNX Runtime's QOperator model of ``fp32_path``) as the exact
+    ``bits``-bit integers and scales of the fp32 model's weights, rescaling each int32 bias; in place. Returns the
+    number of weight tensors rewritten. ValueError when a weight is not on the grid."""
+    fp32 = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(fp32_path)).graph.initializer}
+    model = onnx.load(str(int8_path))
+    inits = {t.name: t for t in model.graph.initializer}
+    done = 0
+    for node in model.graph.node:
+        if node.op_type not in BIAS_INPUT:
+            continue
+        w_name, s_name = node.input[3], node.input[4]
+        source = fp32.get(w_name.removesuffix("_quantized"))
+        if source is None:
+            raise ValueError(f"'{int8_path}': cannot find the fp32 weight of {node.op_type} '{node.name}'")
+        old = numpy_helper.to_array(inits[w_name])
+        old_scale = numpy_helper.to_array(inits[s_name]).astype(np.float64)
+        w = source if source.shape == old.shape else source.T  # a Gemm weight may be stored transposed
+        axis = 0 if old.shape[0] == old_scale.size else 1  # the output channels: per-channel scales run along it
+        k, scale = grid_integers(np.moveaxis(w, axis, 0), bits)
+        k, new_scale = np.moveaxis(k, 0, axis), scale.astype(np.float32)
+        inits[w_name].CopyFrom(numpy_helper.from_array(k.astype(np.int8), w_name))
+        inits[s_name].CopyFrom(numpy_helper.from_array(new_scale.reshape(old_scale.shape), s_name))
+        b = BIAS_INPUT[node.op_type]
+        if len(node.input) > b and node.input[b]:
+            bias = numpy_helper.to_array(inits[node.input[b]]).astype(np.float64)
+            rescaled = np.rint(bias * old_scale.reshape(-1) / new_scale.astype(np.float64).reshape(-1))
+            inits[node.input[b]].CopyFrom(numpy_helper.from_array(rescaled.astype(np.int32), node.input[b]))
+        done += 1
+    onnx.save(model, str(int8_path))
+    return done

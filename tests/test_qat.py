@@ -1,0 +1,161 @@
+"""Quantisation-aware members: the exported int8 weights lie exactly on the trained grid, int8 and fake-quantised
+outputs agree, an independent pool trains and resumes after a kill with its true cost, bad values are refused."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from onnx import numpy_helper
+
+from prune2edge import config, models, pipeline, pool, qat, quantize, store, train
+from prune2edge.bundle import predict_proba, session
+from prune2edge.errors import UserError
+
+QAT_POOL = {"family": "independent", "weight_bits": 4, "qat_start": 0.5, "size": 2, "sparsity": 0.0}
+
+
+def test_fake_quantize_rounds_to_the_channel_grid_and_passes_the_gradient_straight_through():
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, 3, 3, requires_grad=True)
+    q = qat.fake_quantize(w, 3)
+    scale = w.detach().abs().flatten(1).amax(1) / 3
+    k = q.detach() / scale.view(-1, 1, 1, 1)
+    assert torch.allclose(k, k.round(), atol=1e-5) and k.abs().max() == 3
+    assert all(len(torch.unique(k[c].round())) <= 7 for c in range(6))
+    (q * torch.arange(q.numel()).view(q.shape)).sum().backward()
+    assert torch.equal(w.grad, torch.arange(q.numel(), dtype=torch.float32).view(q.shape))
+
+
+@pytest.fixture(scope="module")
+def qat_run(tmp_path_factory):
+    """A tiny digits run whose pool is two independent members trained with 4-bit QAT, quantised."""
+    cfg = config.load(
+        None,
+        {
+            "data": {"name": "digits", "max_train": 400},
+            "model": {"kwargs": {"width": 8, "depth": 2}},
+            "train": {"epochs": 6, "batch_size": 64},
+            "pool": {**QAT_POOL, "epochs": 6.0, "lr": 0.05, "batch_size": 64, "lr_schedule": "onecycle"},
+            "cluster": {"k": 2, "k_max": 2},
+        },
+    )
+    run = tmp_path_factory.mktemp("qat")
+    pipeline.prepare(run, cfg)
+    pipeline.baseline(run, cfg, progress=False)
+    members = pool.build(run, cfg, pool.InProcessExecutor(), progress=False)
+    quant = quantize.quantize_all(run, cfg, members, progress=False)
+    return run, cfg, members, quant
+
+
+def test_exported_int8_weights_lie_exactly_on_the_qat_grid(qat_run):
+    run, _, members, quant = qat_run
+    for m in members:
+        folder = run / "pool" / m["name"]
+        fp32 = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(folder / "fp32.onnx")).graph.initializer}
+        int8 = onnx.load(str(folder / "int8.onnx"))
+        inits = {t.name: numpy_helper.to_array(t) for t in int8.graph.initializer}
+        nodes = [n for n in int8.graph.node if n.op_type in qat.BIAS_INPUT]
+        assert len(nodes) == len(models.prunable(store.load_member(run, m["name"])))
+        for node in nodes:
+            k, scale = inits[node.input[3]], inits[node.input[4]]
+            assert k.dtype == np.int8 and np.abs(k).max() <= 7
+            assert all(len(np.unique(row)) <= 15 for row in k.reshape(len(k), -1))
+            dequantised = k.astype(np.float64) * scale.reshape(-1, *[1] * (k.ndim - 1))
+            # the float weights ONNX Runtime started from (batch-norm folded) are exactly these grid values
+            assert np.allclose(dequantised, fp32[node.input[3].removesuffix("_quantized")], rtol=1e-5, atol=1e-7)
+        q = quant[m["name"]]
+        assert q["weight_bits"] == 4 and q["full_integer"] and q["bits_per_weight_shipped"] < 8
+        assert q["bytes"]["shipped"] < quant["baseline"]["bytes"]["shipped"]
+
+
+def test_int8_outputs_agree_with_the_fake_quantised_network(qat_run):
+    run, _, members, quant = qat_run
+    x_val, _ = store.tensors(run, "val")
+    for m in members:
+        torch_proba = train.predict_proba(store.load_member(run, m["name"]), x_val)
+        int8_proba = predict_proba(session(run / "pool" / m["name"] / "int8.onnx"), x_val.numpy())
+        # the weights are identical (above); what differs is ONNX Runtime's uint8 activations
+        assert (torch_proba.argmax(1) == int8_proba.argmax(1)).mean() >= 0.9
+        assert np.abs(torch_proba - int8_proba).max(1).mean() < 0.05
+        assert quant[m["name"]]["agreement"] >= 0.9 and quant[m["name"]]["status"] == "ok"
+
+
+def test_independent_members_start_from_their_own_initialisation(qat_run):
+    run, cfg, members, _ = qat_run
+    src = pool.RunInputs.load(run)
+    plans = pool.plan(cfg)
+    starts = [pool.start_model(src, p)[0] for p in plans]
+    base = models.prunable(src.baseline())["head.2"]
+    firsts = [models.prunable(s)["head.2"] for s in starts]
+    assert not torch.equal(firsts[0], firsts[1]) and not torch.equal(firsts[0], base)
+    assert all(m["weight_bits"] == 4 and m["history"][-1]["steps"] > 0 for m in members)
+
+
+def test_snap_refuses_weights_off_the_grid(tmp_path):
+    torch.manual_seed(0)
+    model = models.build("small_cnn", (8, 8, 1), 3, width=4, depth=1)
+    quantize.export_onnx(model, tmp_path / "fp32.onnx", (8, 8, 1))
+    quantize.quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", np.random.rand(8, 1, 8, 8).astype("f4"))
+    with pytest.raises(ValueError, match="not on a 4-bit grid"):
+        qat.snap_onnx(tmp_path / "int8.onnx", tmp_path / "fp32.onnx", 4)
+
+
+@pytest.mark.parametrize(
+    "opts,message",
+    [
+        ({"weight_bits": 1}, "config key 'pool.weight_bits' must be 0 (off: int8 post-training quantisation) or"),
+        ({"weight_bits": 9}, "config key 'pool.weight_bits' must be 0"),
+        ({"family": "independant"}, "config key 'pool.family' must be one of ['clones', 'independent']"),
+        ({"qat_start": 1.0}, "config key 'pool.qat_start' must lie in [0.0, 1.0)"),
+    ],
+)
+def test_bad_qat_values_get_one_line_errors(opts, message):
+    with pytest.raises(UserError) as e:
+        config.load(None, {"pool": opts})
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_independent_pool_resumes_a_member_killed_mid_training_and_counts_its_whole_cost(tmp_path):
+    cfg = {
+        "data": {"name": "digits", "max_train": 300},
+        "model": {"kwargs": {"width": 8, "depth": 2}},
+        "train": {"epochs": 3, "batch_size": 64},
+        "pool": {**QAT_POOL, "epochs": 40.0, "lr": 0.05, "batch_size": 64},
+        "cluster": {"k": 2, "k_max": 2},
+        "bundle": {"latency_runs": 5},
+    }
+    path = tmp_path / "qat.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "prune2edge.cli", "run", str(path), "--out", str(run_dir), "--quiet"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = pool.member_checkpoint(run_dir, "m000")
+    deadline = time.time() + 240
+    while not checkpoint.exists() or pool.checkpoint_seconds(checkpoint) <= 0:
+        assert proc.poll() is None and time.time() < deadline, "run ended or stalled before m000 saved an epoch"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "pool" / "m000" / "member.json").exists()
+    shutil.copy(checkpoint, tmp_path / "killed.pt")
+    saved = torch.load(tmp_path / "killed.pt", weights_only=False)
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    m0 = store.read_json(run_dir / "pool" / "m000" / "member.json")
+    assert m0["history"][: len(saved["history"])] == saved["history"]  # continued, not restarted
+    assert m0["seconds"] >= saved["history"][-1]["seconds"] and not checkpoint.exists()
+    members = sum(store.read_json(f)["seconds"] for f in (run_dir / "pool").glob("*/member.json"))
+    assert store.read_json(run_dir / "timings.json")["pool"] >= members
+    metrics = store.read_json(run_dir / "metrics.json")
+    assert {m["name"] for m in metrics["members"]} == {"m000", "m001"}
