@@ -157,9 +157,16 @@ def load(path: str | Path | None = None, overrides: dict | None = None) -> dict:
     return validate(cfg)
 
 
+# keys renamed since, read from the configs of older run directories: old key -> (new key, old value -> new value)
+RENAMED = {"pool.init": ("family", {"baseline": "clones", "fresh": "independent"})}
+
+
 def _merge(base: dict, new: dict, prefix: str) -> None:
     for key, value in new.items():
         name = f"{prefix}{key}"
+        if name in RENAMED:
+            key, values = RENAMED[name]
+            name, value = f"{prefix}{key}", values.get(value, value)
         if key not in base:
             raise UserError(
                 f"unknown config key '{name}'; known keys{' in ' + prefix[:-1] if prefix else ''}: {', '.join(base)}"

@@ -310,12 +310,18 @@ def run(cfg: dict, run_dir: Path | str, progress: bool = True) -> dict:
     """Run (or resume) every phase; returns the metrics also written to ``metrics.json``."""
     run_dir = Path(run_dir)
     timings = store.read_json(run_dir / "timings.json") if (run_dir / "timings.json").exists() else {}
+    # CPU seconds of this process per phase: the cost of a phase free of what else the machine runs (with one
+    # worker; a phase resumed after a kill counts only its resumed part)
+    cpu = store.read_json(run_dir / "cpu_seconds.json") if (run_dir / "cpu_seconds.json").exists() else {}
 
     def phase(name: str, fn, *args):
         t0 = time.perf_counter() - (0.0 if name in timings else done_before(run_dir, name))
+        c0 = time.process_time()
         out = fn(*args)
         if name not in timings:
             timings[name] = time.perf_counter() - t0
+            cpu[name] = time.process_time() - c0
+            store.write_json(run_dir / "cpu_seconds.json", cpu)
             store.write_json(run_dir / "timings.json", timings)
         return out
 

@@ -406,6 +406,62 @@ def fig_accuracy_vs_size(run: Run) -> Figure | Missing:
     return fig
 
 
+def frontier_axes(points: list[tuple[str, float, float, float, str]], parent: float, title: str) -> Figure:
+    """Accuracy against bytes per device: ``points`` are (label, bytes as a fraction of the parent's fp32 ONNX,
+    accuracy in %, its sd, group); one marker per group, the parent's fp32 accuracy as a dashed line."""
+    markers = "o^sDvP*X"
+    fig = _figure(9, 5.2)
+    ax = fig.add_subplot()
+    groups = list(dict.fromkeys(g for *_, g in points))
+    for i, group in enumerate(groups):
+        pts_ = [p for p in points if p[4] == group]
+        ax.errorbar(
+            [100 * p[1] for p in pts_],
+            [p[2] for p in pts_],
+            yerr=[p[3] for p in pts_],
+            ls="",
+            marker=markers[i % len(markers)],
+            ms=8,
+            capsize=3,
+            color=_colour(i),
+            label=group,
+        )
+        for label, x, y, *_ in pts_:
+            ax.annotate(label, (100 * x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(parent, color="black", ls="--", lw=1, label="parent, fp32")
+    ax.set_xscale("log")
+    _log_axis(ax.xaxis)
+    ax.set_xlabel("bytes per device as shipped (% of the parent's fp32 ONNX, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=9, loc="lower right")
+    return fig
+
+
+def fig_frontier(run: Run) -> Figure | Missing:
+    """This run on the frontier: each member, the selected ensemble (its largest member's bytes: one device holds
+    one member) and the parent, test accuracy against bytes per device as shipped."""
+    if not run.metrics:
+        return Missing("needs metrics.json (phase 'evaluate')")
+    m = run.metrics
+    b, e = m["baseline"], m["ensemble"]
+    fp32 = b["bytes"]["fp32"]
+    by_name = {x["name"]: x for x in m["members"]}
+    pool = [
+        (x["name"], x["bytes"]["shipped"] / fp32, 100 * x["test_acc_int8"], 0.0, "member, int8")
+        for x in by_name.values()
+    ]
+    largest = max(by_name[n]["bytes"]["shipped"] for n in e["members"]) / fp32
+    points = [
+        *pool,
+        (f"ensemble k={e['k']}", largest, 100 * e["test_acc"], 0.0, "selected ensemble"),
+        ("parent int8", b["bytes"]["shipped"] / fp32, 100 * b["test_acc_int8"], 0.0, "parent"),
+        ("parent fp32", 1.0, 100 * b["test_acc_fp32"], 0.0, "parent"),
+    ]
+    return frontier_axes(points, 100 * b["test_acc_fp32"], "This run: test accuracy against bytes per device")
+
+
 def _mds(d: np.ndarray, seed: int = 0) -> np.ndarray:
     """2-D metric MDS of a precomputed dissimilarity matrix (scikit-learn's ``MDS``, old or new keyword names)."""
     from sklearn.manifold import MDS
@@ -936,6 +992,15 @@ def fig_degradation(run: Run) -> Figure | Missing:
 
 # (id, section, title, one-line explanation, function), in page order
 FIGURES = [
+    (
+        "frontier",
+        "pool",
+        "Bytes per device against accuracy",
+        "Where this run stands: every member and the selected ensemble by the bytes one device holds (as shipped; "
+        "an ensemble places one member per device, so its largest member counts) and by test accuracy, against the "
+        "parent in fp32 and int8. The same axes as the frontier of methods in docs/RESULTS.md.",
+        fig_frontier,
+    ),
     (
         "accuracy-vs-size",
         "pool",

@@ -1,0 +1,278 @@
+"""The frontier: accuracy for a device that holds B bytes and a training budget of C parents, on CIFAR-10.
+
+    python bench/frontier.py run indep-qat3-2x --seeds 0      # train one method's runs (resumable)
+    python bench/frontier.py report                            # frontier.json, the figure, the RESULTS section
+
+Every method is a variant of ``configs/cifar10-cpu.yaml`` run by ``bench/cifar10.py`` on the parents trained by
+the default config's runs (``--baseline-from``), so that all rows of a seed share one parent. Rows:
+
+- **parent**: the fp32 parent alone; **deep ensemble**: the soft vote of 3 fp32 parents (a whole parent per
+  device, 2 more trainings), read from ``bench/reference.py``'s results on the default config's parents;
+- **rival at a budget**: the best single model that fits one device of that budget, trained with the pool's
+  compute: the parent fine-tuned with QAT at the members' bits for as many epochs as the pool's members together;
+- **clones**: today's default pool; **clones + QAT**; **independent + QAT**: members from their own
+  initialisation, trained for part of the parent's schedule with low-bit QAT.
+
+A row's ``bytes_per_member`` is its largest selected member as shipped over the parent's fp32 ONNX bytes; its
+``cost`` is (pool + quantise + select) over the parent's training, in CPU seconds of the run's own process where
+the run recorded them (free of other jobs on the machine), else in wall seconds (``cost_wall`` always). Gains are
+test-accuracy points against the fp32 parent of the same seed and against the rival of the same budget and seed;
+``mcnemar_p`` is the ensemble against the fp32 parent, per seed. Nothing here chooses on the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cifar10 import ROOT, command_line, machine, publish, write_result
+
+RESULTS = ROOT / "bench" / "results"
+PARENTS = "runs/bench/clones"  # the default config's runs: their parents are every row's parents
+BUDGETS = (0.05, 0.10, 0.25)
+TITLE = "## CIFAR-10: the frontier (bytes per device x training cost)"
+INDEPENDENT = [
+    "pool.family=independent",
+    "pool.sparsity=0",
+    "pool.shrink=1.0",
+    "pool.perturb=0.0",
+    "pool.distill=0.0",
+    "quantize.codebook_bits=0",
+]
+CLONE_QAT = ["pool.sparsity=0", "quantize.codebook_bits=0"]
+# the rival: one model, the parent fine-tuned with QAT for as many epochs as a pool of 3 x E spends
+RIVAL = ["pool.size=1", "cluster.k=1", "cluster.k_max=1", "pool.shrink=1.0", "pool.perturb=0.0", "pool.distill=0.0"]
+RIVAL += ["pool.sparsity=0", "quantize.codebook_bits=0", "pool.lr=0.05"]
+METHODS: dict[str, dict] = {
+    "clones": {"what": "today's default pool: shrink-perturb clones, 83 % sparse, 4-bit codebooks", "set": []},
+    "clones-qat3": {
+        "what": "clones (default recipe, dense) with 3-bit QAT",
+        "set": [*CLONE_QAT, "pool.weight_bits=3", "pool.qat_start=0.25"],
+    },
+    "indep-qat3-2x": {
+        "what": "3 independent members, 3-bit QAT, 18 epochs each",
+        "set": [*INDEPENDENT, "pool.weight_bits=3", "pool.epochs=18"],
+    },
+    "indep-qat3-1x": {
+        "what": "3 independent members, 3-bit QAT, 9 epochs each",
+        "set": [*INDEPENDENT, "pool.weight_bits=3", "pool.epochs=9"],
+    },
+    "indep-int8-2x": {
+        "what": "3 independent members, plain int8, 18 epochs each",
+        "set": [*INDEPENDENT, "pool.epochs=18"],
+    },
+    "rival-qat3-2x": {
+        "what": "one model: the parent fine-tuned 54 epochs with 3-bit QAT",
+        "set": [*RIVAL, "pool.weight_bits=3", "pool.epochs=54"],
+        "rival": True,
+    },
+    "rival-qat3-1x": {
+        "what": "one model: the parent fine-tuned 27 epochs with 3-bit QAT",
+        "set": [*RIVAL, "pool.weight_bits=3", "pool.epochs=27"],
+        "rival": True,
+    },
+}
+
+
+def results_file(method: str) -> Path:
+    return RESULTS / f"cifar10-cpu-{method}.json"
+
+
+def run(method: str, seeds: str) -> None:
+    """One method's runs through bench/cifar10.py, on the default config's parents."""
+    sets = [x for s in METHODS[method]["set"] for x in ("--set", s)]
+    cmd = [sys.executable, str(ROOT / "bench" / "cifar10.py"), "--label", method, "--seeds", seeds, "--no-docs"]
+    cmd += ["--out", f"runs/bench/{method}", *([] if method == "clones" else ["--baseline-from", PARENTS]), *sets]
+    sys.exit(subprocess.run(cmd, cwd=ROOT).returncode)
+
+
+def ms(values: list[float], scale: float = 100.0) -> dict:
+    """mean and sd (n - 1; 0 for one value), scaled (to % or points)."""
+    return {
+        "mean": round(scale * statistics.mean(values), 3),
+        "sd": round(scale * statistics.stdev(values), 3) if len(values) > 1 else 0.0,
+    }
+
+
+def cost(run: dict) -> tuple[float, float | None]:
+    """(wall, cpu) cost of a run's pool in parent trainings; cpu is None where the run did not record CPU seconds."""
+    wall = run["pool_cost_vs_baseline"]
+    folder = ROOT / run["run_dir"]
+    parent = ROOT / run.get("baseline_from", run["run_dir"])
+    mine, theirs = folder / "cpu_seconds.json", parent / "cpu_seconds.json"
+    if not (mine.exists() and theirs.exists()):
+        return wall, None
+    c, p = json.loads(mine.read_text()), json.loads(theirs.read_text())
+    return wall, sum(c[k] for k in ("pool", "quantize", "select")) / p["baseline"]
+
+
+def method_row(method: str, result: dict, rivals: dict[float, dict]) -> dict:
+    """One frontier row from a method's bench/cifar10.py results."""
+    runs = result["runs"]
+    seeds = sorted(runs, key=int)
+    per_member = max(runs[s]["selected"]["max_member_shipped_vs_baseline_fp32"] for s in seeds)
+    budget = next((b for b in BUDGETS if per_member <= b + 1e-9), None)
+    walls, cpus = zip(*(cost(runs[s]) for s in seeds))
+    acc = [runs[s]["selected"]["test_acc"] for s in seeds]
+    rival = rivals.get(budget, {})
+    vs_single = [runs[s]["selected"]["test_acc"] - rival[s] for s in seeds if s in rival]
+    lat = [runs[s]["latency_ms"] for s in seeds if "latency_ms" in runs[s]]
+    return {
+        "method": method,
+        "what": METHODS[method]["what"],
+        "seeds": [int(s) for s in seeds],
+        "k": statistics.mean(runs[s]["k"] for s in seeds),
+        "bytes_per_member": round(per_member, 4),
+        "budget": budget,
+        "cost": round(statistics.mean(cpus), 3) if None not in cpus else round(statistics.mean(walls), 3),
+        "cost_measured_as": "cpu" if None not in cpus else "wall",
+        "cost_wall": round(statistics.mean(walls), 3),
+        "test_acc": ms(acc),
+        "gain_points": ms([runs[s]["selected"]["gain_vs_baseline_fp32"] for s in seeds]),
+        "gain_vs_single_points": ms(vs_single) if vs_single and not METHODS[method].get("rival") else None,
+        "mcnemar_p": [runs[s]["selected"]["mcnemar_p"] for s in seeds],
+        "member_test_acc": ms([runs[s]["selected"]["mean_member_test_acc"] for s in seeds]),
+        "disagreement": round(statistics.mean(runs[s]["selected"]["mean_disagreement"] for s in seeds), 4),
+        "latency_ratio": round(statistics.mean(x["member_max"] / x["baseline_int8"] for x in lat), 3) if lat else None,
+        "results_file": str(results_file(method).relative_to(ROOT)),
+    }
+
+
+def reference_rows(parents: dict) -> list[dict]:
+    """The fp32 parent (from the default runs) and the deep ensemble of 3 parents (bench/reference.py)."""
+    runs = parents["runs"]
+    seeds = sorted(runs, key=int)
+    rows = [
+        {
+            "method": "parent",
+            "what": "the fp32 parent alone",
+            "seeds": [int(s) for s in seeds],
+            "k": 1,
+            "bytes_per_member": 1.0,
+            "budget": None,
+            "cost": 0.0,
+            "test_acc": ms([runs[s]["baseline_fp32_test_acc"] for s in seeds]),
+            "gain_points": ms([0.0]),
+            "results_file": str(results_file("clones").relative_to(ROOT)),
+        }
+    ]
+    ref = RESULTS / "cifar10-cpu-cb-clones-reference.json"
+    if ref.exists():
+        d = json.loads(ref.read_text())["deep_ensemble"]
+        rows.append(
+            {
+                "method": "deep-ensemble-3",
+                "what": "soft vote of 3 fp32 parents, one per seed (measured on the default config's parents)",
+                "seeds": json.loads(ref.read_text())["seeds"],
+                "k": d["k"],
+                "bytes_per_member": 1.0,
+                "budget": None,
+                "cost": float(d["cost_vs_baseline"]),
+                "test_acc": ms([d["test_acc"]]),
+                "gain_points": ms([d["gain_vs_mean_baseline_fp32"]]),
+                "disagreement": round(d["mean_disagreement"], 4),
+                "results_file": str(ref.relative_to(ROOT)),
+            }
+        )
+    return rows
+
+
+def report() -> None:
+    found = {m: json.loads(results_file(m).read_text()) for m in METHODS if results_file(m).exists()}
+    if "clones" not in found:
+        sys.exit(f"no {results_file('clones').relative_to(ROOT)}: run `python bench/frontier.py run clones` first")
+    rivals: dict[float, dict] = {}
+    for m, r in found.items():
+        if METHODS[m].get("rival"):
+            row = method_row(m, r, {})
+            best = rivals.setdefault(row["budget"], {})
+            for s, run in r["runs"].items():  # the better rival of a budget, seed by seed
+                best[s] = max(best.get(s, 0.0), run["selected"]["test_acc"])
+    rows = reference_rows(found["clones"]) + [method_row(m, r, rivals) for m, r in found.items()]
+    out = {"machine": machine(), "command": command_line(), "budgets": BUDGETS, "rows": rows}
+    write_result(RESULTS / "frontier.json", out)
+    figure(rows, ROOT / "docs" / "figures" / "frontier.png")
+    publish(TITLE, markdown(rows))
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    """Test accuracy against bytes per device, one marker per training cost."""
+    from prune2edge.report import frontier_axes
+
+    fig = frontier_axes(
+        [
+            (r["method"], r["bytes_per_member"], r["test_acc"]["mean"], r["test_acc"]["sd"], cost_class(r["cost"]))
+            for r in rows
+        ],
+        parent=next(r["test_acc"]["mean"] for r in rows if r["method"] == "parent"),
+        title="CIFAR-10, small_cnn parent: accuracy against bytes per device",
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def cost_class(cost: float) -> str:
+    """The training-cost class a row falls in, beyond the parent's own training."""
+    return "parent alone" if cost == 0 else "cost <= 1x" if cost <= 1 else "cost <= 2x" if cost <= 2 else "cost > 2x"
+
+
+def fmt(d: dict | None) -> str:
+    return "–" if d is None else f"{d['mean']:+.2f} ± {d['sd']:.2f}" if d["sd"] else f"{d['mean']:+.2f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        TITLE,
+        "",
+        "Test accuracy in % (mean ± sd over seeds); gains in points against the fp32 parent of the same seed and "
+        "against the best single model at the same budget (the rival); bytes per member: the largest selected member "
+        "as shipped, in % of the parent's fp32 ONNX; cost: (pool + quantise + select) / the parent's training, CPU "
+        "seconds of the run's process where recorded (else wall seconds); latency: slowest member's int8 latency / "
+        "the parent's int8 latency at batch 1. Written by `python bench/frontier.py report` from "
+        "`bench/results/frontier.json`; each row names its results file, with the exact command and config.",
+        "",
+        "| method | seeds | k | bytes/member % | cost | test acc | gain | vs rival | McNemar p | members | disagree | latency |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["bytes_per_member"], r["cost"])):
+        p, member = r.get("mcnemar_p"), r.get("member_test_acc")
+        cells = [
+            r["method"],
+            ",".join(map(str, r["seeds"])),
+            f"{r['k']:g}",
+            f"{100 * r['bytes_per_member']:.1f}",
+            f"{r['cost']:.2f}",
+            f"{r['test_acc']['mean']:.2f} ± {r['test_acc']['sd']:.2f}",
+            fmt(r["gain_points"]),
+            fmt(r.get("gain_vs_single_points")),
+            ", ".join(f"{x:.2g}" for x in p) if p else "–",
+            f"{member['mean']:.2f}" if member else "–",
+            str(r.get("disagreement", "–")),
+            str(r.get("latency_ratio") or "–"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"- machine: {machine()}", "- figure: docs/figures/frontier.png", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    r = sub.add_parser("run", help="train one method's runs")
+    r.add_argument("method", choices=sorted(METHODS))
+    r.add_argument("--seeds", default="0")
+    sub.add_parser("report", help="frontier.json, the figure and the RESULTS section from the finished runs")
+    args = ap.parse_args()
+    if args.what == "run":
+        run(args.method, args.seeds)
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    main()
