@@ -58,6 +58,10 @@ METHODS: dict[str, dict] = {
         "what": "3 independent members, 3-bit QAT, 18 epochs each",
         "set": [*INDEPENDENT, "pool.weight_bits=3", "pool.epochs=18"],
     },
+    "indep-parent-qat3-2x": {
+        "what": "the parent (QAT-fine-tuned 7.2 epochs) + 2 independent members of 24 epochs, 3-bit QAT",
+        "set": [*INDEPENDENT, "pool.include_parent=true", "pool.weight_bits=3", "pool.epochs=24", "pool.qat_start=0.7"],
+    },
     "indep-qat3-1x": {
         "what": "3 independent members, 3-bit QAT, 9 epochs each",
         "set": [*INDEPENDENT, "pool.weight_bits=3", "pool.epochs=9"],
@@ -80,13 +84,15 @@ METHODS: dict[str, dict] = {
 
 
 def results_file(method: str) -> Path:
-    return RESULTS / f"cifar10-cpu-{method}.json"
+    """Where bench/cifar10.py writes a method's results (its ``--label frontier-<method>``)."""
+    return RESULTS / f"cifar10-cpu-frontier-{method}.json"
 
 
 def run(method: str, seeds: str) -> None:
     """One method's runs through bench/cifar10.py, on the default config's parents."""
     sets = [x for s in METHODS[method]["set"] for x in ("--set", s)]
-    cmd = [sys.executable, str(ROOT / "bench" / "cifar10.py"), "--label", method, "--seeds", seeds, "--no-docs"]
+    cmd = [sys.executable, str(ROOT / "bench" / "cifar10.py"), "--label", f"frontier-{method}", "--seeds", seeds]
+    cmd += ["--no-docs"]
     cmd += ["--out", f"runs/bench/{method}", *([] if method == "clones" else ["--baseline-from", PARENTS]), *sets]
     sys.exit(subprocess.run(cmd, cwd=ROOT).returncode)
 

@@ -75,6 +75,8 @@ DEFAULTS: dict[str, Any] = {
         "distill_temperature": 4.0,  # (0 = plain cross-entropy; costs one teacher forward pass per step)
         "family": "clones",  # clones: members start from the baseline; independent: each from its own new
         # initialisation, trained for pool.epochs (optionally distilled from the baseline)
+        "include_parent": False,  # independent: member m000 is the baseline itself (with weight_bits, fine-tuned
+        # with QAT for the last 1 - qat_start of pool.epochs at a tenth of pool.lr, cosine)
         "member_kwargs": {},  # independent: model kwargs overriding the baseline's (e.g. width: 12)
         "weight_bits": 0,  # 2..8: quantisation-aware training, weights on a per-channel grid of this many bits,
         # shipped exactly (0 = off: int8 post-training quantisation alone)
@@ -126,6 +128,7 @@ CHOICES = {
     "pool.optimizer": ("sgd", "adam"),
     "pool.augment": ("auto", "none", "crop", "crop_flip"),
     "pool.family": ("clones", "independent"),
+    "pool.include_parent": (False, True),
     "pool.mask": ("magnitude", "antirandom", "antirandom-weighted"),
     "pool.cyclical": (False, True),
     "pool.compile": ("none", "torch", "cuda-graph"),
@@ -294,6 +297,12 @@ def validate(cfg: dict) -> dict:
         "independent members start from a new initialisation, so cannot be combined with snapshots, cyclical, "
         "shrink, perturb or reinit_last",
         p["family"],
+    )
+    _need(
+        not p["include_parent"] or p["family"] == "independent",
+        "pool.include_parent",
+        "makes the baseline one member of an independent pool, so needs pool.family: independent",
+        p["include_parent"],
     )
     bits = p["weight_bits"]
     _need(

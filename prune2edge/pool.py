@@ -15,7 +15,7 @@ import os
 import queue
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -44,6 +44,7 @@ class MemberPlan:
     source: int = (
         0  # the baseline checkpoint it is cloned from: 0 the final baseline, j >= 1 snapshot j (pool.snapshots)
     )
+    parent: bool = False  # the baseline itself in an independent pool (pool.include_parent)
 
     @property
     def name(self) -> str:
@@ -62,7 +63,7 @@ def plan(cfg: dict) -> list[MemberPlan]:
     batches = p["batch_size"] if isinstance(p["batch_size"], list) else [p["batch_size"]]
     snaps = p["snapshots"]
     # with snapshots, members take the checkpoints in turn from the last (the baseline itself) backwards
-    return [
+    plans = [
         MemberPlan(
             i,
             int(rng.integers(2**31)),
@@ -75,6 +76,13 @@ def plan(cfg: dict) -> list[MemberPlan]:
         )
         for i in range(n)
     ]
+    if p["include_parent"]:  # the parent only needs the QAT part of a member's training, at a tenth of its rate
+        qat_epochs = round(plans[0].epochs * (1 - p["qat_start"]), 2) if p["weight_bits"] else 0.0
+        plans[0] = replace(plans[0], parent=True, epochs=qat_epochs, lr=plans[0].lr * PARENT_LR)
+    return plans
+
+
+PARENT_LR = 0.1  # the parent as a member fine-tunes (QAT) at this fraction of the pool's learning rate, cosine
 
 
 class MagnitudePruner:
@@ -310,7 +318,7 @@ def start_model(src: RunInputs, member: MemberPlan) -> tuple[torch.nn.Module, di
     """A member's network before training, and its fixed (anti-random) masks if the pool uses them."""
     cfg = src.cfg
     p = cfg["pool"]
-    if p["family"] == "independent":
+    if p["family"] == "independent" and not member.parent:
         model = src.fresh(member.seed, p["member_kwargs"])
     else:
         model = src.baseline(member.source)
@@ -421,26 +429,31 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
     total = max(1, round(member.epochs * math.ceil(len(x) / member.batch_size)))
     hooks = [_pruner(model, p, member.sparsity, total, member.seed, fixed)]
     if p["weight_bits"]:  # after the pruner took the weights: it keeps masking the latent fp32 weights
-        hooks.append(qat.Switch(qat.attach(model, p["weight_bits"]), round(p["qat_start"] * total)))
-        hooks[-1](0, total)  # on from the first step when pool.qat_start is 0
+        start = 0 if member.parent else round(p["qat_start"] * total)
+        hooks.append(qat.Switch(qat.attach(model, p["weight_bits"]), start))
+        hooks[-1](0, total)  # on from the first step when it starts at 0
 
     def after_step(step: int, steps: int) -> None:
         for hook in hooks:
             hook(step, steps)
 
-    history = train.fit(
-        model,
-        x,
-        y,
-        _settings(p, member.epochs, member.lr, member.batch_size, p["lr_schedule"]),
-        seed=member.seed,
-        augment=train.augment_kind(p["augment"], src.image_shape),
-        device=src.cfg["device"],
-        after_step=after_step,
-        teacher=src.baseline() if p["distill"] else None,
-        checkpoint=checkpoint,
-        desc=member.name,
-        progress=False,
+    history = (
+        train.fit(
+            model,
+            x,
+            y,
+            _settings(p, member.epochs, member.lr, member.batch_size, "cosine" if member.parent else p["lr_schedule"]),
+            seed=member.seed,
+            augment=train.augment_kind(p["augment"], src.image_shape),
+            device=src.cfg["device"],
+            after_step=after_step,
+            teacher=src.baseline() if p["distill"] else None,
+            checkpoint=checkpoint,
+            desc=member.name,
+            progress=False,
+        )
+        if member.epochs > 0  # the parent as a member without QAT: nothing to train
+        else []
     )
     hooks[0].finish()
     qat.bake(model)
@@ -448,7 +461,7 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
     record = {
         **asdict(member),
         "name": member.name,
-        "model_kwargs": p["member_kwargs"] if p["family"] == "independent" else {},
+        "model_kwargs": p["member_kwargs"] if p["family"] == "independent" and not member.parent else {},
         "weight_bits": p["weight_bits"],
         "history": history,
         "seconds": time.perf_counter() - t0,

@@ -38,15 +38,23 @@ def test_fake_quantize_rounds_to_the_channel_grid_and_passes_the_gradient_straig
 
 @pytest.fixture(scope="module")
 def qat_run(tmp_path_factory):
-    """A tiny digits run whose pool is two independent members trained with 4-bit QAT, quantised."""
+    """A tiny digits run whose pool is the parent and two independent members, trained with 4-bit QAT, quantised."""
     cfg = config.load(
         None,
         {
             "data": {"name": "digits", "max_train": 400},
             "model": {"kwargs": {"width": 8, "depth": 2}},
             "train": {"epochs": 6, "batch_size": 64},
-            "pool": {**QAT_POOL, "epochs": 6.0, "lr": 0.05, "batch_size": 64, "lr_schedule": "onecycle"},
-            "cluster": {"k": 2, "k_max": 2},
+            "pool": {
+                **QAT_POOL,
+                "size": 3,
+                "include_parent": True,
+                "epochs": 6.0,
+                "lr": 0.05,
+                "batch_size": 64,
+                "lr_schedule": "onecycle",
+            },
+            "cluster": {"k": 2, "k_max": 3},
         },
     )
     run = tmp_path_factory.mktemp("qat")
@@ -90,15 +98,18 @@ def test_int8_outputs_agree_with_the_fake_quantised_network(qat_run):
         assert quant[m["name"]]["agreement"] >= 0.9 and quant[m["name"]]["status"] == "ok"
 
 
-def test_independent_members_start_from_their_own_initialisation(qat_run):
+def test_independent_members_start_from_their_own_initialisation_and_the_parent_from_itself(qat_run):
     run, cfg, members, _ = qat_run
     src = pool.RunInputs.load(run)
     plans = pool.plan(cfg)
-    starts = [pool.start_model(src, p)[0] for p in plans]
+    starts = [models.prunable(pool.start_model(src, p)[0])["head.2"] for p in plans]
     base = models.prunable(src.baseline())["head.2"]
-    firsts = [models.prunable(s)["head.2"] for s in starts]
-    assert not torch.equal(firsts[0], firsts[1]) and not torch.equal(firsts[0], base)
+    assert torch.equal(starts[0], base) and plans[0].parent and not plans[1].parent
+    assert not torch.equal(starts[1], starts[2]) and not torch.equal(starts[1], base)
+    # the parent trains only the QAT part of a member's schedule, at a tenth of its learning rate
+    assert plans[0].epochs == 3.0 and plans[0].lr == pytest.approx(0.005) and plans[1].epochs == 6.0
     assert all(m["weight_bits"] == 4 and m["history"][-1]["steps"] > 0 for m in members)
+    assert members[0]["history"][-1]["steps"] < members[1]["history"][-1]["steps"]
 
 
 def test_snap_refuses_weights_off_the_grid(tmp_path):
@@ -117,6 +128,7 @@ def test_snap_refuses_weights_off_the_grid(tmp_path):
         ({"weight_bits": 9}, "config key 'pool.weight_bits' must be 0"),
         ({"family": "independant"}, "config key 'pool.family' must be one of ['clones', 'independent']"),
         ({"qat_start": 1.0}, "config key 'pool.qat_start' must lie in [0.0, 1.0)"),
+        ({"include_parent": True}, "config key 'pool.include_parent' makes the baseline one member of an independent"),
     ],
 )
 def test_bad_qat_values_get_one_line_errors(opts, message):
