@@ -1,6 +1,7 @@
 """The frontier: accuracy for a device that holds B bytes and a training budget of C parents, on CIFAR-10.
 
     python bench/frontier.py run indep-qat3-2x --seeds 0      # train one method's runs (resumable)
+    python bench/frontier.py run clones --seeds 0 -- --data DIR --set device=cuda   # on a GPU, data elsewhere
     python bench/frontier.py report                            # frontier.json, the figure, the RESULTS section
 
 Every method is a variant of ``configs/cifar10-cpu.yaml`` run by ``bench/cifar10.py`` on the parents trained by
@@ -30,12 +31,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import ROOT, command_line, machine, publish, write_result
+from cifar10 import ROOT, command_line, machine, publish, replace_section, write_result
 
 RESULTS = ROOT / "bench" / "results"
 PARENTS = "runs/bench/clones"  # the default config's runs: their parents are every row's parents
 BUDGETS = (0.05, 0.10, 0.25)
 TITLE = "## CIFAR-10: the frontier (bytes per device x training cost)"
+ADVICE = "## Which pool for my devices?"
+PRESETS = {"indep-parent-qat3-2x": "configs/cifar10-cpu.yaml"}  # the config that holds a method's settings
 INDEPENDENT = [
     "pool.family=independent",
     "pool.sparsity=0",
@@ -88,9 +91,10 @@ def results_file(method: str) -> Path:
     return RESULTS / f"cifar10-cpu-frontier-{method}.json"
 
 
-def run(method: str, seeds: str) -> None:
-    """One method's runs through bench/cifar10.py, on the default config's parents."""
-    sets = [x for s in METHODS[method]["set"] for x in ("--set", s)]
+def run(method: str, seeds: str, extra: list[str]) -> None:
+    """One method's runs through bench/cifar10.py, on the default config's parents; ``extra`` are further
+    bench/cifar10.py arguments (``--data DIR``, ``--set device=cuda``)."""
+    sets = [x for s in METHODS[method]["set"] for x in ("--set", s)] + extra
     cmd = [sys.executable, str(ROOT / "bench" / "cifar10.py"), "--label", f"frontier-{method}", "--seeds", seeds]
     cmd += ["--no-docs"]
     cmd += ["--out", f"runs/bench/{method}", *([] if method == "clones" else ["--baseline-from", PARENTS]), *sets]
@@ -204,6 +208,7 @@ def report() -> None:
     write_result(RESULTS / "frontier.json", out)
     figure(rows, ROOT / "docs" / "figures" / "frontier.png")
     publish(TITLE, markdown(rows))
+    replace_section(ROOT / "README.md", ADVICE, advice(rows))
 
 
 def figure(rows: list[dict], path: Path) -> None:
@@ -266,16 +271,52 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def advice(rows: list[dict]) -> str:
+    """The README section: for each device budget and training budget, the most accurate method measured."""
+    lines = [
+        ADVICE,
+        "",
+        "Measured on CIFAR-10 with the `configs/cifar10-cpu.yaml` parent (small_cnn, 30 epochs): for a device that "
+        "holds a given share of the parent's fp32 ONNX bytes and a training budget beyond the parent's own training, "
+        "the most accurate pool measured, its gain over the fp32 parent and over the best single model of the same "
+        "budget (the rival: one model at those bytes trained with the pool's compute). Rows with one seed are screens. "
+        "Written by `python bench/frontier.py report` from `bench/results/frontier.json`; all rows, figure and method "
+        "in docs/RESULTS.md, 'CIFAR-10: the frontier'.",
+        "",
+        "| bytes per device | training budget | best pool measured | seeds | test acc | gain vs parent | vs rival | settings |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for budget in BUDGETS:
+        for limit in (1.0, 2.0):
+            fits = [
+                r
+                for r in rows
+                if r["budget"] == budget and r["cost"] <= limit and not METHODS.get(r["method"], {}).get("rival")
+            ]
+            if not fits:
+                lines.append(f"| <= {100 * budget:g} % | <= {limit:g}x | not measured yet | | | | | |")
+                continue
+            r = max(fits, key=lambda r: r["test_acc"]["mean"])
+            lines.append(
+                f"| <= {100 * budget:g} % | <= {limit:g}x | {r['what']} (`{r['method']}`, cost {r['cost']:.2f}x) | "
+                f"{len(r['seeds'])} | {r['test_acc']['mean']:.2f} | {fmt(r['gain_points'])} | "
+                f"{fmt(r.get('gain_vs_single_points'))} | "
+                f"{PRESETS.get(r['method'], 'bench/frontier.py METHODS')} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
     r = sub.add_parser("run", help="train one method's runs")
     r.add_argument("method", choices=sorted(METHODS))
     r.add_argument("--seeds", default="0")
+    r.add_argument("extra", nargs=argparse.REMAINDER, help="passed on to bench/cifar10.py (after --)")
     sub.add_parser("report", help="frontier.json, the figure and the RESULTS section from the finished runs")
     args = ap.parse_args()
     if args.what == "run":
-        run(args.method, args.seeds)
+        run(args.method, args.seeds, [x for x in args.extra if x != "--"])
     else:
         report()
 
