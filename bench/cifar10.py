@@ -369,6 +369,7 @@ def main() -> None:
     )
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--no-docs", action="store_true", help="do not touch docs/RESULTS.md")
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results"), help="folder of the results file")
     args = ap.parse_args()
 
     stem = Path(args.config).stem
@@ -423,9 +424,7 @@ def main() -> None:
         if base_s is not None:
             runs[str(seed)]["baseline_from"] = rel(Path(args.baseline_from) / f"seed{seed}")
     agg = aggregate(runs)
-    results_file = (
-        ROOT / "bench" / "results" / (f"{name}.json" if name.startswith("cifar10") else f"cifar10-{name}.json")
-    )
+    results_file = Path(args.results) / (f"{name}.json" if name.startswith("cifar10") else f"cifar10-{name}.json")
     resolved = yaml.safe_load((out / f"seed{seeds[0]}" / "config.yaml").read_text())
     resolved["data"]["path"] = [rel(p) for p in resolved["data"]["path"]]
     result = {

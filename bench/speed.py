@@ -5,14 +5,20 @@ was before the speed work, side by side in one process, on synthetic CIFAR-shape
     python bench/speed.py --devices cuda           # only the GPU
     python bench/speed.py --steps 8 --repeats 5    # longer, steadier
     python bench/speed.py --report                 # only the RESULTS.md section, from the results files
+    python bench/speed.py --devices cuda --archs small_cnn,resnet20 --pool-archs small_cnn,resnet20 \
+        --batch-sizes 128,512                      # both networks and their pools at two batch sizes
 
-Networks: the baseline of configs/cifar10-cpu.yaml and resnet20, each trained with that config's ``train:``
-settings; and a pool of 8 members of the first, pruned and fine-tuned with its ``pool:`` settings (one after the
-other with each loop, and all at once with ``fit_group``). Every loop gets the same data, settings and seeds,
-and the loops take turns within each repeat, so load from other jobs slows them alike: on a shared machine the
-speed-up ``new / old`` (images per second over the reference's) is the number that counts, not the absolute rates.
-Writes bench/results/speed-<device>.json and the ``## Training speed`` section of docs/RESULTS.md (from
-speed-cpu.json and speed-cuda.json, where present).
+Networks: the baseline of configs/cifar10-cpu.yaml and resnet20 (``--archs``; the config's own architecture keeps
+its ``model.kwargs``), each trained with that config's ``train:`` settings; and a pool of 8 members of the first
+(``--pool-archs``), pruned and fine-tuned with its ``pool:`` settings (one after the other with each loop, and all
+at once with ``fit_group``). On CUDA the single networks also run with ``torch.compile`` and as a CUDA graph.
+``--batch-sizes`` replaces the config's batch sizes (networks and pool members alike) with each one in turn, and
+``--pool-steps`` gives each member fewer steps than a network (a pool takes members times longer). A loop that fails is written as a row with its error, and the others go on. Every loop gets the same data, settings
+and seeds, and the loops take turns within each repeat, so load from other jobs slows them alike: on a shared
+machine the speed-up ``new / old`` (images per second over the reference's) is the number that counts, not the
+absolute rates.
+Writes bench/results/speed-<device>.json (``--results``: another folder) and the ``## Training speed`` section of
+docs/RESULTS.md (from speed-cpu.json and speed-cuda.json, where present).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -201,6 +208,7 @@ def lockstep(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str) -> Job:
 def singles(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str) -> dict[str, Job]:
     jobs = {"reference": single(cfg, x, y, device, reference_fit), "fit": single(cfg, x, y, device, fit)}
     if device == "cuda":
+        jobs["fit, compile"] = single(cfg, x, y, device, fit, "torch")
         jobs["fit, cuda-graph"] = single(cfg, x, y, device, fit, "cuda-graph")
     return jobs
 
@@ -241,21 +249,30 @@ def rows(
     repeats: int,
     device: str,
     threads: int | None,
+    batch: int | None,
 ) -> list[dict]:
     """One row per loop: rates from the median round, and the speed-up as the median over rounds of old / new seconds.
-    Every loop first trains on ``warm`` (one batch) untimed: kernel selection, caches, CUDA set-up."""
-    for job in make(*warm).values():
-        job()()
-    seconds = timings(make(*data), repeats, device)
+    Every loop first trains on ``warm`` (one batch) untimed: kernel selection, caches, CUDA set-up. A loop other
+    than the reference that fails there gets a row with its error instead, and is not timed."""
+    head = {"case": case, "device": device, "threads": threads, "batch_size": batch}
+    failed: dict[str, str] = {}
+    for name, job in make(*warm).items():
+        try:
+            job()()
+        except Exception as e:  # the error is the row: one broken loop must not lose the others
+            if name == "reference":
+                raise
+            failed[name] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            print(f"{case:48s} {device} {threads or '-'}t {name:22s} FAILED {failed[name]}", flush=True)
+    jobs = {name: job for name, job in make(*data).items() if name not in failed}
+    seconds = timings(jobs, repeats, device)
     ref = seconds["reference"]
-    out = []
+    out = [{**head, "loop": name, "error": error} for name, error in failed.items()]
     for name, t in seconds.items():
         mid = statistics.median(t)
         out.append(
             {
-                "case": case,
-                "device": device,
-                "threads": threads,
+                **head,
                 "loop": name,
                 "images": images,
                 "steps": steps,
@@ -274,16 +291,43 @@ def rows(
     return out
 
 
-def bench_device(cfg: dict, device: str, steps: int, repeats: int, threads: int | None) -> list[dict]:
+@dataclass(frozen=True)
+class Grid:
+    """What one run measures: networks, pools, batch sizes (None: the config's) and each pool member's steps (None:
+    as many as a network's)."""
+
+    archs: list[str]
+    pool_archs: list[str]
+    batches: list[int | None]
+    pool_steps: int | None = None
+
+
+def bench_device(cfg: dict, device: str, steps: int, repeats: int, threads: int | None, grid: Grid) -> list[dict]:
+    """Rows of every network and pool of ``grid``, at each of its batch sizes."""
+    out = []
+    for b in grid.batches:
+        c = (
+            cfg
+            if b is None
+            else {**cfg, "train": {**cfg["train"], "batch_size": b}, "pool": {**cfg["pool"], "batch_size": [b]}}
+        )
+        out += bench_batch(c, device, steps, repeats, threads, grid, b)
+    return out
+
+
+def bench_batch(
+    cfg: dict, device: str, steps: int, repeats: int, threads: int | None, grid: Grid, forced: int | None
+) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     batch = cfg["train"]["batch_size"]
     x, y = torch.randn(steps * batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (steps * batch,), generator=gen)
     warm = x[:batch], y[:batch]
+    suffix = "" if forced is None else f", batch {forced}"
     out = []
-    for model in (cfg["model"], {**cfg["model"], "arch": "resnet20", "kwargs": {}}):
-        c = {**cfg, "model": model}
+    for arch in grid.archs:
+        c = {**cfg, "model": model_of(cfg, arch)}
         out += rows(
-            describe(model),
+            describe(c["model"]) + suffix,
             lambda x, y, c=c: singles(c, x, y, device),
             (x, y),
             warm,
@@ -293,29 +337,39 @@ def bench_device(cfg: dict, device: str, steps: int, repeats: int, threads: int 
             repeats,
             device,
             threads,
+            batch,
         )
     n = cfg["pool"]["size"]
-    pool_steps = sum(math.ceil(len(x) / m.batch_size) for m in pool.plan(cfg))
-    out += rows(
-        f"pool of {n} x {describe(cfg['model'])}",
-        lambda x, y: pools(cfg, x, y, device),
-        (x, y),
-        warm,
-        n * len(x),
-        pool_steps,
-        n * EPOCH_IMAGES,
-        repeats,
-        device,
-        threads,
-    )
+    px, py = (x, y) if grid.pool_steps is None else (x[: grid.pool_steps * batch], y[: grid.pool_steps * batch])
+    for arch in grid.pool_archs:
+        c = {**cfg, "model": model_of(cfg, arch)}
+        pool_steps = sum(math.ceil(len(px) / m.batch_size) for m in pool.plan(c))
+        out += rows(
+            f"pool of {n} x {describe(c['model'])}{suffix}",
+            lambda x, y, c=c: pools(c, x, y, device),
+            (px, py),
+            warm,
+            n * len(px),
+            pool_steps,
+            n * EPOCH_IMAGES,
+            repeats,
+            device,
+            threads,
+            forced,
+        )
     return out
+
+
+def model_of(cfg: dict, arch: str) -> dict:
+    """The config's ``model:`` for its own architecture, else ``arch`` with its default kwargs."""
+    return cfg["model"] if arch == cfg["model"]["arch"] else {**cfg["model"], "arch": arch, "kwargs": {}}
 
 
 def describe(model: dict) -> str:
     return " ".join([model["arch"], *(f"{k}={v}" for k, v in model["kwargs"].items())])
 
 
-def markdown(results: list[dict]) -> str:
+def markdown(results: list[dict], folder: Path) -> str:
     lines = [
         TITLE,
         "",
@@ -343,25 +397,29 @@ def markdown(results: list[dict]) -> str:
     ]
     for r in results:
         for x in r["rows"]:
+            head = f"| {x['case']} | {x['device']} | {x['threads'] or '-'} | {x['loop']} |"
+            if "error" in x:
+                lines.append(f"{head} failed: {x['error']} | | | |")
+                continue
             lines.append(
-                f"| {x['case']} | {x['device']} | {x['threads'] or '-'} | {x['loop']} | {x['images_per_s']:.0f} | "
-                f"{x['steps_per_s']:.2f} | {x['seconds_per_epoch']:.0f} | {x['speedup_vs_reference']:.2f} |"
+                f"{head} {x['images_per_s']:.0f} | {x['steps_per_s']:.2f} | {x['seconds_per_epoch']:.0f} | "
+                f"{x['speedup_vs_reference']:.2f} |"
             )
     for r in results:
-        lines += history(r)
+        lines += history(r, folder)
     return "\n".join(lines) + "\n"
 
 
-def history(latest: dict) -> list[str]:
+def history(latest: dict, results: Path) -> list[str]:
     """Every run of this bench on the device, earliest first (``speed-<device>-earlier/``, then the latest): the
     speed-up of ``fit`` per network and thread count, to show how much it moves from run to run."""
-    folder = ROOT / "bench" / "results" / f"speed-{latest['device']}-earlier"
+    folder = results / f"speed-{latest['device']}-earlier"
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("run*.json"), key=lambda p: int(p.stem[3:]))]
     if not runs:
         return []
     runs.append(latest)
     cols = sorted(
-        {(x["case"], x["threads"]) for r in runs for x in r["rows"] if x["loop"] == "fit"},
+        {(x["case"], x["threads"]) for r in runs for x in r["rows"] if x["loop"] == "fit" and "error" not in x},
         key=lambda c: (c[1] or 0, c[0]),
     )
     lines = [
@@ -373,7 +431,11 @@ def history(latest: dict) -> list[str]:
         "|---|---|---|---|" + "---|" * len(cols),
     ]
     for i, r in enumerate(runs, 1):
-        ratio = {(x["case"], x["threads"]): x["speedup_vs_reference"] for x in r["rows"] if x["loop"] == "fit"}
+        ratio = {
+            (x["case"], x["threads"]): x["speedup_vs_reference"]
+            for x in r["rows"]
+            if x["loop"] == "fit" and "error" not in x
+        }
         cells = [f"{ratio[c]:.2f}" if c in ratio else "–" for c in cols]
         lines.append(
             f"| {i} | {r['date']} | `{r['command']}` | {r['load_average'][0]:.1f}, {r['load_average'][1]:.1f} | "
@@ -390,16 +452,27 @@ def main() -> None:
         "--steps", type=int, default=2, help="training steps per network (pool: per member) on the CPU (default 2)"
     )
     ap.add_argument("--cuda-steps", type=int, default=100, help="the same on CUDA (default 100)")
+    ap.add_argument("--pool-steps", type=int, help="training steps per pool member (default: as a network's)")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
     ap.add_argument("--pool-size", type=int, default=8)
     ap.add_argument("--threads", default="1,2", help="CPU thread counts (default 1,2)")
     ap.add_argument("--devices", default="cpu,cuda", help="cpu, cuda or both (default; cuda only where a GPU is)")
+    ap.add_argument("--archs", help="networks, comma-separated (default: the config's and resnet20)")
+    ap.add_argument("--pool-archs", help="networks whose pools are measured, comma-separated (default: the config's)")
+    ap.add_argument("--batch-sizes", help="batch sizes, comma-separated (default: the config's)")
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results"), help="folder of the results files")
     ap.add_argument("--no-docs", action="store_true", help="do not touch docs/RESULTS.md")
     ap.add_argument("--report", action="store_true", help="measure nothing: write the section from the results files")
     args = ap.parse_args()
     cfg = config.load(
         args.config, {"pool": {"size": args.pool_size}, "cluster": {"k": 1}}
     )  # clustering plays no part here
+    own = cfg["model"]["arch"]
+    archs = args.archs.split(",") if args.archs else [own, "resnet20"]
+    pool_archs = args.pool_archs.split(",") if args.pool_archs else [own]
+    batches = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [None]
+    grid = Grid(archs, pool_archs, batches, args.pool_steps)
+    results_dir = Path(args.results)
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     command = (threads + "python bench/speed.py " + shlex.join(sys.argv[1:])).strip()
     measured = [] if args.report else args.devices.split(",")
@@ -409,12 +482,12 @@ def main() -> None:
             out = []
             for t in (int(v) for v in args.threads.split(",")):
                 torch.set_num_threads(t)
-                out += bench_device(cfg, device, args.steps, args.repeats, t)
+                out += bench_device(cfg, device, args.steps, args.repeats, t, grid)
             name = machine()
         else:
-            out = bench_device(cfg, device, args.cuda_steps, args.repeats, None)
+            out = bench_device(cfg, device, args.cuda_steps, args.repeats, None, grid)
             name = f"{torch.cuda.get_device_name()}; {machine()}"
-        path = ROOT / "bench" / "results" / f"speed-{device}.json"
+        path = results_dir / f"speed-{device}.json"
         if path.exists():  # the earlier run is kept: the speed-up moves from run to run on a shared machine
             earlier = path.with_name(f"speed-{device}-earlier")
             earlier.mkdir(exist_ok=True)
@@ -432,9 +505,9 @@ def main() -> None:
             "rows": out,
         }
         write_result(path, result)
-    files = [ROOT / "bench" / "results" / f"speed-{device}.json" for device in ("cpu", "cuda")]
+    files = [results_dir / f"speed-{device}.json" for device in ("cpu", "cuda")]
     results = [json.loads(p.read_text()) for p in files if p.exists()]
-    publish(TITLE, markdown(results), not args.no_docs)
+    publish(TITLE, markdown(results, results_dir), not args.no_docs)
 
 
 if __name__ == "__main__":
