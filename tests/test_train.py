@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -165,7 +167,10 @@ def test_schedules_fill_a_tensor_learning_rate_in_place(kind):
     assert kind == "constant" or len(set(rates[0])) > 5  # the rate does change
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU path is tested above)")
+def cuda(test: Callable) -> Callable:
+    """A CUDA-only test: skipped without a GPU; ``pytest -m cuda`` selects them (scripts/gpu_check.py runs them)."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU path is tested above)")
+    return pytest.mark.cuda(skip(test))
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
