@@ -68,9 +68,13 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
                 "val_acc_int8": quant[n]["val_acc_int8"],
                 "test_acc_int8": accuracy(test[n], y_test),
                 "bytes": quant[n]["bytes"],
+                "weight_bits": quant[n].get("weight_bits", 8),  # 8 in runs from before QAT
+                "bits_per_weight_shipped": quant[n].get("bits_per_weight_shipped"),
                 "full_integer": quant[n]["full_integer"],
                 "quant_attempts": quant[n]["attempts"],
-                "plan": {k: rec.get(k, 0) for k in ("seed", "epochs", "lr", "batch_size", "bootstrap", "source")},
+                "plan": {
+                    k: rec.get(k, 0) for k in ("seed", "epochs", "lr", "batch_size", "bootstrap", "source", "parent")
+                },
                 "fine_tune_seconds": rec["seconds"],
             }
         )
@@ -421,7 +425,7 @@ def table(m: dict) -> str:
         if mem["selected"]:
             rows.append(
                 (
-                    f"  {mem['name']} (s={mem['sparsity_measured']:.2f}, c{mem['cluster']})",
+                    f"  {mem['name']} (s={mem['sparsity_measured']:.2f}, {_bits(mem)}c{mem['cluster']})",
                     f"{mem['test_acc_int8']:.4f}",
                     "",
                     _kib(mem["bytes"]["int8"]),
@@ -464,6 +468,13 @@ def table(m: dict) -> str:
         f"WARNING: {w['message']}" for w in m["dataset"].get("warnings", []) + m["warnings"]
     )  # data, selection
     return "\n".join(lines)
+
+
+def _bits(member: dict) -> str:
+    """``3-bit (2.9 b/w), `` for a member trained with QAT: its grid, and bits per weight as shipped."""
+    if member.get("weight_bits", 8) == 8:
+        return ""
+    return f"{member['weight_bits']}-bit ({member['bits_per_weight_shipped']:.1f} b/w), "
 
 
 def _device_lines(d: dict) -> list[str]:

@@ -182,3 +182,35 @@ def test_reference_rows_reach_the_results_section_and_the_ablation_table(variant
     assert one.startswith("| **one member** of v") and row.startswith("| v | 0, 1 |")
     ablations.figure([method], [ref], tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_frontier_rows_figure_and_advice_come_from_the_runs(variant: Path, tmp_path: Path) -> None:
+    import frontier
+
+    runs = {str(s): cifar10.summarise_run(variant / f"seed{s}") for s in (0, 1)}
+    result = {"runs": runs}
+    rival = frontier.method_row("rival-qat3-2x", result, {})
+    rivals = {rival["budget"]: {s: r["selected"]["test_acc"] - 0.01 for s, r in runs.items()}}
+    row = frontier.method_row("indep-qat3-2x", result, rivals)
+    accs = [r["selected"]["test_acc"] for r in runs.values()]
+    assert row["seeds"] == [0, 1] and row["test_acc"]["mean"] == pytest.approx(100 * np.mean(accs), abs=1e-3)
+    assert row["gain_vs_single_points"]["mean"] == pytest.approx(1.0) and rival["gain_vs_single_points"] is None
+    largest = max(r["selected"]["max_member_shipped_vs_baseline_fp32"] for r in runs.values())
+    assert row["bytes_per_member"] == round(largest, 4) and row["budget"] == next(
+        (b for b in frontier.BUDGETS if largest <= b), None
+    )
+    assert row["cost_measured_as"] == "cpu"  # these runs recorded CPU seconds
+    cpu = store.read_json(variant / "seed0" / "cpu_seconds.json")
+    spent = sum(cpu[k] for k in ("pool", "quantize", "select"))
+    assert frontier.cost(runs["0"])[1] == pytest.approx(spent / cpu["baseline"])
+    assert len(row["mcnemar_p"]) == 2 and row["latency_ratio"] > 0
+    rows = frontier.reference_rows(result) + [row, rival]
+    assert rows[0]["method"] == "parent" and rows[0]["gain_points"]["mean"] == 0
+    table = frontier.markdown(rows)
+    assert table.count("\n| ") >= len(rows) + 1 and "indep-qat3-2x" in table
+    advice = frontier.advice(rows)
+    if row["budget"] is not None and row["cost"] <= 2:  # the best non-rival row of its budget is named
+        assert "`indep-qat3-2x`" in advice
+    assert "rival-qat3-2x" not in advice
+    frontier.figure(rows, tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
