@@ -16,7 +16,8 @@ the default config's runs (``--baseline-from``), so that all rows of a seed shar
 
 A row's ``bytes_per_member`` is its largest selected member as shipped over the parent's fp32 ONNX bytes; its
 ``cost`` is (pool + quantise + select) over the parent's training, in CPU seconds of the run's own process where
-the run recorded them (free of other jobs on the machine), else in wall seconds (``cost_wall`` always). Gains are
+the run recorded them (free of other jobs on the machine; a parent trained before they were recorded counts the
+mean CPU seconds of the parents that have them), else in wall seconds (``cost_wall`` always). Gains are
 test-accuracy points against the fp32 parent of the same seed and against the rival of the same budget and seed;
 ``mcnemar_p`` is the ensemble against the fp32 parent, per seed. Nothing here chooses on the test split.
 """
@@ -109,16 +110,25 @@ def ms(values: list[float], scale: float = 100.0) -> dict:
     }
 
 
+def parent_cpu_seconds(parent: Path) -> float | None:
+    """CPU seconds of a parent's training: its own record, else (a run from before CPU seconds were recorded) the
+    mean over the other parents of the default config, which train the same network on the same data."""
+    own = parent / "cpu_seconds.json"
+    if own.exists():
+        return json.loads(own.read_text())["baseline"]
+    others = [json.loads(f.read_text())["baseline"] for f in sorted((ROOT / PARENTS).glob("seed*/cpu_seconds.json"))]
+    return statistics.mean(others) if others else None
+
+
 def cost(run: dict) -> tuple[float, float | None]:
     """(wall, cpu) cost of a run's pool in parent trainings; cpu is None where the run did not record CPU seconds."""
     wall = run["pool_cost_vs_baseline"]
-    folder = ROOT / run["run_dir"]
-    parent = ROOT / run.get("baseline_from", run["run_dir"])
-    mine, theirs = folder / "cpu_seconds.json", parent / "cpu_seconds.json"
-    if not (mine.exists() and theirs.exists()):
+    mine = ROOT / run["run_dir"] / "cpu_seconds.json"
+    parent = parent_cpu_seconds(ROOT / run.get("baseline_from", run["run_dir"]))
+    if not mine.exists() or parent is None:
         return wall, None
-    c, p = json.loads(mine.read_text()), json.loads(theirs.read_text())
-    return wall, sum(c[k] for k in ("pool", "quantize", "select")) / p["baseline"]
+    c = json.loads(mine.read_text())
+    return wall, sum(c[k] for k in ("pool", "quantize", "select")) / parent
 
 
 def method_row(method: str, result: dict, rivals: dict[float, dict]) -> dict:
