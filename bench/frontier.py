@@ -66,6 +66,19 @@ METHODS: dict[str, dict] = {
         "what": "the parent (QAT-fine-tuned 7.2 epochs) + 2 independent members of 24 epochs, 3-bit QAT",
         "set": [*INDEPENDENT, "pool.include_parent=true", "pool.weight_bits=3", "pool.epochs=24", "pool.qat_start=0.7"],
     },
+    "indep-parent-qat4-2x": {
+        "what": "the parent (QAT-fine-tuned 9.2 epochs) + 2 independent members of 23 epochs, 4-bit QAT, 50 % sparse",
+        "set": [
+            *INDEPENDENT[:1],
+            *INDEPENDENT[2:],
+            "pool.sparsity=0.5",
+            "pool.include_parent=true",
+            "pool.weight_bits=4",
+            "pool.epochs=23",
+            "pool.qat_start=0.6",
+            "select.max_acc_gap=0.05",
+        ],
+    },
     "indep-qat3-1x": {
         "what": "3 independent members, 3-bit QAT, 9 epochs each",
         "set": [*INDEPENDENT, "pool.weight_bits=3", "pool.epochs=9"],
