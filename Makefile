@@ -2,13 +2,19 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The torch build this project is tested with. It is pinned here, not in the package (whose [train] extra asks for
+# a range), and installed before the extras so that their range is already met: with no torch installed, a range
+# lets pip pick the newest release, which on Linux x86_64 is a CUDA build of several GB. Override it for another
+# build, e.g. make TORCH='torch==2.13.0 --index-url <PyTorch's CPU wheel index>'.
+TORCH ?= torch==2.13.0
 
 .PHONY: setup demo test clean
 
 $(BIN)/prune2edge: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[train,test]'
 	touch $@
 
 setup: $(BIN)/prune2edge
@@ -17,10 +23,11 @@ setup: $(BIN)/prune2edge
 demo: setup
 	$(BIN)/prune2edge demo
 
+# --durations: the 15 slowest tests and fixtures, so that a test that grows shows in every CI log
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) runs

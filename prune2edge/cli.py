@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -15,16 +16,45 @@ ABSTAIN_HELP = (
     "Send a frame to review (no class) when the vote's margin, the winner's score minus the runner-up's, is "
     "below T (0 decides every frame). Default: the bundle's threshold, chosen on validation."
 )
+# What the training extra adds (module -> its pip name): without them, commands that train, report or evaluate stop
+# with one line that names the extra. predict, node, aggregator, classify and fleet need none of them.
+TRAINING_MODULES = {
+    "torch": "torch",
+    "onnx": "onnx",
+    "sklearn": "scikit-learn",
+    "scipy": "scipy",
+    "yaml": "pyyaml",
+    "tqdm": "tqdm",
+    "matplotlib": "matplotlib",
+    "jinja2": "jinja2",
+}
+NEEDS_TRAIN = "this command needs the training extra: pip install 'prune2edge[train]'"
+
+
+def missing_training_module(e: ModuleNotFoundError) -> str | None:
+    """The pip name of the training package whose absence raised ``e``, or None when ``e`` is about another
+    module (or about a part of an installed package, which is a broken install, not a missing extra)."""
+    top = (e.name or "").partition(".")[0]
+    if top in TRAINING_MODULES and importlib.util.find_spec(top) is None:
+        return TRAINING_MODULES[top]
+    return None
 
 
 class Main(click.Group):
-    """Turns a UserError (or a missing file) into a one-line message and exit status 2, without a traceback."""
+    """Turns a UserError (or a missing file, or a missing training extra) into a one-line message and exit status 2,
+    without a traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except UserError as e:
             click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+        except ModuleNotFoundError as e:
+            package = missing_training_module(e)
+            if package is None:
+                raise
+            click.secho(f"error: {NEEDS_TRAIN} ({package} is not installed)", fg="red", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.secho("interrupted: finished work is saved; run the same command again to continue", err=True)
@@ -33,7 +63,11 @@ class Main(click.Group):
 
 @click.group(cls=Main)
 def main() -> None:
-    """Turn one trained CNN into a small int8 voting ensemble for edge devices (Prune2Edge)."""
+    """Turn one trained CNN into a small int8 voting ensemble for edge devices (Prune2Edge).
+
+    predict, node, aggregator, classify and fleet run on the core install (numpy, onnxruntime, paho-mqtt);
+    run, demo, evaluate and report need the training extra: pip install 'prune2edge[train]'.
+    """
 
 
 def _run(cfg: dict, out: Path, quiet: bool) -> None:

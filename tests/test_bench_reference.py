@@ -21,6 +21,8 @@ import ablations
 import cifar10
 import reference
 
+pytestmark = pytest.mark.slow  # every test here reads two real runs made for this module
+
 TINY = {
     "model": {"kwargs": {"width": 8, "depth": 2}},
     "train": {"epochs": 2},

@@ -156,9 +156,15 @@ def test_images_of_the_wrong_shape_or_dtype(demo_run):
     assert b.predict(np.zeros((8, 8), np.uint8)).shape == (1,)  # one grey image without channel axis
 
 
-def test_bundle_runtime_needs_no_torch_or_sklearn():
+def test_bundle_runtime_and_predict_import_no_training_package(demo_run):
+    """`prune2edge predict` and the bundle API import none of the training extra's modules (torch, scikit-learn,
+    scipy, matplotlib, onnx, ...), even where they are installed; tests/test_core_install.py runs without them."""
     code = (
-        "import sys, prune2edge.bundle, prune2edge.vote, prune2edge.preprocess; "
-        "bad = {'torch', 'sklearn', 'scipy'} & set(sys.modules); assert not bad, bad"
+        "import sys, prune2edge.bundle, prune2edge.vote, prune2edge.preprocess\n"
+        "from prune2edge import cli\n"
+        f"cli.main(['predict', {str(demo_run / 'bundle')!r}, {str(demo_run / 'test.npz')!r}], standalone_mode=False)\n"
+        "bad = sorted(set(cli.TRAINING_MODULES) & set(sys.modules)); assert not bad, bad\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == len(np.load(demo_run / "test.npz")["x"])

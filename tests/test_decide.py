@@ -210,6 +210,7 @@ def test_predict_cli_marks_review(demo_run):
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.broker
 def test_fleet_sends_a_split_vote_to_review(demo_run, broker, tmp_path):  # noqa: F811 (the fixture)
     bundle = demo_run / "bundle"
     ids = members(bundle)[:2]

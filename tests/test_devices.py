@@ -360,6 +360,7 @@ def test_node_by_device(fleet_run, demo_run, tmp_path):
     assert r.returncode == 2 and "assigns no member to a device (it was selected without deploy.devices)" in r.stderr
 
 
+@pytest.mark.broker
 def test_fleet_runs_each_member_on_its_device(fleet_run, tmp_path):
     from prune2edge.data import load_digits
 

@@ -146,19 +146,20 @@ def finish(proc: subprocess.Popen, out: Path, n: int) -> list[dict]:
 # --- import path, CLI errors ----------------------------------------------------------------------------------
 
 
-def test_node_needs_no_torch_or_sklearn(bundle):
+def test_node_imports_no_training_package(bundle):
     code = (
         "import sys\n"
         "from prune2edge import cli, fleet\n"
         f"node = fleet.Node({str(bundle)!r}, {members(bundle)[0]!r}, fleet.Broker.parse('mqtt://127.0.0.1:1'), 't')\n"
         "node.bundle.member_proba(__import__('numpy').zeros((1, 8, 8, 1), 'uint8'))\n"
-        "heavy = sorted(m for m in ('torch', 'sklearn', 'scipy') if m in sys.modules)\n"
+        "heavy = sorted(set(cli.TRAINING_MODULES) & set(sys.modules))  # torch, sklearn, scipy, matplotlib, onnx...\n"
         "assert not heavy, heavy\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.broker
 def test_clear_errors(bundle, tmp_path, mosquitto_exe):
     altered = tmp_path / "bundle"
     shutil.copytree(bundle, altered)
@@ -195,6 +196,8 @@ def test_missing_mosquitto_says_how_to_install(monkeypatch):
         fleet.find_mosquitto()
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_client_resends_overdue_frames_while_it_streams(broker):
     """A frame with no outcome is sent again after retry_s even while the stream goes on (it used to wait for a
     full window or the end of the stream, past the aggregator's wait for a frame it knows only by votes)."""
@@ -214,6 +217,8 @@ def test_client_resends_overdue_frames_while_it_streams(broker):
     assert len(summary["missing"]) == 12
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_client_exits_nonzero_when_decisions_never_come(bundle, broker, digits_npz, tmp_path):
     lf = LocalFleet(bundle, Broker.parse(broker.url), "mute", workdir=tmp_path / "fleet")
     agg = lf.spawn("aggregator")
@@ -230,6 +235,7 @@ def test_client_exits_nonzero_when_decisions_never_come(bundle, broker, digits_n
         lf.stop()
 
 
+@pytest.mark.broker
 def test_fleet_runs_until_ctrl_c(bundle, mosquitto_exe):
     proc = subprocess.Popen(
         [sys.executable, "-m", "prune2edge.cli", "fleet", str(bundle), "--members", members(bundle)[0]],
@@ -256,6 +262,8 @@ def test_fleet_runs_until_ctrl_c(bundle, mosquitto_exe):
 # --- the whole fleet equals the offline ensemble ---------------------------------------------------------------
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_fleet_classifies_like_the_offline_ensemble(bundle, digits_npz, tmp_path, mosquitto_exe):
     from prune2edge.data import load_digits
 
@@ -274,6 +282,8 @@ def test_fleet_classifies_like_the_offline_ensemble(bundle, digits_npz, tmp_path
 # --- faults ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_node_killed_mid_stream_then_restarted(bundle, broker, digits_npz, tmp_path):
     ids = members(bundle)[:3]
     victim = ids[1]
@@ -301,6 +311,8 @@ def test_node_killed_mid_stream_then_restarted(bundle, broker, digits_npz, tmp_p
     assert got[-1]["voted"] == ids
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_aggregator_restart_loses_no_frame(bundle, broker, digits_npz, tmp_path):
     ids = members(bundle)[:3]
     with LocalFleet(bundle, Broker.parse(broker.url), "agg", members=ids, workdir=tmp_path / "fleet") as lf:
@@ -317,6 +329,8 @@ def test_aggregator_restart_loses_no_frame(bundle, broker, digits_npz, tmp_path)
     assert sum(r["status"] == "decided" for r in got) >= 400
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_broker_restart_stream_resumes(bundle, broker, digits_npz, tmp_path):
     ids = members(bundle)[:3]
     with LocalFleet(bundle, Broker.parse(broker.url), "brk", members=ids, workdir=tmp_path / "fleet"):
@@ -336,6 +350,7 @@ def test_broker_restart_stream_resumes(bundle, broker, digits_npz, tmp_path):
 # --- wire format: malformed frames, zero votes, duplicate and late votes ----------------------------------------
 
 
+@pytest.mark.broker
 def test_malformed_frames_are_reported_and_the_node_keeps_serving(bundle, broker, tmp_path):
     m = members(bundle)[0]
     t = Topics("bad")
@@ -395,6 +410,7 @@ def test_malformed_frames_are_reported_and_the_node_keeps_serving(bundle, broker
         listener.link.stop()
 
 
+@pytest.mark.broker
 def test_aggregator_decides_undecided_duplicates_and_late_votes(bundle, broker, tmp_path):
     ids = members(bundle)[:3]
     sha = {e["id"]: e["sha256"] for e in read_manifest(bundle)["members"]}
@@ -448,6 +464,7 @@ def test_aggregator_decides_undecided_duplicates_and_late_votes(bundle, broker, 
 # --- security: username/password, TLS ---------------------------------------------------------------------------
 
 
+@pytest.mark.broker
 def test_password_protected_broker(bundle, mosquitto_exe, digits_npz, tmp_path):
     pwfile = tmp_path / "passwords"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(pwfile), "alice", "s3cret"], check=True)
@@ -493,6 +510,8 @@ def test_password_protected_broker(bundle, mosquitto_exe, digits_npz, tmp_path):
             assert len(rows(out)) == 20 and all(row["status"] == "decided" for row in rows(out))
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_tls_broker_with_client_certificates(bundle, mosquitto_exe, digits_npz, tmp_path):
     if not shutil.which("openssl"):
         pytest.fail("openssl is needed to make the test certificates")

@@ -61,6 +61,7 @@ def inspection(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_the_readme_image_folder_example_runs_end_to_end(inspection):
     run = inspection / "runs" / "inspect"
     info = store.read_json(run / "dataset.json")
@@ -86,6 +87,7 @@ def test_the_readme_image_folder_example_runs_end_to_end(inspection):
     assert f"ensemble test accuracy: {acc:.4f} on 16 images" in out.stdout and "warning" not in out.stderr
 
 
+@pytest.mark.slow
 def test_a_32px_bundle_predicts_the_same_on_images_stored_at_32px_and_on_their_4x_enlargements(inspection):
     b = Bundle.load(inspection / "runs" / "inspect" / "bundle")
     ds = data.load({"name": "imagefolder", "path": str(inspection / "parts"), "image_size": 32, "color": "grey"})
@@ -101,6 +103,7 @@ def test_a_32px_bundle_predicts_the_same_on_images_stored_at_32px_and_on_their_4
     assert (b.predict(smooth) == p32.argmax(1)).mean() >= 0.9
 
 
+@pytest.mark.slow
 def test_rescore_applies_the_input_steps_to_raw_frames(inspection, tmp_path):
     rng = np.random.default_rng(7)
     frames = np.stack([np.asarray(part(rng, 240, i % 2 == 1, True)) for i in range(20)])  # 240 px RGB, as a camera
@@ -116,6 +119,8 @@ def test_rescore_applies_the_input_steps_to_raw_frames(inspection, tmp_path):
     assert json.loads(out.stdout)["accuracy"] == (Bundle.load(bundle).predict(frames) == y).mean()
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_a_fleet_classifies_camera_frames_like_the_bundle(inspection, tmp_path):
     rng = np.random.default_rng(3)
     frames = [np.asarray(part(rng, size, i % 2 == 1, size == 300)) for i, size in enumerate([200, 300] * 4)]
@@ -192,6 +197,7 @@ def test_check_images_takes_any_size_only_when_the_model_resizes():
         check_images(np.zeros((1, 8, 8, 2), np.uint8), (8, 8, 1), steps)
 
 
+@pytest.mark.slow
 def test_a_bundle_without_input_steps_behaves_as_before(inspection, tmp_path):
     import shutil
 

@@ -89,6 +89,7 @@ def comparable(metrics: dict) -> dict:
     return metrics
 
 
+@pytest.mark.slow
 def test_kill_mid_pool_then_rerun_gives_identical_metrics(tmp_path):
     cfg = tmp_path / "small.yaml"
     cfg.write_text(yaml.safe_dump(SMALL))

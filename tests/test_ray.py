@@ -104,6 +104,8 @@ def our_workers(task: str) -> list[int]:
     return out
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_worker_killed_mid_member_is_retried_to_the_same_members(ray_cluster, tiny, tmp_path):
     run, cfg = copy_of(tiny[0], tmp_path / "run")
     (run / "pool" / "m001").mkdir(parents=True)  # resume: a member on disk is kept, not trained again
@@ -131,6 +133,8 @@ def test_worker_killed_mid_member_is_retried_to_the_same_members(ray_cluster, ti
     assert_same_members(run, tiny[1])
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_driver_killed_mid_pool_resumes_with_the_same_command(ray_cluster, tiny, tmp_path):
     run, cfg = copy_of(tiny[0], tmp_path / "run")
     cfg_file = tmp_path / "ray.yaml"
@@ -151,6 +155,8 @@ def test_driver_killed_mid_pool_resumes_with_the_same_command(ray_cluster, tiny,
     assert (run / "metrics.json").exists()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_jobs_own_error_fails_once_and_a_lost_worker_is_a_clear_error(ray_cluster, tmp_path):
     def failing_job(log: str) -> None:  # defined here, so Ray ships it by value
         with open(log, "a") as f:
@@ -174,6 +180,8 @@ def test_a_jobs_own_error_fails_once_and_a_lost_worker_is_a_clear_error(ray_clus
     assert len((tmp_path / "dying").read_text().split()) == 1
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_worker_without_the_jobs_code_is_a_clear_error(ray_cluster, tmp_path, monkeypatch):
     """A module only this process can import stands for prune2edge missing on a worker."""
     (tmp_path / "only_here.py").write_text("def job():\n    return 1\n")
@@ -186,6 +194,8 @@ def test_a_worker_without_the_jobs_code_is_a_clear_error(ray_cluster, tmp_path, 
         RayExecutor().submit(only_here.job).result(60)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_members_user_error_reaches_the_driver_as_itself(ray_cluster, tiny, tmp_path):
     run, cfg = copy_of(tiny[0], tmp_path / "run")
     cfg = config.load(None, {**cfg, "pool": {**cfg["pool"], "regrow": 0.3, "regrow_every": 1000}})

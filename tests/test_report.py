@@ -119,6 +119,7 @@ def metric(metrics: dict, dotted: str):
     return node
 
 
+@pytest.mark.browser
 def test_run_writes_report_and_browser_shows_every_figure(demo_run: Path, browser) -> None:
     page, metrics = demo_run / "report.html", store.read_json(demo_run / "metrics.json")
     assert page.is_file(), "pipeline.run did not write report.html"
@@ -190,6 +191,7 @@ def _stop_after(src: Path, dst: Path, phase: str) -> Path:
         ),
     ],
 )
+@pytest.mark.browser
 def test_report_of_an_unfinished_run_shows_what_exists(
     demo_run: Path, tmp_path: Path, browser, monkeypatch, phase, drawn
 ) -> None:
