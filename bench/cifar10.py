@@ -104,8 +104,10 @@ def summarise_run(run_dir: Path, baseline_seconds: float | None = None) -> dict:
     by_name = {x["name"]: x for x in m["members"]}
     base_s = t["baseline"] if baseline_seconds is None else baseline_seconds
     pool_s = sum(t[p] for p in POOL_PHASES)
+    cpu = run_dir / "cpu_seconds.json"  # the run's own process CPU seconds per phase, where it recorded them
     return {
         "run_dir": rel(run_dir),
+        **({"cpu_seconds": json.loads(cpu.read_text())} if cpu.exists() else {}),
         "baseline_fp32_test_acc": b["test_acc_fp32"],
         "baseline_int8_test_acc": b["test_acc_int8"],
         "baseline_bytes": {k: b["bytes"][k] for k in ("fp32", "int8", "int8_gzip")},
@@ -322,6 +324,18 @@ def curve_rows(runs: dict[str, dict], strategy: str) -> list[tuple[int, float, f
     return out
 
 
+def merged(results_file: Path, config: str, runs: dict[str, dict]) -> dict[str, dict]:
+    """This invocation's runs with the other seeds already in ``results_file`` for the same config and label (one
+    invocation per seed may run side by side); each run keeps the settings and command it ran with."""
+    if not results_file.exists():
+        return runs
+    old = json.loads(results_file.read_text())
+    if old.get("config") != config:
+        return runs
+    kept = {s: {"set": old["set"], "command": old["command"], **r} for s, r in old["runs"].items() if s not in runs}
+    return dict(sorted({**kept, **runs}.items(), key=lambda kv: int(kv[0])))
+
+
 def write_result(path: Path, result: dict) -> None:
     """A bench's numbers as JSON under bench/results/."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -420,11 +434,16 @@ def main() -> None:
                     f"[bench] seed {seed}: the run exited with {rc} after metrics.json (a later phase failed)",
                     flush=True,
                 )
-        runs[str(seed)] = summarise_run(run_dir, base_s)
+        runs[str(seed)] = {**summarise_run(run_dir, base_s), "set": args.set, "command": command_line()}
         if base_s is not None:
-            runs[str(seed)]["baseline_from"] = rel(Path(args.baseline_from) / f"seed{seed}")
-    agg = aggregate(runs)
+            src = Path(args.baseline_from) / f"seed{seed}"
+            runs[str(seed)]["baseline_from"] = rel(src)
+            if (src / "cpu_seconds.json").exists():
+                runs[str(seed)]["baseline_cpu_seconds"] = json.loads((src / "cpu_seconds.json").read_text())["baseline"]
     results_file = Path(args.results) / (f"{name}.json" if name.startswith("cifar10") else f"cifar10-{name}.json")
+    runs = merged(results_file, rel(args.config), runs)
+    seeds = sorted(int(s) for s in runs)
+    agg = aggregate(runs)
     resolved = yaml.safe_load((out / f"seed{seeds[0]}" / "config.yaml").read_text())
     resolved["data"]["path"] = [rel(p) for p in resolved["data"]["path"]]
     result = {

@@ -51,13 +51,16 @@ DEFAULTS: dict[str, Any] = {
         "compile": "none",
     },  # torch: torch.compile the network; cuda-graph: whole step as a CUDA graph
     "pool": {
-        "size": 20,
+        "size": 8,  # members; with pool.min_steps, 8 x 100 steps is a few times the parent's training on a
+        # small dataset (see the summary's pool-time line)
         "sparsity": [0.5, 0.9],  # final sparsity, spread evenly over the range across members
         "schedule": "polynomial",  # polynomial (cubic, Zhu & Gupta 2017) or constant
         "scope": "layer",  # layer: every layer to the target; global: one threshold over all layers
         "prune_end": 0.7,  # fraction of fine-tuning after which the final sparsity holds
         "epochs": [1.0, 2.0],  # fine-tuning epochs, uniform in the range
-        "lr": [0.001, 0.01],  # peak fine-tuning learning rate, log-uniform in the range
+        "min_steps": 100,  # each member trains at least this many optimiser steps, whatever the epochs give
+        # (on a small dataset an epoch is a few steps: too few to recover from pruning); 0: no floor
+        "lr": [0.01, 0.05],  # peak fine-tuning learning rate, log-uniform in the range
         "batch_size": [64, 128],  # choices
         "lr_schedule": "cosine",  # onecycle (warm-up to a high peak), cosine or constant
         "optimizer": "sgd",
@@ -97,12 +100,17 @@ DEFAULTS: dict[str, Any] = {
         "min_agreement": 0.9,
         "codebook_bits": 0,
     },  # 2..8: each member layer's int8 weights share 2^bits values (0 = off)
-    "cluster": {"method": "kmeans-onehot", "k": 5, "k_max": 10, "preset": None},
+    # k: auto, the k in 1..k_max whose selected ensemble is the most accurate on validation; an integer: that k
+    "cluster": {"method": "kmeans-onehot", "k": "auto", "k_max": 10, "preset": None},
     "select": {
         "strategy": "accuracy-first",
-        "max_acc_gap": 0.02,
-    },  # accuracy-first / diversity-first take only members at most this far below
-    # the best member on validation; a cluster with none is skipped
+        "max_acc_gap": 0.02,  # accuracy-first / diversity-first take only members at most this far below
+        # the best member on validation; a cluster with none is skipped
+        "max_below_parent": 0.03,  # a member whose int8 validation accuracy is more than this below the parent's
+        # (fp32) is reported and left out of clustering
+        "fallback": True,  # ship the int8 parent or one member instead where it beats the selected ensemble on
+        # validation (and fits a device of deploy.devices); false: always ship the ensemble
+    },
     "vote": {
         "rule": "soft",
         "weighted": False,
@@ -373,12 +381,26 @@ def validate(cfg: dict) -> dict:
             f"config key 'cluster.k' is {k}, larger than the pool (pool.size = {cfg['pool']['size']}); "
             "lower cluster.k or raise pool.size"
         )
-    gap = cfg["select"]["max_acc_gap"]
+    for key in ("select.max_acc_gap", "select.max_below_parent"):
+        gap = _get(cfg, key)
+        _need(
+            isinstance(gap, (int, float)) and not isinstance(gap, bool) and 0 <= gap <= 1,
+            key,
+            "must be a number in [0, 1] (a fraction of validation accuracy)",
+            gap,
+        )
     _need(
-        isinstance(gap, (int, float)) and not isinstance(gap, bool) and 0 <= gap <= 1,
-        "select.max_acc_gap",
-        "must be a number in [0, 1] (a fraction of validation accuracy)",
-        gap,
+        isinstance(cfg["select"]["fallback"], bool),
+        "select.fallback",
+        "must be true (ship a single model that beats the ensemble on validation) or false (always the ensemble)",
+        cfg["select"]["fallback"],
+    )
+    ms = cfg["pool"]["min_steps"]
+    _need(
+        isinstance(ms, int) and not isinstance(ms, bool) and ms >= 0,
+        "pool.min_steps",
+        "must be an integer >= 0 (a member's least optimiser steps; 0: no floor)",
+        ms,
     )
     ta = cfg["vote"]["target_accuracy"]
     _need(

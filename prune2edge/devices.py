@@ -95,6 +95,32 @@ def fit(
     A device that no member fits is a UserError naming the device, its budget and the smallest (fastest) member.
     """
     names = list(sizes)
+    fits, ruled_out = budgets(devices, sizes, latency)
+    for d, dev in enumerate(devices):
+        if not fits[:, d].any():
+            smallest = min(names, key=lambda n: (sizes[n], n))
+            if sizes[smallest] > dev.memory_bytes:
+                raise UserError(
+                    f"no member fits {dev.describe()}: the smallest member, {smallest}, ships "
+                    f"{sizes[smallest]:,} bytes; raise its memory_bytes or make smaller members "
+                    "(higher pool.sparsity, quantize.codebook_bits)"
+                )
+            small = [n for n in names if sizes[n] <= dev.memory_bytes]
+            fastest = min(small, key=lambda n: (latency[n], n))
+            raise UserError(
+                f"no member fits {dev.describe()}: the fastest member within its memory budget, {fastest}, "
+                f"takes {latency[fastest]:.3f} ms at batch 1 ({sizes[fastest]:,} bytes); raise its "
+                "latency_ms or make faster members"
+            )
+    return fits, ruled_out
+
+
+def budgets(
+    devices: list[Device], sizes: dict[str, int], latency: dict[str, float] | None = None
+) -> tuple[np.ndarray, list[dict]]:
+    """:func:`fit` without its check that every device gets a model: ``fits[model, device]`` and what rules
+    each model out of each device (also for a model that fits none, such as the parent)."""
+    names = list(sizes)
     fits = np.ones((len(names), len(devices)), bool)
     ruled_out = []
     for d, dev in enumerate(devices):
@@ -116,21 +142,6 @@ def fit(
                             "reason": f"{name} needs {need:,} {unit}, over the {budget} budget of {limit:,} {unit}",
                         }
                     )
-        if not fits[:, d].any():
-            smallest = min(names, key=lambda n: (sizes[n], n))
-            if sizes[smallest] > dev.memory_bytes:
-                raise UserError(
-                    f"no member fits {dev.describe()}: the smallest member, {smallest}, ships "
-                    f"{sizes[smallest]:,} bytes; raise its memory_bytes or make smaller members "
-                    "(higher pool.sparsity, quantize.codebook_bits)"
-                )
-            small = [n for n in names if sizes[n] <= dev.memory_bytes]
-            fastest = min(small, key=lambda n: (latency[n], n))
-            raise UserError(
-                f"no member fits {dev.describe()}: the fastest member within its memory budget, {fastest}, "
-                f"takes {latency[fastest]:.3f} ms at batch 1 ({sizes[fastest]:,} bytes); raise its "
-                "latency_ms or make faster members"
-            )
     return fits, ruled_out
 
 

@@ -11,6 +11,8 @@ from scipy.stats import binomtest
 
 from . import data, selective, store
 from .bundle import Bundle, predict_proba, session
+from .errors import UserError
+from .store import PARENT
 from .vote import AGREEMENT, accuracy, disagreement, margin, vote
 
 MAX_SUBSETS = 1000  # degradation: at most this many subsets of members per number missing (drawn when there are more)
@@ -40,19 +42,29 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
     val = {n: np.load(run_dir / "pool" / n / "val_proba.npy") for n in names}
     quant = {n: store.read_json(run_dir / "pool" / n / "quant.json") for n in names}
     weight = {n: quant[n]["val_acc_int8"] for n in names}
+    # the int8 parent, which the bundle may ship as its one member (select.fallback)
+    test[PARENT], val[PARENT], quant[PARENT] = base8, np.load(run_dir / "baseline" / "val_proba.npy"), base_q
+    weight[PARENT] = base_q["val_acc_int8"]
 
     def ens(members: list[str], split: dict, r: str = rule) -> np.ndarray:
         return vote(np.stack([split[n] for n in members]), r, [weight[n] for n in members] if weighted else None)
 
     bundle = Bundle.load(run_dir / "bundle")
-    ens_test = bundle.predict_proba(x_test)
+    shipped = sel.get("shipped") or {"kind": "ensemble", "members": sel["selected"], "reason": ""}
+    ship_test = bundle.predict_proba(x_test)
+    if not np.allclose(ship_test, ens(shipped["members"], test), atol=1e-5):
+        raise UserError(
+            f"the bundle in {run_dir / 'bundle'} does not predict what the pool's int8 models vote: it was written by "
+            "another run or changed since; delete bundle/ and metrics.json and run again to rebuild it"
+        )
     chosen = sel["selected"]
-    assert np.allclose(ens_test, ens(chosen, test), atol=1e-5), "bundle and pool disagree"
+    ens_test = ens(chosen, test)
 
     def sizes(ms):
         return {k: sum(quant[n]["bytes"][k] for n in ms) for k in ("fp32", "int8", "fp32_gzip", "int8_gzip", "shipped")}
 
     labels = dict(zip(sel["candidates"], sel["clustering"]["labels"]))
+    below = {b["name"] for b in sel.get("parent_gate", {}).get("below", [])}
     members = []
     for n in names:
         rec = store.read_json(run_dir / "pool" / n / "member.json")
@@ -60,6 +72,7 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
             {
                 "name": n,
                 "status": quant[n]["status"],
+                "below_parent": n in below,  # left out of clustering by select.max_below_parent
                 "cluster": labels.get(n),
                 "selected": n in chosen,
                 "sparsity_target": rec["sparsity"],
@@ -75,7 +88,9 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
                 "plan": {
                     k: rec.get(k, 0) for k in ("seed", "epochs", "lr", "batch_size", "bootstrap", "source", "parent")
                 },
+                "steps": rec.get("steps"),  # as trained (pool.min_steps); none in a run from before the floor
                 "fine_tune_seconds": rec["seconds"],
+                "val_vs_parent_fp32": quant[n]["val_acc_int8"] - base_q["val_acc_fp32"],
             }
         )
     ok = sel["candidates"]
@@ -124,7 +139,7 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
             "test_acc": accuracy(ens(ok, test), y_test),
             **_diversity(ok, test, y_test),
         },
-        "ensemble": {
+        "ensemble": {  # the selected ensemble (one member, where the selection kept one); "shipped": the bundle
             "strategy": sel["strategy"],
             "rule": rule,
             "weighted": weighted,
@@ -138,26 +153,49 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
             **_diversity(chosen, test, y_test),
             "bytes": sizes(chosen),
         },
+        "shipped": {
+            "kind": shipped["kind"],
+            "members": shipped["members"],
+            "val_acc": accuracy(ens(shipped["members"], val), y_val),
+            "test_acc": accuracy(ship_test, y_test),
+            "reason": shipped["reason"],
+            "fallback": shipped.get("fallback", False),  # select.fallback weighed the single models
+            "bytes": sizes(shipped["members"]),
+            "gain_vs_baseline_fp32": accuracy(ship_test, y_test) - accuracy(base32, y_test),
+            "mcnemar_p_vs_baseline_fp32": mcnemar(y_test, base_pred, ship_test.argmax(1)),
+        },
+        "pool": pool_summary(
+            members,
+            base_q,
+            timings if not cfg["model"]["weights"] else {**timings, "baseline": None},  # a given parent: no training
+            cfg["select"]["max_below_parent"],
+        ),
+        "parent_gate": sel.get("parent_gate"),
         "strategies": strategies,
         "curves": curves,
         "clustering": {k: v for k, v in sel["clustering"].items() if k != "labels"},
         # (a selection.json written before k_choice and skipped_clusters existed has neither)
-        "k_choice": {k: v for k, v in sel.get("k_choice", {"by": "config"}).items() if k != "curve"},
+        "k_choice": {k: v for k, v in sel.get("k_choice", {"by": "config"}).items() if k != "curve"}
+        | ({"best_val_acc": max(p["val_acc"] for p in sel["k_choice"]["curve"])} if "k_choice" in sel else {}),
         "skipped_clusters": sel.get("skipped_clusters", []),
         "dropped": sel["dropped"],
-        "devices": sel.get("devices"),  # with deploy.devices: budgets, what they rule out, member -> device
+        # with deploy.devices: budgets, what they rule out, model -> device (as shipped)
+        "devices": shipped_devices(sel.get("devices"), shipped),
         "timings": dict(timings),
     }
-    metrics["warnings"] = selection_warnings(metrics) + device_warnings(metrics)
+    metrics["warnings"] = pool_warnings(metrics, cfg) + selection_warnings(metrics) + device_warnings(metrics)
+    # what the bundle decides and how it degrades: the shipped models ("ensemble" in these records and in
+    # test_scores.npz is the bundle's vote, whichever models it holds)
+    ship = shipped["members"]
     metrics["decisions"] = decision_metrics(
-        ens(chosen, val), ens_test, base32_val, base32, y_val, y_test, cfg["vote"]["target_accuracy"]
+        ens(ship, val), ship_test, base32_val, base32, y_val, y_test, cfg["vote"]["target_accuracy"]
     )
     metrics["degradation"] = {
         **degradation(
-            np.stack([test[n] for n in chosen]),
+            np.stack([test[n] for n in ship]),
             y_test,
             rule,
-            [weight[n] for n in chosen] if weighted else None,
+            [weight[n] for n in ship] if weighted else None,
             cfg["seed"],
         ),
         "baseline_fp32_test_acc": metrics["baseline"]["test_acc_fp32"],
@@ -175,7 +213,8 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
         members=np.stack([test[n] for n in names]),
         baseline_fp32=base32,
         baseline_int8=base8,
-        ensemble=ens_test,
+        ensemble=ship_test,
+        selected=ens_test,
     )
     store.write_json(run_dir / "metrics.json", metrics)
     return metrics
@@ -254,36 +293,116 @@ def best_member(members: list[dict]) -> dict:
     return min(ok, key=lambda x: (-x["val_acc_int8"], x["bytes"]["int8_gzip"], x["name"]))
 
 
-def selection_warnings(m: dict) -> list[dict]:
-    """Where one model alone beats the selected ensemble on validation: the int8 baseline, or the best int8 member.
+def pool_summary(members: list[dict], base_q: dict, timings: dict, margin: float) -> dict:
+    """How long the members trained and how far they recovered: steps and epochs (ranges), fine-tuning seconds
+    (median), int8 validation accuracy against the parent's fp32 one (median, worst), how many are more than
+    ``margin`` below it, and the pool's time against the parent's training (phase seconds of ``timings``; none
+    where the parent was given, ``model.weights``)."""
+    gaps = {m["name"]: m["val_vs_parent_fp32"] for m in members}
+    steps = [m["steps"] for m in members if m.get("steps")]
+    epochs = [m["plan"]["epochs"] for m in members]
+    worst = min(gaps, key=lambda n: (gaps[n], n))
+    pool_s, base_s = timings.get("pool"), timings.get("baseline")
+    return {
+        "members": len(members),
+        "steps": [min(steps), max(steps)] if steps else None,
+        "epochs": [min(epochs), max(epochs)],
+        "median_seconds": float(np.median([m["fine_tune_seconds"] for m in members])),
+        "parent_val_acc_fp32": base_q["val_acc_fp32"],
+        "median_vs_parent": float(np.median(list(gaps.values()))),
+        "worst": {"name": worst, "vs_parent": gaps[worst]},
+        "margin": margin,
+        "below_margin": sorted(n for n, g in gaps.items() if g < -margin - 1e-12),
+        "seconds": pool_s,
+        "parent_seconds": base_s,
+        "vs_parent_time": pool_s / base_s if pool_s and base_s else None,
+    }
 
-    Decided on validation accuracy only; the test accuracies are shown beside it, for reference.
-    """
-    b, e = m["baseline"], m["ensemble"]
-    best = best_member(m["members"])
-    rivals = [
-        ("baseline_int8", "baseline int8", "the int8 baseline", b),
-        ("member", best["name"], f"member {best['name']}", best),
-    ]
-    hint = "" if m["k_choice"]["by"] == "auto" else ", or set cluster.k: auto"
-    n_val = m["dataset"]["n_val"]
+
+def pool_warnings(m: dict, cfg: dict) -> list[dict]:
+    """A warning where most of the pool did not recover: more than half its members more than
+    ``select.max_below_parent`` below the parent on validation; it names how many and how far below."""
+    p = m["pool"]
+    failed = [x for x in m["members"] if x["name"] in p["below_margin"]]
+    if 2 * len(failed) <= p["members"]:
+        return []
+    gaps = sorted(-100 * x["val_vs_parent_fp32"] for x in failed)
+    pc = cfg["pool"]
     return [
         {
-            "kind": kind,
-            "better": name,
-            "better_val_acc": r["val_acc_int8"],
-            "ensemble_val_acc": e["val_acc"],
-            "better_test_acc": r["test_acc_int8"],
-            "ensemble_test_acc": e["test_acc"],
-            "message": f"{who} alone ({_kib(r['bytes']['shipped'])} shipped) beats the selected ensemble ({e['strategy']}, "
-            f"k={e['k']}, {_kib(e['bytes']['shipped'])} shipped) on validation: {100 * r['val_acc_int8']:.2f}% vs "
-            f"{100 * e['val_acc']:.2f}%, {round((r['val_acc_int8'] - e['val_acc']) * n_val)} more of the {n_val} "
-            f"images right (test, for reference: {100 * r['test_acc_int8']:.2f}% vs {100 * e['test_acc']:.2f}%); "
-            f"consider shipping it instead{hint}",
+            "kind": "pool_not_recovered",
+            "members": [x["name"] for x in failed],
+            "message": f"{len(failed)} of {p['members']} pool members are more than select.max_below_parent = "
+            f"{100 * p['margin']:g} points below the parent on validation (int8 against the parent's "
+            f"{100 * p['parent_val_acc_fp32']:.2f}% fp32: {gaps[0]:.1f} to {gaps[-1]:.1f} points below, median "
+            f"{float(np.median(gaps)):.1f}): they did not recover from pruning. Give them more optimiser steps "
+            f"(pool.min_steps, now {pc['min_steps']}; pool.epochs) or a higher learning rate (pool.lr, now "
+            f"{pc['lr']}), or prune less (pool.sparsity, now {pc['sparsity']})",
         }
-        for kind, name, who, r in rivals
-        if r["val_acc_int8"] > e["val_acc"]
     ]
+
+
+def _selection_name(e: dict) -> str:
+    """The selected ensemble in words; one member is a single model, not an ensemble of one."""
+    if e["k"] == 1:
+        return f"the selected member {e['members'][0]} ({_kib(e['bytes']['shipped'])} shipped)"
+    return f"the selected ensemble ({e['strategy']}, k={e['k']}, {_kib(e['bytes']['shipped'])} shipped)"
+
+
+def _fits(m: dict, name: str) -> bool:
+    """Whether a model (a member, or the parent) fits a device of the run's devices file (True without one)."""
+    d = m.get("devices")
+    if not d:
+        return True
+    return bool(d["parent"]["fits"] if name == PARENT else d["members"].get(name, {}).get("fits"))
+
+
+def selection_warnings(m: dict) -> list[dict]:
+    """Where one model alone beats what the bundle ships on validation: the int8 baseline, or the best int8 member
+    (among those clustered; with a devices file, only a model that fits a device). With ``select.fallback`` on,
+    the bundle ships that model instead (a member only where its lead is significant, and the shipped reason
+    says so), so this warns only when the fallback is off (or the run predates it).
+
+    Decided on validation accuracy only; the test accuracies are shown beside it, for reference. The advice is
+    what would ship a model at least as accurate: the fallback, and ``cluster.k: auto`` only where the best k
+    of the validation sweep scores at least as well as the rival.
+    """
+    b, e = m["baseline"], m["ensemble"]
+    shipped = m.get("shipped") or {"kind": "ensemble", "val_acc": e["val_acc"], "test_acc": e["test_acc"]}
+    if shipped["kind"] == "parent" or shipped.get("fallback"):  # the fallback weighed them already
+        return []
+    ok = [x for x in m["members"] if x["status"] == "ok" and not x.get("below_parent") and _fits(m, x["name"])]
+    best = best_member(ok) if ok else None
+    rivals = [("baseline_int8", "baseline int8", "the int8 baseline", b)] if _fits(m, PARENT) else []
+    if best and [best["name"]] != shipped.get("members", e["members"]):  # not the one model shipped
+        rivals.append(("member", best["name"], f"member {best['name']}", best))
+    n_val = m["dataset"]["n_val"]
+    out = []
+    for kind, name, who, r in rivals:
+        if r["val_acc_int8"] <= shipped["val_acc"]:
+            continue
+        auto = m["k_choice"].get("best_val_acc")
+        hint = (
+            f", or set cluster.k: auto (its best k scores {100 * auto:.2f}% on validation)"
+            if m["k_choice"]["by"] != "auto" and auto is not None and auto >= r["val_acc_int8"]
+            else ""
+        )
+        out.append(
+            {
+                "kind": kind,
+                "better": name,
+                "better_val_acc": r["val_acc_int8"],
+                "ensemble_val_acc": shipped["val_acc"],
+                "better_test_acc": r["test_acc_int8"],
+                "ensemble_test_acc": shipped["test_acc"],
+                "message": f"{who} alone ({_kib(r['bytes']['shipped'])} shipped) beats {_selection_name(e)} on "
+                f"validation: {100 * r['val_acc_int8']:.2f}% vs {100 * shipped['val_acc']:.2f}%, "
+                f"{round(r['val_acc_int8'] * n_val) - round(shipped['val_acc'] * n_val)} more of the {n_val} "
+                f"images right (test, for reference: {100 * r['test_acc_int8']:.2f}% vs "
+                f"{100 * shipped['test_acc']:.2f}%); set select.fallback: true to ship it{hint}",
+            }
+        )
+    return out
 
 
 def _reliability_lines(m: dict) -> list[str]:
@@ -327,11 +446,31 @@ def _reliability_lines(m: dict) -> list[str]:
     return lines
 
 
+def shipped_devices(d: dict | None, shipped: dict) -> dict | None:
+    """The selection's devices record, with its assignment as shipped: where one model ships, it runs on one device
+    and the others are idle."""
+    if not d or "assignment" not in shipped:
+        return d
+    on = shipped["assignment"]
+    return {**d, "assignment": on, "idle": [dev for dev, m in on.items() if m is None], "unplaced": []}
+
+
 def device_warnings(m: dict) -> list[dict]:
     """With ``deploy.devices``: each device the selection left without a member, each cluster it could not place."""
     d = m.get("devices")
     if not d:
         return []
+    shipped = m.get("shipped") or {"kind": "ensemble"}  # (a metrics.json from before the fallback)
+    if shipped["kind"] != "ensemble":
+        return [
+            {
+                "kind": "device_idle",
+                "device": name,
+                "message": f"device '{name}' runs no model: the bundle ships one model, {shipped['members'][0]}, "
+                f"on device '{next(dev for dev, x in d['assignment'].items() if x)}' ({shipped['reason']})",
+            }
+            for name in d["idle"]
+        ]
     lost = len(m["skipped_clusters"]) + len(d["unplaced"])
     out = [
         {
@@ -385,21 +524,24 @@ def evaluate_bundle(path: Path | str, spec: dict) -> dict:
     return {
         "test_acc": acc,
         "n_test": len(ds.y_test),
-        "warnings": chance_warnings(acc, ds.y_test, b.classes),
+        "warnings": chance_warnings(acc, ds.y_test, b.classes, ds.classes if ds.named else None),
         "members": {e["id"]: accuracy(p, ds.y_test) for e, p in zip(b.manifest["members"], proba)},
     }
 
 
-def chance_warnings(acc: float, y: np.ndarray, classes: list[str]) -> list[str]:
+def chance_warnings(acc: float, y: np.ndarray, classes: list[str], data_names: list[str] | None = None) -> list[str]:
     """A warning naming the likely causes when ``acc`` is not clearly above chance: the accuracy of always
-    answering the most frequent class (one-sided binomial test, p >= 0.01)."""
+    answering the most frequent class (one-sided binomial test, p >= 0.01). That class is named as the data names
+    it (``data_names``), or by its label number where the data has no names: the bundle's name for the same
+    index may be another class, the very mistake the warning is about."""
     counts = np.bincount(y, minlength=len(classes))
-    chance, n = counts.max() / len(y), len(y)
+    chance, n, top = counts.max() / len(y), len(y), int(counts.argmax())
     p = binomtest(round(acc * n), n, chance, alternative="greater").pvalue
     if p < 0.01:
         return []
+    label = f"'{data_names[top]}'" if data_names else f"label {top}"
     return [
-        f"test accuracy {acc:.4f} is no better than chance ({chance:.4f}, always answering '{classes[counts.argmax()]}'; "
+        f"test accuracy {acc:.4f} is no better than chance ({chance:.4f}, always answering the data's {label}; "
         f"p = {p:.2g} on {n} images). Likely causes: the data orders its classes differently from the bundle "
         f"({data.short_list(classes)}); its images differ from the training images (size, colour, value range, "
         "preprocessing done by hand); or it is another dataset"
@@ -436,24 +578,38 @@ def table(m: dict) -> str:
     rows.append(
         (f"pool vote ({m['pool_vote']['members']} members)", f"{m['pool_vote']['test_acc']:.4f}", "", "", "", "")
     )
-    rows.append(
+    sh = m["shipped"]
+    for label, r in (
         (
-            f"ensemble: {e['strategy']}, {e['rule']} vote, k={e['k']}",
-            f"{e['test_acc']:.4f}",
-            "",
-            _kib(e["bytes"]["int8"]),
-            _kib(e["bytes"]["int8_gzip"]),
-            _kib(e["bytes"]["shipped"]),
+            f"ensemble: {e['strategy']}, {e['rule']} vote, k={e['k']}"
+            if e["k"] > 1
+            else f"selected: one member, {e['members'][0]} ({e['strategy']})",
+            e,
+        ),
+        *([(f"shipped: {SHIPPED[sh['kind']]} {', '.join(sh['members'])}", sh)] if sh["kind"] == "parent" else []),
+    ):
+        rows.append(
+            (
+                label,
+                f"{r['test_acc']:.4f}",
+                "",
+                _kib(r["bytes"]["int8"]),
+                _kib(r["bytes"]["int8_gzip"]),
+                _kib(r["bytes"]["shipped"]),
+            )
         )
-    )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    gain = 100 * e["gain_vs_baseline_fp32"]
+    gain = 100 * sh["gain_vs_baseline_fp32"]
     lines.append(
-        f"\nensemble vs baseline fp32: {gain:+.2f} points (McNemar p = {e['mcnemar_p_vs_baseline_fp32']:.3g}); "
-        f"mean pairwise disagreement {e['mean_disagreement']:.3f}"
+        f"\nshipped: {SHIPPED[sh['kind']]} {', '.join(sh['members'])} (validation {100 * sh['val_acc']:.2f}%, test "
+        f"{100 * sh['test_acc']:.2f}%, {gain:+.2f} points vs baseline fp32, McNemar p = "
+        f"{sh['mcnemar_p_vs_baseline_fp32']:.3g}"
+        + (f"; mean pairwise disagreement {e['mean_disagreement']:.3f}" if sh["kind"] == "ensemble" else "")
+        + f"): {sh['reason']}"
     )
+    lines.extend(_pool_lines(m))
     lines.append(
         "other strategies (test acc, soft/hard): "
         + "; ".join(f"{s} {v['test_acc']['soft']:.4f}/{v['test_acc']['hard']:.4f}" for s, v in m["strategies"].items())
@@ -475,6 +631,40 @@ def _bits(member: dict) -> str:
     if member.get("weight_bits", 8) == 8:
         return ""
     return f"{member['weight_bits']}-bit ({member['bits_per_weight_shipped']:.1f} b/w), "
+
+
+SHIPPED = {"ensemble": "the ensemble of", "member": "one member,", "parent": "the int8 parent,"}
+
+
+def _pool_lines(m: dict) -> list[str]:
+    """The summary's lines on the pool: how long each member trained, how far it recovered, and the pool's time."""
+    p = m["pool"]
+    steps = "" if not p["steps"] else f"{p['steps'][0]}-{p['steps'][1]} steps, "
+    lines = [
+        f"pool: {p['members']} members, {steps}{p['epochs'][0]:.2g}-{p['epochs'][1]:.2g} epochs each, "
+        f"{p['median_seconds']:.1f} s median; int8 validation vs the parent's fp32 "
+        f"{100 * p['parent_val_acc_fp32']:.2f}%: median {100 * p['median_vs_parent']:+.2f} points, worst "
+        f"{100 * p['worst']['vs_parent']:+.2f} ({p['worst']['name']})",
+        "  each (steps, points vs parent): "
+        + "; ".join(f"{x['name']} {x.get('steps') or '?'} {100 * x['val_vs_parent_fp32']:+.1f}" for x in m["members"]),
+    ]
+    below = [x["name"] for x in m["members"] if x.get("below_parent")]
+    if below:
+        lines.append(
+            f"left out of clustering, more than select.max_below_parent = {100 * p['margin']:g} points below the "
+            f"parent: {', '.join(below)}"
+            + (
+                f" (every member was: {m['parent_gate']['kept_anyway']} kept)"
+                if m["parent_gate"]["kept_anyway"]
+                else ""
+            )
+        )
+    if p["vs_parent_time"] is not None:
+        lines.append(
+            f"pool time: {p['seconds']:.1f} s, {p['vs_parent_time']:.2f}x the parent's training "
+            f"({p['parent_seconds']:.1f} s)"
+        )
+    return lines
 
 
 def _device_lines(d: dict) -> list[str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 
 from . import (
     bundle,
@@ -27,7 +28,8 @@ from . import (
 )
 from .errors import UserError
 from .preprocess import InputSteps, Preprocessing
-from .vote import accuracy, decide
+from .store import PARENT, model_dir
+from .vote import accuracy, decide, vote
 
 
 def prepare(run_dir: Path, cfg: dict) -> None:
@@ -124,7 +126,9 @@ def baseline(run_dir: Path, cfg: dict, progress: bool = True) -> dict:
 
 
 def choose(run_dir: Path, cfg: dict, members: list[dict], quant: dict[str, dict]) -> dict:
-    """Cluster the members that passed the int8 gate, and select the voters; writes ``selection.json``.
+    """Cluster the members that passed the int8 gate and the gate against the parent (:func:`parent_gate`), select
+    the voters, and decide what ships (:func:`shipped_model`); writes ``selection.json``. The parent's record,
+    ``baseline``, is read from the run where ``quant`` lacks it.
 
     ``cluster.k: auto`` takes the k in 1..k_max whose selected ensemble (the configured strategy and vote)
     is the most accurate on validation, ties to the smaller k; ``silhouette`` the best-separated clustering.
@@ -141,12 +145,14 @@ def choose(run_dir: Path, cfg: dict, members: list[dict], quant: dict[str, dict]
                 "bundle/ and metrics.json to select again (or use another output directory)"
             )
         return sel
-    names = [m["name"] for m in members if quant[m["name"]]["status"] == "ok"]
-    if not names:
+    quant = with_parent(run_dir, quant)
+    passed = [m["name"] for m in members if quant[m["name"]]["status"] == "ok"]
+    if not passed:
         raise UserError(
             "every pool member failed the int8 gate; see pool/*/quant.json, and raise quantize.max_drop "
             "or lower pool.sparsity"
         )
+    names, gate = parent_gate(quant, passed, cfg["select"]["max_below_parent"])
     proba = np.stack([np.load(run_dir / "pool" / n / "val_proba.npy") for n in names])
     _, y_val = store.split(run_dir, "val")
     c, strategy, gap, rule = (
@@ -173,7 +179,8 @@ def choose(run_dir: Path, cfg: dict, members: list[dict], quant: dict[str, dict]
     chosen = {s: select.select(s, proba, y_val, result["labels"], **kw, fits=fits) for s in select.STRATEGIES}
     record = {
         "candidates": names,
-        "dropped": [m["name"] for m in members if m["name"] not in names],
+        "dropped": [m["name"] for m in members if m["name"] not in passed],
+        "parent_gate": gate,
         "clustering": result,
         "strategy": strategy,
         "selected": [names[i] for i in chosen[strategy]],
@@ -206,8 +213,132 @@ def choose(run_dir: Path, cfg: dict, members: list[dict], quant: dict[str, dict]
             ],
         }
         record["devices"] = placed
+    record["shipped"] = shipped_model(cfg, record, proba, y_val, quant, fits)
     store.write_json(path, record)
     return record
+
+
+def with_parent(run_dir: Path, quant: dict[str, dict]) -> dict[str, dict]:
+    """The quantisation records with the parent's (``baseline``), read from the run where ``quant`` lacks it."""
+    return quant if PARENT in quant else {**quant, PARENT: store.read_json(run_dir / "baseline" / "quant.json")}
+
+
+def parent_gate(quant: dict[str, dict], names: list[str], margin: float) -> tuple[list[str], dict]:
+    """The members of ``names`` whose int8 validation accuracy is at most ``margin`` (``select.max_below_parent``)
+    below the parent's fp32 one, and the gate's record: the parent's accuracy and each member left out, with how
+    far below it is. Where every member is further below, the best one is kept anyway (``kept_anyway``), so that
+    there is an ensemble to weigh against the parent (which the fallback will then ship, when it is on)."""
+    ref = quant[PARENT]["val_acc_fp32"]
+    below = [
+        {"name": n, "val_acc_int8": quant[n]["val_acc_int8"], "below_by": ref - quant[n]["val_acc_int8"]}
+        for n in names
+        if quant[n]["val_acc_int8"] < ref - margin - 1e-12  # no rounding error may drop a member at the margin
+    ]
+    out = {b["name"] for b in below}
+    kept = [n for n in names if n not in out]
+    anyway = None if kept else max(names, key=lambda n: (quant[n]["val_acc_int8"], -names.index(n)))
+    return kept or [anyway], {"parent_val_acc_fp32": ref, "margin": margin, "below": below, "kept_anyway": anyway}
+
+
+FALLBACK_P = 0.05  # a member replaces the ensemble only where it is better on validation at this significance
+
+
+def shipped_model(
+    cfg: dict, sel: dict, proba: np.ndarray, y_val: np.ndarray, quant: dict[str, dict], fits: np.ndarray | None
+) -> dict:
+    """What the bundle ships, decided on validation: the selected ensemble, or, with ``select.fallback``, one model
+    that is more accurate than it and fits a device of ``deploy.devices``: the int8 parent wherever it is, a member
+    only where its lead over the ensemble is significant (one-sided sign test on the validation images the two
+    disagree on, p < ``FALLBACK_P``): the best of many members beats the ensemble on a small validation split by
+    chance alone. Between single models: the more accurate, then the fewer shipped bytes. Returns ``kind``
+    (``ensemble``; ``member``: one member; ``parent``), ``members``, ``val_acc``, ``fallback``, ``reason`` and, with
+    devices and one model shipped, its ``assignment``."""
+    names, chosen = sel["candidates"], [sel["candidates"].index(n) for n in sel["selected"]]
+    weights = np.array([quant[n]["val_acc_int8"] for n in names]) if cfg["vote"]["weighted"] else None
+    ens = vote(proba[chosen], cfg["vote"]["rule"], None if weights is None else weights[chosen])
+    ens_acc = accuracy(ens, y_val)
+    placed = sel.get("devices")
+    usable = [n for i, n in enumerate(names) if fits is None or fits[i].any()]
+    usable += [PARENT] if placed is None or placed["parent"]["fits"] else []
+    lead = {n: sign_test(proba[names.index(n)], ens, y_val) for n in usable if n != PARENT}
+    beats = [n for n in usable if quant[n]["val_acc_int8"] > ens_acc and (n == PARENT or lead[n] < FALLBACK_P)]
+    best = max(usable, key=lambda n: (quant[n]["val_acc_int8"], -quant[n]["bytes"]["shipped"], n == PARENT))
+    fallback = cfg["select"]["fallback"]
+    out = {"kind": "ensemble" if len(chosen) > 1 else "member", "members": sel["selected"], "val_acc": ens_acc}
+    if beats and fallback:
+        one = max(beats, key=lambda n: (quant[n]["val_acc_int8"], -quant[n]["bytes"]["shipped"], n == PARENT))
+        out = {"kind": "parent" if one == PARENT else "member", "members": [one], "val_acc": quant[one]["val_acc_int8"]}
+        best = one
+    out["fallback"] = fallback
+    out["reason"] = _ship_reason(sel, quant, usable, best, ens_acc, lead, bool(beats), fallback)
+    if placed and out["kind"] != "ensemble":
+        out["assignment"] = single_assignment(placed, out["members"][0])
+    return out
+
+
+def sign_test(member: np.ndarray, ensemble: np.ndarray, y: np.ndarray) -> float:
+    """One-sided exact sign test that ``member``'s predictions are right more often than ``ensemble``'s, on the
+    images where exactly one of them is right (McNemar's exact test)."""
+    right_m, right_e = member.argmax(1) == y, ensemble.argmax(1) == y
+    wins, losses = int((right_m & ~right_e).sum()), int((~right_m & right_e).sum())
+    return float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue) if wins + losses else 1.0
+
+
+def _ship_reason(
+    sel: dict,
+    quant: dict[str, dict],
+    usable: list[str],
+    best: str,
+    ens_acc: float,
+    lead: dict[str, float],
+    beaten: bool,
+    fallback: bool,
+) -> str:
+    """Why :func:`shipped_model` ships what it ships, with the validation accuracies that decided it."""
+    k = len(sel["selected"])
+    what = (
+        f"the selected ensemble ({sel['strategy']}, {k} members)"
+        if k > 1
+        else f"the selected member {sel['selected'][0]} (the selection kept one)"
+    )
+    fit = " that fits a device" if sel.get("devices") else ""
+    if sel.get("devices") and PARENT not in usable:
+        fit += " (the int8 parent fits none)"
+    pct = {n: f"{100 * quant[n]['val_acc_int8']:.2f}%" for n in usable}
+
+    def who(n: str) -> str:
+        return "the int8 parent" if n == PARENT else f"member {n}"
+
+    versus = f"{pct[best]} vs {100 * ens_acc:.2f}% on validation"
+    if beaten and fallback:
+        return (
+            f"{who(best)} alone beats {what}: {versus}"
+            + ("" if best == PARENT else f" (sign test p = {lead[best]:.2g})")
+            + f"; it is the most accurate single model{fit} (select.fallback: true; false ships the selection)"
+        )
+    if beaten:
+        return f"select.fallback is false, so {what} ships although {who(best)} alone beats it: {versus}"
+    if quant[best]["val_acc_int8"] > ens_acc:  # a member ahead by chance: the best of many on a small split
+        return (
+            f"{what} ships: {who(best)} alone scores {versus}, a lead within chance for the best of "
+            f"{len(lead)} members (sign test p = {lead[best]:.2g}, needs < {FALLBACK_P:g})"
+        )
+    others = [n for n in usable if n not in sel["selected"] and n != PARENT]
+    rivals = ([PARENT] if PARENT in usable else []) + (
+        [max(others, key=lambda n: (quant[n]["val_acc_int8"], -quant[n]["bytes"]["shipped"]))] if others else []
+    )
+    text = "; ".join(f"{who(n) if n == PARENT else 'the best other member, ' + n}: {pct[n]}" for n in rivals)
+    return f"{what} is at least as accurate on validation ({100 * ens_acc:.2f}%) as any single model{fit}" + (
+        f" ({text})" if text else ""
+    )
+
+
+def single_assignment(placed: dict, name: str) -> dict[str, str | None]:
+    """Device -> model when one model ships: the device the selection gave it, else the first it fits."""
+    at = next((d for d, m in placed["assignment"].items() if m == name), None)
+    fit = placed["parent"]["fits"] if name == PARENT else placed["members"][name]["fits"]
+    at = at or fit[0]
+    return {d: (name if d == at else None) for d in placed["assignment"]}
 
 
 def abstain_threshold(run_dir: Path, cfg: dict, chosen: list[str], quant: dict[str, dict]) -> dict | None:
@@ -217,7 +348,7 @@ def abstain_threshold(run_dir: Path, cfg: dict, chosen: list[str], quant: dict[s
     if target is None:
         return None
     _, y_val = store.split(run_dir, "val")
-    proba = np.stack([np.load(run_dir / "pool" / n / "val_proba.npy") for n in chosen])
+    proba = np.stack([np.load(model_dir(run_dir, n) / "val_proba.npy") for n in chosen])
     weights = np.array([quant[n]["val_acc_int8"] for n in chosen]) if cfg["vote"]["weighted"] else None
     d = decide(proba, cfg["vote"]["rule"], weights)
     return selective.choose_threshold(d.margin, d.classes == y_val, target)
@@ -227,13 +358,14 @@ def fit_devices(
     run_dir: Path, cfg: dict, fleet: list[devices.Device], names: list[str], quant: dict[str, dict]
 ) -> tuple[np.ndarray, dict]:
     """Which of the members ``names`` fit which device (shipped bytes; int8 latency at batch 1 where a device has a
-    latency budget), and the record of it for ``selection.json``."""
-    sizes = {n: quant[n]["bytes"]["shipped"] for n in names}
+    latency budget), and the record of it for ``selection.json``, with which devices the int8 parent fits."""
+    sizes = {n: quant[n]["bytes"]["shipped"] for n in [*names, PARENT]}
     ms, runs = None, cfg["bundle"]["latency_runs"]
     if any(dev.latency_ms is not None for dev in fleet):
         x_val = store.tensors(run_dir, "val")[0][:runs].numpy()
-        ms = {n: latency.measure(run_dir / "pool" / n / "int8.onnx", x_val, runs) for n in names}
-    fits, ruled_out = devices.fit(fleet, sizes, ms)
+        ms = {n: latency.measure(model_dir(run_dir, n) / "int8.onnx", x_val, runs) for n in sizes}
+    fits, ruled_out = devices.fit(fleet, {n: sizes[n] for n in names}, ms)
+    parent, parent_out = devices.budgets(fleet, {PARENT: sizes[PARENT]}, ms)
     return fits, {
         "devices": devices.record(fleet),
         "latency": None if ms is None else latency.describe(runs) | {"model": "int8.onnx"},
@@ -247,33 +379,44 @@ def fit_devices(
         },
         "ruled_out": ruled_out,
         "unfit": [n for i, n in enumerate(names) if not fits[i].any()],
+        "parent": {
+            "shipped_bytes": sizes[PARENT],
+            "latency_ms": None if ms is None else round(ms[PARENT], 4),
+            "fits": [dev.name for d, dev in enumerate(fleet) if parent[0, d]],
+            "ruled_out": parent_out,
+        },
     }
 
 
 def make_bundle(run_dir: Path, cfg: dict, selection: dict, members: list[dict], quant: dict[str, dict]) -> dict:
-    """Write ``bundle/`` with the selected int8 members, the default abstain threshold and measured latencies."""
+    """Write ``bundle/`` with the shipped int8 models (the selected members, or the one model the fallback chose:
+    the parent ships as the bundle's one member, ``baseline``), the default abstain threshold and latencies."""
     if (run_dir / "bundle" / "manifest.json").exists():
         return bundle.read_manifest(run_dir / "bundle")
-    info = store.read_json(run_dir / "dataset.json")
-    by_name = {m["name"]: m for m in members}
+    info, quant = store.read_json(run_dir / "dataset.json"), with_parent(run_dir, quant)
+    shipped = selection.get("shipped") or {"members": selection["selected"]}  # (selection.json before the fallback)
+    sparsity = {m["name"]: (m["sparsity"], m["measured_sparsity"]["overall"]) for m in members}
+    if PARENT in shipped["members"]:
+        sparsity[PARENT] = (0.0, models.sparsity(store.load_baseline(run_dir))["overall"])
     labels = dict(zip(selection["candidates"], selection["clustering"]["labels"]))
-    device = {m: d for d, m in (selection.get("devices") or {}).get("assignment", {}).items() if m}
+    assignment = shipped.get("assignment") or (selection.get("devices") or {}).get("assignment", {})
+    device = {m: d for d, m in assignment.items() if m}
     runs = cfg["bundle"]["latency_runs"]
     x_val = store.tensors(run_dir, "val")[0][:runs].numpy()
     entries = [
         {
             "id": n,
-            "shipped": run_dir / "pool" / n / quantize.SHIPPED,
+            "shipped": model_dir(run_dir, n) / quantize.SHIPPED,
             "weight": quant[n]["val_acc_int8"],
             "gzip_bytes": quant[n]["bytes"]["int8_gzip"],
-            "sparsity_target": by_name[n]["sparsity"],
-            "sparsity": by_name[n]["measured_sparsity"]["overall"],
+            "sparsity_target": sparsity[n][0],
+            "sparsity": sparsity[n][1],
             "val_acc": quant[n]["val_acc_int8"],
-            "cluster": labels[n],
-            "latency_ms": latency.measure(run_dir / "pool" / n / "int8.onnx", x_val, runs),
+            "cluster": labels.get(n),
+            "latency_ms": latency.measure(model_dir(run_dir, n) / "int8.onnx", x_val, runs),
         }
         | ({"device": device[n]} if n in device else {})
-        for n in selection["selected"]
+        for n in shipped["members"]
     ]
     timing = latency.describe(runs) | {
         f"baseline_{kind}_ms": latency.measure(run_dir / "baseline" / f"{kind}.onnx", x_val, runs)
@@ -288,7 +431,7 @@ def make_bundle(run_dir: Path, cfg: dict, selection: dict, members: list[dict], 
         cfg["vote"]["rule"],
         cfg["vote"]["weighted"],
         InputSteps.from_dict(info.get("input_steps")),
-        abstain_threshold(run_dir, cfg, selection["selected"], quant),
+        abstain_threshold(run_dir, cfg, shipped["members"], quant),
         timing,
     )
 

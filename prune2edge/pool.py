@@ -413,6 +413,20 @@ def write_member(run_dir: Path, state: bytes, info: dict) -> dict:
     return info
 
 
+def member_steps(epochs: float, n_train: int, batch_size: int, min_steps: int) -> int:
+    """A member's fine-tuning budget in optimiser steps: its sampled epochs over ``n_train`` images, and at least
+    ``min_steps`` (``pool.min_steps``; 0: no floor).
+
+    Recovering from pruning takes a number of optimiser steps that hardly depends on the dataset's size, while an
+    epoch is 8 steps on 1,000 images and 350 on CIFAR-10: a fixed 1-2 epochs starves a member on a small dataset
+    and is ample on a large one. A floor keeps the epochs where they already give enough steps and lifts only the
+    starved members. It is chosen before training, not by training until validation accuracy is back near the
+    parent's: the learning-rate schedule and the pruning ramp need the length in advance, the budget stays the same
+    on every executor and resume, and validation, which the gates and the selection score members on, does not
+    also decide when each member stops (which would flatter the members it stopped at a lucky step)."""
+    return max(1, round(epochs * math.ceil(n_train / batch_size)), min_steps)
+
+
 def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dict]:
     """Start, prune (and with ``pool.weight_bits`` fake-quantise) and train one member from its run (a directory on
     this machine, or the run's inputs); returns its state_dict as ``torch.save`` bytes and its record, for
@@ -426,7 +440,9 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
         idx = torch.from_numpy(np.random.default_rng(member.seed).integers(0, len(y), len(y)))
         x, y = x[idx], y[idx]
     model, fixed = start_model(src, member)
-    total = max(1, round(member.epochs * math.ceil(len(x) / member.batch_size)))
+    floor = 0 if member.parent else p["min_steps"]  # the parent as a member is already trained
+    total = member_steps(member.epochs, len(x), member.batch_size, floor)
+    epochs = total / math.ceil(len(x) / member.batch_size)  # the floor's steps, as train.fit counts them
     hooks = [_pruner(model, p, member.sparsity, total, member.seed, fixed)]
     if p["weight_bits"]:  # after the pruner took the weights: it keeps masking the latent fp32 weights
         start = 0 if member.parent else round(p["qat_start"] * total)
@@ -442,7 +458,7 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
             model,
             x,
             y,
-            _settings(p, member.epochs, member.lr, member.batch_size, "cosine" if member.parent else p["lr_schedule"]),
+            _settings(p, epochs, member.lr, member.batch_size, "cosine" if member.parent else p["lr_schedule"]),
             seed=member.seed,
             augment=train.augment_kind(p["augment"], src.image_shape),
             device=src.cfg["device"],
@@ -463,6 +479,9 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
         "name": member.name,
         "model_kwargs": p["member_kwargs"] if p["family"] == "independent" and not member.parent else {},
         "weight_bits": p["weight_bits"],
+        "planned_epochs": member.epochs,
+        "epochs": epochs if member.epochs > 0 else 0,  # as trained: planned, or more where pool.min_steps lifted them
+        "steps": total if member.epochs > 0 else 0,
         "history": history,
         "seconds": time.perf_counter() - t0,
     }
@@ -492,7 +511,7 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
     current (pruned) network is saved as the next member (fast geometric ensembling, Garipov et al. 2018).
 
     Pruning ramps to the highest sampled sparsity within ``prune_end`` of the first cycle; every cycle lasts member
-    0's epochs at member 0's peak learning rate. The run resumes from its last finished epoch after a kill."""
+    0's steps (:func:`member_steps`) at member 0's peak learning rate. The run resumes from its last finished epoch after a kill."""
     src = RunInputs.load(run_dir)
     p, lead, n = src.cfg["pool"], plans[0], len(plans)
     sparsity = max(m.sparsity for m in plans)
@@ -500,7 +519,8 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
     x, y = src.tensors("train")
     x_val, y_val = src.tensors("val")
     model, _ = start_model(src, lead)
-    cycle = max(1, round(lead.epochs * math.ceil(len(x) / lead.batch_size)))
+    cycle = member_steps(lead.epochs, len(x), lead.batch_size, p["min_steps"])
+    epochs = cycle / math.ceil(len(x) / lead.batch_size)
     pruner = _pruner(model, p, sparsity, cycle, lead.seed)  # the ramp is within the first cycle
     infos: dict[int, dict] = {}
 
@@ -511,7 +531,9 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
             record = {
                 **asdict(plans[j]),
                 "sparsity": sparsity,
-                "epochs": lead.epochs,
+                "planned_epochs": lead.epochs,
+                "epochs": epochs,
+                "steps": cycle,
                 "lr": lead.lr,
                 "batch_size": lead.batch_size,
                 "name": plans[j].name,
@@ -525,7 +547,7 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
         model,
         x,
         y,
-        _settings(p, n * lead.epochs, lead.lr, lead.batch_size, "restarts", n),
+        _settings(p, n * epochs, lead.lr, lead.batch_size, "restarts", n),
         seed=lead.seed,
         augment=train.augment_kind(p["augment"], src.image_shape),
         device=src.cfg["device"],

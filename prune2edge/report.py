@@ -129,6 +129,20 @@ class Run:
         return list(self.selection["selected"]) if self.selection else []
 
     @property
+    def voters(self) -> list[str]:
+        """The models the bundle ships (``metrics.json`` ``shipped``; the selected ensemble in older runs)."""
+        m = self.metrics or {}
+        return list((m.get("shipped") or m["ensemble"])["members"])
+
+    @property
+    def shipped_label(self) -> str:
+        """What the bundle ships, in a few words: ``ensemble``, ``member m003`` or ``int8 parent``."""
+        s = (self.metrics or {}).get("shipped")
+        if not s or s["kind"] == "ensemble":
+            return "ensemble"
+        return "int8 parent" if s["kind"] == "parent" else f"member {s['members'][0]}"
+
+    @property
     def evaluated(self) -> bool:
         return self.metrics is not None and self.test is not None and self.scores is not None
 
@@ -666,7 +680,7 @@ def fig_confusion(run: Run) -> Figure | Missing:
     y, k = run.test["y"], len(run.classes)
     fig = _figure(12, 5.8)
     axes = fig.subplots(1, 2)
-    for ax, key, title in ((axes[0], "baseline_fp32", "baseline fp32"), (axes[1], "ensemble", "ensemble")):
+    for ax, key, title in ((axes[0], "baseline_fp32", "baseline fp32"), (axes[1], "ensemble", run.shipped_label)):
         c = _confusion(y, run.scores[key].argmax(1), k)
         acc = np.trace(c) / c.sum()
         rows = c / np.maximum(c.sum(1, keepdims=True), 1)
@@ -738,7 +752,7 @@ def fig_class_gains(run: Run) -> Figure | Missing:
     ax.set_ylim(-lim, lim)
     ax.set_xlabel("class (n = test images of that class)")
     ax.set_ylabel("accuracy change (percentage points)")
-    ax.set_title("Per-class test accuracy: ensemble minus fp32 baseline")
+    ax.set_title(f"Per-class test accuracy: {run.shipped_label} (shipped) minus fp32 baseline")
     ax.grid(True, axis="y", alpha=0.3)
     return fig
 
@@ -746,7 +760,7 @@ def fig_class_gains(run: Run) -> Figure | Missing:
 def disputed_images(run: Run, limit: int = 16) -> tuple[list[int], np.ndarray, np.ndarray]:
     """Test images on which the selected members disagree most: indices, members' votes ``[k, N]``, per-image disagreement."""
     names = [str(n) for n in run.scores["names"]]
-    chosen = run.metrics["ensemble"]["members"]
+    chosen = run.voters
     proba = run.scores["members"][[names.index(n) for n in chosen]]
     k = len(chosen)
     # fraction of member pairs whose votes differ, image by image
@@ -772,10 +786,12 @@ def fig_disputed_images(run: Run) -> Figure | Missing:
     """The test images with the highest disagreement among the selected members, with every member's vote and the truth."""
     if not run.evaluated:
         return Missing("needs metrics.json, test.npz and test_scores.npz (phase 'evaluate')")
+    if len(run.voters) == 1:
+        return Missing(f"the bundle ships one model ({run.shipped_label}): there are no votes to disagree")
     idx, votes, per_image = disputed_images(run)
     if not idx:
         return Missing("the selected members agree on every test image")
-    chosen, classes = run.metrics["ensemble"]["members"], run.classes
+    chosen, classes = run.voters, run.classes
     x, y, ens = run.test["x"], run.test["y"], run.scores["ensemble"].argmax(1)
     vmax = 1.0 if x.dtype.kind == "f" and x.max() <= 1 else max(1.0, float(x.max()))
     # each tile, in inches: a title (2 lines), the image, then one line per member and one for the disagreement
@@ -906,6 +922,7 @@ def fig_risk_coverage(run: Run) -> Figure | Missing:
     fig = _figure(11, 5.2)
     rc, rel = fig.subplots(1, 2)
     for name, label, colour in DECIDERS:
+        label = label.replace("ensemble", run.shipped_label)
         score, top, right = _decision_scores(run)[name]
         coverage, acc = selective.risk_coverage(score, right)
         rc.plot(coverage, acc, color=colour, lw=1.8, label=f"{label} (AURC {d[name]['aurc']:.4f})")
@@ -1115,6 +1132,9 @@ def headline(run: Run) -> dict | None:
     return {
         "baseline": b,
         "ensemble": e,
+        "shipped": m.get("shipped"),  # none in a metrics.json from before the fallback
+        "shipped_label": run.shipped_label,
+        "pool": m.get("pool"),
         "pool_vote": m["pool_vote"],
         "pool_size": len(m["members"]),
         "warnings": m.get("warnings", []),  # none in a metrics.json from before the check

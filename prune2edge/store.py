@@ -23,6 +23,14 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+PARENT = "baseline"  # the parent's name where it stands beside the members (its int8 model is in baseline/)
+
+
+def model_dir(run_dir: Path, name: str) -> Path:
+    """Where a model's int8 files are: ``baseline/`` for the parent, ``pool/<name>/`` for a member."""
+    return Path(run_dir) / "baseline" if name == PARENT else Path(run_dir) / "pool" / name
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that a crash leaves either the old file or the whole new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,9 @@ def test_a_separate_program_reproduces_the_ensemble_accuracy(demo_run):
     )
     result = json.loads(out.stdout)
     metrics = store.read_json(demo_run / "metrics.json")
-    assert result["accuracy"] == metrics["ensemble"]["test_acc"] and result["members"] == metrics["ensemble"]["k"]
+    assert result["accuracy"] == metrics["shipped"]["test_acc"] and result["members"] == len(
+        metrics["shipped"]["members"]
+    )
 
 
 def test_votes_equal_a_recomputation_from_member_outputs(demo_run):
@@ -122,7 +124,7 @@ def test_a_version_1_bundle_still_loads(demo_run, bundle_copy):
         text=True,
         check=True,
     )
-    assert json.loads(out.stdout)["accuracy"] == store.read_json(demo_run / "metrics.json")["ensemble"]["test_acc"]
+    assert json.loads(out.stdout)["accuracy"] == store.read_json(demo_run / "metrics.json")["shipped"]["test_acc"]
     member = sorted((bundle_copy / "members").iterdir())[0]
     member.write_bytes(member.read_bytes()[:-1])
     with pytest.raises(UserError, match=f"member '{member.stem}' was altered: sha256"):

@@ -31,6 +31,7 @@ def test_demo_run_meets_its_targets(demo_run):
     assert ens["bytes"]["int8_gzip"] == sum(x["bytes"]["int8_gzip"] for x in m["members"] if x["selected"])
     assert set(m["strategies"]) == {"accuracy-first", "diversity-first", "top-k", "random", "greedy"}
     assert 0 <= ens["mcnemar_p_vs_baseline_fp32"] <= 1
+    assert m["shipped"]["val_acc"] >= base["val_acc_int8"]  # never less than the int8 parent on validation
 
 
 def test_run_records_splits_and_the_scored_test_set(demo_run):
@@ -63,7 +64,7 @@ def test_cli_evaluate_and_predict_match_the_run(demo_run, tmp_path):
     m = store.read_json(demo_run / "metrics.json")
     out = prune2edge_cli("evaluate", str(demo_run / "bundle"), "--data", "digits")
     assert out.returncode == 0 and "warning" not in out.stderr, out.stderr
-    assert f"ensemble test accuracy: {m['ensemble']['test_acc']:.4f} on 450 images" in out.stdout
+    assert f"ensemble test accuracy: {m['shipped']['test_acc']:.4f} on 450 images" in out.stdout
     test = np.load(demo_run / "test.npz")
     np.save(tmp_path / "few.npy", test["x"][:5])
     out = prune2edge_cli("predict", str(demo_run / "bundle"), str(tmp_path / "few.npy"), "--json")

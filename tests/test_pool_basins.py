@@ -26,7 +26,8 @@ def tiny_run(tmp_path_factory) -> tuple:
             "data": {"name": "digits", "max_train": 300},
             "model": {"kwargs": {"width": 8, "depth": 2}},
             "train": {"epochs": 4, "batch_size": 64},
-            "pool": {"size": 3, "sparsity": 0.7, "epochs": 1.0, "lr": 0.02, "batch_size": 64},
+            # min_steps 0: each member trains its epochs' few steps (these tests check the methods, not recovery)
+            "pool": {"size": 3, "sparsity": 0.7, "epochs": 1.0, "lr": 0.02, "batch_size": 64, "min_steps": 0},
             "cluster": {"k": 2, "k_max": 3},
         },
     )

@@ -102,6 +102,7 @@ def test_snapshot_members_clone_different_checkpoints(tmp_path):
                 "snapshots": 3,
                 "sparsity": 0.5,
                 "epochs": 0.2,
+                "min_steps": 0,  # a fifth of an epoch, as planned
                 "lr": 0.001,
                 "batch_size": 64,
                 "mask_noise": 0.5,

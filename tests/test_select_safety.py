@@ -70,18 +70,19 @@ def test_skipped_clusters_say_why(pool):
     assert select.skipped(proba, y, labels, 1.0, names) == []
 
 
-def fake_run(tmp_path, proba_for, **overrides):
-    """A run directory up to the int8 pool: the real split of digits, members with the given validation probabilities."""
+def fake_run(tmp_path, proba_for, parent: float = 0.0, **overrides):
+    """A run directory up to the int8 pool: the real split of digits, members with the given validation probabilities
+    (1 KB each), and an int8 parent of 4 KB at validation accuracy ``parent`` (fp32 and int8)."""
     cfg = config.load(None, overrides)
     pipeline.prepare(tmp_path, cfg)
     _, y_val = store.split(tmp_path, "val")
     proba = proba_for(y_val)
     members = [{"name": f"m{i:03d}"} for i in range(len(proba))]
-    quant = {}
+    quant = {"baseline": {"status": "ok", "val_acc_fp32": parent, "val_acc_int8": parent, "bytes": {"shipped": 4000}}}
     for m, p in zip(members, proba):
         (tmp_path / "pool" / m["name"]).mkdir(parents=True)
         np.save(tmp_path / "pool" / m["name"] / "val_proba.npy", p.astype(np.float32))
-        quant[m["name"]] = {"status": "ok", "val_acc_int8": accuracy(p, y_val)}
+        quant[m["name"]] = {"status": "ok", "val_acc_int8": accuracy(p, y_val), "bytes": {"shipped": 1000}}
     return cfg, members, quant, y_val, proba
 
 
@@ -102,6 +103,14 @@ def one_strong_member(y: np.ndarray) -> np.ndarray:
     idx = np.arange(n)
     shared, own = idx[7:15], idx[15:19]
     return np.stack([member(y, idx[:7], conf=0.6)] + [member(y, np.r_[shared, own[i]]) for i in range(4)])
+
+
+def one_clear_member(y: np.ndarray) -> np.ndarray:
+    """A cautious member wrong on 2 images, four confident ones that share 25 mistakes: the cautious member alone is
+    clearly better than any ensemble with a confident one (a lead no chance explains)."""
+    idx = np.arange(len(y))
+    shared, own = idx[2:27], idx[27:31]
+    return np.stack([member(y, idx[:2], conf=0.6)] + [member(y, np.r_[shared, own[i]]) for i in range(4)])
 
 
 def three_families(y: np.ndarray) -> np.ndarray:
@@ -147,6 +156,7 @@ def test_worse_ensemble_is_reported_on_validation_only(demo_run):
     def scenario(baseline_val: float, member_val: float) -> dict:
         """The demo's metrics with the int8 baseline and the best member (``top``) at these validation accuracies."""
         s = copy.deepcopy(m)
+        s["shipped"]["fallback"] = False  # the warnings are for a run that ships the selection regardless
         s["baseline"]["val_acc_int8"] = baseline_val
         for x in s["members"]:
             x["val_acc_int8"] = member_val if x["name"] == top else member_val - 0.01
@@ -171,13 +181,105 @@ def test_worse_ensemble_is_reported_on_validation_only(demo_run):
         # test numbers never decide: making the ensemble perfect on test changes nothing
         s["ensemble"]["test_acc"] = 1.0
         assert [w["kind"] for w in evaluate.selection_warnings(s)] == kinds
-    # the real run: warned exactly when a single model is ahead on validation, in metrics, table and report
+    # the real run, with the fallback on, which weighed the single models and said why in its reason: no warning
+    assert m["shipped"]["fallback"] and m["warnings"] == [] and m["shipped"]["reason"] in evaluate.table(m)
+    # with it off, warned exactly when a single model is ahead on validation, in metrics, table and report
+    m = copy.deepcopy(m)
+    m["shipped"]["fallback"] = False
+    m["warnings"] = evaluate.selection_warnings(m)
     expected = [kind for kind, val in (("baseline_int8", m["baseline"]["val_acc_int8"]), ("member", best)) if val > v]
     assert [w["kind"] for w in m["warnings"]] == expected
     page = (demo_run / "report.html").read_text()
     n = m["dataset"]["n_val"]
     for w in m["warnings"]:
         assert f"{round(w['better_val_acc'] * n) - round(v * n)} more of the {n} images right" in w["message"]
-        assert f"WARNING: {w['message']}" in evaluate.table(m) and html.escape(w["message"]) in page
-    assert ('id="warnings"' in page) == bool(expected)
+        assert f"WARNING: {w['message']}" in evaluate.table(m)
+    assert 'id="warnings"' not in page and html.escape(m["shipped"]["reason"]) in page
     assert {"k_choice", "skipped_clusters"} <= set(m)
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_the_fallback_ships_the_parent_where_it_beats_the_selection(tmp_path, fallback):
+    cfg, members, quant, y_val, proba = fake_run(
+        tmp_path,
+        one_strong_member,
+        parent=0.97,
+        cluster={"k": 2},
+        select={"fallback": fallback, "max_below_parent": 0.1},
+    )
+    sel = pipeline.choose(tmp_path, cfg, members, quant)
+    ens = accuracy(vote(proba[[sel["candidates"].index(n) for n in sel["selected"]]]), y_val)
+    s = sel["shipped"]
+    assert ens < 0.97 and len(sel["selected"]) == 2
+    if fallback:
+        assert (s["kind"], s["members"], s["val_acc"]) == ("parent", ["baseline"], 0.97)
+        assert s["reason"].startswith("the int8 parent alone beats the selected ensemble (accuracy-first, 2 members)")
+    else:
+        assert (s["kind"], s["members"], s["val_acc"]) == ("ensemble", sel["selected"], ens)
+        assert s["reason"].startswith("select.fallback is false, so the selected ensemble")
+
+
+def test_an_ensemble_at_least_as_accurate_as_every_single_model_ships(tmp_path):
+    cfg, members, quant, _, _ = fake_run(
+        tmp_path, three_families, parent=0.9, cluster={"k": 3}, select={"max_below_parent": 0.2}
+    )
+    sel = pipeline.choose(tmp_path, cfg, members, quant)
+    s = sel["shipped"]
+    assert sel["parent_gate"]["below"] == [] and len(sel["selected"]) == 3
+    assert (s["kind"], s["members"], s["val_acc"]) == ("ensemble", sel["selected"], 1.0)  # votes every mistake away
+    assert "is at least as accurate on validation (100.00%) as any single model (the int8 parent: 90.00%" in s["reason"]
+
+
+def test_fallback_with_a_weak_selection_ships_the_parent_or_the_best_member(tmp_path):
+    """One cautious member right on 95 % of images, four confident ones sharing their mistakes: the selection (k = 2)
+    is worse than the cautious member alone; a parent at 97 % beats both, unless it fits no device."""
+    cfg, members, quant, y_val, proba = fake_run(tmp_path / "a", one_strong_member, parent=0.97, cluster={"k": 2})
+    sel = pipeline.choose(tmp_path / "a", cfg, members, quant)
+    assert sel["shipped"]["kind"] == "parent" and sel["shipped"]["val_acc"] == 0.97
+    # a member more than select.max_below_parent under the parent is not clustered
+    below = {b["name"] for b in sel["parent_gate"]["below"]}
+    assert below == {m["name"] for m in members if quant[m["name"]]["val_acc_int8"] < 0.97 - 0.03 - 1e-12}
+    assert set(sel["candidates"]) == {m["name"] for m in members} - below
+    # the parent fits no device: a member ahead of the selection within chance (the best of five on a small split)
+    # does not replace it; one clearly ahead ships alone, on its device
+    fleet = tmp_path / "devices.yaml"
+    fleet.write_text("devices:\n  - {name: a, memory_bytes: 2000}\n  - {name: b, memory_bytes: 2000}\n")
+    for make, name in ((one_strong_member, "b"), (one_clear_member, "c")):
+        cfg, members, quant, y_val, proba = fake_run(
+            tmp_path / name,
+            make,
+            parent=0.97,
+            cluster={"k": 2},
+            select={"max_below_parent": 0.3, "max_acc_gap": 0.3},  # every member clustered and selectable
+            deploy={"devices": str(fleet)},
+        )
+        sel = pipeline.choose(tmp_path / name, cfg, members, quant)
+        assert sel["devices"]["parent"]["fits"] == [] and sel["devices"]["parent"]["shipped_bytes"] == 4000
+        s = sel["shipped"]
+        ens = accuracy(vote(proba[[int(n[1:]) for n in sel["selected"]]]), y_val)
+        assert len(sel["selected"]) == 2 and quant["m000"]["val_acc_int8"] > ens
+        right = [(proba[i].argmax(1) == y_val) for i in (0, 1)]
+        if make is one_strong_member:  # about as many images won as lost against the selection: chance
+            assert s["kind"] == "ensemble" and "a lead within chance for the best of 5 members" in s["reason"]
+            continue
+        assert pipeline.sign_test(proba[0], vote(proba[[0, 1]]), y_val) < pipeline.FALLBACK_P
+        assert (right[0] & ~right[1]).sum() >= 20
+        assert (s["kind"], s["members"]) == ("member", ["m000"]) and "(the int8 parent fits none)" in s["reason"]
+        assert "sign test p = " in s["reason"]
+        assert sorted(s["assignment"].values(), key=str) == [None, "m000"]  # one device runs it, the other idles
+
+
+def test_warnings_advise_only_what_would_change_the_outcome(demo_run):
+    m = store.read_json(demo_run / "metrics.json")
+    v = m["shipped"]["val_acc"]
+    s = copy.deepcopy(m)
+    s["shipped"]["kind"], s["baseline"]["val_acc_int8"] = "ensemble", v + 0.01  # as with select.fallback: false
+    s["shipped"]["fallback"] = False
+    s["k_choice"] = {"by": "config", "best_val_acc": v}  # auto's best k would not reach the parent
+    [w] = [w for w in evaluate.selection_warnings(s) if w["kind"] == "baseline_int8"]
+    assert "set select.fallback: true to ship it" in w["message"] and "cluster.k: auto" not in w["message"]
+    s["k_choice"]["best_val_acc"] = v + 0.02  # it would: so it is offered too
+    [w] = [w for w in evaluate.selection_warnings(s) if w["kind"] == "baseline_int8"]
+    assert "or set cluster.k: auto (its best k scores" in w["message"]
+    s["shipped"]["kind"] = "parent"  # the fallback shipped it: nothing to advise
+    assert evaluate.selection_warnings(s) == []
