@@ -1141,8 +1141,8 @@ def headline(run: Run) -> dict | None:
         "data_warnings": m["dataset"].get("warnings", []),  # images copied across the splits
         "selected": [members[n] for n in e["members"]],
         "significant": e["mcnemar_p_vs_baseline_fp32"] < 0.05,
-        "ratio": {k: e["bytes"][k] / b["bytes"][k] for k in ("fp32", "int8", "int8_gzip")},
-        "ratio_vs_fp32": e["bytes"]["int8_gzip"] / b["bytes"]["fp32"],
+        "ratio": {k: e["bytes"][k] / b["bytes"][k] for k in ("fp32", "int8", "int8_gzip", "shipped")},
+        "ratio_vs_fp32": e["bytes"]["shipped"] / b["bytes"]["fp32"],
         "n_test": len(run.test["y"]) if run.test else None,
     }
 

@@ -4,6 +4,7 @@ once and is read from its cache after, one member is the shipped k = 1 pick, and
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -186,6 +187,17 @@ def test_reference_rows_reach_the_results_section_and_the_ablation_table(variant
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_results_file_keeps_the_other_seeds_of_its_config(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    old = {"config": "c.yaml", "set": ["a=1"], "command": "python bench/cifar10.py --seeds 0", "runs": {"0": {"x": 0}}}
+    path.write_text(json.dumps(old))
+    new = {"1": {"x": 1, "set": ["a=1"], "command": "python bench/cifar10.py --seeds 1"}}
+    both = cifar10.merged(path, "c.yaml", new)
+    assert list(both) == ["0", "1"] and both["0"] == {"set": ["a=1"], "command": old["command"], "x": 0}
+    assert cifar10.merged(path, "other.yaml", new) == new  # another config's file is not mixed in
+    assert cifar10.merged(path, "c.yaml", {"0": {"x": 9}}) == {"0": {"x": 9}}  # a seed run again replaces its run
+
+
 def test_frontier_rows_figure_and_advice_come_from_the_runs(variant: Path, tmp_path: Path) -> None:
     import frontier
 
@@ -206,8 +218,14 @@ def test_frontier_rows_figure_and_advice_come_from_the_runs(variant: Path, tmp_p
     spent = sum(cpu[k] for k in ("pool", "quantize", "select"))
     assert frontier.cost(runs["0"])[1] == pytest.approx(spent / cpu["baseline"])
     assert len(row["mcnemar_p"]) == 2 and row["latency_ratio"] > 0
-    rows = frontier.reference_rows(result) + [row, rival]
+    rows = frontier.reference_rows({"indep-qat3-2x": result}) + [row, rival]
     assert rows[0]["method"] == "parent" and rows[0]["gain_points"]["mean"] == 0
+    parents = [r["baseline_fp32_test_acc"] for r in runs.values()]
+    assert rows[0]["seeds"] == [0, 1] and rows[0]["test_acc"]["mean"] == pytest.approx(100 * np.mean(parents), abs=1e-3)
+    first = frontier.headline(rows)  # the README's first screen, from the same rows
+    assert first.startswith(frontier.HEADLINE) and f"| fp32 parent | 2 | {rows[0]['test_acc']['mean']:.2f} |" in first
+    if row["budget"] == 0.10 and row["cost"] <= 2:
+        assert "(`indep-qat3-2x`)" in first and "Goal (+1.5 points" in first
     table = frontier.markdown(rows)
     assert table.count("\n| ") >= len(rows) + 1 and "indep-qat3-2x" in table
     advice = frontier.advice(rows)
