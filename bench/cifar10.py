@@ -441,10 +441,10 @@ def main() -> None:
             if (src / "cpu_seconds.json").exists():
                 runs[str(seed)]["baseline_cpu_seconds"] = json.loads((src / "cpu_seconds.json").read_text())["baseline"]
     results_file = Path(args.results) / (f"{name}.json" if name.startswith("cifar10") else f"cifar10-{name}.json")
+    resolved = yaml.safe_load((out / f"seed{seeds[0]}" / "config.yaml").read_text())  # this invocation's config
     runs = merged(results_file, rel(args.config), runs)
     seeds = sorted(int(s) for s in runs)
     agg = aggregate(runs)
-    resolved = yaml.safe_load((out / f"seed{seeds[0]}" / "config.yaml").read_text())
     resolved["data"]["path"] = [rel(p) for p in resolved["data"]["path"]]
     result = {
         "name": name,

@@ -97,6 +97,7 @@ SMOKE = Mode(
         "pool.snapshots=2",
         "pool.size=2",
         "pool.epochs=[0.5,0.5]",
+        "pool.min_steps=0",  # a smoke run: members as short as their epochs say
         "cluster.k=2",
         "cluster.k_max=2",
         "quantize.calibration_size=16",

