@@ -204,7 +204,7 @@ def test_frontier_rows_figure_and_advice_come_from_the_runs(variant: Path, tmp_p
     runs = {str(s): cifar10.summarise_run(variant / f"seed{s}") for s in (0, 1)}
     result = {"runs": runs}
     rival = frontier.method_row("rival-qat3-2x", result, {})
-    rivals = {rival["budget"]: {s: r["selected"]["test_acc"] - 0.01 for s, r in runs.items()}}
+    rivals = {rival["budget"]: {frontier.key(r, s): r["selected"]["test_acc"] - 0.01 for s, r in runs.items()}}
     row = frontier.method_row("indep-qat3-2x", result, rivals)
     accs = [r["selected"]["test_acc"] for r in runs.values()]
     assert row["seeds"] == [0, 1] and row["test_acc"]["mean"] == pytest.approx(100 * np.mean(accs), abs=1e-3)
@@ -213,7 +213,7 @@ def test_frontier_rows_figure_and_advice_come_from_the_runs(variant: Path, tmp_p
     assert row["bytes_per_member"] == round(largest, 4) and row["budget"] == next(
         (b for b in frontier.BUDGETS if largest <= b), None
     )
-    assert row["cost_measured_as"] == "cpu"  # these runs recorded CPU seconds
+    assert row["cost_measured_as"] == {"0": "cpu", "1": "cpu"}  # these runs recorded CPU seconds
     cpu = store.read_json(variant / "seed0" / "cpu_seconds.json")
     spent = sum(cpu[k] for k in ("pool", "quantize", "select"))
     assert frontier.cost(runs["0"])[1] == pytest.approx(spent / cpu["baseline"])
