@@ -40,6 +40,14 @@ BUDGETS = (0.05, 0.10, 0.25)
 TITLE = "## CIFAR-10: the frontier (bytes per device x training cost)"
 ADVICE = "## Which pool for my devices?"
 HEADLINE = "## What it achieves (measured)"
+SUMMARY = "## Summary"  # the first section of docs/RESULTS.md: the headline, and where each result is
+SECTIONS = """
+Sections: [the frontier](#cifar-10-the-frontier-bytes-per-device-x-training-cost) (figure
+`docs/figures/frontier.png`) and [low-bit and independent members](#cifar-10-low-bit-members-independent-members-issue-19)
+(issue 19); [defaults on small data](#defaults-on-small-data-issue-23) (issue 23); [pools from several
+basins](#cifar-10-pools-from-several-basins-issue-9) (issue 9); [fleet over MQTT](#fleet-mqtt); [training
+speed](#training-speed); [pool on Ray](#pool-on-ray); diaries of fixed flaky tests under "Fleet (MQTT)".
+"""
 PRESETS = {  # the config that holds a method's settings
     "indep-parent-qat4-2x": "configs/cifar10-cpu-4bit.yaml",
     "clones": "configs/cifar10-cpu.yaml",
@@ -261,6 +269,7 @@ def report() -> None:
     publish(TITLE, markdown(rows))
     replace_section(ROOT / "README.md", ADVICE, advice(rows))
     replace_section(ROOT / "README.md", HEADLINE, headline(rows))
+    replace_section(ROOT / "docs" / "RESULTS.md", SUMMARY, headline(rows, SUMMARY) + SECTIONS)
 
 
 def figure(rows: list[dict], path: Path) -> None:
@@ -370,7 +379,7 @@ def advice(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def headline(rows: list[dict]) -> str:
+def headline(rows: list[dict], title: str = HEADLINE) -> str:
     """The README's first screen: the parent, the best ensemble within 10 % bytes per device and 2x training, the
     rival at that budget, today's clone pool, the deep ensemble, and the fleet's throughput; from the measured rows."""
     by = {r["method"]: r for r in rows}
@@ -381,7 +390,7 @@ def headline(rows: list[dict]) -> str:
     rivals = [r for r in rows if r["budget"] == 0.10 and METHODS.get(r["method"], {}).get("rival")]
     rival = max(rivals, key=lambda r: r["test_acc"]["mean"]) if rivals else None
     lines = [
-        HEADLINE,
+        title,
         "",
         "CIFAR-10, a small_cnn parent (30 epochs on one CPU core), every model int8 as shipped, test split read once. "
         "Gains are points of test accuracy over the fp32 parent of the same seed; bytes per device: the largest "
