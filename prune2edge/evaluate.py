@@ -18,11 +18,13 @@ from .vote import AGREEMENT, accuracy, disagreement, margin, vote
 MAX_SUBSETS = 1000  # degradation: at most this many subsets of members per number missing (drawn when there are more)
 
 
-def mcnemar(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> float:
-    """Exact two-sided McNemar p-value for two classifiers' correctness on the same inputs."""
+def mcnemar(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, alternative: str = "two-sided") -> float:
+    """Exact McNemar p-value for two classifiers' correctness on the same inputs (the sign test on the inputs
+    where exactly one is right); ``alternative="greater"``: one-sided, that ``pred_a`` is right more often."""
     a, b = pred_a == y, pred_b == y
     n01, n10 = int((a & ~b).sum()), int((~a & b).sum())
-    return 1.0 if n01 + n10 == 0 else float(binomtest(min(n01, n10), n01 + n10, 0.5).pvalue)
+    k = min(n01, n10) if alternative == "two-sided" else n01
+    return 1.0 if n01 + n10 == 0 else float(binomtest(k, n01 + n10, 0.5, alternative=alternative).pvalue)
 
 
 def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import binomtest
 
 from . import (
     bundle,
@@ -249,7 +248,7 @@ def shipped_model(
     """What the bundle ships, decided on validation: the selected ensemble, or, with ``select.fallback``, one model
     that is more accurate than it and fits a device of ``deploy.devices``: the int8 parent wherever it is, a member
     only where its lead over the ensemble is significant (one-sided sign test on the validation images the two
-    disagree on, p < ``FALLBACK_P``): the best of many members beats the ensemble on a small validation split by
+    disagree on, ``evaluate.mcnemar``, p < ``FALLBACK_P``): the best of many members beats the ensemble on a small validation split by
     chance alone. Between single models: the more accurate, then the fewer shipped bytes. Returns ``kind``
     (``ensemble``; ``member``: one member; ``parent``), ``members``, ``val_acc``, ``fallback``, ``reason`` and, with
     devices and one model shipped, its ``assignment``."""
@@ -260,15 +259,22 @@ def shipped_model(
     placed = sel.get("devices")
     usable = [n for i, n in enumerate(names) if fits is None or fits[i].any()]
     usable += [PARENT] if placed is None or placed["parent"]["fits"] else []
-    lead = {n: sign_test(proba[names.index(n)], ens, y_val) for n in usable if n != PARENT}
+    lead = {  # one-sided: that the member alone is right more often than the ensemble
+        n: evaluate.mcnemar(y_val, proba[names.index(n)].argmax(1), ens.argmax(1), "greater")
+        for n in usable
+        if n != PARENT
+    }
     beats = [n for n in usable if quant[n]["val_acc_int8"] > ens_acc and (n == PARENT or lead[n] < FALLBACK_P)]
-    best = max(usable, key=lambda n: (quant[n]["val_acc_int8"], -quant[n]["bytes"]["shipped"], n == PARENT))
+    best = max(usable, key=lambda n: single_rank(quant, n))
     fallback = cfg["select"]["fallback"]
     out = {"kind": "ensemble" if len(chosen) > 1 else "member", "members": sel["selected"], "val_acc": ens_acc}
     if beats and fallback:
-        one = max(beats, key=lambda n: (quant[n]["val_acc_int8"], -quant[n]["bytes"]["shipped"], n == PARENT))
-        out = {"kind": "parent" if one == PARENT else "member", "members": [one], "val_acc": quant[one]["val_acc_int8"]}
-        best = one
+        best = max(beats, key=lambda n: single_rank(quant, n))
+        out = {
+            "kind": "parent" if best == PARENT else "member",
+            "members": [best],
+            "val_acc": quant[best]["val_acc_int8"],
+        }
     out["fallback"] = fallback
     out["reason"] = _ship_reason(sel, quant, usable, best, ens_acc, lead, bool(beats), fallback)
     if placed and out["kind"] != "ensemble":
@@ -276,12 +282,10 @@ def shipped_model(
     return out
 
 
-def sign_test(member: np.ndarray, ensemble: np.ndarray, y: np.ndarray) -> float:
-    """One-sided exact sign test that ``member``'s predictions are right more often than ``ensemble``'s, on the
-    images where exactly one of them is right (McNemar's exact test)."""
-    right_m, right_e = member.argmax(1) == y, ensemble.argmax(1) == y
-    wins, losses = int((right_m & ~right_e).sum()), int((~right_m & right_e).sum())
-    return float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue) if wins + losses else 1.0
+def single_rank(quant: dict[str, dict], name: str) -> tuple:
+    """How single models rank against each other: the more accurate on validation, then the fewer shipped bytes,
+    then the parent."""
+    return quant[name]["val_acc_int8"], -quant[name]["bytes"]["shipped"], name == PARENT
 
 
 def _ship_reason(
@@ -325,7 +329,7 @@ def _ship_reason(
         )
     others = [n for n in usable if n not in sel["selected"] and n != PARENT]
     rivals = ([PARENT] if PARENT in usable else []) + (
-        [max(others, key=lambda n: (quant[n]["val_acc_int8"], -quant[n]["bytes"]["shipped"]))] if others else []
+        [max(others, key=lambda n: single_rank(quant, n))] if others else []
     )
     text = "; ".join(f"{who(n) if n == PARENT else 'the best other member, ' + n}: {pct[n]}" for n in rivals)
     return f"{what} is at least as accurate on validation ({100 * ens_acc:.2f}%) as any single model{fit}" + (
