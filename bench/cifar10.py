@@ -417,7 +417,7 @@ def main() -> None:
 
             src = Path(args.baseline_from) / f"seed{seed}"
             mine = cfgmod.load(args.config, {**cfgmod.parse_settings(args.set), "seed": seed, "data": {"path": paths}})
-            theirs = cfgmod.load(src / "config.yaml")
+            mine, theirs = cfgmod.as_dict(mine), cfgmod.as_dict(cfgmod.load(src / "config.yaml"))
             if not same_baseline(mine, theirs):
                 sys.exit(f"--baseline-from {src}: its seed, data, model or train settings differ from this run's")
             base_s = json.loads((src / "timings.json").read_text())["baseline"]

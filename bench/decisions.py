@@ -32,28 +32,21 @@ from prune2edge.vote import vote
 MODELS = (("ensemble", "ensemble (vote margin)"), ("baseline_fp32", "baseline fp32 (top probability)"))
 
 
-def differences(run_cfg: dict, reference: dict) -> list[str]:
-    """The settings in which a run's config differs from a reference config (seed and data files aside)."""
-    ref = config.load(reference, {"seed": run_cfg["seed"], "data": {"path": run_cfg["data"]["path"]}})
-    return [
-        f"{s}.{k}: {run_cfg[s][k]!r} (reference {ref[s][k]!r})"
-        for s in ref
-        if isinstance(ref[s], dict)
-        for k in ref[s]
-        if run_cfg[s][k] != ref[s][k]
-    ] + [
-        f"{k}: {run_cfg[k]!r}" for k in ref if not isinstance(ref[k], dict) and k != "workers" and run_cfg[k] != ref[k]
-    ]
+def differences(run_cfg: config.Config, reference: Path) -> list[str]:
+    """The settings in which a run's config differs from a reference config (seed and data files aside), as
+    ``key: reference -> run``."""
+    ref = config.load(reference, {"seed": run_cfg.seed, "data": {"path": run_cfg.data.path}})
+    return config.differences(ref, run_cfg)
 
 
 def measure_run(run_dir: Path, targets: list[float], reference: Path) -> dict:
     """Decision metrics of one finished run at each target, its calibration and its degradation."""
     cfg = config.load(run_dir / "config.yaml")
     sel, metrics = store.read_json(run_dir / "selection.json"), store.read_json(run_dir / "metrics.json")
-    chosen, rule = sel["selected"], cfg["vote"]["rule"]
+    chosen, rule = sel["selected"], cfg.vote.rule
     weights = (
         [store.read_json(run_dir / "pool" / n / "quant.json")["val_acc_int8"] for n in chosen]
-        if cfg["vote"]["weighted"]
+        if cfg.vote.weighted
         else None
     )
     x_val, y_val = store.split(run_dir, "val")
@@ -69,11 +62,11 @@ def measure_run(run_dir: Path, targets: list[float], reference: Path) -> dict:
         for t in targets
     }
     first = by_target[targets[0]]
-    g = evaluate.degradation(members_test, y_test, rule, weights, cfg["seed"])
+    g = evaluate.degradation(members_test, y_test, rule, weights, cfg.seed)
     best = evaluate.best_member(metrics["members"])
     return {
         "run_dir": rel(run_dir),
-        "seed": cfg["seed"],
+        "seed": cfg.seed,
         "config_differences": differences(cfg, reference),
         "n_val": len(y_val),
         "n_test": len(y_test),
@@ -198,7 +191,7 @@ def main() -> None:
     args = ap.parse_args()
 
     runs_dir, seeds = Path(args.runs), [int(s) for s in args.seeds.split(",") if s.strip()]
-    default = config.load(args.config)["vote"]["target_accuracy"]
+    default = config.load(args.config).vote.target_accuracy
     if default is None:
         sys.exit(f"{args.config} sets no vote.target_accuracy, so its bundles have no default threshold")
     targets = sorted({default, *(float(t) for t in args.targets.split(",") if t.strip())})

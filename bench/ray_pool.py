@@ -8,7 +8,7 @@ One run of the demo config is prepared and its baseline trained once; every pool
 many workers as the machine has cores, each member training with one thread. The setups take turns within each
 round, so load from other jobs slows them alike:
 
-- ``local``: ``pool.make_executor(workers)``, a spawned process pool (its start and shutdown timed);
+- ``local``: ``executors.make_executor(workers)``, a spawned process pool (its start and shutdown timed);
 - ``ray, new instance``: ``executor: ray`` with no ``ray.address``: a Ray instance started for the pool and stopped
   after, both timed (what a run on one machine costs);
 - ``ray, running cluster``: a Ray instance already running on this machine (started once, before the rounds), each
@@ -37,8 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10 import ROOT, command_line, machine, publish, rel, write_result
 
-from prune2edge import cli, config, pool
-from prune2edge.ray_executor import RayExecutor
+from prune2edge import cli, config, executors, pool
+from prune2edge.executors import RayExecutor
 
 TITLE = "## Pool on Ray"
 # a Ray instance that outlives the pools: started in its own process, stopped when its stdin closes
@@ -48,7 +48,7 @@ CLUSTER = (
 )
 
 
-def timed_pool(prepared: Path, run_dir: Path, cfg: dict, executor) -> tuple[float, float]:
+def timed_pool(prepared: Path, run_dir: Path, cfg: config.Config, executor) -> tuple[float, float]:
     """Seconds to build the whole pool from a copy of ``prepared`` (the executor's start and shutdown included),
     and the members' own training seconds, summed."""
     shutil.copytree(prepared, run_dir)
@@ -118,7 +118,7 @@ def main() -> None:
         try:
             address = cluster.stdout.readline().strip()
             setups = {
-                "local (process pool)": lambda: pool.make_executor(workers),
+                "local (process pool)": lambda: executors.make_executor(workers),
                 "ray, new instance": lambda: RayExecutor(),
                 "ray, running cluster": lambda: RayExecutor(address=address),
             }
@@ -156,7 +156,7 @@ def main() -> None:
         "command": command_line(),
         "size": args.size,
         "workers": workers,
-        "epochs": cfg["pool"]["epochs"],
+        "epochs": list(cfg.pool.epochs),
         "repeats": args.repeats,
         "load_average": [load, os.getloadavg()[0]],
         "identical_members": identical,

@@ -91,7 +91,7 @@ def compute_matched(run_dir: Path, epochs: float | None = None) -> dict:
     if (out / "result.json").exists():
         return store.read_json(out / "result.json")
     cfg = config.load(run_dir / "config.yaml")
-    settings = train.TrainSettings(**{**cfg["train"], "epochs": epochs})
+    settings = train.TrainSettings.of(cfg.train, epochs=epochs)
     shape = tuple(store.read_json(run_dir / "dataset.json")["image_shape"])
     model = store.load_baseline(run_dir)
     x, y = store.tensors(run_dir, "train")
@@ -101,9 +101,9 @@ def compute_matched(run_dir: Path, epochs: float | None = None) -> dict:
         x,
         y,
         settings,
-        seed=cfg["seed"],
-        augment=train.augment_kind(cfg["train"]["augment"], shape),
-        device=cfg["device"],
+        seed=cfg.seed,
+        augment=train.augment_kind(cfg.train.augment, shape),
+        device=cfg.device,
         x_val=x_val,
         y_val=y_val,
         checkpoint=out / "checkpoint.pt",
@@ -114,7 +114,7 @@ def compute_matched(run_dir: Path, epochs: float | None = None) -> dict:
     x_test, y_test = store.tensors(run_dir, "test")
     result = {
         "epochs": epochs,
-        "baseline_epochs": cfg["train"]["epochs"],
+        "baseline_epochs": cfg.train.epochs,
         "settings": asdict(settings),
         "val_acc": history[-1]["val_acc"],
         "test_acc": accuracy(train.predict_proba(model, x_test), y_test.numpy()),

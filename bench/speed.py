@@ -42,7 +42,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10 import ROOT, machine, publish, rel, write_result
 
-from prune2edge import config, models, pool, train
+from prune2edge import config, models, pool, prune, train
 
 TITLE = "## Training speed"
 EPOCH_IMAGES = 45_000  # CIFAR-10's training split less the 10 % validation
@@ -133,18 +133,20 @@ def reference_fit(
 Job = Callable[[], Callable[[], object]]  # builds fresh networks (not timed) and returns the training call (timed)
 
 
-def network(cfg: dict) -> nn.Module:
+def network(cfg: config.Config) -> nn.Module:
     torch.manual_seed(0)
-    return models.build(cfg["model"]["arch"], (32, 32, 3), 10, **cfg["model"]["kwargs"])
+    return models.build(cfg.model.arch, (32, 32, 3), 10, **cfg.model.kwargs)
 
 
 def fit(*args, **kwargs) -> list[dict]:
     return train.fit(*args, progress=False, **kwargs)
 
 
-def single(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str, loop: Callable, compile_: str = "none") -> Job:
+def single(
+    cfg: config.Config, x: torch.Tensor, y: torch.Tensor, device: str, loop: Callable, compile_: str = "none"
+) -> Job:
     """One network trained for one epoch of ``x`` with the config's ``train:`` settings."""
-    s = train.TrainSettings(**{**cfg["train"], "epochs": 1, "compile": compile_})
+    s = train.TrainSettings.of(cfg.train, epochs=1, compile=compile_)
 
     def prepare() -> Callable[[], object]:
         model = network(cfg)
@@ -153,30 +155,30 @@ def single(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str, loop: Calla
     return prepare
 
 
-def members(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str) -> list[train.Member]:
+def members(cfg: config.Config, x: torch.Tensor, y: torch.Tensor, device: str) -> list[train.Member]:
     """The pool's members as ``pool.plan`` samples them (seeds, sparsities, rates), each with its pruning hook, for
     one epoch of ``x``; the network is the baseline architecture (its weights do not matter for speed)."""
-    p = cfg["pool"]
+    p = cfg.pool
     out = []
     for m in pool.plan(cfg):
         model = network(cfg).to(device)
-        s = train.TrainSettings(
+        s = train.TrainSettings.of(
             epochs=1,
             batch_size=m.batch_size,
-            optimizer=p["optimizer"],
+            optimizer=p.optimizer,
             lr=m.lr,
-            momentum=p["momentum"],
-            weight_decay=p["weight_decay"],
-            schedule=p["lr_schedule"],
-            label_smoothing=p["label_smoothing"],
+            momentum=p.momentum,
+            weight_decay=p.weight_decay,
+            schedule=p.lr_schedule,
+            label_smoothing=p.label_smoothing,
         )
-        pruner = pool.MagnitudePruner(
+        pruner = prune.MagnitudePruner(
             models.prunable(model),
             m.sparsity,
-            p["schedule"],
-            p["scope"],
-            round(p["prune_end"] * math.ceil(len(x) / m.batch_size)),
-            noise=p["mask_noise"],
+            p.schedule,
+            p.scope,
+            round(p.prune_end * math.ceil(len(x) / m.batch_size)),
+            noise=p.mask_noise,
             seed=m.seed,
         )
         pruner.update(pruner.target(0))
@@ -184,7 +186,7 @@ def members(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str) -> list[tr
     return out
 
 
-def one_by_one(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str, loop: Callable) -> Job:
+def one_by_one(cfg: config.Config, x: torch.Tensor, y: torch.Tensor, device: str, loop: Callable) -> Job:
     def prepare() -> Callable[[], object]:
         ms = members(cfg, x, y, device)
         return lambda: [
@@ -197,7 +199,7 @@ def one_by_one(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str, loop: C
     return prepare
 
 
-def lockstep(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str) -> Job:
+def lockstep(cfg: config.Config, x: torch.Tensor, y: torch.Tensor, device: str) -> Job:
     def prepare() -> Callable[[], object]:
         ms = members(cfg, x, y, device)
         return lambda: train.fit_group(ms, augment="crop_flip", device=device, progress=False)
@@ -205,7 +207,7 @@ def lockstep(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str) -> Job:
     return prepare
 
 
-def singles(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str) -> dict[str, Job]:
+def singles(cfg: config.Config, x: torch.Tensor, y: torch.Tensor, device: str) -> dict[str, Job]:
     jobs = {"reference": single(cfg, x, y, device, reference_fit), "fit": single(cfg, x, y, device, fit)}
     if device == "cuda":
         jobs["fit, compile"] = single(cfg, x, y, device, fit, "torch")
@@ -213,7 +215,7 @@ def singles(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str) -> dict[st
     return jobs
 
 
-def pools(cfg: dict, x: torch.Tensor, y: torch.Tensor, device: str) -> dict[str, Job]:
+def pools(cfg: config.Config, x: torch.Tensor, y: torch.Tensor, device: str) -> dict[str, Job]:
     return {
         "reference": one_by_one(cfg, x, y, device, reference_fit),
         "fit": one_by_one(cfg, x, y, device, fit),
@@ -302,32 +304,34 @@ class Grid:
     pool_steps: int | None = None
 
 
-def bench_device(cfg: dict, device: str, steps: int, repeats: int, threads: int | None, grid: Grid) -> list[dict]:
+def bench_device(
+    cfg: config.Config, device: str, steps: int, repeats: int, threads: int | None, grid: Grid
+) -> list[dict]:
     """Rows of every network and pool of ``grid``, at each of its batch sizes."""
     out = []
     for b in grid.batches:
         c = (
             cfg
             if b is None
-            else {**cfg, "train": {**cfg["train"], "batch_size": b}, "pool": {**cfg["pool"], "batch_size": [b]}}
+            else config.load(None, config.merged(cfg, {"train": {"batch_size": b}, "pool": {"batch_size": [b]}}))
         )
         out += bench_batch(c, device, steps, repeats, threads, grid, b)
     return out
 
 
 def bench_batch(
-    cfg: dict, device: str, steps: int, repeats: int, threads: int | None, grid: Grid, forced: int | None
+    cfg: config.Config, device: str, steps: int, repeats: int, threads: int | None, grid: Grid, forced: int | None
 ) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
-    batch = cfg["train"]["batch_size"]
+    batch = cfg.train.batch_size
     x, y = torch.randn(steps * batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (steps * batch,), generator=gen)
     warm = x[:batch], y[:batch]
     suffix = "" if forced is None else f", batch {forced}"
     out = []
     for arch in grid.archs:
-        c = {**cfg, "model": model_of(cfg, arch)}
+        c = with_model(cfg, arch)
         out += rows(
-            describe(c["model"]) + suffix,
+            describe(c.model) + suffix,
             lambda x, y, c=c: singles(c, x, y, device),
             (x, y),
             warm,
@@ -339,13 +343,13 @@ def bench_batch(
             threads,
             batch,
         )
-    n = cfg["pool"]["size"]
+    n = cfg.pool.size
     px, py = (x, y) if grid.pool_steps is None else (x[: grid.pool_steps * batch], y[: grid.pool_steps * batch])
     for arch in grid.pool_archs:
-        c = {**cfg, "model": model_of(cfg, arch)}
+        c = with_model(cfg, arch)
         pool_steps = sum(math.ceil(len(px) / m.batch_size) for m in pool.plan(c))
         out += rows(
-            f"pool of {n} x {describe(c['model'])}{suffix}",
+            f"pool of {n} x {describe(c.model)}{suffix}",
             lambda x, y, c=c: pools(c, x, y, device),
             (px, py),
             warm,
@@ -360,13 +364,17 @@ def bench_batch(
     return out
 
 
-def model_of(cfg: dict, arch: str) -> dict:
-    """The config's ``model:`` for its own architecture, else ``arch`` with its default kwargs."""
-    return cfg["model"] if arch == cfg["model"]["arch"] else {**cfg["model"], "arch": arch, "kwargs": {}}
+def with_model(cfg: config.Config, arch: str) -> config.Config:
+    """The config for its own architecture, else with ``arch`` and its default kwargs."""
+    return (
+        cfg
+        if arch == cfg.model.arch
+        else config.load(None, config.merged(cfg, {"model": {"arch": arch, "kwargs": {}}}))
+    )
 
 
-def describe(model: dict) -> str:
-    return " ".join([model["arch"], *(f"{k}={v}" for k, v in model["kwargs"].items())])
+def describe(model: config.Model) -> str:
+    return " ".join([model.arch, *(f"{k}={v}" for k, v in model.kwargs.items())])
 
 
 def markdown(results: list[dict], folder: Path) -> str:
@@ -467,7 +475,7 @@ def main() -> None:
     cfg = config.load(
         args.config, {"pool": {"size": args.pool_size}, "cluster": {"k": 1}}
     )  # clustering plays no part here
-    own = cfg["model"]["arch"]
+    own = cfg.model.arch
     archs = args.archs.split(",") if args.archs else [own, "resnet20"]
     pool_archs = args.pool_archs.split(",") if args.pool_archs else [own]
     batches = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [None]

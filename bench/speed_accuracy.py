@@ -37,21 +37,21 @@ def results_path(loop: str) -> Path:
     return ROOT / "bench" / "results" / f"speed-accuracy-{loop}.json"
 
 
-def train_one(cfg: dict, run_dir: Path, loop: str) -> dict:
+def train_one(cfg: config.Config, run_dir: Path, loop: str) -> dict:
     """Train the baseline with one loop; its accuracy on validation and test, and its seconds."""
     pipeline.prepare(run_dir, cfg)
     info = store.read_json(run_dir / "dataset.json")
     shape = tuple(info["image_shape"])
-    torch.manual_seed(cfg["seed"])
-    model = models.build(cfg["model"]["arch"], shape, len(info["classes"]), **cfg["model"]["kwargs"])
+    torch.manual_seed(cfg.seed)
+    model = models.build(cfg.model.arch, shape, len(info["classes"]), **cfg.model.kwargs)
     x, y = store.tensors(run_dir, "train")
-    s = train.TrainSettings(**cfg["train"])
-    augment = train.augment_kind(cfg["train"]["augment"], shape)
+    s = train.TrainSettings.of(cfg.train)
+    augment = train.augment_kind(cfg.train.augment, shape)
     t0 = time.perf_counter()
     if loop == "fit":
-        train.fit(model, x, y, s, seed=cfg["seed"], augment=augment, desc=f"fit seed {cfg['seed']}")
+        train.fit(model, x, y, s, seed=cfg.seed, augment=augment, desc=f"fit seed {cfg.seed}")
     else:
-        reference_fit(model, x, y, s, seed=cfg["seed"], augment=augment)
+        reference_fit(model, x, y, s, seed=cfg.seed, augment=augment)
     seconds = time.perf_counter() - t0
     scores = {}
     for split in ("val", "test"):

@@ -6,10 +6,14 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 ABSTAIN_HELP = (
@@ -24,6 +28,8 @@ TRAINING_MODULES = {
     "sklearn": "scikit-learn",
     "scipy": "scipy",
     "yaml": "pyyaml",
+    "pydantic": "pydantic",
+    "annotated_types": "pydantic",
     "tqdm": "tqdm",
     "matplotlib": "matplotlib",
     "jinja2": "jinja2",
@@ -70,12 +76,12 @@ def main() -> None:
     """
 
 
-def _run(cfg: dict, out: Path, quiet: bool) -> None:
-    from . import evaluate, pipeline
+def _run(cfg: Config, out: Path, quiet: bool) -> None:
+    from . import pipeline, store, summary
 
     metrics = pipeline.run(cfg, out, progress=not quiet)
-    click.echo(evaluate.table(metrics))
-    click.echo(f"\nrun directory: {out}\nbundle: {out / 'bundle'}\nreport: {out / 'report.html'}")
+    click.echo(summary.table(metrics))
+    click.echo(f"\nrun directory: {out}\nbundle: {out / store.BUNDLE}\nreport: {out / store.REPORT}")
 
 
 @main.command()

@@ -36,7 +36,7 @@ def _fit(proba: np.ndarray, method: str, k: int, seed: int) -> np.ndarray:
 def cluster(proba: np.ndarray, method: str = "kmeans-onehot", k: int | str = 5, k_max: int = 10, seed: int = 0) -> dict:
     """Cluster members ``[M, N, K]``; ``k="silhouette"`` picks the k in 2..k_max with the best silhouette.
 
-    (``cluster.k: auto``, k chosen on the selected ensemble's validation accuracy, is ``pipeline.choose``.)
+    (``cluster.k: auto``, k chosen on the selected ensemble's validation accuracy, is :func:`choose_k`.)
 
     Returns ``labels`` (renumbered 0..k-1 in order of first appearance), ``k`` and the silhouette scores tried.
     """
@@ -63,3 +63,12 @@ def cluster(proba: np.ndarray, method: str = "kmeans-onehot", k: int | str = 5, 
         "labels": labels.tolist(),
         "silhouette": scores,
     }
+
+
+def choose_k(setting: int | str, curve: list[dict], n: int) -> int | str:
+    """The k to cluster ``n`` members into, by ``cluster.k``: an integer (at most n); ``silhouette``, left to
+    :func:`cluster` (the best-separated clustering); ``auto``, the k of ``curve`` (``select.curve``: each k's selected
+    ensemble and its validation accuracy) whose ensemble is the most accurate, ties to the smaller k."""
+    if setting == "auto":
+        return max(curve, key=lambda p: (p["val_acc"], -p["k"]))["k"]
+    return setting if setting == "silhouette" else min(int(setting), n)

@@ -1,157 +1,417 @@
-"""Run configuration: defaults, YAML loading, and validation that names the offending key."""
+"""Run configuration: one typed model per section (defaults, bounds and cross-field rules in one place), YAML
+loading, and errors that name the offending key and the fix.
+
+``load()`` returns a frozen :class:`Config`; phases read its sections as attributes (``cfg.pool.sparsity``) and
+trust them: a range given as one number is already the pair ``(x, x)``, a clustering preset already applied.
+``python -m prune2edge.config`` prints the JSON schema (docs/config.schema.json)."""
 
 from __future__ import annotations
 
-import copy
-import re
+import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin
 
+import annotated_types as at
 import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 
 from .data import TEST_FRACTION
 from .errors import UserError
-from .preprocess import COLORS
-
-DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "device": "cpu",
-    "workers": 1,
-    "executor": "local",  # local: in this process, or `workers` local processes; ray: Ray tasks
-    "ray": {
-        "address": None,  # null: RAY_ADDRESS, or the cluster `ray start` began here, or a new local
-        # instance; auto: the cluster this machine joined (ray start);
-        # ray://HOST:PORT (Ray Client); HOST:PORT (the head)
-        "num_cpus": 1,  # reserved per member (and its torch threads)
-        "num_gpus": 0,  # reserved per member; > 0 with device: cuda (a fraction shares a GPU)
-        "max_retries": 3,
-    },  # a member whose worker dies (killed, node lost) runs again this many times
-    "data": {
-        "name": "digits",
-        "path": None,
-        "download": False,
-        "val_fraction": 0.1,
-        "max_train": None,
-        "test_fraction": TEST_FRACTION,  # carved (stratified, seed 0) from a source without a test split
-        "image_size": None,  # int or [h, w]: every image resized to it (area filter); None: as stored
-        "color": None,
-    },  # grey or rgb: every image converted to it; None: as stored
-    "model": {"arch": "small_cnn", "kwargs": {}, "weights": None},
-    "train": {
-        "epochs": 10.0,
-        "batch_size": 128,
-        "optimizer": "sgd",
-        "lr": 0.05,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "schedule": "onecycle",
-        "augment": "auto",
-        "label_smoothing": 0.0,
-        "cycles": 1,  # restarts schedule: cosine cycles (SGDR / snapshot ensembles)
-        "compile": "none",
-    },  # torch: torch.compile the network; cuda-graph: whole step as a CUDA graph
-    "pool": {
-        "size": 8,  # members; with pool.min_steps, 8 x 100 steps is a few times the parent's training on a
-        # small dataset (see the summary's pool-time line)
-        "sparsity": [0.5, 0.9],  # final sparsity, spread evenly over the range across members
-        "schedule": "polynomial",  # polynomial (cubic, Zhu & Gupta 2017) or constant
-        "scope": "layer",  # layer: every layer to the target; global: one threshold over all layers
-        "prune_end": 0.7,  # fraction of fine-tuning after which the final sparsity holds
-        "epochs": [1.0, 2.0],  # fine-tuning epochs, uniform in the range
-        "min_steps": 100,  # each member trains at least this many optimiser steps, whatever the epochs give
-        # (on a small dataset an epoch is a few steps: too few to recover from pruning); 0: no floor
-        "lr": [0.01, 0.05],  # peak fine-tuning learning rate, log-uniform in the range
-        "batch_size": [64, 128],  # choices
-        "lr_schedule": "cosine",  # onecycle (warm-up to a high peak), cosine or constant
-        "optimizer": "sgd",
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "augment": "auto",
-        "label_smoothing": 0.0,
-        "bootstrap": False,  # each member fine-tunes on a bootstrap sample of the training split
-        "snapshots": 0,  # >= 2: the baseline's training saves this many evenly spaced checkpoints
-        # (the last is the baseline itself) and members are cloned from them in
-        # turn; pair with train.schedule: restarts and train.cycles equal to it
-        "mask_noise": 0.0,  # pruning ranks |w| * exp(mask_noise * N(0,1)), noise fixed per member:
-        # each member keeps a different set of weights (0 = pure magnitude)
-        "distill": 0.0,  # weight of distillation from the final fp32 baseline in the fine-tuning loss
-        "distill_temperature": 4.0,  # (0 = plain cross-entropy; costs one teacher forward pass per step)
-        "family": "clones",  # clones: members start from the baseline; independent: each from its own new
-        # initialisation, trained for pool.epochs (optionally distilled from the baseline)
-        "include_parent": False,  # independent: member m000 is the baseline itself (with weight_bits, fine-tuned
-        # with QAT for the last 1 - qat_start of pool.epochs at a tenth of pool.lr, cosine)
-        "member_kwargs": {},  # independent: model kwargs overriding the baseline's (e.g. width: 12)
-        "weight_bits": 0,  # 2..8: quantisation-aware training, weights on a per-channel grid of this many bits,
-        # shipped exactly (0 = off: int8 post-training quantisation alone)
-        "qat_start": 0.5,  # fraction of a member's steps after which its weights train fake-quantised
-        "mask": "magnitude",  # magnitude, or antirandom / antirandom-weighted: fixed masks that overlap as
-        # little as possible across members (random, or sampled in proportion to |w|)
-        "shrink": 1.0,  # start from shrink * w + perturb * w_fresh (shrink and perturb)
-        "perturb": 0.0,
-        "reinit_last": 0,  # re-initialise the last N prunable layers before training
-        "regrow": 0.0,  # prune-and-regrow (RigL): fraction of active weights moved every regrow_every steps
-        "regrow_every": 100,
-        "cyclical": False,  # one cyclical run from the baseline; a member at each cycle's low point (FGE)
-        "compile": "none",  # as train.compile, for the members' fine-tuning
-    },
-    "quantize": {
-        "calibration_size": 256,
-        "max_drop": 0.03,
-        "min_agreement": 0.9,
-        "codebook_bits": 0,
-    },  # 2..8: each member layer's int8 weights share 2^bits values (0 = off)
-    # k: auto, the k in 1..k_max whose selected ensemble is the most accurate on validation; an integer: that k
-    "cluster": {"method": "kmeans-onehot", "k": "auto", "k_max": 10, "preset": None},
-    "select": {
-        "strategy": "accuracy-first",
-        "max_acc_gap": 0.02,  # accuracy-first / diversity-first take only members at most this far below
-        # the best member on validation; a cluster with none is skipped
-        "max_below_parent": 0.03,  # a member whose int8 validation accuracy is more than this below the parent's
-        # (fp32) is reported and left out of clustering
-        "fallback": True,  # ship the int8 parent or one member instead where it beats the selected ensemble on
-        # validation (and fits a device of deploy.devices); false: always ship the ensemble
-    },
-    "vote": {
-        "rule": "soft",
-        "weighted": False,
-        "target_accuracy": 0.95,
-    },  # the bundle's default abstain threshold: the lowest vote margin at which the
-    # decided validation frames are this accurate (null: no default threshold)
-    "bundle": {"latency_runs": 100},  # each member's int8 latency at batch 1: median of this many timed runs
-    "deploy": {"devices": None},  # a devices file (YAML/JSON): each device's memory (and latency) budget
-}
-
-CHOICES = {
-    "device": ("cpu", "cuda"),
-    "executor": ("local", "ray"),
-    "data.name": ("digits", "cifar10", "cifar100", "npz", "imagefolder"),
-    "data.color": (None, *COLORS),
-    "train.optimizer": ("sgd", "adam"),
-    "train.schedule": ("onecycle", "cosine", "constant", "restarts"),
-    "train.augment": ("auto", "none", "crop", "crop_flip"),
-    "train.compile": ("none", "torch", "cuda-graph"),
-    "pool.schedule": ("polynomial", "constant"),
-    "pool.scope": ("layer", "global"),
-    "pool.lr_schedule": ("onecycle", "cosine", "constant"),
-    "pool.optimizer": ("sgd", "adam"),
-    "pool.augment": ("auto", "none", "crop", "crop_flip"),
-    "pool.family": ("clones", "independent"),
-    "pool.include_parent": (False, True),
-    "pool.mask": ("magnitude", "antirandom", "antirandom-weighted"),
-    "pool.cyclical": (False, True),
-    "pool.compile": ("none", "torch", "cuda-graph"),
-    "cluster.method": ("kmeans-onehot", "kmeans-proba", "kmeans-labels", "agglomerative"),
-    "cluster.preset": (None, "paper"),
-    "select.strategy": ("accuracy-first", "diversity-first", "top-k", "random", "greedy"),
-    "vote.rule": ("soft", "hard"),
-}
-# the authors' literal clustering: k-means with k=20 on the members' predicted-label vectors
-PRESETS = {"paper": {"method": "kmeans-labels", "k": 20}}
 
 
-def load(path: str | Path | None = None, overrides: dict | None = None) -> dict:
-    """Defaults, updated by a YAML file and then by ``overrides``; validated."""
-    cfg = copy.deepcopy(DEFAULTS)
+def _need(ok: bool, name: str, must: str, value: Any) -> None:
+    if not ok:
+        raise UserError(f"config key '{name}' {must}, got {value!r}")
+
+
+def _plain(check, schema: dict, out: Any = Any) -> Any:
+    """A key checked by ``check`` (which raises ValueError with the fix, or returns the value to keep)."""
+    return Annotated[
+        out,
+        PlainValidator(check),
+        PlainSerializer(lambda v: list(v) if isinstance(v, tuple) else v),
+        WithJsonSchema(schema),
+    ]
+
+
+def span(lo: float, hi: float, *, open_hi: bool = False, positive: bool = False) -> Any:
+    """A number or a ``[low, high]`` pair in [lo, hi] (or [lo, hi)), stored as the pair."""
+
+    def pair(v: Any) -> tuple[float, float]:
+        vals = list(v) if isinstance(v, (list, tuple)) else [v, v]
+        if len(vals) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+            raise ValueError("must be a number or a [low, high] pair")
+        a, b = float(vals[0]), float(vals[1])
+        if not (lo <= a <= b and (b < hi if open_hi else b <= hi)):
+            raise ValueError(f"must lie in [{float(lo)}, {float(hi)}{')' if open_hi else ']'} with low <= high")
+        if positive and a <= 0:
+            raise ValueError("must be > 0")
+        return a, b
+
+    number = {"type": "number", "minimum": lo, ("exclusiveMaximum" if open_hi else "maximum"): hi}
+    return _plain(pair, {"anyOf": [number, {"type": "array", "items": number, "minItems": 2, "maxItems": 2}]})
+
+
+def _image_size(v: Any) -> int | tuple[int, int] | None:
+    sizes = v if isinstance(v, (list, tuple)) and len(v) == 2 else [v]
+    if v is not None and not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
+        raise ValueError("must be null (as stored), a positive integer or a [height, width] pair of them")
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def _k(v: Any) -> str | int:
+    if v in ("auto", "silhouette") or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        return v
+    raise ValueError("must be a positive integer, 'auto' or 'silhouette'")
+
+
+def must(text: str) -> Any:
+    """The wording of a key's error, where the one derived from its type and bounds would say less."""
+    return Field(json_schema_extra={"must": text})
+
+
+PosInt = Annotated[int, at.Ge(1)]
+Count = Annotated[int, at.Ge(0)]
+NonNeg = Annotated[float, at.Ge(0)]
+Unit = Annotated[float, at.Ge(0), at.Le(1)]
+UnitOpen = Annotated[float, at.Ge(0), at.Lt(1)]
+Bits = Annotated[int, at.Ge(0), at.Le(8)]
+ImageSize = _plain(_image_size, {"anyOf": [{"type": "null"}, {"type": "integer"}, {"type": "array"}]})
+K = _plain(_k, {"anyOf": [{"enum": ["auto", "silhouette"]}, {"type": "integer", "minimum": 1}]})
+Optimizer = Literal["sgd", "adam"]
+Augment = Literal["auto", "none", "crop", "crop_flip"]  # auto: crop + flip for colour images of 16 px or more
+Compile = Literal["none", "torch", "cuda-graph"]  # torch: torch.compile; cuda-graph: whole step as a CUDA graph
+BITS = "must be 0 (off: int8 post-training quantisation) or an integer from 2 to 8"
+CODEBOOK = "must be 0 (off) or an integer from 2 to 8"
+SNAPSHOTS = "must be 0 (clone the final baseline) or an integer >= 2"
+RAY = "must be null (a Ray instance on this machine), 'auto', 'ray://HOST:PORT' or 'HOST:PORT'"
+GAP = "must be a number in [0, 1] (a fraction of validation accuracy)"
+
+
+class Section(BaseModel):
+    """Unknown keys are errors; values are not coerced (``true`` is not a batch size); read-only once loaded."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
+
+
+class Ray(Section):
+    address: Annotated[Annotated[str, Field(pattern=r"^(auto|(ray://)?[\w.-]+:\d+)$")] | None, must(RAY)] = None
+    """null: RAY_ADDRESS, the cluster `ray start` began here, or a new local instance; auto: the cluster joined"""
+    num_cpus: Annotated[float, at.Gt(0)] = Field(1, description="reserved per member (and its torch threads)")
+    num_gpus: NonNeg = Field(0, description="reserved per member; > 0 with device: cuda (a fraction shares a GPU)")
+    max_retries: Count = 3
+    """a member whose worker dies (killed, node lost) runs again this many times"""
+
+
+class Data(Section):
+    name: Literal["digits", "cifar10", "cifar100", "npz", "imagefolder"] = "digits"
+    path: Annotated[str | list[str] | None, must("must be null, a path or a list of paths")] = None
+    download: bool = False
+    val_fraction: Annotated[float, at.Ge(0.01), at.Le(0.9)] = 0.1
+    max_train: Annotated[int | None, at.Gt(1)] = None
+    test_fraction: Annotated[float, at.Ge(0.01), at.Le(0.9)] = TEST_FRACTION
+    """carved (stratified, seed 0) from a source without a test split"""
+    image_size: ImageSize = None
+    """int or [h, w]: every image resized to it (area filter); null: as stored"""
+    color: Literal["grey", "rgb"] | None = Field(None, description="every image converted to it; null: as stored")
+
+
+class Model(Section):
+    arch: str = "small_cnn"
+    """a built-in architecture (small_cnn, resnet20, keras_cifar10_cnn) or module.path:factory"""
+    kwargs: dict[str, Any] = {}
+    weights: str | None = Field(None, description="a state dict to start from instead of training the baseline")
+
+
+class Train(Section):
+    epochs: NonNeg = 10.0
+    batch_size: PosInt = 128
+    optimizer: Optimizer = "sgd"
+    lr: NonNeg = 0.05
+    momentum: NonNeg = 0.9
+    weight_decay: NonNeg = 5e-4
+    schedule: Literal["onecycle", "cosine", "constant", "restarts"] = "onecycle"
+    augment: Augment = "auto"
+    label_smoothing: NonNeg = 0.0
+    cycles: PosInt = Field(1, description="restarts schedule: cosine cycles (SGDR / snapshot ensembles)")
+    compile: Compile = "none"
+
+
+RENAMED = {"init": ("family", {"baseline": "clones", "fresh": "independent"})}  # pool keys renamed since
+
+
+class Pool(Section):
+    size: PosInt = 8
+    sparsity: span(0, 1, open_hi=True) = (0.5, 0.9)
+    """final sparsity, spread evenly over the range across members"""
+    schedule: Literal["polynomial", "constant"] = "polynomial"
+    """polynomial: cubic (Zhu & Gupta 2017)"""
+    scope: Literal["layer", "global"] = "layer"
+    """layer: every layer to the target; global: one threshold over all layers"""
+    prune_end: Unit = Field(0.7, description="fraction of fine-tuning after which the final sparsity holds")
+    epochs: span(0, 1e6, positive=True) = Field((1.0, 2.0), description="fine-tuning epochs, uniform in the range")
+    min_steps: Annotated[Count, must("must be an integer >= 0 (a member's least optimiser steps; 0: no floor)")] = 100
+    """each member trains at least this many optimiser steps (on a small dataset an epoch is a few steps)"""
+    lr: span(0, 10, positive=True) = (0.01, 0.05)
+    """peak fine-tuning learning rate, log-uniform in the range"""
+    batch_size: Annotated[list[PosInt], must("must be a positive integer or a list of them"), at.MinLen(1)] = [64, 128]
+    """choices"""
+    lr_schedule: Literal["onecycle", "cosine", "constant"] = "cosine"
+    optimizer: Optimizer = "sgd"
+    momentum: NonNeg = 0.9
+    weight_decay: NonNeg = 5e-4
+    augment: Augment = "auto"
+    label_smoothing: NonNeg = 0.0
+    bootstrap: bool = Field(False, description="each member fine-tunes on a bootstrap sample of the training split")
+    snapshots: Annotated[Count, must(SNAPSHOTS)] = 0
+    """>= 2: the baseline saves this many checkpoints and members are cloned from them in turn"""
+    mask_noise: Annotated[float, at.Ge(0), at.Le(10)] = 0.0
+    """pruning ranks |w| * exp(mask_noise * N(0,1)), noise fixed per member"""
+    distill: Unit = Field(0.0, description="weight of distillation from the fp32 baseline in the fine-tuning loss")
+    distill_temperature: Annotated[float, at.Gt(0)] = 4.0
+    family: Literal["clones", "independent"] = "clones"
+    """clones: members start from the baseline; independent: each from its own new initialisation"""
+    include_parent: bool = False
+    """independent: member m000 is the baseline itself, QAT-fine-tuned for the last 1 - qat_start of pool.epochs"""
+    member_kwargs: dict[str, Any] = {}
+    """independent: model kwargs overriding the baseline's (e.g. width: 12)"""
+    weight_bits: Annotated[Bits, must(BITS)] = 0
+    """2..8: quantisation-aware training, weights on a per-channel grid of this many bits, shipped exactly"""
+    qat_start: UnitOpen = 0.5
+    """fraction of a member's steps after which its weights train fake-quantised"""
+    mask: Literal["magnitude", "antirandom", "antirandom-weighted"] = "magnitude"
+    """antirandom: fixed masks that overlap as little as possible across members"""
+    shrink: Unit = Field(1.0, description="start from shrink * w + perturb * w_fresh (shrink and perturb)")
+    perturb: Annotated[float, at.Ge(0), at.Le(10)] = 0.0
+    reinit_last: Count = Field(0, description="re-initialise the last N prunable layers before training")
+    regrow: UnitOpen = 0.0
+    """prune-and-regrow (RigL): fraction of active weights moved every regrow_every steps"""
+    regrow_every: PosInt = 100
+    cyclical: bool = False
+    """one cyclical run from the baseline; a member at each cycle's low point (FGE)"""
+    compile: Compile = "none"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_and_scalars(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for old, (new, values) in RENAMED.items():
+            if old in data:
+                data = {**{k: v for k, v in data.items() if k != old}, new: values.get(data[old], data[old])}
+        bs = data.get("batch_size")
+        return {**data, "batch_size": [bs]} if isinstance(bs, int) and not isinstance(bs, bool) else data
+
+
+class Quantize(Section):
+    calibration_size: PosInt = 256
+    max_drop: Unit = Field(0.03, description="int8 passes when its validation accuracy is at most this below fp32's")
+    min_agreement: Unit = 0.9
+    """and when its predictions agree with fp32's on at least this fraction of validation images"""
+    codebook_bits: Annotated[Bits, must(CODEBOOK)] = 0
+    """2..8: each member layer's int8 weights share 2^bits values"""
+
+
+PRESETS = {"paper": {"method": "kmeans-labels", "k": 20}}  # the authors' k-means, k=20 on predicted labels
+
+
+class Cluster(Section):
+    method: Literal["kmeans-onehot", "kmeans-proba", "kmeans-labels", "agglomerative"] = "kmeans-onehot"
+    k: K = "auto"
+    """auto: the k in 1..k_max whose selected ensemble is the most accurate on validation; silhouette; or an integer"""
+    k_max: PosInt = 10
+    preset: Literal["paper"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        return {**data, **PRESETS[data["preset"]]} if isinstance(data, dict) and data.get("preset") in PRESETS else data
+
+
+class Select(Section):
+    strategy: Literal["accuracy-first", "diversity-first", "top-k", "random", "greedy"] = "accuracy-first"
+    max_acc_gap: Annotated[Unit, must(GAP)] = 0.02
+    """accuracy-first / diversity-first take only members at most this far below the best on validation"""
+    max_below_parent: Annotated[Unit, must(GAP)] = 0.03
+    """a member more than this below the parent's fp32 validation accuracy is reported and left out"""
+    fallback: Annotated[bool, must("must be true (ship a single model that beats the ensemble) or false")] = True
+    """ship the int8 parent or one member instead where it beats the selected ensemble on validation"""
+
+
+class Vote(Section):
+    rule: Literal["soft", "hard"] = "soft"
+    weighted: bool = False
+    target_accuracy: Annotated[
+        float | None, at.Gt(0), at.Le(1), must("must be null (no default abstain threshold) or an accuracy in (0, 1]")
+    ] = 0.95
+    """the bundle's default abstain threshold: the lowest vote margin at which decided frames are this accurate"""
+
+
+class Bundle(Section):
+    latency_runs: PosInt = 100
+    """each member's int8 latency at batch 1: the median of this many timed runs"""
+
+
+class Deploy(Section):
+    devices: Annotated[str | None, at.MinLen(1), must("must be the path of a devices file (YAML or JSON), or null")] = (
+        None
+    )
+    """each device's memory (and latency) budget"""
+
+
+class Config(Section):
+    """A whole run: the top-level keys and one section per phase."""
+
+    seed: Count = 0
+    device: Literal["cpu", "cuda"] = "cpu"
+    workers: PosInt = 1
+    executor: Literal["local", "ray"] = "local"
+    """local: in this process, or `workers` local processes; ray: Ray tasks"""
+    ray: Ray = Ray()
+    data: Data = Data()
+    model: Model = Model()
+    train: Train = Train()
+    pool: Pool = Pool()
+    quantize: Quantize = Quantize()
+    cluster: Cluster = Cluster()
+    select: Select = Select()
+    vote: Vote = Vote()
+    bundle: Bundle = Bundle()
+    deploy: Deploy = Deploy()
+
+    @model_validator(mode="after")
+    def _rules(self) -> Config:
+        for name, wrong, ok in RULES:
+            value = self
+            for part in name.split("."):
+                value = getattr(value, part)
+            _need(ok(self), name, wrong, value)
+        if isinstance(self.cluster.k, int) and self.cluster.k > self.pool.size:
+            raise UserError(
+                f"config key 'cluster.k' is {self.cluster.k}, larger than the pool (pool.size = {self.pool.size}); "
+                "lower cluster.k or raise pool.size"
+            )
+        return self
+
+
+# the rules between keys: (key, what is wrong with it when the check fails, the check on the whole config)
+# fmt: off
+RULES: list[tuple[str, str, Callable[[Config], bool]]] = [
+    ("pool.weight_bits", BITS,
+     lambda c: c.pool.weight_bits != 1),
+    ("pool.snapshots", SNAPSHOTS,
+     lambda c: c.pool.snapshots != 1),
+    ("quantize.codebook_bits", CODEBOOK,
+     lambda c: c.quantize.codebook_bits != 1),
+    ("train.compile", "'cuda-graph' needs device: cuda",
+     lambda c: c.train.compile != "cuda-graph" or c.device == "cuda"),
+    ("pool.compile", "'cuda-graph' needs device: cuda",
+     lambda c: c.pool.compile != "cuda-graph" or c.device == "cuda"),
+    ("train.epochs", "must be > 0 unless model.weights is given",
+     lambda c: c.train.epochs > 0 or bool(c.model.weights)),
+    ("pool.snapshots", "needs the baseline trained here (model.weights is set), so must be 0",
+     lambda c: not (c.pool.snapshots and c.model.weights)),
+    ("pool.member_kwargs", "changes the network, so needs pool.family: independent (a clone keeps the baseline's shape)",
+     lambda c: not c.pool.member_kwargs or c.pool.family == "independent"),
+    ("pool.family", "independent members start from a new initialisation, so cannot be combined with snapshots, "
+     "cyclical, shrink, perturb or reinit_last",
+     lambda c: c.pool.family == "clones" or not _leaves_basin(c.pool)),
+    ("pool.include_parent", "makes the baseline one member of an independent pool, so needs pool.family: independent",
+     lambda c: not c.pool.include_parent or c.pool.family == "independent"),
+    ("pool.cyclical", "makes every member from one run, so cannot be combined with pool.mask antirandom, snapshots or "
+     "bootstrap",
+     lambda c: not c.pool.cyclical or (c.pool.mask == "magnitude" and not c.pool.snapshots and not c.pool.bootstrap)),
+    ("workers", "runs members in local processes; with executor: ray, Ray schedules them by ray.num_cpus / "
+     "ray.num_gpus per member, so leave workers at 1",
+     lambda c: c.executor != "ray" or c.workers == 1),
+    ("pool.cyclical", "makes every member in one run, which cannot be spread; use executor: local",
+     lambda c: c.executor != "ray" or not c.pool.cyclical),
+    ("ray.num_gpus", "must be > 0 with device: cuda (e.g. 1, or 0.5 for two members per GPU), so that Ray gives each "
+     "member a GPU",
+     lambda c: c.executor != "ray" or c.device != "cuda" or c.ray.num_gpus > 0),
+    ("ray.num_gpus", "reserves GPUs that device: cpu leaves idle; set it to 0 or use device: cuda",
+     lambda c: c.executor != "ray" or c.device == "cuda" or c.ray.num_gpus == 0),
+]
+# fmt: on
+
+
+def _leaves_basin(p: Pool) -> bool:
+    return bool(p.snapshots or p.cyclical or p.reinit_last or p.shrink != 1 or p.perturb)
+
+
+def _derived_must(field: Any) -> str:
+    """What a valid value of a key is, from its type and bounds (or the wording :func:`must` gave it)."""
+    if field.json_schema_extra:
+        return field.json_schema_extra["must"]
+    ann, meta = field.annotation, {type(m): m for m in field.metadata}
+    literals = [ann] if get_origin(ann) is Literal else [a for a in get_args(ann) if get_origin(a) is Literal]
+    if literals:
+        return f"must be one of {[v for a in literals for v in get_args(a) if v is not None]}"
+    if ann is bool:
+        return "must be true or false"
+    if at.Ge in meta and (at.Le in meta or at.Lt in meta):
+        lo, hi = meta[at.Ge].ge, meta[at.Le].le if at.Le in meta else meta[at.Lt].lt
+        return f"must lie in [{float(lo)}, {float(hi)}{']' if at.Le in meta else ')'}"
+    kind = "an integer" if int in (ann, *get_args(ann)) else "a number"
+    if at.Ge in meta:
+        return (
+            "must be a positive integer"
+            if kind == "an integer" and meta[at.Ge].ge == 1
+            else f"must be {kind} >= {meta[at.Ge].ge:g}"
+        )
+    if at.Gt in meta:
+        return f"must be {kind} > {meta[at.Gt].gt:g}"
+    return "must be a mapping" if get_origin(ann) is dict else f"must be {kind if ann in (int, float) else 'a string'}"
+
+
+def _first_error(e: ValidationError, raw: dict) -> UserError:
+    """The first of pydantic's errors in validating ``raw``, as one line that names the key and a valid value."""
+    err = e.errors(include_url=False)[0]
+    model: type[BaseModel] = Config
+    names, field = [], None
+    for part in err["loc"]:  # down the sections to the key (the rest of loc: list items, union members)
+        names.append(str(part))
+        field = model.model_fields.get(str(part))
+        sub = field.annotation if field is not None else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            break
+        model, field = sub, None
+    name = ".".join(names)
+    if err["type"] == "extra_forbidden":
+        where = " in " + ".".join(names[:-1]) if len(names) > 1 else ""
+        return UserError(f"unknown config key '{name}'; known keys{where}: {', '.join(model.model_fields)}")
+    value = raw
+    for part in names:  # the key's whole value (an error may be about one item of it)
+        value = value[part] if isinstance(value, dict) and part in value else err["input"]
+    if field is None:  # a section that is not a mapping
+        return UserError(f"config key '{name}' must be a mapping, got {value!r}")
+    text = str(err["ctx"]["error"]) if err["type"] == "value_error" else _derived_must(field)
+    return UserError(f"config key '{name}' {text}, got {value!r}")
+
+
+def _merge(base: dict, new: dict) -> dict:
+    """``base`` updated by ``new``, mapping into mapping (``model.kwargs`` and ``pool.member_kwargs`` replaced)."""
+    out = dict(base)
+    for k, v in new.items():
+        nested = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("kwargs", "member_kwargs")
+        out[k] = _merge(out[k], v) if nested else v
+    return out
+
+
+def load(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """The defaults, updated by a YAML file and then by ``overrides``; validated."""
+    user: Any = {}
     if path is not None:
         try:
             text = Path(path).read_text()
@@ -163,358 +423,65 @@ def load(path: str | Path | None = None, overrides: dict | None = None) -> dict:
             raise UserError(f"config '{path}' is not valid YAML: {e}") from None
         if not isinstance(user, dict):
             raise UserError(f"config '{path}' must be a mapping of sections (data:, model:, pool:, ...)")
-        _merge(cfg, user, "")
-    _merge(cfg, overrides or {}, "")
-    return validate(cfg)
-
-
-# keys renamed since, read from the configs of older run directories: old key -> (new key, old value -> new value)
-RENAMED = {"pool.init": ("family", {"baseline": "clones", "fresh": "independent"})}
-
-
-def _merge(base: dict, new: dict, prefix: str) -> None:
-    for key, value in new.items():
-        name = f"{prefix}{key}"
-        if name in RENAMED:
-            key, values = RENAMED[name]
-            name, value = f"{prefix}{key}", values.get(value, value)
-        if key not in base:
-            raise UserError(
-                f"unknown config key '{name}'; known keys{' in ' + prefix[:-1] if prefix else ''}: {', '.join(base)}"
-            )
-        if isinstance(base[key], dict) and key not in ("kwargs", "member_kwargs"):
-            if not isinstance(value, dict):
-                raise UserError(f"config key '{name}' must be a mapping, got {value!r}")
-            _merge(base[key], value, name + ".")
-        else:
-            base[key] = value
-
-
-def _get(cfg: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = cfg[part]
-    return cfg
-
-
-def _need(ok: bool, key: str, msg: str, value: Any) -> None:
-    if not ok:
-        raise UserError(f"config key '{key}' {msg}, got {value!r}")
-
-
-def _range(cfg: dict, key: str, lo: float, hi: float, closed_hi: bool = True) -> tuple[float, float]:
-    v = _get(cfg, key)
-    vals = v if isinstance(v, list) else [v, v]
-    _need(
-        len(vals) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals),
-        key,
-        "must be a number or a [low, high] pair",
-        v,
-    )
-    a, b = vals
-    inside = lo <= a <= b and (b <= hi if closed_hi else b < hi)
-    _need(inside, key, f"must lie in [{lo}, {hi}{']' if closed_hi else ')'} with low <= high", v)
-    return float(a), float(b)
-
-
-def validate(cfg: dict) -> dict:
-    """Check types and ranges; apply the clustering preset. Returns the same dict."""
-    for key, options in CHOICES.items():
-        _need(_get(cfg, key) in options, key, f"must be one of {[o for o in options if o is not None]}", _get(cfg, key))
-    for key in (
-        "seed",
-        "workers",
-        "pool.size",
-        "train.batch_size",
-        "train.cycles",
-        "quantize.calibration_size",
-        "cluster.k_max",
-        "bundle.latency_runs",
-    ):
-        v = _get(cfg, key)
-        _need(
-            isinstance(v, int) and not isinstance(v, bool) and v >= (0 if key == "seed" else 1),
-            key,
-            "must be a positive integer",
-            v,
-        )
-    for key in (
-        "train.epochs",
-        "train.lr",
-        "train.momentum",
-        "train.weight_decay",
-        "train.label_smoothing",
-        "pool.momentum",
-        "pool.weight_decay",
-        "pool.label_smoothing",
-    ):
-        v = _get(cfg, key)
-        _need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, key, "must be a number >= 0", v)
-    for key in ("train.compile", "pool.compile"):
-        _need(
-            _get(cfg, key) != "cuda-graph" or cfg["device"] == "cuda",
-            key,
-            "'cuda-graph' needs device: cuda",
-            _get(cfg, key),
-        )
-    _need(
-        cfg["train"]["epochs"] > 0 or cfg["model"]["weights"],
-        "train.epochs",
-        "must be > 0 unless model.weights is given",
-        cfg["train"]["epochs"],
-    )
-    _range(cfg, "data.val_fraction", 0.01, 0.9)
-    _range(cfg, "data.test_fraction", 0.01, 0.9)
-    size = cfg["data"]["image_size"]
-    _need(
-        size is None
-        or all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 1
-            for v in (size if isinstance(size, list) and len(size) == 2 else [size])
-        ),
-        "data.image_size",
-        "must be null (as stored), a positive integer or a [height, width] pair of them",
-        size,
-    )
-    _range(cfg, "pool.sparsity", 0.0, 1.0, closed_hi=False)
-    _range(cfg, "pool.prune_end", 0.0, 1.0)
-    _range(cfg, "pool.mask_noise", 0.0, 10.0)
-    _range(cfg, "pool.distill", 0.0, 1.0)
-    _range(cfg, "pool.shrink", 0.0, 1.0)
-    _range(cfg, "pool.perturb", 0.0, 10.0)
-    _range(cfg, "pool.regrow", 0.0, 1.0, closed_hi=False)
-    for key in ("pool.reinit_last", "pool.regrow_every"):
-        v = _get(cfg, key)
-        _need(
-            isinstance(v, int) and not isinstance(v, bool) and v >= (0 if key == "pool.reinit_last" else 1),
-            key,
-            "must be an integer >= 0" if key == "pool.reinit_last" else "must be a positive integer",
-            v,
-        )
-    p = cfg["pool"]
-    _need(isinstance(p["member_kwargs"], dict), "pool.member_kwargs", "must be a mapping", p["member_kwargs"])
-    _need(
-        not p["member_kwargs"] or p["family"] == "independent",
-        "pool.member_kwargs",
-        "changes the network, so needs pool.family: independent (a clone keeps the baseline's shape)",
-        p["member_kwargs"],
-    )
-    _need(
-        p["family"] == "clones"
-        or not (p["snapshots"] or p["cyclical"] or p["reinit_last"] or p["shrink"] != 1 or p["perturb"]),
-        "pool.family",
-        "independent members start from a new initialisation, so cannot be combined with snapshots, cyclical, "
-        "shrink, perturb or reinit_last",
-        p["family"],
-    )
-    _need(
-        not p["include_parent"] or p["family"] == "independent",
-        "pool.include_parent",
-        "makes the baseline one member of an independent pool, so needs pool.family: independent",
-        p["include_parent"],
-    )
-    bits = p["weight_bits"]
-    _need(
-        isinstance(bits, int) and not isinstance(bits, bool) and (bits == 0 or 2 <= bits <= 8),
-        "pool.weight_bits",
-        "must be 0 (off: int8 post-training quantisation) or an integer from 2 to 8",
-        bits,
-    )
-    _range(cfg, "pool.qat_start", 0.0, 1.0, closed_hi=False)
-    _need(
-        not p["cyclical"] or (p["mask"] == "magnitude" and not p["snapshots"] and not p["bootstrap"]),
-        "pool.cyclical",
-        "makes every member from one run, so cannot be combined with pool.mask antirandom, snapshots or bootstrap",
-        p["cyclical"],
-    )
-    t = cfg["pool"]["distill_temperature"]
-    _need(
-        isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0,
-        "pool.distill_temperature",
-        "must be a number > 0",
-        t,
-    )
-    snaps = cfg["pool"]["snapshots"]
-    _need(
-        isinstance(snaps, int) and not isinstance(snaps, bool) and (snaps == 0 or snaps >= 2),
-        "pool.snapshots",
-        "must be 0 (clone the final baseline) or an integer >= 2",
-        snaps,
-    )
-    _need(
-        not (snaps and cfg["model"]["weights"]),
-        "pool.snapshots",
-        "needs the baseline to be trained here (model.weights is set), so must be 0",
-        snaps,
-    )
-    _range(cfg, "quantize.max_drop", 0.0, 1.0)
-    _range(cfg, "quantize.min_agreement", 0.0, 1.0)
-    bits = cfg["quantize"]["codebook_bits"]
-    _need(
-        isinstance(bits, int) and not isinstance(bits, bool) and (bits == 0 or 2 <= bits <= 8),
-        "quantize.codebook_bits",
-        "must be 0 (off) or an integer from 2 to 8",
-        bits,
-    )
-    lo, _ = _range(cfg, "pool.epochs", 0.0, 1e6)
-    _need(lo > 0, "pool.epochs", "must be > 0", cfg["pool"]["epochs"])
-    lo, _ = _range(cfg, "pool.lr", 0.0, 10.0)
-    _need(lo > 0, "pool.lr", "must be > 0", cfg["pool"]["lr"])
-    bs = cfg["pool"]["batch_size"]
-    bs = bs if isinstance(bs, list) else [bs]
-    _need(
-        bool(bs) and all(isinstance(b, int) and b > 0 for b in bs),
-        "pool.batch_size",
-        "must be a positive integer or a list of them",
-        bs,
-    )
-    if cfg["cluster"]["preset"]:
-        cfg["cluster"].update(PRESETS[cfg["cluster"]["preset"]])
-    k = cfg["cluster"]["k"]
-    _need(
-        k in ("auto", "silhouette") or (isinstance(k, int) and not isinstance(k, bool) and k >= 1),
-        "cluster.k",
-        "must be a positive integer, 'auto' or 'silhouette'",
-        k,
-    )
-    if isinstance(k, int) and k > cfg["pool"]["size"]:
-        raise UserError(
-            f"config key 'cluster.k' is {k}, larger than the pool (pool.size = {cfg['pool']['size']}); "
-            "lower cluster.k or raise pool.size"
-        )
-    for key in ("select.max_acc_gap", "select.max_below_parent"):
-        gap = _get(cfg, key)
-        _need(
-            isinstance(gap, (int, float)) and not isinstance(gap, bool) and 0 <= gap <= 1,
-            key,
-            "must be a number in [0, 1] (a fraction of validation accuracy)",
-            gap,
-        )
-    _need(
-        isinstance(cfg["select"]["fallback"], bool),
-        "select.fallback",
-        "must be true (ship a single model that beats the ensemble on validation) or false (always the ensemble)",
-        cfg["select"]["fallback"],
-    )
-    ms = cfg["pool"]["min_steps"]
-    _need(
-        isinstance(ms, int) and not isinstance(ms, bool) and ms >= 0,
-        "pool.min_steps",
-        "must be an integer >= 0 (a member's least optimiser steps; 0: no floor)",
-        ms,
-    )
-    ta = cfg["vote"]["target_accuracy"]
-    _need(
-        ta is None or (isinstance(ta, (int, float)) and not isinstance(ta, bool) and 0 < ta <= 1),
-        "vote.target_accuracy",
-        "must be null (no default abstain threshold) or an accuracy in (0, 1]",
-        ta,
-    )
-    _need(isinstance(cfg["model"]["kwargs"], dict), "model.kwargs", "must be a mapping", cfg["model"]["kwargs"])
-    _validate_ray(cfg)
-    dev = cfg["deploy"]["devices"]
-    _need(
-        dev is None or (isinstance(dev, str) and bool(dev)),
-        "deploy.devices",
-        "must be the path of a devices file (YAML or JSON), or null",
-        dev,
-    )
-    mt = cfg["data"]["max_train"]
-    _need(mt is None or (isinstance(mt, int) and mt > 1), "data.max_train", "must be null or an integer > 1", mt)
-    return cfg
-
-
-def _validate_ray(cfg: dict) -> None:
-    r = cfg["ray"]
-    address = r["address"]
-    _need(
-        address is None or (isinstance(address, str) and re.fullmatch(r"auto|(ray://)?[\w.-]+:\d+", address)),
-        "ray.address",
-        "must be null (a Ray instance on this machine), 'auto', 'ray://HOST:PORT' or 'HOST:PORT'",
-        address,
-    )
-    cpus, gpus, retries = r["num_cpus"], r["num_gpus"], r["max_retries"]
-    _need(
-        isinstance(cpus, (int, float)) and not isinstance(cpus, bool) and cpus > 0,
-        "ray.num_cpus",
-        "must be a number > 0",
-        cpus,
-    )
-    _need(
-        isinstance(gpus, (int, float)) and not isinstance(gpus, bool) and gpus >= 0,
-        "ray.num_gpus",
-        "must be a number >= 0",
-        gpus,
-    )
-    _need(
-        isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0,
-        "ray.max_retries",
-        "must be an integer >= 0",
-        retries,
-    )
-    if cfg["executor"] != "ray":
-        return
-    _need(
-        cfg["workers"] == 1,
-        "workers",
-        "runs members in local processes; with executor: ray, Ray schedules them "
-        "by ray.num_cpus / ray.num_gpus per member, so leave workers at 1",
-        cfg["workers"],
-    )
-    _need(
-        not cfg["pool"]["cyclical"],
-        "pool.cyclical",
-        "makes every member in one run, which cannot be spread; use executor: local",
-        cfg["pool"]["cyclical"],
-    )
-    _need(
-        cfg["device"] != "cuda" or r["num_gpus"] > 0,
-        "ray.num_gpus",
-        "must be > 0 with device: cuda (e.g. 1, or 0.5 for two members per GPU), so that Ray gives each member a GPU",
-        r["num_gpus"],
-    )
-    _need(
-        cfg["device"] == "cuda" or r["num_gpus"] == 0,
-        "ray.num_gpus",
-        "reserves GPUs that device: cpu leaves idle; set it to 0 or use device: cuda",
-        r["num_gpus"],
-    )
+    raw = _merge(user, overrides or {})
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise _first_error(e, raw) from None
 
 
 def parse_settings(settings: list[str] | tuple[str, ...]) -> dict:
     """``["pool.size=8", "train.lr=0.1"]`` -> nested overrides; values are read as YAML scalars or lists."""
     out: dict = {}
     for item in settings:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
             raise UserError(f"--set takes KEY=VALUE (e.g. pool.size=8), got '{item}'")
-        *parents, leaf = key.split(".")
+        *parents, leaf = name.split(".")
         node = out
         for p in parents:
             node = node.setdefault(p, {})
         try:
             node[leaf] = yaml.safe_load(value)
         except yaml.YAMLError as e:
-            raise UserError(f"--set {key}: cannot read value '{value}' ({e})") from None
+            raise UserError(f"--set {name}: cannot read value '{value}' ({e})") from None
     return out
 
 
-def yaml_text(cfg: dict) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False)
+def as_dict(cfg: Config) -> dict:
+    """The config as plain YAML/JSON values (pairs as lists)."""
+    return cfg.model_dump(mode="json")
+
+
+def merged(cfg: Config, overrides: dict) -> dict:
+    """A config's values updated by ``overrides`` (as :func:`load` takes them), to load or write again."""
+    return _merge(as_dict(cfg), overrides)
+
+
+def yaml_text(cfg: Config | dict) -> str:
+    return yaml.safe_dump(as_dict(cfg) if isinstance(cfg, Config) else cfg, sort_keys=False)
 
 
 WHERE = ("workers", "executor", "ray")  # keys that change where and how fast a run goes, not its results
 
 
-def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+def differences(a: Config, b: Config) -> list[str]:
     """Where two configs would give different results, as ``key: A -> B`` per dotted key (``workers``, ``executor``
     and ``ray`` only change where and how fast members train, so they are left out); empty for the same run."""
-    out = []
-    for key in sorted(set(a) | set(b), key=list({**a, **b}).index):
-        name, va, vb = f"{prefix}{key}", a.get(key), b.get(key)
-        if name in WHERE or va == vb:
-            continue
-        if isinstance(va, dict) and isinstance(vb, dict) and key not in ("kwargs", "member_kwargs"):
-            out += differences(va, vb, name + ".")
-        else:
-            out.append(f"{name}: {va!r} -> {vb!r}")
-    return out
+
+    def walk(x: dict, y: dict, prefix: str) -> list[str]:
+        out = []
+        for k in x:
+            name, vx, vy = f"{prefix}{k}", x[k], y[k]
+            if name in WHERE or vx == vy:
+                continue
+            nested = isinstance(vx, dict) and isinstance(vy, dict) and k not in ("kwargs", "member_kwargs")
+            out += walk(vx, vy, name + ".") if nested else [f"{name}: {vx!r} -> {vy!r}"]
+        return out
+
+    return walk(as_dict(a), as_dict(b), "")
+
+
+if __name__ == "__main__":
+    json.dump(Config.model_json_schema(), sys.stdout, indent=1)
+    sys.stdout.write("\n")

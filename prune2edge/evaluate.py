@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.stats import binomtest
@@ -13,9 +14,13 @@ from . import data, selective, store
 from .bundle import Bundle, predict_proba, session
 from .errors import UserError
 from .store import PARENT
+from .summary import kib
 from .vote import AGREEMENT, accuracy, disagreement, margin, vote
 
 MAX_SUBSETS = 1000  # degradation: at most this many subsets of members per number missing (drawn when there are more)
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def mcnemar(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, alternative: str = "two-sided") -> float:
@@ -27,31 +32,33 @@ def mcnemar(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, alternative: 
     return 1.0 if n01 + n10 == 0 else float(binomtest(k, n01 + n10, 0.5, alternative=alternative).pvalue)
 
 
-def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
+def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
     """Score everything on the test split; writes ``metrics.json``, ``test.npz`` and ``test_scores.npz``."""
     x_test, y_test = store.split(run_dir, "test")
     x_val, y_val = store.split(run_dir, "val")
     inp = store.preprocessing(run_dir).apply(x_test)
-    info = store.read_json(run_dir / "dataset.json")
-    sel = store.read_json(run_dir / "selection.json")
-    rule, weighted = cfg["vote"]["rule"], cfg["vote"]["weighted"]
-    base_q = store.read_json(run_dir / "baseline" / "quant.json")
-    base32 = predict_proba(session(run_dir / "baseline" / "fp32.onnx"), inp)
-    base32_val = predict_proba(session(run_dir / "baseline" / "fp32.onnx"), store.preprocessing(run_dir).apply(x_val))
-    base8 = predict_proba(session(run_dir / "baseline" / "int8.onnx"), inp)
-    names = sorted(p.name for p in (run_dir / "pool").iterdir() if (p / "quant.json").exists())
-    test = {n: predict_proba(session(run_dir / "pool" / n / "int8.onnx"), inp) for n in names}
-    val = {n: np.load(run_dir / "pool" / n / "val_proba.npy") for n in names}
-    quant = {n: store.read_json(run_dir / "pool" / n / "quant.json") for n in names}
+    info = store.read_json(run_dir / store.DATASET)
+    sel = store.read_json(run_dir / store.SELECTION)
+    rule, weighted = cfg.vote.rule, cfg.vote.weighted
+    base_q = store.read_json(run_dir / store.BASELINE / store.QUANT)
+    base32 = predict_proba(session(run_dir / store.BASELINE / store.FP32), inp)
+    base32_val = predict_proba(
+        session(run_dir / store.BASELINE / store.FP32), store.preprocessing(run_dir).apply(x_val)
+    )
+    base8 = predict_proba(session(run_dir / store.BASELINE / store.INT8), inp)
+    names = sorted(p.name for p in (run_dir / store.POOL).iterdir() if (p / store.QUANT).exists())
+    test = {n: predict_proba(session(run_dir / store.POOL / n / store.INT8), inp) for n in names}
+    val = {n: np.load(run_dir / store.POOL / n / store.VAL_PROBA) for n in names}
+    quant = {n: store.read_json(run_dir / store.POOL / n / store.QUANT) for n in names}
     weight = {n: quant[n]["val_acc_int8"] for n in names}
     # the int8 parent, which the bundle may ship as its one member (select.fallback)
-    test[PARENT], val[PARENT], quant[PARENT] = base8, np.load(run_dir / "baseline" / "val_proba.npy"), base_q
+    test[PARENT], val[PARENT], quant[PARENT] = base8, np.load(run_dir / store.BASELINE / store.VAL_PROBA), base_q
     weight[PARENT] = base_q["val_acc_int8"]
 
     def ens(members: list[str], split: dict, r: str = rule) -> np.ndarray:
         return vote(np.stack([split[n] for n in members]), r, [weight[n] for n in members] if weighted else None)
 
-    bundle = Bundle.load(run_dir / "bundle")
+    bundle = Bundle.load(run_dir / store.BUNDLE)
     shipped = sel.get("shipped") or {"kind": "ensemble", "members": sel["selected"], "reason": ""}
     ship_test = bundle.predict_proba(x_test)
     if not np.allclose(ship_test, ens(shipped["members"], test), atol=1e-5):
@@ -69,7 +76,7 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
     below = {b["name"] for b in sel.get("parent_gate", {}).get("below", [])}
     members = []
     for n in names:
-        rec = store.read_json(run_dir / "pool" / n / "member.json")
+        rec = store.read_json(run_dir / store.POOL / n / store.MEMBER_RECORD)
         members.append(
             {
                 "name": n,
@@ -169,8 +176,8 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
         "pool": pool_summary(
             members,
             base_q,
-            timings if not cfg["model"]["weights"] else {**timings, "baseline": None},  # a given parent: no training
-            cfg["select"]["max_below_parent"],
+            timings if not cfg.model.weights else {**timings, "baseline": None},  # a given parent: no training
+            cfg.select.max_below_parent,
         ),
         "parent_gate": sel.get("parent_gate"),
         "strategies": strategies,
@@ -190,7 +197,7 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
     # test_scores.npz is the bundle's vote, whichever models it holds)
     ship = shipped["members"]
     metrics["decisions"] = decision_metrics(
-        ens(ship, val), ship_test, base32_val, base32, y_val, y_test, cfg["vote"]["target_accuracy"]
+        ens(ship, val), ship_test, base32_val, base32, y_val, y_test, cfg.vote.target_accuracy
     )
     metrics["degradation"] = {
         **degradation(
@@ -198,7 +205,7 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
             y_test,
             rule,
             [weight[n] for n in ship] if weighted else None,
-            cfg["seed"],
+            cfg.seed,
         ),
         "baseline_fp32_test_acc": metrics["baseline"]["test_acc_fp32"],
         "baseline_int8_test_acc": metrics["baseline"]["test_acc_int8"],
@@ -208,9 +215,9 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
         metrics["latency"] = bundle.manifest["latency"] | {
             "members": {e["id"]: e["latency_ms"] for e in bundle.manifest["members"]}
         }
-    store.write_npz(run_dir / "test.npz", x=x_test, y=y_test)
+    store.write_npz(run_dir / store.TEST, x=x_test, y=y_test)
     store.write_npz(
-        run_dir / "test_scores.npz",
+        run_dir / store.TEST_SCORES,
         names=np.array(names),
         members=np.stack([test[n] for n in names]),
         baseline_fp32=base32,
@@ -218,7 +225,7 @@ def evaluate_run(run_dir: Path, cfg: dict, timings: dict) -> dict:
         ensemble=ship_test,
         selected=ens_test,
     )
-    store.write_json(run_dir / "metrics.json", metrics)
+    store.write_json(run_dir / store.METRICS, metrics)
     return metrics
 
 
@@ -321,7 +328,7 @@ def pool_summary(members: list[dict], base_q: dict, timings: dict, margin: float
     }
 
 
-def pool_warnings(m: dict, cfg: dict) -> list[dict]:
+def pool_warnings(m: dict, cfg: Config) -> list[dict]:
     """A warning where most of the pool did not recover: more than half its members more than
     ``select.max_below_parent`` below the parent on validation; it names how many and how far below."""
     p = m["pool"]
@@ -329,7 +336,7 @@ def pool_warnings(m: dict, cfg: dict) -> list[dict]:
     if 2 * len(failed) <= p["members"]:
         return []
     gaps = sorted(-100 * x["val_vs_parent_fp32"] for x in failed)
-    pc = cfg["pool"]
+    pc = cfg.pool
     return [
         {
             "kind": "pool_not_recovered",
@@ -338,8 +345,8 @@ def pool_warnings(m: dict, cfg: dict) -> list[dict]:
             f"{100 * p['margin']:g} points below the parent on validation (int8 against the parent's "
             f"{100 * p['parent_val_acc_fp32']:.2f}% fp32: {gaps[0]:.1f} to {gaps[-1]:.1f} points below, median "
             f"{float(np.median(gaps)):.1f}): they did not recover from pruning. Give them more optimiser steps "
-            f"(pool.min_steps, now {pc['min_steps']}; pool.epochs) or a higher learning rate (pool.lr, now "
-            f"{pc['lr']}), or prune less (pool.sparsity, now {pc['sparsity']})",
+            f"(pool.min_steps, now {pc.min_steps}; pool.epochs) or a higher learning rate (pool.lr, now "
+            f"{pc.lr}), or prune less (pool.sparsity, now {list(pc.sparsity)})",
         }
     ]
 
@@ -347,8 +354,8 @@ def pool_warnings(m: dict, cfg: dict) -> list[dict]:
 def _selection_name(e: dict) -> str:
     """The selected ensemble in words; one member is a single model, not an ensemble of one."""
     if e["k"] == 1:
-        return f"the selected member {e['members'][0]} ({_kib(e['bytes']['shipped'])} shipped)"
-    return f"the selected ensemble ({e['strategy']}, k={e['k']}, {_kib(e['bytes']['shipped'])} shipped)"
+        return f"the selected member {e['members'][0]} ({kib(e['bytes']['shipped'])} shipped)"
+    return f"the selected ensemble ({e['strategy']}, k={e['k']}, {kib(e['bytes']['shipped'])} shipped)"
 
 
 def _fits(m: dict, name: str) -> bool:
@@ -397,7 +404,7 @@ def selection_warnings(m: dict) -> list[dict]:
                 "ensemble_val_acc": shipped["val_acc"],
                 "better_test_acc": r["test_acc_int8"],
                 "ensemble_test_acc": shipped["test_acc"],
-                "message": f"{who} alone ({_kib(r['bytes']['shipped'])} shipped) beats {_selection_name(e)} on "
+                "message": f"{who} alone ({kib(r['bytes']['shipped'])} shipped) beats {_selection_name(e)} on "
                 f"validation: {100 * r['val_acc_int8']:.2f}% vs {100 * shipped['val_acc']:.2f}%, "
                 f"{round(r['val_acc_int8'] * n_val) - round(shipped['val_acc'] * n_val)} more of the {n_val} "
                 f"images right (test, for reference: {100 * r['test_acc_int8']:.2f}% vs "
@@ -405,47 +412,6 @@ def selection_warnings(m: dict) -> list[dict]:
             }
         )
     return out
-
-
-def _reliability_lines(m: dict) -> list[str]:
-    """The summary's lines on decisions (abstain threshold, coverage, calibration), degradation and latency."""
-    d, g = m["decisions"], m["degradation"]
-    target = d["target_accuracy"]
-    lines = [
-        "decisions"
-        + ("" if target is None else f" (abstain thresholds chosen on validation for {target:g} accuracy)")
-        + ":"
-    ]
-    for name, who in (("ensemble", "ensemble (vote margin)"), ("baseline_fp32", "baseline fp32 (top probability)")):
-        r = d[name]
-        line = f"{who}: ECE {r['ece']:.4f}, AURC {r['aurc']:.4f}"
-        if "threshold" in r:
-            t, op = r["threshold"], r["at_threshold"]
-            acc = "n/a" if op["accuracy"] is None else f"{op['accuracy']:.4f}"
-            line += (
-                f"; abstain below {t['abstain_below']:.4f} (validation: {100 * t['val_coverage']:.1f}% decided at "
-                f"{t['val_accuracy']:.4f}{'' if t['target_met'] else ', target NOT met'}): test {100 * op['coverage']:.1f}% "
-                f"decided at {acc}"
-            )
-        lines.append("  " + line)
-    best = g["best_member"]
-    lines.append(
-        "members missing -> test acc mean (min-max): "
-        + "; ".join(
-            f"{r['missing']}: {r['mean']:.4f} ({r['min']:.4f}-{r['max']:.4f}){' <quorum' if r['below_quorum'] else ''}"
-            for r in g["rows"]
-        )
-        + f"; best single member {best['name']} {best['test_acc_int8']:.4f}"
-    )
-    if "latency" in m:
-        t = m["latency"]
-        lines.append(
-            f"latency, batch 1, 1 thread (median of {t['runs']}, ms): "
-            + ", ".join(f"{n} {v:.3f}" for n, v in t["members"].items())
-            + f"; baseline fp32 {t['baseline_fp32_ms']:.3f}, "
-            f"int8 {t['baseline_int8_ms']:.3f}"
-        )
-    return lines
 
 
 def shipped_devices(d: dict | None, shipped: dict) -> dict | None:
@@ -492,10 +458,6 @@ def device_warnings(m: dict) -> list[dict]:
         }
         for u in d["unplaced"]
     ]
-
-
-def _kib(n: float) -> str:
-    return f"{n / 1024:,.1f} KiB"
 
 
 def _diversity(members: list[str], proba: dict, y: np.ndarray) -> dict:
@@ -548,145 +510,3 @@ def chance_warnings(acc: float, y: np.ndarray, classes: list[str], data_names: l
         f"({data.short_list(classes)}); its images differ from the training images (size, colour, value range, "
         "preprocessing done by hand); or it is another dataset"
     ]
-
-
-def table(m: dict) -> str:
-    """A readable summary of ``metrics.json``."""
-    b, e = m["baseline"], m["ensemble"]
-    rows = [
-        ("model", "test acc", "fp32", "int8", "int8 gzip", "shipped"),
-        ("baseline fp32", f"{b['test_acc_fp32']:.4f}", _kib(b["bytes"]["fp32"]), "", "", ""),
-        (
-            "baseline int8",
-            f"{b['test_acc_int8']:.4f}",
-            "",
-            _kib(b["bytes"]["int8"]),
-            _kib(b["bytes"]["int8_gzip"]),
-            _kib(b["bytes"]["shipped"]),
-        ),
-    ]
-    for mem in m["members"]:
-        if mem["selected"]:
-            rows.append(
-                (
-                    f"  {mem['name']} (s={mem['sparsity_measured']:.2f}, {_bits(mem)}c{mem['cluster']})",
-                    f"{mem['test_acc_int8']:.4f}",
-                    "",
-                    _kib(mem["bytes"]["int8"]),
-                    _kib(mem["bytes"]["int8_gzip"]),
-                    _kib(mem["bytes"]["shipped"]),
-                )
-            )
-    rows.append(
-        (f"pool vote ({m['pool_vote']['members']} members)", f"{m['pool_vote']['test_acc']:.4f}", "", "", "", "")
-    )
-    sh = m["shipped"]
-    for label, r in (
-        (
-            f"ensemble: {e['strategy']}, {e['rule']} vote, k={e['k']}"
-            if e["k"] > 1
-            else f"selected: one member, {e['members'][0]} ({e['strategy']})",
-            e,
-        ),
-        *([(f"shipped: {SHIPPED[sh['kind']]} {', '.join(sh['members'])}", sh)] if sh["kind"] == "parent" else []),
-    ):
-        rows.append(
-            (
-                label,
-                f"{r['test_acc']:.4f}",
-                "",
-                _kib(r["bytes"]["int8"]),
-                _kib(r["bytes"]["int8_gzip"]),
-                _kib(r["bytes"]["shipped"]),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    gain = 100 * sh["gain_vs_baseline_fp32"]
-    lines.append(
-        f"\nshipped: {SHIPPED[sh['kind']]} {', '.join(sh['members'])} (validation {100 * sh['val_acc']:.2f}%, test "
-        f"{100 * sh['test_acc']:.2f}%, {gain:+.2f} points vs baseline fp32, McNemar p = "
-        f"{sh['mcnemar_p_vs_baseline_fp32']:.3g}"
-        + (f"; mean pairwise disagreement {e['mean_disagreement']:.3f}" if sh["kind"] == "ensemble" else "")
-        + f"): {sh['reason']}"
-    )
-    lines.extend(_pool_lines(m))
-    lines.append(
-        "other strategies (test acc, soft/hard): "
-        + "; ".join(f"{s} {v['test_acc']['soft']:.4f}/{v['test_acc']['hard']:.4f}" for s, v in m["strategies"].items())
-    )
-    lines.extend(_reliability_lines(m))
-    if m["dropped"]:
-        lines.append(f"dropped by the int8 gate: {', '.join(m['dropped'])}")
-    for s in m["skipped_clusters"]:
-        lines.append(f"cluster c{s['cluster']} ({', '.join(s['members'])}) skipped: {s['reason']}")
-    lines.extend(_device_lines(m["devices"]) if m.get("devices") else [])
-    lines.extend(
-        f"WARNING: {w['message']}" for w in m["dataset"].get("warnings", []) + m["warnings"]
-    )  # data, selection
-    return "\n".join(lines)
-
-
-def _bits(member: dict) -> str:
-    """``3-bit (2.9 b/w), `` for a member trained with QAT: its grid, and bits per weight as shipped."""
-    if member.get("weight_bits", 8) == 8:
-        return ""
-    return f"{member['weight_bits']}-bit ({member['bits_per_weight_shipped']:.1f} b/w), "
-
-
-SHIPPED = {"ensemble": "the ensemble of", "member": "one member,", "parent": "the int8 parent,"}
-
-
-def _pool_lines(m: dict) -> list[str]:
-    """The summary's lines on the pool: how long each member trained, how far it recovered, and the pool's time."""
-    p = m["pool"]
-    steps = "" if not p["steps"] else f"{p['steps'][0]}-{p['steps'][1]} steps, "
-    lines = [
-        f"pool: {p['members']} members, {steps}{p['epochs'][0]:.2g}-{p['epochs'][1]:.2g} epochs each, "
-        f"{p['median_seconds']:.1f} s median; int8 validation vs the parent's fp32 "
-        f"{100 * p['parent_val_acc_fp32']:.2f}%: median {100 * p['median_vs_parent']:+.2f} points, worst "
-        f"{100 * p['worst']['vs_parent']:+.2f} ({p['worst']['name']})",
-        "  each (steps, points vs parent): "
-        + "; ".join(f"{x['name']} {x.get('steps') or '?'} {100 * x['val_vs_parent_fp32']:+.1f}" for x in m["members"]),
-    ]
-    below = [x["name"] for x in m["members"] if x.get("below_parent")]
-    if below:
-        lines.append(
-            f"left out of clustering, more than select.max_below_parent = {100 * p['margin']:g} points below the "
-            f"parent: {', '.join(below)}"
-            + (
-                f" (every member was: {m['parent_gate']['kept_anyway']} kept)"
-                if m["parent_gate"]["kept_anyway"]
-                else ""
-            )
-        )
-    if p["vs_parent_time"] is not None:
-        lines.append(
-            f"pool time: {p['seconds']:.1f} s, {p['vs_parent_time']:.2f}x the parent's training "
-            f"({p['parent_seconds']:.1f} s)"
-        )
-    return lines
-
-
-def _device_lines(d: dict) -> list[str]:
-    """The summary table's lines on the fleet: which device runs which member, and which budget rules out whom."""
-
-    def budget(dev: dict) -> str:
-        return f"{dev['memory_bytes']:,} B" + ("" if dev["latency_ms"] is None else f", {dev['latency_ms']:g} ms")
-
-    lines = [
-        "devices: "
-        + "; ".join(
-            f"{dev['name']} ({budget(dev)}) runs {d['assignment'][dev['name']] or 'nothing (idle)'}"
-            for dev in d["devices"]
-        )
-    ]
-    out: dict[tuple[str, str], list[str]] = {}
-    for r in d["ruled_out"]:
-        need = f"{r['need']:,} B" if r["budget"] == "memory_bytes" else f"{r['need']:g} ms"
-        out.setdefault((r["device"], r["budget"].split("_")[0]), []).append(f"{r['member']} ({need})")
-    lines += [f"{dev}'s {kind} budget rules out {', '.join(ms)}" for (dev, kind), ms in out.items()]
-    if d["unfit"]:
-        lines.append(f"fit no device, so not selectable: {', '.join(d['unfit'])}")
-    return lines  # idle devices and clusters without a device: device_warnings

@@ -11,22 +11,21 @@ cluster), written atomically by this process and never recomputed.
 from __future__ import annotations
 
 import math
-import os
 import queue
 import time
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import asdict, dataclass, replace
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import models, qat, store, train
+from . import config, models, qat, store, train
 from .errors import UserError
+from .executors import RayExecutor
 from .preprocess import Preprocessing
-from .ray_executor import RayExecutor
+from .prune import MagnitudePruner, antirandom_masks, leave_basin
 from .vote import accuracy
 
 
@@ -51,17 +50,14 @@ class MemberPlan:
         return f"m{self.index:03d}"
 
 
-def plan(cfg: dict) -> list[MemberPlan]:
+def plan(cfg: config.Config) -> list[MemberPlan]:
     """Sample each member's settings from the ``pool:`` ranges (sparsity stratified over its range)."""
-    p, n = cfg["pool"], cfg["pool"]["size"]
-    rng = np.random.default_rng([cfg["seed"], 1])
-    lo, hi = p["sparsity"] if isinstance(p["sparsity"], list) else [p["sparsity"]] * 2
+    p, n = cfg.pool, cfg.pool.size
+    rng = np.random.default_rng([cfg.seed, 1])
+    lo, hi = p.sparsity
     strata = (np.arange(n) + rng.uniform(size=n)) / n
     sparsity = lo + (hi - lo) * rng.permutation(strata)
-    elo, ehi = p["epochs"] if isinstance(p["epochs"], list) else [p["epochs"]] * 2
-    llo, lhi = p["lr"] if isinstance(p["lr"], list) else [p["lr"]] * 2
-    batches = p["batch_size"] if isinstance(p["batch_size"], list) else [p["batch_size"]]
-    snaps = p["snapshots"]
+    (elo, ehi), (llo, lhi), batches, snaps = p.epochs, p.lr, p.batch_size, p.snapshots
     # with snapshots, members take the checkpoints in turn from the last (the baseline itself) backwards
     plans = [
         MemberPlan(
@@ -71,180 +67,18 @@ def plan(cfg: dict) -> list[MemberPlan]:
             round(float(rng.uniform(elo, ehi)), 2),
             float(np.exp(rng.uniform(np.log(llo), np.log(lhi)))),
             int(rng.choice(batches)),
-            bool(p["bootstrap"]),
+            bool(p.bootstrap),
             snaps - i % snaps if snaps else 0,
         )
         for i in range(n)
     ]
-    if p["include_parent"]:  # the parent only needs the QAT part of a member's training, at a tenth of its rate
-        qat_epochs = round(plans[0].epochs * (1 - p["qat_start"]), 2) if p["weight_bits"] else 0.0
+    if p.include_parent:  # the parent only needs the QAT part of a member's training, at a tenth of its rate
+        qat_epochs = round(plans[0].epochs * (1 - p.qat_start), 2) if p.weight_bits else 0.0
         plans[0] = replace(plans[0], parent=True, epochs=qat_epochs, lr=plans[0].lr * PARENT_LR)
     return plans
 
 
 PARENT_LR = 0.1  # the parent as a member fine-tunes (QAT) at this fraction of the pool's learning rate, cosine
-
-
-class MagnitudePruner:
-    """Zeroes the smallest-magnitude weights, raising sparsity on a schedule while training runs.
-
-    ``polynomial``: s(t) = s_f * (1 - (1 - t / t_end)^3), the cubic schedule of Zhu & Gupta (2017),
-    reached at ``t_end`` and held after. ``constant``: s_f from the first step. Masks are recomputed
-    from current magnitudes about 20 times during the ramp and re-applied after every step.
-    ``fixed``: masks chosen in advance (anti-random), held from the first step instead of magnitude ranking.
-    ``regrow`` > 0: after ``t_end``, every ``regrow_every`` steps each layer drops that fraction of its active
-    weights (smallest magnitude) and regrows as many inactive ones (largest gradient magnitude, starting at zero),
-    the fraction decaying with a cosine to zero at 3/4 of the steps after ``t_end`` (RigL, Evci et al. 2020): the
-    mask explores at constant sparsity, then settles.
-    """
-
-    def __init__(
-        self,
-        params: dict[str, torch.nn.Parameter],
-        final: float,
-        schedule: str,
-        scope: str,
-        end_step: int,
-        noise: float = 0.0,
-        seed: int = 0,
-        fixed: dict[str, torch.Tensor] | None = None,
-        regrow: float = 0.0,
-        regrow_every: int = 100,
-    ):
-        self.params, self.final, self.schedule, self.scope = params, final, schedule, scope
-        self.end_step = max(1, end_step)
-        self.every = max(1, self.end_step // 20)
-        self.fixed, self.regrow, self.regrow_every = fixed, regrow, max(1, regrow_every)
-        self.masks: dict[str, torch.Tensor] = {}
-        # mask perturbation: rank |w| * exp(noise * eps) with eps ~ N(0, 1) drawn once per weight and member
-        gen = torch.Generator().manual_seed(seed)
-        self.noise = (
-            {n: torch.exp(noise * torch.randn(w.shape, generator=gen)) for n, w in params.items()}
-            if noise > 0
-            else None
-        )
-
-    def scores(self) -> dict[str, torch.Tensor]:
-        return {
-            n: w.detach().abs() * self.noise[n].to(w.device) if self.noise else w.detach().abs()
-            for n, w in self.params.items()
-        }
-
-    def target(self, step: int) -> float:
-        if self.schedule == "constant" or step >= self.end_step:
-            return self.final
-        return self.final * (1 - (1 - step / self.end_step) ** 3)
-
-    @torch.no_grad()
-    def update(self, sparsity: float) -> None:
-        if self.fixed is not None:
-            self.masks = {n: m.to(w.device) for (n, w), m in zip(self.params.items(), self.fixed.values())}
-            self.apply()
-            return
-        if sparsity <= 0:
-            return
-        score = self.scores()
-        if self.scope == "global":
-            flat = torch.cat([v.flatten() for v in score.values()])
-            k = max(1, math.ceil(sparsity * flat.numel()))
-            cut = {n: flat.kthvalue(k).values for n in self.params}
-        else:
-            cut = {n: v.flatten().kthvalue(max(1, math.ceil(sparsity * v.numel()))).values for n, v in score.items()}
-        self.masks = {n: score[n] > cut[n] for n in self.params}
-        self.apply()
-
-    @torch.no_grad()
-    def apply(self) -> None:
-        for n, m in self.masks.items():
-            w = self.params[n]
-            if m.device != w.device:  # the network moved to the training device after the masks were made
-                self.masks[n] = m = m.to(w.device)
-            w.mul_(m)
-
-    @torch.no_grad()
-    def regrow_masks(self, fraction: float) -> None:
-        """Drop ``fraction`` of each layer's active weights (smallest |w|) and grow as many (largest |grad|)."""
-        for n, w in self.params.items():
-            m = self.masks.get(n)
-            k = int(fraction * int(m.sum())) if m is not None and w.grad is not None else 0
-            if k == 0:
-                continue
-            flat = m.flatten()
-            drop = torch.where(flat, w.detach().abs().flatten(), torch.inf).topk(k, largest=False).indices
-            grow = torch.where(flat, -torch.inf, w.grad.abs().flatten()).topk(k).indices
-            flat = flat.clone()
-            flat[drop], flat[grow] = False, True
-            self.masks[n] = flat.view(m.shape)
-        self.apply()
-
-    def finish(self) -> None:
-        """The final masks: the target sparsity by magnitude, or the fixed / regrown masks as they stand."""
-        if self.fixed is None and not self.regrow:
-            self.update(self.final)
-        else:
-            self.apply()
-
-    def __call__(self, step: int, total: int) -> None:
-        if not self.masks and step > 1:  # resumed mid-run: the masks are what the zeros say at today's target
-            self.update(self.target(step))
-        self.apply()  # first undo the optimiser's step on pruned weights: they never grow back
-        if step <= self.end_step and (step % self.every == 0 or step == self.end_step):
-            self.update(self.target(step))
-        if self.regrow and step in self.regrow_steps(total):
-            stop = self.end_step + round(0.75 * (total - self.end_step))
-            self.regrow_masks(
-                self.regrow * 0.5 * (1 + math.cos(math.pi * (step - self.end_step) / (stop - self.end_step)))
-            )
-
-    def regrow_steps(self, total: int) -> range:
-        """The steps that move the mask: every ``regrow_every`` from the end of the ramp to 3/4 of what is left."""
-        return range(
-            self.end_step + self.regrow_every, self.end_step + round(0.75 * (total - self.end_step)), self.regrow_every
-        )
-
-
-def antirandom_masks(
-    params: dict[str, torch.Tensor], keep: list[float], index: int, seed: int, weighted: bool = False
-) -> dict[str, torch.Tensor]:
-    """Member ``index``'s masks when the members keep fractions ``keep`` of every layer with as little overlap as
-    possible (Prune and Tune ensembles, Whitaker & Whitley 2022).
-
-    Per layer, one order of the weights is drawn from the pool's ``seed`` (a random permutation, or, ``weighted``,
-    sampling without replacement with probability proportional to |w|), and the members take consecutive stretches
-    of it, wrapping around: disjoint while the fractions sum to at most 1, each weight shared by as few members as
-    the fractions allow otherwise.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    start = sum(keep[:index])
-    masks = {}
-    for n, w in params.items():
-        size = w.numel()
-        if weighted:  # Gumbel top-k: descending log|w| + Gumbel noise samples without replacement, p ~ |w|
-            u = torch.rand(size, generator=gen).clamp_min(1e-12)
-            order = torch.argsort(w.detach().abs().flatten().log() - (-u.log()).log(), descending=True)
-        else:
-            order = torch.randperm(size, generator=gen)
-        first, last = round(start * size), round((start + keep[index]) * size)  # shared bounds: no double counting
-        mask = torch.zeros(size, dtype=torch.bool)
-        mask[order[torch.arange(first, last) % size]] = True
-        masks[n] = mask.view(w.shape)
-    return masks
-
-
-@torch.no_grad()
-def leave_basin(
-    model: torch.nn.Module, fresh: torch.nn.Module, shrink: float, perturb: float, reinit_last: int
-) -> None:
-    """Push a member's start away from the baseline: the last ``reinit_last`` prunable layers take ``fresh``'s
-    initial weights; every other parameter becomes ``shrink * w + perturb * w_fresh`` (shrink and perturb, Ash &
-    Adams 2020, with the noise drawn as a new initialisation of the same network)."""
-    reinit = set(list(models.prunable(model))[-reinit_last:]) if reinit_last else set()
-    fresh_params = dict(fresh.named_parameters())
-    for name, p in model.named_parameters():
-        if name.rpartition(".")[0] in reinit:
-            p.copy_(fresh_params[name])
-        elif shrink != 1.0 or perturb:
-            p.mul_(shrink).add_(fresh_params[name], alpha=perturb)
 
 
 class SnapshotSaver:
@@ -258,7 +92,8 @@ class SnapshotSaver:
         for j in range(1, self.n):
             if step == max(1, round(total * j / self.n)):
                 store.write_state(
-                    self.folder / f"snapshot{j}.pt", {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+                    self.folder / store.SNAPSHOT.format(j),
+                    {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 )
 
 
@@ -268,7 +103,7 @@ class RunInputs:
     directory (a Ray task on another machine): the config, the raw training and validation splits with the fitted
     preprocessing, the image shape, and the baseline's record and weights (each checkpoint members start from)."""
 
-    cfg: dict
+    cfg: config.Config
     baseline_record: dict
     image_shape: tuple[int, int, int]
     preprocessing: Preprocessing
@@ -278,14 +113,12 @@ class RunInputs:
     @classmethod
     def load(cls, run_dir: Path) -> RunInputs:
         """Read them from a prepared run directory whose baseline is trained."""
-        from . import config
-
-        cfg = config.load(run_dir / "config.yaml")
+        cfg = config.load(run_dir / store.CONFIG)
         sources = {0} | {m.source for m in plan(cfg)}
         return cls(
             cfg,
-            store.read_json(run_dir / "baseline" / "model.json"),
-            tuple(store.read_json(run_dir / "dataset.json")["image_shape"]),
+            store.read_json(run_dir / store.BASELINE / store.PARENT_RECORD),
+            tuple(store.read_json(run_dir / store.DATASET)["image_shape"]),
             store.preprocessing(run_dir),
             {name: store.split(run_dir, name) for name in ("train", "val")},
             {s: store.load_baseline(run_dir, s).state_dict() for s in sources},
@@ -317,42 +150,42 @@ class RunInputs:
 def start_model(src: RunInputs, member: MemberPlan) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
     """A member's network before training, and its fixed (anti-random) masks if the pool uses them."""
     cfg = src.cfg
-    p = cfg["pool"]
-    if p["family"] == "independent" and not member.parent:
-        model = src.fresh(member.seed, p["member_kwargs"])
+    p = cfg.pool
+    if p.family == "independent" and not member.parent:
+        model = src.fresh(member.seed, p.member_kwargs)
     else:
         model = src.baseline(member.source)
     fixed = None
-    if p["mask"] != "magnitude":  # drawn from the starting weights, before they leave the basin
+    if p.mask != "magnitude":  # drawn from the starting weights, before they leave the basin
         plans = plan(cfg)
         fixed = antirandom_masks(
             models.prunable(model),
             [1 - m.sparsity for m in plans],
             member.index,
-            seed=int(np.random.default_rng([cfg["seed"], 5]).integers(2**31)),
-            weighted=p["mask"] == "antirandom-weighted",
+            seed=int(np.random.default_rng([cfg.seed, 5]).integers(2**31)),
+            weighted=p.mask == "antirandom-weighted",
         )
-    if p["family"] == "clones" and (p["shrink"] != 1.0 or p["perturb"] or p["reinit_last"]):
-        leave_basin(model, src.fresh(member.seed), p["shrink"], p["perturb"], p["reinit_last"])
+    if p.family == "clones" and (p.shrink != 1.0 or p.perturb or p.reinit_last):
+        leave_basin(model, src.fresh(member.seed), p.shrink, p.perturb, p.reinit_last)
     return model, fixed
 
 
 def _settings(
-    p: dict, epochs: float, lr: float, batch_size: int, schedule: str, cycles: int = 1
+    p: config.Pool, epochs: float, lr: float, batch_size: int, schedule: str, cycles: int = 1
 ) -> train.TrainSettings:
-    return train.TrainSettings(
+    return train.TrainSettings.of(
         epochs=epochs,
         batch_size=batch_size,
-        optimizer=p["optimizer"],
+        optimizer=p.optimizer,
         lr=lr,
-        momentum=p["momentum"],
-        weight_decay=p["weight_decay"],
+        momentum=p.momentum,
+        weight_decay=p.weight_decay,
         schedule=schedule,
         cycles=cycles,
-        label_smoothing=p["label_smoothing"],
-        distill=p["distill"],
-        temperature=p["distill_temperature"],
-        compile=p["compile"],
+        label_smoothing=p.label_smoothing,
+        distill=p.distill,
+        temperature=p.distill_temperature,
+        compile=p.compile,
     )
 
 
@@ -369,19 +202,19 @@ def _pruner(
     pruner = MagnitudePruner(
         models.prunable(model),
         sparsity,
-        p["schedule"],
-        p["scope"],
-        round(p["prune_end"] * total),
-        noise=p["mask_noise"],
+        p.schedule,
+        p.scope,
+        round(p.prune_end * total),
+        noise=p.mask_noise,
         seed=seed,
         fixed=fixed,
-        regrow=p["regrow"],
-        regrow_every=p["regrow_every"],
+        regrow=p.regrow,
+        regrow_every=p.regrow_every,
     )
-    if p["regrow"] and not pruner.regrow_steps(total):
+    if p.regrow and not pruner.regrow_steps(total):
         raise UserError(
-            f"pool.regrow is {p['regrow']:g} but no step would regrow: after the pruning ramp (pool.prune_end = "
-            f"{p['prune_end']:g} of {total} steps) fewer than pool.regrow_every = {p['regrow_every']} steps are "
+            f"pool.regrow is {p.regrow:g} but no step would regrow: after the pruning ramp (pool.prune_end = "
+            f"{p.prune_end:g} of {total} steps) fewer than pool.regrow_every = {p.regrow_every} steps are "
             "left to explore; lower pool.regrow_every or pool.prune_end, or train longer (pool.epochs)"
         )
     pruner.update(pruner.target(0))
@@ -406,9 +239,9 @@ def measure(model: torch.nn.Module, record: dict, x_val: torch.Tensor, y_val: to
 
 def write_member(run_dir: Path, state: bytes, info: dict) -> dict:
     """Write ``pool/<name>/model.pt`` and then ``member.json`` (a member exists once its record does)."""
-    out = run_dir / "pool" / info["name"]
-    store.write_bytes(out / "model.pt", state)
-    store.write_json(out / "member.json", info)
+    out = run_dir / store.POOL / info["name"]
+    store.write_bytes(out / store.WEIGHTS, state)
+    store.write_json(out / store.MEMBER_RECORD, info)
     member_checkpoint(run_dir, info["name"]).unlink(missing_ok=True)
     return info
 
@@ -433,20 +266,20 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
     :func:`write_member`. From a directory, a killed member resumes from ``pool/<name>/checkpoint.pt``."""
     src = source if isinstance(source, RunInputs) else RunInputs.load(source)
     checkpoint = None if isinstance(source, RunInputs) else member_checkpoint(source, member.name)
-    p = src.cfg["pool"]
+    p = src.cfg.pool
     t0 = time.perf_counter() - checkpoint_seconds(checkpoint)
     x, y = src.tensors("train")
     if member.bootstrap:
         idx = torch.from_numpy(np.random.default_rng(member.seed).integers(0, len(y), len(y)))
         x, y = x[idx], y[idx]
     model, fixed = start_model(src, member)
-    floor = 0 if member.parent else p["min_steps"]  # the parent as a member is already trained
+    floor = 0 if member.parent else p.min_steps  # the parent as a member is already trained
     total = member_steps(member.epochs, len(x), member.batch_size, floor)
     epochs = total / math.ceil(len(x) / member.batch_size)  # the floor's steps, as train.fit counts them
     hooks = [_pruner(model, p, member.sparsity, total, member.seed, fixed)]
-    if p["weight_bits"]:  # after the pruner took the weights: it keeps masking the latent fp32 weights
-        start = 0 if member.parent else round(p["qat_start"] * total)
-        hooks.append(qat.Switch(qat.attach(model, p["weight_bits"]), start))
+    if p.weight_bits:  # after the pruner took the weights: it keeps masking the latent fp32 weights
+        start = 0 if member.parent else round(p.qat_start * total)
+        hooks.append(qat.Switch(qat.attach(model, p.weight_bits), start))
         hooks[-1](0, total)  # on from the first step when it starts at 0
 
     def after_step(step: int, steps: int) -> None:
@@ -458,12 +291,12 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
             model,
             x,
             y,
-            _settings(p, epochs, member.lr, member.batch_size, "cosine" if member.parent else p["lr_schedule"]),
+            _settings(p, epochs, member.lr, member.batch_size, "cosine" if member.parent else p.lr_schedule),
             seed=member.seed,
-            augment=train.augment_kind(p["augment"], src.image_shape),
-            device=src.cfg["device"],
+            augment=train.augment_kind(p.augment, src.image_shape),
+            device=src.cfg.device,
             after_step=after_step,
-            teacher=src.baseline() if p["distill"] else None,
+            teacher=src.baseline() if p.distill else None,
             checkpoint=checkpoint,
             desc=member.name,
             progress=False,
@@ -477,8 +310,8 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
     record = {
         **asdict(member),
         "name": member.name,
-        "model_kwargs": p["member_kwargs"] if p["family"] == "independent" and not member.parent else {},
-        "weight_bits": p["weight_bits"],
+        "model_kwargs": p.member_kwargs if p.family == "independent" and not member.parent else {},
+        "weight_bits": p.weight_bits,
         "planned_epochs": member.epochs,
         "epochs": epochs if member.epochs > 0 else 0,  # as trained: planned, or more where pool.min_steps lifted them
         "steps": total if member.epochs > 0 else 0,
@@ -490,7 +323,7 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
 
 def member_checkpoint(run_dir: Path, name: str) -> Path:
     """Where a member's training state is saved after every epoch while it trains (removed once it is written)."""
-    return run_dir / "pool" / name / "checkpoint.pt"
+    return run_dir / store.POOL / name / store.CHECKPOINT
 
 
 def checkpoint_seconds(path: Path | None) -> float:
@@ -513,13 +346,13 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
     Pruning ramps to the highest sampled sparsity within ``prune_end`` of the first cycle; every cycle lasts member
     0's steps (:func:`member_steps`) at member 0's peak learning rate. The run resumes from its last finished epoch after a kill."""
     src = RunInputs.load(run_dir)
-    p, lead, n = src.cfg["pool"], plans[0], len(plans)
+    p, lead, n = src.cfg.pool, plans[0], len(plans)
     sparsity = max(m.sparsity for m in plans)
     t0 = time.perf_counter()
     x, y = src.tensors("train")
     x_val, y_val = src.tensors("val")
     model, _ = start_model(src, lead)
-    cycle = member_steps(lead.epochs, len(x), lead.batch_size, p["min_steps"])
+    cycle = member_steps(lead.epochs, len(x), lead.batch_size, p.min_steps)
     epochs = cycle / math.ceil(len(x) / lead.batch_size)
     pruner = _pruner(model, p, sparsity, cycle, lead.seed)  # the ramp is within the first cycle
     infos: dict[int, dict] = {}
@@ -527,7 +360,7 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
     def after_step(step: int, total_steps: int) -> None:
         pruner(step, total_steps)
         j = step * n // total_steps - 1
-        if step * n % total_steps == 0 and not (run_dir / "pool" / plans[j].name / "member.json").exists():
+        if step * n % total_steps == 0 and not (run_dir / store.POOL / plans[j].name / store.MEMBER_RECORD).exists():
             record = {
                 **asdict(plans[j]),
                 "sparsity": sparsity,
@@ -549,61 +382,35 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
         y,
         _settings(p, n * epochs, lead.lr, lead.batch_size, "restarts", n),
         seed=lead.seed,
-        augment=train.augment_kind(p["augment"], src.image_shape),
-        device=src.cfg["device"],
+        augment=train.augment_kind(p.augment, src.image_shape),
+        device=src.cfg.device,
         after_step=after_step,
-        teacher=src.baseline() if p["distill"] else None,
-        checkpoint=run_dir / "pool" / "cyclical.pt",
+        teacher=src.baseline() if p.distill else None,
+        checkpoint=run_dir / store.POOL / store.CYCLICAL,
         desc="cyclical",
         progress=False,
     )
-    (run_dir / "pool" / "cyclical.pt").unlink(missing_ok=True)
-    return [infos.get(i) or store.read_json(run_dir / "pool" / m.name / "member.json") for i, m in enumerate(plans)]
+    (run_dir / store.POOL / store.CYCLICAL).unlink(missing_ok=True)
+    return [
+        infos.get(i) or store.read_json(run_dir / store.POOL / m.name / store.MEMBER_RECORD)
+        for i, m in enumerate(plans)
+    ]
 
 
-class InProcessExecutor(Executor):
-    """Runs each job at submit time in this process: the default, and the simplest to debug."""
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[override]
-        f: Future = Future()
-        try:
-            f.set_result(fn(*args, **kwargs))
-        except Exception as e:
-            f.set_exception(e)
-        return f
-
-
-def _limit_threads(n: int) -> None:
-    torch.set_num_threads(n)
-
-
-def make_executor(workers: int, ray: dict | None = None) -> Executor:
-    """The seam where member jobs run: in-process for 1 worker, a local process pool for more, or, given the
-    config's ``ray:`` settings, Ray tasks (:class:`~prune2edge.ray_executor.RayExecutor`)."""
-    if ray is not None:
-        return RayExecutor(**ray)
-    if workers <= 1:
-        return InProcessExecutor()
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    return ProcessPoolExecutor(
-        workers, mp_context=get_context("spawn"), initializer=_limit_threads, initargs=(threads,)
-    )
-
-
-def build(run_dir: Path, cfg: dict, executor: Executor, progress: bool = True) -> list[dict]:
+def build(run_dir: Path, cfg: config.Config, executor: Executor, progress: bool = True) -> list[dict]:
     """Train every member not yet on disk and write each here as it arrives; return all members' records in index
     order. A job's failure is raised after the other jobs have finished and been saved."""
-    plans, p = plan(cfg), cfg["pool"]
+    plans, p = plan(cfg), cfg.pool
     done = {
-        m.name: store.read_json(run_dir / "pool" / m.name / "member.json")
+        m.name: store.read_json(run_dir / store.POOL / m.name / store.MEMBER_RECORD)
         for m in plans
-        if (run_dir / "pool" / m.name / "member.json").exists()
+        if (run_dir / store.POOL / m.name / store.MEMBER_RECORD).exists()
     }
     todo = [m for m in plans if m.name not in done]
     bar = tqdm(total=len(plans), initial=len(done), desc="pool", disable=not progress, unit="member")
     # a cyclical pool is one job that makes (and writes) every member; otherwise one job per member, which returns
     # the member for this process to write; Ray tasks read the run's inputs from Ray's object store, put there once
-    if p["cyclical"]:
+    if p.cyclical:
         jobs = [(train_cyclical, run_dir, plans)] if todo else []
     else:
         source = executor.put(RunInputs.load(run_dir)) if todo and isinstance(executor, RayExecutor) else run_dir
@@ -615,7 +422,7 @@ def build(run_dir: Path, cfg: dict, executor: Executor, progress: bool = True) -
         if f.exception() is not None:
             failures.append(f.exception())
             return
-        for info in f.result() if p["cyclical"] else [write_member(run_dir, *f.result())]:
+        for info in f.result() if p.cyclical else [write_member(run_dir, *f.result())]:
             done[info["name"]] = info
             bar.set_postfix(
                 last=info["name"],

@@ -18,6 +18,7 @@ import logging
 import lzma
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -57,6 +58,9 @@ INT8_OPS = {
 FLOAT_COMPUTE_OPS = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
 WEIGHT_OPS = ("QLinearConv", "QGemm")  # input 3: the int8 weight (per-channel, symmetric); input 5: its zero point
 SHIPPED = "int8.p2e"
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def export_onnx(model: torch.nn.Module, path: Path, image_shape: tuple[int, int, int]) -> None:
@@ -236,7 +240,7 @@ def quantize_model(
     """Export, quantise and gate one model in ``folder``: a model trained with ``weight_bits``-bit QAT keeps exactly
     its trained integers (:func:`prune2edge.qat.snap_onnx`), ``codebook_bits`` snaps int8 weights to codebooks.
     Writes fp32.onnx, int8.onnx, int8.p2e (as shipped), val_proba.npy, quant.json."""
-    fp32, int8 = folder / "fp32.onnx", folder / "int8.onnx"
+    fp32, int8 = folder / store.FP32, folder / store.INT8
     export_onnx(model, fp32, image_shape)
     p32 = predict_proba(session(fp32), x_val)
     acc32 = accuracy(p32, y_val)
@@ -276,26 +280,26 @@ def quantize_model(
         "ops": ops,
         "full_integer": not (FLOAT_COMPUTE_OPS & set(ops)) and bool(INT8_OPS & set(ops)),
     }
-    np.save(folder / "val_proba.npy", p8.astype(np.float32))
-    store.write_json(folder / "quant.json", record)
+    np.save(folder / store.VAL_PROBA, p8.astype(np.float32))
+    store.write_json(folder / store.QUANT, record)
     return record
 
 
-def quantize_all(run_dir: Path, cfg: dict, members: list[dict], progress: bool = True) -> dict[str, dict]:
+def quantize_all(run_dir: Path, cfg: Config, members: list[dict], progress: bool = True) -> dict[str, dict]:
     """Quantise the baseline and every pool member not yet done; returns records by name (``baseline`` first).
     Codebooks (``quantize.codebook_bits``) are for the members: the baseline stays the plain int8 reference."""
-    q = cfg["quantize"]
+    q = cfg.quantize
     x_train, _ = store.tensors(run_dir, "train")
-    rng = np.random.default_rng([cfg["seed"], 2])
-    calib = x_train[rng.choice(len(x_train), min(q["calibration_size"], len(x_train)), replace=False)].numpy()
+    rng = np.random.default_rng([cfg.seed, 2])
+    calib = x_train[rng.choice(len(x_train), min(q.calibration_size, len(x_train)), replace=False)].numpy()
     x_val, y_val = store.tensors(run_dir, "val")
     x_val, y_val = x_val.numpy(), y_val.numpy()
-    image_shape = tuple(store.read_json(run_dir / "baseline" / "model.json")["image_shape"])
-    folders = {"baseline": run_dir / "baseline", **{m["name"]: run_dir / "pool" / m["name"] for m in members}}
+    image_shape = tuple(store.read_json(run_dir / store.BASELINE / store.PARENT_RECORD)["image_shape"])
+    folders = {"baseline": run_dir / store.BASELINE, **{m["name"]: run_dir / store.POOL / m["name"] for m in members}}
     records = {}
     for name, folder in tqdm(folders.items(), desc="quantise", disable=not progress, unit="model"):
-        if (folder / "quant.json").exists():
-            records[name] = store.read_json(folder / "quant.json")
+        if (folder / store.QUANT).exists():
+            records[name] = store.read_json(folder / store.QUANT)
             continue
         model = store.load_baseline(run_dir) if name == "baseline" else store.load_member(run_dir, name)
         records[name] = quantize_model(
@@ -305,9 +309,9 @@ def quantize_all(run_dir: Path, cfg: dict, members: list[dict], progress: bool =
             calib,
             x_val,
             y_val,
-            q["max_drop"],
-            q["min_agreement"],
-            0 if name == "baseline" else q["codebook_bits"],
-            0 if name == "baseline" else cfg["pool"]["weight_bits"],
+            q.max_drop,
+            q.min_agreement,
+            0 if name == "baseline" else q.codebook_bits,
+            0 if name == "baseline" else cfg.pool.weight_bits,
         )
     return records

@@ -1,13 +1,22 @@
 """Phase 4: choose which members vote, one per cluster or by a comparison strategy; on a fleet of devices,
-each chosen member also gets a device it fits (:func:`assign`)."""
+each chosen member also gets a device it fits (:func:`assign`). :func:`choose` is the phase: members and their
+int8 records in, ``selection.json`` out."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from .cluster import features
+from . import cluster, devices, latency, ship, store
+from .errors import UserError
+from .store import PARENT, model_dir
 from .vote import accuracy, vote
+
+if TYPE_CHECKING:
+    from .config import Config
 
 STRATEGIES = ("accuracy-first", "diversity-first", "top-k", "random", "greedy")
 
@@ -59,7 +68,7 @@ def slots(
             if len(ok)
         ]
     if strategy == "diversity-first":
-        f = features(proba, method)
+        f = cluster.features(proba, method)
         out = []
         for c, ok in _eligible(accs, labels, max_acc_gap, usable).items():
             if len(ok):
@@ -183,11 +192,9 @@ def sweep(
     fits: np.ndarray | None = None,
 ) -> dict[str, list[list[int]]]:
     """For k = 1..k_max: the members each strategy picks (and places, with ``fits``) when the pool is cut into k clusters."""
-    from .cluster import cluster
-
     out: dict[str, list[list[int]]] = {s: [] for s in STRATEGIES}
     for k in range(1, min(k_max, len(proba)) + 1):
-        labels = cluster(proba, method, k, seed=seed)["labels"]
+        labels = cluster.cluster(proba, method, k, seed=seed)["labels"]
         for s in STRATEGIES:
             out[s].append(
                 select(s, proba, y, labels, method=method, rule=rule, seed=seed, max_acc_gap=max_acc_gap, fits=fits)
@@ -209,6 +216,130 @@ def curve(
     ]
 
 
-def best_k(points: list[dict]) -> int:
-    """The k of a :func:`curve` whose ensemble is the most accurate; ties go to the smaller k."""
-    return max(points, key=lambda p: (p["val_acc"], -p["k"]))["k"]
+def choose(run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, dict]) -> dict:
+    """Cluster the members that passed the int8 gate and the gate against the parent (:func:`ship.parent_gate`),
+    select the voters, place them on ``deploy.devices`` and decide what ships (:func:`ship.shipped_model`); writes
+    ``selection.json`` (and returns the one already there, made for the same devices).
+
+    With devices, only members that fit a device are selected, each gets a device it fits (:func:`assign`), and k
+    is at most the number of devices."""
+    path = run_dir / store.SELECTION
+    fleet = devices.load(cfg.deploy.devices) if cfg.deploy.devices else None
+    if path.exists():
+        return _saved(path, fleet)
+    quant = store.with_parent(run_dir, quant)
+    passed = [m["name"] for m in members if quant[m["name"]]["status"] == "ok"]
+    if not passed:
+        raise UserError(
+            "every pool member failed the int8 gate; see pool/*/quant.json, and raise quantize.max_drop "
+            "or lower pool.sparsity"
+        )
+    names, gate = ship.parent_gate(quant, passed, cfg.select.max_below_parent)
+    proba = np.stack([np.load(model_dir(run_dir, n) / store.VAL_PROBA) for n in names])
+    _, y_val = store.split(run_dir, "val")
+    c, strategy, gap, rule = cfg.cluster, cfg.select.strategy, cfg.select.max_acc_gap, cfg.vote.rule
+    weights = np.array([quant[n]["val_acc_int8"] for n in names]) if cfg.vote.weighted else None
+    k_max, fits, placed = c.k_max, None, None
+    if fleet:
+        fits, placed = fit_devices(run_dir, cfg, fleet, names, quant)
+        k_max = min(k_max, len(fleet))
+        if isinstance(c.k, int) and c.k > len(fleet):
+            raise UserError(
+                f"config key 'cluster.k' is {c.k}, but the devices file '{cfg.deploy.devices}' lists "
+                f"{len(fleet)} devices and each runs one member; lower cluster.k or use cluster.k: auto"
+            )
+    picks = sweep(proba, y_val, c.method, rule, cfg.seed, k_max, gap, fits)
+    points = curve(proba, y_val, picks[strategy], rule, weights)
+    result = cluster.cluster(proba, c.method, cluster.choose_k(c.k, points, len(names)), k_max, cfg.seed)
+    kw = {"method": c.method, "rule": rule, "seed": cfg.seed, "max_acc_gap": gap}
+    chosen = {s: select(s, proba, y_val, result["labels"], **kw, fits=fits) for s in STRATEGIES}
+    record = {
+        "candidates": names,
+        "dropped": [m["name"] for m in members if m["name"] not in passed],
+        "parent_gate": gate,
+        "clustering": result,
+        "strategy": strategy,
+        "selected": [names[i] for i in chosen[strategy]],
+        "strategies": {s: [names[i] for i in idx] for s, idx in chosen.items()},
+        "k_choice": {
+            "by": c.k if isinstance(c.k, str) else "config",
+            "k": result["k_requested"],
+            "curve": [{**p, "members": [names[i] for i in p["members"]]} for p in points],
+        },
+        "skipped_clusters": skipped(proba, y_val, result["labels"], gap, names, None if fits is None else fits.any(1)),
+        "sweep": {s: [[names[i] for i in idx] for idx in ks] for s, ks in picks.items()},
+    }
+    if fleet:
+        record["devices"] = placed | place(
+            slots(strategy, proba, y_val, result["labels"], **kw, fits=fits), fits, fleet, names, result["labels"]
+        )
+    record["shipped"] = ship.shipped_model(cfg, record, proba, y_val, quant, fits)
+    store.write_json(path, record)
+    return record
+
+
+def _saved(path: Path, fleet: list[devices.Device] | None) -> dict:
+    """The selection already made, if it was made for these devices."""
+    sel = store.read_json(path)
+    if (sel.get("devices") or {}).get("devices") != (fleet and devices.record(fleet)):
+        raise UserError(
+            f"'{path}' was selected for other devices than deploy.devices now lists; delete it, "
+            "bundle/ and metrics.json to select again (or use another output directory)"
+        )
+    return sel
+
+
+def place(
+    picked: list[list[int]], fits: np.ndarray, fleet: list[devices.Device], names: list[str], labels: list[int]
+) -> dict:
+    """Each slot's member (``picked``: :func:`slots`) on a device it fits (:func:`assign`): which device runs which
+    member, the idle devices, and the clusters left without one."""
+    where = assign(picked, fits)
+    on = {d: names[m] for m, d in where.items()}
+    return {
+        "assignment": {dev.name: on.get(d) for d, dev in enumerate(fleet)},
+        "idle": [dev.name for d, dev in enumerate(fleet) if d not in on],
+        "unplaced": [
+            {
+                "cluster": int(labels[s[0]]),
+                "members": [names[i] for i in s],
+                "reason": "no device left that fits one of them (each device runs one member)",
+            }
+            for s in picked
+            if not set(s) & set(where)
+        ],
+    }
+
+
+def fit_devices(
+    run_dir: Path, cfg: Config, fleet: list[devices.Device], names: list[str], quant: dict[str, dict]
+) -> tuple[np.ndarray, dict]:
+    """Which of the members ``names`` fit which device (shipped bytes; int8 latency at batch 1 where a device has a
+    latency budget), and the record of it for ``selection.json``, with which devices the int8 parent fits."""
+    sizes = {n: quant[n]["bytes"]["shipped"] for n in [*names, PARENT]}
+    ms, runs = None, cfg.bundle.latency_runs
+    if any(dev.latency_ms is not None for dev in fleet):
+        x_val = store.tensors(run_dir, "val")[0][:runs].numpy()
+        ms = {n: latency.measure(model_dir(run_dir, n) / store.INT8, x_val, runs) for n in sizes}
+    fits, ruled_out = devices.fit(fleet, {n: sizes[n] for n in names}, ms)
+    parent, parent_out = devices.budgets(fleet, {PARENT: sizes[PARENT]}, ms)
+    return fits, {
+        "devices": devices.record(fleet),
+        "latency": None if ms is None else latency.describe(runs) | {"model": "int8.onnx"},
+        "members": {
+            n: {
+                "shipped_bytes": sizes[n],
+                "latency_ms": None if ms is None else round(ms[n], 4),
+                "fits": [dev.name for d, dev in enumerate(fleet) if fits[i, d]],
+            }
+            for i, n in enumerate(names)
+        },
+        "ruled_out": ruled_out,
+        "unfit": [n for i, n in enumerate(names) if not fits[i].any()],
+        "parent": {
+            "shipped_bytes": sizes[PARENT],
+            "latency_ms": None if ms is None else round(ms[PARENT], 4),
+            "fits": [dev.name for d, dev in enumerate(fleet) if parent[0, d]],
+            "ruled_out": parent_out,
+        },
+    }

@@ -23,12 +23,22 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+# The run directory's layout, the one place its names are spelled: a run's files, then the files in a model's folder
+# (the parent's BASELINE/, each member's POOL/<name>/; :func:`model_dir`).
+CONFIG, DATASET, SPLITS, PREPROCESS = "config.yaml", "dataset.json", "splits.npz", "preprocess.json"
+TIMINGS, CPU_SECONDS, SELECTION, METRICS = "timings.json", "cpu_seconds.json", "selection.json", "metrics.json"
+TEST, TEST_SCORES, REPORT = "test.npz", "test_scores.npz", "report.html"
+BASELINE, POOL, BUNDLE, MANIFEST = "baseline", "pool", "bundle", "manifest.json"  # BUNDLE/MANIFEST: the bundle's
+CYCLICAL = "cyclical.pt"  # in POOL/: the checkpoint of a cyclical pool's one run
+PARENT_RECORD, MEMBER_RECORD, WEIGHTS, CHECKPOINT = "model.json", "member.json", "model.pt", "checkpoint.pt"
+QUANT, VAL_PROBA, FP32, INT8 = "quant.json", "val_proba.npy", "fp32.onnx", "int8.onnx"
+SNAPSHOT = "snapshot{}.pt"  # in BASELINE/: the parent's training snapshot i
 PARENT = "baseline"  # the parent's name where it stands beside the members (its int8 model is in baseline/)
 
 
 def model_dir(run_dir: Path, name: str) -> Path:
     """Where a model's int8 files are: ``baseline/`` for the parent, ``pool/<name>/`` for a member."""
-    return Path(run_dir) / "baseline" if name == PARENT else Path(run_dir) / "pool" / name
+    return Path(run_dir) / BASELINE if name == PARENT else Path(run_dir) / POOL / name
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -94,13 +104,18 @@ def gzip_size(path: Path) -> int:
     return len(gzip.compress(Path(path).read_bytes(), compresslevel=9, mtime=0))
 
 
+def with_parent(run_dir: Path, quant: dict[str, dict]) -> dict[str, dict]:
+    """The quantisation records with the parent's (``baseline``), read from the run where ``quant`` lacks it."""
+    return quant if PARENT in quant else {**quant, PARENT: read_json(run_dir / BASELINE / QUANT)}
+
+
 @functools.lru_cache(maxsize=1)
 def dataset(run_dir: str):
     """The dataset a run's recorded config names (loaded once per process)."""
     from . import config, data
 
-    ds = data.load(config.load(Path(run_dir) / "config.yaml")["data"])
-    splits = Path(run_dir) / "splits.npz"
+    ds = data.load(config.load(Path(run_dir) / CONFIG).data.model_dump())
+    splits = Path(run_dir) / SPLITS
     if (
         ds.carved_test is not None
         and splits.exists()
@@ -118,7 +133,7 @@ def split(run_dir: str | Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     ds = dataset(str(run_dir))
     if name == "test":
         return ds.x_test, ds.y_test
-    idx = np.load(Path(run_dir) / "splits.npz")[name]
+    idx = np.load(Path(run_dir) / SPLITS)[name]
     return ds.x_train[idx], ds.y_train[idx]
 
 
@@ -126,7 +141,7 @@ def preprocessing(run_dir: str | Path):
     """The run's fitted :class:`Preprocessing` (from the training split)."""
     from .preprocess import Preprocessing
 
-    return Preprocessing.from_dict(read_json(Path(run_dir) / "preprocess.json"))
+    return Preprocessing.from_dict(read_json(Path(run_dir) / PREPROCESS))
 
 
 def tensors(run_dir: str | Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,11 +159,11 @@ def load_baseline(run_dir: str | Path, source: int = 0) -> torch.nn.Module:
     from . import models
 
     run_dir = Path(run_dir)
-    cfg = read_json(run_dir / "baseline" / "model.json")
-    model = models.build(cfg["arch"], tuple(cfg["image_shape"]), cfg["num_classes"], **cfg["kwargs"])
-    snap = run_dir / "baseline" / f"snapshot{source}.pt"
-    path = snap if source and snap.exists() else run_dir / "baseline" / "model.pt"
-    if source and not snap.exists() and source != cfg.get("snapshots", 0):
+    record = read_json(run_dir / BASELINE / PARENT_RECORD)
+    model = models.build(record["arch"], tuple(record["image_shape"]), record["num_classes"], **record["kwargs"])
+    snap = run_dir / BASELINE / SNAPSHOT.format(source)
+    path = snap if source and snap.exists() else run_dir / BASELINE / WEIGHTS
+    if source and not snap.exists() and source != record.get("snapshots", 0):
         raise UserError(
             f"baseline snapshot '{snap}' is missing; delete '{run_dir / 'baseline'}' to retrain the baseline "
             "with pool.snapshots set"
@@ -164,8 +179,8 @@ def load_member(run_dir: str | Path, name: str) -> torch.nn.Module:
     from . import models
 
     run_dir = Path(run_dir)
-    base = read_json(run_dir / "baseline" / "model.json")
-    kwargs = {**base["kwargs"], **read_json(run_dir / "pool" / name / "member.json").get("model_kwargs", {})}
+    base = read_json(run_dir / BASELINE / PARENT_RECORD)
+    kwargs = {**base["kwargs"], **read_json(run_dir / POOL / name / MEMBER_RECORD).get("model_kwargs", {})}
     model = models.build(base["arch"], tuple(base["image_shape"]), base["num_classes"], **kwargs)
-    model.load_state_dict(torch.load(run_dir / "pool" / name / "model.pt", map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(run_dir / POOL / name / WEIGHTS, map_location="cpu", weights_only=True))
     return model

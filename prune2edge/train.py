@@ -14,33 +14,39 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import store
+from . import config, store
 from .vote import accuracy
 
 
 @dataclass
 class TrainSettings:
-    """How to fit a network; the ``train:`` section of a config, also sampled per pool member."""
+    """How to fit one network: the keys of a config's ``train:`` section (its defaults: :meth:`of`; ``augment`` is
+    ``fit``'s, resolved for the images by :func:`augment_kind`) and distillation from a teacher."""
 
-    epochs: float = 10
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"
-    augment: str = "auto"
-    label_smoothing: float = 0.0
-    cycles: int = 1
+    epochs: float
+    batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    schedule: str
+    label_smoothing: float
+    cycles: int
+    compile: str  # "torch": torch.compile the network; "cuda-graph": replay the whole step as a CUDA graph
     distill: float = 0.0  # weight of the teacher's softened outputs in the loss (fit's ``teacher``)
     temperature: float = 4.0
-    compile: str = "none"  # "torch": torch.compile the network; "cuda-graph": replay the whole step as a CUDA graph
+
+    @classmethod
+    def of(cls, section: config.Train | None = None, **changes: Any) -> TrainSettings:
+        """A ``train:`` section's settings (the defaults without one), with ``changes``."""
+        return cls(**{**(section or config.Train()).model_dump(exclude={"augment"}), **changes})
 
 
 def augment_kind(setting: str, image_shape: tuple[int, int, int]) -> str:

@@ -83,9 +83,9 @@ def test_compute_matched_trains_the_pools_epochs_from_the_baseline_once(variant,
     first = reference.compute_matched(run)
     baseline = torch.load(run / "baseline" / "model.pt", weights_only=True)
     assert all(torch.equal(started["weights"][k], v) for k, v in baseline.items())
-    assert vars(started["settings"]) == {**vars(train.TrainSettings(**cfg["train"])), "epochs": 1.0}
+    assert vars(started["settings"]) == {**vars(train.TrainSettings.of(cfg.train)), "epochs": 1.0}
     assert started["n"] == len(np.load(run / "splits.npz")["train"])
-    steps_per_epoch = -(-started["n"] // cfg["train"]["batch_size"])
+    steps_per_epoch = -(-started["n"] // cfg.train.batch_size)
     assert first["epochs"] == 1.0 and first["history"][-1]["steps"] == steps_per_epoch
 
     folder = run / "reference" / "compute-matched-1ep"
@@ -166,7 +166,7 @@ def test_reference_rows_reach_the_results_section_and_the_ablation_table(variant
         "runs": runs,
         "aggregate": cifar10.aggregate(runs),
         "command": "python bench/cifar10.py",
-        "config_resolved": config.load(variant / "seed0" / "config.yaml"),
+        "config_resolved": config.as_dict(config.load(variant / "seed0" / "config.yaml")),
     }
     summary = cifar10.markdown(
         method

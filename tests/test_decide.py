@@ -145,7 +145,7 @@ def test_metrics_hold_decisions_degradation_and_latency(demo_run):
     y = np.load(demo_run / "test.npz")["y"]
     scores = np.load(demo_run / "test_scores.npz")
     d = m["decisions"]
-    assert d["target_accuracy"] == cfg["vote"]["target_accuracy"]
+    assert d["target_accuracy"] == cfg.vote.target_accuracy
     assert d["ensemble"]["threshold"] == manifest["vote"]["abstain"]  # evaluation and bundle: the same choice
     for name in ("ensemble", "baseline_fp32"):
         r, right = d[name], scores[name].argmax(1) == y
@@ -168,7 +168,7 @@ def test_metrics_hold_decisions_degradation_and_latency(demo_run):
         == next(x for x in m["members"] if x["name"] == g["best_member"]["name"])["test_acc_int8"]
     )
     t = manifest["latency"]
-    assert t["runs"] == cfg["bundle"]["latency_runs"] and t["batch"] == 1 and t["threads"] == 1
+    assert t["runs"] == cfg.bundle.latency_runs and t["batch"] == 1 and t["threads"] == 1
     assert t["onnxruntime"] == ort.__version__ and t["baseline_fp32_ms"] > 0 and t["baseline_int8_ms"] > 0
     assert all(0 < e["latency_ms"] < 1e4 for e in manifest["members"])
     assert m["latency"]["members"] == {e["id"]: e["latency_ms"] for e in manifest["members"]}
@@ -187,7 +187,7 @@ def test_config_checks_the_new_keys():
         config.load(overrides={"vote": {"target_accuracy": 1.5}})
     with pytest.raises(UserError, match=r"'bundle\.latency_runs' must be a positive integer, got 0"):
         config.load(overrides={"bundle": {"latency_runs": 0}})
-    assert config.load(overrides={"vote": {"target_accuracy": None}})["vote"]["target_accuracy"] is None
+    assert config.load(overrides={"vote": {"target_accuracy": None}}).vote.target_accuracy is None
 
 
 def test_predict_cli_marks_review(demo_run):
@@ -260,7 +260,7 @@ def test_bench_numbers_are_the_runs_own(demo_run):
     assert run["degradation"]["missing"]["0"] == m["degradation"]["rows"][0]
     assert decisions.differences(
         config.load(demo_run / "config.yaml", {"vote": {"rule": "hard"}}), cli.DEMO_CONFIG
-    ) == ["vote.rule: 'hard' (reference 'soft')"]
+    ) == ["vote.rule: 'soft' -> 'hard'"]
     result = {
         "title": "## Decisions: test",
         "runs_dir": "x",

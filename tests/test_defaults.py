@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from prune2edge import config, evaluate, pipeline, pool, report, store
+from prune2edge import config, evaluate, pipeline, pool, report, store, summary
 from prune2edge.bundle import Bundle, predict_proba, session
 from prune2edge.errors import UserError
 
@@ -95,21 +95,19 @@ def test_new_defaults_keep_the_median_member_near_the_parent(runs, name):
     run = runs[name]
     parent = store.read_json(run / "baseline" / "model.json")["val_acc_fp32"]
     members = [store.read_json(p) for p in sorted((run / "pool").glob("*/member.json"))]
-    assert len(members) == config.DEFAULTS["pool"]["size"]
+    assert len(members) == config.Pool().size
     assert statistics.median(m["val_acc_fp32"] for m in members) >= parent - 0.02
     info = store.read_json(run / "dataset.json")
     n_train = info["n_train"]
     for m in members:  # the floor: every member trained at least pool.min_steps steps, the ramp over those steps
-        assert m["steps"] == max(
-            config.DEFAULTS["pool"]["min_steps"], round(m["planned_epochs"] * -(-n_train // m["batch_size"]))
-        )
+        assert m["steps"] == max(config.Pool().min_steps, round(m["planned_epochs"] * -(-n_train // m["batch_size"])))
         assert m["history"][-1]["steps"] == m["steps"] and m["measured_sparsity"]["overall"] >= m["sparsity"] - 0.01
     # the same parent with the pool defaults before issue 23: most members far below it
     old = old_pool_members(run, 5)
     assert sum(m["val_acc_fp32"] < parent - 0.1 for m in old) >= 3, [m["val_acc_fp32"] for m in old]
     assert all(m["steps"] < 30 for m in old)
     # the summary says how long each member trained and how far it recovered, and the pool's time
-    text = evaluate.table(store.read_json(run / "metrics.json"))
+    text = summary.table(store.read_json(run / "metrics.json"))
     assert f"pool: {len(members)} members, " in text and "each (steps, points vs parent): m000 " in text
     assert "x the parent's training" in text
 
@@ -119,7 +117,7 @@ def test_a_run_from_defaults_ships_at_least_the_int8_parent_on_validation(runs, 
     m = store.read_json(runs[name] / "metrics.json")
     assert m["shipped"]["val_acc"] >= m["baseline"]["val_acc_int8"]
     assert m["ensemble"]["members"] and m["shipped"]["reason"]
-    assert config.load(runs[name] / "config.yaml")["cluster"]["k"] == "auto" and m["k_choice"]["by"] == "auto"
+    assert config.load(runs[name] / "config.yaml").cluster.k == "auto" and m["k_choice"]["by"] == "auto"
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +150,7 @@ def test_a_pool_that_did_not_recover_ships_the_int8_parent_and_says_why(failed_p
     assert s["kind"] == "parent" and s["members"] == ["baseline"] and s["val_acc"] == b["val_acc_int8"]
     assert s["val_acc"] > m["ensemble"]["val_acc"] and s["test_acc"] == b["test_acc_int8"]
     assert "the int8 parent alone beats the selected" in s["reason"] and "select.fallback: true" in s["reason"]
-    text = evaluate.table(m)
+    text = summary.table(m)
     assert f"shipped: the int8 parent, baseline (validation {100 * s['val_acc']:.2f}%" in text and s["reason"] in text
     page = (run / "report.html").read_text()
     assert 'data-shipped="parent"' in page and html.escape(s["reason"]) in page
@@ -175,7 +173,7 @@ def test_a_selected_member_is_reported_as_one_model(runs):
     m = store.read_json(runs["six-grey"] / "metrics.json")
     one = dict(m, ensemble={**m["ensemble"], "k": 1, "members": m["ensemble"]["members"][:1]})
     one["shipped"] = {**m["shipped"], "kind": "member", "members": one["ensemble"]["members"]}
-    text = evaluate.table(one)
+    text = summary.table(one)
     assert f"selected: one member, {one['ensemble']['members'][0]}" in text and "k=1" not in text
     assert "disagreement" not in text.split("shipped:")[1].split("\n")[0]
 
@@ -209,6 +207,6 @@ def test_new_keys_validate(overrides, message):
 
 
 def test_new_defaults():
-    d = config.DEFAULTS
-    assert d["cluster"]["k"] == "auto" and d["select"]["fallback"] is True and d["pool"]["min_steps"] > 0
-    assert config.load(None, {"cluster": {"k": 5}})["cluster"]["k"] == 5  # fixed k: one setting away
+    d = config.Config()
+    assert d.cluster.k == "auto" and d.select.fallback is True and d.pool.min_steps > 0
+    assert config.load(None, {"cluster": {"k": 5}}).cluster.k == 5  # fixed k: one setting away

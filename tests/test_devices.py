@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import prune2edge_cli
 
-from prune2edge import config, devices, evaluate, fleet, latency, pipeline, select, store
+from prune2edge import config, devices, evaluate, fleet, latency, pipeline, select, store, summary
 from prune2edge.bundle import Bundle, read_manifest
 from prune2edge.cli import DEMO_CONFIG
 from prune2edge.errors import UserError
@@ -124,7 +124,7 @@ def test_fit_records_each_budget_that_rules_a_member_out():
         ("d", "small", "memory_bytes", 120, 50),
     ]
     assert out[0]["reason"] == "a needs 3.0 ms, over the latency_ms budget of 2.0 ms"
-    lines = evaluate._device_lines(
+    lines = summary._device_lines(
         {
             "devices": devices.record(fleet_),
             "assignment": {"big": "b", "small": None},
@@ -254,7 +254,7 @@ def fleet_run(demo_run, tmp_path_factory) -> Path:
     )
     run_dir = tmp / "run"
     cfg, members, quant = copy_run(demo_run, run_dir, path, cluster={"k": 3})
-    sel = pipeline.choose(run_dir, cfg, members, quant)
+    sel = select.choose(run_dir, cfg, members, quant)
     pipeline.make_bundle(run_dir, cfg, sel, members, quant)
     evaluate.evaluate_run(run_dir, cfg, {})
     return run_dir
@@ -291,10 +291,10 @@ def test_selection_records_which_budget_rules_out_which_member(fleet_run):
     for n, m in d["members"].items():
         assert m["fits"] == [dev["name"] for dev in d["devices"] if (n, dev["name"]) not in expected]
         assert 0 < m["latency_ms"] < 10000  # measured, because the gateway has a latency budget
-    runs = config.load(fleet_run / "config.yaml")["bundle"]["latency_runs"]
+    runs = config.load(fleet_run / "config.yaml").bundle.latency_runs
     assert d["latency"] == latency.describe(runs) | {"model": "int8.onnx"}
     m = store.read_json(fleet_run / "metrics.json")
-    text = evaluate.table(m)
+    text = summary.table(m)
     assert (
         f"devices: gateway ({d['devices'][0]['memory_bytes']:,} B, 10000 ms) runs {d['assignment']['gateway']}" in text
     )
@@ -326,7 +326,7 @@ def test_a_budget_no_member_fits_is_a_clear_error(demo_run, tmp_path):
         match=r"no member fits device 'quick' \(memory budget 10,000,000 bytes, latency budget "
         r"1e-06 ms\): the fastest member within its memory budget, m\d+, takes",
     ):
-        pipeline.choose(tmp_path / "run2", cfg, members, quant)
+        select.choose(tmp_path / "run2", cfg, members, quant)
 
 
 def test_more_clusters_than_devices_or_other_devices_are_clear_errors(demo_run, fleet_run, tmp_path):
@@ -335,10 +335,10 @@ def test_more_clusters_than_devices_or_other_devices_are_clear_errors(demo_run, 
     with pytest.raises(
         UserError, match="'cluster.k' is 3, but the devices file .* lists 2 devices and each runs one member"
     ):
-        pipeline.choose(tmp_path / "run", cfg, members, quant)
+        select.choose(tmp_path / "run", cfg, members, quant)
     cfg = config.load(fleet_run / "config.yaml", {"deploy": {"devices": str(two)}})
     with pytest.raises(UserError, match="was selected for other devices than deploy.devices now lists"):
-        pipeline.choose(fleet_run, cfg, *pool_of(fleet_run))
+        select.choose(fleet_run, cfg, *pool_of(fleet_run))
 
 
 # --- the fleet runs each member on its device --------------------------------------------------------------------

@@ -15,7 +15,7 @@ import yaml
 from click.testing import CliRunner
 from conftest import prune2edge_cli
 
-from prune2edge import UserError, cli, config, data, evaluate, pipeline, store
+from prune2edge import UserError, cli, config, data, pipeline, store, summary
 
 
 def test_demo_run_meets_its_targets(demo_run):
@@ -282,7 +282,7 @@ def test_copies_across_splits_are_reported_in_dataset_json_and_the_summary(demo_
     [w] = info["warnings"]
     assert w["kind"] == "duplicates" and "exact copies across the splits" in w["message"]
     m = store.read_json(demo_run / "metrics.json")
-    assert f"WARNING: {w['message']}" in evaluate.table(dict(m, dataset=info))  # the run's summary shows it
+    assert f"WARNING: {w['message']}" in summary.table(dict(m, dataset=info))  # the run's summary shows it
     np.savez(tmp_path / "run" / "splits.npz", **dict(splits, carved_test=splits["carved_test"][::-1]))
     with pytest.raises(UserError, match="the test split carved from the data now differs from the one"):
         store.dataset(str(tmp_path / "run"))

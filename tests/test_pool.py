@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from prune2edge import config, models, pool
+from prune2edge import config, executors, models, pool, prune
 
 
 def tiny_model() -> torch.nn.Module:
@@ -19,7 +19,7 @@ def tiny_model() -> torch.nn.Module:
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_pruner_reaches_measured_sparsity(scope):
     model = tiny_model()
-    pruner = pool.MagnitudePruner(models.prunable(model), 0.8, "polynomial", scope, end_step=10)
+    pruner = prune.MagnitudePruner(models.prunable(model), 0.8, "polynomial", scope, end_step=10)
     pruner.update(0.8)
     measured = models.sparsity(model)
     assert measured["overall"] >= 0.8
@@ -34,23 +34,23 @@ def test_pruner_keeps_the_largest_weights():
     model = tiny_model()
     w = models.prunable(model)["features.0.0"]
     before = w.detach().abs().clone()
-    pool.MagnitudePruner({"w": w}, 0.5, "constant", "layer", 1).update(0.5)
+    prune.MagnitudePruner({"w": w}, 0.5, "constant", "layer", 1).update(0.5)
     assert before[w == 0].max() <= before[w != 0].min()
 
 
 def test_schedules():
-    p = pool.MagnitudePruner({}, 0.9, "polynomial", "layer", end_step=100)
+    p = prune.MagnitudePruner({}, 0.9, "polynomial", "layer", end_step=100)
     targets = [p.target(t) for t in range(0, 121, 10)]
     assert targets[0] == 0 and targets[10] == pytest.approx(0.9) and targets[-1] == 0.9
     assert all(a <= b for a, b in itertools.pairwise(targets))
     assert p.target(50) == pytest.approx(0.9 * (1 - 0.5**3))
-    assert pool.MagnitudePruner({}, 0.7, "constant", "layer", 100).target(0) == 0.7
+    assert prune.MagnitudePruner({}, 0.7, "constant", "layer", 100).target(0) == 0.7
 
 
 def test_masks_hold_during_training_and_are_permanent():
     model = tiny_model()
     params = models.prunable(model)
-    pruner = pool.MagnitudePruner(params, 0.6, "constant", "layer", 1)
+    pruner = prune.MagnitudePruner(params, 0.6, "constant", "layer", 1)
     pruner.update(0.6)
     zeros = {n: (w == 0).clone() for n, w in params.items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
@@ -68,7 +68,7 @@ def test_plan_spreads_sparsity_and_is_seeded():
     plans = pool.plan(cfg)
     s = sorted(p.sparsity for p in plans)
     assert all(0.5 + 0.04 * i <= v <= 0.5 + 0.04 * (i + 1) for i, v in enumerate(s))  # one per tenth of the range
-    assert plans == pool.plan(cfg) and plans != pool.plan({**cfg, "seed": 1})
+    assert plans == pool.plan(cfg) and plans != pool.plan(cfg.model_copy(update={"seed": 1}))
     assert len({p.seed for p in plans}) == 10
 
 
@@ -94,12 +94,11 @@ def test_members_are_clones_of_the_baseline_not_chained(demo_run, tmp_path):
 
 def test_process_pool_executor_runs_members(demo_run, tmp_path):
     run_dir = prepared_copy(demo_run, tmp_path)
-    cfg = config.load(run_dir / "config.yaml")
+    cfg = config.load(run_dir / "config.yaml", {"pool": {"size": 3}, "cluster": {"k": 3}})
     (run_dir / "pool" / "m000").mkdir(parents=True)
     shutil.copy(demo_run / "pool" / "m000" / "member.json", run_dir / "pool" / "m000" / "member.json")
-    cfg["pool"]["size"] = 3
-    with pool.make_executor(2) as ex:
-        assert not isinstance(ex, pool.InProcessExecutor)
+    with executors.make_executor(2) as ex:
+        assert not isinstance(ex, executors.InProcessExecutor)
         members = pool.build(run_dir, cfg, ex, progress=False)
     assert [m["name"] for m in members] == ["m000", "m001", "m002"]
     assert not (run_dir / "pool" / "m000" / "model.pt").exists()  # finished member kept, not recomputed
@@ -111,7 +110,7 @@ def test_process_pool_executor_runs_members(demo_run, tmp_path):
 
 def test_distillation_changes_the_member(demo_run, tmp_path):
     """The demo distils from its baseline (pool.distill 0.7); the same member fine-tuned on labels alone differs."""
-    assert config.load(demo_run / "config.yaml")["pool"]["distill"] > 0
+    assert config.load(demo_run / "config.yaml").pool.distill > 0
     run_dir = prepared_copy(demo_run, tmp_path)
     cfg = config.load(run_dir / "config.yaml", {"pool": {"distill": 0.0}})
     (run_dir / "config.yaml").write_text(config.yaml_text(cfg))

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from prune2edge import config, models, pipeline, pool, store
+from prune2edge import config, executors, models, pipeline, pool, prune, store
 from prune2edge.errors import UserError
 
 
@@ -37,13 +37,13 @@ def tiny_run(tmp_path_factory) -> tuple:
     return run, cfg
 
 
-def configured(run, cfg: dict, tmp_path, **pool_opts) -> tuple:
+def configured(run, cfg: config.Config, tmp_path, **pool_opts) -> tuple:
     """A copy of the tiny run whose config sets these pool options."""
     import shutil
 
     new = tmp_path / "run"
     shutil.copytree(run, new)
-    cfg = config.load(None, {**{k: v for k, v in cfg.items() if k != "pool"}, "pool": {**cfg["pool"], **pool_opts}})
+    cfg = config.load(None, config.merged(cfg, {"pool": pool_opts}))
     (new / "config.yaml").write_text(config.yaml_text(cfg))
     return new, cfg
 
@@ -56,20 +56,20 @@ def flat_masks(masks: dict[str, torch.Tensor]) -> torch.Tensor:
 def test_antirandom_masks_are_disjoint_while_the_kept_fractions_fit(weighted):
     params = models.prunable(tiny_model())
     keep = [0.3, 0.25, 0.2]
-    masks = [flat_masks(pool.antirandom_masks(params, keep, i, seed=7, weighted=weighted)) for i in range(3)]
+    masks = [flat_masks(prune.antirandom_masks(params, keep, i, seed=7, weighted=weighted)) for i in range(3)]
     for a, b in itertools.combinations(masks, 2):
         assert not (a & b).any()  # pairwise overlap 0
     total = sum(w.numel() for w in params.values())
     for m, f in zip(masks, keep):
         assert abs(int(m.sum()) / total - f) < 0.01
     # the same seed gives the same masks in every member's job; another seed other masks
-    assert torch.equal(masks[1], flat_masks(pool.antirandom_masks(params, keep, 1, seed=7, weighted=weighted)))
-    assert not torch.equal(masks[1], flat_masks(pool.antirandom_masks(params, keep, 1, seed=8, weighted=weighted)))
+    assert torch.equal(masks[1], flat_masks(prune.antirandom_masks(params, keep, 1, seed=7, weighted=weighted)))
+    assert not torch.equal(masks[1], flat_masks(prune.antirandom_masks(params, keep, 1, seed=8, weighted=weighted)))
 
 
 def test_antirandom_overlap_is_as_small_as_the_fractions_allow():
     params = models.prunable(tiny_model())
-    masks = torch.stack([flat_masks(pool.antirandom_masks(params, [0.5] * 3, i, seed=0)) for i in range(3)])
+    masks = torch.stack([flat_masks(prune.antirandom_masks(params, [0.5] * 3, i, seed=0)) for i in range(3)])
     count = masks.sum(0)  # members keeping each weight: 3 x 0.5 = 1.5 per weight, so 1 or 2, never 0 or 3
     assert count.min() >= 1 and count.max() <= 2
 
@@ -79,14 +79,14 @@ def test_weighted_antirandom_gives_the_first_members_the_larger_weights():
     keep = [0.2] * 5
     mean_abs = []
     for i in range(5):
-        masks = pool.antirandom_masks(params, keep, i, seed=0, weighted=True)
+        masks = prune.antirandom_masks(params, keep, i, seed=0, weighted=True)
         mean_abs.append(float(torch.cat([params[n].detach().abs()[m] for n, m in masks.items()]).mean()))
     assert mean_abs[0] > mean_abs[-1]
 
 
 def test_antirandom_members_keep_disjoint_weights_after_training(tiny_run, tmp_path):
     run, cfg = configured(*tiny_run, tmp_path, mask="antirandom", sparsity=0.7)
-    members = pool.build(run, cfg, pool.InProcessExecutor(), progress=False)
+    members = pool.build(run, cfg, executors.InProcessExecutor(), progress=False)
     alive = [
         flat_masks({n: w != 0 for n, w in models.prunable(store.load_member(run, m["name"])).items()}) for m in members
     ]
@@ -98,7 +98,7 @@ def test_antirandom_members_keep_disjoint_weights_after_training(tiny_run, tmp_p
 def test_shrink_and_perturb_start_is_exactly_lambda_w_plus_sigma_fresh():
     base, fresh = tiny_model(0), tiny_model(1)
     model = tiny_model(0)
-    pool.leave_basin(model, fresh, shrink=0.6, perturb=0.05, reinit_last=0)
+    prune.leave_basin(model, fresh, shrink=0.6, perturb=0.05, reinit_last=0)
     for (n, p), b, f in zip(model.named_parameters(), base.parameters(), fresh.parameters()):
         assert torch.allclose(p, 0.6 * b + 0.05 * f, atol=1e-7), n
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), base.buffers()))  # BatchNorm statistics kept
@@ -107,7 +107,7 @@ def test_shrink_and_perturb_start_is_exactly_lambda_w_plus_sigma_fresh():
 def test_reinit_last_replaces_exactly_the_last_layers():
     base, fresh = tiny_model(0), tiny_model(1)
     model = tiny_model(0)
-    pool.leave_basin(model, fresh, shrink=1.0, perturb=0.0, reinit_last=2)
+    prune.leave_basin(model, fresh, shrink=1.0, perturb=0.0, reinit_last=2)
     last = set(list(models.prunable(model))[-2:])
     fresh_p = dict(fresh.named_parameters())
     for (n, p), b in zip(model.named_parameters(), base.parameters()):
@@ -134,7 +134,7 @@ def test_fresh_wider_students_are_built_recorded_and_reloaded(tiny_run, tmp_path
     model, _ = pool.start_model(src, plan)
     assert model.features[0][0].out_channels == 12
     assert torch.equal(models.prunable(model)["head.2"], models.prunable(src.fresh(plan.seed, {"width": 12}))["head.2"])
-    members = pool.build(run, cfg, pool.InProcessExecutor(), progress=False)
+    members = pool.build(run, cfg, executors.InProcessExecutor(), progress=False)
     assert members[0]["model_kwargs"] == {"width": 12}
     reloaded = store.load_member(run, members[0]["name"])
     assert reloaded.features[0][0].out_channels == 12
@@ -145,7 +145,7 @@ def test_regrow_moves_the_mask_at_constant_sparsity():
     torch.manual_seed(0)
     model = tiny_model()
     params = models.prunable(model)
-    pruner = pool.MagnitudePruner(params, 0.8, "constant", "layer", end_step=1, regrow=0.3, regrow_every=1)
+    pruner = prune.MagnitudePruner(params, 0.8, "constant", "layer", end_step=1, regrow=0.3, regrow_every=1)
     pruner.update(0.8)
     before = flat_masks(pruner.masks).clone()
     counts = {n: int(m.sum()) for n, m in pruner.masks.items()}
@@ -164,7 +164,7 @@ def test_regrow_moves_the_mask_at_constant_sparsity():
 
 def test_cyclical_pool_takes_one_member_per_cycle_from_one_run(tiny_run, tmp_path):
     run, cfg = configured(*tiny_run, tmp_path, cyclical=True, sparsity=[0.6, 0.7])
-    members = pool.build(run, cfg, pool.InProcessExecutor(), progress=False)
+    members = pool.build(run, cfg, executors.InProcessExecutor(), progress=False)
     assert [m["name"] for m in members] == ["m000", "m001", "m002"]
     assert all(m["cyclical"] and m["sparsity"] == max(p.sparsity for p in pool.plan(cfg)) for m in members)
     states = [store.load_member(run, m["name"]).state_dict() for m in members]
@@ -174,7 +174,7 @@ def test_cyclical_pool_takes_one_member_per_cycle_from_one_run(tiny_run, tmp_pat
     # a member deleted after the run is made again by the same command, identical to the first time
     first = store.read_json(run / "pool" / "m001" / "member.json")
     (run / "pool" / "m001" / "member.json").unlink()
-    again = pool.build(run, cfg, pool.InProcessExecutor(), progress=False)
+    again = pool.build(run, cfg, executors.InProcessExecutor(), progress=False)
     assert again[1]["val_acc_fp32"] == first["val_acc_fp32"]
 
 

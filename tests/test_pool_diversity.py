@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prune2edge import config, models, pipeline, pool, store, train
+from prune2edge import config, executors, models, pipeline, pool, prune, store, train
 from prune2edge.errors import UserError
 
 
@@ -59,7 +59,7 @@ def test_mask_noise_changes_which_weights_survive_but_not_how_many(scope):
     masks = []
     for seed in (1, 2):
         model = tiny_model()
-        p = pool.MagnitudePruner(models.prunable(model), 0.8, "constant", scope, 1, noise=1.0, seed=seed)
+        p = prune.MagnitudePruner(models.prunable(model), 0.8, "constant", scope, 1, noise=1.0, seed=seed)
         p.update(0.8)
         assert models.sparsity(model)["overall"] >= 0.8 - 1e-6
         masks.append(torch.cat([m.flatten() for m in p.masks.values()]))
@@ -67,8 +67,8 @@ def test_mask_noise_changes_which_weights_survive_but_not_how_many(scope):
     assert overlap < 0.9
     # noise 0 is plain magnitude pruning, bit for bit
     a, b = tiny_model(), tiny_model()
-    pool.MagnitudePruner(models.prunable(a), 0.7, "constant", scope, 1).update(0.7)
-    pool.MagnitudePruner(models.prunable(b), 0.7, "constant", scope, 1, noise=0.0, seed=5).update(0.7)
+    prune.MagnitudePruner(models.prunable(a), 0.7, "constant", scope, 1).update(0.7)
+    prune.MagnitudePruner(models.prunable(b), 0.7, "constant", scope, 1, noise=0.0, seed=5).update(0.7)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -118,7 +118,7 @@ def test_snapshot_members_clone_different_checkpoints(tmp_path):
     assert not torch.equal(first[0], first[1]) and torch.equal(
         first[2], store.load_baseline(run).state_dict()["head.2.weight"]
     )
-    members = pool.build(run, cfg, pool.InProcessExecutor(), progress=False)
+    members = pool.build(run, cfg, executors.InProcessExecutor(), progress=False)
     assert [m["source"] for m in members] == [3, 2, 1]
     assert all(abs(m["measured_sparsity"]["overall"] - 0.5) < 0.01 for m in members)
     assert store.read_json(run / "baseline" / "model.json")["snapshots"] == 3
@@ -148,13 +148,13 @@ def test_distillation_pulls_the_student_towards_the_teacher():
     noise = torch.randint(0, 10, (512,), generator=gen)
     rule = (x.flatten(1) @ torch.randn(64, 10, generator=gen)).argmax(1)
     teacher = tiny_model(seed=1)
-    train.fit(teacher, x, rule, train.TrainSettings(epochs=20, batch_size=64, lr=0.05), seed=0, progress=False)
+    train.fit(teacher, x, rule, train.TrainSettings.of(epochs=20, batch_size=64, lr=0.05), seed=0, progress=False)
     decided = train.predict_proba(teacher, x).argmax(1)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
 
     def agreement(distill: float) -> float:
         student = tiny_model(seed=2)
-        s = train.TrainSettings(epochs=15, batch_size=64, lr=0.05, distill=distill, temperature=2.0)
+        s = train.TrainSettings.of(epochs=15, batch_size=64, lr=0.05, distill=distill, temperature=2.0)
         train.fit(student, x, noise, s, seed=0, teacher=teacher, progress=False)
         return float((train.predict_proba(student, x).argmax(1) == decided).mean())
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 from onnx import numpy_helper
 
-from prune2edge import config, models, pipeline, pool, qat, quantize, store, train
+from prune2edge import config, executors, models, pipeline, pool, qat, quantize, store, train
 from prune2edge.bundle import predict_proba, session
 from prune2edge.errors import UserError
 
@@ -60,7 +60,7 @@ def qat_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("qat")
     pipeline.prepare(run, cfg)
     pipeline.baseline(run, cfg, progress=False)
-    members = pool.build(run, cfg, pool.InProcessExecutor(), progress=False)
+    members = pool.build(run, cfg, executors.InProcessExecutor(), progress=False)
     quant = quantize.quantize_all(run, cfg, members, progress=False)
     return run, cfg, members, quant
 

@@ -19,9 +19,9 @@ import torch
 from click.testing import CliRunner
 from conftest import prune2edge_cli
 
-from prune2edge import cli, config, pipeline, pool, store
+from prune2edge import cli, config, executors, pipeline, pool, store
 from prune2edge.errors import UserError
-from prune2edge.ray_executor import RayExecutor
+from prune2edge.executors import RayExecutor
 
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
@@ -57,13 +57,13 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pool.build(reference, cfg, pool.InProcessExecutor(), progress=False)
+        pool.build(reference, cfg, executors.InProcessExecutor(), progress=False)
     finally:
         torch.set_num_threads(threads)
     return run, reference
 
 
-def copy_of(run: Path, dest: Path) -> tuple[Path, dict]:
+def copy_of(run: Path, dest: Path) -> tuple[Path, config.Config]:
     shutil.copytree(run, dest)
     return dest, config.load(dest / "config.yaml")
 
@@ -113,7 +113,7 @@ def test_worker_killed_mid_member_is_retried_to_the_same_members(ray_cluster, ti
         shutil.copy(tiny[1] / "pool" / "m001" / f, run / "pool" / "m001" / f)
     before = (run / "pool" / "m001" / "member.json").stat().st_mtime_ns
     result: dict = {}
-    executor = pool.make_executor(1, {**cfg["ray"], "max_retries": 2})
+    executor = executors.make_executor(1, cfg.ray.model_copy(update={"max_retries": 2}))
     assert isinstance(executor, RayExecutor)
     builder = threading.Thread(target=lambda: result.update(members=pool.build(run, cfg, executor, progress=False)))
     builder.start()
@@ -138,7 +138,7 @@ def test_worker_killed_mid_member_is_retried_to_the_same_members(ray_cluster, ti
 def test_driver_killed_mid_pool_resumes_with_the_same_command(ray_cluster, tiny, tmp_path):
     run, cfg = copy_of(tiny[0], tmp_path / "run")
     cfg_file = tmp_path / "ray.yaml"
-    cfg_file.write_text(config.yaml_text({**cfg, "executor": "ray", "ray": {**cfg["ray"], "address": ray_cluster}}))
+    cfg_file.write_text(config.yaml_text(config.merged(cfg, {"executor": "ray", "ray": {"address": ray_cluster}})))
     command = [sys.executable, "-m", "prune2edge.cli", "run", str(cfg_file), "--out", str(run), "--quiet"]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -198,7 +198,7 @@ def test_a_worker_without_the_jobs_code_is_a_clear_error(ray_cluster, tmp_path, 
 @pytest.mark.slow
 def test_a_members_user_error_reaches_the_driver_as_itself(ray_cluster, tiny, tmp_path):
     run, cfg = copy_of(tiny[0], tmp_path / "run")
-    cfg = config.load(None, {**cfg, "pool": {**cfg["pool"], "regrow": 0.3, "regrow_every": 1000}})
+    cfg = config.load(None, config.merged(cfg, {"pool": {"regrow": 0.3, "regrow_every": 1000}}))
     (run / "config.yaml").write_text(config.yaml_text(cfg))
     with pytest.raises(UserError, match=r"^pool\.regrow is 0\.3 but no step would regrow.*lower pool\.regrow_every"):
         pool.build(run, cfg, RayExecutor(), progress=False)
@@ -208,7 +208,7 @@ def test_a_members_user_error_reaches_the_driver_as_itself(ray_cluster, tiny, tm
 def test_without_ray_installed_executor_ray_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails, as where it is not installed
     with pytest.raises(UserError, match=r"executor: ray needs Ray.*pip install 'prune2edge\[ray\]'"):
-        pool.make_executor(1, config.load(None, {"executor": "ray"})["ray"])
+        executors.make_executor(1, config.load(None, {"executor": "ray"}).ray)
     (tmp_path / "ray.yaml").write_text("executor: ray\n")
     out = CliRunner().invoke(cli.main, ["run", str(tmp_path / "ray.yaml"), "--out", str(tmp_path / "run")])
     assert out.exit_code == 2

@@ -8,7 +8,7 @@ import html
 import numpy as np
 import pytest
 
-from prune2edge import cluster, config, evaluate, pipeline, select, store
+from prune2edge import cluster, config, evaluate, pipeline, select, ship, store, summary
 from prune2edge.errors import UserError
 from prune2edge.vote import accuracy, vote
 
@@ -88,7 +88,7 @@ def fake_run(tmp_path, proba_for, parent: float = 0.0, **overrides):
 
 def test_choose_records_the_skipped_outlier(tmp_path):
     cfg, members, quant, _, _ = fake_run(tmp_path, families_and_outlier, cluster={"k": 4})
-    sel = pipeline.choose(tmp_path, cfg, members, quant)
+    sel = select.choose(tmp_path, cfg, members, quant)
     assert sel["clustering"]["labels"].count(sel["clustering"]["labels"][6]) == 1
     assert "m006" not in sel["selected"] and len(sel["selected"]) == 3
     assert "m006" not in sel["strategies"]["diversity-first"]
@@ -122,7 +122,7 @@ def three_families(y: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("make, k", [(one_strong_member, 1), (three_families, 3)])
 def test_k_auto_takes_the_best_k_on_validation(tmp_path, make, k):
     cfg, members, quant, y_val, proba = fake_run(tmp_path, make, cluster={"k": "auto", "k_max": 5})
-    sel = pipeline.choose(tmp_path, cfg, members, quant)
+    sel = select.choose(tmp_path, cfg, members, quant)
     choice = sel["k_choice"]
     assert choice["by"] == "auto" and choice["k"] == k == sel["clustering"]["k"]
     names = sel["candidates"]
@@ -140,7 +140,7 @@ def test_k_auto_takes_the_best_k_on_validation(tmp_path, make, k):
 
 
 def test_k_choice_keys_validate():
-    assert config.load(None, {"cluster": {"k": "silhouette"}})["cluster"]["k"] == "silhouette"
+    assert config.load(None, {"cluster": {"k": "silhouette"}}).cluster.k == "silhouette"
     with pytest.raises(UserError, match="'cluster.k' must be a positive integer, 'auto' or 'silhouette'"):
         config.load(None, {"cluster": {"k": "best"}})
     with pytest.raises(UserError, match=r"'select.max_acc_gap' must be a number in \[0, 1\]"):
@@ -164,7 +164,7 @@ def test_worse_ensemble_is_reported_on_validation_only(demo_run):
         return s
 
     fine = scenario(v - 0.01, v)  # a tie is not worse
-    assert fine["warnings"] == [] and "WARNING" not in evaluate.table(fine)
+    assert fine["warnings"] == [] and "WARNING" not in summary.table(fine)
     for baseline_val, member_val, kinds in (
         (v + 0.01, v, ["baseline_int8"]),
         (v - 0.01, v + 0.01, ["member"]),
@@ -172,7 +172,7 @@ def test_worse_ensemble_is_reported_on_validation_only(demo_run):
     ):
         s = scenario(baseline_val, member_val)
         assert [w["kind"] for w in s["warnings"]] == kinds
-        text = evaluate.table(s)
+        text = summary.table(s)
         for w in s["warnings"]:
             assert f"WARNING: {w['message']}" in text and f"{100 * v:.2f}%" in w["message"]
             assert w["ensemble_val_acc"] == v and w["better_val_acc"] > v
@@ -182,7 +182,7 @@ def test_worse_ensemble_is_reported_on_validation_only(demo_run):
         s["ensemble"]["test_acc"] = 1.0
         assert [w["kind"] for w in evaluate.selection_warnings(s)] == kinds
     # the real run, with the fallback on, which weighed the single models and said why in its reason: no warning
-    assert m["shipped"]["fallback"] and m["warnings"] == [] and m["shipped"]["reason"] in evaluate.table(m)
+    assert m["shipped"]["fallback"] and m["warnings"] == [] and m["shipped"]["reason"] in summary.table(m)
     # with it off, warned exactly when a single model is ahead on validation, in metrics, table and report
     m = copy.deepcopy(m)
     m["shipped"]["fallback"] = False
@@ -193,7 +193,7 @@ def test_worse_ensemble_is_reported_on_validation_only(demo_run):
     n = m["dataset"]["n_val"]
     for w in m["warnings"]:
         assert f"{round(w['better_val_acc'] * n) - round(v * n)} more of the {n} images right" in w["message"]
-        assert f"WARNING: {w['message']}" in evaluate.table(m)
+        assert f"WARNING: {w['message']}" in summary.table(m)
     assert 'id="warnings"' not in page and html.escape(m["shipped"]["reason"]) in page
     assert {"k_choice", "skipped_clusters"} <= set(m)
 
@@ -207,7 +207,7 @@ def test_the_fallback_ships_the_parent_where_it_beats_the_selection(tmp_path, fa
         cluster={"k": 2},
         select={"fallback": fallback, "max_below_parent": 0.1},
     )
-    sel = pipeline.choose(tmp_path, cfg, members, quant)
+    sel = select.choose(tmp_path, cfg, members, quant)
     ens = accuracy(vote(proba[[sel["candidates"].index(n) for n in sel["selected"]]]), y_val)
     s = sel["shipped"]
     assert ens < 0.97 and len(sel["selected"]) == 2
@@ -223,7 +223,7 @@ def test_an_ensemble_at_least_as_accurate_as_every_single_model_ships(tmp_path):
     cfg, members, quant, _, _ = fake_run(
         tmp_path, three_families, parent=0.9, cluster={"k": 3}, select={"max_below_parent": 0.2}
     )
-    sel = pipeline.choose(tmp_path, cfg, members, quant)
+    sel = select.choose(tmp_path, cfg, members, quant)
     s = sel["shipped"]
     assert sel["parent_gate"]["below"] == [] and len(sel["selected"]) == 3
     assert (s["kind"], s["members"], s["val_acc"]) == ("ensemble", sel["selected"], 1.0)  # votes every mistake away
@@ -234,7 +234,7 @@ def test_fallback_with_a_weak_selection_ships_the_parent_or_the_best_member(tmp_
     """One cautious member right on 95 % of images, four confident ones sharing their mistakes: the selection (k = 2)
     is worse than the cautious member alone; a parent at 97 % beats both, unless it fits no device."""
     cfg, members, quant, y_val, proba = fake_run(tmp_path / "a", one_strong_member, parent=0.97, cluster={"k": 2})
-    sel = pipeline.choose(tmp_path / "a", cfg, members, quant)
+    sel = select.choose(tmp_path / "a", cfg, members, quant)
     assert sel["shipped"]["kind"] == "parent" and sel["shipped"]["val_acc"] == 0.97
     # a member more than select.max_below_parent under the parent is not clustered
     below = {b["name"] for b in sel["parent_gate"]["below"]}
@@ -253,7 +253,7 @@ def test_fallback_with_a_weak_selection_ships_the_parent_or_the_best_member(tmp_
             select={"max_below_parent": 0.3, "max_acc_gap": 0.3},  # every member clustered and selectable
             deploy={"devices": str(fleet)},
         )
-        sel = pipeline.choose(tmp_path / name, cfg, members, quant)
+        sel = select.choose(tmp_path / name, cfg, members, quant)
         assert sel["devices"]["parent"]["fits"] == [] and sel["devices"]["parent"]["shipped_bytes"] == 4000
         s = sel["shipped"]
         ens = accuracy(vote(proba[[int(n[1:]) for n in sel["selected"]]]), y_val)
@@ -263,7 +263,7 @@ def test_fallback_with_a_weak_selection_ships_the_parent_or_the_best_member(tmp_
             assert s["kind"] == "ensemble" and "a lead within chance for the best of 5 members" in s["reason"]
             continue
         lead = evaluate.mcnemar(y_val, proba[0].argmax(1), vote(proba[[0, 1]]).argmax(1), "greater")
-        assert lead < pipeline.FALLBACK_P
+        assert lead < ship.FALLBACK_P
         assert (right[0] & ~right[1]).sum() >= 20
         assert (s["kind"], s["members"]) == ("member", ["m000"]) and "(the int8 parent fits none)" in s["reason"]
         assert "sign test p = " in s["reason"]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from prune2edge import config, models, pool, train
+from prune2edge import config, models, prune, train
 from prune2edge.errors import UserError
 
 
@@ -18,7 +18,7 @@ class Killed(Exception):
 def test_killed_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(300, 3, 16, 16, generator=gen), torch.randint(0, 4, (300,), generator=gen)
-    s = train.TrainSettings(epochs=3.5, batch_size=64, lr=0.05, schedule="onecycle")
+    s = train.TrainSettings.of(epochs=3.5, batch_size=64, lr=0.05, schedule="onecycle")
 
     def fresh() -> torch.nn.Module:
         torch.manual_seed(0)
@@ -76,13 +76,13 @@ def _data(n: int = 300, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 3, 16, 16, generator=gen), torch.randint(0, classes, (n,), generator=gen)
 
 
-def _member(spec: dict, device: str = "cpu") -> tuple[torch.nn.Module, pool.MagnitudePruner, train.TrainSettings]:
+def _member(spec: dict, device: str = "cpu") -> tuple[torch.nn.Module, prune.MagnitudePruner, train.TrainSettings]:
     """A fresh network (same initial weights every time) with its pruning hook, as the pool makes one."""
     torch.manual_seed(0)
     model = models.build("small_cnn", (16, 16, 3), 4, width=8, depth=2).to(device)
-    pruner = pool.MagnitudePruner(models.prunable(model), spec["sparsity"], "polynomial", "layer", end_step=8)
+    pruner = prune.MagnitudePruner(models.prunable(model), spec["sparsity"], "polynomial", "layer", end_step=8)
     pruner.update(pruner.target(0))
-    s = train.TrainSettings(
+    s = train.TrainSettings.of(
         epochs=spec["epochs"],
         batch_size=spec["batch_size"],
         lr=spec["lr"],
@@ -134,16 +134,14 @@ def test_members_trained_in_lockstep_equal_members_trained_alone(tmp_path):
 
 
 def test_compile_settings_are_checked():
-    assert (
-        config.load(None, {"train": {"compile": "torch"}, "pool": {"compile": "torch"}})["pool"]["compile"] == "torch"
-    )
+    assert config.load(None, {"train": {"compile": "torch"}, "pool": {"compile": "torch"}}).pool.compile == "torch"
     with pytest.raises(UserError, match="train.compile.*needs device: cuda"):
         config.load(None, {"train": {"compile": "cuda-graph"}})
     with pytest.raises(UserError, match="pool.compile"):
         config.load(None, {"pool": {"compile": "graph"}})
     with pytest.raises(ValueError, match="CUDA"):
         x, y = _data(64)
-        train.fit(_member(GROUP[0])[0], x, y, train.TrainSettings(compile="cuda-graph"), seed=0, progress=False)
+        train.fit(_member(GROUP[0])[0], x, y, train.TrainSettings.of(compile="cuda-graph"), seed=0, progress=False)
 
 
 @pytest.mark.parametrize("kind", ["onecycle", "cosine", "constant", "restarts"])

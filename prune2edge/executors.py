@@ -1,15 +1,21 @@
-"""Pool members as Ray tasks (``executor: ray``): spread the pool over a cluster with no shared filesystem.
+"""Where member jobs run (:func:`make_executor`): in this process, in local processes, or as Ray tasks
+(``executor: ray``) spread over a cluster with no shared filesystem.
 
-Ray is optional (``pip install 'prune2edge[ray]'``) and imported only when this executor is made.
+Ray is optional (``pip install 'prune2edge[ray]'``) and imported only when its executor is made.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
-from typing import Any
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .config import Ray
 
 
 def _import_ray():
@@ -120,3 +126,34 @@ class RayExecutor(Executor):
             self._ray.shutdown()
             self._started = False
             self._task = None
+
+
+class InProcessExecutor(Executor):
+    """Runs each job at submit time in this process: the default, and the simplest to debug."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[override]
+        f: Future = Future()
+        try:
+            f.set_result(fn(*args, **kwargs))
+        except Exception as e:
+            f.set_exception(e)
+        return f
+
+
+def _limit_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def make_executor(workers: int, ray: Ray | None = None) -> Executor:
+    """The seam where member jobs run: in-process for 1 worker, a local process pool for more, or, given the
+    config's ``ray:`` settings, Ray tasks (:class:`RayExecutor`)."""
+    if ray is not None:
+        return RayExecutor(**ray.model_dump())
+    if workers <= 1:
+        return InProcessExecutor()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    return ProcessPoolExecutor(
+        workers, mp_context=get_context("spawn"), initializer=_limit_threads, initargs=(threads,)
+    )

@@ -1,0 +1,136 @@
+"""What ships, decided on validation: the members kept against the parent (:func:`parent_gate`), and the selected
+ensemble or, where it is more accurate, one model instead (:func:`shipped_model`, ``select.fallback``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .evaluate import mcnemar
+from .store import PARENT
+from .vote import accuracy, vote
+
+if TYPE_CHECKING:
+    from .config import Config
+
+
+def parent_gate(quant: dict[str, dict], names: list[str], margin: float) -> tuple[list[str], dict]:
+    """The members of ``names`` whose int8 validation accuracy is at most ``margin`` (``select.max_below_parent``)
+    below the parent's fp32 one, and the gate's record: the parent's accuracy and each member left out, with how
+    far below it is. Where every member is further below, the best one is kept anyway (``kept_anyway``), so that
+    there is an ensemble to weigh against the parent (which the fallback will then ship, when it is on)."""
+    ref = quant[PARENT]["val_acc_fp32"]
+    below = [
+        {"name": n, "val_acc_int8": quant[n]["val_acc_int8"], "below_by": ref - quant[n]["val_acc_int8"]}
+        for n in names
+        if quant[n]["val_acc_int8"] < ref - margin - 1e-12  # no rounding error may drop a member at the margin
+    ]
+    out = {b["name"] for b in below}
+    kept = [n for n in names if n not in out]
+    anyway = None if kept else max(names, key=lambda n: (quant[n]["val_acc_int8"], -names.index(n)))
+    return kept or [anyway], {"parent_val_acc_fp32": ref, "margin": margin, "below": below, "kept_anyway": anyway}
+
+
+FALLBACK_P = 0.05  # a member replaces the ensemble only where it is better on validation at this significance
+
+
+def shipped_model(
+    cfg: Config, sel: dict, proba: np.ndarray, y_val: np.ndarray, quant: dict[str, dict], fits: np.ndarray | None
+) -> dict:
+    """What the bundle ships, decided on validation: the selected ensemble, or, with ``select.fallback``, one model
+    that is more accurate than it and fits a device of ``deploy.devices``: the int8 parent wherever it is, a member
+    only where its lead over the ensemble is significant (one-sided sign test on the validation images the two
+    disagree on, ``evaluate.mcnemar``, p < ``FALLBACK_P``): the best of many members beats the ensemble on a small validation split by
+    chance alone. Between single models: the more accurate, then the fewer shipped bytes. Returns ``kind``
+    (``ensemble``; ``member``: one member; ``parent``), ``members``, ``val_acc``, ``fallback``, ``reason`` and, with
+    devices and one model shipped, its ``assignment``."""
+    names, chosen = sel["candidates"], [sel["candidates"].index(n) for n in sel["selected"]]
+    weights = np.array([quant[n]["val_acc_int8"] for n in names]) if cfg.vote.weighted else None
+    ens = vote(proba[chosen], cfg.vote.rule, None if weights is None else weights[chosen])
+    ens_acc = accuracy(ens, y_val)
+    placed = sel.get("devices")
+    usable = [n for i, n in enumerate(names) if fits is None or fits[i].any()]
+    usable += [PARENT] if placed is None or placed["parent"]["fits"] else []
+    lead = {  # one-sided: that the member alone is right more often than the ensemble
+        n: mcnemar(y_val, proba[names.index(n)].argmax(1), ens.argmax(1), "greater") for n in usable if n != PARENT
+    }
+    beats = [n for n in usable if quant[n]["val_acc_int8"] > ens_acc and (n == PARENT or lead[n] < FALLBACK_P)]
+    best = max(usable, key=lambda n: single_rank(quant, n))
+    fallback = cfg.select.fallback
+    out = {"kind": "ensemble" if len(chosen) > 1 else "member", "members": sel["selected"], "val_acc": ens_acc}
+    if beats and fallback:
+        best = max(beats, key=lambda n: single_rank(quant, n))
+        out = {
+            "kind": "parent" if best == PARENT else "member",
+            "members": [best],
+            "val_acc": quant[best]["val_acc_int8"],
+        }
+    out["fallback"] = fallback
+    out["reason"] = _ship_reason(sel, quant, usable, best, ens_acc, lead, bool(beats), fallback)
+    if placed and out["kind"] != "ensemble":
+        out["assignment"] = single_assignment(placed, out["members"][0])
+    return out
+
+
+def single_rank(quant: dict[str, dict], name: str) -> tuple:
+    """How single models rank against each other: the more accurate on validation, then the fewer shipped bytes,
+    then the parent."""
+    return quant[name]["val_acc_int8"], -quant[name]["bytes"]["shipped"], name == PARENT
+
+
+def _ship_reason(
+    sel: dict,
+    quant: dict[str, dict],
+    usable: list[str],
+    best: str,
+    ens_acc: float,
+    lead: dict[str, float],
+    beaten: bool,
+    fallback: bool,
+) -> str:
+    """Why :func:`shipped_model` ships what it ships, with the validation accuracies that decided it."""
+    k = len(sel["selected"])
+    what = (
+        f"the selected ensemble ({sel['strategy']}, {k} members)"
+        if k > 1
+        else f"the selected member {sel['selected'][0]} (the selection kept one)"
+    )
+    fit = " that fits a device" if sel.get("devices") else ""
+    if sel.get("devices") and PARENT not in usable:
+        fit += " (the int8 parent fits none)"
+    pct = {n: f"{100 * quant[n]['val_acc_int8']:.2f}%" for n in usable}
+
+    def who(n: str) -> str:
+        return "the int8 parent" if n == PARENT else f"member {n}"
+
+    versus = f"{pct[best]} vs {100 * ens_acc:.2f}% on validation"
+    if beaten and fallback:
+        return (
+            f"{who(best)} alone beats {what}: {versus}"
+            + ("" if best == PARENT else f" (sign test p = {lead[best]:.2g})")
+            + f"; it is the most accurate single model{fit} (select.fallback: true; false ships the selection)"
+        )
+    if beaten:
+        return f"select.fallback is false, so {what} ships although {who(best)} alone beats it: {versus}"
+    if quant[best]["val_acc_int8"] > ens_acc:  # a member ahead by chance: the best of many on a small split
+        return (
+            f"{what} ships: {who(best)} alone scores {versus}, a lead within chance for the best of "
+            f"{len(lead)} members (sign test p = {lead[best]:.2g}, needs < {FALLBACK_P:g})"
+        )
+    others = [n for n in usable if n not in sel["selected"] and n != PARENT]
+    rivals = ([PARENT] if PARENT in usable else []) + (
+        [max(others, key=lambda n: single_rank(quant, n))] if others else []
+    )
+    text = "; ".join(f"{who(n) if n == PARENT else 'the best other member, ' + n}: {pct[n]}" for n in rivals)
+    return f"{what} is at least as accurate on validation ({100 * ens_acc:.2f}%) as any single model{fit}" + (
+        f" ({text})" if text else ""
+    )
+
+
+def single_assignment(placed: dict, name: str) -> dict[str, str | None]:
+    """Device -> model when one model ships: the device the selection gave it, else the first it fits."""
+    at = next((d for d, m in placed["assignment"].items() if m == name), None)
+    fit = placed["parent"]["fits"] if name == PARENT else placed["members"][name]["fits"]
+    at = at or fit[0]
+    return {d: (name if d == at else None) for d in placed["assignment"]}

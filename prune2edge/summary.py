@@ -1,0 +1,191 @@
+"""The readable summary of a run's metrics, printed at the end of a run: the sizes and accuracies table, what
+shipped and why, the pool, decisions, degradation, latency and devices."""
+
+from __future__ import annotations
+
+
+def kib(n: float) -> str:
+    return f"{n / 1024:,.1f} KiB"
+
+
+def table(m: dict) -> str:
+    """A readable summary of ``metrics.json``."""
+    b, e = m["baseline"], m["ensemble"]
+    rows = [
+        ("model", "test acc", "fp32", "int8", "int8 gzip", "shipped"),
+        ("baseline fp32", f"{b['test_acc_fp32']:.4f}", kib(b["bytes"]["fp32"]), "", "", ""),
+        (
+            "baseline int8",
+            f"{b['test_acc_int8']:.4f}",
+            "",
+            kib(b["bytes"]["int8"]),
+            kib(b["bytes"]["int8_gzip"]),
+            kib(b["bytes"]["shipped"]),
+        ),
+    ]
+    for mem in m["members"]:
+        if mem["selected"]:
+            rows.append(
+                (
+                    f"  {mem['name']} (s={mem['sparsity_measured']:.2f}, {_bits(mem)}c{mem['cluster']})",
+                    f"{mem['test_acc_int8']:.4f}",
+                    "",
+                    kib(mem["bytes"]["int8"]),
+                    kib(mem["bytes"]["int8_gzip"]),
+                    kib(mem["bytes"]["shipped"]),
+                )
+            )
+    rows.append(
+        (f"pool vote ({m['pool_vote']['members']} members)", f"{m['pool_vote']['test_acc']:.4f}", "", "", "", "")
+    )
+    sh = m["shipped"]
+    for label, r in (
+        (
+            f"ensemble: {e['strategy']}, {e['rule']} vote, k={e['k']}"
+            if e["k"] > 1
+            else f"selected: one member, {e['members'][0]} ({e['strategy']})",
+            e,
+        ),
+        *([(f"shipped: {SHIPPED[sh['kind']]} {', '.join(sh['members'])}", sh)] if sh["kind"] == "parent" else []),
+    ):
+        rows.append(
+            (
+                label,
+                f"{r['test_acc']:.4f}",
+                "",
+                kib(r["bytes"]["int8"]),
+                kib(r["bytes"]["int8_gzip"]),
+                kib(r["bytes"]["shipped"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    gain = 100 * sh["gain_vs_baseline_fp32"]
+    lines.append(
+        f"\nshipped: {SHIPPED[sh['kind']]} {', '.join(sh['members'])} (validation {100 * sh['val_acc']:.2f}%, test "
+        f"{100 * sh['test_acc']:.2f}%, {gain:+.2f} points vs baseline fp32, McNemar p = "
+        f"{sh['mcnemar_p_vs_baseline_fp32']:.3g}"
+        + (f"; mean pairwise disagreement {e['mean_disagreement']:.3f}" if sh["kind"] == "ensemble" else "")
+        + f"): {sh['reason']}"
+    )
+    lines.extend(_pool_lines(m))
+    lines.append(
+        "other strategies (test acc, soft/hard): "
+        + "; ".join(f"{s} {v['test_acc']['soft']:.4f}/{v['test_acc']['hard']:.4f}" for s, v in m["strategies"].items())
+    )
+    lines.extend(_reliability_lines(m))
+    if m["dropped"]:
+        lines.append(f"dropped by the int8 gate: {', '.join(m['dropped'])}")
+    for s in m["skipped_clusters"]:
+        lines.append(f"cluster c{s['cluster']} ({', '.join(s['members'])}) skipped: {s['reason']}")
+    lines.extend(_device_lines(m["devices"]) if m.get("devices") else [])
+    lines.extend(
+        f"WARNING: {w['message']}" for w in m["dataset"].get("warnings", []) + m["warnings"]
+    )  # data, selection
+    return "\n".join(lines)
+
+
+def _bits(member: dict) -> str:
+    """``3-bit (2.9 b/w), `` for a member trained with QAT: its grid, and bits per weight as shipped."""
+    if member.get("weight_bits", 8) == 8:
+        return ""
+    return f"{member['weight_bits']}-bit ({member['bits_per_weight_shipped']:.1f} b/w), "
+
+
+SHIPPED = {"ensemble": "the ensemble of", "member": "one member,", "parent": "the int8 parent,"}
+
+
+def _pool_lines(m: dict) -> list[str]:
+    """The summary's lines on the pool: how long each member trained, how far it recovered, and the pool's time."""
+    p = m["pool"]
+    steps = "" if not p["steps"] else f"{p['steps'][0]}-{p['steps'][1]} steps, "
+    lines = [
+        f"pool: {p['members']} members, {steps}{p['epochs'][0]:.2g}-{p['epochs'][1]:.2g} epochs each, "
+        f"{p['median_seconds']:.1f} s median; int8 validation vs the parent's fp32 "
+        f"{100 * p['parent_val_acc_fp32']:.2f}%: median {100 * p['median_vs_parent']:+.2f} points, worst "
+        f"{100 * p['worst']['vs_parent']:+.2f} ({p['worst']['name']})",
+        "  each (steps, points vs parent): "
+        + "; ".join(f"{x['name']} {x.get('steps') or '?'} {100 * x['val_vs_parent_fp32']:+.1f}" for x in m["members"]),
+    ]
+    below = [x["name"] for x in m["members"] if x.get("below_parent")]
+    if below:
+        lines.append(
+            f"left out of clustering, more than select.max_below_parent = {100 * p['margin']:g} points below the "
+            f"parent: {', '.join(below)}"
+            + (
+                f" (every member was: {m['parent_gate']['kept_anyway']} kept)"
+                if m["parent_gate"]["kept_anyway"]
+                else ""
+            )
+        )
+    if p["vs_parent_time"] is not None:
+        lines.append(
+            f"pool time: {p['seconds']:.1f} s, {p['vs_parent_time']:.2f}x the parent's training "
+            f"({p['parent_seconds']:.1f} s)"
+        )
+    return lines
+
+
+def _device_lines(d: dict) -> list[str]:
+    """The summary table's lines on the fleet: which device runs which member, and which budget rules out whom."""
+
+    def budget(dev: dict) -> str:
+        return f"{dev['memory_bytes']:,} B" + ("" if dev["latency_ms"] is None else f", {dev['latency_ms']:g} ms")
+
+    lines = [
+        "devices: "
+        + "; ".join(
+            f"{dev['name']} ({budget(dev)}) runs {d['assignment'][dev['name']] or 'nothing (idle)'}"
+            for dev in d["devices"]
+        )
+    ]
+    out: dict[tuple[str, str], list[str]] = {}
+    for r in d["ruled_out"]:
+        need = f"{r['need']:,} B" if r["budget"] == "memory_bytes" else f"{r['need']:g} ms"
+        out.setdefault((r["device"], r["budget"].split("_")[0]), []).append(f"{r['member']} ({need})")
+    lines += [f"{dev}'s {kind} budget rules out {', '.join(ms)}" for (dev, kind), ms in out.items()]
+    if d["unfit"]:
+        lines.append(f"fit no device, so not selectable: {', '.join(d['unfit'])}")
+    return lines  # idle devices and clusters without a device: device_warnings
+
+
+def _reliability_lines(m: dict) -> list[str]:
+    """The summary's lines on decisions (abstain threshold, coverage, calibration), degradation and latency."""
+    d, g = m["decisions"], m["degradation"]
+    target = d["target_accuracy"]
+    lines = [
+        "decisions"
+        + ("" if target is None else f" (abstain thresholds chosen on validation for {target:g} accuracy)")
+        + ":"
+    ]
+    for name, who in (("ensemble", "ensemble (vote margin)"), ("baseline_fp32", "baseline fp32 (top probability)")):
+        r = d[name]
+        line = f"{who}: ECE {r['ece']:.4f}, AURC {r['aurc']:.4f}"
+        if "threshold" in r:
+            t, op = r["threshold"], r["at_threshold"]
+            acc = "n/a" if op["accuracy"] is None else f"{op['accuracy']:.4f}"
+            line += (
+                f"; abstain below {t['abstain_below']:.4f} (validation: {100 * t['val_coverage']:.1f}% decided at "
+                f"{t['val_accuracy']:.4f}{'' if t['target_met'] else ', target NOT met'}): test {100 * op['coverage']:.1f}% "
+                f"decided at {acc}"
+            )
+        lines.append("  " + line)
+    best = g["best_member"]
+    lines.append(
+        "members missing -> test acc mean (min-max): "
+        + "; ".join(
+            f"{r['missing']}: {r['mean']:.4f} ({r['min']:.4f}-{r['max']:.4f}){' <quorum' if r['below_quorum'] else ''}"
+            for r in g["rows"]
+        )
+        + f"; best single member {best['name']} {best['test_acc_int8']:.4f}"
+    )
+    if "latency" in m:
+        t = m["latency"]
+        lines.append(
+            f"latency, batch 1, 1 thread (median of {t['runs']}, ms): "
+            + ", ".join(f"{n} {v:.3f}" for n, v in t["members"].items())
+            + f"; baseline fp32 {t['baseline_fp32_ms']:.3f}, "
+            f"int8 {t['baseline_int8_ms']:.3f}"
+        )
+    return lines

@@ -1,0 +1,58 @@
+"""The typed configuration: values checked once at load, read as attributes after, and its schema in docs/."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from prune2edge import UserError, config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_documented_schema_is_the_models():
+    """docs/config.schema.json is what ``python -m prune2edge.config`` writes from the models (regenerate it so)."""
+    out = subprocess.run([sys.executable, "-m", "prune2edge.config"], capture_output=True, text=True, check=True)
+    assert json.loads((ROOT / "docs" / "config.schema.json").read_text()) == json.loads(out.stdout)
+    pool = json.loads(out.stdout)["$defs"]["Pool"]
+    assert pool["additionalProperties"] is False and "sparsity" in pool["properties"]
+    assert pool["properties"]["weight_bits"]["maximum"] == 8 and pool["properties"]["sparsity"]["description"]
+
+
+def test_a_loaded_config_is_typed_checked_once_and_read_only():
+    cfg = config.load(None, {"pool": {"sparsity": 0.7, "batch_size": 32, "epochs": 3}})
+    assert cfg.pool.sparsity == (0.7, 0.7) and cfg.pool.epochs == (3.0, 3.0)  # a range as one number: the pair
+    assert cfg.pool.batch_size == [32] and cfg.cluster.k == "auto"
+    with pytest.raises(pydantic.ValidationError):
+        cfg.pool.size = 3  # phases cannot change what was checked
+    assert config.load(None, config.merged(cfg, {"seed": 4})).seed == 4
+    assert config.load(None, config.as_dict(cfg)) == cfg  # written and read again: the same config
+    assert config.load(None, {"cluster": {"preset": "paper"}, "pool": {"size": 20}}).cluster.k == 20
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"pool": {"batch_size": True}}, "config key 'pool.batch_size' must be a positive integer or a list of them"),
+        (
+            {"pool": {"batch_size": [64, 0]}},
+            "config key 'pool.batch_size' must be a positive integer or a list of them",
+        ),
+        ({"train": {"epochs": True}}, "config key 'train.epochs' must be a number >= 0, got True"),
+        ({"train": {"batch_size": "64"}}, "config key 'train.batch_size' must be a positive integer, got '64'"),
+        ({"seed": -1}, "config key 'seed' must be an integer >= 0, got -1"),
+        ({"data": {"max_train": 1}}, "config key 'data.max_train' must be an integer > 1, got 1"),
+        ({"pool": {"shrink": 1.5}}, "config key 'pool.shrink' must lie in [0.0, 1.0], got 1.5"),
+        ({"model": {"kwargs": [1]}}, "config key 'model.kwargs' must be a mapping, got [1]"),
+        ({"ray": {"address": "head"}}, "config key 'ray.address' must be null (a Ray instance on this machine)"),
+        ({"foo": 1}, "unknown config key 'foo'; known keys: seed, device,"),
+        ({"vote": 3}, "config key 'vote' must be a mapping, got 3"),
+    ],
+)
+def test_bad_values_get_one_line_errors_that_name_the_key(overrides, message):
+    with pytest.raises(UserError) as e:
+        config.load(None, overrides)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
