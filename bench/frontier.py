@@ -95,6 +95,19 @@ METHODS: dict[str, dict] = {
             "select.max_acc_gap=0.05",
         ],
     },
+    "indep-parent-qat4-1x": {
+        "what": "the parent (QAT-fine-tuned 4.8 epochs) + 2 independent members of 12 epochs, 4-bit QAT, 50 % sparse",
+        "set": [
+            *INDEPENDENT[:1],
+            *INDEPENDENT[2:],
+            "pool.sparsity=0.5",
+            "pool.include_parent=true",
+            "pool.weight_bits=4",
+            "pool.epochs=12",
+            "pool.qat_start=0.6",
+            "select.max_acc_gap=0.05",
+        ],
+    },
     "indep-qat3-1x": {
         "what": "3 independent members, 3-bit QAT, 9 epochs each",
         "set": [*INDEPENDENT, "pool.weight_bits=3", "pool.epochs=9"],

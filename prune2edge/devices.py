@@ -3,11 +3,12 @@
 A devices file (YAML, or JSON, which is YAML too) lists the fleet; each device runs one member::
 
     devices:
-      - {name: gateway, memory_bytes: 262144, latency_ms: 5}   # latency_ms is optional
+      - {name: gateway, memory_bytes: 262144, latency_ms: 5, max_memory_mb: 16}   # the last two are optional
       - {name: mcu-1, memory_bytes: 40000}
 
-A member fits a device when its shipped bytes are at most ``memory_bytes`` and, if the device has a
-``latency_ms`` budget, its int8 latency at batch 1 (:func:`prune2edge.latency.measure`) is at most that.
+A member fits a device when its shipped bytes are at most ``memory_bytes`` and, where the device has these
+budgets, its int8 latency at batch 1 (:func:`prune2edge.latency.measure`) is at most ``latency_ms`` and the peak
+memory its ONNX Runtime session adds (:func:`prune2edge.cost.memory`) is at most ``max_memory_mb``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import yaml
 
 from .errors import UserError
 
-KEYS = ("name", "memory_bytes", "latency_ms")
+KEYS = ("name", "memory_bytes", "latency_ms", "max_memory_mb")
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,12 @@ class Device:
     name: str
     memory_bytes: int
     latency_ms: float | None = None
+    max_memory_mb: float | None = None
 
     def describe(self) -> str:
         latency = "" if self.latency_ms is None else f", latency budget {self.latency_ms:g} ms"
-        return f"device '{self.name}' (memory budget {self.memory_bytes:,} bytes{latency})"
+        ram = "" if self.max_memory_mb is None else f", session memory budget {self.max_memory_mb:g} MiB"
+        return f"device '{self.name}' (memory budget {self.memory_bytes:,} bytes{latency}{ram})"
 
 
 def _positive(value, integer: bool) -> bool:
@@ -75,19 +78,22 @@ def load(path: Path | str) -> list[Device]:
                 f"{where}: 'memory_bytes' must be a positive integer (bytes a member may take), "
                 f"got {entry.get('memory_bytes')!r}"
             )
-        if entry.get("latency_ms") is not None and not _positive(entry["latency_ms"], integer=False):
-            raise UserError(
-                f"{where}: 'latency_ms' must be a positive number of milliseconds (or left out), "
-                f"got {entry['latency_ms']!r}"
-            )
+        for key, unit in (("latency_ms", "milliseconds"), ("max_memory_mb", "MiB")):
+            if entry.get(key) is not None and not _positive(entry[key], integer=False):
+                raise UserError(
+                    f"{where}: '{key}' must be a positive number of {unit} (or left out), got {entry[key]!r}"
+                )
         if any(d.name == name for d in devices):
             raise UserError(f"devices file '{path}' lists device '{name}' twice; device names must be unique")
-        devices.append(Device(name, entry["memory_bytes"], entry.get("latency_ms")))
+        devices.append(Device(name, entry["memory_bytes"], entry.get("latency_ms"), entry.get("max_memory_mb")))
     return devices
 
 
 def fit(
-    devices: list[Device], sizes: dict[str, int], latency: dict[str, float] | None = None
+    devices: list[Device],
+    sizes: dict[str, int],
+    latency: dict[str, float] | None = None,
+    memory: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
     """Which member fits which device: ``fits[member, device]`` (members in the order of ``sizes``: shipped bytes),
     and one record per (member, device, budget) that rules the member out of the device.
@@ -95,7 +101,7 @@ def fit(
     A device that no member fits is a UserError naming the device, its budget and the smallest (fastest) member.
     """
     names = list(sizes)
-    fits, ruled_out = budgets(devices, sizes, latency)
+    fits, ruled_out = budgets(devices, sizes, latency, memory)
     for d, dev in enumerate(devices):
         if not fits[:, d].any():
             smallest = min(names, key=lambda n: (sizes[n], n))
@@ -106,6 +112,13 @@ def fit(
                     "(higher pool.sparsity, quantize.codebook_bits)"
                 )
             small = [n for n in names if sizes[n] <= dev.memory_bytes]
+            if dev.latency_ms is None:  # memory ruled them out
+                least = min(small, key=lambda n: (memory[n], n))
+                raise UserError(
+                    f"no member fits {dev.describe()}: the member within its bytes budget whose session needs the "
+                    f"least memory, {least}, needs {memory[least]:.1f} MiB; raise its max_memory_mb or make "
+                    "smaller members"
+                )
             fastest = min(small, key=lambda n: (latency[n], n))
             raise UserError(
                 f"no member fits {dev.describe()}: the fastest member within its memory budget, {fastest}, "
@@ -116,7 +129,10 @@ def fit(
 
 
 def budgets(
-    devices: list[Device], sizes: dict[str, int], latency: dict[str, float] | None = None
+    devices: list[Device],
+    sizes: dict[str, int],
+    latency: dict[str, float] | None = None,
+    memory: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
     """:func:`fit` without its check that every device gets a model: ``fits[model, device]`` and what rules
     each model out of each device (also for a model that fits none, such as the parent)."""
@@ -128,6 +144,8 @@ def budgets(
             over = [("memory_bytes", sizes[name], dev.memory_bytes, "bytes")]
             if dev.latency_ms is not None:
                 over.append(("latency_ms", latency[name], dev.latency_ms, "ms"))
+            if dev.max_memory_mb is not None:
+                over.append(("max_memory_mb", memory[name], dev.max_memory_mb, "MiB"))
             for budget, need, limit, unit in over:
                 if need > limit:
                     fits[m, d] = False

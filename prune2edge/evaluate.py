@@ -215,6 +215,7 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
         metrics["latency"] = bundle.manifest["latency"] | {
             "members": {e["id"]: e["latency_ms"] for e in bundle.manifest["members"]}
         }
+        metrics["cost"] = member_costs(bundle.manifest)
     store.write_npz(run_dir / store.TEST, x=x_test, y=y_test)
     store.write_npz(
         run_dir / store.TEST_SCORES,
@@ -294,6 +295,26 @@ def degradation(
             }
         )
     return {"k": k, "default_quorum": quorum, "rows": rows}
+
+
+def member_costs(manifest: dict) -> dict | None:
+    """Each shipped model's cost on a device (int8 latency, multiply-adds, session memory) and its ratio to the
+    int8 parent's, from the manifest; None for a bundle made before multiply-adds were counted."""
+    t = manifest["latency"]
+    if "baseline_int8_macs" not in t:
+        return None
+    parent = {
+        "latency_ms": t["baseline_int8_ms"],
+        "macs": t["baseline_int8_macs"],
+        "memory_mb": t["baseline_int8_memory_mb"],
+    }
+    return {
+        "parent_int8": parent,
+        "members": {
+            e["id"]: {k: e[k] for k in parent} | {"vs_parent_int8": {k: e[k] / parent[k] for k in parent if parent[k]}}
+            for e in manifest["members"]
+        },
+    }
 
 
 def best_member(members: list[dict]) -> dict:

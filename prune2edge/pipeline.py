@@ -11,6 +11,7 @@ import torch
 from . import (
     bundle,
     config,
+    cost,
     data,
     devices,
     evaluate,
@@ -165,13 +166,19 @@ def make_bundle(run_dir: Path, cfg: Config, selection: dict, members: list[dict]
             "cluster": labels.get(n),
             "latency_ms": latency.measure(model_dir(run_dir, n) / store.INT8, x_val, runs),
         }
+        | cost.of(model_dir(run_dir, n), x_val[0])
         | ({"device": device[n]} if n in device else {})
         for n in shipped["members"]
     ]
-    timing = latency.describe(runs) | {
-        f"baseline_{kind}_ms": latency.measure(run_dir / store.BASELINE / onnx, x_val, runs)
-        for kind, onnx in (("fp32", store.FP32), ("int8", store.INT8))
-    }
+    parent = cost.of(run_dir / store.BASELINE, x_val[0])
+    timing = (
+        latency.describe(runs)
+        | {
+            f"baseline_{kind}_ms": latency.measure(run_dir / store.BASELINE / onnx, x_val, runs)
+            for kind, onnx in (("fp32", store.FP32), ("int8", store.INT8))
+        }
+        | {"cost": cost.DESCRIBE, "baseline_int8_macs": parent["macs"], "baseline_int8_memory_mb": parent["memory_mb"]}
+    )
     return bundle.write(
         run_dir / store.BUNDLE,
         entries,

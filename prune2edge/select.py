@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from . import cluster, devices, latency, ship, store
+from . import cluster, cost, devices, latency, ship, store
 from .errors import UserError
 from .store import PARENT, model_dir
 from .vote import accuracy, vote
@@ -314,32 +314,37 @@ def place(
 def fit_devices(
     run_dir: Path, cfg: Config, fleet: list[devices.Device], names: list[str], quant: dict[str, dict]
 ) -> tuple[np.ndarray, dict]:
-    """Which of the members ``names`` fit which device (shipped bytes; int8 latency at batch 1 where a device has a
-    latency budget), and the record of it for ``selection.json``, with which devices the int8 parent fits."""
+    """Which of the members ``names`` fit which device (shipped bytes; int8 latency at batch 1 and session memory
+    where a device has those budgets), and the record of it for ``selection.json``, with the devices the int8
+    parent fits."""
     sizes = {n: quant[n]["bytes"]["shipped"] for n in [*names, PARENT]}
-    ms, runs = None, cfg.bundle.latency_runs
+    ms = mb = None
+    runs = cfg.bundle.latency_runs
+    x_val = store.tensors(run_dir, "val")[0][:runs].numpy()
     if any(dev.latency_ms is not None for dev in fleet):
-        x_val = store.tensors(run_dir, "val")[0][:runs].numpy()
         ms = {n: latency.measure(model_dir(run_dir, n) / store.INT8, x_val, runs) for n in sizes}
-    fits, ruled_out = devices.fit(fleet, {n: sizes[n] for n in names}, ms)
-    parent, parent_out = devices.budgets(fleet, {PARENT: sizes[PARENT]}, ms)
+    if any(dev.max_memory_mb is not None for dev in fleet):
+        mb = {n: cost.memory(model_dir(run_dir, n) / store.INT8, x_val[0])["session_mb"] for n in sizes}
+    fits, ruled_out = devices.fit(fleet, {n: sizes[n] for n in names}, ms, mb)
+    parent, parent_out = devices.budgets(fleet, {PARENT: sizes[PARENT]}, ms, mb)
+
+    def measured(n: str) -> dict:
+        return {
+            "shipped_bytes": sizes[n],
+            "latency_ms": None if ms is None else round(ms[n], 4),
+            "memory_mb": None if mb is None else mb[n],
+        }
+
     return fits, {
         "devices": devices.record(fleet),
         "latency": None if ms is None else latency.describe(runs) | {"model": "int8.onnx"},
+        "memory": None if mb is None else cost.DESCRIBE["memory"],
         "members": {
-            n: {
-                "shipped_bytes": sizes[n],
-                "latency_ms": None if ms is None else round(ms[n], 4),
-                "fits": [dev.name for d, dev in enumerate(fleet) if fits[i, d]],
-            }
+            n: measured(n) | {"fits": [dev.name for d, dev in enumerate(fleet) if fits[i, d]]}
             for i, n in enumerate(names)
         },
         "ruled_out": ruled_out,
         "unfit": [n for i, n in enumerate(names) if not fits[i].any()],
-        "parent": {
-            "shipped_bytes": sizes[PARENT],
-            "latency_ms": None if ms is None else round(ms[PARENT], 4),
-            "fits": [dev.name for d, dev in enumerate(fleet) if parent[0, d]],
-            "ruled_out": parent_out,
-        },
+        "parent": measured(PARENT)
+        | {"fits": [dev.name for d, dev in enumerate(fleet) if parent[0, d]], "ruled_out": parent_out},
     }

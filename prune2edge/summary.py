@@ -131,7 +131,12 @@ def _device_lines(d: dict) -> list[str]:
     """The summary table's lines on the fleet: which device runs which member, and which budget rules out whom."""
 
     def budget(dev: dict) -> str:
-        return f"{dev['memory_bytes']:,} B" + ("" if dev["latency_ms"] is None else f", {dev['latency_ms']:g} ms")
+        latency, ram = dev["latency_ms"], dev.get("max_memory_mb")
+        return (
+            f"{dev['memory_bytes']:,} B"
+            + ("" if latency is None else f", {latency:g} ms")
+            + ("" if ram is None else f", {ram:g} MiB session")
+        )
 
     lines = [
         "devices: "
@@ -142,8 +147,10 @@ def _device_lines(d: dict) -> list[str]:
     ]
     out: dict[tuple[str, str], list[str]] = {}
     for r in d["ruled_out"]:
-        need = f"{r['need']:,} B" if r["budget"] == "memory_bytes" else f"{r['need']:g} ms"
-        out.setdefault((r["device"], r["budget"].split("_")[0]), []).append(f"{r['member']} ({need})")
+        unit = {"memory_bytes": "B", "latency_ms": "ms", "max_memory_mb": "MiB"}[r["budget"]]
+        need = f"{r['need']:,} B" if unit == "B" else f"{r['need']:g} {unit}"
+        kind = {"memory_bytes": "memory", "latency_ms": "latency", "max_memory_mb": "session memory"}[r["budget"]]
+        out.setdefault((r["device"], kind), []).append(f"{r['member']} ({need})")
     lines += [f"{dev}'s {kind} budget rules out {', '.join(ms)}" for (dev, kind), ms in out.items()]
     if d["unfit"]:
         lines.append(f"fit no device, so not selectable: {', '.join(d['unfit'])}")
@@ -187,5 +194,16 @@ def _reliability_lines(m: dict) -> list[str]:
             + ", ".join(f"{n} {v:.3f}" for n, v in t["members"].items())
             + f"; baseline fp32 {t['baseline_fp32_ms']:.3f}, "
             f"int8 {t['baseline_int8_ms']:.3f}"
+        )
+    if m.get("cost"):
+        c, p = m["cost"], m["cost"]["parent_int8"]
+        lines.append(
+            f"cost per image vs the int8 parent ({p['macs'] / 1e6:.2f} M multiply-adds, {p['memory_mb']:.1f} MiB "
+            "session memory): "
+            + ", ".join(
+                f"{n} {r['vs_parent_int8'].get('latency_ms', 0):.2f}x latency, {r['vs_parent_int8'].get('macs', 0):.2f}x "
+                f"multiply-adds, {r['vs_parent_int8'].get('memory_mb', 0):.2f}x memory"
+                for n, r in c["members"].items()
+            )
         )
     return lines

@@ -236,6 +236,25 @@ def test_a_member_that_fits_no_device_is_never_selected_and_the_gap_counts_from_
     assert "none of its members fits a device's budget" in reasons[0]
 
 
+def test_a_session_memory_budget_rules_out_the_members_over_it():
+    fleet_ = [devices.Device("board", 100, max_memory_mb=12.0), devices.Device("gateway", 100)]
+    sizes, memory = {"a": 40, "b": 60}, {"a": 11.5, "b": 12.5}
+    fits, out = devices.fit(fleet_, sizes, memory=memory)
+    assert fits.tolist() == [[True, True], [False, True]]
+    assert [(r["member"], r["device"], r["budget"], r["need"], r["limit"]) for r in out] == [
+        ("b", "board", "max_memory_mb", 12.5, 12.0)
+    ]
+    with pytest.raises(UserError, match=r"session memory budget 1 MiB\): .* needs 11.5 MiB; raise its max_memory_mb"):
+        devices.fit([devices.Device("mcu", 100, max_memory_mb=1)], sizes, memory=memory)
+    lines = summary._device_lines(
+        {"devices": devices.record(fleet_), "assignment": {"board": "a", "gateway": "b"}, "ruled_out": out, "unfit": []}
+    )
+    assert lines == [
+        "devices: board (100 B, 12 MiB session) runs a; gateway (100 B) runs b",
+        "board's session memory budget rules out b (12.5 MiB)",
+    ]
+
+
 # --- the pipeline on the demo run -------------------------------------------------------------------------------
 
 
@@ -386,3 +405,21 @@ def test_fleet_runs_each_member_on_its_device(fleet_run, tmp_path):
     assert summary["decided"] == 20 and summary["missing"] == []
     assert {m: s["device"] for m, s in statuses.items()} == on  # each node announces the device it runs on
     assert all(s["state"] == "online" for s in statuses.values())
+
+
+def test_the_session_memory_each_member_needs_is_measured_and_budgeted(demo_run, tmp_path):
+    """A devices file with max_memory_mb: every member's (and the parent's) int8 session memory is measured in a
+    fresh process, recorded in selection.json, and a budget under all of them is a one-line error."""
+    roomy = write(tmp_path, "devices:\n  - {name: board, memory_bytes: 10000000, max_memory_mb: 4096}\n")
+    cfg, members, quant = copy_run(demo_run, tmp_path / "run", roomy, cluster={"k": 1})
+    d = select.choose(tmp_path / "run", cfg, members, quant)["devices"]
+    assert d["memory"] and all(0 < m["memory_mb"] < 4096 for m in [*d["members"].values(), d["parent"]])
+    assert all(m["fits"] == ["board"] for m in d["members"].values()) and d["ruled_out"] == []
+    least = min(m["memory_mb"] for m in d["members"].values())
+    tight = write(
+        tmp_path, f"devices:\n  - {{name: board, memory_bytes: 10000000, max_memory_mb: {least / 2}}}\n", "t.yaml"
+    )
+    cfg, members, quant = copy_run(demo_run, tmp_path / "run2", tight)
+    with pytest.raises(UserError, match="no member fits device 'board'.*raise its max_memory_mb") as e:
+        select.choose(tmp_path / "run2", cfg, members, quant)
+    assert "\n" not in str(e.value)
