@@ -155,6 +155,13 @@ class Pool(Section):
     size: PosInt = 8
     sparsity: span(0, 1, open_hi=True) = (0.5, 0.9)
     """final sparsity, spread evenly over the range across members"""
+    structure: Literal["weights", "channels"] = "weights"
+    """weights: members zero single weights (smaller to ship); channels: members lose whole filters and become
+    smaller dense networks (less work and memory on the device); pool.sparsity is then the fraction removed"""
+    criterion: Literal["l1", "l2", "taylor"] = "l1"
+    """channels: a channel's importance, the L1 or L2 norm of its group's weights or Taylor (|w * grad|)"""
+    reduce: Literal["macs", "weights"] = "macs"
+    """channels: what pool.sparsity takes away, multiply-adds per image or weights"""
     schedule: Literal["polynomial", "constant"] = "polynomial"
     """polynomial: cubic (Zhu & Gupta 2017)"""
     scope: Literal["layer", "global"] = "layer"
@@ -327,6 +334,9 @@ RULES: list[tuple[str, str, Callable[[Config], bool]]] = [
     ("pool.family", "independent members start from a new initialisation, so cannot be combined with snapshots, "
      "cyclical, shrink, perturb or reinit_last",
      lambda c: c.pool.family == "clones" or not _leaves_basin(c.pool)),
+    ("pool.structure", "channels cuts filters by importance on a schedule, so needs pool.mask: magnitude, "
+     "pool.regrow: 0 and pool.cyclical: false",
+     lambda c: c.pool.structure == "weights" or (c.pool.mask == "magnitude" and not c.pool.regrow and not c.pool.cyclical)),
     ("pool.include_parent", "makes the baseline one member of an independent pool, so needs pool.family: independent",
      lambda c: not c.pool.include_parent or c.pool.family == "independent"),
     ("pool.cyclical", "makes every member from one run, so cannot be combined with pool.mask antirandom, snapshots or "

@@ -86,6 +86,7 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
                 "selected": n in chosen,
                 "sparsity_target": rec["sparsity"],
                 "sparsity_measured": rec["measured_sparsity"]["overall"],
+                "macs_vs_parent": rec.get("macs_vs_parent"),  # channel-pruned members (pool.structure: channels)
                 "val_acc_fp32": quant[n]["val_acc_fp32"],
                 "val_acc_int8": quant[n]["val_acc_int8"],
                 "test_acc_int8": accuracy(test[n], y_test),

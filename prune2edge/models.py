@@ -168,3 +168,30 @@ def sparsity(model: nn.Module) -> dict:
     zeros = sum(float((w == 0).sum()) for w in prunable(model).values())
     total = sum(w.numel() for w in prunable(model).values())
     return {"overall": zeros / total, "layers": layers}
+
+
+@torch.no_grad()
+def shaped_like(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """``model`` with each layer resized to the shapes of ``state`` (a channel-pruned member's weights: fewer
+    filters and inputs), then loaded with it."""
+    for name, m in model.named_modules():
+        w = state.get(f"{name}.weight" if name else "weight")
+        if (
+            w is None
+            or not isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d))
+            or w.shape == m.weight.shape
+        ):
+            continue
+        if isinstance(m, nn.Conv2d):
+            m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
+        elif isinstance(m, nn.Linear):
+            m.out_features, m.in_features = w.shape
+        else:
+            m.num_features = w.shape[0]
+        for key, _ in m.named_parameters(recurse=False):
+            setattr(m, key, nn.Parameter(torch.empty_like(state[f"{name}.{key}"])))
+        for key, t in m.named_buffers(recurse=False):
+            if t is not None and t.dim() > 0:
+                setattr(m, key, torch.empty_like(state[f"{name}.{key}"]))
+    model.load_state_dict(state)
+    return model

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import config, models, qat, store, train
+from . import config, models, prune, qat, store, train
 from .errors import UserError
 from .executors import RayExecutor
 from .preprocess import Preprocessing
-from .prune import MagnitudePruner, antirandom_masks, leave_basin
+from .prune import ChannelPruner, MagnitudePruner, antirandom_masks, leave_basin
 from .vote import accuracy
 
 
@@ -191,14 +191,19 @@ def _settings(
 
 def _pruner(
     model: torch.nn.Module,
-    p: dict,
+    p: config.Pool,
     sparsity: float,
     total: int,
     seed: int,
     fixed: dict[str, torch.Tensor] | None = None,
-) -> MagnitudePruner:
-    """The member's pruner over ``total`` steps, ramping over the first ``prune_end`` of them; a clear error when
-    ``pool.regrow`` is set but no step would move the mask."""
+    example: torch.Tensor | None = None,
+) -> MagnitudePruner | ChannelPruner:
+    """The member's pruner over ``total`` steps, ramping over the first ``prune_end`` of them (whole channels with
+    ``pool.structure: channels``, traced on ``example`` inputs); a clear error when ``pool.regrow`` is set but no
+    step would move the mask."""
+    if p.structure == "channels":
+        end = round(p.prune_end * total)
+        return ChannelPruner(model, example, sparsity, end, p.criterion, p.reduce, p.mask_noise, seed)
     pruner = MagnitudePruner(
         models.prunable(model),
         sparsity,
@@ -276,7 +281,7 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
     floor = 0 if member.parent else p.min_steps  # the parent as a member is already trained
     total = member_steps(member.epochs, len(x), member.batch_size, floor)
     epochs = total / math.ceil(len(x) / member.batch_size)  # the floor's steps, as train.fit counts them
-    hooks = [_pruner(model, p, member.sparsity, total, member.seed, fixed)]
+    hooks = [_pruner(model, p, member.sparsity, total, member.seed, fixed, example=x[:2])]
     if p.weight_bits:  # after the pruner took the weights: it keeps masking the latent fp32 weights
         start = 0 if member.parent else round(p.qat_start * total)
         hooks.append(qat.Switch(qat.attach(model, p.weight_bits), start))
@@ -307,6 +312,8 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
     hooks[0].finish()
     qat.bake(model)
     model.cpu()
+    if p.structure == "channels":  # the zeroed channels cut out: a smaller dense network
+        prune.compact(model, x[:2])
     record = {
         **asdict(member),
         "name": member.name,
@@ -315,6 +322,12 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
         "planned_epochs": member.epochs,
         "epochs": epochs if member.epochs > 0 else 0,  # as trained: planned, or more where pool.min_steps lifted them
         "steps": total if member.epochs > 0 else 0,
+        "structure": p.structure,
+        **(
+            {"macs_vs_parent": prune.macs_of(model, x[:1]) / prune.macs_of(src.baseline(), x[:1])}
+            if p.structure == "channels"
+            else {}
+        ),
         "history": history,
         "seconds": time.perf_counter() - t0,
     }

@@ -9,6 +9,7 @@ import math
 import torch
 
 from . import models
+from .errors import UserError
 
 
 class MagnitudePruner:
@@ -171,3 +172,192 @@ def leave_basin(
             p.copy_(fresh_params[name])
         elif shrink != 1.0 or perturb:
             p.mul_(shrink).add_(fresh_params[name], alpha=perturb)
+
+
+def _channel_groups(model: torch.nn.Module, example: torch.Tensor):
+    """The dependency graph of ``model`` and its groups of coupled channels (a layer's outputs and whatever shares
+    them: its batch norm, the next layer's inputs, a residual addition), leaving out the output layer's outputs."""
+    import torch_pruning as tp
+
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    if not layers:
+        raise UserError(f"{type(model).__name__} has no Conv2d or Linear layer whose channels could be removed")
+    try:
+        with torch.enable_grad():  # the graph is traced through autograd
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    except Exception as e:  # a network torch-pruning cannot trace: name it and what went wrong
+        raise UserError(f"cannot prune the channels of {type(model).__name__}: {type(e).__name__}: {e}") from None
+    out = layers[-1]
+    groups = [
+        g
+        for g in graph.get_all_groups(root_module_types=[torch.nn.Conv2d, torch.nn.Linear])
+        if not any(d.target.module is out and d.handler.__name__ == "prune_out_channels" for d, _ in g)
+    ]
+    real = set(model.modules())
+    for g in groups:
+        for d, _ in g:
+            m = d.target.module
+            if m in real and not isinstance(m, PRUNABLE) and any(True for _ in m.parameters(recurse=False)):
+                raise UserError(
+                    f"cannot prune the channels of {type(model).__name__}: layer '{d.target.name.split(' ')[0]}' "
+                    f"({type(m).__name__}) shares them and only {', '.join(t.__name__ for t in PRUNABLE)} can be cut; "
+                    "use pool.structure: weights"
+                )
+    return graph, groups
+
+
+PRUNABLE = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)
+
+
+def _outputs(group) -> list[tuple[torch.nn.Module, str]]:
+    """The (module, parameter) pairs whose rows are a group's channels: weights and biases of the layers and batch
+    norms whose outputs they are."""
+    out = []
+    for d, _ in group:
+        m = d.target.module
+        if d.handler.__name__ == "prune_out_channels" and isinstance(m, PRUNABLE):
+            out += [(m, p) for p in ("weight", "bias") if getattr(m, p, None) is not None]
+    return out
+
+
+@torch.no_grad()
+def _dead(group) -> torch.Tensor:
+    """Which of a group's channels have every output weight and bias zero (their outputs are zero)."""
+    rows = [getattr(m, p).detach().cpu() for m, p in _outputs(group)]
+    return torch.stack([r.flatten(1).abs().sum(1) if r.dim() > 1 else r.abs() for r in rows]).sum(0) == 0
+
+
+def macs_of(model: torch.nn.Module, example: torch.Tensor) -> int:
+    """Multiply-adds of one input through the model's convolutions and linear layers (forward hooks)."""
+    total = 0
+
+    def hook(m: torch.nn.Module, _, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(m, torch.nn.Conv2d):
+            total += out[:1].numel() * m.in_channels // m.groups * math.prod(m.kernel_size)
+        elif isinstance(m, torch.nn.Linear):
+            total += out[:1].numel() * m.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    was = model.training
+    with torch.no_grad():
+        model.eval()(example[:1])
+    model.train(was)
+    for h in handles:
+        h.remove()
+    return total
+
+
+class ChannelPruner:
+    """Removes whole channels while a member trains: every group of coupled channels loses the same fraction, the
+    one that takes the network's multiply-adds (or weights) down by ``target``; the channels of least importance
+    (L1 or L2 norm of the group's weights, or Taylor: |w * grad|) times a noise fixed per member (``noise``: members
+    drop different channels among near-ties) are zeroed on the cubic schedule of :class:`MagnitudePruner`, and
+    :func:`compact` cuts them out once training ends, leaving a smaller dense network."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        example: torch.Tensor,
+        target: float,
+        end_step: int,
+        criterion: str = "l1",
+        measure: str = "macs",
+        noise: float = 0.0,
+        seed: int = 0,
+    ):
+        import torch_pruning as tp
+
+        self.model, self.example, self.end_step, self.criterion = model, example, max(1, end_step), criterion
+        self.graph, self.groups = _channel_groups(model, example)
+        self.importance = (
+            tp.importance.GroupTaylorImportance()
+            if criterion == "taylor"
+            else tp.importance.GroupMagnitudeImportance(p=1 if criterion == "l1" else 2)
+        )
+        gen = torch.Generator().manual_seed(seed)
+        self.noise = [torch.exp(noise * torch.randn(len(g[0][1]), generator=gen)) for g in self.groups]
+        self.fraction = self._fraction_for(target, measure)
+        self.masks = [~_dead(g) for g in self.groups]  # a resumed member's channels that are already off stay off
+        self._updates = {round(self.end_step * k / 20) for k in range(21)}
+
+    def _fraction_for(self, target: float, measure: str) -> float:
+        """The fraction of each group's channels to remove so that the network's multiply-adds (or weights) fall by
+        ``target`` (bisection on compacted copies)."""
+        import copy
+
+        def cost(m: torch.nn.Module) -> int:
+            return macs_of(m, self.example) if measure == "macs" else sum(p.numel() for p in m.parameters())
+
+        full, lo, hi = cost(self.model), 0.0, 1.0
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            trial = copy.deepcopy(self.model)
+            _, groups = _channel_groups(trial, self.example)
+            for g in groups:
+                n = len(g[0][1])
+                for m, p in _outputs(g):
+                    with torch.no_grad():
+                        getattr(m, p)[: min(n - 1, round(mid * n))] = 0
+            if 1 - cost(compact(trial, self.example)) / full < target:
+                lo = mid
+            else:
+                hi = mid
+        return hi
+
+    def target(self, step: int) -> float:
+        t = min(step, self.end_step) / self.end_step
+        return self.fraction * (1 - (1 - t) ** 3)
+
+    def update(self, fraction: float) -> None:
+        """Choose which channels are off: per group, the least important, at most all but one."""
+        for i, g in enumerate(self.groups):
+            n = len(g[0][1])
+            k = min(n - 1, round(fraction * n))
+            score = self.importance(g).detach().cpu() * self.noise[i]
+            score[~self.masks[i]] = -1.0  # once off, off
+            mask = torch.ones(n, dtype=torch.bool)
+            mask[torch.argsort(score)[:k]] = False
+            self.masks[i] = mask
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for g, mask in zip(self.groups, self.masks):
+            for m, p in _outputs(g):
+                getattr(m, p)[~mask.to(getattr(m, p).device)] = 0
+
+    def __call__(self, step: int, total: int) -> None:
+        if step in self._updates:
+            self.update(self.target(step))
+        self.apply()
+
+    def finish(self) -> None:
+        self.update(self.fraction)
+        self.apply()
+
+
+@torch.no_grad()
+def compact(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
+    """``model`` with every channel whose outputs are zero in all its coupled layers cut out (in place): the same
+    function as a smaller dense network."""
+    graph, groups = _channel_groups(model, example.to(next(model.parameters()).device))
+    cuts = []
+    for g in groups:
+        rows = _outputs(g)
+        dead = (
+            torch.stack(
+                [
+                    getattr(m, p).detach().flatten(1).abs().sum(1)
+                    if getattr(m, p).dim() > 1
+                    else getattr(m, p).detach().abs()
+                    for m, p in rows
+                ]
+            ).sum(0)
+            == 0
+        )
+        if dead.any() and not dead.all():
+            root = g[0][0]
+            cuts.append((root.target.module, root.handler, dead.nonzero().flatten().tolist()))
+    for module, handler, idxs in cuts:
+        graph.get_pruning_group(module, handler, idxs=idxs).prune()
+    return model

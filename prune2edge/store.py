@@ -173,7 +173,8 @@ def load_baseline(run_dir: str | Path, source: int = 0) -> torch.nn.Module:
 
 
 def load_member(run_dir: str | Path, name: str) -> torch.nn.Module:
-    """A trained pool member (its own ``model_kwargs`` when it is a wider or narrower fresh student)."""
+    """A trained pool member (its own ``model_kwargs`` when it is a wider or narrower fresh student; its own layer
+    widths when channel-pruned)."""
     import torch
 
     from . import models
@@ -182,5 +183,4 @@ def load_member(run_dir: str | Path, name: str) -> torch.nn.Module:
     base = read_json(run_dir / BASELINE / PARENT_RECORD)
     kwargs = {**base["kwargs"], **read_json(run_dir / POOL / name / MEMBER_RECORD).get("model_kwargs", {})}
     model = models.build(base["arch"], tuple(base["image_shape"]), base["num_classes"], **kwargs)
-    model.load_state_dict(torch.load(run_dir / POOL / name / WEIGHTS, map_location="cpu", weights_only=True))
-    return model
+    return models.shaped_like(model, torch.load(run_dir / POOL / name / WEIGHTS, map_location="cpu", weights_only=True))

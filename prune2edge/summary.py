@@ -27,7 +27,7 @@ def table(m: dict) -> str:
         if mem["selected"]:
             rows.append(
                 (
-                    f"  {mem['name']} (s={mem['sparsity_measured']:.2f}, {_bits(mem)}c{mem['cluster']})",
+                    f"  {mem['name']} ({_shape(mem)}, {_bits(mem)}c{mem['cluster']})",
                     f"{mem['test_acc_int8']:.4f}",
                     "",
                     kib(mem["bytes"]["int8"]),
@@ -84,6 +84,12 @@ def table(m: dict) -> str:
         f"WARNING: {w['message']}" for w in m["dataset"].get("warnings", []) + m["warnings"]
     )  # data, selection
     return "\n".join(lines)
+
+
+def _shape(member: dict) -> str:
+    """How a member was made smaller: its weight sparsity, or the multiply-adds a channel-pruned one keeps."""
+    macs = member.get("macs_vs_parent")
+    return f"s={member['sparsity_measured']:.2f}" if macs is None else f"{macs:.2f}x MACs"
 
 
 def _bits(member: dict) -> str:
