@@ -68,6 +68,9 @@ CLONE_QAT = ["pool.sparsity=0", "quantize.codebook_bits=0"]
 # the rival: one model, the parent fine-tuned with QAT for as many epochs as a pool of 3 x E spends
 RIVAL = ["pool.size=1", "cluster.k=1", "cluster.k_max=1", "pool.shrink=1.0", "pool.perturb=0.0", "pool.distill=0.0"]
 RIVAL += ["pool.sparsity=0", "quantize.codebook_bits=0", "pool.lr=0.05"]
+# members that lose whole channels, cloned from the parent (no shrink-perturb: a pruned clone starts where it is)
+CHANNELS = ["pool.structure=channels", "pool.shrink=1.0", "pool.perturb=0.0", "pool.mask_noise=0.3", "pool.scope=layer"]
+RIVAL_ONE = ["pool.size=1", "cluster.k=1", "cluster.k_max=1"]
 METHODS: dict[str, dict] = {
     "clones": {"what": "today's default pool: shrink-perturb clones, 83 % sparse, 4-bit codebooks", "set": []},
     "clones-qat3": {
@@ -107,6 +110,24 @@ METHODS: dict[str, dict] = {
             "pool.qat_start=0.6",
             "select.max_acc_gap=0.05",
         ],
+    },
+    "channels-25": {
+        "what": "3 clones channel-pruned to 25 % of the parent's multiply-adds (L1, widths in 8s), 4 epochs",
+        "set": [*CHANNELS, "pool.sparsity=0.75"],
+    },
+    "rival-channels-25": {
+        "what": "one model: the parent channel-pruned to 25 % of its multiply-adds, fine-tuned 12 epochs",
+        "set": [*CHANNELS, "pool.sparsity=0.75", *RIVAL_ONE, "pool.epochs=12"],
+        "rival": True,
+    },
+    "channels-50": {
+        "what": "3 clones channel-pruned to 50 % of the parent's multiply-adds (L1, widths in 8s), 8 epochs, int8",
+        "set": [*CHANNELS, "pool.sparsity=0.5", "pool.epochs=8", "quantize.codebook_bits=0"],
+    },
+    "rival-channels-50": {
+        "what": "one model: the parent channel-pruned to 50 % of its multiply-adds, fine-tuned 24 epochs, int8",
+        "set": [*CHANNELS, "pool.sparsity=0.5", "quantize.codebook_bits=0", *RIVAL_ONE, "pool.epochs=24"],
+        "rival": True,
     },
     "indep-qat3-1x": {
         "what": "3 independent members, 3-bit QAT, 9 epochs each",

@@ -162,6 +162,8 @@ class Pool(Section):
     """channels: a channel's importance, the L1 or L2 norm of its group's weights or Taylor (|w * grad|)"""
     reduce: Literal["macs", "weights"] = "macs"
     """channels: what pool.sparsity takes away, multiply-adds per image or weights"""
+    channel_multiple: PosInt = 8
+    """channels: each layer keeps a multiple of this many channels (int8 kernels are fastest at multiples of 8)"""
     schedule: Literal["polynomial", "constant"] = "polynomial"
     """polynomial: cubic (Zhu & Gupta 2017)"""
     scope: Literal["layer", "global"] = "layer"

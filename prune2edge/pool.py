@@ -203,7 +203,9 @@ def _pruner(
     step would move the mask."""
     if p.structure == "channels":
         end = round(p.prune_end * total)
-        return ChannelPruner(model, example, sparsity, end, p.criterion, p.reduce, p.mask_noise, seed)
+        return ChannelPruner(
+            model, example, sparsity, end, p.criterion, p.reduce, p.mask_noise, seed, p.channel_multiple
+        )
     pruner = MagnitudePruner(
         models.prunable(model),
         sparsity,

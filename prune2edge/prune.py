@@ -220,6 +220,15 @@ def _outputs(group) -> list[tuple[torch.nn.Module, str]]:
     return out
 
 
+def _off(n: int, fraction: float, multiple: int) -> int:
+    """How many of ``n`` channels to switch off for ``fraction``, keeping a multiple of ``multiple`` (the widths
+    int8 kernels run fastest at) and at least one such multiple, or all ``n`` where there are fewer."""
+    if n <= multiple:
+        return min(n - 1, round(fraction * n)) if multiple == 1 else 0
+    keep = max(multiple, multiple * round(n * (1 - fraction) / multiple))
+    return n - min(n, keep)
+
+
 @torch.no_grad()
 def _dead(group) -> torch.Tensor:
     """Which of a group's channels have every output weight and bias zero (their outputs are zero)."""
@@ -265,10 +274,12 @@ class ChannelPruner:
         measure: str = "macs",
         noise: float = 0.0,
         seed: int = 0,
+        multiple: int = 1,
     ):
         import torch_pruning as tp
 
         self.model, self.example, self.end_step, self.criterion = model, example, max(1, end_step), criterion
+        self.multiple = multiple
         self.graph, self.groups = _channel_groups(model, example)
         self.importance = (
             tp.importance.GroupTaylorImportance()
@@ -298,7 +309,7 @@ class ChannelPruner:
                 n = len(g[0][1])
                 for m, p in _outputs(g):
                     with torch.no_grad():
-                        getattr(m, p)[: min(n - 1, round(mid * n))] = 0
+                        getattr(m, p)[: _off(n, mid, self.multiple)] = 0
             if 1 - cost(compact(trial, self.example)) / full < target:
                 lo = mid
             else:
@@ -313,7 +324,7 @@ class ChannelPruner:
         """Choose which channels are off: per group, the least important, at most all but one."""
         for i, g in enumerate(self.groups):
             n = len(g[0][1])
-            k = min(n - 1, round(fraction * n))
+            k = _off(n, fraction, self.multiple)
             score = self.importance(g).detach().cpu() * self.noise[i]
             score[~self.masks[i]] = -1.0  # once off, off
             mask = torch.ones(n, dtype=torch.bool)
