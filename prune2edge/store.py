@@ -27,7 +27,7 @@ os.umask(_UMASK)
 # (the parent's BASELINE/, each member's POOL/<name>/; :func:`model_dir`).
 CONFIG, DATASET, SPLITS, PREPROCESS = "config.yaml", "dataset.json", "splits.npz", "preprocess.json"
 TIMINGS, CPU_SECONDS, SELECTION, METRICS = "timings.json", "cpu_seconds.json", "selection.json", "metrics.json"
-TEST, TEST_SCORES, REPORT = "test.npz", "test_scores.npz", "report.html"
+TEST, TEST_SCORES, REPORT, FIGURES = "test.npz", "test_scores.npz", "report.html", "figures"
 BASELINE, POOL, BUNDLE, MANIFEST = "baseline", "pool", "bundle", "manifest.json"  # BUNDLE/MANIFEST: the bundle's
 CYCLICAL = "cyclical.pt"  # in POOL/: the checkpoint of a cyclical pool's one run
 PARENT_RECORD, MEMBER_RECORD, WEIGHTS, CHECKPOINT = "model.json", "member.json", "model.pt", "checkpoint.pt"
