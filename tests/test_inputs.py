@@ -1,5 +1,5 @@
 """Raw inspection images in: size and colour as part of the model's input contract, applied by every consumer of
-a bundle, and the README's image-folder example built and run as it says."""
+a bundle, and the image-folder example of docs/usage.md built and run as it says."""
 
 from __future__ import annotations
 
@@ -37,14 +37,14 @@ def part(rng: np.random.Generator, size: int, scratch: bool, rgb: bool) -> Image
 
 
 def readme_config() -> str:
-    """The ``inspect.yaml`` shown in the README's Data section."""
-    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    """The ``inspect.yaml`` shown in docs/usage.md, Data."""
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "docs" / "usage.md").read_text(), re.S)
     return next(b for b in blocks if b.startswith("# inspect.yaml"))
 
 
 @pytest.fixture(scope="module")
 def inspection(tmp_path_factory) -> Path:
-    """The README's example: 40 photos per class, 200 or 300 px, grey or RGB, no test split; run as it says."""
+    """The example of docs/usage.md: 40 photos per class, 200 or 300 px, grey or RGB, no test split; run as it says."""
     d = tmp_path_factory.mktemp("inspect")
     rng = np.random.default_rng(0)
     for c in ("ok", "scratch"):
@@ -137,7 +137,7 @@ def test_a_fleet_classifies_camera_frames_like_the_bundle(inspection, tmp_path):
         assert [r["class"] for r in sorted(rows, key=lambda r: r["index"])] == Bundle.load(bundle).predict(
             frames
         ).tolist()
-        # the README's folder (200 and 300 px, grey and RGB) from the command line: its carved test split, as stored
+        # the documented folder (200 and 300 px, grey and RGB) from the command line: its carved test split, as stored
         out = prune2edge_cli(
             "classify", "imagefolder:parts", "--broker", lf.broker.url, "--out", str(tmp_path / "d.jsonl"),
             cwd=inspection,
