@@ -3,18 +3,17 @@ of ``<name>-reference.json`` (bench/reference.py) where one exists; replaces the
 of docs/RESULTS.md and writes docs/figures/cifar10-frontier.png.
 
     python bench/ablations.py cifar10-cpu cifar10-cpu-clones cifar10-cpu-mask-noise ...
+    python bench/ablations.py cifar10-cpu --no-docs        # print the table, leave docs/RESULTS.md as it is
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+from cifar10 import best_strategy
+from common import RESULTS, ROOT, aggregate, argparser, publish, shipped_bytes
 from matplotlib.figure import Figure
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import ROOT, aggregate, best_strategy, publish, shipped_bytes
 
 TITLE = "## CIFAR-10: ablations"
 FIGURE = ROOT / "docs" / "figures" / "cifar10-frontier.png"
@@ -181,17 +180,19 @@ def figure(rows: list[dict], refs: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(names: list[str]) -> None:
-    results = ROOT / "bench" / "results"
-    rows = [json.loads((results / f"{n}.json").read_text()) for n in names]
+def main() -> None:
+    ap = argparser(__doc__)
+    ap.add_argument("names", nargs="+", help="results of bench/cifar10.py: bench/results/NAME.json")
+    args = ap.parse_args()
+    rows = [json.loads((RESULTS / f"{n}.json").read_text()) for n in args.names]
     refs = [
-        json.loads((results / f"{n}-reference.json").read_text())
-        for n in names
-        if (results / f"{n}-reference.json").exists()
+        json.loads((RESULTS / f"{n}-reference.json").read_text())
+        for n in args.names
+        if (RESULTS / f"{n}-reference.json").exists()
     ]
     figure(rows, refs, FIGURE)
-    publish(TITLE, table(rows, refs))
+    publish(TITLE, table(rows, refs), not args.no_docs)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -13,12 +13,9 @@ of ``docs/RESULTS.md`` (other sections are left as they are).
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import glob
 import json
 import os
-import re
 import shlex
 import shutil
 import statistics
@@ -27,42 +24,26 @@ import sys
 from pathlib import Path
 
 import yaml
+from common import (
+    RESULTS,
+    ROOT,
+    add_config,
+    add_data,
+    add_seeds,
+    aggregate,
+    argparser,
+    command_line,
+    data_paths,
+    machine,
+    pm,
+    publish,
+    rel,
+    shipped_bytes,
+    write_result,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ("accuracy-first", "diversity-first", "top-k", "random", "greedy")
 POOL_PHASES = ("pool", "quantize", "select")  # select = cluster + select
-
-
-def rel(path: str | Path) -> str:
-    """A path as written into results: relative to the repository, so the JSON names nothing of this machine."""
-    return os.path.relpath(path, ROOT)
-
-
-def command_line() -> str:
-    """How this script was invoked, as written into results (``OMP_NUM_THREADS`` included when set)."""
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    return (threads + f"python {rel(sys.argv[0])} " + shlex.join(sys.argv[1:])).strip()
-
-
-def shipped_bytes(sizes: dict) -> int:
-    """A model's bytes as shipped: ``shipped`` where its record has it, else int8 + gzip."""
-    return sizes.get("shipped", sizes["int8_gzip"])
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = re.search(r"Model name:\s*(.+)", out).group(1).strip()
-    except (OSError, subprocess.CalledProcessError, AttributeError):
-        model = "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores"
-
-
-def data_paths(folder: str) -> list[str]:
-    paths = sorted(glob.glob(os.path.join(folder, "*.npz")))
-    if not paths:
-        sys.exit(f"no .npz files in '{folder}' (pass --data DIR holding the CIFAR-10 npz parts)")
-    return paths
 
 
 def share_baseline(src: Path, dst: Path) -> None:
@@ -187,29 +168,6 @@ def latency_summary(t: dict) -> dict:
     }
 
 
-def _scalars(d: dict, prefix: str = "") -> dict[str, float]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_scalars(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = float(v)
-    return out
-
-
-def aggregate(runs: dict[str, dict]) -> dict:
-    """mean and sd (n - 1) over seeds of every scalar field the runs share."""
-    flat = [_scalars(r) for r in runs.values()]
-    keys = [k for k in flat[0] if all(k in f for f in flat)]
-    return {
-        k: {
-            "mean": statistics.mean(f[k] for f in flat),
-            "sd": statistics.stdev(f[k] for f in flat) if len(flat) > 1 else 0.0,
-        }
-        for k in keys
-    }
-
-
 def best_strategy(agg: dict) -> str:
     """The selection strategy with the highest mean soft-vote test accuracy over the seeds."""
     return max(STRATEGIES, key=lambda s: agg[f"ensemble_test_acc.{s}.soft"]["mean"])
@@ -229,12 +187,6 @@ def targets(agg: dict) -> dict:
         "pool_cost_vs_baseline": g("pool_cost_vs_baseline"),
         "pool_cost_le_1x": g("pool_cost_vs_baseline") <= 1.0,
     }
-
-
-def pm(agg: dict, key: str, scale: float = 100, digits: int = 2) -> str:
-    if key not in agg:
-        return "n/a"
-    return f"{scale * agg[key]['mean']:.{digits}f} ± {scale * agg[key]['sd']:.{digits}f}"
 
 
 def markdown(result: dict) -> str:
@@ -336,42 +288,11 @@ def merged(results_file: Path, config: str, runs: dict[str, dict]) -> dict[str, 
     return dict(sorted({**kept, **runs}.items(), key=lambda kv: int(kv[0])))
 
 
-def write_result(path: Path, result: dict) -> None:
-    """A bench's numbers as JSON under bench/results/."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-
-
-def publish(title: str, text: str, docs: bool = True) -> None:
-    """Print a bench's markdown and, with ``docs``, make it the ``title`` section of docs/RESULTS.md."""
-    print(text)
-    if docs:
-        replace_section(ROOT / "docs" / "RESULTS.md", title, text)
-
-
-def replace_section(path: Path, title: str, text: str) -> None:
-    """Replace the section that starts with ``title`` (up to the next ``## ``), or append it."""
-    old = path.read_text() if path.exists() else "# Results\n"
-    parts = re.split(r"(?m)^(?=## )", old)
-    for i, p in enumerate(parts):
-        if p.splitlines()[0].strip() == title if p.strip() else False:
-            parts[i] = text + "\n"
-            break
-    else:
-        parts.append(("\n" if not old.endswith("\n\n") else "") + text + "\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(parts))
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "cifar10-cpu.yaml"))
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    ap.add_argument(
-        "--data",
-        default=str(ROOT.parent / "shared" / "data" / "cifar10"),
-        help="folder holding the CIFAR-10 .npz parts",
-    )
+    ap = argparser(__doc__)
+    add_config(ap)
+    add_seeds(ap)
+    add_data(ap)
     ap.add_argument("--out", default=None, help="runs go to OUT/seed<S> (default runs/bench/<config>[-<label>])")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--label", default=None, help="names a variant (an ablation): results file and RESULTS.md section")
@@ -382,14 +303,13 @@ def main() -> None:
         "model, train settings); the pool-cost ratio then uses that run's baseline seconds",
     )
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--no-docs", action="store_true", help="do not touch docs/RESULTS.md")
-    ap.add_argument("--results", default=str(ROOT / "bench" / "results"), help="folder of the results file")
+    ap.add_argument("--results", default=str(RESULTS), help="folder of the results file")
     args = ap.parse_args()
 
     stem = Path(args.config).stem
     name = stem + (f"-{args.label}" if args.label else "")
     out = Path(args.out) if args.out else ROOT / "runs" / "bench" / name
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = args.seeds
     paths = data_paths(args.data)
     runs: dict[str, dict] = {}
     for seed in seeds:

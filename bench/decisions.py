@@ -15,15 +15,25 @@ nothing and writes nothing into the runs. Writes ``bench/results/decisions-<vari
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import ROOT, aggregate, command_line, machine, pm, publish, rel, write_result
+from common import (
+    RESULTS,
+    ROOT,
+    add_config,
+    add_seeds,
+    aggregate,
+    argparser,
+    command_line,
+    machine,
+    pm,
+    publish,
+    rel,
+    write_result,
+)
 
 from prune2edge import config, evaluate, selective, store
 from prune2edge.bundle import predict_proba, session
@@ -173,24 +183,19 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparser(__doc__)
     ap.add_argument(
         "runs",
         nargs="?",
         default=str(ROOT / "runs" / "bench" / "cifar10-cpu-cb-perturb"),
         help="a bench directory holding seed<S>/ run directories",
     )
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    ap.add_argument(
-        "--config",
-        default=str(ROOT / "configs" / "cifar10-cpu.yaml"),
-        help="the config the runs should match; its vote.target_accuracy is the default target",
-    )
+    add_seeds(ap)
+    add_config(ap, "the config the runs should match; its vote.target_accuracy is the default target")
     ap.add_argument("--targets", default="0.9,0.99", help="targets besides the default (comma-separated)")
-    ap.add_argument("--no-docs", action="store_true", help="do not touch docs/RESULTS.md")
     args = ap.parse_args()
 
-    runs_dir, seeds = Path(args.runs), [int(s) for s in args.seeds.split(",") if s.strip()]
+    runs_dir, seeds = Path(args.runs), args.seeds
     default = config.load(args.config).vote.target_accuracy
     if default is None:
         sys.exit(f"{args.config} sets no vote.target_accuracy, so its bundles have no default threshold")
@@ -203,7 +208,7 @@ def main() -> None:
         print(f"[decisions] {run_dir}", flush=True)
         runs[str(seed)] = measure_run(run_dir, targets, Path(args.config))
     name = runs_dir.name
-    results_file = ROOT / "bench" / "results" / f"decisions-{name}.json"
+    results_file = RESULTS / f"decisions-{name}.json"
     result = {
         "title": f"## Decisions: abstain, calibration, members missing ({name})",
         "runs_dir": rel(runs_dir),

@@ -1,6 +1,6 @@
 """Fleet over MQTT on loopback vs the same members run sequentially in one process vs the fp32 PyTorch baseline.
 
-    .venv/bin/python bench/fleet.py [--run runs/demo] [--repeat 3]
+    python bench/fleet.py [--run runs/demo] [--repeat 3] [--no-docs]
 
 For k = 3 and 5 members of the demo bundle (k = 3: its first three), on one private Mosquitto:
 
@@ -13,47 +13,42 @@ For k = 3 and 5 members of the demo bundle (k = 3: its first three), on one priv
 * pytorch-fp32: the baseline CNN (run_dir/baseline/model.pt), one frame at a time (1 thread), and batched.
 
 All numbers come from one run of this script, side by side. Writes bench/results/fleet.json and the
-"## Fleet (MQTT)" section of docs/RESULTS.md (replacing only that section).
+"## Fleet (MQTT)" section of docs/RESULTS.md (replacing only that section; ``--no-docs``: not).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
 import platform
-import re
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import RESULTS, ROOT, argparser, command_line, cpu_model, publish, write_result
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from prune2edge import fleet
+from prune2edge.bundle import Bundle, read_manifest
+from prune2edge.data import load_digits
 
-from prune2edge import fleet  # noqa: E402
-from prune2edge.bundle import Bundle, read_manifest  # noqa: E402
-from prune2edge.data import load_digits  # noqa: E402
+TITLE = "## Fleet (MQTT)"
 
 
 def pct(values, q: float) -> float:
     return round(float(np.percentile(np.asarray(values, float), q)), 3)
 
 
-def machine() -> dict:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = re.search(r"Model name:\s*(.+)", lscpu)
+def environment() -> dict:
+    """The machine and the software versions the numbers depend on, and the load at the start."""
     mosq = subprocess.run([fleet.find_mosquitto(), "-h"], capture_output=True, text=True).stdout.split("\n")[0]
     import onnxruntime
     import paho.mqtt
     import torch
 
     return {
-        "cpu": model.group(1).strip() if model else platform.processor(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "os": platform.platform(),
         "python": platform.python_version(),
@@ -172,7 +167,7 @@ def bench_torch(run_dir: Path, bundle: Path, x: np.ndarray, y: np.ndarray) -> di
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
-        "## Fleet (MQTT)",
+        TITLE,
         "",
         f"Measured {result['date']} on {m['cpu']}, {m['cores']} cores ({m['os']}); {m['broker']}, paho-mqtt "
         f"{m['paho_mqtt']}, onnxruntime {m['onnxruntime']}, torch {m['torch']}. Load average (1, 5, 15 min) at the "
@@ -237,20 +232,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the '## Fleet (MQTT)' section, leaving every other section as it is."""
-    text = path.read_text() if path.exists() else "# Results\n"
-    pattern = re.compile(r"^## Fleet \(MQTT\)\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparser(__doc__)
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "demo", help="demo run dir (made if missing)")
     ap.add_argument("--repeat", type=int, default=3, help="send the digits test split this many times")
     ap.add_argument("--rate", type=float, default=50.0, help="frames/s of the paced (latency) runs")
@@ -267,8 +250,8 @@ def main() -> None:
     x, y = np.concatenate([d.x_test] * a.repeat), np.concatenate([d.y_test] * a.repeat)
     result = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine(),
-        "command": "python bench/fleet.py " + " ".join(sys.argv[1:]),
+        "machine": environment(),
+        "command": command_line(),
         "repeat": a.repeat,
         "frames": len(x),
         "results": [],
@@ -285,12 +268,8 @@ def main() -> None:
     print("pytorch fp32 ...", flush=True)
     result["results"].append(bench_torch(a.run, bundle, x, y))
     result["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    out = ROOT / "bench" / "results" / "fleet.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    section = markdown(result)
-    write_section(ROOT / "docs" / "RESULTS.md", section)
-    print(section)
+    write_result(RESULTS / "fleet.json", result)
+    publish(TITLE, markdown(result), not a.no_docs)
 
 
 if __name__ == "__main__":

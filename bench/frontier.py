@@ -31,10 +31,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import ROOT, command_line, machine, publish, replace_section, write_result
+from common import (
+    README,
+    RESULTS,
+    RESULTS_MD,
+    ROOT,
+    argparser,
+    command_line,
+    machine,
+    publish,
+    replace_section,
+    write_result,
+)
 
-RESULTS = ROOT / "bench" / "results"
 PARENTS = "runs/bench/clones"  # the default config's runs: their parents are every row's parents
 BUDGETS = (0.05, 0.10, 0.25)
 TITLE = "## CIFAR-10: the frontier (bytes per device x training cost)"
@@ -301,9 +310,9 @@ def report() -> None:
     write_result(RESULTS / "frontier.json", out)
     figure(rows, ROOT / "docs" / "figures" / "frontier.png")
     publish(TITLE, markdown(rows))
-    replace_section(ROOT / "README.md", ADVICE, advice(rows))
-    replace_section(ROOT / "README.md", HEADLINE, headline(rows))
-    replace_section(ROOT / "docs" / "RESULTS.md", SUMMARY, headline(rows, SUMMARY) + SECTIONS)
+    replace_section(README, ADVICE, advice(rows))
+    replace_section(README, HEADLINE, headline(rows))
+    replace_section(RESULTS_MD, SUMMARY, headline(rows, SUMMARY) + SECTIONS)
 
 
 def figure(rows: list[dict], path: Path) -> None:
@@ -495,7 +504,7 @@ def headline(rows: list[dict], title: str = HEADLINE) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparser(__doc__, docs=False)
     sub = ap.add_subparsers(dest="what", required=True)
     r = sub.add_parser("run", help="train one method's runs")
     r.add_argument("method", choices=sorted(METHODS))

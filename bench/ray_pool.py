@@ -21,7 +21,6 @@ docs/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import shutil
@@ -33,9 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import ROOT, command_line, machine, publish, rel, write_result
+from common import RESULTS, argparser, command_line, machine, publish, rel, write_result
 
 from prune2edge import cli, config, executors, pool
 from prune2edge.executors import RayExecutor
@@ -92,10 +89,9 @@ def markdown(r: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparser(__doc__)
     ap.add_argument("--size", type=int, default=8, help="members in the pool (default 8)")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
-    ap.add_argument("--no-docs", action="store_true", help="do not touch docs/RESULTS.md")
     args = ap.parse_args()
     import ray  # here, not at the top: the local pool's spawned workers import this module, as they would the CLI
 
@@ -147,7 +143,7 @@ def main() -> None:
         }
         for name, ts in times.items()
     ]
-    path = ROOT / "bench" / "results" / "ray-pool.json"
+    path = RESULTS / "ray-pool.json"
     result = {
         "machine": machine(),
         "torch": torch.__version__,

@@ -19,7 +19,6 @@ The test split only scores; nothing here is chosen on it.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import statistics
 import sys
@@ -27,9 +26,20 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import POOL_PHASES, ROOT, aggregate, command_line, machine, pm, publish, rel, shipped_bytes, write_result
+from cifar10 import POOL_PHASES
+from common import (
+    RESULTS,
+    add_seeds,
+    aggregate,
+    argparser,
+    command_line,
+    machine,
+    pm,
+    publish,
+    rel,
+    shipped_bytes,
+    write_result,
+)
 
 from prune2edge import config, store, train
 from prune2edge.vote import accuracy, disagreement, vote
@@ -242,23 +252,22 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparser(__doc__)
     ap.add_argument("variant", help="a variant's run folder, holding seed<S>/ (e.g. runs/bench/cifar10-cpu-clones)")
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    add_seeds(ap)
     ap.add_argument(
         "--epochs",
         type=float,
         default=None,
         help="extra epochs of the compute-matched baseline (default: each seed's pool epochs)",
     )
-    ap.add_argument("--no-docs", action="store_true", help="do not touch docs/RESULTS.md")
     args = ap.parse_args()
 
     variant = Path(args.variant)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = args.seeds
     if args.epochs is not None and args.epochs <= 0:
         sys.exit(f"--epochs must be > 0, got {args.epochs:g}")
-    results_file = ROOT / "bench" / "results" / f"{variant.name}-reference.json"
+    results_file = RESULTS / f"{variant.name}-reference.json"
     result = {
         **reference(variant, seeds, args.epochs),
         "machine": machine(),

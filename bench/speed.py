@@ -23,24 +23,19 @@ docs/RESULTS.md (from speed-cpu.json and speed-cuda.json, where present).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
 import os
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from common import RESULTS, add_config, argparser, command_line, machine, publish, rel, write_result
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import ROOT, machine, publish, rel, write_result
 
 from prune2edge import config, models, pool, prune, train
 
@@ -454,8 +449,8 @@ def history(latest: dict, results: Path) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "cifar10-cpu.yaml"))
+    ap = argparser(__doc__)
+    add_config(ap)
     ap.add_argument(
         "--steps", type=int, default=2, help="training steps per network (pool: per member) on the CPU (default 2)"
     )
@@ -468,8 +463,7 @@ def main() -> None:
     ap.add_argument("--archs", help="networks, comma-separated (default: the config's and resnet20)")
     ap.add_argument("--pool-archs", help="networks whose pools are measured, comma-separated (default: the config's)")
     ap.add_argument("--batch-sizes", help="batch sizes, comma-separated (default: the config's)")
-    ap.add_argument("--results", default=str(ROOT / "bench" / "results"), help="folder of the results files")
-    ap.add_argument("--no-docs", action="store_true", help="do not touch docs/RESULTS.md")
+    ap.add_argument("--results", default=str(RESULTS), help="folder of the results files")
     ap.add_argument("--report", action="store_true", help="measure nothing: write the section from the results files")
     args = ap.parse_args()
     cfg = config.load(
@@ -481,8 +475,7 @@ def main() -> None:
     batches = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [None]
     grid = Grid(archs, pool_archs, batches, args.pool_steps)
     results_dir = Path(args.results)
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = (threads + "python bench/speed.py " + shlex.join(sys.argv[1:])).strip()
+    command = command_line()
     measured = [] if args.report else args.devices.split(",")
     for device in [d for d in measured if d == "cpu" or torch.cuda.is_available()]:
         load = os.getloadavg()[0]

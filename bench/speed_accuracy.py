@@ -12,18 +12,27 @@ Finished seeds are kept in ``bench/results/speed-accuracy-<loop>.json``; a re-ru
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import ROOT, command_line, data_paths, machine, publish, rel, write_result
+from common import (
+    RESULTS,
+    ROOT,
+    add_config,
+    add_data,
+    add_seeds,
+    argparser,
+    command_line,
+    data_paths,
+    machine,
+    publish,
+    rel,
+    write_result,
+)
 from speed import reference_fit
 
 from prune2edge import config, models, pipeline, store, train
@@ -34,7 +43,7 @@ LOOPS = ("reference", "fit")
 
 
 def results_path(loop: str) -> Path:
-    return ROOT / "bench" / "results" / f"speed-accuracy-{loop}.json"
+    return RESULTS / f"speed-accuracy-{loop}.json"
 
 
 def train_one(cfg: config.Config, run_dir: Path, loop: str) -> dict:
@@ -123,22 +132,17 @@ def markdown(results: dict[str, dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparser(__doc__)
     ap.add_argument("--loop", choices=LOOPS, help="the loop to train with")
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    ap.add_argument("--config", default=str(ROOT / "configs" / "cifar10-cpu.yaml"))
-    ap.add_argument(
-        "--data",
-        default=str(ROOT.parent / "shared" / "data" / "cifar10"),
-        help="folder holding the CIFAR-10 .npz parts",
-    )
+    add_seeds(ap)
+    add_config(ap)
+    add_data(ap)
     ap.add_argument("--report", action="store_true", help="only write the RESULTS.md section from the results files")
-    ap.add_argument("--no-docs", action="store_true", help="do not touch docs/RESULTS.md")
     args = ap.parse_args()
     if args.loop:
         path = results_path(args.loop)
         result = json.loads(path.read_text()) if path.exists() else {"seeds": {}}
-        for seed in (int(s) for s in args.seeds.split(",") if s.strip()):
+        for seed in args.seeds:
             if str(seed) in result["seeds"]:
                 continue
             cfg = config.load(args.config, {"seed": seed, "data": {"path": data_paths(args.data)}})

@@ -1,5 +1,7 @@
 """Training throughput (images/s) of candidate architectures on this machine, side by side in one process.
 
+    python bench/throughput.py [--steps 12] [--batch 128]     # prints; writes nothing
+
 Session measurement (2 shared cores, OMP_NUM_THREADS=1, crop+flip, batch 128): small_cnn w16 ~405-430 img/s,
 w32 + stem_pool ~430-470 img/s (4x the weights), w48 + stem_pool ~170-245 img/s. Under contention 2 threads ran
 2-3x slower than 1 (140-190 vs 415-420 img/s for w16).
@@ -7,10 +9,10 @@ w32 + stem_pool ~430-470 img/s (4x the weights), w48 + stem_pool ~170-245 img/s.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
+from common import argparser
 
 from prune2edge import models, train
 
@@ -34,10 +36,12 @@ def measure(arch: str, kwargs: dict, batch: int, steps: int, augment: str) -> fl
     return batch * (steps - 2) / (time.perf_counter() - t0)
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=128)
+def main() -> None:
+    ap = argparser(__doc__, docs=False)
+    ap.add_argument(
+        "--steps", type=int, default=12, help="training steps per network, the first 2 untimed (default 12)"
+    )
+    ap.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
     a = ap.parse_args()
     cands = [
         ("small_cnn", {"width": 16, "depth": 3}),
@@ -52,3 +56,7 @@ if __name__ == "__main__":
         for aug in ("none", "crop_flip"):
             ips = measure(arch, kw, a.batch, a.steps, aug)
             print(f"{arch} {kw} augment={aug}: {ips:7.0f} img/s  -> {45000 / ips:6.1f} s/epoch (45k)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
