@@ -55,7 +55,8 @@ Sections: [the frontier](#cifar-10-the-frontier-bytes-per-device-x-training-cost
 `docs/figures/frontier.png`) and [low-bit and independent members](#cifar-10-low-bit-members-independent-members-issue-19)
 (issue 19); [defaults on small data](#defaults-on-small-data-issue-23) (issue 23); [pools from several
 basins](#cifar-10-pools-from-several-basins-issue-9) (issue 9); [fleet over MQTT](#fleet-mqtt); [training
-speed](#training-speed); [pool on Ray](#pool-on-ray); diaries of fixed flaky tests under "Fleet (MQTT)".
+speed](#training-speed); [pool on Ray](#pool-on-ray); [channel pruning](#cifar-10-members-that-run-faster-channel-pruning-issue-20-a-first-screen)
+(issue 20); the diary of fixed flaky tests at the end.
 """
 PRESETS = {  # the config that holds a method's settings
     "indep-parent-qat4-2x": "configs/cifar10-cpu-4bit.yaml",

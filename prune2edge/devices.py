@@ -46,7 +46,7 @@ def _positive(value, integer: bool) -> bool:
 
 def load(path: Path | str) -> list[Device]:
     """The devices of a devices file, validated: a clear UserError names the file, the entry and what is wrong."""
-    hint = "see README.md, 'Devices'"
+    hint = "see docs/usage.md, 'Devices'"
     try:
         doc = yaml.safe_load(Path(path).read_text())
     except OSError as e:

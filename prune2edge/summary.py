@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 def kib(n: float) -> str:
+    """A size in KiB: ``96815`` -> ``94.5 KiB``."""
     return f"{n / 1024:,.1f} KiB"
 
 

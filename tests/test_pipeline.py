@@ -84,10 +84,15 @@ SMALL = {
 
 
 def comparable(metrics: dict) -> dict:
-    """Metrics without wall-clock times (phase timings, measured latencies, the pool's seconds)."""
+    """Metrics without wall-clock times (phase timings, measured latencies and memory, the pool's seconds)."""
     clock = ("median_seconds", "seconds", "parent_seconds", "vs_parent_time")
+    macs = {n: c["macs"] for n, c in metrics["cost"]["members"].items()}  # counted, not timed: must be the same
     metrics = dict(
-        metrics, timings=None, latency=None, pool={k: v for k, v in metrics["pool"].items() if k not in clock}
+        metrics,
+        timings=None,
+        latency=None,
+        cost=macs,
+        pool={k: v for k, v in metrics["pool"].items() if k not in clock},
     )
     metrics["members"] = [dict(x, fine_tune_seconds=None) for x in metrics["members"]]
     return metrics

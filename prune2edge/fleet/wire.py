@@ -1,6 +1,6 @@
 """The fleet's wire format: topic names, payloads, and what a receiver accepts.
 
-Topics, all under ``prune2edge/<fleet>/`` (README.md, "Fleet over MQTT", documents the payloads):
+Topics, all under ``prune2edge/<fleet>/`` (docs/fleet.md documents the payloads):
 
     frames              client -> nodes + aggregator   one image: JSON header + base64 raw uint8 pixels
     votes               node -> aggregator             one member's class probabilities for one frame

@@ -12,6 +12,7 @@ import yaml
 
 from .. import store
 from ..errors import UserError
+from ..summary import kib
 from ..vote import disagreement
 
 # --------------------------------------------------------------------------- formatting (page and figures)
@@ -25,11 +26,6 @@ def pct(x: float) -> str:
 def pts(x: float) -> str:
     """An accuracy difference in percentage points: ``-0.0044`` -> ``-0.44 pts``."""
     return f"{100 * x:+.2f} pts"
-
-
-def kib(n: float) -> str:
-    """A size in KiB: ``96815`` -> ``94.5 KiB``."""
-    return f"{n / 1024:,.1f} KiB"
 
 
 def pvalue(p: float) -> str:
