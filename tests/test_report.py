@@ -16,6 +16,8 @@ from conftest import prune2edge_cli
 
 from prune2edge import report, store
 from prune2edge.errors import UserError
+from prune2edge.report.decisions import _display
+from prune2edge.report.plot import _png
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
@@ -265,10 +267,10 @@ def test_disputed_images_for_gray_and_colour_images_of_any_size(tmp_path: Path, 
     idx, votes, per_image = report.disputed_images(run)
     assert idx and votes.shape == (3, n) and per_image.max() <= 1
     assert list(per_image[idx]) == sorted(per_image[idx], reverse=True)
-    shown = report._display(x[0], 255)
+    shown = _display(x[0], 255)
     factor = max(1, math.ceil(64 / max(shape[:2])))  # small images are enlarged, pixel by pixel
     assert shown.shape[:2] == (shape[0] * factor, shape[1] * factor)
     assert shown.ndim == (2 if shape[-1] == 1 else 3)
     fig = report.fig_disputed_images(run)
     assert isinstance(fig, report.Figure)
-    assert report._png(fig)[:4] == b"\x89PNG"
+    assert _png(fig)[:4] == b"\x89PNG"

@@ -11,11 +11,11 @@ Where it is: :mod:`.load` (the run directory, formatting), :mod:`.plot` (what th
 and :mod:`.decisions` (one function per figure), :mod:`.page` (the figure list, headline and :func:`write`).
 """
 
-from .decisions import _display, disputed_images, fig_disputed_images
+from .decisions import disputed_images, fig_disputed_images
 from .load import FORMATS, Run, load, pct
 from .members import frontier_axes
 from .page import FIGURES, headline, write
-from .plot import Figure, Missing, _png
+from .plot import Figure, Missing
 
 __all__ = [
     "FIGURES",
@@ -23,8 +23,6 @@ __all__ = [
     "Figure",
     "Missing",
     "Run",
-    "_display",
-    "_png",
     "disputed_images",
     "fig_disputed_images",
     "frontier_axes",
