@@ -30,6 +30,7 @@ TRAINING_MODULES = {
     "yaml": "pyyaml",
     "pydantic": "pydantic",
     "annotated_types": "pydantic",
+    "torch_pruning": "torch-pruning",
     "tqdm": "tqdm",
     "matplotlib": "matplotlib",
     "jinja2": "jinja2",
