@@ -156,6 +156,9 @@ def test_run_writes_report_and_browser_shows_every_figure(demo_run: Path, browse
     assert seen >= HEADLINE, f"headline numbers not on the page: {HEADLINE - seen}"
     for name in metrics["ensemble"]["members"]:
         assert {f"members.{name}.bytes.int8_gzip", f"members.{name}.bytes.shipped"} <= seen
+    for name in metrics["cost"]["members"]:  # each shipped model's cost on a device, beside its latency
+        assert {f"cost.members.{name}.macs", f"cost.members.{name}.memory_mb"} <= seen
+    assert {"cost.parent_int8.macs", "cost.parent_int8.memory_mb"} <= seen
 
     png = screenshot(browser, ARTIFACTS / "report.png")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000

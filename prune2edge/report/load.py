@@ -47,6 +47,16 @@ def ms(x: float) -> str:
     return f"{x:.3f} ms"
 
 
+def macs(x: float) -> str:
+    """Multiply-adds per image, in millions: ``3982336`` -> ``3.98 M``."""
+    return f"{x / 1e6:.2f} M"
+
+
+def mib(x: float) -> str:
+    """Memory in MiB: ``10.812`` -> ``10.8 MiB``."""
+    return f"{x:.1f} MiB"
+
+
 FORMATS: dict[str, Callable] = {
     "pct": pct,
     "pts": pts,
@@ -56,6 +66,8 @@ FORMATS: dict[str, Callable] = {
     "times": times,
     "dec": dec,
     "ms": ms,
+    "macs": macs,
+    "mib": mib,
 }
 
 
