@@ -368,7 +368,7 @@ def pool_warnings(m: dict, cfg: Config) -> list[dict]:
             f"{100 * p['parent_val_acc_fp32']:.2f}% fp32: {gaps[0]:.1f} to {gaps[-1]:.1f} points below, median "
             f"{float(np.median(gaps)):.1f}): they did not recover from pruning. Give them more optimiser steps "
             f"(pool.min_steps, now {pc.min_steps}; pool.epochs) or a higher learning rate (pool.lr, now "
-            f"{pc.lr}), or prune less (pool.sparsity, now {list(pc.sparsity)})",
+            f"{list(pc.lr)}), or prune less (pool.sparsity, now {list(pc.sparsity)})",
         }
     ]
 

@@ -223,8 +223,8 @@ def _outputs(group) -> list[tuple[torch.nn.Module, str]]:
 def _off(n: int, fraction: float, multiple: int) -> int:
     """How many of ``n`` channels to switch off for ``fraction``, keeping a multiple of ``multiple`` (the widths
     int8 kernels run fastest at) and at least one such multiple, or all ``n`` where there are fewer."""
-    if n <= multiple:
-        return min(n - 1, round(fraction * n)) if multiple == 1 else 0
+    if n <= multiple:  # one channel, or fewer than one multiple: the group keeps them all
+        return 0
     keep = max(multiple, multiple * round(n * (1 - fraction) / multiple))
     return n - min(n, keep)
 
@@ -278,9 +278,8 @@ class ChannelPruner:
     ):
         import torch_pruning as tp
 
-        self.model, self.example, self.end_step, self.criterion = model, example, max(1, end_step), criterion
-        self.multiple = multiple
-        self.graph, self.groups = _channel_groups(model, example)
+        self.model, self.example, self.end_step, self.multiple = model, example, max(1, end_step), multiple
+        _, self.groups = _channel_groups(model, example)
         self.importance = (
             tp.importance.GroupTaylorImportance()
             if criterion == "taylor"
@@ -354,18 +353,7 @@ def compact(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
     graph, groups = _channel_groups(model, example.to(next(model.parameters()).device))
     cuts = []
     for g in groups:
-        rows = _outputs(g)
-        dead = (
-            torch.stack(
-                [
-                    getattr(m, p).detach().flatten(1).abs().sum(1)
-                    if getattr(m, p).dim() > 1
-                    else getattr(m, p).detach().abs()
-                    for m, p in rows
-                ]
-            ).sum(0)
-            == 0
-        )
+        dead = _dead(g)
         if dead.any() and not dead.all():
             root = g[0][0]
             cuts.append((root.target.module, root.handler, dead.nonzero().flatten().tolist()))

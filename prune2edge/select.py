@@ -320,7 +320,8 @@ def fit_devices(
     sizes = {n: quant[n]["bytes"]["shipped"] for n in [*names, PARENT]}
     ms = mb = None
     runs = cfg.bundle.latency_runs
-    x_val = store.tensors(run_dir, "val")[0][:runs].numpy()
+    if any(dev.latency_ms is not None or dev.max_memory_mb is not None for dev in fleet):
+        x_val = store.tensors(run_dir, "val")[0][:runs].numpy()
     if any(dev.latency_ms is not None for dev in fleet):
         ms = {n: latency.measure(model_dir(run_dir, n) / store.INT8, x_val, runs) for n in sizes}
     if any(dev.max_memory_mb is not None for dev in fleet):
@@ -337,7 +338,7 @@ def fit_devices(
 
     return fits, {
         "devices": devices.record(fleet),
-        "latency": None if ms is None else latency.describe(runs) | {"model": "int8.onnx"},
+        "latency": None if ms is None else latency.describe(runs) | {"model": store.INT8},
         "memory": None if mb is None else cost.DESCRIBE["memory"],
         "members": {
             n: measured(n) | {"fits": [dev.name for d, dev in enumerate(fleet) if fits[i, d]]}
