@@ -1,0 +1,114 @@
+"""Channel-pruned members: int8 latency at batch 1 against multiply-adds, side by side with the parent's.
+
+    python bench/channel_latency.py             # bench/results/channel-latency.json and its RESULTS.md section
+
+small_cnn (stem_pool, depth 3, the CIFAR-10 parent's shape) at widths 16 and 32 on 32x32x3 images, random weights
+with batch norms as after training; each member is the parent with its channels cut by ``prune.ChannelPruner``
+(L1) to a fraction of the multiply-adds, with layer widths free or in multiples of 8. The parent and the member
+are quantised alike (static int8, ONNX Runtime) and timed in turn in one process, 1 thread, batch 1: the ratio is
+what counts, not the milliseconds. Accuracy is not measured here (random weights): see the CIFAR-10 rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import tempfile
+from pathlib import Path
+
+import torch
+from common import RESULTS, argparser, command_line, machine, publish, write_result
+from torch import nn
+
+from prune2edge import latency, models, prune, quantize
+
+TITLE = "## Channel-pruned members: int8 latency against multiply-adds"
+CASES = ((16, 0.75, 1), (16, 0.75, 8), (16, 0.9, 8), (32, 0.75, 8), (32, 0.9, 8))  # width, removed, multiple
+REPEATS, RUNS = 3, 300
+
+
+def parent(width: int, x: torch.Tensor) -> nn.Module:
+    torch.manual_seed(0)
+    net = models.build("small_cnn", (32, 32, 3), 10, width=width, depth=3, stem_pool=True)
+    with torch.no_grad():  # batch norms with their own scales and statistics, as after training
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+        net.train()(x)
+    return net.eval()
+
+
+def int8(net: nn.Module, folder: Path, name: str, x: torch.Tensor) -> Path:
+    fp32, out = folder / f"{name}.onnx", folder / f"{name}.int8.onnx"
+    quantize.export_onnx(net, fp32, (32, 32, 3))
+    quantize.quantize_onnx(fp32, out, x.numpy())
+    return out
+
+
+def measure() -> list[dict]:
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for width, removed, multiple in CASES:
+            base = parent(width, x)
+            p8 = int8(base, folder, f"parent{width}", x)
+            member = copy.deepcopy(base)
+            pruner = prune.ChannelPruner(member, x[:2], removed, end_step=1, multiple=multiple)
+            pruner.finish()
+            prune.compact(member, x[:2])
+            m8 = int8(member, folder, f"m{width}-{removed}-{multiple}", x)
+            ratios, parent_ms = [], []
+            for _ in range(REPEATS):  # in turn, so that both see the same machine
+                lp, lm = latency.measure(p8, x.numpy(), RUNS), latency.measure(m8, x.numpy(), RUNS)
+                ratios.append(lm / lp)
+                parent_ms.append(lp)
+            rows.append(
+                {
+                    "width": width,
+                    "removed_target": removed,
+                    "multiple": multiple,
+                    "widths": [m.out_channels for m in member.modules() if isinstance(m, nn.Conv2d)],
+                    "macs_vs_parent": prune.macs_of(member, x) / prune.macs_of(base, x),
+                    "latency_vs_parent_int8": ratios,
+                    "parent_int8_ms": parent_ms,
+                }
+            )
+    return rows
+
+
+def section(result: dict) -> str:
+    lines = [
+        TITLE,
+        "",
+        f"`{result['command']}` on {result['machine']}, {result['date']}. small_cnn with random weights (the CIFAR-10 "
+        f"parent's shape), 32x32x3, int8, batch 1, 1 thread; the member and its parent timed in turn, "
+        f"{RUNS} runs each, {REPEATS} times. Raw numbers: `bench/results/channel-latency.json`.",
+        "",
+        "| parent width | channels removed for | layer widths | multiply-adds | int8 latency vs parent int8 | parent int8 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        widths = "free" if r["multiple"] == 1 else f"multiples of {r['multiple']}"
+        lines.append(
+            f"| w{r['width']} | {100 * r['removed_target']:.0f} % of multiply-adds | {widths} {r['widths']} | "
+            f"{r['macs_vs_parent']:.2f}x | {min(r['latency_vs_parent_int8']):.2f}-{max(r['latency_vs_parent_int8']):.2f}x "
+            f"| {min(r['parent_int8_ms']):.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = argparser(__doc__).parse_args()
+    result = {
+        "machine": machine(),
+        "command": command_line(),
+        "date": datetime.date.today().isoformat(),
+        "rows": measure(),
+    }
+    write_result(RESULTS / "channel-latency.json", result)
+    publish(TITLE, section(result), docs=not args.no_docs)
+
+
+if __name__ == "__main__":
+    main()
