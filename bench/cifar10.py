@@ -334,9 +334,10 @@ def main() -> None:
         base_s = None
         if args.baseline_from:
             from prune2edge import config as cfgmod
+            from prune2edge.cli import parse_settings
 
             src = Path(args.baseline_from) / f"seed{seed}"
-            mine = cfgmod.load(args.config, {**cfgmod.parse_settings(args.set), "seed": seed, "data": {"path": paths}})
+            mine = cfgmod.load(args.config, {**parse_settings(args.set), "seed": seed, "data": {"path": paths}})
             mine, theirs = cfgmod.as_dict(mine), cfgmod.as_dict(cfgmod.load(src / "config.yaml"))
             if not same_baseline(mine, theirs):
                 sys.exit(f"--baseline-from {src}: its seed, data, model or train settings differ from this run's")

@@ -47,6 +47,26 @@ def missing_training_module(e: ModuleNotFoundError) -> str | None:
     return None
 
 
+def parse_settings(settings: list[str] | tuple[str, ...]) -> dict:
+    """``["pool.size=8", "train.lr=0.1"]`` -> nested overrides; values are read as YAML scalars or lists."""
+    import yaml
+
+    out: dict = {}
+    for item in settings:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UserError(f"--set takes KEY=VALUE (e.g. pool.size=8), got '{item}'")
+        *parents, leaf = name.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {name}: cannot read value '{value}' ({e})") from None
+    return out
+
+
 class Main(click.Group):
     """Turns a UserError (or a missing file, or a missing training extra) into a one-line message and exit status 2,
     without a traceback."""
@@ -121,7 +141,7 @@ def run(
     """Run every phase of CONFIG_FILE (YAML); re-running continues an interrupted run."""
     from . import config
 
-    overrides = config.parse_settings(settings)
+    overrides = parse_settings(settings)
     if workers is not None:
         overrides["workers"] = workers
     if device is not None:

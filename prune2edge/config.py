@@ -3,7 +3,8 @@ loading, and errors that name the offending key and the fix.
 
 ``load()`` returns a frozen :class:`Config`; phases read its sections as attributes (``cfg.pool.sparsity``) and
 trust them: a range given as one number is already the pair ``(x, x)``, a clustering preset already applied.
-``python -m prune2edge.config`` prints the JSON schema (docs/config.schema.json)."""
+What each key means is in docs/usage.md (Configuration); ``python -m prune2edge.config`` prints the JSON schema
+(docs/config.schema.json)."""
 
 from __future__ import annotations
 
@@ -30,19 +31,10 @@ from .data import TEST_FRACTION
 from .errors import UserError
 
 
-def _need(ok: bool, name: str, must: str, value: Any) -> None:
-    if not ok:
-        raise UserError(f"config key '{name}' {must}, got {value!r}")
-
-
 def _plain(check, schema: dict, out: Any = Any) -> Any:
     """A key checked by ``check`` (which raises ValueError with the fix, or returns the value to keep)."""
-    return Annotated[
-        out,
-        PlainValidator(check),
-        PlainSerializer(lambda v: list(v) if isinstance(v, tuple) else v),
-        WithJsonSchema(schema),
-    ]
+    as_list = PlainSerializer(lambda v: list(v) if isinstance(v, tuple) else v)
+    return Annotated[out, PlainValidator(check), as_list, WithJsonSchema(schema)]
 
 
 def span(lo: float, hi: float, *, open_hi: bool = False, positive: bool = False) -> Any:
@@ -102,16 +94,14 @@ GAP = "must be a number in [0, 1] (a fraction of validation accuracy)"
 class Section(BaseModel):
     """Unknown keys are errors; values are not coerced (``true`` is not a batch size); read-only once loaded."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 class Ray(Section):
     address: Annotated[Annotated[str, Field(pattern=r"^(auto|(ray://)?[\w.-]+:\d+)$")] | None, must(RAY)] = None
-    """null: RAY_ADDRESS, the cluster `ray start` began here, or a new local instance; auto: the cluster joined"""
-    num_cpus: Annotated[float, at.Gt(0)] = Field(1, description="reserved per member (and its torch threads)")
-    num_gpus: NonNeg = Field(0, description="reserved per member; > 0 with device: cuda (a fraction shares a GPU)")
+    num_cpus: Annotated[float, at.Gt(0)] = 1
+    num_gpus: NonNeg = 0
     max_retries: Count = 3
-    """a member whose worker dies (killed, node lost) runs again this many times"""
 
 
 class Data(Section):
@@ -121,17 +111,14 @@ class Data(Section):
     val_fraction: Annotated[float, at.Ge(0.01), at.Le(0.9)] = 0.1
     max_train: Annotated[int | None, at.Gt(1)] = None
     test_fraction: Annotated[float, at.Ge(0.01), at.Le(0.9)] = TEST_FRACTION
-    """carved (stratified, seed 0) from a source without a test split"""
     image_size: ImageSize = None
-    """int or [h, w]: every image resized to it (area filter); null: as stored"""
-    color: Literal["grey", "rgb"] | None = Field(None, description="every image converted to it; null: as stored")
+    color: Literal["grey", "rgb"] | None = None
 
 
 class Model(Section):
     arch: str = "small_cnn"
-    """a built-in architecture (small_cnn, resnet20, keras_cifar10_cnn) or module.path:factory"""
     kwargs: dict[str, Any] = {}
-    weights: str | None = Field(None, description="a state dict to start from instead of training the baseline")
+    weights: str | None = None
 
 
 class Train(Section):
@@ -144,7 +131,7 @@ class Train(Section):
     schedule: Literal["onecycle", "cosine", "constant", "restarts"] = "onecycle"
     augment: Augment = "auto"
     label_smoothing: NonNeg = 0.0
-    cycles: PosInt = Field(1, description="restarts schedule: cosine cycles (SGDR / snapshot ensembles)")
+    cycles: PosInt = 1
     compile: Compile = "none"
 
 
@@ -154,61 +141,40 @@ RENAMED = {"init": ("family", {"baseline": "clones", "fresh": "independent"})}  
 class Pool(Section):
     size: PosInt = 8
     sparsity: span(0, 1, open_hi=True) = (0.5, 0.9)
-    """final sparsity, spread evenly over the range across members"""
     structure: Literal["weights", "channels"] = "weights"
-    """weights: members zero single weights (smaller to ship); channels: members lose whole filters and become
-    smaller dense networks (less work and memory on the device); pool.sparsity is then the fraction removed"""
     criterion: Literal["l1", "l2", "taylor"] = "l1"
-    """channels: a channel's importance, the L1 or L2 norm of its group's weights or Taylor (|w * grad|)"""
     reduce: Literal["macs", "weights"] = "macs"
-    """channels: what pool.sparsity takes away, multiply-adds per image or weights"""
     channel_multiple: PosInt = 8
-    """channels: each layer keeps a multiple of this many channels (int8 kernels are fastest at multiples of 8)"""
     schedule: Literal["polynomial", "constant"] = "polynomial"
-    """polynomial: cubic (Zhu & Gupta 2017)"""
     scope: Literal["layer", "global"] = "layer"
-    """layer: every layer to the target; global: one threshold over all layers"""
-    prune_end: Unit = Field(0.7, description="fraction of fine-tuning after which the final sparsity holds")
-    epochs: span(0, 1e6, positive=True) = Field((1.0, 2.0), description="fine-tuning epochs, uniform in the range")
+    prune_end: Unit = 0.7
+    epochs: span(0, 1e6, positive=True) = (1.0, 2.0)
     min_steps: Annotated[Count, must("must be an integer >= 0 (a member's least optimiser steps; 0: no floor)")] = 100
-    """each member trains at least this many optimiser steps (on a small dataset an epoch is a few steps)"""
     lr: span(0, 10, positive=True) = (0.01, 0.05)
-    """peak fine-tuning learning rate, log-uniform in the range"""
     batch_size: Annotated[list[PosInt], must("must be a positive integer or a list of them"), at.MinLen(1)] = [64, 128]
-    """choices"""
     lr_schedule: Literal["onecycle", "cosine", "constant"] = "cosine"
     optimizer: Optimizer = "sgd"
     momentum: NonNeg = 0.9
     weight_decay: NonNeg = 5e-4
     augment: Augment = "auto"
     label_smoothing: NonNeg = 0.0
-    bootstrap: bool = Field(False, description="each member fine-tunes on a bootstrap sample of the training split")
+    bootstrap: bool = False
     snapshots: Annotated[Count, must(SNAPSHOTS)] = 0
-    """>= 2: the baseline saves this many checkpoints and members are cloned from them in turn"""
     mask_noise: Annotated[float, at.Ge(0), at.Le(10)] = 0.0
-    """pruning ranks |w| * exp(mask_noise * N(0,1)), noise fixed per member"""
-    distill: Unit = Field(0.0, description="weight of distillation from the fp32 baseline in the fine-tuning loss")
+    distill: Unit = 0.0
     distill_temperature: Annotated[float, at.Gt(0)] = 4.0
     family: Literal["clones", "independent"] = "clones"
-    """clones: members start from the baseline; independent: each from its own new initialisation"""
     include_parent: bool = False
-    """independent: member m000 is the baseline itself, QAT-fine-tuned for the last 1 - qat_start of pool.epochs"""
     member_kwargs: dict[str, Any] = {}
-    """independent: model kwargs overriding the baseline's (e.g. width: 12)"""
     weight_bits: Annotated[Bits, must(BITS)] = 0
-    """2..8: quantisation-aware training, weights on a per-channel grid of this many bits, shipped exactly"""
     qat_start: UnitOpen = 0.5
-    """fraction of a member's steps after which its weights train fake-quantised"""
     mask: Literal["magnitude", "antirandom", "antirandom-weighted"] = "magnitude"
-    """antirandom: fixed masks that overlap as little as possible across members"""
-    shrink: Unit = Field(1.0, description="start from shrink * w + perturb * w_fresh (shrink and perturb)")
+    shrink: Unit = 1.0
     perturb: Annotated[float, at.Ge(0), at.Le(10)] = 0.0
-    reinit_last: Count = Field(0, description="re-initialise the last N prunable layers before training")
+    reinit_last: Count = 0
     regrow: UnitOpen = 0.0
-    """prune-and-regrow (RigL): fraction of active weights moved every regrow_every steps"""
     regrow_every: PosInt = 100
     cyclical: bool = False
-    """one cyclical run from the baseline; a member at each cycle's low point (FGE)"""
     compile: Compile = "none"
 
     @model_validator(mode="before")
@@ -225,11 +191,9 @@ class Pool(Section):
 
 class Quantize(Section):
     calibration_size: PosInt = 256
-    max_drop: Unit = Field(0.03, description="int8 passes when its validation accuracy is at most this below fp32's")
+    max_drop: Unit = 0.03
     min_agreement: Unit = 0.9
-    """and when its predictions agree with fp32's on at least this fraction of validation images"""
     codebook_bits: Annotated[Bits, must(CODEBOOK)] = 0
-    """2..8: each member layer's int8 weights share 2^bits values"""
 
 
 PRESETS = {"paper": {"method": "kmeans-labels", "k": 20}}  # the authors' k-means, k=20 on predicted labels
@@ -238,7 +202,6 @@ PRESETS = {"paper": {"method": "kmeans-labels", "k": 20}}  # the authors' k-mean
 class Cluster(Section):
     method: Literal["kmeans-onehot", "kmeans-proba", "kmeans-labels", "agglomerative"] = "kmeans-onehot"
     k: K = "auto"
-    """auto: the k in 1..k_max whose selected ensemble is the most accurate on validation; silhouette; or an integer"""
     k_max: PosInt = 10
     preset: Literal["paper"] | None = None
 
@@ -251,11 +214,8 @@ class Cluster(Section):
 class Select(Section):
     strategy: Literal["accuracy-first", "diversity-first", "top-k", "random", "greedy"] = "accuracy-first"
     max_acc_gap: Annotated[Unit, must(GAP)] = 0.02
-    """accuracy-first / diversity-first take only members at most this far below the best on validation"""
     max_below_parent: Annotated[Unit, must(GAP)] = 0.03
-    """a member more than this below the parent's fp32 validation accuracy is reported and left out"""
     fallback: Annotated[bool, must("must be true (ship a single model that beats the ensemble) or false")] = True
-    """ship the int8 parent or one member instead where it beats the selected ensemble on validation"""
 
 
 class Vote(Section):
@@ -264,19 +224,16 @@ class Vote(Section):
     target_accuracy: Annotated[
         float | None, at.Gt(0), at.Le(1), must("must be null (no default abstain threshold) or an accuracy in (0, 1]")
     ] = 0.95
-    """the bundle's default abstain threshold: the lowest vote margin at which decided frames are this accurate"""
 
 
 class Bundle(Section):
     latency_runs: PosInt = 100
-    """each member's int8 latency at batch 1: the median of this many timed runs"""
 
 
 class Deploy(Section):
     devices: Annotated[str | None, at.MinLen(1), must("must be the path of a devices file (YAML or JSON), or null")] = (
         None
     )
-    """each device's memory (and latency) budget"""
 
 
 class Config(Section):
@@ -286,7 +243,6 @@ class Config(Section):
     device: Literal["cpu", "cuda"] = "cpu"
     workers: PosInt = 1
     executor: Literal["local", "ray"] = "local"
-    """local: in this process, or `workers` local processes; ray: Ray tasks"""
     ray: Ray = Ray()
     data: Data = Data()
     model: Model = Model()
@@ -302,10 +258,11 @@ class Config(Section):
     @model_validator(mode="after")
     def _rules(self) -> Config:
         for name, wrong, ok in RULES:
-            value = self
-            for part in name.split("."):
-                value = getattr(value, part)
-            _need(ok(self), name, wrong, value)
+            if not ok(self):
+                value = self
+                for part in name.split("."):
+                    value = getattr(value, part)
+                raise UserError(f"config key '{name}' {wrong}, got {value!r}")
         if isinstance(self.cluster.k, int) and self.cluster.k > self.pool.size:
             raise UserError(
                 f"config key 'cluster.k' is {self.cluster.k}, larger than the pool (pool.size = {self.pool.size}); "
@@ -317,16 +274,12 @@ class Config(Section):
 # the rules between keys: (key, what is wrong with it when the check fails, the check on the whole config)
 # fmt: off
 RULES: list[tuple[str, str, Callable[[Config], bool]]] = [
-    ("pool.weight_bits", BITS,
-     lambda c: c.pool.weight_bits != 1),
-    ("pool.snapshots", SNAPSHOTS,
-     lambda c: c.pool.snapshots != 1),
-    ("quantize.codebook_bits", CODEBOOK,
-     lambda c: c.quantize.codebook_bits != 1),
+    ("pool.weight_bits", BITS, lambda c: c.pool.weight_bits != 1),
+    ("pool.snapshots", SNAPSHOTS, lambda c: c.pool.snapshots != 1),
+    ("quantize.codebook_bits", CODEBOOK, lambda c: c.quantize.codebook_bits != 1),
     ("train.compile", "'cuda-graph' needs device: cuda",
      lambda c: c.train.compile != "cuda-graph" or c.device == "cuda"),
-    ("pool.compile", "'cuda-graph' needs device: cuda",
-     lambda c: c.pool.compile != "cuda-graph" or c.device == "cuda"),
+    ("pool.compile", "'cuda-graph' needs device: cuda", lambda c: c.pool.compile != "cuda-graph" or c.device == "cuda"),
     ("train.epochs", "must be > 0 unless model.weights is given",
      lambda c: c.train.epochs > 0 or bool(c.model.weights)),
     ("pool.snapshots", "needs the baseline trained here (model.weights is set), so must be 0",
@@ -334,8 +287,7 @@ RULES: list[tuple[str, str, Callable[[Config], bool]]] = [
     ("pool.member_kwargs", "changes the network, so needs pool.family: independent (a clone keeps the baseline's shape)",
      lambda c: not c.pool.member_kwargs or c.pool.family == "independent"),
     ("pool.family", "independent members start from a new initialisation, so cannot be combined with snapshots, "
-     "cyclical, shrink, perturb or reinit_last",
-     lambda c: c.pool.family == "clones" or not _leaves_basin(c.pool)),
+     "cyclical, shrink, perturb or reinit_last", lambda c: c.pool.family == "clones" or not _leaves_basin(c.pool)),
     ("pool.structure", "channels cuts filters by importance on a schedule, so needs pool.mask: magnitude, "
      "pool.regrow: 0 and pool.cyclical: false",
      lambda c: c.pool.structure == "weights" or (c.pool.mask == "magnitude" and not c.pool.regrow and not c.pool.cyclical)),
@@ -345,13 +297,11 @@ RULES: list[tuple[str, str, Callable[[Config], bool]]] = [
      "bootstrap",
      lambda c: not c.pool.cyclical or (c.pool.mask == "magnitude" and not c.pool.snapshots and not c.pool.bootstrap)),
     ("workers", "runs members in local processes; with executor: ray, Ray schedules them by ray.num_cpus / "
-     "ray.num_gpus per member, so leave workers at 1",
-     lambda c: c.executor != "ray" or c.workers == 1),
+     "ray.num_gpus per member, so leave workers at 1", lambda c: c.executor != "ray" or c.workers == 1),
     ("pool.cyclical", "makes every member in one run, which cannot be spread; use executor: local",
      lambda c: c.executor != "ray" or not c.pool.cyclical),
     ("ray.num_gpus", "must be > 0 with device: cuda (e.g. 1, or 0.5 for two members per GPU), so that Ray gives each "
-     "member a GPU",
-     lambda c: c.executor != "ray" or c.device != "cuda" or c.ray.num_gpus > 0),
+     "member a GPU", lambda c: c.executor != "ray" or c.device != "cuda" or c.ray.num_gpus > 0),
     ("ray.num_gpus", "reserves GPUs that device: cpu leaves idle; set it to 0 or use device: cuda",
      lambda c: c.executor != "ray" or c.device == "cuda" or c.ray.num_gpus == 0),
 ]
@@ -440,24 +390,6 @@ def load(path: str | Path | None = None, overrides: dict | None = None) -> Confi
         return Config.model_validate(raw)
     except ValidationError as e:
         raise _first_error(e, raw) from None
-
-
-def parse_settings(settings: list[str] | tuple[str, ...]) -> dict:
-    """``["pool.size=8", "train.lr=0.1"]`` -> nested overrides; values are read as YAML scalars or lists."""
-    out: dict = {}
-    for item in settings:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise UserError(f"--set takes KEY=VALUE (e.g. pool.size=8), got '{item}'")
-        *parents, leaf = name.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        try:
-            node[leaf] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise UserError(f"--set {name}: cannot read value '{value}' ({e})") from None
-    return out
 
 
 def as_dict(cfg: Config) -> dict:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from prune2edge import config, executors, models, pipeline, pool, prune, store, train
+from prune2edge.cli import parse_settings
 from prune2edge.errors import UserError
 
 
@@ -87,7 +88,7 @@ def test_mask_noise_changes_which_weights_survive_but_not_how_many(scope):
 )
 def test_config_rejects_bad_diversity_settings(key, value):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
-        config.load(None, config.parse_settings([f"{key}={value}"]))
+        config.load(None, parse_settings([f"{key}={value}"]))
 
 
 def test_snapshot_members_clone_different_checkpoints(tmp_path):
