@@ -121,6 +121,32 @@ METHODS: dict[str, dict] = {
             "select.max_acc_gap=0.05",
         ],
     },
+    "indep-parent-qat4-2x-distill": {
+        "what": "indep-parent-qat4-2x with each member distilled from the parent (weight 0.5, T = 4), 17 epochs",
+        "set": [
+            *INDEPENDENT[:1],
+            *INDEPENDENT[2:4],
+            *INDEPENDENT[5:],
+            "pool.distill=0.5",
+            "pool.sparsity=0.5",
+            "pool.include_parent=true",
+            "pool.weight_bits=4",
+            "pool.epochs=17",
+            "pool.qat_start=0.6",
+            "select.max_acc_gap=0.05",
+        ],
+    },
+    "indep-parent-qat4-2x-dense": {
+        "what": "the parent (QAT-fine-tuned 9.2 epochs) + 2 independent members of 23 epochs, 4-bit QAT, dense",
+        "set": [
+            *INDEPENDENT,
+            "pool.include_parent=true",
+            "pool.weight_bits=4",
+            "pool.epochs=23",
+            "pool.qat_start=0.6",
+            "select.max_acc_gap=0.05",
+        ],
+    },
     "channels-25": {
         "what": "3 clones channel-pruned to 25 % of the parent's multiply-adds (L1, widths in 8s), 4 epochs",
         "set": [*CHANNELS, "pool.sparsity=0.75"],
