@@ -183,6 +183,19 @@ METHODS: dict[str, dict] = {
         "set": [*RIVAL, "pool.weight_bits=4", "pool.sparsity=0.5", "pool.epochs=55"],
         "rival": True,
     },
+    "rival-narrow-w8": {
+        "what": "one model: a half-width network (small_cnn w8) trained 60 epochs from scratch, distilled from the "
+        "parent (weight 0.5, T = 4), int8",
+        "set": [
+            *INDEPENDENT[:4],
+            "quantize.codebook_bits=0",
+            *RIVAL_ONE,
+            "pool.distill=0.5",
+            "pool.member_kwargs={width: 8}",
+            "pool.epochs=60",
+        ],
+        "rival": True,
+    },
     "rival-qat3-1x": {
         "what": "one model: the parent fine-tuned 27 epochs with 3-bit QAT",
         "set": [*RIVAL, "pool.weight_bits=3", "pool.epochs=27"],
