@@ -83,6 +83,11 @@ CHANNELS = ["pool.structure=channels", "pool.shrink=1.0", "pool.perturb=0.0", "p
 RIVAL_ONE = ["pool.size=1", "cluster.k=1", "cluster.k_max=1"]
 METHODS: dict[str, dict] = {
     "clones": {"what": "today's default pool: shrink-perturb clones, 83 % sparse, 4-bit codebooks", "set": []},
+    "rival-clones": {
+        "what": "one model: the parent pruned to 83 % and fine-tuned 12 epochs as the clones are (4-bit codebooks)",
+        "set": [*RIVAL_ONE, "pool.epochs=12"],
+        "rival": True,
+    },
     "clones-qat3": {
         "what": "clones (default recipe, dense) with 3-bit QAT",
         "set": [*CLONE_QAT, "pool.weight_bits=3", "pool.qat_start=0.25"],
@@ -132,6 +137,19 @@ METHODS: dict[str, dict] = {
             "pool.include_parent=true",
             "pool.weight_bits=4",
             "pool.epochs=17",
+            "pool.qat_start=0.6",
+            "select.max_acc_gap=0.05",
+        ],
+    },
+    "indep-parent-qat4-2x-80": {
+        "what": "the parent (QAT-fine-tuned 9.2 epochs) + 2 independent members of 23 epochs, 4-bit QAT, 80 % sparse",
+        "set": [
+            *INDEPENDENT[:1],
+            *INDEPENDENT[2:],
+            "pool.sparsity=0.8",
+            "pool.include_parent=true",
+            "pool.weight_bits=4",
+            "pool.epochs=23",
             "pool.qat_start=0.6",
             "select.max_acc_gap=0.05",
         ],
