@@ -154,6 +154,19 @@ METHODS: dict[str, dict] = {
             "select.max_acc_gap=0.05",
         ],
     },
+    "indep-parent-qat4-2x-20": {
+        "what": "the parent (QAT-fine-tuned 9.2 epochs) + 2 independent members of 23 epochs, 4-bit QAT, 20 % sparse",
+        "set": [
+            *INDEPENDENT[:1],
+            *INDEPENDENT[2:],
+            "pool.sparsity=0.2",
+            "pool.include_parent=true",
+            "pool.weight_bits=4",
+            "pool.epochs=23",
+            "pool.qat_start=0.6",
+            "select.max_acc_gap=0.05",
+        ],
+    },
     "indep-parent-qat4-2x-dense": {
         "what": "the parent (QAT-fine-tuned 9.2 epochs) + 2 independent members of 23 epochs, 4-bit QAT, dense",
         "set": [
@@ -212,6 +225,11 @@ METHODS: dict[str, dict] = {
             "pool.member_kwargs={width: 8}",
             "pool.epochs=60",
         ],
+        "rival": True,
+    },
+    "rival-qat4-2x-20": {
+        "what": "one model: the parent fine-tuned 55 epochs with 4-bit QAT, pruned to 20 %",
+        "set": [*RIVAL, "pool.weight_bits=4", "pool.sparsity=0.2", "pool.epochs=55"],
         "rival": True,
     },
     "rival-qat3-1x": {
