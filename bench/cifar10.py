@@ -297,6 +297,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--label", default=None, help="names a variant (an ablation): results file and RESULTS.md section")
     ap.add_argument(
+        "--name", default=None, help="the results file, runs folder and section (default <config>[-<label>])"
+    )
+    ap.add_argument(
         "--baseline-from",
         default=None,
         help="reuse the finished baselines in DIR/seed<S> (same seed, data, "
@@ -307,7 +310,7 @@ def main() -> None:
     args = ap.parse_args()
 
     stem = Path(args.config).stem
-    name = stem + (f"-{args.label}" if args.label else "")
+    name = args.name or stem + (f"-{args.label}" if args.label else "")
     out = Path(args.out) if args.out else ROOT / "runs" / "bench" / name
     seeds = args.seeds
     paths = data_paths(args.data)

@@ -3,7 +3,7 @@ validation and, on the test split, the share of frames decided and their accurac
 the accuracy with members missing. The ensemble is ranked by its vote's margin, the fp32 baseline by its top
 probability.
 
-    python bench/decisions.py runs/bench/cifar10-cpu-cb-perturb          # seeds 0, 1, 2 of configs/cifar10-cpu.yaml
+    python bench/decisions.py runs/bench/cifar10-cpu-cb-perturb          # seeds 0, 1, 2 of configs/cifar10-cpu-clones.yaml
     python bench/decisions.py runs/bench/X --seeds 0 --targets 0.9,0.99
 
 Uses the pipeline's own functions (``evaluate.decision_metrics``, ``evaluate.degradation``): thresholds from the

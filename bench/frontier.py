@@ -4,14 +4,14 @@
     python bench/frontier.py run clones --seeds 0 -- --data DIR --set device=cuda   # on a GPU, data elsewhere
     python bench/frontier.py report                            # frontier.json, the figure, the RESULTS section
 
-Every method is a variant of ``configs/cifar10-cpu.yaml`` run by ``bench/cifar10.py`` on the parents trained by
-the default config's runs (``--baseline-from``), so that all rows of a seed share one parent. Rows:
+Every method is a variant of ``configs/cifar10-cpu-clones.yaml`` (:data:`BASE`) run by ``bench/cifar10.py`` on the
+parents trained by its runs (``--baseline-from``), so that all rows of a seed share one parent. Rows:
 
 - **parent**: the fp32 parent alone; **deep ensemble**: the soft vote of 3 fp32 parents (a whole parent per
-  device, 2 more trainings), read from ``bench/reference.py``'s results on the default config's parents;
+  device, 2 more trainings), read from ``bench/reference.py``'s results on the parents of BASE's runs;
 - **rival at a budget**: the best single model that fits one device of that budget, trained with the pool's
   compute: the parent fine-tuned with QAT at the members' bits for as many epochs as the pool's members together;
-- **clones**: today's default pool; **clones + QAT**; **independent + QAT**: members from their own
+- **clones**: the clone pool of ``BASE`` (the paper's family, tuned); **clones + QAT**; **independent + QAT**: members from their own
   initialisation, trained for part of the parent's schedule with low-bit QAT.
 
 A row's ``bytes_per_member`` is its largest selected member as shipped over the parent's fp32 ONNX bytes; its
@@ -44,7 +44,8 @@ from common import (
     write_result,
 )
 
-PARENTS = "runs/bench/clones"  # the default config's runs: their parents are every row's parents
+BASE = "configs/cifar10-cpu-clones.yaml"  # every method's settings are changes to this config
+PARENTS = "runs/bench/clones"  # BASE's runs: their parents are every row's parents
 BUDGETS = (0.05, 0.10, 0.25)
 TITLE = "## CIFAR-10: the frontier (bytes per device x training cost)"
 ADVICE = "## Which pool for my devices?"
@@ -59,8 +60,8 @@ speed](#training-speed); [pool on Ray](#pool-on-ray); [channel pruning](#cifar-1
 (issue 20); the diary of fixed flaky tests at the end.
 """
 PRESETS = {  # the config that holds a method's settings
-    "indep-parent-qat4-2x": "configs/cifar10-cpu-4bit.yaml",
-    "clones": "configs/cifar10-cpu.yaml",
+    "indep-parent-qat4-2x": "configs/cifar10-cpu.yaml",
+    "clones": "configs/cifar10-cpu-clones.yaml",
 }
 # every row measures its method's ensemble as selected: the safety nets a user gets by default (shipping a single
 # model that beats the ensemble on validation; leaving out members far below the parent) would make some rows the
@@ -241,15 +242,16 @@ METHODS: dict[str, dict] = {
 
 
 def results_file(method: str) -> Path:
-    """Where bench/cifar10.py writes a method's results (its ``--label frontier-<method>``)."""
+    """Where bench/cifar10.py writes a method's results (its ``--name``)."""
     return RESULTS / f"cifar10-cpu-frontier-{method}.json"
 
 
 def run(method: str, seeds: str, extra: list[str]) -> None:
-    """One method's runs through bench/cifar10.py, on the default config's parents; ``extra`` are further
+    """One method's runs through bench/cifar10.py, on the parents of BASE's runs; ``extra`` are further
     bench/cifar10.py arguments (``--data DIR``, ``--set device=cuda``)."""
     sets = [x for s in [*MEASURE, *METHODS[method]["set"]] for x in ("--set", s)] + extra
-    cmd = [sys.executable, str(ROOT / "bench" / "cifar10.py"), "--label", f"frontier-{method}", "--seeds", seeds]
+    cmd = [sys.executable, str(ROOT / "bench" / "cifar10.py"), "--config", BASE, "--seeds", seeds]
+    cmd += ["--name", results_file(method).stem]
     cmd += ["--no-docs"]
     cmd += ["--out", f"runs/bench/{method}", *([] if method == "clones" else ["--baseline-from", PARENTS]), *sets]
     sys.exit(subprocess.run(cmd, cwd=ROOT).returncode)
@@ -265,7 +267,7 @@ def ms(values: list[float], scale: float = 100.0) -> dict:
 
 def parent_cpu_seconds(run: dict) -> float | None:
     """CPU seconds of a run's parent's training: as recorded in its results, else (a parent trained before CPU
-    seconds were recorded) the mean over the other recorded parents of the default config, which train the same
+    seconds were recorded) the mean over the other recorded parents of BASE's runs, which train the same
     network on the same data."""
     if "baseline_cpu_seconds" in run:  # a run on another run's parent: that run's record
         return run["baseline_cpu_seconds"]
@@ -355,7 +357,7 @@ def reference_rows(found: dict[str, dict]) -> list[dict]:
         rows.append(
             {
                 "method": "deep-ensemble-3",
-                "what": "soft vote of 3 fp32 parents, one per seed (measured on the default config's parents)",
+                "what": "soft vote of 3 fp32 parents, one per seed (measured on the parents of BASE's runs)",
                 "seeds": json.loads(ref.read_text())["seeds"],
                 "k": d["k"],
                 "bytes_per_member": 1.0,
