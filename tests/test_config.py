@@ -70,3 +70,10 @@ def test_bad_values_get_one_line_errors_that_name_the_key(overrides, message):
     with pytest.raises(UserError) as e:
         config.load(None, overrides)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    """The configs in configs/ are valid: a renamed or removed key would otherwise surface only in a long run."""
+    cfg = config.load(path)
+    assert cfg.model.arch and cfg.pool.size >= 1
