@@ -168,6 +168,19 @@ METHODS: dict[str, dict] = {
             "select.max_acc_gap=0.05",
         ],
     },
+    "indep-parent-qat4-2x-35": {
+        "what": "the parent (QAT-fine-tuned 9.2 epochs) + 2 independent members of 23 epochs, 4-bit QAT, 35 % sparse",
+        "set": [
+            *INDEPENDENT[:1],
+            *INDEPENDENT[2:],
+            "pool.sparsity=0.35",
+            "pool.include_parent=true",
+            "pool.weight_bits=4",
+            "pool.epochs=23",
+            "pool.qat_start=0.6",
+            "select.max_acc_gap=0.05",
+        ],
+    },
     "indep-parent-qat4-2x-dense": {
         "what": "the parent (QAT-fine-tuned 9.2 epochs) + 2 independent members of 23 epochs, 4-bit QAT, dense",
         "set": [
