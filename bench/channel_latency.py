@@ -2,7 +2,8 @@
 
     python bench/channel_latency.py             # bench/results/channel-latency.json and its RESULTS.md section
 
-small_cnn (stem_pool, depth 3, the CIFAR-10 parent's shape) at widths 16 and 32 on 32x32x3 images, random weights
+small_cnn (stem_pool, depth 3, the CIFAR-10 parent's shape) at widths 16 and 32, and at width 16 without the stem
+pool (4x the multiply-adds, all at full resolution), on 32x32x3 images, random weights
 with batch norms as after training; each member is the parent with its channels cut by ``prune.ChannelPruner``
 (L1) to a fraction of the multiply-adds, with layer widths free or in multiples of 8. The parent and the member
 are quantised alike (static int8, ONNX Runtime) and timed in turn in one process, 1 thread, batch 1: the ratio is
@@ -27,14 +28,16 @@ from torch import nn
 from prune2edge import latency, models, prune, quantize
 
 TITLE = "## Channel-pruned members: int8 latency against multiply-adds"
-CASES = ((16, 0.75, 1), (16, 0.75, 8), (16, 0.9, 8), (32, 0.75, 8), (32, 0.9, 8))  # width, removed, multiple
+# width, multiply-adds removed, widths in multiples of, stem pool
+CASES = ((16, 0.75, 1, True), (16, 0.75, 8, True), (16, 0.9, 8, True), (32, 0.75, 8, True), (32, 0.9, 8, True))
+CASES += ((16, 0.5, 8, False), (16, 0.75, 8, False))
 REPEATS, RUNS = 3, 300
 PROFILED = (16, 0.9, 8)  # the member whose time is split by node, beside its parent
 
 
-def parent(width: int, x: torch.Tensor) -> nn.Module:
+def parent(width: int, x: torch.Tensor, stem_pool: bool = True) -> nn.Module:
     torch.manual_seed(0)
-    net = models.build("small_cnn", (32, 32, 3), 10, width=width, depth=3, stem_pool=True)
+    net = models.build("small_cnn", (32, 32, 3), 10, width=width, depth=3, stem_pool=stem_pool)
     with torch.no_grad():  # batch norms with their own scales and statistics, as after training
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -55,14 +58,14 @@ def measure() -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for width, removed, multiple in CASES:
-            base = parent(width, x)
-            p8 = int8(base, folder, f"parent{width}", x)
+        for width, removed, multiple, stem_pool in CASES:
+            base = parent(width, x, stem_pool)
+            p8 = int8(base, folder, f"parent{width}-{stem_pool}", x)
             member = copy.deepcopy(base)
             pruner = prune.ChannelPruner(member, x[:2], removed, end_step=1, multiple=multiple)
             pruner.finish()
             prune.compact(member, x[:2])
-            m8 = int8(member, folder, f"m{width}-{removed}-{multiple}", x)
+            m8 = int8(member, folder, f"m{width}-{removed}-{multiple}-{stem_pool}", x)
             ratios, parent_ms = [], []
             for _ in range(REPEATS):  # in turn, so that both see the same machine
                 lp, lm = latency.measure(p8, x.numpy(), RUNS), latency.measure(m8, x.numpy(), RUNS)
@@ -71,6 +74,7 @@ def measure() -> list[dict]:
             rows.append(
                 {
                     "width": width,
+                    "stem_pool": stem_pool,
                     "removed_target": removed,
                     "multiple": multiple,
                     "widths": [m.out_channels for m in member.modules() if isinstance(m, nn.Conv2d)],
@@ -144,7 +148,7 @@ def section(result: dict) -> str:
     for r in result["rows"]:
         widths = "free" if r["multiple"] == 1 else f"multiples of {r['multiple']}"
         lines.append(
-            f"| w{r['width']} | {100 * r['removed_target']:.0f} % of multiply-adds | {widths} {r['widths']} | "
+            f"| w{r['width']}{'' if r.get('stem_pool', True) else ', no stem pool'} | {100 * r['removed_target']:.0f} % of multiply-adds | {widths} {r['widths']} | "
             f"{r['macs_vs_parent']:.2f}x | {min(r['latency_vs_parent_int8']):.2f}-{max(r['latency_vs_parent_int8']):.2f}x "
             f"| {min(r['parent_int8_ms']):.3f} |"
         )
