@@ -82,6 +82,29 @@ RIVAL += ["pool.sparsity=0", "quantize.codebook_bits=0", "pool.lr=0.05"]
 # members that lose whole channels, cloned from the parent (no shrink-perturb: a pruned clone starts where it is)
 CHANNELS = ["pool.structure=channels", "pool.shrink=1.0", "pool.perturb=0.0", "pool.mask_noise=0.3", "pool.scope=layer"]
 RIVAL_ONE = ["pool.size=1", "cluster.k=1", "cluster.k_max=1"]
+
+
+def indep_parent(bits: int, sparsity: float, epochs: int, *extra: str) -> dict:
+    """A method of the independent family with the parent as member m000: the parent QAT-fine-tuned for the last 40 %
+    of ``epochs``, and 2 members trained from their own initialisations for ``epochs``, the last 40 % with ``bits``-bit
+    QAT; all pruned to ``sparsity``; ``extra`` further settings."""
+    pruned = f"{100 * sparsity:g} % sparse" if sparsity else "dense"
+    return {
+        "what": f"the parent (QAT-fine-tuned {0.4 * epochs:g} epochs) + 2 independent members of {epochs} epochs, "
+        f"{bits}-bit QAT, {pruned}",
+        "set": [
+            *(x for x in INDEPENDENT if not x.startswith("pool.sparsity=")),
+            f"pool.sparsity={sparsity:g}",
+            "pool.include_parent=true",
+            f"pool.weight_bits={bits}",
+            f"pool.epochs={epochs}",
+            "pool.qat_start=0.6",
+            "select.max_acc_gap=0.05",
+            *extra,
+        ],
+    }
+
+
 METHODS: dict[str, dict] = {
     "clones": {"what": "today's default pool: shrink-perturb clones, 83 % sparse, 4-bit codebooks", "set": []},
     "rival-clones": {
@@ -101,97 +124,16 @@ METHODS: dict[str, dict] = {
         "what": "the parent (QAT-fine-tuned 7.2 epochs) + 2 independent members of 24 epochs, 3-bit QAT",
         "set": [*INDEPENDENT, "pool.include_parent=true", "pool.weight_bits=3", "pool.epochs=24", "pool.qat_start=0.7"],
     },
-    "indep-parent-qat4-2x": {
-        "what": "the parent (QAT-fine-tuned 9.2 epochs) + 2 independent members of 23 epochs, 4-bit QAT, 50 % sparse",
-        "set": [
-            *INDEPENDENT[:1],
-            *INDEPENDENT[2:],
-            "pool.sparsity=0.5",
-            "pool.include_parent=true",
-            "pool.weight_bits=4",
-            "pool.epochs=23",
-            "pool.qat_start=0.6",
-            "select.max_acc_gap=0.05",
-        ],
-    },
-    "indep-parent-qat4-1x": {
-        "what": "the parent (QAT-fine-tuned 4.8 epochs) + 2 independent members of 12 epochs, 4-bit QAT, 50 % sparse",
-        "set": [
-            *INDEPENDENT[:1],
-            *INDEPENDENT[2:],
-            "pool.sparsity=0.5",
-            "pool.include_parent=true",
-            "pool.weight_bits=4",
-            "pool.epochs=12",
-            "pool.qat_start=0.6",
-            "select.max_acc_gap=0.05",
-        ],
-    },
+    "indep-parent-qat4-2x": indep_parent(4, 0.5, 23),
+    "indep-parent-qat4-1x": indep_parent(4, 0.5, 12),
     "indep-parent-qat4-2x-distill": {
+        **indep_parent(4, 0.5, 17, "pool.distill=0.5"),
         "what": "indep-parent-qat4-2x with each member distilled from the parent (weight 0.5, T = 4), 17 epochs",
-        "set": [
-            *INDEPENDENT[:1],
-            *INDEPENDENT[2:4],
-            *INDEPENDENT[5:],
-            "pool.distill=0.5",
-            "pool.sparsity=0.5",
-            "pool.include_parent=true",
-            "pool.weight_bits=4",
-            "pool.epochs=17",
-            "pool.qat_start=0.6",
-            "select.max_acc_gap=0.05",
-        ],
     },
-    "indep-parent-qat4-2x-80": {
-        "what": "the parent (QAT-fine-tuned 9.2 epochs) + 2 independent members of 23 epochs, 4-bit QAT, 80 % sparse",
-        "set": [
-            *INDEPENDENT[:1],
-            *INDEPENDENT[2:],
-            "pool.sparsity=0.8",
-            "pool.include_parent=true",
-            "pool.weight_bits=4",
-            "pool.epochs=23",
-            "pool.qat_start=0.6",
-            "select.max_acc_gap=0.05",
-        ],
-    },
-    "indep-parent-qat4-2x-20": {
-        "what": "the parent (QAT-fine-tuned 9.2 epochs) + 2 independent members of 23 epochs, 4-bit QAT, 20 % sparse",
-        "set": [
-            *INDEPENDENT[:1],
-            *INDEPENDENT[2:],
-            "pool.sparsity=0.2",
-            "pool.include_parent=true",
-            "pool.weight_bits=4",
-            "pool.epochs=23",
-            "pool.qat_start=0.6",
-            "select.max_acc_gap=0.05",
-        ],
-    },
-    "indep-parent-qat4-2x-35": {
-        "what": "the parent (QAT-fine-tuned 9.2 epochs) + 2 independent members of 23 epochs, 4-bit QAT, 35 % sparse",
-        "set": [
-            *INDEPENDENT[:1],
-            *INDEPENDENT[2:],
-            "pool.sparsity=0.35",
-            "pool.include_parent=true",
-            "pool.weight_bits=4",
-            "pool.epochs=23",
-            "pool.qat_start=0.6",
-            "select.max_acc_gap=0.05",
-        ],
-    },
-    "indep-parent-qat4-2x-dense": {
-        "what": "the parent (QAT-fine-tuned 9.2 epochs) + 2 independent members of 23 epochs, 4-bit QAT, dense",
-        "set": [
-            *INDEPENDENT,
-            "pool.include_parent=true",
-            "pool.weight_bits=4",
-            "pool.epochs=23",
-            "pool.qat_start=0.6",
-            "select.max_acc_gap=0.05",
-        ],
-    },
+    "indep-parent-qat4-2x-80": indep_parent(4, 0.8, 23),
+    "indep-parent-qat4-2x-20": indep_parent(4, 0.2, 23),
+    "indep-parent-qat4-2x-35": indep_parent(4, 0.35, 23),
+    "indep-parent-qat4-2x-dense": indep_parent(4, 0.0, 23),
     "channels-25": {
         "what": "3 clones channel-pruned to 25 % of the parent's multiply-adds (L1, widths in 8s), 4 epochs",
         "set": [*CHANNELS, "pool.sparsity=0.75"],
