@@ -62,6 +62,8 @@ speed](#training-speed); [pool on Ray](#pool-on-ray); [channel pruning](#cifar-1
 PRESETS = {  # the config that holds a method's settings
     "indep-parent-qat4-2x": "configs/cifar10-cpu.yaml",
     "clones": "configs/cifar10-cpu-clones.yaml",
+    "indep-parent-qat4-2x-dense": "configs/cifar10-cpu-25pct.yaml",
+    "indep-parent-qat4-2x-80": "configs/cifar10-cpu-5pct.yaml",
 }
 # every row measures its method's ensemble as selected: the safety nets a user gets by default (shipping a single
 # model that beats the ensemble on validation; leaving out members far below the parent) would make some rows the
