@@ -348,14 +348,17 @@ def report() -> None:
 
 
 def figure(rows: list[dict], path: Path) -> None:
-    """Test accuracy against bytes per device, one marker per training cost."""
+    """Test accuracy against bytes per device, one marker per training cost and for one-seed screens (unlabelled:
+    their names are in the table)."""
     from prune2edge.report import frontier_axes
 
+    def point(r: dict) -> tuple:
+        screen = len(r["seeds"]) < 3 and r["method"] != "deep-ensemble-3"
+        group = cost_class(r["cost"]) + (", one seed" if screen else "")
+        return ("" if screen else r["method"], r["bytes_per_member"], r["test_acc"]["mean"], r["test_acc"]["sd"], group)
+
     fig = frontier_axes(
-        [
-            (r["method"], r["bytes_per_member"], r["test_acc"]["mean"], r["test_acc"]["sd"], cost_class(r["cost"]))
-            for r in rows
-        ],
+        sorted((point(r) for r in rows), key=lambda p: p[4]),
         parent=next(r["test_acc"]["mean"] for r in rows if r["method"] == "parent"),
         title="CIFAR-10, small_cnn parent: accuracy against bytes per device",
     )
