@@ -46,6 +46,19 @@ def parent(width: int, x: torch.Tensor, stem_pool: bool = True) -> nn.Module:
     return net.eval()
 
 
+def inputs() -> torch.Tensor:
+    """The images every model is calibrated and timed on (random, fixed)."""
+    return torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def pruned(base: nn.Module, x: torch.Tensor, removed: float, multiple: int) -> nn.Module:
+    """A copy of ``base`` with ``removed`` of its multiply-adds cut out by channel (L1), widths in ``multiple``s."""
+    member = copy.deepcopy(base)
+    prune.ChannelPruner(member, x[:2], removed, end_step=1, multiple=multiple).finish()
+    prune.compact(member, x[:2])
+    return member
+
+
 def int8(net: nn.Module, folder: Path, name: str, x: torch.Tensor) -> Path:
     fp32, out = folder / f"{name}.onnx", folder / f"{name}.int8.onnx"
     quantize.export_onnx(net, fp32, (32, 32, 3))
@@ -54,17 +67,14 @@ def int8(net: nn.Module, folder: Path, name: str, x: torch.Tensor) -> Path:
 
 
 def measure() -> list[dict]:
-    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = inputs()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for width, removed, multiple, stem_pool in CASES:
             base = parent(width, x, stem_pool)
             p8 = int8(base, folder, f"parent{width}-{stem_pool}", x)
-            member = copy.deepcopy(base)
-            pruner = prune.ChannelPruner(member, x[:2], removed, end_step=1, multiple=multiple)
-            pruner.finish()
-            prune.compact(member, x[:2])
+            member = pruned(base, x, removed, multiple)
             m8 = int8(member, folder, f"m{width}-{removed}-{multiple}-{stem_pool}", x)
             ratios, parent_ms = [], []
             for _ in range(REPEATS):  # in turn, so that both see the same machine
@@ -105,31 +115,25 @@ def where_time_goes(model: Path, x: np.ndarray, folder: Path) -> dict:
         elif e.get("name") == "model_run":
             runs.append(e["dur"])
     med = {k: float(np.median(v[5:])) for k, v in nodes.items()}
-    convs = [k for k in med if k[1] == "QLinearConv"]  # in graph order, the first convolution first
-    first = min(convs, key=lambda k: next(i for i, e in enumerate(events) if e.get("name") == k[0]))
+    first = next(k for k in med if k[1] == "QLinearConv")  # nodes in the order the first run ran them
     compute = sum(v for k, v in med.items() if k[1] in ("QLinearConv", "QGemm") and k != first)
     parts = {
         "first_conv": med[first],
         "other_convs_and_classifier": compute,
         "other_nodes": sum(med.values()) - med[first] - compute,
     }
-    return {
-        **parts,
-        "outside_nodes": float(np.median(runs[5:])) - sum(parts.values()),
-        "run": float(np.median(runs[5:])),
-    }
+    run = float(np.median(runs[5:]))
+    return {**parts, "outside_nodes": run - sum(parts.values()), "run": run}
 
 
 def profile() -> dict:
     """:func:`where_time_goes` for the w16 parent and its member of :data:`PROFILED`."""
     width, removed, multiple = PROFILED
-    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = inputs()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         base = parent(width, x)
-        member = copy.deepcopy(base)
-        prune.ChannelPruner(member, x[:2], removed, end_step=1, multiple=multiple).finish()
-        prune.compact(member, x[:2])
+        member = pruned(base, x, removed, multiple)
         models_ = {"parent": int8(base, folder, "parent", x), "member": int8(member, folder, "member", x)}
         return {k: where_time_goes(m, x.numpy(), folder) for k, m in models_.items()}
 
