@@ -277,7 +277,7 @@ def method_row(method: str, result: dict, rivals: dict[float, dict]) -> dict:
         "cost_wall": round(statistics.mean(walls), 3),
         "test_acc": ms(acc),
         "gain_points": ms([runs[s]["selected"]["gain_vs_baseline_fp32"] for s in seeds]),
-        "gain_vs_single_points": ms(vs_single) if vs_single and not METHODS[method].get("rival") else None,
+        "gain_vs_single_points": ms(vs_single) if vs_single and not is_rival(method) else None,
         "mcnemar_p": [runs[s]["selected"]["mcnemar_p"] for s in seeds],
         "member_test_acc": ms([runs[s]["selected"]["mean_member_test_acc"] for s in seeds]),
         "disagreement": round(statistics.mean(runs[s]["selected"]["mean_disagreement"] for s in seeds), 4),
@@ -331,7 +331,7 @@ def report() -> None:
         sys.exit(f"no {results_file('clones').relative_to(ROOT)}: run `python bench/frontier.py run clones` first")
     rivals: dict[float, dict] = {}
     for m, r in found.items():
-        if METHODS[m].get("rival"):
+        if is_rival(m):
             row = method_row(m, r, {})
             for budget in (b for b in BUDGETS if b >= row["budget"]):  # a model that fits B fits every larger budget
                 best = rivals.setdefault(budget, {})
@@ -415,6 +415,16 @@ def fits(row: dict, budget: float) -> bool:
     return row["budget"] is not None and row["budget"] <= budget
 
 
+def is_rival(method: str) -> bool:
+    """Whether a method is a single-model rival rather than a pool (the reference rows are neither)."""
+    return bool(METHODS.get(method, {}).get("rival"))
+
+
+def pools_within(rows: list[dict], budget: float, cost: float) -> list[dict]:
+    """The pools (not rivals) whose members fit a device of ``budget`` and that cost at most ``cost`` trainings."""
+    return [r for r in rows if fits(r, budget) and r["cost"] <= cost and not is_rival(r["method"])]
+
+
 def advice(rows: list[dict]) -> str:
     """The README section: for each device budget and training budget, the most accurate method measured."""
     lines = [
@@ -432,11 +442,7 @@ def advice(rows: list[dict]) -> str:
     ]
     for budget in BUDGETS:
         for limit in (1.0, 2.0):
-            candidates = [
-                r
-                for r in rows
-                if fits(r, budget) and r["cost"] <= limit and not METHODS.get(r["method"], {}).get("rival")
-            ]
+            candidates = pools_within(rows, budget, limit)
             if not candidates:
                 lines.append(f"| <= {100 * budget:g} % | <= {limit:g}x | not measured yet | | | | | |")
                 continue
@@ -462,8 +468,7 @@ def advice(rows: list[dict]) -> str:
     pools = [
         r
         for r in rows
-        if "pool.structure=channels" in METHODS.get(r["method"], {}).get("set", [])
-        and not METHODS[r["method"]].get("rival")
+        if "pool.structure=channels" in METHODS.get(r["method"], {}).get("set", []) and not is_rival(r["method"])
     ]
     if pools:
         r = max(pools, key=lambda r: r["test_acc"]["mean"])
@@ -528,20 +533,13 @@ def headline(rows: list[dict], title: str = HEADLINE) -> str:
     """The README's first screen: the parent, the best ensemble within 10 % bytes per device and 2x training, the
     rival at that budget, today's clone pool, the deep ensemble, and the fleet's throughput; from the measured rows."""
     by = {r["method"]: r for r in rows}
-    pools = [r for r in rows if fits(r, 0.10) and r["cost"] <= 2 and not METHODS.get(r["method"], {}).get("rival")]
+    pools = pools_within(rows, 0.10, 2)
     confirmed = [r for r in pools if len(r["seeds"]) >= 3]  # a screen on one seed does not make the headline
     best = max(confirmed or pools, key=lambda r: r["test_acc"]["mean"]) if pools else None
-    rivals = [r for r in rows if fits(r, 0.10) and METHODS.get(r["method"], {}).get("rival")]
+    rivals = [r for r in rows if fits(r, 0.10) and is_rival(r["method"])]
     rival = max(rivals, key=lambda r: r["test_acc"]["mean"]) if rivals else None
-    larger = [  # the best pool confirmed on 3 seeds that needs more than 10 % per device
-        r
-        for r in rows
-        if fits(r, 0.25)
-        and not fits(r, 0.10)
-        and r["cost"] <= 2
-        and len(r["seeds"]) >= 3
-        and not METHODS.get(r["method"], {}).get("rival")
-    ]
+    # the best pool confirmed on 3 seeds that needs more than 10 % per device
+    larger = [r for r in pools_within(rows, 0.25, 2) if not fits(r, 0.10) and len(r["seeds"]) >= 3]
     wider = max(larger, key=lambda r: r["test_acc"]["mean"]) if larger else None
     lines = [
         title,
