@@ -136,6 +136,10 @@ METHODS: dict[str, dict] = {
     "indep-parent-qat4-2x-20": indep_parent(4, 0.2, 23),
     "indep-parent-qat4-2x-35": indep_parent(4, 0.35, 23),
     "indep-parent-qat4-2x-dense": indep_parent(4, 0.0, 23),
+    "indep-parent-qat43-2x": {
+        **indep_parent(4, 0.0, 23, "pool.largest_layer_bits=3"),
+        "what": "indep-parent-qat4-2x-dense with the layer that holds the most weights (75 % of them) at 3 bits",
+    },
     "channels-25": {
         "what": "3 clones channel-pruned to 25 % of the parent's multiply-adds (L1, widths in 8s), 4 epochs",
         "set": [*CHANNELS, "pool.sparsity=0.75"],
@@ -188,6 +192,11 @@ METHODS: dict[str, dict] = {
     "rival-qat4-2x-20": {
         "what": "one model: the parent fine-tuned 55 epochs with 4-bit QAT, pruned to 20 %",
         "set": [*RIVAL, "pool.weight_bits=4", "pool.sparsity=0.2", "pool.epochs=55"],
+        "rival": True,
+    },
+    "rival-qat43-2x": {
+        "what": "one model: the parent fine-tuned 55 epochs with 4-bit QAT, its largest layer at 3 bits, dense",
+        "set": [*RIVAL, "pool.weight_bits=4", "pool.largest_layer_bits=3", "pool.epochs=55"],
         "rival": True,
     },
     "rival-qat3-1x": {

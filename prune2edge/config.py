@@ -167,6 +167,7 @@ class Pool(Section):
     include_parent: bool = False
     member_kwargs: dict[str, Any] = {}
     weight_bits: Annotated[Bits, must(BITS)] = 0
+    largest_layer_bits: Annotated[Bits, must(BITS)] = 0
     qat_start: UnitOpen = 0.5
     mask: Literal["magnitude", "antirandom", "antirandom-weighted"] = "magnitude"
     shrink: Unit = 1.0
@@ -275,6 +276,9 @@ class Config(Section):
 # fmt: off
 RULES: list[tuple[str, str, Callable[[Config], bool]]] = [
     ("pool.weight_bits", BITS, lambda c: c.pool.weight_bits != 1),
+    ("pool.largest_layer_bits", BITS, lambda c: c.pool.largest_layer_bits != 1),
+    ("pool.largest_layer_bits", "needs quantisation-aware training, so pool.weight_bits from 2 to 8",
+     lambda c: not c.pool.largest_layer_bits or c.pool.weight_bits),
     ("pool.snapshots", SNAPSHOTS, lambda c: c.pool.snapshots != 1),
     ("quantize.codebook_bits", CODEBOOK, lambda c: c.quantize.codebook_bits != 1),
     ("train.compile", "'cuda-graph' needs device: cuda",

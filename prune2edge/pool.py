@@ -286,7 +286,7 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
     hooks = [_pruner(model, p, member.sparsity, total, member.seed, fixed, example=x[:2])]
     if p.weight_bits:  # after the pruner took the weights: it keeps masking the latent fp32 weights
         start = 0 if member.parent else round(p.qat_start * total)
-        hooks.append(qat.Switch(qat.attach(model, p.weight_bits), start))
+        hooks.append(qat.Switch(qat.attach(model, qat.layer_bits(model, p.weight_bits, p.largest_layer_bits)), start))
         hooks[-1](0, total)  # on from the first step when it starts at 0
 
     def after_step(step: int, steps: int) -> None:
@@ -321,6 +321,7 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
         "name": member.name,
         "model_kwargs": p.member_kwargs if p.family == "independent" and not member.parent else {},
         "weight_bits": p.weight_bits,
+        "largest_layer_bits": p.largest_layer_bits,
         "planned_epochs": member.epochs,
         "epochs": epochs if member.epochs > 0 else 0,  # as trained: planned, or more where pool.min_steps lifted them
         "steps": total if member.epochs > 0 else 0,

@@ -1,6 +1,7 @@
 """Quantisation-aware training of low-bit weights, and the int8 ONNX model that holds exactly the trained values.
 
-While a member trains, every Conv2d and Linear weight is fake-quantised per output channel to ``bits`` bits:
+While a member trains, every Conv2d and Linear weight is fake-quantised per output channel to ``bits`` bits (the
+layer that holds the most weights optionally to fewer, :func:`layer_bits`: mixed precision where the bytes are):
 symmetric, scale = max |w| / (2^(bits-1) - 1) over the channel, rounded to the nearest step in the forward pass and
 passed straight through in the backward pass (STE, Bengio et al. 2013). Baked, the weights are those grid values.
 
@@ -13,6 +14,7 @@ which the shipped encoding (an index per weight into the tensor's distinct value
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -60,14 +62,24 @@ class FakeQuant(nn.Module):
         return fake_quantize(w, self.bits) if self.on else w
 
 
-def attach(model: nn.Module, bits: int) -> list[FakeQuant]:
-    """Parametrise every Conv2d and Linear weight of ``model`` with a (switched-off) :class:`FakeQuant`. The
-    ``Parameter`` objects stay the same, so an optimiser or pruner holding them keeps working."""
+def layer_bits(model: nn.Module, bits: int, largest: int = 0) -> dict[str, int]:
+    """The grid's bits of every Conv2d and Linear layer of ``model``, by module name: ``bits``, but ``largest`` (when
+    not 0) for the layer holding the most weights (the first of equals)."""
+    weights = models.prunable(model)
+    out = dict.fromkeys(weights, bits)
+    if largest:
+        out[max(weights, key=lambda n: weights[n].numel())] = largest
+    return out
+
+
+def attach(model: nn.Module, bits: dict[str, int]) -> list[FakeQuant]:
+    """Parametrise the Conv2d and Linear weights of ``model`` named in ``bits`` (:func:`layer_bits`) with a
+    (switched-off) :class:`FakeQuant` at their bits. The ``Parameter`` objects stay the same, so an optimiser or
+    pruner holding them keeps working."""
     quants = []
-    for name in models.prunable(model):
-        module = model.get_submodule(name)
-        quants.append(FakeQuant(bits))
-        parametrize.register_parametrization(module, "weight", quants[-1])
+    for name, b in bits.items():
+        quants.append(FakeQuant(b))
+        parametrize.register_parametrization(model.get_submodule(name), "weight", quants[-1])
     return quants
 
 
@@ -90,22 +102,25 @@ def bake(model: nn.Module) -> None:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
-def grid_integers(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """The integers and per-channel scales (axis 0) of a weight that lies on a per-channel ``bits``-bit grid;
-    ValueError when it does not."""
+def grid_integers(w: np.ndarray, bits: Collection[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The integers and per-channel scales (axis 0) of a weight on the coarsest per-channel grid of ``bits`` bits
+    that holds it; ValueError when none does."""
     flat = w.reshape(len(w), -1).astype(np.float64)
     amax = np.abs(flat).max(1)
-    scale = np.where(amax > 0, amax / levels(bits), 1.0)
-    k = flat / scale[:, None]
-    if np.abs(k - np.rint(k)).max(initial=0.0) > GRID_TOLERANCE:
-        raise ValueError(f"weights are not on a {bits}-bit grid per output channel: train the model with QAT first")
-    return np.rint(k).astype(np.int8).reshape(w.shape), scale
+    for b in sorted(bits):
+        scale = np.where(amax > 0, amax / levels(b), 1.0)
+        k = flat / scale[:, None]
+        if np.abs(k - np.rint(k)).max(initial=0.0) <= GRID_TOLERANCE:
+            return np.rint(k).astype(np.int8).reshape(w.shape), scale
+    on = " or ".join(map(str, sorted(bits)))
+    raise ValueError(f"weights are not on a {on}-bit grid per output channel: train the model with QAT first")
 
 
-def snap_onnx(int8_path: Path, fp32_path: Path, bits: int) -> int:
+def snap_onnx(int8_path: Path, fp32_path: Path, bits: Collection[int]) -> int:
     """Rewrite the int8 weights of ``int8_path`` (ONNX Runtime's QOperator model of ``fp32_path``) as the exact
-    ``bits``-bit integers and scales of the fp32 model's weights, rescaling each int32 bias; in place. Returns the
-    number of weight tensors rewritten. ValueError when a weight is not on the grid."""
+    integers and scales of the fp32 model's weights on their grids of ``bits`` bits (:func:`grid_integers`),
+    rescaling each int32 bias; in place. Returns the number of weight tensors rewritten. ValueError when a weight is
+    on none of the grids."""
     fp32 = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(fp32_path)).graph.initializer}
     model = onnx.load(str(int8_path))
     inits = {t.name: t for t in model.graph.initializer}

@@ -236,19 +236,21 @@ def quantize_model(
     min_agreement: float,
     codebook_bits: int = 0,
     weight_bits: int = 0,
+    largest_layer_bits: int = 0,
 ) -> dict:
-    """Export, quantise and gate one model in ``folder``: a model trained with ``weight_bits``-bit QAT keeps exactly
-    its trained integers (:func:`prune2edge.qat.snap_onnx`), ``codebook_bits`` snaps int8 weights to codebooks.
+    """Export, quantise and gate one model in ``folder``: a model trained with ``weight_bits``-bit QAT (its largest
+    layer with ``largest_layer_bits``, when not 0) keeps exactly its trained integers
+    (:func:`prune2edge.qat.snap_onnx`), ``codebook_bits`` snaps int8 weights to codebooks.
     Writes fp32.onnx, int8.onnx, int8.p2e (as shipped), val_proba.npy, quant.json."""
     fp32, int8 = folder / store.FP32, folder / store.INT8
     export_onnx(model, fp32, image_shape)
     p32 = predict_proba(session(fp32), x_val)
     acc32 = accuracy(p32, y_val)
-    attempts = []
+    attempts, grids = [], {b for b in (weight_bits, largest_layer_bits) if b}
     for setting in ATTEMPTS:
         quantize_onnx(fp32, int8, calib, **setting)
-        if 0 < weight_bits < 8:
-            qat.snap_onnx(int8, fp32, weight_bits)
+        if grids and min(grids) < 8:
+            qat.snap_onnx(int8, fp32, grids)
         if codebook_bits:
             apply_codebooks(int8, codebook_bits)
         p8 = predict_proba(session(int8), x_val)
@@ -268,6 +270,7 @@ def quantize_model(
         "agreement": attempts[-1]["agreement"],
         "codebook_bits": codebook_bits,
         "weight_bits": weight_bits or 8,
+        "largest_layer_bits": largest_layer_bits or weight_bits or 8,
         "weights": n_weights,
         "bits_per_weight_shipped": 8 * (folder / SHIPPED).stat().st_size / n_weights,  # the whole file, per weight
         "bytes": {
@@ -313,5 +316,6 @@ def quantize_all(run_dir: Path, cfg: Config, members: list[dict], progress: bool
             q.min_agreement,
             0 if name == "baseline" else q.codebook_bits,
             0 if name == "baseline" else cfg.pool.weight_bits,
+            0 if name == "baseline" else cfg.pool.largest_layer_bits,
         )
     return records

@@ -118,7 +118,24 @@ def test_snap_refuses_weights_off_the_grid(tmp_path):
     quantize.export_onnx(model, tmp_path / "fp32.onnx", (8, 8, 1))
     quantize.quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", np.random.rand(8, 1, 8, 8).astype("f4"))
     with pytest.raises(ValueError, match="not on a 4-bit grid"):
-        qat.snap_onnx(tmp_path / "int8.onnx", tmp_path / "fp32.onnx", 4)
+        qat.snap_onnx(tmp_path / "int8.onnx", tmp_path / "fp32.onnx", {4})
+
+
+def test_the_largest_layer_ships_on_its_own_coarser_grid(tmp_path):
+    torch.manual_seed(0)
+    model = models.build("small_cnn", (8, 8, 1), 3, width=4, depth=2)
+    bits = qat.layer_bits(model, 4, 2)
+    weights = models.prunable(model)
+    largest = max(weights, key=lambda n: weights[n].numel())
+    assert bits[largest] == 2 and {b for n, b in bits.items() if n != largest} == {4}
+    qat.Switch(qat.attach(model, bits), 0)(0, 1)
+    qat.bake(model)
+    quantize.export_onnx(model.eval(), tmp_path / "fp32.onnx", (8, 8, 1))
+    quantize.quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", np.random.rand(8, 1, 8, 8).astype("f4"))
+    assert qat.snap_onnx(tmp_path / "int8.onnx", tmp_path / "fp32.onnx", {2, 4}) == len(weights)
+    ints = sorted((numpy_helper.to_array(t) for t in quantize.int8_weights(onnx.load(str(tmp_path / "int8.onnx")))), key=np.size)
+    assert set(np.unique(ints[-1])) == {-1, 0, 1}  # the largest layer: 2 bits
+    assert all(np.abs(k).max() == 7 for k in ints[:-1])  # the others: 4 bits, each channel reaching its maximum
 
 
 @pytest.mark.parametrize(
@@ -126,6 +143,8 @@ def test_snap_refuses_weights_off_the_grid(tmp_path):
     [
         ({"weight_bits": 1}, "config key 'pool.weight_bits' must be 0 (off: int8 post-training quantisation) or"),
         ({"weight_bits": 9}, "config key 'pool.weight_bits' must be 0"),
+        ({"largest_layer_bits": 9, "weight_bits": 4}, "config key 'pool.largest_layer_bits' must be 0"),
+        ({"largest_layer_bits": 3}, "config key 'pool.largest_layer_bits' needs quantisation-aware training"),
         ({"family": "independant"}, "config key 'pool.family' must be one of ['clones', 'independent']"),
         ({"qat_start": 1.0}, "config key 'pool.qat_start' must lie in [0.0, 1.0)"),
         ({"include_parent": True}, "config key 'pool.include_parent' makes the baseline one member of an independent"),
