@@ -136,6 +136,10 @@ METHODS: dict[str, dict] = {
     "indep-parent-qat4-2x-20": indep_parent(4, 0.2, 23),
     "indep-parent-qat4-2x-35": indep_parent(4, 0.35, 23),
     "indep-parent-qat4-2x-dense": indep_parent(4, 0.0, 23),
+    "indep-parent-qat43-2x-mse": {
+        **indep_parent(4, 0.0, 23, "pool.largest_layer_bits=3", "pool.qat_scale=mse"),
+        "what": "indep-parent-qat43-2x with each channel's grid step chosen for the least squared rounding error",
+    },
     "indep-parent-qat43-2x": {
         **indep_parent(4, 0.0, 23, "pool.largest_layer_bits=3"),
         "what": "indep-parent-qat4-2x-dense with the layer that holds the most weights (75 % of them) at 3 bits",
@@ -192,6 +196,11 @@ METHODS: dict[str, dict] = {
     "rival-qat4-2x-20": {
         "what": "one model: the parent fine-tuned 55 epochs with 4-bit QAT, pruned to 20 %",
         "set": [*RIVAL, "pool.weight_bits=4", "pool.sparsity=0.2", "pool.epochs=55"],
+        "rival": True,
+    },
+    "rival-qat43-2x-mse": {
+        "what": "rival-qat43-2x with mse grid steps",
+        "set": [*RIVAL, "pool.weight_bits=4", "pool.largest_layer_bits=3", "pool.qat_scale=mse", "pool.epochs=55"],
         "rival": True,
     },
     "rival-qat43-2x": {

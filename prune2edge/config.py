@@ -169,6 +169,7 @@ class Pool(Section):
     weight_bits: Annotated[Bits, must(BITS)] = 0
     largest_layer_bits: Annotated[Bits, must(BITS)] = 0
     qat_start: UnitOpen = 0.5
+    qat_scale: Literal["max", "mse"] = "max"
     mask: Literal["magnitude", "antirandom", "antirandom-weighted"] = "magnitude"
     shrink: Unit = 1.0
     perturb: Annotated[float, at.Ge(0), at.Le(10)] = 0.0

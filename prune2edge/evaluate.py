@@ -92,6 +92,7 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
                 "test_acc_int8": accuracy(test[n], y_test),
                 "bytes": quant[n]["bytes"],
                 "weight_bits": quant[n].get("weight_bits", 8),  # 8 in runs from before QAT
+                "largest_layer_bits": quant[n].get("largest_layer_bits", quant[n].get("weight_bits", 8)),
                 "bits_per_weight_shipped": quant[n].get("bits_per_weight_shipped"),
                 "full_integer": quant[n]["full_integer"],
                 "quant_attempts": quant[n]["attempts"],

@@ -286,7 +286,8 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
     hooks = [_pruner(model, p, member.sparsity, total, member.seed, fixed, example=x[:2])]
     if p.weight_bits:  # after the pruner took the weights: it keeps masking the latent fp32 weights
         start = 0 if member.parent else round(p.qat_start * total)
-        hooks.append(qat.Switch(qat.attach(model, qat.layer_bits(model, p.weight_bits, p.largest_layer_bits)), start))
+        bits = qat.layer_bits(model, p.weight_bits, p.largest_layer_bits)
+        hooks.append(qat.Switch(qat.attach(model, bits, p.qat_scale), start))
         hooks[-1](0, total)  # on from the first step when it starts at 0
 
     def after_step(step: int, steps: int) -> None:

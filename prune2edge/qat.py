@@ -36,16 +36,28 @@ def levels(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def channel_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel step of the grid, shaped to broadcast against ``w``."""
-    amax = w.detach().abs().flatten(1).amax(1).clamp_min(1e-12)
-    return (amax / levels(bits)).view(-1, *[1] * (w.dim() - 1))
+CLIP_RATIOS = torch.linspace(0.5, 1.0, 11)  # the clipping ranges ``mse`` scales try, as fractions of max |w|
 
 
-def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """``w`` rounded to its per-channel ``bits``-bit grid in the forward pass, the identity in the backward pass."""
-    scale = channel_scale(w, bits)
-    q = torch.clamp(torch.round(w / scale), -levels(bits), levels(bits)) * scale
+def channel_scale(w: torch.Tensor, bits: int, scale: str = "max") -> torch.Tensor:
+    """Per-output-channel step of the grid, shaped to broadcast against ``w``: ``max`` |w| / levels, or with
+    ``mse`` the step of the clipping range in :data:`CLIP_RATIOS` that rounds the channel with the least squared
+    error (weights beyond it clip to the end of the grid)."""
+    flat = w.detach().flatten(1)
+    amax = flat.abs().amax(1).clamp_min(1e-12)
+    step = amax / levels(bits)
+    if scale == "mse":
+        steps = CLIP_RATIOS.to(w.device)[:, None] * step  # ratios x channels
+        q = torch.clamp(torch.round(flat / steps[..., None]), -levels(bits), levels(bits)) * steps[..., None]
+        step = steps.gather(0, ((q - flat) ** 2).sum(-1).argmin(0, keepdim=True))[0]
+    return step.view(-1, *[1] * (w.dim() - 1))
+
+
+def fake_quantize(w: torch.Tensor, bits: int, scale: str = "max") -> torch.Tensor:
+    """``w`` rounded to its per-channel ``bits``-bit grid (:func:`channel_scale`) in the forward pass, the identity
+    in the backward pass."""
+    step = channel_scale(w, bits, scale)
+    q = torch.clamp(torch.round(w / step), -levels(bits), levels(bits)) * step
     return w + (q - w).detach()
 
 
@@ -53,13 +65,13 @@ class FakeQuant(nn.Module):
     """Parametrisation of a weight: fake-quantised once switched on. The switch is a buffer, so a checkpoint taken
     mid-training restores it."""
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, scale: str = "max"):
         super().__init__()
-        self.bits = bits
+        self.bits, self.scale = bits, scale
         self.register_buffer("on", torch.tensor(False))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(w, self.bits) if self.on else w
+        return fake_quantize(w, self.bits, self.scale) if self.on else w
 
 
 def layer_bits(model: nn.Module, bits: int, largest: int = 0) -> dict[str, int]:
@@ -72,13 +84,13 @@ def layer_bits(model: nn.Module, bits: int, largest: int = 0) -> dict[str, int]:
     return out
 
 
-def attach(model: nn.Module, bits: dict[str, int]) -> list[FakeQuant]:
+def attach(model: nn.Module, bits: dict[str, int], scale: str = "max") -> list[FakeQuant]:
     """Parametrise the Conv2d and Linear weights of ``model`` named in ``bits`` (:func:`layer_bits`) with a
-    (switched-off) :class:`FakeQuant` at their bits. The ``Parameter`` objects stay the same, so an optimiser or
-    pruner holding them keeps working."""
+    (switched-off) :class:`FakeQuant` at their bits and ``scale``. The ``Parameter`` objects stay the same, so an
+    optimiser or pruner holding them keeps working."""
     quants = []
     for name, b in bits.items():
-        quants.append(FakeQuant(b))
+        quants.append(FakeQuant(b, scale))
         parametrize.register_parametrization(model.get_submodule(name), "weight", quants[-1])
     return quants
 

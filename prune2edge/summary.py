@@ -94,10 +94,13 @@ def _shape(member: dict) -> str:
 
 
 def _bits(member: dict) -> str:
-    """``3-bit (2.9 b/w), `` for a member trained with QAT: its grid, and bits per weight as shipped."""
-    if member.get("weight_bits", 8) == 8:
+    """``3-bit (2.9 b/w), `` for a member trained with QAT: its grid (``4/3-bit``: its largest layer at 3), and bits
+    per weight as shipped."""
+    bits, largest = member.get("weight_bits", 8), member.get("largest_layer_bits", member.get("weight_bits", 8))
+    if bits == largest == 8:
         return ""
-    return f"{member['weight_bits']}-bit ({member['bits_per_weight_shipped']:.1f} b/w), "
+    grid = f"{bits}" if largest == bits else f"{bits}/{largest}"
+    return f"{grid}-bit ({member['bits_per_weight_shipped']:.1f} b/w), "
 
 
 SHIPPED = {"ensemble": "the ensemble of", "member": "one member,", "parent": "the int8 parent,"}

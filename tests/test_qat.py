@@ -121,14 +121,26 @@ def test_snap_refuses_weights_off_the_grid(tmp_path):
         qat.snap_onnx(tmp_path / "int8.onnx", tmp_path / "fp32.onnx", {4})
 
 
-def test_the_largest_layer_ships_on_its_own_coarser_grid(tmp_path):
+def test_mse_scales_clip_to_a_finer_grid_that_rounds_with_less_error():
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3)
+    err = {s: ((qat.fake_quantize(w, 3, s) - w) ** 2).flatten(1).sum(1) for s in ("max", "mse")}
+    assert (err["mse"] <= err["max"] + 1e-6).all() and err["mse"].sum() < 0.8 * err["max"].sum()
+    step = qat.channel_scale(w, 3, "mse").flatten()
+    assert (step < w.abs().flatten(1).amax(1) / 3).any()  # some channels clipped
+    k = qat.fake_quantize(w, 3, "mse") / step.view(-1, 1, 1, 1)
+    assert torch.allclose(k, k.round(), atol=1e-4) and (k.abs().flatten(1).amax(1).round() == 3).all()
+
+
+@pytest.mark.parametrize("scale", ["max", "mse"])
+def test_the_largest_layer_ships_on_its_own_coarser_grid(tmp_path, scale):
     torch.manual_seed(0)
     model = models.build("small_cnn", (8, 8, 1), 3, width=4, depth=2)
     bits = qat.layer_bits(model, 4, 2)
     weights = models.prunable(model)
     largest = max(weights, key=lambda n: weights[n].numel())
     assert bits[largest] == 2 and {b for n, b in bits.items() if n != largest} == {4}
-    qat.Switch(qat.attach(model, bits), 0)(0, 1)
+    qat.Switch(qat.attach(model, bits, scale), 0)(0, 1)
     qat.bake(model)
     quantize.export_onnx(model.eval(), tmp_path / "fp32.onnx", (8, 8, 1))
     quantize.quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", np.random.rand(8, 1, 8, 8).astype("f4"))
@@ -145,6 +157,7 @@ def test_the_largest_layer_ships_on_its_own_coarser_grid(tmp_path):
         ({"weight_bits": 9}, "config key 'pool.weight_bits' must be 0"),
         ({"largest_layer_bits": 9, "weight_bits": 4}, "config key 'pool.largest_layer_bits' must be 0"),
         ({"largest_layer_bits": 3}, "config key 'pool.largest_layer_bits' needs quantisation-aware training"),
+        ({"qat_scale": "lsq"}, "config key 'pool.qat_scale' must be one of ['max', 'mse']"),
         ({"family": "independant"}, "config key 'pool.family' must be one of ['clones', 'independent']"),
         ({"qat_start": 1.0}, "config key 'pool.qat_start' must lie in [0.0, 1.0)"),
         ({"include_parent": True}, "config key 'pool.include_parent' makes the baseline one member of an independent"),
