@@ -145,7 +145,9 @@ def test_the_largest_layer_ships_on_its_own_coarser_grid(tmp_path, scale):
     quantize.export_onnx(model.eval(), tmp_path / "fp32.onnx", (8, 8, 1))
     quantize.quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", np.random.rand(8, 1, 8, 8).astype("f4"))
     assert qat.snap_onnx(tmp_path / "int8.onnx", tmp_path / "fp32.onnx", {2, 4}) == len(weights)
-    ints = sorted((numpy_helper.to_array(t) for t in quantize.int8_weights(onnx.load(str(tmp_path / "int8.onnx")))), key=np.size)
+    ints = sorted(
+        (numpy_helper.to_array(t) for t in quantize.int8_weights(onnx.load(str(tmp_path / "int8.onnx")))), key=np.size
+    )
     assert set(np.unique(ints[-1])) == {-1, 0, 1}  # the largest layer: 2 bits
     assert all(np.abs(k).max() == 7 for k in ints[:-1])  # the others: 4 bits, each channel reaching its maximum
 
