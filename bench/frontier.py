@@ -144,6 +144,10 @@ METHODS: dict[str, dict] = {
         **indep_parent(4, 0.0, 23, "pool.largest_layer_bits=3"),
         "what": "indep-parent-qat4-2x-dense with the layer that holds the most weights (75 % of them) at 3 bits",
     },
+    "indep-parent-qat435-2x": {
+        **indep_parent(4, 0.0, 23, "pool.largest_layer_bits=3.5"),
+        "what": "indep-parent-qat43-2x with that layer at 3.5 bits (11 values per channel instead of 7)",
+    },
     "channels-25": {
         "what": "3 clones channel-pruned to 25 % of the parent's multiply-adds (L1, widths in 8s), 4 epochs",
         "set": [*CHANNELS, "pool.sparsity=0.75"],
@@ -206,6 +210,11 @@ METHODS: dict[str, dict] = {
     "rival-qat43-2x": {
         "what": "one model: the parent fine-tuned 55 epochs with 4-bit QAT, its largest layer at 3 bits, dense",
         "set": [*RIVAL, "pool.weight_bits=4", "pool.largest_layer_bits=3", "pool.epochs=55"],
+        "rival": True,
+    },
+    "rival-qat435-2x": {
+        "what": "one model: the parent fine-tuned 55 epochs with 4-bit QAT, its largest layer at 3.5 bits, dense",
+        "set": [*RIVAL, "pool.weight_bits=4", "pool.largest_layer_bits=3.5", "pool.epochs=55"],
         "rival": True,
     },
     "rival-qat3-1x": {

@@ -79,12 +79,16 @@ NonNeg = Annotated[float, at.Ge(0)]
 Unit = Annotated[float, at.Ge(0), at.Le(1)]
 UnitOpen = Annotated[float, at.Ge(0), at.Lt(1)]
 Bits = Annotated[int, at.Ge(0), at.Le(8)]
+GridBits = Annotated[float, at.Ge(0), at.Le(8), at.MultipleOf(0.5)]  # QAT grids: 3.5 bits = 11 values
 ImageSize = _plain(_image_size, {"anyOf": [{"type": "null"}, {"type": "integer"}, {"type": "array"}]})
 K = _plain(_k, {"anyOf": [{"enum": ["auto", "silhouette"]}, {"type": "integer", "minimum": 1}]})
 Optimizer = Literal["sgd", "adam"]
 Augment = Literal["auto", "none", "crop", "crop_flip"]  # auto: crop + flip for colour images of 16 px or more
 Compile = Literal["none", "torch", "cuda-graph"]  # torch: torch.compile; cuda-graph: whole step as a CUDA graph
-BITS = "must be 0 (off: int8 post-training quantisation) or an integer from 2 to 8"
+GRID_BITS = (
+    "must be 0 (off: int8 post-training quantisation) or a number of bits from 2 to 8 in steps of 0.5 (a grid of "
+    "about 2^bits values: 4 bits = 15, 3.5 bits = 11)"
+)
 CODEBOOK = "must be 0 (off) or an integer from 2 to 8"
 SNAPSHOTS = "must be 0 (clone the final baseline) or an integer >= 2"
 RAY = "must be null (a Ray instance on this machine), 'auto', 'ray://HOST:PORT' or 'HOST:PORT'"
@@ -166,8 +170,8 @@ class Pool(Section):
     family: Literal["clones", "independent"] = "clones"
     include_parent: bool = False
     member_kwargs: dict[str, Any] = {}
-    weight_bits: Annotated[Bits, must(BITS)] = 0
-    largest_layer_bits: Annotated[Bits, must(BITS)] = 0
+    weight_bits: Annotated[GridBits, must(GRID_BITS)] = 0
+    largest_layer_bits: Annotated[GridBits, must(GRID_BITS)] = 0
     qat_start: UnitOpen = 0.5
     qat_scale: Literal["max", "mse"] = "max"
     mask: Literal["magnitude", "antirandom", "antirandom-weighted"] = "magnitude"
@@ -276,8 +280,8 @@ class Config(Section):
 # the rules between keys: (key, what is wrong with it when the check fails, the check on the whole config)
 # fmt: off
 RULES: list[tuple[str, str, Callable[[Config], bool]]] = [
-    ("pool.weight_bits", BITS, lambda c: c.pool.weight_bits != 1),
-    ("pool.largest_layer_bits", BITS, lambda c: c.pool.largest_layer_bits != 1),
+    ("pool.weight_bits", GRID_BITS, lambda c: not 0 < c.pool.weight_bits < 2),
+    ("pool.largest_layer_bits", GRID_BITS, lambda c: not 0 < c.pool.largest_layer_bits < 2),
     ("pool.largest_layer_bits", "needs quantisation-aware training, so pool.weight_bits from 2 to 8",
      lambda c: not c.pool.largest_layer_bits or c.pool.weight_bits),
     ("pool.snapshots", SNAPSHOTS, lambda c: c.pool.snapshots != 1),

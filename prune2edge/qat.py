@@ -2,14 +2,15 @@
 
 While a member trains, every Conv2d and Linear weight is fake-quantised per output channel to ``bits`` bits (the
 layer that holds the most weights optionally to fewer, :func:`layer_bits`: mixed precision where the bytes are):
-symmetric, scale = max |w| / (2^(bits-1) - 1) over the channel, rounded to the nearest step in the forward pass and
+symmetric, scale = max |w| / :func:`levels` over the channel, rounded to the nearest step in the forward pass and
 passed straight through in the backward pass (STE, Bengio et al. 2013). Baked, the weights are those grid values.
 
 Batch-norm folding multiplies each output channel by one factor, so the folded convolution ONNX Runtime quantises
 still holds ``bits``-bit integers per channel, at another scale. Its per-channel int8 quantisation rounds them to
 the int8 grid instead; :func:`snap_onnx` rewrites each int8 weight tensor (and the int32 bias whose scale depends on
-it) so that the shipped model holds exactly the trained integers: at most 2^bits - 1 distinct values per channel,
-which the shipped encoding (an index per weight into the tensor's distinct values) stores in about ``bits`` bits.
+it) so that the shipped model holds exactly the trained integers: at most 2 x levels + 1 (about 2^bits) distinct
+values per channel, which the shipped encoding (an index per weight into the tensor's distinct values) stores in
+about ``bits`` bits. ``bits`` go in steps of 0.5: 3.5 bits are 11 values.
 """
 
 from __future__ import annotations
@@ -31,15 +32,16 @@ BIAS_INPUT = {"QLinearConv": 8, "QGemm": 6}
 GRID_TOLERANCE = 1e-3  # |w / scale - round(w / scale)| above this: not on the grid
 
 
-def levels(bits: int) -> int:
-    """The largest integer of a symmetric ``bits``-bit grid: 2^(bits-1) - 1 (7 for 4 bits)."""
-    return 2 ** (bits - 1) - 1
+def levels(bits: float) -> int:
+    """The largest integer of a symmetric ``bits``-bit grid: round(2^(bits-1)) - 1, so 2 x levels + 1 values (7 and
+    15 values for 4 bits; 5 and 11 for 3.5)."""
+    return round(2 ** (bits - 1)) - 1
 
 
 CLIP_RATIOS = torch.linspace(0.5, 1.0, 11)  # the clipping ranges ``mse`` scales try, as fractions of max |w|
 
 
-def channel_scale(w: torch.Tensor, bits: int, scale: str = "max") -> torch.Tensor:
+def channel_scale(w: torch.Tensor, bits: float, scale: str = "max") -> torch.Tensor:
     """Per-output-channel step of the grid, shaped to broadcast against ``w``: ``max`` |w| / levels, or with
     ``mse`` the step of the clipping range in :data:`CLIP_RATIOS` that rounds the channel with the least squared
     error (weights beyond it clip to the end of the grid)."""
@@ -53,7 +55,7 @@ def channel_scale(w: torch.Tensor, bits: int, scale: str = "max") -> torch.Tenso
     return step.view(-1, *[1] * (w.dim() - 1))
 
 
-def fake_quantize(w: torch.Tensor, bits: int, scale: str = "max") -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, bits: float, scale: str = "max") -> torch.Tensor:
     """``w`` rounded to its per-channel ``bits``-bit grid (:func:`channel_scale`) in the forward pass, the identity
     in the backward pass."""
     step = channel_scale(w, bits, scale)
@@ -65,7 +67,7 @@ class FakeQuant(nn.Module):
     """Parametrisation of a weight: fake-quantised once switched on. The switch is a buffer, so a checkpoint taken
     mid-training restores it."""
 
-    def __init__(self, bits: int, scale: str = "max"):
+    def __init__(self, bits: float, scale: str = "max"):
         super().__init__()
         self.bits, self.scale = bits, scale
         self.register_buffer("on", torch.tensor(False))
@@ -74,7 +76,7 @@ class FakeQuant(nn.Module):
         return fake_quantize(w, self.bits, self.scale) if self.on else w
 
 
-def layer_bits(model: nn.Module, bits: int, largest: int = 0) -> dict[str, int]:
+def layer_bits(model: nn.Module, bits: float, largest: float = 0) -> dict[str, float]:
     """The grid's bits of every Conv2d and Linear layer of ``model``, by module name: ``bits``, but ``largest`` (when
     not 0) for the layer holding the most weights (the first of equals)."""
     weights = models.prunable(model)
@@ -84,7 +86,7 @@ def layer_bits(model: nn.Module, bits: int, largest: int = 0) -> dict[str, int]:
     return out
 
 
-def attach(model: nn.Module, bits: dict[str, int], scale: str = "max") -> list[FakeQuant]:
+def attach(model: nn.Module, bits: dict[str, float], scale: str = "max") -> list[FakeQuant]:
     """Parametrise the Conv2d and Linear weights of ``model`` named in ``bits`` (:func:`layer_bits`) with a
     (switched-off) :class:`FakeQuant` at their bits and ``scale``. The ``Parameter`` objects stay the same, so an
     optimiser or pruner holding them keeps working."""
@@ -114,7 +116,7 @@ def bake(model: nn.Module) -> None:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
-def grid_integers(w: np.ndarray, bits: Collection[int]) -> tuple[np.ndarray, np.ndarray]:
+def grid_integers(w: np.ndarray, bits: Collection[float]) -> tuple[np.ndarray, np.ndarray]:
     """The integers and per-channel scales (axis 0) of a weight on the coarsest per-channel grid of ``bits`` bits
     that holds it; ValueError when none does."""
     flat = w.reshape(len(w), -1).astype(np.float64)
@@ -124,11 +126,11 @@ def grid_integers(w: np.ndarray, bits: Collection[int]) -> tuple[np.ndarray, np.
         k = flat / scale[:, None]
         if np.abs(k - np.rint(k)).max(initial=0.0) <= GRID_TOLERANCE:
             return np.rint(k).astype(np.int8).reshape(w.shape), scale
-    on = " or ".join(map(str, sorted(bits)))
+    on = " or ".join(f"{b:g}" for b in sorted(bits))
     raise ValueError(f"weights are not on a {on}-bit grid per output channel: train the model with QAT first")
 
 
-def snap_onnx(int8_path: Path, fp32_path: Path, bits: Collection[int]) -> int:
+def snap_onnx(int8_path: Path, fp32_path: Path, bits: Collection[float]) -> int:
     """Rewrite the int8 weights of ``int8_path`` (ONNX Runtime's QOperator model of ``fp32_path``) as the exact
     integers and scales of the fp32 model's weights on their grids of ``bits`` bits (:func:`grid_integers`),
     rescaling each int32 bias; in place. Returns the number of weight tensors rewritten. ValueError when a weight is

@@ -235,8 +235,8 @@ def quantize_model(
     max_drop: float,
     min_agreement: float,
     codebook_bits: int = 0,
-    weight_bits: int = 0,
-    largest_layer_bits: int = 0,
+    weight_bits: float = 0,
+    largest_layer_bits: float = 0,
 ) -> dict:
     """Export, quantise and gate one model in ``folder``: a model trained with ``weight_bits``-bit QAT (its largest
     layer with ``largest_layer_bits``, when not 0) keeps exactly its trained integers

@@ -94,12 +94,12 @@ def _shape(member: dict) -> str:
 
 
 def _bits(member: dict) -> str:
-    """``3-bit (2.9 b/w), `` for a member trained with QAT: its grid (``4/3-bit``: its largest layer at 3), and bits
+    """``3-bit (2.9 b/w), `` for a member trained with QAT: its grid (``4/3.5-bit``: its largest layer at 3.5), and bits
     per weight as shipped."""
     bits, largest = member.get("weight_bits", 8), member.get("largest_layer_bits", member.get("weight_bits", 8))
     if bits == largest == 8:
         return ""
-    grid = f"{bits}" if largest == bits else f"{bits}/{largest}"
+    grid = f"{bits:g}" if largest == bits else f"{bits:g}/{largest:g}"
     return f"{grid}-bit ({member['bits_per_weight_shipped']:.1f} b/w), "
 
 

@@ -152,11 +152,27 @@ def test_the_largest_layer_ships_on_its_own_coarser_grid(tmp_path, scale):
     assert all(np.abs(k).max() == 7 for k in ints[:-1])  # the others: 4 bits, each channel reaching its maximum
 
 
+def test_half_bit_grids_hold_about_two_to_the_bits_values(tmp_path):
+    assert [qat.levels(b) for b in (2, 2.5, 3, 3.5, 4, 8)] == [1, 2, 3, 5, 7, 127]
+    torch.manual_seed(0)
+    model = models.build("small_cnn", (8, 8, 1), 3, width=4, depth=2)
+    qat.Switch(qat.attach(model, qat.layer_bits(model, 4, 3.5), "max"), 0)(0, 1)
+    qat.bake(model)
+    quantize.export_onnx(model.eval(), tmp_path / "fp32.onnx", (8, 8, 1))
+    quantize.quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", np.random.rand(8, 1, 8, 8).astype("f4"))
+    qat.snap_onnx(tmp_path / "int8.onnx", tmp_path / "fp32.onnx", {3.5, 4})
+    largest = max(quantize.int8_weights(onnx.load(str(tmp_path / "int8.onnx"))), key=lambda t: len(t.raw_data))
+    k = numpy_helper.to_array(largest)
+    assert set(np.unique(k)) <= set(range(-5, 6)) and all(np.abs(c).max() == 5 for c in k)  # 11 values, each channel
+
+
 @pytest.mark.parametrize(
     "opts,message",
     [
         ({"weight_bits": 1}, "config key 'pool.weight_bits' must be 0 (off: int8 post-training quantisation) or"),
         ({"weight_bits": 9}, "config key 'pool.weight_bits' must be 0"),
+        ({"weight_bits": 1.5}, "config key 'pool.weight_bits' must be 0"),
+        ({"weight_bits": 3.3}, "or a number of bits from 2 to 8 in steps of 0.5"),
         ({"largest_layer_bits": 9, "weight_bits": 4}, "config key 'pool.largest_layer_bits' must be 0"),
         ({"largest_layer_bits": 3}, "config key 'pool.largest_layer_bits' needs quantisation-aware training"),
         ({"qat_scale": "lsq"}, "config key 'pool.qat_scale' must be one of ['max', 'mse']"),
