@@ -467,8 +467,8 @@ def advice(rows: list[dict]) -> str:
         "holds a given share of the parent's fp32 ONNX bytes and a training budget beyond the parent's own training, "
         "the pool measured with the largest gain over the fp32 parent of the same seed, and its gain over the best "
         "single model of the same budget (the rival: one model at those bytes trained with the pool's compute). "
-        "Rows with one seed are screens. Written by `python bench/frontier.py report` from `bench/results/frontier.json`; all rows, figure and method "
-        "in docs/RESULTS.md, 'CIFAR-10: the frontier'.",
+        "Rows with one seed are screens. Written by `python bench/frontier.py report` from "
+        "`bench/results/frontier.json`; all rows, figure and method in docs/RESULTS.md, 'CIFAR-10: the frontier'.",
         "",
         "| bytes per device | training budget | best pool measured | seeds | test acc | gain vs parent | vs rival | settings |",
         "|---|---|---|---|---|---|---|---|",
