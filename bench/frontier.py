@@ -148,6 +148,10 @@ METHODS: dict[str, dict] = {
         **indep_parent(4, 0.0, 23, "pool.largest_layer_bits=3.5"),
         "what": "indep-parent-qat43-2x with that layer at 3.5 bits (11 values per channel instead of 7)",
     },
+    "indep-parent-qat435-1x": {
+        **indep_parent(4, 0.0, 11, "pool.largest_layer_bits=3.5"),
+        "what": "indep-parent-qat435-2x within the parent's own training: independent members of 11 epochs",
+    },
     "channels-25": {
         "what": "3 clones channel-pruned to 25 % of the parent's multiply-adds (L1, widths in 8s), 4 epochs",
         "set": [*CHANNELS, "pool.sparsity=0.75"],
