@@ -6,7 +6,7 @@ small_cnn (stem_pool, depth 3, the CIFAR-10 parent's shape) at widths 16 and 32,
 pool (4x the multiply-adds, all at full resolution), on 32x32x3 images, random weights
 with batch norms as after training; each member is the parent with its channels cut by ``prune.ChannelPruner``
 (L1) to a fraction of the multiply-adds, with layer widths free or in multiples of 8. The parent and the member
-are quantised alike (static int8, ONNX Runtime) and timed in turn in one process, 1 thread, batch 1: the ratio is
+are quantised alike (static int8, ONNX Runtime) and timed interleaved in one process, 1 thread, batch 1: the ratio is
 what counts, not the milliseconds. Accuracy is not measured here (random weights): see the CIFAR-10 rows.
 """
 
@@ -77,10 +77,10 @@ def measure() -> list[dict]:
             member = pruned(base, x, removed, multiple)
             m8 = int8(member, folder, f"m{width}-{removed}-{multiple}-{stem_pool}", x)
             ratios, parent_ms = [], []
-            for _ in range(REPEATS):  # in turn, so that both see the same machine
-                lp, lm = latency.measure(p8, x.numpy(), RUNS), latency.measure(m8, x.numpy(), RUNS)
-                ratios.append(lm / lp)
-                parent_ms.append(lp)
+            for _ in range(REPEATS):  # interleaved, so that both see the same machine
+                t = latency.measure({"parent": p8, "member": m8}, x.numpy(), RUNS)
+                ratios.append(t["member"] / t["parent"])
+                parent_ms.append(t["parent"])
             rows.append(
                 {
                     "width": width,
@@ -143,7 +143,7 @@ def section(result: dict) -> str:
         TITLE,
         "",
         f"`{result['command']}` on {result['machine']}, {result['date']}. small_cnn with random weights (the CIFAR-10 "
-        f"parent's shape), 32x32x3, int8, batch 1, 1 thread; the member and its parent timed in turn, "
+        f"parent's shape), 32x32x3, int8, batch 1, 1 thread; the member and its parent timed interleaved (one run each in turn), "
         f"{RUNS} runs each, {REPEATS} times. Raw numbers: `bench/results/channel-latency.json`.",
         "",
         "| parent width | channels removed for | layer widths | multiply-adds | int8 latency vs parent int8 | parent int8 ms |",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -25,19 +26,22 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
 
 
-def measure(model: Path | str | bytes, x: np.ndarray, runs: int) -> float:
-    """Median milliseconds of one ``session.run`` at batch 1 and one thread, over ``runs`` timed runs after
-    :data:`WARMUP` untimed ones; the preprocessed images ``x`` (NCHW float32) are fed one per run, in turn."""
-    sess = session(model, threads=1)
-    name = sess.get_inputs()[0].name
-    times = []
+def measure(models: Mapping[str, Path | str | bytes], x: np.ndarray, runs: int) -> dict[str, float]:
+    """Median milliseconds of one ``session.run`` at batch 1 and one thread for each named model, over ``runs`` timed
+    runs after :data:`WARMUP` untimed ones; the preprocessed images ``x`` (NCHW float32) are fed one per run, in
+    turn. The models run interleaved, one run each in turn, so that a machine slowing down or speeding up (other
+    jobs, clock changes) shifts them all alike and their ratios hold."""
+    sessions = {n: session(m, threads=1) for n, m in models.items()}
+    names = {n: s.get_inputs()[0].name for n, s in sessions.items()}
+    times: dict[str, list[float]] = {n: [] for n in sessions}
     for i in range(WARMUP + runs):
-        feed = {name: x[i % len(x)][None]}
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        if i >= WARMUP:
-            times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
+        for n, sess in sessions.items():
+            feed = {names[n]: x[i % len(x)][None]}
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            if i >= WARMUP:
+                times[n].append(time.perf_counter() - t0)
+    return {n: 1000 * float(np.median(t)) for n, t in times.items()}
 
 
 def describe(runs: int) -> dict:
@@ -48,6 +52,7 @@ def describe(runs: int) -> dict:
         "runs": runs,
         "warmup": WARMUP,
         "statistic": "median",
+        "order": "all models interleaved, one run each in turn",
         "unit": "ms",
         "input": "preprocessed validation images, one per run in turn",
         "onnxruntime": ort.__version__,

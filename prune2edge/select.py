@@ -323,7 +323,7 @@ def fit_devices(
     if any(dev.latency_ms is not None or dev.max_memory_mb is not None for dev in fleet):
         x_val = store.tensors(run_dir, "val")[0][:runs].numpy()
     if any(dev.latency_ms is not None for dev in fleet):
-        ms = {n: latency.measure(model_dir(run_dir, n) / store.INT8, x_val, runs) for n in sizes}
+        ms = latency.measure({n: model_dir(run_dir, n) / store.INT8 for n in sizes}, x_val, runs)
     if any(dev.max_memory_mb is not None for dev in fleet):
         mb = {n: cost.memory(model_dir(run_dir, n) / store.INT8, x_val[0])["session_mb"] for n in sizes}
     fits, ruled_out = devices.fit(fleet, {n: sizes[n] for n in names}, ms, mb)

@@ -177,9 +177,11 @@ def test_metrics_hold_decisions_degradation_and_latency(demo_run):
 def test_latency_comes_from_running_the_model(demo_run):
     x = store.preprocessing(demo_run).apply(np.load(demo_run / "test.npz")["x"][:4])
     entry = read_manifest(demo_run / "bundle")["members"][0]
-    assert latency.measure(decode((demo_run / "bundle" / entry["path"]).read_bytes()), x, 3) > 0
+    shipped = decode((demo_run / "bundle" / entry["path"]).read_bytes())
+    t = latency.measure({"member": shipped, "parent": demo_run / "baseline" / "int8.onnx"}, x, 3)
+    assert set(t) == {"member", "parent"} and all(v > 0 for v in t.values())
     with pytest.raises(InvalidArgument, match="invalid dimensions"):  # ONNX Runtime runs the model on the images
-        latency.measure(demo_run / "baseline" / "fp32.onnx", x[:, :, :4], 3)
+        latency.measure({"parent": demo_run / "baseline" / "fp32.onnx"}, x[:, :, :4], 3)
 
 
 def test_config_checks_the_new_keys():
