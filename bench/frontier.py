@@ -62,7 +62,6 @@ speed](#training-speed); [pool on Ray](#pool-on-ray); [channel pruning](#cifar-1
 PRESETS = {  # the config that holds a method's settings
     "indep-parent-qat435-2x": "configs/cifar10-cpu.yaml",
     "clones": "configs/cifar10-cpu-clones.yaml",
-    "indep-parent-qat4-2x-dense": "configs/cifar10-cpu-25pct.yaml",
     "indep-parent-qat4-2x-80": "configs/cifar10-cpu-5pct.yaml",
 }
 # every row measures its method's ensemble as selected: the safety nets a user gets by default (shipping a single
@@ -394,14 +393,26 @@ def report() -> None:
 
 
 def figure(rows: list[dict], path: Path) -> None:
-    """Test accuracy against bytes per device, one marker per training cost and for one-seed screens (unlabelled:
-    their names are in the table)."""
+    """Test accuracy against bytes per device, one marker per training cost and for screens (< 3 seeds); labelled: the
+    reference rows and, among the rows on 3 seeds, the pools and rivals no smaller row of their kind outgains (the
+    others' names are in the table)."""
     from prune2edge.report import frontier_axes
+
+    confirmed = [r for r in rows if len(r["seeds"]) >= 3 and r["budget"] is not None]
+
+    def labelled(r: dict) -> bool:
+        if r["budget"] is None:
+            return True
+        kind = [x for x in confirmed if is_rival(x["method"]) == is_rival(r["method"])]
+        return r in confirmed and not any(
+            x is not r and x["bytes_per_member"] <= r["bytes_per_member"] and gain(x) >= gain(r) for x in kind
+        )
 
     def point(r: dict) -> tuple:
         screen = len(r["seeds"]) < 3 and r["method"] != "deep-ensemble-3"
-        group = cost_class(r["cost"]) + (", one seed" if screen else "")
-        return ("" if screen else r["method"], r["bytes_per_member"], r["test_acc"]["mean"], r["test_acc"]["sd"], group)
+        group = cost_class(r["cost"]) + (", < 3 seeds" if screen else "")
+        name = r["method"] if labelled(r) else ""
+        return (name, r["bytes_per_member"], r["test_acc"]["mean"], r["test_acc"]["sd"], group)
 
     fig = frontier_axes(
         sorted((point(r) for r in rows), key=lambda p: p[4]),
