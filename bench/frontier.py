@@ -368,20 +368,25 @@ def reference_rows(found: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def report() -> None:
-    found = {m: json.loads(results_file(m).read_text()) for m in METHODS if results_file(m).exists()}
-    if "clones" not in found:
-        sys.exit(f"no {results_file('clones').relative_to(ROOT)}: run `python bench/frontier.py run clones` first")
-    # a pool is compared with the best single model that fits its devices and trained within its training budget (a
-    # model that fits B fits every larger budget; one trained within 1x is within 2x too), seed by seed
+def best_rivals(found: dict[str, dict]) -> dict[tuple[float, float], dict]:
+    """The best rival's test accuracy by (device budget, training budget) and run (:func:`key`), from the rivals'
+    results in ``found``: a model that fits B fits every larger budget, one trained within 1x is within 2x too."""
     rivals: dict[tuple[float, float], dict] = {}
     for m, r in found.items():
-        if is_rival(m):
-            row = method_row(m, r, {})
+        row = method_row(m, r, {}) if is_rival(m) else None
+        if row and row["budget"] is not None:  # a rival that fits no budget rivals no pool
             for budget, limit in ((b, c) for b in BUDGETS if b >= row["budget"] for c in COSTS if row["cost"] <= c):
                 best = rivals.setdefault((budget, limit), {})
                 for s, run in r["runs"].items():
                     best[key(run, s)] = max(best.get(key(run, s), 0.0), run["selected"]["test_acc"])
+    return rivals
+
+
+def report() -> None:
+    found = {m: json.loads(results_file(m).read_text()) for m in METHODS if results_file(m).exists()}
+    if "clones" not in found:
+        sys.exit(f"no {results_file('clones').relative_to(ROOT)}: run `python bench/frontier.py run clones` first")
+    rivals = best_rivals(found)
     rows = reference_rows(found) + [method_row(m, r, rivals) for m, r in found.items()]
     out = {"machines": machines(rows), "command": command_line(), "budgets": BUDGETS, "rows": rows}
     write_result(RESULTS / "frontier.json", out)

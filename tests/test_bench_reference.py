@@ -202,9 +202,18 @@ def test_frontier_rows_figure_and_advice_come_from_the_runs(variant: Path, tmp_p
     import frontier
 
     runs = {str(s): cifar10.summarise_run(variant / f"seed{s}") for s in (0, 1)}
-    result = {"runs": runs}
-    rival = frontier.method_row("rival-qat3-2x", result, {})
-    rivals = {rival["budget"]: {frontier.key(r, s): r["selected"]["test_acc"] - 0.01 for s, r in runs.items()}}
+    result = {"runs": runs, "machine": "this machine"}
+    weaker = {
+        s: {**r, "selected": {**r["selected"], "test_acc": r["selected"]["test_acc"] - 0.01}} for s, r in runs.items()
+    }
+    rival = frontier.method_row("rival-qat3-2x", {"runs": weaker, "machine": "this machine"}, {})
+    rivals = frontier.best_rivals(
+        {"rival-qat3-2x": {"runs": weaker, "machine": "this machine"}, "indep-qat3-2x": result}
+    )  # pools are no rivals
+    # the rival counts for its budget and every larger one, within its training budget and every larger one
+    assert rival["budget"] is not None  # the tiny runs' members fit the largest budget
+    assert {b for b, _ in rivals} == {b for b in frontier.BUDGETS if b >= rival["budget"]}
+    assert {c for _, c in rivals} == {c for c in frontier.COSTS if c >= rival["cost"]}
     row = frontier.method_row("indep-qat3-2x", result, rivals)
     accs = [r["selected"]["test_acc"] for r in runs.values()]
     assert row["seeds"] == [0, 1] and row["test_acc"]["mean"] == pytest.approx(100 * np.mean(accs), abs=1e-3)
@@ -228,6 +237,7 @@ def test_frontier_rows_figure_and_advice_come_from_the_runs(variant: Path, tmp_p
         assert "(`indep-qat3-2x`)" in first and "Goal (+1.5 points" in first
     table = frontier.markdown(rows)
     assert table.count("\n| ") >= len(rows) + 1 and "indep-qat3-2x" in table
+    assert "- latest run on this machine: indep-qat3-2x, rival-qat3-2x" in table
     advice = frontier.advice(rows)
     if row["budget"] is not None and row["cost"] <= 2:  # the best non-rival row of its budget is named
         assert "`indep-qat3-2x`" in advice
