@@ -230,6 +230,12 @@ METHODS: dict[str, dict] = {
         "set": [*RIVAL, "pool.weight_bits=4", "pool.largest_layer_bits=3.5", "pool.epochs=26"],
         "rival": True,
     },
+    "rival-qat435-1x-24": {
+        "what": "one model: the parent fine-tuned 24 epochs with 4-bit QAT, its largest layer at 3.5 bits, dense "
+        "(rival-qat435-1x, 26 epochs, cost 1.01x, ran just over the 1x budget)",
+        "set": [*RIVAL, "pool.weight_bits=4", "pool.largest_layer_bits=3.5", "pool.epochs=24"],
+        "rival": True,
+    },
     "rival-qat3-1x": {
         "what": "one model: the parent fine-tuned 27 epochs with 3-bit QAT",
         "set": [*RIVAL, "pool.weight_bits=3", "pool.epochs=27"],
