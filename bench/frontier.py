@@ -541,7 +541,9 @@ def advice(rows: list[dict]) -> str:
     lines += [
         "",
         "A negative gain means no pool measured at that budget beats the parent: where the int8 parent fits the "
-        "device, ship it (`select.fallback`, on by default, does so when it wins on validation)."
+        "device, ship it (`select.fallback`, on by default, does so when it wins on validation). A negative gain vs "
+        "the rival means one model of those bytes, trained as long as the pool, is the better buy: its row is in "
+        "docs/RESULTS.md."
         + (
             f" With a whole parent per device and 2 more trainings, a deep ensemble of 3 fp32 parents gains "
             f"{fmt(deep['gain_points'])} points."
