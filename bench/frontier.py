@@ -309,8 +309,8 @@ def method_row(method: str, result: dict, rivals: dict[tuple[float, float], dict
     budget = next((b for b in BUDGETS if per_member <= b + 1e-9), None)
     walls, cpus = zip(*(cost(runs[s]) for s in seeds))
     acc = [runs[s]["selected"]["test_acc"] for s in seeds]
-    mean_cost = statistics.mean(c if c is not None else w for c, w in zip(cpus, walls))
-    rival = rivals.get((budget, next(c for c in COSTS if mean_cost <= c)), {})
+    spent = round(statistics.mean(c if c is not None else w for c, w in zip(cpus, walls)), 3)
+    rival = rivals.get((budget, cost_limit(spent)), {})
     vs_single = [runs[s]["selected"]["test_acc"] - rival[key(runs[s], s)] for s in seeds if key(runs[s], s) in rival]
     lat = [runs[s]["latency_ms"] for s in seeds if "latency_ms" in runs[s]]
     return {
@@ -320,7 +320,7 @@ def method_row(method: str, result: dict, rivals: dict[tuple[float, float], dict
         "k": statistics.mean(runs[s]["k"] for s in seeds),
         "bytes_per_member": round(per_member, 4),
         "budget": budget,
-        "cost": round(mean_cost, 3),
+        "cost": spent,
         "cost_measured_as": {s: "wall" if c is None else "cpu" for s, c in zip(seeds, cpus)},
         "cost_wall": round(statistics.mean(walls), 3),
         "test_acc": ms(acc),
@@ -434,9 +434,15 @@ def figure(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
+def cost_limit(cost: float) -> float:
+    """The smallest training budget (:data:`COSTS`) a cost fits in."""
+    return next(c for c in COSTS if cost <= c)
+
+
 def cost_class(cost: float) -> str:
     """The training-cost class a row falls in, beyond the parent's own training."""
-    return "parent alone" if cost == 0 else "cost <= 1x" if cost <= 1 else "cost <= 2x" if cost <= 2 else "cost > 2x"
+    limit = cost_limit(cost)
+    return "parent alone" if cost == 0 else f"cost <= {limit:g}x" if limit < COSTS[-1] else f"cost > {COSTS[-2]:g}x"
 
 
 def fmt(d: dict | None) -> str:
@@ -629,9 +635,12 @@ def headline(rows: list[dict], title: str = HEADLINE) -> str:
     rivals = [r for r in rows if fits(r, 0.10) and is_rival(r["method"])]
     rival = max(rivals, key=gain) if rivals else None
     # the best pool confirmed on 3 seeds that needs more than 10 % per device, where it gains more
-    larger = [r for r in pools_within(rows, 0.25, 2) if not fits(r, 0.10) and len(r["seeds"]) >= 3]
-    wider = max(larger, key=gain) if larger else None
-    wider = wider if wider and (best is None or gain(wider) > gain(best)) else None
+    larger = [
+        r
+        for r in pools_within(rows, 0.25, 2)
+        if not fits(r, 0.10) and len(r["seeds"]) >= 3 and (best is None or gain(r) > gain(best))
+    ]
+    wider = max(larger, key=gain, default=None)
     cheap = max(pools_within(rows, 0.10, 1), key=gain, default=None)  # within the parent's own training
     lines = [
         title,
