@@ -65,7 +65,7 @@ def fake_quantize(w: torch.Tensor, bits: float, scale: str = "max") -> torch.Ten
 
 class FakeQuant(nn.Module):
     """Parametrisation of a weight: fake-quantised once switched on. The switch is a buffer, so a checkpoint taken
-    mid-training restores it."""
+    mid-training restores it, and read as a tensor, so a ``torch.compile``d network keeps one graph across it."""
 
     def __init__(self, bits: float, scale: str = "max"):
         super().__init__()
@@ -73,7 +73,7 @@ class FakeQuant(nn.Module):
         self.register_buffer("on", torch.tensor(False))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(w, self.bits, self.scale) if self.on else w
+        return torch.where(self.on, fake_quantize(w, self.bits, self.scale), w)
 
 
 def layer_bits(model: nn.Module, bits: float, largest: float = 0) -> dict[str, float]:
