@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from . import cores
 from .errors import UserError
 from .preprocess import InputSteps, Preprocessing, check_images
 from .store import write_bytes, write_json
@@ -38,9 +39,10 @@ ENCODINGS = {
 
 
 def session(model: Path | str | bytes, threads: int = 0) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session on an ONNX file or its bytes (``threads`` = 0 lets ORT choose)."""
+    """An ONNX Runtime CPU session on an ONNX file or its bytes, on ``threads`` threads (0: the free cores,
+    :func:`prune2edge.cores.free`)."""
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or cores.free()
     opts.log_severity_level = 3
     return ort.InferenceSession(
         model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"]

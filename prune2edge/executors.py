@@ -6,12 +6,12 @@ Ray is optional (``pip install 'prune2edge[ray]'``) and imported only when its e
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import TYPE_CHECKING, Any
 
+from . import cores
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ def make_executor(workers: int, ray: Ray | None = None) -> Executor:
         return RayExecutor(**ray.model_dump())
     if workers <= 1:
         return InProcessExecutor()
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, cores.free() // workers)
     return ProcessPoolExecutor(
         workers, mp_context=get_context("spawn"), initializer=_limit_threads, initargs=(threads,)
     )

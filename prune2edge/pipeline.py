@@ -11,6 +11,7 @@ import torch
 from . import (
     bundle,
     config,
+    cores,
     cost,
     data,
     devices,
@@ -211,8 +212,10 @@ def done_before(run_dir: Path, name: str) -> float:
 
 
 def run(cfg: Config, run_dir: Path | str, progress: bool = True) -> dict:
-    """Run (or resume) every phase; returns the metrics also written to ``metrics.json``."""
+    """Run (or resume) every phase on the free cores (:func:`cores.free`); returns the metrics also written to
+    ``metrics.json``."""
     run_dir = Path(run_dir)
+    torch.set_num_threads(cores.free())
     timings = store.read_json(run_dir / store.TIMINGS) if (run_dir / store.TIMINGS).exists() else {}
     # CPU seconds of this process per phase: the cost of a phase free of what else the machine runs (with one
     # worker; a phase resumed after a kill counts only its resumed part)
