@@ -180,12 +180,18 @@ def report(run_dir: Path) -> None:
 @click.option(
     "--data", "spec", required=True, help="digits | cifar10:DIR | cifar100:DIR | npz:A.npz,B.npz | imagefolder:DIR"
 )
-def evaluate(bundle_dir: Path, spec: str) -> None:
-    """Score BUNDLE_DIR on a dataset's test split, independently of the run that made it."""
+@click.option(
+    "--same-classes", is_flag=True, help="The data's labels are the bundle's classes (for data that names none)."
+)
+@click.option("--all", "whole", is_flag=True, help="Score every image of data that has no test split.")
+def evaluate(bundle_dir: Path, spec: str, same_classes: bool, whole: bool) -> None:
+    """Score BUNDLE_DIR on a dataset's test split (data without one: the split a run carves, or --all), independently
+    of the run that made it."""
     from . import data
     from .evaluate import evaluate_bundle
 
-    result = evaluate_bundle(bundle_dir, data.parse_spec(spec))
+    result = evaluate_bundle(bundle_dir, data.parse_spec(spec), same_classes, whole)
+    click.echo(f"scored: {result['scored']}")
     for name, acc in result["members"].items():
         click.echo(f"member {name}: {acc:.4f}")
     click.echo(f"ensemble test accuracy: {result['test_acc']:.4f} on {result['n_test']} images")

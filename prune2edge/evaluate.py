@@ -499,21 +499,52 @@ def _mean_offdiag(d: np.ndarray) -> float:
     return float(d.sum() / (m * (m - 1))) if m > 1 else 0.0
 
 
-def evaluate_bundle(path: Path | str, spec: dict) -> dict:
-    """Score a bundle on a dataset's test split, independently of the run that made it. The data is read through
-    the bundle's input steps, must have the bundle's classes, and a score no better than chance adds a warning."""
+def evaluate_bundle(path: Path | str, spec: dict, same_classes: bool = False, whole: bool = False) -> dict:
+    """Score a bundle on a dataset's test split, independently of the run that made it; ``scored`` says which
+    images. A source without a test split is carved as a run carves it (the run's own test images, when it is the
+    run's source), or scored whole with ``whole``. The data is read through the bundle's input steps and must have
+    the bundle's classes: data without class names whose labels cannot be them (fewer classes, or a score no better
+    than chance) is an error unless ``same_classes`` says they are; named data scored at chance gets a warning."""
     b = Bundle.load(path)
     ds = data.load({**spec, **b.steps.to_config()} if b.steps.size or b.steps.color else spec)
-    data.check_classes(b.classes, ds.classes if ds.named else None, ds.y_test)
-    proba = b.member_proba(ds.x_test)
-    ensemble = vote(proba, b.manifest["vote"]["rule"], b.weights)
-    acc = accuracy(ensemble, ds.y_test)
+    x, y = ds.x_test, ds.y_test
+    if ds.carved_test is None:
+        scored = f"the data's test split, {len(y)} images"
+    elif whole:
+        x, y = np.concatenate([ds.x_train, x]), np.concatenate([ds.y_train, y])
+        scored = f"all {len(y)} images of the data (it has no test split)"
+    else:
+        scored = (
+            f"{len(y)} of the data's {len(y) + len(ds.y_train)} images: it has no test split, so the one a run "
+            f"carves from it ({data.TEST_FRACTION:g}, stratified, seed 0); --all scores every image"
+        )
+    data.check_classes(b.classes, ds.classes if ds.named else None, y)
+    proba = b.member_proba(x)
+    acc = accuracy(vote(proba, b.manifest["vote"]["rule"], b.weights), y)
+    warnings = chance_warnings(acc, y, b.classes, ds.classes if ds.named else None)
+    if not ds.named and not same_classes:
+        check_numbered_classes(y, b.classes, warnings)
     return {
         "test_acc": acc,
-        "n_test": len(ds.y_test),
-        "warnings": chance_warnings(acc, ds.y_test, b.classes, ds.classes if ds.named else None),
-        "members": {e["id"]: accuracy(p, ds.y_test) for e, p in zip(b.manifest["members"], proba)},
+        "n_test": len(y),
+        "scored": scored,
+        "warnings": warnings,
+        "members": {e["id"]: accuracy(p, y) for e, p in zip(b.manifest["members"], proba)},
     }
+
+
+def check_numbered_classes(y: np.ndarray, classes: list[str], warnings: list[str]) -> None:
+    """An error when labels without names cannot be the bundle's ``classes``: fewer of them, or a score at chance
+    (``warnings`` from :func:`chance_warnings`)."""
+    fix = "if its labels are the bundle's classes all the same, pass --same-classes"
+    present = len(np.unique(y))
+    if present < len(classes):
+        raise UserError(
+            f"the data names no classes and its labels hold {present} of the bundle's {len(classes)} "
+            f"({data.short_list(classes)}): it looks like other data; score data with the bundle's classes, or {fix}"
+        )
+    if warnings:
+        raise UserError(f"the data names no classes and {warnings[0]}; {fix}")
 
 
 def chance_warnings(acc: float, y: np.ndarray, classes: list[str], data_names: list[str] | None = None) -> list[str]:

@@ -260,11 +260,31 @@ def test_evaluate_refuses_other_classes_and_warns_at_chance(demo_run, tmp_path):
     out = evaluate_on("twelve.npz", y_test=np.where(d.y_test == 9, 11, d.y_test))
     assert out.exit_code == 2 and "the data's labels run 0..11, but the model has 10 classes" in out.stderr
     out = evaluate_on("shifted.npz", y_test=(d.y_test + 1) % 10)  # numbered classes, in another order
+    assert out.exit_code == 2 and "the data names no classes and test accuracy 0.0" in out.stderr
+    assert "no better than chance (0.1022" in out.stderr and "pass --same-classes" in out.stderr
+    out = invoke("evaluate", bundle, "--data", f"npz:{tmp_path / 'shifted.npz'}", "--same-classes")
     assert out.exit_code == 0 and "ensemble test accuracy: 0.0" in out.stdout
     assert "warning: test accuracy 0.0" in out.stderr and "no better than chance (0.1022" in out.stderr
     assert "Likely causes: the data orders its classes differently from the bundle" in out.stderr
+    out = evaluate_on("two.npz", y_test=d.y_test % 2)  # unnamed labels of 2 classes cannot be the bundle's 10
+    assert out.exit_code == 2 and "its labels hold 2 of the bundle's 10 (0, 1, 2" in out.stderr
     out = invoke("evaluate", bundle, "--data", str(tmp_path / "shifted.npz"))
     assert out.exit_code == 2 and f"write 'npz:{tmp_path / 'shifted.npz'}'" in out.stderr
+
+
+def test_evaluate_says_what_it_scored(demo_run, tmp_path):
+    d = data.load_digits()
+    np.savez(tmp_path / "frames.npz", x=d.x_test, y=d.y_test)
+    n, bundle, frames = len(d.y_test), str(demo_run / "bundle"), f"npz:{tmp_path / 'frames.npz'}"
+    carved = len(data.carve_indices(d.y_test, data.TEST_FRACTION, "frames")[1])
+    out = invoke("evaluate", bundle, "--data", frames)
+    assert out.exit_code == 0 and out.stdout.startswith(f"scored: {carved} of the data's {n} images: it has no test")
+    assert f"--all scores every image\n" in out.stdout and f"on {carved} images" in out.stdout
+    out = invoke("evaluate", bundle, "--data", frames, "--all")
+    assert out.stdout.splitlines()[0] == f"scored: all {n} images of the data (it has no test split)"
+    assert f"on {n} images" in out.stdout
+    out = invoke("evaluate", bundle, "--data", "digits")
+    assert out.stdout.splitlines()[0] == f"scored: the data's test split, {n} images"
 
 
 def test_copies_across_splits_are_reported_in_dataset_json_and_the_summary(demo_run, tmp_path):
