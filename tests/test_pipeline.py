@@ -279,7 +279,7 @@ def test_evaluate_says_what_it_scored(demo_run, tmp_path):
     carved = len(data.carve_indices(d.y_test, data.TEST_FRACTION, "frames")[1])
     out = invoke("evaluate", bundle, "--data", frames)
     assert out.exit_code == 0 and out.stdout.startswith(f"scored: {carved} of the data's {n} images: it has no test")
-    assert f"--all scores every image\n" in out.stdout and f"on {carved} images" in out.stdout
+    assert "--all scores every image\n" in out.stdout and f"on {carved} images" in out.stdout
     out = invoke("evaluate", bundle, "--data", frames, "--all")
     assert out.stdout.splitlines()[0] == f"scored: all {n} images of the data (it has no test split)"
     assert f"on {n} images" in out.stdout
