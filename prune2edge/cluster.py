@@ -9,6 +9,7 @@ from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
 
+from .ship import SIGNIFICANCE
 from .vote import disagreement
 
 
@@ -65,10 +66,28 @@ def cluster(proba: np.ndarray, method: str = "kmeans-onehot", k: int | str = 5, 
     }
 
 
-def choose_k(setting: int | str, curve: list[dict], n: int) -> int | str:
-    """The k to cluster ``n`` members into, by ``cluster.k``: an integer (at most n); ``silhouette``, left to
-    :func:`cluster` (the best-separated clustering); ``auto``, the k of ``curve`` (``select.curve``: each k's selected
-    ensemble and its validation accuracy) whose ensemble is the most accurate, ties to the smaller k."""
-    if setting == "auto":
-        return max(curve, key=lambda p: (p["val_acc"], -p["k"]))["k"]
-    return setting if setting == "silhouette" else min(int(setting), n)
+def choose_k(setting: int | str, curve: list[dict], n: int) -> tuple[int | str, str]:
+    """The k to cluster ``n`` members into, by ``cluster.k``, and why: an integer (at most n); ``silhouette``, left
+    to :func:`cluster` (the best-separated clustering); ``auto``, from ``curve`` (``select.curve``: each k's
+    selected ensemble, its validation accuracy and ``p_lead`` over the ensemble of the most votes): the most votes,
+    unless a smaller ensemble beats it beyond chance (``p_lead`` < ``ship.SIGNIFICANCE``), then the most accurate of
+    those (ties to the smaller k)."""
+    if setting != "auto":
+        return (setting, "cluster.k: silhouette") if setting == "silhouette" else (min(int(setting), n), "cluster.k")
+    most = max(curve, key=lambda p: (len(p["members"]), -p["k"]))
+    ahead = [p for p in curve if p["val_acc"] > most["val_acc"] and p["p_lead"] < SIGNIFICANCE]
+    if ahead:
+        p = max(ahead, key=lambda p: (p["val_acc"], -p["k"]))
+        return p["k"], (
+            f"k = {p['k']}: its ensemble beats the {len(most['members'])} votes of k = {most['k']} on validation "
+            f"beyond chance ({100 * p['val_acc']:.2f}% vs {100 * most['val_acc']:.2f}%, p = {p['p_lead']:.2g})"
+        )
+    rival = max(curve, key=lambda p: (p["val_acc"], -p["k"]))
+    why = (
+        f"; k = {rival['k']} scores {100 * rival['val_acc']:.2f}% vs {100 * most['val_acc']:.2f}% on validation, a "
+        f"lead chance gives often enough (p = {rival['p_lead']:.2g}, needs < {SIGNIFICANCE:g}): more validation "
+        "images (data.val_fraction) would settle it"
+        if rival["val_acc"] > most["val_acc"]
+        else ""
+    )
+    return most["k"], f"k = {most['k']}: the most votes ({len(most['members'])}), as no smaller ensemble beats it{why}"

@@ -205,14 +205,13 @@ def sweep(
 def curve(
     proba: np.ndarray, y: np.ndarray, picks: list[list[int]], rule: str = "soft", weights: np.ndarray | None = None
 ) -> list[dict]:
-    """Validation accuracy of each pick of a :func:`sweep` (``k`` clusters), voting by ``rule`` (and ``weights``)."""
+    """Each pick of a :func:`sweep` (``k`` clusters) voting by ``rule`` (and ``weights``) on validation: its accuracy
+    and ``p_lead``, how likely chance gives it its lead over the pick with the most votes (:func:`ship.lead`)."""
+    preds = [vote(proba[idx], rule, None if weights is None else weights[idx]).argmax(1) for idx in picks]
+    most = max(range(len(picks)), key=lambda i: (len(picks[i]), -i))  # equal picks: the smaller k
     return [
-        {
-            "k": k,
-            "members": idx,
-            "val_acc": accuracy(vote(proba[idx], rule, None if weights is None else weights[idx]), y),
-        }
-        for k, idx in enumerate(picks, 1)
+        {"k": k, "members": idx, "val_acc": float((p == y).mean()), "p_lead": ship.lead(y, p, preds[most])}
+        for k, (idx, p) in enumerate(zip(picks, preds), 1)
     ]
 
 
@@ -234,9 +233,11 @@ def choose(run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, dic
             "every pool member failed the int8 gate; see pool/*/quant.json, and raise quantize.max_drop "
             "or lower pool.sparsity"
         )
-    names, gate = ship.parent_gate(quant, passed, cfg.select.max_below_parent)
-    proba = np.stack([np.load(model_dir(run_dir, n) / store.VAL_PROBA) for n in names])
     _, y_val = store.split(run_dir, "val")
+    every = {n: np.load(model_dir(run_dir, n) / store.VAL_PROBA) for n in [PARENT, *passed]}
+    pred = {n: p.argmax(1) for n, p in every.items()}
+    names, gate = ship.parent_gate(quant, passed, cfg.select.max_below_parent, pred, y_val)
+    proba = np.stack([every[n] for n in names])
     c, strategy, gap, rule = cfg.cluster, cfg.select.strategy, cfg.select.max_acc_gap, cfg.vote.rule
     weights = np.array([quant[n]["val_acc_int8"] for n in names]) if cfg.vote.weighted else None
     k_max, fits, placed = c.k_max, None, None
@@ -250,7 +251,8 @@ def choose(run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, dic
             )
     picks = sweep(proba, y_val, c.method, rule, cfg.seed, k_max, gap, fits)
     points = curve(proba, y_val, picks[strategy], rule, weights)
-    result = cluster.cluster(proba, c.method, cluster.choose_k(c.k, points, len(names)), k_max, cfg.seed)
+    k, k_reason = cluster.choose_k(c.k, points, len(names))
+    result = cluster.cluster(proba, c.method, k, k_max, cfg.seed)
     kw = {"method": c.method, "rule": rule, "seed": cfg.seed, "max_acc_gap": gap}
     chosen = {s: select(s, proba, y_val, result["labels"], **kw, fits=fits) for s in STRATEGIES}
     record = {
@@ -264,6 +266,7 @@ def choose(run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, dic
         "k_choice": {
             "by": c.k if isinstance(c.k, str) else "config",
             "k": result["k_requested"],
+            "reason": k_reason,
             "curve": [{**p, "members": [names[i] for i in p["members"]]} for p in points],
         },
         "skipped_clusters": skipped(proba, y_val, result["labels"], gap, names, None if fits is None else fits.any(1)),
@@ -273,7 +276,7 @@ def choose(run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, dic
         record["devices"] = placed | place(
             slots(strategy, proba, y_val, result["labels"], **kw, fits=fits), fits, fleet, names, result["labels"]
         )
-    record["shipped"] = ship.shipped_model(cfg, record, proba, y_val, quant, fits)
+    record["shipped"] = ship.shipped_model(cfg, record, proba, y_val, quant, fits, every[PARENT])
     store.write_json(path, record)
     return record
 

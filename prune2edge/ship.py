@@ -1,5 +1,10 @@
 """What ships, decided on validation: the members kept against the parent (:func:`parent_gate`), and the selected
-ensemble or, where it is more accurate, one model instead (:func:`shipped_model`, ``select.fallback``)."""
+ensemble or, where it is more accurate, one model instead (:func:`shipped_model`, ``select.fallback``).
+
+No choice on noise: every decision that ships fewer models than it could (a member left out against the parent, a
+smaller k, one model instead of the ensemble) needs a lead on validation that chance alone would rarely give
+(:func:`lead` < :data:`SIGNIFICANCE`); without it the more robust option ships: more votes, and among single models
+the parent."""
 
 from __future__ import annotations
 
@@ -15,36 +20,61 @@ if TYPE_CHECKING:
     from .config import Config
 
 
-def parent_gate(quant: dict[str, dict], names: list[str], margin: float) -> tuple[list[str], dict]:
-    """The members of ``names`` whose int8 validation accuracy is at most ``margin`` (``select.max_below_parent``)
-    below the parent's fp32 one, and the gate's record: the parent's accuracy and each member left out, with how
-    far below it is. Where every member is further below, the best one is kept anyway (``kept_anyway``), so that
-    there is an ensemble to weigh against the parent (which the fallback will then ship, when it is on)."""
+def parent_gate(
+    quant: dict[str, dict], names: list[str], margin: float, pred: dict[str, np.ndarray], y: np.ndarray
+) -> tuple[list[str], dict]:
+    """The members of ``names`` kept against the parent: all but those whose int8 validation accuracy is more than
+    ``margin`` (``select.max_below_parent``) below the parent's fp32 one *and* whose int8 predictions (``pred``, by
+    name, the parent's too) the int8 parent's beat beyond chance (:func:`lead`). Returns them and the gate's record:
+    the parent's accuracy and each member left out, with how far below it is and the test's p. Where every member
+    is left out, the best one is kept anyway (``kept_anyway``), so that there is an ensemble to weigh against the
+    parent (which the fallback will then ship, when it is on)."""
     ref = quant[PARENT]["val_acc_fp32"]
-    below = [
-        {"name": n, "val_acc_int8": quant[n]["val_acc_int8"], "below_by": ref - quant[n]["val_acc_int8"]}
-        for n in names
-        if quant[n]["val_acc_int8"] < ref - margin - 1e-12  # no rounding error may drop a member at the margin
-    ]
+    below = []
+    for n in names:
+        if quant[n]["val_acc_int8"] < ref - margin - 1e-12:  # no rounding error may drop a member at the margin
+            p = lead(y, pred[PARENT], pred[n])
+            if p < SIGNIFICANCE:
+                below.append(
+                    {
+                        "name": n,
+                        "val_acc_int8": quant[n]["val_acc_int8"],
+                        "below_by": ref - quant[n]["val_acc_int8"],
+                        "p": p,
+                    }
+                )
     out = {b["name"] for b in below}
     kept = [n for n in names if n not in out]
     anyway = None if kept else max(names, key=lambda n: (quant[n]["val_acc_int8"], -names.index(n)))
     return kept or [anyway], {"parent_val_acc_fp32": ref, "margin": margin, "below": below, "kept_anyway": anyway}
 
 
-FALLBACK_P = 0.05  # a member replaces the ensemble only where it is better on validation at this significance
+SIGNIFICANCE = 0.05  # the p a lead on validation needs before fewer models ship
+
+
+def lead(y: np.ndarray, ahead: np.ndarray, behind: np.ndarray) -> float:
+    """How likely chance alone gives predictions ``ahead`` their lead over ``behind`` on the same images: the
+    one-sided exact McNemar (sign) test on the images exactly one of them gets right (1.0 where ``ahead`` is not
+    ahead)."""
+    return mcnemar(y, ahead, behind, "greater")
 
 
 def shipped_model(
-    cfg: Config, sel: dict, proba: np.ndarray, y_val: np.ndarray, quant: dict[str, dict], fits: np.ndarray | None
+    cfg: Config,
+    sel: dict,
+    proba: np.ndarray,
+    y_val: np.ndarray,
+    quant: dict[str, dict],
+    fits: np.ndarray | None,
+    parent_proba: np.ndarray,
 ) -> dict:
     """What the bundle ships, decided on validation: the selected ensemble, or, with ``select.fallback``, one model
-    that is more accurate than it and fits a device of ``deploy.devices``: the int8 parent wherever it is, a member
-    only where its lead over the ensemble is significant (one-sided sign test on the validation images the two
-    disagree on, ``evaluate.mcnemar``, p < ``FALLBACK_P``): the best of many members beats the ensemble on a small validation split by
-    chance alone. Between single models: the more accurate, then the fewer shipped bytes. Returns ``kind``
-    (``ensemble``; ``member``: one member; ``parent``), ``members``, ``val_acc``, ``fallback``, ``reason`` and, with
-    devices and one model shipped, its ``assignment``."""
+    that fits a device of ``deploy.devices`` and beats it beyond chance (:func:`lead` < :data:`SIGNIFICANCE`: the
+    best of several models beats an ensemble on a small validation split by chance alone). Among the models that
+    do, the int8 parent (``parent_proba``, its validation probabilities), unless a member also beats it beyond
+    chance; else the best member (:func:`single_rank`). Returns ``kind`` (``ensemble``; ``member``: one member;
+    ``parent``), ``members``, ``val_acc``, ``fallback``, ``reason`` and, with devices and one model shipped, its
+    ``assignment``."""
     names, chosen = sel["candidates"], [sel["candidates"].index(n) for n in sel["selected"]]
     weights = np.array([quant[n]["val_acc_int8"] for n in names]) if cfg.vote.weighted else None
     ens = vote(proba[chosen], cfg.vote.rule, None if weights is None else weights[chosen])
@@ -52,22 +82,24 @@ def shipped_model(
     placed = sel.get("devices")
     usable = [n for i, n in enumerate(names) if fits is None or fits[i].any()]
     usable += [PARENT] if placed is None or placed["parent"]["fits"] else []
-    lead = {  # one-sided: that the member alone is right more often than the ensemble
-        n: mcnemar(y_val, proba[names.index(n)].argmax(1), ens.argmax(1), "greater") for n in usable if n != PARENT
-    }
-    beats = [n for n in usable if quant[n]["val_acc_int8"] > ens_acc and (n == PARENT or lead[n] < FALLBACK_P)]
+    pred = {n: (parent_proba if n == PARENT else proba[names.index(n)]).argmax(1) for n in usable}
+    ahead = {n: lead(y_val, pred[n], ens.argmax(1)) for n in usable}  # that the model alone is right more often
+    beats = [n for n in usable if quant[n]["val_acc_int8"] > ens_acc and ahead[n] < SIGNIFICANCE]
     best = max(usable, key=lambda n: single_rank(quant, n))
     fallback = cfg.select.fallback
     out = {"kind": "ensemble" if len(chosen) > 1 else "member", "members": sel["selected"], "val_acc": ens_acc}
     if beats and fallback:
-        best = max(beats, key=lambda n: single_rank(quant, n))
+        better = [n for n in beats if PARENT not in beats or lead(y_val, pred[n], pred[PARENT]) < SIGNIFICANCE]
+        best = max(better, key=lambda n: single_rank(quant, n)) if better else PARENT
         out = {
             "kind": "parent" if best == PARENT else "member",
             "members": [best],
             "val_acc": quant[best]["val_acc_int8"],
         }
+    elif beats:
+        best = max(beats, key=lambda n: single_rank(quant, n))
     out["fallback"] = fallback
-    out["reason"] = _ship_reason(sel, quant, usable, best, ens_acc, lead, bool(beats), fallback)
+    out["reason"] = _ship_reason(sel, quant, usable, best, ens_acc, ahead, bool(beats), fallback)
     if placed and out["kind"] != "ensemble":
         out["assignment"] = single_assignment(placed, out["members"][0])
     return out
@@ -107,16 +139,16 @@ def _ship_reason(
     versus = f"{pct[best]} vs {100 * ens_acc:.2f}% on validation"
     if beaten and fallback:
         return (
-            f"{who(best)} alone beats {what}: {versus}"
-            + ("" if best == PARENT else f" (sign test p = {lead[best]:.2g})")
-            + f"; it is the most accurate single model{fit} (select.fallback: true; false ships the selection)"
+            f"{who(best)} alone beats {what}: {versus} (sign test p = {lead[best]:.2g}, a lead chance rarely gives)"
+            f"; it is the most accurate single model{fit} (select.fallback: true; false ships the selection)"
         )
     if beaten:
         return f"select.fallback is false, so {what} ships although {who(best)} alone beats it: {versus}"
-    if quant[best]["val_acc_int8"] > ens_acc:  # a member ahead by chance: the best of many on a small split
+    if quant[best]["val_acc_int8"] > ens_acc:  # a model ahead by chance: the best of several on a small split
         return (
-            f"{what} ships: {who(best)} alone scores {versus}, a lead within chance for the best of "
-            f"{len(lead)} members (sign test p = {lead[best]:.2g}, needs < {FALLBACK_P:g})"
+            f"{what} ships: {who(best)} alone scores {versus}, a lead chance gives often enough among "
+            f"{len(lead)} single models (sign test p = {lead[best]:.2g}, needs < {SIGNIFICANCE:g}), so the more "
+            "votes ship; more validation images (data.val_fraction) would settle it"
         )
     others = [n for n in usable if n not in sel["selected"] and n != PARENT]
     rivals = ([PARENT] if PARENT in usable else []) + (
