@@ -140,11 +140,15 @@ class Train(Section):
 
 
 RENAMED = {"init": ("family", {"baseline": "clones", "fresh": "independent"})}  # pool keys renamed since
+FAMILIES_OLD = RENAMED["init"][1]
 
 
 class Pool(Section):
-    size: PosInt = 8
-    sparsity: span(0, 1, open_hi=True) = (0.5, 0.9)
+    """The pool; its family's defaults (:data:`FAMILIES`) fill the keys a config leaves out (the field defaults
+    here are the ``independent`` family's for the default parent)."""
+
+    size: PosInt = 3
+    sparsity: span(0, 1, open_hi=True) = (0.0, 0.0)
     structure: Literal["weights", "channels"] = "weights"
     criterion: Literal["l1", "l2", "taylor"] = "l1"
     reduce: Literal["macs", "weights"] = "macs"
@@ -152,11 +156,11 @@ class Pool(Section):
     schedule: Literal["polynomial", "constant"] = "polynomial"
     scope: Literal["layer", "global"] = "layer"
     prune_end: Unit = 0.7
-    epochs: span(0, 1e6, positive=True) = (1.0, 2.0)
+    epochs: span(0, 1e6, positive=True) = (7.5, 7.5)
     min_steps: Annotated[Count, must("must be an integer >= 0 (a member's least optimiser steps; 0: no floor)")] = 100
-    lr: span(0, 10, positive=True) = (0.01, 0.05)
-    batch_size: Annotated[list[PosInt], must("must be a positive integer or a list of them"), at.MinLen(1)] = [64, 128]
-    lr_schedule: Literal["onecycle", "cosine", "constant"] = "cosine"
+    lr: span(0, 10, positive=True) = (0.05, 0.05)
+    batch_size: Annotated[list[PosInt], must("must be a positive integer or a list of them"), at.MinLen(1)] = [128]
+    lr_schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     optimizer: Optimizer = "sgd"
     momentum: NonNeg = 0.9
     weight_decay: NonNeg = 5e-4
@@ -167,12 +171,12 @@ class Pool(Section):
     mask_noise: Annotated[float, at.Ge(0), at.Le(10)] = 0.0
     distill: Unit = 0.0
     distill_temperature: Annotated[float, at.Gt(0)] = 4.0
-    family: Literal["clones", "independent"] = "clones"
-    include_parent: bool = False
+    family: Literal["clones", "independent"] = "independent"
+    include_parent: bool = True
     member_kwargs: dict[str, Any] = {}
-    weight_bits: Annotated[GridBits, must(GRID_BITS)] = 0
+    weight_bits: Annotated[GridBits, must(GRID_BITS)] = 4
     largest_layer_bits: Annotated[GridBits, must(GRID_BITS)] = 0
-    qat_start: UnitOpen = 0.5
+    qat_start: UnitOpen = 0.6
     qat_scale: Literal["max", "mse"] = "max"
     mask: Literal["magnitude", "antirandom", "antirandom-weighted"] = "magnitude"
     shrink: Unit = 1.0
@@ -193,6 +197,42 @@ class Pool(Section):
                 data = {**{k: v for k, v in data.items() if k != old}, new: values.get(data[old], data[old])}
         bs = data.get("batch_size")
         return {**data, "batch_size": [bs]} if isinstance(bs, int) and not isinstance(bs, bool) else data
+
+
+MEMBER_EPOCHS = 0.75  # of the parent's, for independent members: the parent + 2 of them cost ~1.8 parent trainings
+
+
+def independent_family(train: dict) -> dict:
+    """The measured winner at <= 2x the parent's training (docs/RESULTS.md, the frontier): the parent fine-tuned with
+    4-bit QAT and 2 members trained from their own initialisations, dense, on the parent's schedule for
+    :data:`MEMBER_EPOCHS` of its epochs, the last 40 % with 4-bit QAT."""
+    t = {**Train().model_dump(), **train}
+    schedule = t["schedule"] if t["schedule"] in ("onecycle", "cosine", "constant") else "onecycle"
+    epochs = MEMBER_EPOCHS * t["epochs"] if isinstance(t["epochs"], (int, float)) else t["epochs"]
+    return {"size": 3, "include_parent": True, "sparsity": 0, "weight_bits": 4, "qat_start": 0.6, "epochs": epochs,
+            "lr": t["lr"], "batch_size": t["batch_size"], "lr_schedule": schedule}  # fmt: skip
+
+
+def clone_family(train: dict) -> dict:
+    """The paper's family: 8 clones of the parent pruned to 50-90 % and fine-tuned briefly (1-2 epochs)."""
+    return {"size": 8, "include_parent": False, "sparsity": [0.5, 0.9], "weight_bits": 0, "qat_start": 0.5,
+            "epochs": [1.0, 2.0], "lr": [0.01, 0.05], "batch_size": [64, 128], "lr_schedule": "cosine"}  # fmt: skip
+
+
+FAMILIES = {"independent": independent_family, "clones": clone_family}  # pool.family -> its defaults from train:
+
+
+def with_family_defaults(raw: dict) -> dict:
+    """``raw`` (a config as given) with the pool keys it leaves out filled by its family's defaults (:data:`FAMILIES`;
+    renamed keys read as their new names)."""
+    pool, train = raw.get("pool", {}), raw.get("train", {})
+    if not isinstance(pool, dict) or not isinstance(train, dict):
+        return raw  # the section's own error follows
+    family = pool.get("family", FAMILIES_OLD.get(pool.get("init"), "independent"))
+    if family not in FAMILIES:
+        return raw
+    given = set(pool) | ({RENAMED["init"][0]} if "init" in pool else set())
+    return {**raw, "pool": {**{k: v for k, v in FAMILIES[family](train).items() if k not in given}, **pool}}
 
 
 class Quantize(Section):
@@ -394,7 +434,7 @@ def load(path: str | Path | None = None, overrides: dict | None = None) -> Confi
             raise UserError(f"config '{path}' is not valid YAML: {e}") from None
         if not isinstance(user, dict):
             raise UserError(f"config '{path}' must be a mapping of sections (data:, model:, pool:, ...)")
-    raw = _merge(user, overrides or {})
+    raw = with_family_defaults(_merge(user, overrides or {}))
     try:
         return Config.model_validate(raw)
     except ValidationError as e:

@@ -76,6 +76,8 @@ def table(m: dict) -> str:
         + "; ".join(f"{s} {v['test_acc']['soft']:.4f}/{v['test_acc']['hard']:.4f}" for s, v in m["strategies"].items())
     )
     lines.extend(_reliability_lines(m))
+    if m.get("k_choice", {}).get("reason") and m["k_choice"]["by"] == "auto":
+        lines.append(f"k chosen on validation (cluster.k: auto): {m['k_choice']['reason']}")
     if m["dropped"]:
         lines.append(f"dropped by the int8 gate: {', '.join(m['dropped'])}")
     for s in m["skipped_clusters"]:
@@ -122,7 +124,7 @@ def _pool_lines(m: dict) -> list[str]:
     if below:
         lines.append(
             f"left out of clustering, more than select.max_below_parent = {100 * p['margin']:g} points below the "
-            f"parent: {', '.join(below)}"
+            f"parent and beaten by it beyond chance: {', '.join(below)}"
             + (
                 f" (every member was: {m['parent_gate']['kept_anyway']} kept)"
                 if m["parent_gate"]["kept_anyway"]
