@@ -40,6 +40,7 @@ from common import (
     command_line,
     publish,
     replace_section,
+    shipped_bytes,
     write_result,
 )
 
@@ -315,10 +316,12 @@ def method_row(method: str, result: dict, rivals: dict[tuple[float, float], dict
     lat = [runs[s]["latency_ms"] for s in seeds if "latency_ms" in runs[s]]
     return {
         "method": method,
+        "arch": result["config_resolved"]["model"]["arch"],
         "what": METHODS[method]["what"],
         "seeds": [int(s) for s in seeds],
         "k": statistics.mean(runs[s]["k"] for s in seeds),
         "bytes_per_member": round(per_member, 4),
+        **member_bytes([runs[s]["selected"]["bytes"] for s in seeds]),
         "budget": budget,
         "cost": spent,
         "cost_measured_as": {s: "wall" if c is None else "cpu" for s, c in zip(seeds, cpus)},
@@ -335,13 +338,27 @@ def method_row(method: str, result: dict, rivals: dict[tuple[float, float], dict
     }
 
 
+def member_bytes(selected: list[list[dict]]) -> dict[str, int]:
+    """Bytes per device both ways, from each seed's selected members (their ``bytes``): ``bytes_as_run``, the largest
+    int8 ONNX file the runtime loads, and ``bytes_shipped``, the largest file sent to the device."""
+    return {
+        "bytes_as_run": max(x["int8"] for run in selected for x in run),
+        "bytes_shipped": max(shipped_bytes(x) for run in selected for x in run),
+    }
+
+
 def reference_rows(found: dict[str, dict]) -> list[dict]:
     """The fp32 parent of every seed any method ran on (each run records its parent's test accuracy) and the deep
     ensemble of 3 parents (bench/reference.py)."""
     parents = sorted({key(run, s) for result in found.values() for s, run in result["runs"].items()})
+    fp32 = max(run["baseline_bytes"]["fp32"] for result in found.values() for run in result["runs"].values())
+    arch = {result["config_resolved"]["model"]["arch"] for result in found.values()}
     rows = [
         {
             "method": "parent",
+            "arch": ", ".join(sorted(arch)),
+            "bytes_as_run": fp32,
+            "bytes_shipped": fp32,
             "what": f"the fp32 parent alone (mean of the {len(parents)} parents the rows ran on)",
             "seeds": sorted({int(s) for s, _ in parents}),
             "k": 1,
@@ -359,6 +376,9 @@ def reference_rows(found: dict[str, dict]) -> list[dict]:
         rows.append(
             {
                 "method": "deep-ensemble-3",
+                "arch": ", ".join(sorted(arch)),
+                "bytes_as_run": fp32,
+                "bytes_shipped": fp32,
                 "what": "soft vote of 3 fp32 parents, one per seed (measured on the parents of BASE's runs)",
                 "seeds": json.loads(ref.read_text())["seeds"],
                 "k": d["k"],
@@ -460,8 +480,9 @@ def markdown(rows: list[dict]) -> str:
         "the parent's int8 latency at batch 1. Written by `python bench/frontier.py report` from "
         "`bench/results/frontier.json`; each row names its results file, with the exact command and config.",
         "",
-        "| method | seeds | k | bytes/member % | cost | test acc | gain | vs rival | McNemar p | members | disagree | latency |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | seeds | k | bytes/member % | KB as run / shipped | cost | test acc | gain | vs rival | McNemar p | "
+        "members | disagree | latency |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["bytes_per_member"], r["cost"])):
         p, member = r.get("mcnemar_p"), r.get("member_test_acc")
@@ -470,6 +491,7 @@ def markdown(rows: list[dict]) -> str:
             ",".join(map(str, r["seeds"])),
             f"{r['k']:g}",
             f"{100 * r['bytes_per_member']:.1f}",
+            kb(r),
             f"{r['cost']:.2f}",
             f"{r['test_acc']['mean']:.2f} ± {r['test_acc']['sd']:.2f}",
             fmt(r["gain_points"]),
@@ -614,6 +636,8 @@ def longer_parent() -> dict | None:
         "test_acc": ms([r["baseline_fp32_test_acc"] for r in runs.values()]),
         "gain_points": ms(gains),
         "bytes_per_member": 1.0,
+        "bytes_as_run": max(r["baseline_bytes"]["fp32"] for r in runs.values()),
+        "bytes_shipped": max(r["baseline_bytes"]["fp32"] for r in runs.values()),
         "cost": 2.0,
     }
 
@@ -622,6 +646,11 @@ def _runs(method: str) -> dict:
     """A method's runs by seed, from its results file (none where it has not run)."""
     path = results_file(method)
     return json.loads(path.read_text())["runs"] if path.exists() else {}
+
+
+def kb(row: dict) -> str:
+    """A row's bytes per device as run (the file the runtime loads) and as shipped, in kB (1000 bytes)."""
+    return f"{row['bytes_as_run'] / 1000:.1f} / {row['bytes_shipped'] / 1000:.1f}" if "bytes_as_run" in row else "–"
 
 
 def headline(rows: list[dict], title: str = HEADLINE) -> str:
@@ -649,8 +678,8 @@ def headline(rows: list[dict], title: str = HEADLINE) -> str:
         "Gains are points of test accuracy over the fp32 parent of the same seed; bytes per device: the largest "
         "shipped member over the parent's fp32 ONNX; training: beyond the parent's own, in parent trainings.",
         "",
-        "| | seeds | test acc % | gain | bytes per device | training |",
-        "|---|---|---|---|---|---|",
+        "| | seeds | test acc % | gain | bytes per device | kB as run / shipped | training |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, r in (
         ("fp32 parent", by.get("parent")),
@@ -665,7 +694,7 @@ def headline(rows: list[dict], title: str = HEADLINE) -> str:
         if r:
             lines.append(
                 f"| {label} | {len(r['seeds'])} | {r['test_acc']['mean']:.2f} | {fmt(r['gain_points'])} | "
-                f"{100 * r['bytes_per_member']:.1f} % | {r['cost']:.2f}x |"
+                f"{100 * r['bytes_per_member']:.1f} % | {kb(r)} | {r['cost']:.2f}x |"
             )
     fleet = RESULTS / "fleet.json"
     if fleet.exists():

@@ -199,7 +199,7 @@ class Pool(Section):
         return {**data, "batch_size": [bs]} if isinstance(bs, int) and not isinstance(bs, bool) else data
 
 
-MEMBER_EPOCHS = 0.75  # of the parent's, for independent members: the parent + 2 of them cost ~1.8 parent trainings
+MEMBER_EPOCHS = 0.7  # of the parent's, for independent members: the parent + 2 of them cost ~1.7 parent trainings
 
 
 def independent_family(train: dict) -> dict:

@@ -1,0 +1,161 @@
+"""The defaults on a user's small data: only data, model and training set, everything else as shipped.
+
+    python bench/small_data.py                          # every set, seeds 0 1 2 (resumable: finished runs are read)
+    python bench/small_data.py --sets cifar-1k,digits --seeds 0
+    python bench/small_data.py --report                 # measure nothing: the RESULTS.md section from the results
+
+Sets: CIFAR-10 training subsets of 1k, 2k and 5k images (stratified, drawn once with seed 0 from the JPEG-decoded
+copy), in colour at 32x32 and in grey resized to 64x64 by the bundle's input steps, each scored on the whole CIFAR-10
+test split (10,000 images); and scikit-learn's digits (8x8 grey, its carved test split). Every run is ``prune2edge
+run`` on a config that sets only data, model and train (:data:`CONFIG`): the pool, its family, every selection
+decision and the fallback are the defaults. Rows per set and seed: the fp32 parent, what shipped and why, k, the
+gain over the parent on test with McNemar's p, bytes per device as shipped and as run, the pool's training cost in
+parent trainings (CPU seconds of the run's process). Writes bench/results/small-data.json and the RESULTS section.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from common import DATA, RESULTS, ROOT, argparser, command_line, machine, publish, rel, write_result
+
+TITLE = "## Defaults on small data (issue 32)"
+CONFIG = {"model": {"arch": "small_cnn"}, "train": {"epochs": 30, "batch_size": 64}}  # what a user sets
+SIZES = {"1k": 1000, "2k": 2000, "5k": 5000}
+SETS = [f"cifar-{k}{c}" for k in SIZES for c in ("", "-grey64")] + ["digits"]
+POOL = ("pool", "quantize", "select")  # the phases a pool costs
+
+
+def subset(folder: Path, n: int, out: Path) -> Path:
+    """A stratified subset of ``n`` CIFAR-10 training images (seed 0) with the whole test split, as one npz."""
+    if out.exists():
+        return out
+    parts = [np.load(p) for p in sorted(folder.glob("*train*.npz"))]
+    x, y = np.concatenate([p["x_train"] for p in parts]), np.concatenate([p["y_train"] for p in parts])
+    rng = np.random.default_rng(0)
+    keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[: n // 10] for c in range(10)]))
+    test = np.load(folder / "cifar10_test.npz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, x_train=x[keep], y_train=y[keep], x_test=test["x_test"], y_test=test["y_test"],
+             label_names=test["label_names"])  # fmt: skip
+    return out
+
+
+def data_section(name: str, work: Path, folder: Path) -> dict:
+    """The ``data:`` section of a set."""
+    if name == "digits":
+        return {"name": "digits"}
+    size, _, colour = name.removeprefix("cifar-").partition("-")
+    path = subset(folder, SIZES[size], work / "data" / f"cifar10-{size}.npz")
+    return {"name": "npz", "path": str(path), **({"image_size": 64, "color": "grey"} if colour else {})}
+
+
+def run(name: str, seed: int, work: Path, folder: Path) -> Path:
+    """One run of the defaults (resumed where it stopped); its directory."""
+    out = work / name / f"seed{seed}"
+    if not (out / "metrics.json").exists():
+        cfg = work / name / "config.yaml"
+        cfg.parent.mkdir(parents=True, exist_ok=True)
+        cfg.write_text(yaml.safe_dump({"seed": seed, "data": data_section(name, work, folder), **CONFIG}))
+        cmd = [sys.executable, "-m", "prune2edge.cli", "run", str(cfg), "--out", str(out), "--seed", str(seed)]
+        subprocess.run([*cmd, "--quiet"], check=True, cwd=ROOT)
+    return out
+
+
+def row(name: str, seed: int, run_dir: Path) -> dict:
+    """What a run measured, read from its metrics.json and cpu_seconds.json."""
+    m = json.loads((run_dir / "metrics.json").read_text())
+    cpu = json.loads((run_dir / "cpu_seconds.json").read_text())
+    sh, b = m["shipped"], m["baseline"]
+    shipped = [x for x in m["members"] if x["name"] in sh["members"]] or [{"bytes": b["bytes"]}]
+    return {
+        "set": name,
+        "seed": seed,
+        "run_dir": rel(run_dir),
+        "n_train": m["dataset"]["n_train"],
+        "n_val": m["dataset"]["n_val"],
+        "n_test": m["dataset"]["n_test"],
+        "parent_fp32": b["test_acc_fp32"],
+        "parent_int8": b["test_acc_int8"],
+        "shipped_kind": sh["kind"],
+        "shipped_members": sh["members"],
+        "k": m["clustering"]["k"],
+        "k_reason": m["k_choice"].get("reason"),
+        "reason": sh["reason"],
+        "test_acc": sh["test_acc"],
+        "gain": sh["gain_vs_baseline_fp32"],
+        "mcnemar_p": sh["mcnemar_p_vs_baseline_fp32"],
+        "bytes_shipped": max(x["bytes"]["shipped"] for x in shipped),
+        "bytes_as_run": max(x["bytes"]["int8"] for x in shipped),
+        "pool_vote_test_acc": m["pool_vote"]["test_acc"],
+        "cost": sum(cpu[p] for p in POOL) / cpu["baseline"],
+    }
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    lines = [
+        TITLE,
+        "",
+        "A user's few thousand images with only data, model (`small_cnn`) and training (30 epochs, batch 64) set: "
+        "every other key is the default (the pool: the parent with 4-bit QAT + 2 independent members; every choice "
+        "that ships fewer models needs a lead on validation beyond chance). Gain: points of test accuracy of what "
+        "shipped over the fp32 parent of the same run; p: exact McNemar, two-sided; bytes per device: the largest "
+        "shipped model, as shipped (entropy-coded) and as run (the int8 ONNX file the runtime loads); cost: the pool's "
+        "phases over the parent's training, CPU seconds.",
+        "",
+        f"- {result['machine']}; {result['date']}; `{result['command']}`; raw numbers: `{result['results_file']}`",
+        f"- {result['load']}",
+        "",
+        "| set | seeds | train / val / test | parent fp32 | shipped | k | test acc | gain (per seed, p) | bytes shipped | "
+        "bytes as run | cost |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in dict.fromkeys(r["set"] for r in rows):
+        rs = [r for r in rows if r["set"] == name]
+        mean = lambda key, rs=rs: statistics.mean(r[key] for r in rs)  # noqa: E731
+        kinds = ", ".join(f"{r['shipped_kind']} of {len(r['shipped_members'])}" for r in rs)
+        gains = "; ".join(f"{100 * r['gain']:+.2f} (p = {r['mcnemar_p']:.2g})" for r in rs)
+        lines.append(
+            f"| {name} | {len(rs)} | {rs[0]['n_train']} / {rs[0]['n_val']} / {rs[0]['n_test']} | "
+            f"{100 * mean('parent_fp32'):.2f} | {kinds} | {', '.join(str(r['k']) for r in rs)} | "
+            f"{100 * mean('test_acc'):.2f} | **{100 * mean('gain'):+.2f}**: {gains} | "
+            f"{mean('bytes_shipped') / 1024:.1f} KiB | {mean('bytes_as_run') / 1024:.1f} KiB | {mean('cost'):.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparser(__doc__)
+    ap.add_argument("--sets", default=",".join(SETS), help=f"comma-separated (default: {','.join(SETS)})")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--data", default=str(DATA), help="folder of the CIFAR-10 npz parts")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "small-data"), help="runs and data subsets")
+    ap.add_argument("--load", default="", help="what else ran on the machine, for the record")
+    ap.add_argument("--report", action="store_true", help="measure nothing: the section from the results file")
+    args = ap.parse_args()
+    path = RESULTS / "small-data.json"
+    if not args.report:
+        work, rows = Path(args.out), []
+        for name in args.sets.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                rows.append(row(name, seed, run(name, seed, work, Path(args.data))))
+                old = json.loads(path.read_text())["rows"] if path.exists() else []
+                keep = [r for r in old if (r["set"], r["seed"]) not in {(x["set"], x["seed"]) for x in rows}]
+                write_result(path, {
+                    "machine": machine(), "date": datetime.date.today().isoformat(), "command": command_line(),
+                    "load": args.load or "what else ran: not recorded", "results_file": rel(path),
+                    "rows": sorted(keep + rows, key=lambda r: (SETS.index(r["set"]), r["seed"])),
+                })  # fmt: skip
+    publish(TITLE, markdown(json.loads(path.read_text())), not args.no_docs)
+
+
+if __name__ == "__main__":
+    main()
