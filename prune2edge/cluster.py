@@ -39,6 +39,7 @@ def cluster(proba: np.ndarray, method: str = "kmeans-onehot", k: int | str = 5, 
 
     (``cluster.k: auto``, k chosen on the selected ensemble's validation accuracy, is :func:`choose_k`.)
 
+    With k at least the number of members, each member is a cluster of its own, even where members predict alike.
     Returns ``labels`` (renumbered 0..k-1 in order of first appearance), ``k`` and the silhouette scores tried.
     """
     m = len(proba)
@@ -54,7 +55,7 @@ def cluster(proba: np.ndarray, method: str = "kmeans-onehot", k: int | str = 5, 
                     else silhouette_score(features(proba, method), labels)
                 )
         k = max(scores, key=scores.get) if scores else 1
-    labels = _fit(proba, method, int(k), seed)
+    labels = np.arange(m) if int(k) >= m else _fit(proba, method, int(k), seed)  # k >= m: each member alone
     order = {c: i for i, c in enumerate(dict.fromkeys(labels.tolist()))}
     labels = np.array([order[c] for c in labels])
     return {
