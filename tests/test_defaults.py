@@ -17,8 +17,8 @@ from prune2edge.bundle import Bundle, predict_proba, session
 from prune2edge.errors import UserError
 
 TINY = {"model": {"kwargs": {"width": 8, "depth": 2}}}  # a small network: the defaults decide everything else
-# the pool settings before issue 23, for the comparison
-OLD_POOL = {"size": 20, "epochs": [1.0, 2.0], "lr": [0.001, 0.01], "min_steps": 0}
+# the pool settings before issue 23 (clones), for the comparison
+OLD_POOL = {**config.clone_family({}), "size": 20, "epochs": [1.0, 2.0], "lr": [0.001, 0.01], "min_steps": 0}
 
 
 def shape_image(rng: np.random.Generator, cls: int, h: int, w: int, rgb: bool) -> np.ndarray:
@@ -208,5 +208,10 @@ def test_new_keys_validate(overrides, message):
 
 def test_new_defaults():
     d = config.Config()
-    assert d.cluster.k == "auto" and d.select.fallback is True and d.pool.min_steps > 0
-    assert config.load(None, {"cluster": {"k": 5}}).cluster.k == 5  # fixed k: one setting away
+    assert d.cluster.k == "auto" and d.select.fallback is True
+    p = config.load(None, {"train": {"epochs": 20, "lr": 0.1, "batch_size": 32, "schedule": "cosine"}}).pool
+    assert (p.family, p.size, p.include_parent, p.sparsity, p.weight_bits) == ("independent", 3, True, (0, 0), 4)
+    assert (p.epochs, p.lr, p.batch_size, p.lr_schedule, p.min_steps) == ((14, 14), (0.1, 0.1), [32], "cosine", 0)
+    c = config.load(None, {"pool": {"family": "clones", "size": 4}}).pool  # the family fills what is left out
+    assert (c.size, c.sparsity, c.epochs, c.weight_bits, c.min_steps) == (4, (0.5, 0.9), (1, 2), 0, 100)
+    assert config.load(None, {"cluster": {"k": 2}}).cluster.k == 2  # fixed k: one setting away
