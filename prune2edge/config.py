@@ -157,7 +157,7 @@ class Pool(Section):
     scope: Literal["layer", "global"] = "layer"
     prune_end: Unit = 0.7
     epochs: span(0, 1e6, positive=True) = (7.5, 7.5)
-    min_steps: Annotated[Count, must("must be an integer >= 0 (a member's least optimiser steps; 0: no floor)")] = 0
+    min_steps: Annotated[Count, must("must be an integer >= 0 (a member's least optimiser steps; 0: no floor)")] = 100
     lr: span(0, 10, positive=True) = (0.05, 0.05)
     batch_size: Annotated[list[PosInt], must("must be a positive integer or a list of them"), at.MinLen(1)] = [128]
     lr_schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
@@ -209,15 +209,16 @@ def independent_family(train: dict) -> dict:
     t = {**Train().model_dump(), **train}
     schedule = t["schedule"] if t["schedule"] in ("onecycle", "cosine", "constant") else "onecycle"
     epochs = MEMBER_EPOCHS * t["epochs"] if isinstance(t["epochs"], (int, float)) else t["epochs"]
-    return {"size": 3, "include_parent": True, "sparsity": 0, "weight_bits": 4, "qat_start": 0.6, "epochs": epochs,
-            "lr": t["lr"], "batch_size": t["batch_size"], "lr_schedule": schedule, "min_steps": 0}  # fmt: skip
+    return {"family": "independent", "size": 3, "include_parent": True, "sparsity": 0, "weight_bits": 4,
+            "qat_start": 0.6, "epochs": epochs, "lr": t["lr"], "batch_size": t["batch_size"],
+            "lr_schedule": schedule}  # fmt: skip
 
 
 def clone_family(train: dict) -> dict:
     """The paper's family: 8 clones of the parent pruned to 50-90 % and fine-tuned briefly (1-2 epochs)."""
-    return {"size": 8, "include_parent": False, "sparsity": [0.5, 0.9], "weight_bits": 0, "qat_start": 0.5,
-            "epochs": [1.0, 2.0], "lr": [0.01, 0.05], "batch_size": [64, 128], "lr_schedule": "cosine",
-            "min_steps": 100}  # fmt: skip
+    return {"family": "clones", "size": 8, "include_parent": False, "sparsity": [0.5, 0.9], "weight_bits": 0,
+            "qat_start": 0.5, "epochs": [1.0, 2.0], "lr": [0.01, 0.05], "batch_size": [64, 128],
+            "lr_schedule": "cosine"}  # fmt: skip
 
 
 FAMILIES = {"independent": independent_family, "clones": clone_family}  # pool.family -> its defaults from train:

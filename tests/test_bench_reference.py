@@ -202,13 +202,14 @@ def test_frontier_rows_figure_and_advice_come_from_the_runs(variant: Path, tmp_p
     import frontier
 
     runs = {str(s): cifar10.summarise_run(variant / f"seed{s}") for s in (0, 1)}
-    result = {"runs": runs, "machine": "this machine"}
+    made = {"machine": "this machine", "config_resolved": {"model": {"arch": "small_cnn"}}}
+    result = {"runs": runs, **made}
     weaker = {
         s: {**r, "selected": {**r["selected"], "test_acc": r["selected"]["test_acc"] - 0.01}} for s, r in runs.items()
     }
-    rival = frontier.method_row("rival-qat3-2x", {"runs": weaker, "machine": "this machine"}, {})
+    rival = frontier.method_row("rival-qat3-2x", {"runs": weaker, **made}, {})
     rivals = frontier.best_rivals(
-        {"rival-qat3-2x": {"runs": weaker, "machine": "this machine"}, "indep-qat3-2x": result}
+        {"rival-qat3-2x": {"runs": weaker, **made}, "indep-qat3-2x": result}
     )  # pools are no rivals
     # the rival counts for its budget and every larger one, within its training budget and every larger one
     assert rival["budget"] is not None  # the tiny runs' members fit the largest budget

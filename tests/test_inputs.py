@@ -15,7 +15,7 @@ from conftest import prune2edge_cli
 from PIL import Image, ImageDraw
 
 from prune2edge import UserError, data, fleet, store, summary
-from prune2edge.bundle import Bundle
+from prune2edge.bundle import Bundle, predict_proba, session
 from prune2edge.preprocess import InputSteps, area_weights, check_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,11 +102,14 @@ def test_a_32px_bundle_predicts_the_same_on_images_stored_at_32px_and_on_their_4
     assert np.array_equal(b.predict_proba(nearest), p32)
     assert np.array_equal(b.predict_proba(np.repeat(nearest[..., None], 3, axis=-1)), p32)  # as RGB: grey again
     # enlarged smoothly (Pillow's bilinear): the enlargement blurs, so the pixels come back within a few levels, and
-    # most predictions stay (how many is the model's robustness: a single 32 px member trained on 64 photos, as the
-    # defaults now ship here, keeps about 85 %)
+    # how many predictions stay is the models' robustness: the ensemble of the defaults, trained on 64 photos, keeps
+    # about as many as its int8 parent alone (measured: 71 % and 68 %)
     smooth = np.stack([np.asarray(Image.fromarray(a[..., 0]).resize((128, 128), Image.BILINEAR)) for a in x32])
     assert np.abs(b.steps.apply(smooth[..., None]).astype(int) - x32).mean() < 4
-    assert (b.predict(smooth) == p32.argmax(1)).mean() >= 0.8
+    run, parent = inspection / "runs" / "inspect", session(inspection / "runs" / "inspect" / "baseline" / "int8.onnx")
+    alone = lambda x: predict_proba(parent, store.preprocessing(run).apply(b.steps.apply(x))).argmax(1)  # noqa: E731
+    kept_by_parent = (alone(smooth[..., None]) == alone(x32)).mean()
+    assert (b.predict(smooth) == p32.argmax(1)).mean() >= kept_by_parent - 0.05
 
 
 @pytest.mark.slow

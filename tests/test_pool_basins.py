@@ -27,7 +27,10 @@ def tiny_run(tmp_path_factory) -> tuple:
             "model": {"kwargs": {"width": 8, "depth": 2}},
             "train": {"epochs": 4, "batch_size": 64},
             # min_steps 0: each member trains its epochs' few steps (these tests check the methods, not recovery)
-            "pool": {"size": 3, "sparsity": 0.7, "epochs": 1.0, "lr": 0.02, "batch_size": 64, "min_steps": 0},
+            "pool": {
+                **config.clone_family({}),  # the family these methods move away from the parent
+                **{"size": 3, "sparsity": 0.7, "epochs": 1.0, "lr": 0.02, "batch_size": 64, "min_steps": 0},
+            },
             "cluster": {"k": 2, "k_max": 3},
         },
     )
@@ -182,8 +185,8 @@ def test_cyclical_pool_takes_one_member_per_cycle_from_one_run(tiny_run, tmp_pat
     "opts,key",
     [
         ({"family": "independent", "perturb": 0.1}, "pool.family"),
-        ({"member_kwargs": {"width": 4}}, "pool.member_kwargs"),
-        ({"cyclical": True, "mask": "antirandom"}, "pool.cyclical"),
+        ({"member_kwargs": {"width": 4}, "family": "clones"}, "pool.member_kwargs"),
+        ({"cyclical": True, "mask": "antirandom", "family": "clones"}, "pool.cyclical"),
         ({"mask": "random"}, "pool.mask"),
         ({"shrink": 1.5}, "pool.shrink"),
         ({"regrow": 1.0}, "pool.regrow"),

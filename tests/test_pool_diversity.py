@@ -46,10 +46,10 @@ def test_snapshot_saver_saves_evenly_spaced_checkpoints(tmp_path):
 
 
 def test_plan_sources_round_robin_and_other_settings_unchanged():
-    cfg = config.load(None, {"pool": {"size": 7}})
+    cfg = config.load(None, {"pool": {"family": "clones", "size": 7}})
     base = pool.plan(cfg)
     assert all(m.source == 0 for m in base)
-    snap = pool.plan(config.load(None, {"pool": {"size": 7, "snapshots": 3}}))
+    snap = pool.plan(config.load(None, {"pool": {"family": "clones", "size": 7, "snapshots": 3}}))
     assert [m.source for m in snap] == [3, 2, 1, 3, 2, 1, 3]
     strip = lambda ms: [(m.seed, m.sparsity, m.epochs, m.lr, m.batch_size) for m in ms]  # noqa: E731
     assert strip(base) == strip(snap)
@@ -99,6 +99,7 @@ def test_snapshot_members_clone_different_checkpoints(tmp_path):
             "model": {"kwargs": {"width": 8, "depth": 2}},
             "train": {"epochs": 3, "batch_size": 64, "schedule": "restarts", "cycles": 3},
             "pool": {
+                **config.clone_family({}),
                 "size": 3,
                 "snapshots": 3,
                 "sparsity": 0.5,

@@ -174,11 +174,14 @@ def test_half_bit_grids_hold_about_two_to_the_bits_values(tmp_path):
         ({"weight_bits": 1.5}, "config key 'pool.weight_bits' must be 0"),
         ({"weight_bits": 3.3}, "or a number of bits from 2 to 8 in steps of 0.5"),
         ({"largest_layer_bits": 9, "weight_bits": 4}, "config key 'pool.largest_layer_bits' must be 0"),
-        ({"largest_layer_bits": 3}, "config key 'pool.largest_layer_bits' needs quantisation-aware training"),
+        ({"largest_layer_bits": 3, "weight_bits": 0}, "config key 'pool.largest_layer_bits' needs quantisation-aware"),
         ({"qat_scale": "lsq"}, "config key 'pool.qat_scale' must be one of ['max', 'mse']"),
         ({"family": "independant"}, "config key 'pool.family' must be one of ['clones', 'independent']"),
         ({"qat_start": 1.0}, "config key 'pool.qat_start' must lie in [0.0, 1.0)"),
-        ({"include_parent": True}, "config key 'pool.include_parent' makes the baseline one member of an independent"),
+        (
+            {"include_parent": True, "family": "clones"},
+            "config key 'pool.include_parent' makes the baseline one member of an independent",
+        ),
     ],
 )
 def test_bad_qat_values_get_one_line_errors(opts, message):
