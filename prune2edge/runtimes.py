@@ -1,0 +1,80 @@
+"""The runtimes a member runs on: one int8 ONNX file (standard ONNX, :mod:`prune2edge.qdq`) in any of them.
+
+``onnxruntime`` comes with the core install; ``openvino`` (Intel CPUs and GPUs, the OpenVINO CPU plugin) and
+``reference`` (the ONNX reference evaluator: slow, for checking) come with the extras :data:`EXTRAS` names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import UserError
+
+Runner = Callable[[np.ndarray], np.ndarray]  # preprocessed NCHW float32 images -> the model's logits
+EXTRAS = {"onnxruntime": None, "openvino": "openvino", "reference": "reference"}  # runtime -> its pip extra
+
+
+def session(model: Path | str | bytes, threads: int = 0) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session on an ONNX file or its bytes (``threads`` = 0 lets ORT choose)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"]
+    )
+
+
+def of_session(sess: ort.InferenceSession) -> Runner:
+    """The runner of an ONNX Runtime session."""
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
+
+
+def _onnxruntime(onnx_bytes: bytes, threads: int) -> Runner:
+    return of_session(session(onnx_bytes, threads))
+
+
+def _openvino(onnx_bytes: bytes, threads: int) -> Runner:
+    import openvino
+
+    core = openvino.Core()
+    config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    compiled = core.compile_model(core.read_model(onnx_bytes), "CPU", config)
+    return lambda x: compiled(x)[0]
+
+
+def _reference(onnx_bytes: bytes, threads: int) -> Runner:
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    ref = ReferenceEvaluator(onnx.load_from_string(onnx_bytes))
+    name = ref.input_names[0]
+    return lambda x: ref.run(None, {name: x})[0]
+
+
+LOADERS = {"onnxruntime": _onnxruntime, "openvino": _openvino, "reference": _reference}
+
+
+def load(onnx_bytes: bytes, runtime: str = "onnxruntime", threads: int = 1) -> Runner:
+    """The model ``onnx_bytes`` ready to run on ``runtime`` with ``threads`` threads (0: the runtime chooses)."""
+    if runtime not in LOADERS:
+        raise UserError(f"unknown runtime '{runtime}': use {', '.join(LOADERS)}")
+    try:
+        return LOADERS[runtime](onnx_bytes, threads)
+    except ImportError:
+        raise UserError(
+            f"runtime '{runtime}' is not installed here: pip install 'prune2edge[{EXTRAS[runtime]}]'"
+        ) from None
+
+
+def compare(proba: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """How class probabilities from one runtime agree with another's on the same images (``[..., N, K]``): the
+    share of equal argmax and the largest difference of a probability."""
+    return {
+        "agreement": float((proba.argmax(-1) == reference.argmax(-1)).mean()),
+        "max_proba_diff": float(np.abs(proba - reference).max()),
+    }

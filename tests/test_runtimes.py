@@ -1,0 +1,83 @@
+"""Members are standard ONNX: every node of every member (and the int8 parent) is of the default domain, and ONNX
+Runtime, OpenVINO's CPU plugin and the ONNX reference evaluator agree on their votes, for the digits demo and for a
+CIFAR-shaped (32x32x3) ResNet-8 bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from prune2edge import UserError, config, pipeline, qdq, runtimes
+from prune2edge.bundle import Bundle, member_onnx, read_manifest
+
+MIN_AGREEMENT = 0.999  # argmax of each member on each runtime against ONNX Runtime's, over the test split
+MAX_PROBA_DIFF = 0.05
+
+
+@pytest.fixture(scope="module")
+def cifar_shaped_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A whole run on synthetic 32x32 RGB images (4 classes: a bright square in one quadrant), ResNet-8."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 480)
+    x = rng.integers(0, 120, (480, 32, 32, 3), dtype=np.uint8)
+    for i, c in enumerate(y):
+        r, s = divmod(int(c), 2)
+        x[i, 16 * r : 16 * r + 16, 16 * s : 16 * s + 16, c % 3] += 120
+    run = tmp_path_factory.mktemp("cifar_shaped")
+    np.savez(run / "synthetic.npz", x_train=x[:400], y_train=y[:400], x_test=x[400:], y_test=y[400:])
+    cfg = config.load(
+        None,
+        {
+            "data": {"name": "npz", "path": str(run / "synthetic.npz")},
+            "model": {"arch": "resnet8", "kwargs": {"width": 8}},
+            "train": {"epochs": 2, "batch_size": 64},
+            "pool": {"size": 3, "sparsity": 0.5, "epochs": 1.0, "batch_size": 64},
+            "cluster": {"k": 2, "k_max": 3},
+        },
+    )
+    pipeline.run(cfg, run / "run", progress=False)
+    return run / "run"
+
+
+def models_of(run: Path) -> dict[str, bytes]:
+    """The int8 parent and every bundle member, as the ONNX bytes a device runs."""
+    bundle = run / "bundle"
+    members = {e["id"]: member_onnx(bundle, e) for e in read_manifest(bundle)["members"]}
+    return {"parent": (run / "baseline" / "int8.onnx").read_bytes(), **members}
+
+
+@pytest.mark.parametrize("run_name", ["demo_run", "cifar_shaped_run"])
+def test_every_node_is_of_the_default_onnx_domain(run_name: str, request: pytest.FixtureRequest):
+    run = request.getfixturevalue(run_name)
+    for name, onnx_bytes in models_of(run).items():
+        model = onnx.load_from_string(onnx_bytes)
+        foreign = {(n.domain, n.op_type) for n in model.graph.node if n.domain not in qdq.STANDARD_DOMAINS}
+        assert not foreign, f"{name} uses operators outside the default ONNX domain: {foreign}"
+        assert {o.domain for o in model.opset_import} <= set(qdq.STANDARD_DOMAINS)
+        assert qdq.full_integer(model) and qdq.describe(model) == {
+            "format": "onnx-qdq",
+            "opset": qdq.OPSET,
+            "domains": ["ai.onnx"],
+        }
+
+
+@pytest.mark.parametrize(("run_name", "images"), [("demo_run", None), ("cifar_shaped_run", 48)])
+@pytest.mark.parametrize("runtime", ["openvino", "reference"])
+def test_every_member_votes_alike_on_every_runtime(run_name: str, images: int | None, runtime: str, request):
+    """The reference evaluator is slow on 32x32 images: it sees the first ``images`` test images there."""
+    run = request.getfixturevalue(run_name)
+    x = np.load(run / "test.npz")["x"][:images]
+    expected = Bundle.load(run / "bundle").member_proba(x)
+    got = Bundle.load(run / "bundle", runtime=runtime).member_proba(x)
+    for member, p, q in zip(read_manifest(run / "bundle")["members"], got, expected):
+        stats = runtimes.compare(p, q)
+        print(f"{run_name} {member['id']} on {runtime}: {stats}")
+        assert stats["agreement"] >= MIN_AGREEMENT and stats["max_proba_diff"] < MAX_PROBA_DIFF, (member["id"], stats)
+
+
+def test_an_unknown_runtime_is_a_clear_error(demo_run):
+    with pytest.raises(UserError, match="unknown runtime 'tensorrt': use onnxruntime, openvino, reference"):
+        Bundle.load(demo_run / "bundle", runtime="tensorrt")
