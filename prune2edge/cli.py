@@ -422,7 +422,15 @@ def _with(options):
 @click.option("--device", help="Or: this device's name; the node runs the member the bundle assigns to it.")
 @_mqtt_options()
 @click.option("--max-batch", type=int, default=32, show_default=True, help="Frames run in one batch when queued.")
-def node(bundle_dir: Path, member: str | None, device: str | None, fleet_name: str, max_batch: int, **mqtt) -> None:
+@click.option(
+    "--runtime",
+    default="onnxruntime",
+    show_default=True,
+    help="What runs the member: onnxruntime, openvino (extra [openvino]) or reference (ONNX's, slow; extra [reference]).",
+)
+def node(
+    bundle_dir: Path, member: str | None, device: str | None, fleet_name: str, max_batch: int, runtime: str, **mqtt
+) -> None:
     """Serve one bundle member: verify it, then vote on the fleet's frames (needs no torch or scikit-learn)."""
     from . import fleet
 
@@ -430,7 +438,9 @@ def node(bundle_dir: Path, member: str | None, device: str | None, fleet_name: s
         raise UserError("give either --member ID or --device NAME (the member the bundle assigns to that device)")
     member = member or fleet.member_on(bundle_dir, device)
     _log_to_stderr()
-    fleet.Node(bundle_dir, member, _broker(mqtt), fleet_name, max_batch=max_batch).serve(fleet.stop_on_signals())
+    fleet.Node(bundle_dir, member, _broker(mqtt), fleet_name, max_batch=max_batch, runtime=runtime).serve(
+        fleet.stop_on_signals()
+    )
 
 
 @main.command()

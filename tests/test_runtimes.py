@@ -1,6 +1,6 @@
 """Members are standard ONNX: every node of every member (and the int8 parent) is of the default domain, and ONNX
 Runtime, OpenVINO's CPU plugin and the ONNX reference evaluator agree on their votes, for the digits demo and for a
-CIFAR-shaped (32x32x3) ResNet-8 bundle."""
+CIFAR-shaped (32x32x3) ResNet-8 bundle; a fleet of nodes on different runtimes decides like the offline ensemble."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from test_fleet import broker, digits_npz, finish, members, mosquitto_exe, start_stream  # noqa: F401 (fixtures)
 
 from prune2edge import UserError, config, pipeline, qdq, runtimes
 from prune2edge.bundle import Bundle, member_onnx, read_manifest
+from prune2edge.fleet import Broker, LocalFleet
 
 MIN_AGREEMENT = 0.999  # argmax of each member on each runtime against ONNX Runtime's, over the test split
 MAX_PROBA_DIFF = 0.05
@@ -81,3 +83,22 @@ def test_every_member_votes_alike_on_every_runtime(run_name: str, images: int | 
 def test_an_unknown_runtime_is_a_clear_error(demo_run):
     with pytest.raises(UserError, match="unknown runtime 'tensorrt': use onnxruntime, openvino, reference"):
         Bundle.load(demo_run / "bundle", runtime="tensorrt")
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_a_mixed_fleet_decides_like_the_offline_ensemble(demo_run, broker, digits_npz, tmp_path):  # noqa: F811
+    bundle, (npz, x, _) = demo_run / "bundle", digits_npz
+    ids = members(bundle)[:3]
+    chosen = dict(zip(ids, runtimes.LOADERS))  # one node per runtime
+    out, url = tmp_path / "out.jsonl", broker.url
+    with LocalFleet(
+        bundle, Broker.parse(url), "mixed", ids, workdir=tmp_path / "fleet", abstain_below=0.0, runtimes=chosen
+    ):
+        got = finish(start_stream(url, "mixed", npz, out, n=len(x)), out, len(x))
+    logs = {m: (tmp_path / "fleet" / f"{m}.log").read_text() for m in ids}
+    assert all(f", {chosen[m]}) serving fleet 'mixed'" in logs[m] for m in ids), logs
+    assert all(row["status"] == "decided" and row["voted"] == ids for row in got)
+    offline = Bundle.load(bundle, members=ids).predict(x)
+    decided = np.array([row["class"] for row in sorted(got, key=lambda row: row["index"])])
+    assert (decided == offline).mean() >= MIN_AGREEMENT
