@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import UserError
+from .vote import softmax
 
 Runner = Callable[[np.ndarray], np.ndarray]  # preprocessed NCHW float32 images -> the model's logits
 EXTRAS = {"onnxruntime": None, "openvino": "openvino", "reference": "reference"}  # runtime -> its pip extra
@@ -57,6 +58,7 @@ def _reference(onnx_bytes: bytes, threads: int) -> Runner:
 
 
 LOADERS = {"onnxruntime": _onnxruntime, "openvino": _openvino, "reference": _reference}
+CHECK_IMAGES = 128  # validation images each shipped member is run on, on every runtime installed where it is built
 
 
 def load(onnx_bytes: bytes, runtime: str = "onnxruntime", threads: int = 1) -> Runner:
@@ -78,3 +80,24 @@ def compare(proba: np.ndarray, reference: np.ndarray) -> dict[str, float]:
         "agreement": float((proba.argmax(-1) == reference.argmax(-1)).mean()),
         "max_proba_diff": float(np.abs(proba - reference).max()),
     }
+
+
+def version(runtime: str) -> str:
+    """The version of an installed runtime's package."""
+    from importlib.metadata import version as package_version
+
+    return package_version({"reference": "onnx"}.get(runtime, runtime))
+
+
+def verify(onnx_bytes: bytes, x: np.ndarray) -> dict[str, dict]:
+    """How each runtime installed here runs the model on the preprocessed images ``x``, against ONNX Runtime
+    (:func:`compare`, with the runtime's version and the number of images); runtimes not installed are left out."""
+    expected = softmax(load(onnx_bytes)(x))
+    out = {}
+    for runtime in LOADERS:
+        try:
+            runner = load(onnx_bytes, runtime)
+        except UserError:  # not installed here
+            continue
+        out[runtime] = compare(softmax(runner(x)), expected) | {"images": len(x), "version": version(runtime)}
+    return out

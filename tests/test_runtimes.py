@@ -102,3 +102,12 @@ def test_a_mixed_fleet_decides_like_the_offline_ensemble(demo_run, broker, digit
     offline = Bundle.load(bundle, members=ids).predict(x)
     decided = np.array([row["class"] for row in sorted(got, key=lambda row: row["index"])])
     assert (decided == offline).mean() >= MIN_AGREEMENT
+
+
+def test_the_manifest_says_what_a_device_needs_and_where_each_member_was_verified(demo_run):
+    for e in read_manifest(demo_run / "bundle")["members"]:
+        assert (e["format"], e["opset"], e["domains"]) == ("onnx-qdq", qdq.OPSET, ["ai.onnx"])
+        assert list(e["runtimes"]) == list(runtimes.LOADERS)  # every runtime is installed where the tests run
+        for runtime, got in e["runtimes"].items():
+            assert got["images"] == runtimes.CHECK_IMAGES and got["version"] == runtimes.version(runtime)
+            assert got["agreement"] >= 0.99 and got["max_proba_diff"] < MAX_PROBA_DIFF, (e["id"], runtime, got)
