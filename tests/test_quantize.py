@@ -200,3 +200,17 @@ def test_codebook_bits_must_be_off_or_2_to_8(bits):
         UserError, match="config key 'quantize.codebook_bits' must be 0 \\(off\\) or an integer from 2 to 8"
     ):
         config.load(overrides={"quantize": {"codebook_bits": bits}})
+
+
+def test_compact_names_shrink_the_model_and_keep_its_outputs(quantized, tmp_path):
+    runs, x_val, _ = quantized
+    quantize.quantize_onnx(runs[0][0] / "fp32.onnx", tmp_path / "int8.onnx", x_val[:32])
+    shutil.copyfile(tmp_path / "int8.onnx", tmp_path / "compact.onnx")
+    quantize.compact(tmp_path / "compact.onnx")
+    before, after = (predict_proba(session(tmp_path / f), x_val) for f in ("int8.onnx", "compact.onnx"))
+    assert np.array_equal(before, after)
+    sizes = {f: (tmp_path / f).stat().st_size for f in ("int8.onnx", "compact.onnx")}
+    assert sizes["compact.onnx"] < 0.95 * sizes["int8.onnx"], sizes
+    model = onnx.load(str(tmp_path / "compact.onnx"))
+    assert not model.graph.value_info and [v.name for v in model.graph.output] == ["logits"]
+    assert {len(t.name) for t in model.graph.initializer} <= {2, 3}  # t0 .. t99
