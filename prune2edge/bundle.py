@@ -225,9 +225,13 @@ class Bundle:
         """Per-member voting weights, or None for an unweighted vote."""
         return np.array([e["weight"] for e in self.manifest["members"]]) if self.manifest["vote"]["weighted"] else None
 
+    def preprocess(self, x: np.ndarray) -> np.ndarray:
+        """Raw images as the members take them: the input steps, then the preprocessing (NCHW float32)."""
+        return self.preprocessing.apply(check_images(x, self.shape, self.steps))
+
     def member_proba(self, x: np.ndarray) -> np.ndarray:
         """Each member's class probabilities for raw images: ``[M, N, K]``."""
-        inp = self.preprocessing.apply(check_images(x, self.shape, self.steps))
+        inp = self.preprocess(x)
         return np.stack([predict_proba(s, inp) for s in self.sessions])
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:

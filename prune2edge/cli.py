@@ -193,6 +193,26 @@ def evaluate(bundle_dir: Path, spec: str) -> None:
         click.secho(f"warning: {w}", fg="yellow", err=True)
 
 
+@main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["tflite"]), required=True, help="tflite: LiteRT / TFLite Micro.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the files.")
+@click.option(
+    "--data", "spec", required=True, help="Its training images calibrate int8 activations: digits | npz:... | ..."
+)
+def export(bundle_dir: Path, fmt: str, out: Path, spec: str) -> None:
+    """Write every member of BUNDLE_DIR as a full-integer int8 file for another runtime (needs the [litert] extra)."""
+    from . import data
+    from .export import export_bundle
+
+    record = export_bundle(bundle_dir, fmt, out, data.parse_spec(spec))
+    for m in record["members"].values():
+        click.echo(
+            f"{out / m['path']}: {m['bytes']:,} B ({m['bytes'] / record['mlperf_tiny_reference_bytes']:.2f}x "
+            "MLPerf Tiny's int8 ResNet-8)"
+        )
+
+
 def read_images(paths: list[str]) -> tuple[list[str], object]:
     """Image files (png/jpg) or arrays (.npy, or .npz with x / x_test) -> names and the uint8 images: one array,
     or a list of arrays when their shapes differ."""
