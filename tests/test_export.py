@@ -31,18 +31,21 @@ def tflite_logits(path, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_tflite_members_vote_like_their_onnx_models(demo_run, tmp_path):
-    bundle = demo_run / "bundle"
-    r = prune2edge_cli("export", str(bundle), "--format", "tflite", "--out", str(tmp_path), "--data", "digits")
+@pytest.mark.parametrize("run_name", ["demo_run", "cifar_shaped_run"])
+def test_tflite_members_vote_like_their_onnx_models(run_name: str, request: pytest.FixtureRequest, tmp_path):
+    run = request.getfixturevalue(run_name)
+    bundle, spec = run / "bundle", "digits" if run_name == "demo_run" else f"npz:{run.parent / 'synthetic.npz'}"
+    r = prune2edge_cli("export", str(bundle), "--format", "tflite", "--out", str(tmp_path), "--data", spec)
     assert r.returncode == 0, r.stderr
     record = json.loads((tmp_path / "export.json").read_text())
-    x = Bundle.load(bundle).preprocess(np.load(demo_run / "test.npz")["x"])
+    x = Bundle.load(bundle).preprocess(np.load(run / "test.npz")["x"])
     for e in read_manifest(bundle)["members"]:
         got = record["members"][e["id"]]
         assert got["bytes"] == (tmp_path / got["path"]).stat().st_size
         print(f"{e['id']}: {got['bytes']:,} B as .tflite (MLPerf Tiny's int8 ResNet-8: {export.MLPERF_TINY_BYTES:,} B)")
         expected = predict_proba(session(member_onnx(bundle, e)), x).argmax(1)
         agreement = (tflite_logits(tmp_path / got["path"], x).argmax(1) == expected).mean()
+        print(f"{run_name} {e['id']}: .tflite argmax = ONNX's on {100 * agreement:.2f} % of {len(x)} test images")
         assert agreement >= MIN_AGREEMENT, (e["id"], agreement)
     assert f"{tmp_path / 'm'}" in r.stdout and "MLPerf Tiny" in r.stdout
 

@@ -11,37 +11,12 @@ import onnx
 import pytest
 from test_fleet import broker, digits_npz, finish, members, mosquitto_exe, start_stream  # noqa: F401 (fixtures)
 
-from prune2edge import UserError, config, pipeline, qdq, runtimes
+from prune2edge import UserError, qdq, runtimes
 from prune2edge.bundle import Bundle, member_onnx, read_manifest
 from prune2edge.fleet import Broker, LocalFleet
 
 MIN_AGREEMENT = 0.999  # argmax of each member on each runtime against ONNX Runtime's, over the test split
 MAX_PROBA_DIFF = 0.05
-
-
-@pytest.fixture(scope="module")
-def cifar_shaped_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A whole run on synthetic 32x32 RGB images (4 classes: a bright square in one quadrant), ResNet-8."""
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 4, 480)
-    x = rng.integers(0, 120, (480, 32, 32, 3), dtype=np.uint8)
-    for i, c in enumerate(y):
-        r, s = divmod(int(c), 2)
-        x[i, 16 * r : 16 * r + 16, 16 * s : 16 * s + 16, c % 3] += 120
-    run = tmp_path_factory.mktemp("cifar_shaped")
-    np.savez(run / "synthetic.npz", x_train=x[:400], y_train=y[:400], x_test=x[400:], y_test=y[400:])
-    cfg = config.load(
-        None,
-        {
-            "data": {"name": "npz", "path": str(run / "synthetic.npz")},
-            "model": {"arch": "resnet8", "kwargs": {"width": 8}},
-            "train": {"epochs": 2, "batch_size": 64},
-            "pool": {"size": 3, "sparsity": 0.5, "epochs": 1.0, "batch_size": 64},
-            "cluster": {"k": 2, "k_max": 3},
-        },
-    )
-    pipeline.run(cfg, run / "run", progress=False)
-    return run / "run"
 
 
 def models_of(run: Path) -> dict[str, bytes]:
