@@ -229,6 +229,16 @@ def op_counts(path: Path) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node))
 
 
+def finish(int8: Path, fp32: Path, grids: set[float], codebook_bits: int) -> None:
+    """The quantised model made as it ships, in place: the weights of a QAT model on their grids of ``grids`` bits,
+    codebooks of ``codebook_bits`` (when not 0), compact names."""
+    if grids and min(grids) < 8:
+        qat.snap_onnx(int8, fp32, grids)
+    if codebook_bits:
+        apply_codebooks(int8, codebook_bits)
+    compact(int8)
+
+
 def quantize_model(
     folder: Path,
     model: torch.nn.Module,
@@ -253,11 +263,7 @@ def quantize_model(
     attempts, grids = [], {b for b in (weight_bits, largest_layer_bits) if b}
     for setting in ATTEMPTS:
         quantize_onnx(fp32, int8, calib, **setting)
-        if grids and min(grids) < 8:
-            qat.snap_onnx(int8, fp32, grids)
-        if codebook_bits:
-            apply_codebooks(int8, codebook_bits)
-        compact(int8)
+        finish(int8, fp32, grids, codebook_bits)
         p8 = predict_proba(session(int8), x_val)
         acc8, agree = accuracy(p8, y_val), float((p8.argmax(1) == p32.argmax(1)).mean())
         passed = acc8 >= acc32 - max_drop and agree >= min_agreement
