@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from . import cores
+from . import runtimes
 from .errors import UserError
 from .preprocess import InputSteps, Preprocessing, check_images
+from .runtimes import Runner
+from .runtimes import session as session  # where callers have always found it
 from .store import write_bytes, write_json
 from .vote import AGREEMENT, Decisions, decide, softmax, vote
 
@@ -36,17 +38,6 @@ ENCODINGS = {
     "into codebook. Each tensor, rebuilt as int8 (codebook values at the non-zeros, else 0), goes back in at "
     "byte offset 'at' of the ONNX file",
 }
-
-
-def session(model: Path | str | bytes, threads: int = 0) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session on an ONNX file or its bytes, on ``threads`` threads (0: the free cores,
-    :func:`prune2edge.cores.free`)."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or cores.free()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(
-        model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"]
-    )
 
 
 def decode(blob: bytes) -> bytes:
@@ -69,12 +60,12 @@ def decode(blob: bytes) -> bytes:
     return bytes(out + rest[r:])
 
 
-def predict_proba(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Class probabilities (softmax of the model's logits) for preprocessed NCHW float32 input."""
-    name = sess.get_inputs()[0].name
-    return np.concatenate(
-        [softmax(sess.run(None, {name: x[i : i + batch_size]})[0]) for i in range(0, len(x), batch_size)]
-    )
+def predict_proba(model: ort.InferenceSession | Runner, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities (softmax of the model's logits) for preprocessed NCHW float32 input; ``model`` is an
+    ONNX Runtime session or a :data:`prune2edge.runtimes.Runner`."""
+    if isinstance(model, ort.InferenceSession):
+        model = runtimes.of_session(model)
+    return np.concatenate([softmax(model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)])
 
 
 def write(
@@ -211,28 +202,36 @@ def restrict(manifest: dict, members: list[str] | None) -> dict:
 class Bundle:
     """A verified ensemble ready to run. Build one with :meth:`load`."""
 
-    def __init__(self, path: Path, manifest: dict, sessions: list[ort.InferenceSession]):
-        self.path, self.manifest, self.sessions = path, manifest, sessions
+    def __init__(self, path: Path, manifest: dict, sessions: list[Runner], runtime: str = "onnxruntime"):
+        self.path, self.manifest, self.sessions, self.runtime = path, manifest, sessions, runtime
         self.preprocessing = Preprocessing.from_dict(manifest["input"]["preprocess"])
         self.shape = tuple(manifest["input"]["shape"])
         self.steps = InputSteps.from_dict(manifest["input"].get("steps"))  # none in bundles made before them
         self.classes = manifest["classes"]
 
     @classmethod
-    def load(cls, path: Path | str, members: list[str] | None = None, threads: int = 1) -> Bundle:
-        """Read, verify and decode a bundle; ``members`` restricts it to those ids."""
+    def load(
+        cls, path: Path | str, members: list[str] | None = None, threads: int = 1, runtime: str = "onnxruntime"
+    ) -> Bundle:
+        """Read, verify and decode a bundle; ``members`` restricts it to those ids; they run on ``runtime``
+        (:mod:`prune2edge.runtimes`)."""
         path = Path(path)
         manifest = restrict(read_manifest(path), members)
-        return cls(path, manifest, [session(member_onnx(path, e), threads) for e in manifest["members"]])
+        runners = [runtimes.load(member_onnx(path, e), runtime, threads) for e in manifest["members"]]
+        return cls(path, manifest, runners, runtime)
 
     @property
     def weights(self) -> np.ndarray | None:
         """Per-member voting weights, or None for an unweighted vote."""
         return np.array([e["weight"] for e in self.manifest["members"]]) if self.manifest["vote"]["weighted"] else None
 
+    def preprocess(self, x: np.ndarray) -> np.ndarray:
+        """Raw images as the members take them: the input steps, then the preprocessing (NCHW float32)."""
+        return self.preprocessing.apply(check_images(x, self.shape, self.steps))
+
     def member_proba(self, x: np.ndarray) -> np.ndarray:
         """Each member's class probabilities for raw images: ``[M, N, K]``."""
-        inp = self.preprocessing.apply(check_images(x, self.shape, self.steps))
+        inp = self.preprocess(x)
         return np.stack([predict_proba(s, inp) for s in self.sessions])
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:

@@ -199,6 +199,26 @@ def evaluate(bundle_dir: Path, spec: str, same_classes: bool, whole: bool) -> No
         click.secho(f"warning: {w}", fg="yellow", err=True)
 
 
+@main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["tflite"]), required=True, help="tflite: LiteRT / TFLite Micro.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the files.")
+@click.option(
+    "--data", "spec", required=True, help="Its training images calibrate int8 activations: digits | npz:... | ..."
+)
+def export(bundle_dir: Path, fmt: str, out: Path, spec: str) -> None:
+    """Write every member of BUNDLE_DIR as a full-integer int8 file for another runtime (needs the [litert] extra)."""
+    from . import data
+    from .export import export_bundle
+
+    record = export_bundle(bundle_dir, fmt, out, data.parse_spec(spec))
+    for m in record["members"].values():
+        click.echo(
+            f"{out / m['path']}: {m['bytes']:,} B ({m['bytes'] / record['mlperf_tiny_reference_bytes']:.2f}x "
+            "MLPerf Tiny's int8 ResNet-8)"
+        )
+
+
 def read_images(paths: list[str]) -> tuple[list[str], object]:
     """Image files (png/jpg) or arrays (.npy, or .npz with x / x_test) -> names and the uint8 images: one array,
     or a list of arrays when their shapes differ."""
@@ -428,7 +448,15 @@ def _with(options):
 @click.option("--device", help="Or: this device's name; the node runs the member the bundle assigns to it.")
 @_mqtt_options()
 @click.option("--max-batch", type=int, default=32, show_default=True, help="Frames run in one batch when queued.")
-def node(bundle_dir: Path, member: str | None, device: str | None, fleet_name: str, max_batch: int, **mqtt) -> None:
+@click.option(
+    "--runtime",
+    default="onnxruntime",
+    show_default=True,
+    help="What runs the member: onnxruntime, openvino (extra [openvino]) or reference (ONNX's, slow; extra [reference]).",
+)
+def node(
+    bundle_dir: Path, member: str | None, device: str | None, fleet_name: str, max_batch: int, runtime: str, **mqtt
+) -> None:
     """Serve one bundle member: verify it, then vote on the fleet's frames (needs no torch or scikit-learn)."""
     from . import fleet
 
@@ -436,7 +464,9 @@ def node(bundle_dir: Path, member: str | None, device: str | None, fleet_name: s
         raise UserError("give either --member ID or --device NAME (the member the bundle assigns to that device)")
     member = member or fleet.member_on(bundle_dir, device)
     _log_to_stderr()
-    fleet.Node(bundle_dir, member, _broker(mqtt), fleet_name, max_batch=max_batch).serve(fleet.stop_on_signals())
+    fleet.Node(bundle_dir, member, _broker(mqtt), fleet_name, max_batch=max_batch, runtime=runtime).serve(
+        fleet.stop_on_signals()
+    )
 
 
 @main.command()

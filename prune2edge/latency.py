@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import session
+from .runtimes import Runner, of_session, session
 
 WARMUP = 5  # untimed runs first: the first runs of a session pay for allocation
 
@@ -27,18 +27,22 @@ def machine() -> str:
 
 
 def measure(models: Mapping[str, Path | str | bytes], x: np.ndarray, runs: int) -> dict[str, float]:
-    """Median milliseconds of one ``session.run`` at batch 1 and one thread for each named model, over ``runs`` timed
-    runs after :data:`WARMUP` untimed ones; the preprocessed images ``x`` (NCHW float32) are fed one per run, in
-    turn. The models run interleaved, one run each in turn, so that a machine slowing down or speeding up (other
+    """Median milliseconds of one ONNX Runtime run at batch 1 and one thread for each named model
+    (:func:`measure_runners`)."""
+    return measure_runners({n: of_session(session(m, threads=1)) for n, m in models.items()}, x, runs)
+
+
+def measure_runners(runners: Mapping[str, Runner], x: np.ndarray, runs: int) -> dict[str, float]:
+    """Median milliseconds of one run at batch 1 for each named runner (:mod:`prune2edge.runtimes`), over ``runs``
+    timed runs after :data:`WARMUP` untimed ones; the preprocessed images ``x`` (NCHW float32) are fed one per run,
+    in turn. The models run interleaved, one run each in turn, so that a machine slowing down or speeding up (other
     jobs, clock changes) shifts them all alike and their ratios hold."""
-    sessions = {n: session(m, threads=1) for n, m in models.items()}
-    names = {n: s.get_inputs()[0].name for n, s in sessions.items()}
-    times: dict[str, list[float]] = {n: [] for n in sessions}
+    times: dict[str, list[float]] = {n: [] for n in runners}
     for i in range(WARMUP + runs):
-        for n, sess in sessions.items():
-            feed = {names[n]: x[i % len(x)][None]}
+        for n, run in runners.items():
+            image = x[i % len(x)][None]
             t0 = time.perf_counter()
-            sess.run(None, feed)
+            run(image)
             if i >= WARMUP:
                 times[n].append(time.perf_counter() - t0)
     return {n: 1000 * float(np.median(t)) for n, t in times.items()}

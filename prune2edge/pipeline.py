@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from . import (
@@ -20,8 +21,10 @@ from . import (
     latency,
     models,
     pool,
+    qdq,
     quantize,
     report,
+    runtimes,
     select,
     selective,
     store,
@@ -140,6 +143,12 @@ def abstain_threshold(run_dir: Path, cfg: Config, chosen: list[str], quant: dict
     return selective.choose_threshold(d.margin, d.classes == y_val, target)
 
 
+def device_needs(int8: Path, x: np.ndarray) -> dict:
+    """What a device needs to run an int8 model (its format, opset and operator domains) and how each runtime
+    installed here runs it on the preprocessed images ``x``, against ONNX Runtime (:func:`runtimes.verify`)."""
+    return qdq.describe(onnx.load(str(int8))) | {"runtimes": runtimes.verify(int8.read_bytes(), x)}
+
+
 def make_bundle(run_dir: Path, cfg: Config, selection: dict, members: list[dict], quant: dict[str, dict]) -> dict:
     """Write ``bundle/`` with the shipped int8 models (the selected members, or the one model the fallback chose:
     the parent ships as the bundle's one member, ``baseline``), the default abstain threshold and latencies."""
@@ -160,6 +169,7 @@ def make_bundle(run_dir: Path, cfg: Config, selection: dict, members: list[dict]
         for kind, onnx in (("fp32", store.FP32), ("int8", store.INT8))
     }
     ms = latency.measure({n: model_dir(run_dir, n) / store.INT8 for n in shipped["members"]} | baseline, x_val, runs)
+    x_check = store.tensors(run_dir, "val")[0][: runtimes.CHECK_IMAGES].numpy()
     entries = [
         {
             "id": n,
@@ -173,6 +183,7 @@ def make_bundle(run_dir: Path, cfg: Config, selection: dict, members: list[dict]
             "latency_ms": ms[n],
         }
         | cost.of(model_dir(run_dir, n), x_val[0])
+        | device_needs(model_dir(run_dir, n) / store.INT8, x_check)
         | ({"device": device[n]} if n in device else {})
         for n in shipped["members"]
     ]

@@ -25,10 +25,8 @@ from onnx import numpy_helper
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import models
+from . import models, qdq
 
-# QLinearConv and QGemm: input 3 the int8 weight, 4 its scale; the int32 bias is input 8 (QLinearConv) or 6 (QGemm)
-BIAS_INPUT = {"QLinearConv": 8, "QGemm": 6}
 GRID_TOLERANCE = 1e-3  # |w / scale - round(w / scale)| above this: not on the grid
 
 
@@ -130,35 +128,36 @@ def grid_integers(w: np.ndarray, bits: Collection[float]) -> tuple[np.ndarray, n
     raise ValueError(f"weights are not on a {on}-bit grid per output channel: train the model with QAT first")
 
 
+def _set(inits: dict[str, onnx.TensorProto], name: str, value: np.ndarray) -> None:
+    inits[name].CopyFrom(numpy_helper.from_array(value, name))
+
+
 def snap_onnx(int8_path: Path, fp32_path: Path, bits: Collection[float]) -> int:
-    """Rewrite the int8 weights of ``int8_path`` (ONNX Runtime's QOperator model of ``fp32_path``) as the exact
-    integers and scales of the fp32 model's weights on their grids of ``bits`` bits (:func:`grid_integers`),
-    rescaling each int32 bias; in place. Returns the number of weight tensors rewritten. ValueError when a weight is
-    on none of the grids."""
+    """Rewrite the int8 weights of ``int8_path`` (the QDQ model of ``fp32_path``, :mod:`prune2edge.qdq`) as the
+    exact integers and per-channel scales of the fp32 model's weights on their grids of ``bits`` bits
+    (:func:`grid_integers`), rescaling each int32 bias and its scale (input scale x weight scale); in place. Returns
+    the number of weight tensors rewritten. ValueError when a weight is on none of the grids."""
     fp32 = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(fp32_path)).graph.initializer}
     model = onnx.load(str(int8_path))
     inits = {t.name: t for t in model.graph.initializer}
-    done = 0
-    for node in model.graph.node:
-        if node.op_type not in BIAS_INPUT:
-            continue
-        w_name, s_name = node.input[3], node.input[4]
+    found = qdq.layers(model)
+    for node, weight, bias in found:
+        w_name, s_name = weight.input[0], weight.input[1]
         source = fp32.get(w_name.removesuffix("_quantized"))
         if source is None:
             raise ValueError(f"'{int8_path}': cannot find the fp32 weight of {node.op_type} '{node.name}'")
         old = numpy_helper.to_array(inits[w_name])
         old_scale = numpy_helper.to_array(inits[s_name]).astype(np.float64)
         w = source if source.shape == old.shape else source.T  # a Gemm weight may be stored transposed
-        axis = 0 if old.shape[0] == old_scale.size else 1  # the output channels: per-channel scales run along it
+        axis = next((a.i for a in weight.attribute if a.name == "axis"), 1)  # the output channels
         k, scale = grid_integers(np.moveaxis(w, axis, 0), bits)
-        k, new_scale = np.moveaxis(k, 0, axis), scale.astype(np.float32)
-        inits[w_name].CopyFrom(numpy_helper.from_array(k.astype(np.int8), w_name))
-        inits[s_name].CopyFrom(numpy_helper.from_array(new_scale.reshape(old_scale.shape), s_name))
-        b = BIAS_INPUT[node.op_type]
-        if len(node.input) > b and node.input[b]:
-            bias = numpy_helper.to_array(inits[node.input[b]]).astype(np.float64)
-            rescaled = np.rint(bias * old_scale.reshape(-1) / new_scale.astype(np.float64).reshape(-1))
-            inits[node.input[b]].CopyFrom(numpy_helper.from_array(rescaled.astype(np.int32), node.input[b]))
-        done += 1
+        _set(inits, w_name, np.moveaxis(k, 0, axis).astype(np.int8))
+        _set(inits, s_name, scale.astype(np.float32).reshape(old_scale.shape))
+        if bias is not None:
+            ratio = scale / old_scale.reshape(-1)  # the bias scale follows the weight scale
+            b_scale = numpy_helper.to_array(inits[bias.input[1]]).astype(np.float64)
+            b = numpy_helper.to_array(inits[bias.input[0]]).astype(np.float64)
+            _set(inits, bias.input[0], np.rint(b / ratio).astype(np.int32))
+            _set(inits, bias.input[1], (b_scale * ratio).astype(np.float32))
     onnx.save(model, str(int8_path))
-    return done
+    return len(found)

@@ -136,3 +136,14 @@ def test_what_needs_training_says_which_extra(core, demo_run, tmp_path, args):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stderr.startswith(f"error: {NEEDS_TRAIN} (") and r.stderr.endswith(" is not installed)\n"), r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("runtime", ["openvino", "reference"])
+def test_a_node_without_its_runtime_says_which_extra(core, demo_run, runtime):
+    member = read_manifest(demo_run / "bundle")["members"][0]["id"]
+    r = run(
+        core / "prune2edge", "node", demo_run / "bundle", "--member", member, "--runtime", runtime,
+        "--broker", "mqtt://127.0.0.1:9",
+    )  # fmt: skip
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr == f"error: runtime '{runtime}' is not installed here: pip install 'prune2edge[{runtime}]'\n"

@@ -17,7 +17,7 @@ import torch
 import yaml
 from onnx import numpy_helper
 
-from prune2edge import config, executors, models, pipeline, pool, qat, quantize, store, train
+from prune2edge import config, executors, models, pipeline, pool, qat, qdq, quantize, store, train
 from prune2edge.bundle import predict_proba, session
 from prune2edge.errors import UserError
 
@@ -69,18 +69,25 @@ def test_exported_int8_weights_lie_exactly_on_the_qat_grid(qat_run):
     run, _, members, quant = qat_run
     for m in members:
         folder = run / "pool" / m["name"]
-        fp32 = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(folder / "fp32.onnx")).graph.initializer}
+        fp32_model = onnx.load(str(folder / "fp32.onnx"))
+        fp32 = {t.name: numpy_helper.to_array(t) for t in fp32_model.graph.initializer}
+        fp32_layers = [n for n in fp32_model.graph.node if n.op_type in ("Conv", "Gemm")]
         int8 = onnx.load(str(folder / "int8.onnx"))
         inits = {t.name: numpy_helper.to_array(t) for t in int8.graph.initializer}
-        nodes = [n for n in int8.graph.node if n.op_type in qat.BIAS_INPUT]
-        assert len(nodes) == len(models.prunable(store.load_member(run, m["name"])))
-        for node in nodes:
-            k, scale = inits[node.input[3]], inits[node.input[4]]
+        layers = qdq.layers(int8)
+        assert len(layers) == len(fp32_layers) == len(models.prunable(store.load_member(run, m["name"])))
+        made_by = {o: n for n in int8.graph.node for o in n.output}
+        for (node, weight, bias), source in zip(layers, fp32_layers):
+            k, scale = inits[weight.input[0]], inits[weight.input[1]]
             assert k.dtype == np.int8 and np.abs(k).max() <= 7
             assert all(len(np.unique(row)) <= 15 for row in k.reshape(len(k), -1))
             dequantised = k.astype(np.float64) * scale.reshape(-1, *[1] * (k.ndim - 1))
             # the float weights ONNX Runtime started from (batch-norm folded) are exactly these grid values
-            assert np.allclose(dequantised, fp32[node.input[3].removesuffix("_quantized")], rtol=1e-5, atol=1e-7)
+            assert np.allclose(dequantised, fp32[source.input[1]], rtol=1e-5, atol=1e-7)
+            # the int32 bias keeps its value, at the scale integer kernels assume: input scale x weight scale
+            b_scale = inits[bias.input[1]]
+            assert np.allclose(b_scale, inits[made_by[node.input[0]].input[1]] * scale, rtol=1e-6)
+            assert np.abs(inits[bias.input[0]] * b_scale - fp32[source.input[2]]).max() <= b_scale.max()
         q = quant[m["name"]]
         assert q["weight_bits"] == 4 and q["full_integer"] and q["bits_per_weight_shipped"] < 8
         assert q["bytes"]["shipped"] < quant["baseline"]["bytes"]["shipped"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from prune2edge import UserError, config, models, quantize, store
+from prune2edge import UserError, config, models, qdq, quantize, store
 from prune2edge.bundle import decode, predict_proba, session
 from prune2edge.pool import MagnitudePruner
 from prune2edge.vote import accuracy
@@ -24,10 +24,12 @@ def test_members_are_full_integer_and_sizes_are_measured(demo_run):
     for folder in [demo_run / "baseline", *sorted((demo_run / "pool").iterdir())]:
         q = store.read_json(folder / "quant.json")
         ops = quantize.op_counts(folder / "int8.onnx")
-        assert ops.get("QLinearConv", 0) >= 4 and "QGemm" in ops, ops
-        assert not {"Conv", "Gemm", "MatMul"} & set(ops), f"float compute left in {folder.name}: {ops}"
-        assert q["full_integer"] and q["ops"] == ops
-        graph = onnx.load(str(folder / "int8.onnx")).graph
+        assert ops["Conv"] >= 4 and ops["Gemm"] == 1 and ops["DequantizeLinear"] > ops["QuantizeLinear"], ops
+        model = onnx.load(str(folder / "int8.onnx"))
+        assert q["full_integer"] and q["ops"] == ops and qdq.full_integer(model)
+        assert not qdq.full_integer(onnx.load(str(folder / "fp32.onnx")))
+        assert (q["format"], q["opset"], q["domains"]) == ("onnx-qdq", qdq.OPSET, ["ai.onnx"])
+        graph = model.graph
         conv_weights = {i.name: i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
         assert len(conv_weights) >= 5  # int8 weight tensors, stored as int8
         b = q["bytes"]
@@ -112,7 +114,7 @@ def weights(path) -> dict[str, np.ndarray]:
 def test_codebooks_share_at_most_2_to_the_bits_values_per_layer_and_keep_every_zero(quantized):
     runs, _, _ = quantized
     plain = weights(runs[0][0] / "int8.onnx")
-    assert len(plain) == 4  # three QLinearConv weights and the QGemm weight
+    assert len(plain) == 4  # three Conv weights and the Gemm weight
     for bits in (2, 4):
         folder, rec = runs[bits]
         assert (
@@ -198,3 +200,17 @@ def test_codebook_bits_must_be_off_or_2_to_8(bits):
         UserError, match="config key 'quantize.codebook_bits' must be 0 \\(off\\) or an integer from 2 to 8"
     ):
         config.load(overrides={"quantize": {"codebook_bits": bits}})
+
+
+def test_compact_names_shrink_the_model_and_keep_its_outputs(quantized, tmp_path):
+    runs, x_val, _ = quantized
+    quantize.quantize_onnx(runs[0][0] / "fp32.onnx", tmp_path / "int8.onnx", x_val[:32])
+    shutil.copyfile(tmp_path / "int8.onnx", tmp_path / "compact.onnx")
+    quantize.compact(tmp_path / "compact.onnx")
+    before, after = (predict_proba(session(tmp_path / f), x_val) for f in ("int8.onnx", "compact.onnx"))
+    assert np.array_equal(before, after)
+    sizes = {f: (tmp_path / f).stat().st_size for f in ("int8.onnx", "compact.onnx")}
+    assert sizes["compact.onnx"] < 0.95 * sizes["int8.onnx"], sizes
+    model = onnx.load(str(tmp_path / "compact.onnx"))
+    assert not model.graph.value_info and [v.name for v in model.graph.output] == ["logits"]
+    assert {len(t.name) for t in model.graph.initializer} <= {2, 3}  # t0 .. t99

@@ -110,7 +110,8 @@ class Mosquitto:
 
 class LocalFleet:
     """Every member as its own ``prune2edge node`` process plus a ``prune2edge aggregator`` process on this
-    machine; with no ``broker``, a private Mosquitto on a free loopback port."""
+    machine; with no ``broker``, a private Mosquitto on a free loopback port. ``runtimes``: the runtime a member's
+    node runs it on (``prune2edge node --runtime``), by member id; ONNX Runtime for the others."""
 
     def __init__(
         self,
@@ -122,8 +123,10 @@ class LocalFleet:
         timeout_ms: int = DEFAULT_TIMEOUT_MS,
         workdir: Path | str | None = None,
         abstain_below: float | None = None,
+        runtimes: dict[str, str] | None = None,
     ):
         self.bundle_dir = Path(bundle_dir)
+        self.runtimes = runtimes or {}  # member -> the runtime its node runs it on (default: onnxruntime)
         entries = restrict(read_manifest(self.bundle_dir), members or None)["members"]
         self.members = [e["id"] for e in entries]
         self.devices = {e["id"]: e.get("device") for e in entries}  # a bundle selected for devices: member -> device
@@ -156,8 +159,10 @@ class LocalFleet:
                 + ([] if self.abstain_below is None else ["--abstain-below", repr(self.abstain_below)])
             )
         else:  # a member the bundle assigns to a device is started as that device's node
-            cmd += ["node", str(self.bundle_dir)] + (
-                ["--device", self.devices[role]] if self.devices[role] else ["--member", role]
+            cmd += (
+                ["node", str(self.bundle_dir)]
+                + (["--device", self.devices[role]] if self.devices[role] else ["--member", role])
+                + (["--runtime", self.runtimes[role]] if role in self.runtimes else [])
             )
         return cmd + args + ["--fleet", self.topics.fleet], env
 

@@ -1,4 +1,5 @@
-"""A fleet node: runs one bundle member; frames in, votes out. Needs only numpy, onnxruntime and paho-mqtt."""
+"""A fleet node: runs one bundle member; frames in, votes out. Needs only numpy, onnxruntime and paho-mqtt (or
+another runtime of :mod:`prune2edge.runtimes` in place of onnxruntime)."""
 
 from __future__ import annotations
 
@@ -39,10 +40,18 @@ class Node:
     """Runs one verified member: frames in, votes out; a malformed frame is reported on ``errors`` and skipped."""
 
     def __init__(
-        self, bundle_dir: Path | str, member: str, broker: Broker, fleet: str, max_batch: int = 32, threads: int = 1
+        self,
+        bundle_dir: Path | str,
+        member: str,
+        broker: Broker,
+        fleet: str,
+        max_batch: int = 32,
+        threads: int = 1,
+        runtime: str = "onnxruntime",
     ):
         self.topics = Topics(fleet)
-        self.bundle = Bundle.load(bundle_dir, members=[member], threads=threads)  # checks the sha256 first
+        # checks the sha256 first
+        self.bundle = Bundle.load(bundle_dir, members=[member], threads=threads, runtime=runtime)
         self.member, self.sha256 = member, self.bundle.manifest["members"][0]["sha256"]
         self.instance = secrets.token_hex(4)
         self.max_batch = max_batch
@@ -54,6 +63,7 @@ class Node:
             "member": member,
             "instance": self.instance,
             "sha256": self.sha256,
+            "runtime": runtime,
             "device": self.bundle.manifest["members"][0].get("device"),
         }  # the device the bundle assigns it to
         self.offline = (self.topics.status(member), status_payload("offline", **info))
@@ -91,9 +101,10 @@ class Node:
         """Vote on frames until ``stop`` is set; frames waiting in the queue are run as one batch."""
         self.link.start()
         log.info(
-            "node %s (sha256 %s...) serving fleet '%s' on %s",
+            "node %s (sha256 %s..., %s) serving fleet '%s' on %s",
             self.member,
             self.sha256[:12],
+            self.bundle.runtime,
             self.topics.fleet,
             self.link.broker.url,
         )

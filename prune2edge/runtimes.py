@@ -1,0 +1,105 @@
+"""The runtimes a member runs on: one int8 ONNX file (standard ONNX, :mod:`prune2edge.qdq`) in any of them.
+
+``onnxruntime`` comes with the core install; ``openvino`` (Intel CPUs and GPUs, the OpenVINO CPU plugin) and
+``reference`` (the ONNX reference evaluator: slow, for checking) come with the extras :data:`EXTRAS` names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from . import cores
+from .errors import UserError
+from .vote import softmax
+
+Runner = Callable[[np.ndarray], np.ndarray]  # preprocessed NCHW float32 images -> the model's logits
+EXTRAS = {"onnxruntime": None, "openvino": "openvino", "reference": "reference"}  # runtime -> its pip extra
+
+
+def session(model: Path | str | bytes, threads: int = 0) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session on an ONNX file or its bytes, on ``threads`` threads (0: the free cores,
+    :func:`prune2edge.cores.free`)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or cores.free()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"]
+    )
+
+
+def of_session(sess: ort.InferenceSession) -> Runner:
+    """The runner of an ONNX Runtime session."""
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
+
+
+def _onnxruntime(onnx_bytes: bytes, threads: int) -> Runner:
+    return of_session(session(onnx_bytes, threads))
+
+
+def _openvino(onnx_bytes: bytes, threads: int) -> Runner:
+    import openvino
+
+    core = openvino.Core()
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads or cores.free()}
+    compiled = core.compile_model(core.read_model(onnx_bytes), "CPU", config)
+    return lambda x: compiled(x)[0]
+
+
+def _reference(onnx_bytes: bytes, threads: int) -> Runner:
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    ref = ReferenceEvaluator(onnx.load_from_string(onnx_bytes))
+    name = ref.input_names[0]
+    return lambda x: ref.run(None, {name: x})[0]
+
+
+LOADERS = {"onnxruntime": _onnxruntime, "openvino": _openvino, "reference": _reference}
+CHECK_IMAGES = 128  # validation images each shipped member is run on, on every runtime installed where it is built
+
+
+def load(onnx_bytes: bytes, runtime: str = "onnxruntime", threads: int = 1) -> Runner:
+    """The model ``onnx_bytes`` ready to run on ``runtime`` with ``threads`` threads (0: the free cores)."""
+    if runtime not in LOADERS:
+        raise UserError(f"unknown runtime '{runtime}': use {', '.join(LOADERS)}")
+    try:
+        return LOADERS[runtime](onnx_bytes, threads)
+    except ImportError:
+        raise UserError(
+            f"runtime '{runtime}' is not installed here: pip install 'prune2edge[{EXTRAS[runtime]}]'"
+        ) from None
+
+
+def compare(proba: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """How class probabilities from one runtime agree with another's on the same images (``[..., N, K]``): the
+    share of equal argmax and the largest difference of a probability."""
+    return {
+        "agreement": float((proba.argmax(-1) == reference.argmax(-1)).mean()),
+        "max_proba_diff": float(np.abs(proba - reference).max()),
+    }
+
+
+def version(runtime: str) -> str:
+    """The version of an installed runtime's package."""
+    from importlib.metadata import version as package_version
+
+    return package_version({"reference": "onnx"}.get(runtime, runtime))
+
+
+def verify(onnx_bytes: bytes, x: np.ndarray) -> dict[str, dict]:
+    """How each runtime installed here runs the model on the preprocessed images ``x``, against ONNX Runtime
+    (:func:`compare`, with the runtime's version and the number of images); runtimes not installed are left out."""
+    expected = softmax(load(onnx_bytes)(x))
+    out = {}
+    for runtime in LOADERS:
+        try:
+            runner = load(onnx_bytes, runtime)
+        except UserError:  # not installed here
+            continue
+        out[runtime] = compare(softmax(runner(x)), expected) | {"images": len(x), "version": version(runtime)}
+    return out

@@ -1,0 +1,63 @@
+"""`prune2edge export --format tflite`: every member of the digits demo bundle as a full-integer int8 .tflite (int8
+input and output, as TFLite Micro takes them), run by LiteRT's interpreter, votes like its ONNX model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from ai_edge_litert.interpreter import Interpreter
+from conftest import prune2edge_cli
+
+from prune2edge import export, qdq
+from prune2edge.bundle import Bundle, member_onnx, predict_proba, read_manifest, session
+
+MIN_AGREEMENT = 0.99  # argmax of each .tflite member against its ONNX model, over the test split
+
+
+def tflite_logits(path, x: np.ndarray) -> np.ndarray:
+    """The logits of a full-integer .tflite for preprocessed NCHW float32 images: quantised in, dequantised out."""
+    it = Interpreter(model_path=str(path), num_threads=1)
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    assert inp["dtype"] == out["dtype"] == np.int8, (inp["dtype"], out["dtype"])
+    (s_in, z_in), (s_out, z_out) = inp["quantization"], out["quantization"]
+    it.resize_tensor_input(inp["index"], [len(x), *x.shape[2:], x.shape[1]])
+    it.allocate_tensors()
+    it.set_tensor(inp["index"], np.clip(np.rint(x.transpose(0, 2, 3, 1) / s_in) + z_in, -128, 127).astype(np.int8))
+    it.invoke()
+    return (it.get_tensor(out["index"]).astype(np.float32) - z_out) * s_out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run_name", ["demo_run", "cifar_shaped_run"])
+def test_tflite_members_vote_like_their_onnx_models(run_name: str, request: pytest.FixtureRequest, tmp_path):
+    run = request.getfixturevalue(run_name)
+    bundle, spec = run / "bundle", "digits" if run_name == "demo_run" else f"npz:{run.parent / 'synthetic.npz'}"
+    r = prune2edge_cli("export", str(bundle), "--format", "tflite", "--out", str(tmp_path), "--data", spec)
+    assert r.returncode == 0, r.stderr
+    record = json.loads((tmp_path / "export.json").read_text())
+    x = Bundle.load(bundle).preprocess(np.load(run / "test.npz")["x"])
+    for e in read_manifest(bundle)["members"]:
+        got = record["members"][e["id"]]
+        assert got["bytes"] == (tmp_path / got["path"]).stat().st_size
+        print(f"{e['id']}: {got['bytes']:,} B as .tflite (MLPerf Tiny's int8 ResNet-8: {export.MLPERF_TINY_BYTES:,} B)")
+        expected = predict_proba(session(member_onnx(bundle, e)), x).argmax(1)
+        agreement = (tflite_logits(tmp_path / got["path"], x).argmax(1) == expected).mean()
+        print(f"{run_name} {e['id']}: .tflite argmax = ONNX's on {100 * agreement:.2f} % of {len(x)} test images")
+        assert agreement >= MIN_AGREEMENT, (e["id"], agreement)
+    assert f"{tmp_path / 'm'}" in r.stdout and "MLPerf Tiny" in r.stdout
+
+
+def test_the_float_model_computes_what_the_int8_model_does(demo_run):
+    bundle = demo_run / "bundle"
+    e = read_manifest(bundle)["members"][0]
+    int8 = member_onnx(bundle, e)
+    model = export.float_model(int8)
+    onnx.checker.check_model(model)
+    ops = {n.op_type for n in model.graph.node}
+    assert not ops & set(qdq.QDQ_OPS) and {"Conv", "Relu", "Gemm"} <= ops, ops
+    x = Bundle.load(bundle).preprocess(np.load(demo_run / "test.npz")["x"])
+    agree = predict_proba(session(model.SerializeToString()), x).argmax(1) == predict_proba(session(int8), x).argmax(1)
+    assert agree.mean() >= MIN_AGREEMENT
