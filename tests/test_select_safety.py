@@ -90,7 +90,7 @@ def fake_run(tmp_path, proba_for, parent: float = 0.0, **overrides):
 
 
 def test_choose_records_the_skipped_outlier(tmp_path):
-    cfg, members, quant, _, _ = fake_run(tmp_path, families_and_outlier, cluster={"k": 4})
+    cfg, members, quant, _, _ = fake_run(tmp_path, families_and_outlier, cluster={"k": 4}, pool={"size": 7})
     sel = select.choose(tmp_path, cfg, members, quant)
     assert sel["clustering"]["labels"].count(sel["clustering"]["labels"][6]) == 1
     assert "m006" not in sel["selected"] and len(sel["selected"]) == 3
