@@ -9,6 +9,14 @@ Topics, all under ``prune2edge/<fleet>/`` (docs/fleet.md documents the payloads)
     aggregator          aggregator birth/death (retained; Last Will), with the fleet's members and input shape
     errors              anything a component rejected (malformed frame, bad vote), with the reason
 
+Deployed over the broker (``prune2edge publish``; docs/fleet.md, Deploy):
+
+    release                         publisher -> nodes + aggregator   the newest signed release (retained)
+    artifacts/<version>/<member>/<i>  publisher -> nodes              chunk i of a member's file (retained, raw bytes)
+    control                         operator -> nodes + aggregator    a signed promote or rollback (retained)
+    rollout                         aggregator -> nodes + operators   the rollout state: versions run, serving, shadow
+    votes/<device>                  node -> aggregator                a deployed node's votes (ACL: its own topic only)
+
 Every payload is a JSON object with ``"v": 1``. Delivery is QoS 1 (at least once) everywhere, so
 every receiver is idempotent: the aggregator keys votes by (frame, member) and remembers decided
 frames, re-publishing the stored decision when a frame comes again; the client keeps the first
@@ -71,6 +79,24 @@ class Topics:
 
     def status(self, member: str = "+") -> str:
         return f"{self.root}/status/{member}"
+
+    @property
+    def release(self) -> str:
+        return f"{self.root}/release"
+
+    @property
+    def control(self) -> str:
+        return f"{self.root}/control"
+
+    @property
+    def rollout(self) -> str:
+        return f"{self.root}/rollout"
+
+    def artifact(self, version: int | str, member: str, chunk: int | str = "+") -> str:
+        return f"{self.root}/artifacts/{version}/{member}/{chunk}"
+
+    def device_votes(self, device: str = "+") -> str:
+        return f"{self.root}/votes/{device}"
 
 
 class BadMessage(ValueError):
