@@ -24,7 +24,7 @@ from prune2edge.fleet import Mosquitto
 pytestmark = [pytest.mark.venv, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = {"numpy", "onnxruntime", "paho-mqtt", "click", "pillow"}  # what `pip install .` brings, and prune2edge
+CORE = {"numpy", "onnxruntime", "paho-mqtt", "click", "pillow", "cryptography"}  # what `pip install .` brings, and prune2edge
 
 
 def run(*args, timeout: float = 120, **kw) -> subprocess.CompletedProcess:

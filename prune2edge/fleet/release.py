@@ -150,3 +150,24 @@ def command(broker: Broker, fleet: str, key_path: Path | str, kind: str, version
     finally:
         link.stop()
     return body
+
+
+def rollout_state(broker: Broker, fleet: str, since: float | None = None, wait_s: float = 10.0) -> dict:
+    """The fleet's rollout state (the aggregator's retained message); with ``since``, the first one newer than that
+    time, as far as one comes within ``wait_s``."""
+    topics, got, cond = Topics(fleet), [], threading.Condition()
+
+    def on_message(topic: str, payload: bytes) -> None:
+        with contextlib.suppress(BadMessage), cond:
+            got.append(parse(payload, 1 << 20))
+            cond.notify_all()
+
+    link = Link(broker, f"p2e-read-{secrets.token_hex(4)}", [topics.rollout], on_message).start()
+    try:
+        with cond:
+            cond.wait_for(lambda: got and (since is None or got[-1].get("at", 0) > since), wait_s)
+    finally:
+        link.stop()
+    if not got:
+        raise UserError(f"fleet '{fleet}' has no rollout state at {broker.url}: is a deployed aggregator running?")
+    return got[-1]

@@ -121,8 +121,9 @@ def frame_limit(shape: tuple[int, ...]) -> int:
     return 4 * math.ceil(math.prod(shape) / 3) + 1024
 
 
-def encode_frame(frame_id: str, image: np.ndarray) -> bytes:
-    """One raw uint8 HWC image as a frame payload."""
+def encode_frame(frame_id: str, image: np.ndarray, label: int | None = None) -> bytes:
+    """One raw uint8 HWC image as a frame payload; ``label``, its true class when known (for a rollout's shadow
+    comparison), is not shown to the vote."""
     img = np.ascontiguousarray(image)
     return dumps(
         {
@@ -132,7 +133,14 @@ def encode_frame(frame_id: str, image: np.ndarray) -> bytes:
             "data": base64.b64encode(img.tobytes()).decode("ascii"),
             "sent_at": time.time(),
         }
+        | ({} if label is None else {"label": int(label)})
     )
+
+
+def frame_label(payload: bytes) -> int | None:
+    """The true class a (well-formed) frame carries, or None."""
+    label = json.loads(payload).get("label")
+    return label if isinstance(label, int) and not isinstance(label, bool) else None
 
 
 def parse(payload: bytes, max_bytes: int) -> dict:
