@@ -129,7 +129,7 @@ class Client:
                     f"{ready_timeout_s:.0f} s); start one: prune2edge aggregator BUNDLE --broker "
                     f"{self.broker.url} --fleet {self.fleet}"
                 )
-            members = agg["members"]
+            members = agg.get("devices") or agg["members"]  # a deployed fleet's nodes report by device
             if not self.cond.wait_for(lambda: all(self.live.get(m) for m in members), min(ready_timeout_s, 5.0)):
                 log.warning(
                     "only %d of the fleet's %d members are online; classifying anyway",

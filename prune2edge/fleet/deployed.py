@@ -215,10 +215,10 @@ class DeployedNode(Server):
             self.run = self.store.state["running"] = run
             self.store.save()
             self.link.publish(self.topics.status(self.device), self._status("online"), retain=True)
-        for v in sorted(self.slots, reverse=True)[SLOTS:]:
-            if v not in self.run:
-                del self.slots[v]
-                self.store.remove(v)
+        keep = self.run + sorted(set(self.slots) - set(self.run), reverse=True)
+        for v in keep[max(SLOTS, len(self.run)) :]:
+            del self.slots[v]
+            self.store.remove(v)
 
     def _vote(self, batch: list[bytes]) -> None:
         """Vote on each frame with every version run, the serving one last (so its vote arrives after the shadow's)."""

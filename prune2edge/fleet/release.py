@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
+import logging
 import math
 import re
 import secrets
@@ -17,8 +17,10 @@ from pathlib import Path
 from ..bundle import read_manifest, restrict, verify_member
 from ..errors import UserError
 from .mqtt import Broker, Link
-from .trust import load_private_key, seal
+from .trust import Ed25519PrivateKey, load_private_key, seal, unseal
 from .wire import BadMessage, Topics, parse
+
+log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 128 * 1024  # one retained message per chunk: well under any broker's message limit
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # device and member names: one topic level each
@@ -73,14 +75,13 @@ def release_body(bundle_dir: Path, fleet: str, version: int, assign: dict[str, s
     return body, blobs
 
 
-def retained(broker: Broker, topics: list[str], wait_s: float = RETAINED_WAIT_S) -> dict[str, dict]:
-    """The retained JSON messages on ``topics`` (their newest), as far as they come within ``wait_s``."""
-    got: dict[str, dict] = {}
+def retained(broker: Broker, topics: list[str], wait_s: float = RETAINED_WAIT_S) -> dict[str, bytes]:
+    """The retained messages on ``topics``, as far as they come within ``wait_s``."""
+    got: dict[str, bytes] = {}
     done = threading.Event()
 
     def on_message(topic: str, payload: bytes) -> None:
-        with contextlib.suppress(BadMessage):
-            got[topic] = parse(payload, 64 << 20)
+        got[topic] = payload
         if set(topics) <= set(got):
             done.set()
 
@@ -92,14 +93,15 @@ def retained(broker: Broker, topics: list[str], wait_s: float = RETAINED_WAIT_S)
     return got
 
 
-def current_version(broker: Broker, topics: Topics) -> int:
-    """The version of the fleet's newest release on the broker (0: none)."""
-    env = retained(broker, [topics.release]).get(topics.release)
-    if not env:
+def current_version(broker: Broker, topics: Topics, key: Ed25519PrivateKey) -> int:
+    """The version of the fleet's newest release on the broker that ``key`` signed (0: none)."""
+    payload = retained(broker, [topics.release]).get(topics.release)
+    if not payload:
         return 0
     try:
-        return int(json.loads(env["body"])["version"])  # its signature is the nodes' business
-    except (KeyError, ValueError, TypeError):
+        return int(unseal(key.public_key(), payload)["version"])
+    except (BadMessage, KeyError, ValueError, TypeError) as e:
+        log.warning("ignoring the fleet's retained release: %s", e)
         return 0
 
 
@@ -117,7 +119,7 @@ def publish(
     if chunk_bytes < 1024:
         raise UserError(f"--chunk-bytes must be at least 1024, got {chunk_bytes}")
     devices = parse_assign(assign, read_manifest(bundle_dir))
-    current = current_version(broker, topics)
+    current = current_version(broker, topics, key)
     version = current + 1 if version is None else version
     if version <= current:
         raise UserError(

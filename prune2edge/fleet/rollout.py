@@ -88,6 +88,7 @@ class DeployedAggregator(Aggregator):
         self.shadow_frames, self.min_agreement = shadow_frames, min_agreement
         self.nodes: dict[str, dict] = {}  # device -> its last status
         self.tally = Tally()
+        self.switching: tuple[Plan, str, str] | None = None  # a switch waiting for the nodes to run its version
         self.state: dict = {"state": "empty", "serving": None, "shadow": None, "previous": None, "run": []}
         self._restore()
 
@@ -102,13 +103,20 @@ class DeployedAggregator(Aggregator):
         """Pick up the versions and the rollout state this aggregator kept before it stopped."""
         kept = self.store.read()
         saved = self.store.state.get("rollout") or {}
-        for key in ("serving", "shadow", "previous"):
+        for key in ("serving", "shadow", "previous", "target"):
             if saved.get(key) in kept:
                 body, slot = kept[saved[key]]
                 self.plans[body["version"]] = self._plan(body, slot)
         self.plan, self.shadow = self.plans.get(saved.get("serving")), self.plans.get(saved.get("shadow"))
         if self.plan:
             self.state = saved
+        if self.plan and saved.get("state") == "switching" and saved.get("target") in self.plans:
+            self.switching = self.plans[saved["target"]], "switched", saved.get("reason", "")
+
+    def info(self) -> dict:
+        """The base's, plus the version served and the devices whose nodes serve it (they report by device)."""
+        p = self.plan
+        return super().info() | ({"version": p.version, "devices": sorted(p.devices)} if p else {})
 
     def _on_release(self, payload: bytes) -> None:
         body = unseal(self.trusted, payload)
@@ -144,13 +152,29 @@ class DeployedAggregator(Aggregator):
         )
 
     def _switch(self, plan: Plan, event: str, reason: str) -> None:
-        """Serve ``plan`` from the next frame on; the serving one becomes the previous version."""
+        """Serve ``plan`` from the next frame on, once every online node it assigns a member runs it (until then the
+        state is ``switching``: the nodes load it and vote with both); the serving version becomes the previous."""
+        if self.plan and plan is not self.plan and not self._ready(plan):
+            self.switching = plan, event, reason
+            run = [self.plan.version, plan.version]
+            self._set_state("switching", f"to version {plan.version} ({reason})", target=plan.version, run=run)
+            return
+        self.switching = None
         previous = self.plan.version if self.plan and self.plan is not plan else self.state.get("previous")
         self.plan, self.shadow = plan, None
         self.plans = {v: p for v, p in self.plans.items() if v in (plan.version, previous)}
-        self._set_state(event, reason, serving=plan.version, shadow=None, previous=previous, run=[plan.version])
+        run = [plan.version]
+        self._set_state(event, reason, serving=plan.version, shadow=None, previous=previous, target=None, run=run)
         self.link.publish(self.topics.aggregator, self.status("online"), retain=True)
         self._relive()
+
+    def _ready(self, plan: Plan) -> bool:
+        """Whether every online node that ``plan`` assigns a member votes with it."""
+        return all(
+            plan.version in msg.get("running", [])
+            for device, msg in self.nodes.items()
+            if msg.get("state") == "online" and device in plan.devices
+        )
 
     def _reject(self, reason: str) -> None:
         version = self.shadow.version
@@ -225,6 +249,8 @@ class DeployedAggregator(Aggregator):
             return  # the Last Will of an earlier run of that node
         self.nodes[device] = msg
         self._relive()
+        if self.switching and self._ready(self.switching[0]):
+            self._switch(*self.switching)
 
     def _relive(self) -> None:
         """Live members: those whose device is online and runs the serving version's model of them."""
