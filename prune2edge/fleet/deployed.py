@@ -129,7 +129,12 @@ class DeployedNode(Server):
     def _on_release(self, payload: bytes) -> None:
         body = unseal(self.trusted, payload)
         version = body.get("version")
-        if body.get("kind") != "release" or body.get("fleet") != self.topics.fleet or not isinstance(version, int):
+        if (
+            body.get("kind") != "release"
+            or body.get("fleet") != self.topics.fleet
+            or not isinstance(version, int)
+            or version < 1
+        ):
             raise BadMessage(f"release refused: not a release of fleet '{self.topics.fleet}'")
         if version in self.slots or (self.fetch and self.fetch.version == version):
             return

@@ -94,15 +94,18 @@ def retained(broker: Broker, topics: list[str], wait_s: float = RETAINED_WAIT_S)
 
 
 def current_version(broker: Broker, topics: Topics, key: Ed25519PrivateKey) -> int:
-    """The version of the fleet's newest release on the broker that ``key`` signed (0: none)."""
-    payload = retained(broker, [topics.release]).get(topics.release)
-    if not payload:
-        return 0
-    try:
-        return int(unseal(key.public_key(), payload)["version"])
-    except (BadMessage, KeyError, ValueError, TypeError) as e:
-        log.warning("ignoring the fleet's retained release: %s", e)
-        return 0
+    """The fleet's newest version: of its retained release, if ``key`` signed it, or the highest its aggregator
+    has taken, whichever is newer (0: none)."""
+    got = retained(broker, [topics.release, topics.rollout])
+    version = 0
+    with contextlib.suppress(BadMessage, ValueError, TypeError):
+        version = int(parse(got.get(topics.rollout) or b"{}", 1 << 20).get("highest") or 0)
+    if topics.release in got:
+        try:
+            version = max(version, int(unseal(key.public_key(), got[topics.release])["version"]))
+        except (BadMessage, KeyError, ValueError, TypeError) as e:
+            log.warning("ignoring the fleet's retained release: %s", e)
+    return version
 
 
 def publish(
@@ -118,7 +121,7 @@ def publish(
     key, topics, bundle_dir = load_private_key(key_path), Topics(fleet), Path(bundle_dir)
     if chunk_bytes < 1024:
         raise UserError(f"--chunk-bytes must be at least 1024, got {chunk_bytes}")
-    devices = parse_assign(assign, read_manifest(bundle_dir))
+    body, blobs = release_body(bundle_dir, fleet, 0, parse_assign(assign, read_manifest(bundle_dir)), chunk_bytes)
     current = current_version(broker, topics, key)
     version = current + 1 if version is None else version
     if version <= current:
@@ -126,7 +129,7 @@ def publish(
             f"version {version} is not newer than fleet '{fleet}''s version {current}: versions only increase "
             "(publish the old bundle as a new version, or `prune2edge rollout rollback`)"
         )
-    body, blobs = release_body(bundle_dir, fleet, version, devices, chunk_bytes)
+    body["version"] = version
     link = Link(broker, f"p2e-{fleet}-publish-{secrets.token_hex(4)}", [], lambda *_: None).start()
     try:
         sent = [
@@ -154,9 +157,14 @@ def command(broker: Broker, fleet: str, key_path: Path | str, kind: str, version
     return body
 
 
-def rollout_state(broker: Broker, fleet: str, since: float | None = None, wait_s: float = 10.0) -> dict:
-    """The fleet's rollout state (the aggregator's retained message); with ``since``, the first one newer than that
-    time, as far as one comes within ``wait_s``."""
+def settled(state: dict, since: float) -> bool:
+    """Whether a rollout state is newer than ``since`` and not waiting for the nodes (``switching``)."""
+    return state.get("at", 0) > since and state.get("state") != "switching"
+
+
+def rollout_state(broker: Broker, fleet: str, since: float | None = None, wait_s: float = 20.0) -> dict:
+    """The fleet's rollout state (the aggregator's retained message); with ``since``, the first settled one newer
+    than that time, as far as one comes within ``wait_s`` (else the last one seen)."""
     topics, got, cond = Topics(fleet), [], threading.Condition()
 
     def on_message(topic: str, payload: bytes) -> None:
@@ -167,7 +175,7 @@ def rollout_state(broker: Broker, fleet: str, since: float | None = None, wait_s
     link = Link(broker, f"p2e-read-{secrets.token_hex(4)}", [topics.rollout], on_message).start()
     try:
         with cond:
-            cond.wait_for(lambda: got and (since is None or got[-1].get("at", 0) > since), wait_s)
+            cond.wait_for(lambda: got and (since is None or settled(got[-1], since)), wait_s)
     finally:
         link.stop()
     if not got:

@@ -121,7 +121,12 @@ class DeployedAggregator(Aggregator):
     def _on_release(self, payload: bytes) -> None:
         body = unseal(self.trusted, payload)
         version = body.get("version")
-        if body.get("kind") != "release" or body.get("fleet") != self.topics.fleet or not isinstance(version, int):
+        if (
+            body.get("kind") != "release"
+            or body.get("fleet") != self.topics.fleet
+            or not isinstance(version, int)
+            or version < 1
+        ):
             raise BadMessage(f"release refused: not a release of fleet '{self.topics.fleet}'")
         if version in self.plans or version == self.state.get("rejected"):
             return
@@ -184,6 +189,7 @@ class DeployedAggregator(Aggregator):
 
     def _set_state(self, event: str, reason: str, **changes) -> None:
         self.state |= changes | {"state": event, "reason": reason, "at": time.time(), "tally": asdict(self.tally)}
+        self.state["highest"] = self.store.state["highest"]
         self.store.state["rollout"] = self.state
         self.store.save()
         for v in {int(p.name[1:]) for p in self.store.root.glob("v*")} - set(self.plans):

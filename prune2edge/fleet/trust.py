@@ -74,8 +74,8 @@ def unseal(trusted: Ed25519PublicKey, payload: bytes, max_bytes: int = 16 << 20)
         trusted.verify(base64.b64decode(sig, validate=True), text.encode())
     except (InvalidSignature, ValueError):
         raise BadMessage(
-            f"bad signature: signed by key {str(msg.get('key'))[:16]}, this node trusts key {key_id(trusted)} "
-            "only (see docs/fleet.md, Trust)"
+            f"bad signature: signed by key {str(msg.get('key'))[:16]}, not by the trusted key {key_id(trusted)} "
+            "(see docs/fleet.md, Trust)"
         ) from None
     body = json.loads(text)
     if not isinstance(body, dict):
