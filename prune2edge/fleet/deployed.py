@@ -84,7 +84,8 @@ class DeployedNode(Server):
 
     def _status(self, state: str) -> bytes:
         """Birth (``online``, and again whenever the versions run change) or death; the death (Last Will) carries
-        the birth's ``bdseq``, ``seq`` counts this run's status messages."""
+        the birth's ``bdseq`` (and the versions run when it was set: the last connect), ``seq`` counts this run's
+        status messages."""
         self.seq += 1
         models = {
             v: {"member": b.manifest["members"][0]["id"], "sha256": b.manifest["members"][0]["sha256"]}
@@ -220,6 +221,7 @@ class DeployedNode(Server):
             self.run = self.store.state["running"] = run
             self.store.save()
             self.link.publish(self.topics.status(self.device), self._status("online"), retain=True)
+            self.link.will(*self.offline())  # for the next connection: a will is fixed while connected
         keep = self.run + sorted(set(self.slots) - set(self.run), reverse=True)
         for v in keep[max(SLOTS, len(self.run)) :]:
             del self.slots[v]
