@@ -418,7 +418,10 @@ def _with(options):
 
 _deployed_options = [
     click.option(
-        "--trust", type=click.Path(path_type=Path), help="Deployed: the PEM public key releases are signed with."
+        "--trust",
+        type=click.Path(path_type=Path),
+        multiple=True,
+        help="Deployed: the PEM public key releases are signed with (twice while the key is rotated).",
     ),
     click.option(
         "--store", type=click.Path(path_type=Path), help="Deployed: this process's own directory for versions."
@@ -426,11 +429,11 @@ _deployed_options = [
 ]
 
 
-def _deployed(bundle_dir: Path | None, trust: Path | None, store: Path | None) -> bool:
+def _deployed(bundle_dir: Path | None, trust: tuple[Path, ...], store: Path | None) -> bool:
     """Whether the command runs deployed (its versions come signed over the broker) rather than from BUNDLE."""
-    if bundle_dir is not None and trust is None and store is None:
+    if bundle_dir is not None and not trust and store is None:
         return False
-    if bundle_dir is not None or trust is None or store is None:
+    if bundle_dir is not None or not trust or store is None:
         raise UserError(
             "give either BUNDLE (a bundle directory on this device) or --trust PUB.pem --store DIR (versions "
             "published with `prune2edge publish`)"
@@ -449,7 +452,7 @@ def node(
     bundle_dir: Path | None,
     member: str | None,
     device: str | None,
-    trust: Path | None,
+    trust: tuple[Path, ...],
     store: Path | None,
     fleet_name: str,
     max_batch: int,
@@ -464,7 +467,9 @@ def node(
         if member or not device:
             raise UserError("a deployed node takes --device NAME (releases assign members to devices), not --member")
         _log_to_stderr()
-        fleet.DeployedNode(_broker(mqtt), fleet_name, trust, store, device, max_batch).serve(fleet.stop_on_signals())
+        fleet.DeployedNode(_broker(mqtt), fleet_name, list(trust), store, device, max_batch).serve(
+            fleet.stop_on_signals()
+        )
         return
     if (member is None) == (device is None):
         raise UserError("give either --member ID or --device NAME (the member the bundle assigns to that device)")
@@ -497,7 +502,7 @@ def node(
 )
 def aggregator(
     bundle_dir: Path | None,
-    trust: Path | None,
+    trust: tuple[Path, ...],
     store: Path | None,
     fleet_name: str,
     members: str | None,
@@ -519,7 +524,15 @@ def aggregator(
         if members:
             raise UserError("--members is for BUNDLE; a deployed fleet's members are those its releases assign")
         agg = fleet.DeployedAggregator(
-            _broker(mqtt), fleet_name, trust, store, quorum, timeout_ms, abstain_below, shadow_frames, min_agreement
+            _broker(mqtt),
+            fleet_name,
+            list(trust),
+            store,
+            quorum,
+            timeout_ms,
+            abstain_below,
+            shadow_frames,
+            min_agreement,
         )
     else:
         agg = fleet.Aggregator(

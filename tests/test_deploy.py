@@ -350,6 +350,10 @@ def test_keys_and_signatures(keys, tmp_path):
     assert trust.unseal(pub, sealed) == body
     with pytest.raises(trust.BadMessage, match="bad signature"):
         trust.unseal(trust.load_public_key(keys / "other.pub.pem"), sealed)
+    rotating = trust.load_trusted([keys / "other.pub.pem", keys / "release.pub.pem"])  # old and new key trusted
+    assert trust.unseal(rotating, sealed) == body
+    with pytest.raises(trust.UserError, match="--trust"):
+        trust.load_trusted([])
     env = json.loads(sealed)
     env["body"] = env["body"].replace("7", "8")
     with pytest.raises(trust.BadMessage, match="bad signature"):

@@ -19,7 +19,7 @@ from .mqtt import Broker, Link
 from .node import Server, vote_payload
 from .release import check_name
 from .slots import SLOTS, Slots
-from .trust import load_public_key, unseal
+from .trust import load_trusted, unseal
 from .wire import BadMessage, decode_frame, frame_limit, parse, status_payload
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class DeployedNode(Server):
         self,
         broker: Broker,
         fleet: str,
-        trust: Path | str,
+        trust: list[Path | str],
         store: Path | str,
         device: str,
         max_batch: int = 32,
@@ -60,7 +60,7 @@ class DeployedNode(Server):
         super().__init__(fleet, max_batch)
         self.device, self.threads = check_name(device, "device"), threads
         self.source = f"node/{device}"
-        self.trusted = load_public_key(trust)
+        self.trusted = load_trusted(trust)
         self.store = Slots(store, self.trusted)
         self.bdseq, self.seq = self.store.next_bdseq(), 0
         self.slots: dict[int, Bundle] = {v: self._load(slot, body) for v, (body, slot) in self.store.read().items()}

@@ -13,7 +13,7 @@ from ..errors import UserError
 from .aggregator import Aggregator, Plan, _Frame
 from .mqtt import Broker
 from .slots import Slots
-from .trust import load_public_key, unseal
+from .trust import load_trusted, unseal
 from .wire import DEFAULT_TIMEOUT_MS, BadMessage, Topics, dumps, parse
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class DeployedAggregator(Aggregator):
         self,
         broker: Broker,
         fleet: str,
-        trust: Path | str,
+        trust: list[Path | str],
         store: Path | str,
         quorum: int | None = None,
         timeout_ms: int = DEFAULT_TIMEOUT_MS,
@@ -82,7 +82,7 @@ class DeployedAggregator(Aggregator):
             raise UserError("--shadow-frames must be at least 1 and --min-agreement between 0 and 1")
         t = Topics(fleet)
         self._setup(broker, fleet, timeout_ms, [t.device_votes(), t.release, t.control])
-        self.trusted = load_public_key(trust)
+        self.trusted = load_trusted(trust)
         self.store = Slots(store, self.trusted)
         self.quorum_arg, self.abstain_arg = quorum, abstain_below
         self.shadow_frames, self.min_agreement = shadow_frames, min_agreement

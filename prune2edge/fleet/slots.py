@@ -24,9 +24,9 @@ SLOTS = 2  # the version running and the one beside it (the next one in shadow, 
 
 
 class Slots:
-    """The versions a node keeps in ``root``, checked against the ``trusted`` key each time they are read."""
+    """The versions a node keeps in ``root``, checked against the ``trusted`` keys each time they are read."""
 
-    def __init__(self, root: Path | str, trusted: Ed25519PublicKey):
+    def __init__(self, root: Path | str, trusted: list[Ed25519PublicKey]):
         self.root, self.trusted = Path(root), trusted
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -74,14 +74,14 @@ class Slots:
         return slot
 
     def read(self) -> dict[int, tuple[dict, Path]]:
-        """The complete versions kept, whose release the trusted key signed: version -> (release body, directory)."""
+        """The complete versions kept, whose release a trusted key signed: version -> (release body, directory)."""
         kept = {}
         for slot in sorted(self.root.glob("v*")):
             try:
                 body = unseal(self.trusted, (slot / "release.json").read_bytes())
                 kept[int(body["version"])] = body, slot
             except (OSError, BadMessage, KeyError, ValueError) as e:
-                log.warning("removing %s: not a complete version signed by the trusted key (%s)", slot, e)
+                log.warning("removing %s: not a complete version signed by a trusted key (%s)", slot, e)
                 shutil.rmtree(slot, ignore_errors=True)
         return kept
 

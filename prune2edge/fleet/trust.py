@@ -1,11 +1,12 @@
 """Signed messages: ed25519 keys in PEM (as ``openssl genpkey -algorithm ed25519`` and ``openssl pkey -pubout``
-write them), a signed envelope around a JSON body, and its check against the one trusted public key."""
+write them), a signed envelope around a JSON body, and its check against the trusted public keys."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -64,18 +65,29 @@ def seal(key: Ed25519PrivateKey, body: dict) -> bytes:
     return dumps({"key": key_id(key), "body": text, "sig": sig})
 
 
-def unseal(trusted: Ed25519PublicKey, payload: bytes, max_bytes: int = 16 << 20) -> dict:
-    """The body of a signed envelope, or BadMessage when it is malformed or not signed by ``trusted``."""
+def load_trusted(paths: Sequence[Path | str]) -> list[Ed25519PublicKey]:
+    """The trusted public keys: one, or two while the signing key is rotated (docs/fleet.md, Trust)."""
+    if not paths:
+        raise UserError(f"give --trust PUB.pem, the public key releases are signed with; {KEY_HINT}")
+    return [load_public_key(p) for p in paths]
+
+
+def unseal(trusted: Ed25519PublicKey | Sequence[Ed25519PublicKey], payload: bytes, max_bytes: int = 16 << 20) -> dict:
+    """The body of a signed envelope, or BadMessage when it is malformed or not signed by a ``trusted`` key."""
+    keys = [trusted] if isinstance(trusted, Ed25519PublicKey) else list(trusted)
     msg = parse(payload, max_bytes)
     text, sig = msg.get("body"), msg.get("sig")
     if not isinstance(text, str) or not isinstance(sig, str):
         raise BadMessage("not a signed message: it needs a 'body' text and a 'sig'")
+    key = next((k for k in keys if key_id(k) == msg.get("key")), None)
     try:
-        trusted.verify(base64.b64decode(sig, validate=True), text.encode())
+        if key is None:
+            raise InvalidSignature
+        key.verify(base64.b64decode(sig, validate=True), text.encode())
     except (InvalidSignature, ValueError):
         raise BadMessage(
-            f"bad signature: signed by key {str(msg.get('key'))[:16]}, not by the trusted key {key_id(trusted)} "
-            "(see docs/fleet.md, Trust)"
+            f"bad signature: signed by key {str(msg.get('key'))[:16]}, not by a trusted key "
+            f"({', '.join(key_id(k) for k in keys)}; see docs/fleet.md, Trust)"
         ) from None
     body = json.loads(text)
     if not isinstance(body, dict):
