@@ -41,6 +41,11 @@ def keys(tmp_path_factory) -> Path:
     return d
 
 
+def assign_text(assign: dict[str, str]) -> str:
+    """{device: member} as `--assign` takes it."""
+    return ",".join(f"{d}={m}" for d, m in assign.items())
+
+
 class Procs:
     """Real prune2edge processes, each started in its own directory (its log there too)."""
 
@@ -218,7 +223,6 @@ def test_deploy_shadow_promote_rollback_and_refusals(bundle, digits_npz, keys, t
     ids = members(bundle)
     v2 = {"d1": ids[0], "d2": ids[1], "d3": ids[2]}
     v3 = {"d1": ids[3], "d2": ids[1], "d3": ids[4]}  # two devices get another member
-    as_text = lambda a: ",".join(f"{d}={m}" for d, m in a.items())  # noqa: E731
     key, pub = keys / "release.pem", tmp_path / "trusted.pub.pem"
     shutil.copy(keys / "release.pub.pem", pub)  # what every device is given
     with acl_broker(tmp_path, ["aggregator", "operator", "client", *v2]) as broker:
@@ -229,7 +233,7 @@ def test_deploy_shadow_promote_rollback_and_refusals(bundle, digits_npz, keys, t
             time.sleep(1)
             assert watch.rollout() == {}  # nothing deployed: the nodes and the aggregator start empty
             r = procs.run(
-                "publish", str(bundle), "--key", str(key), "--version", "2", "--assign", as_text(v2),
+                "publish", str(bundle), "--key", str(key), "--version", "2", "--assign", assign_text(v2),
                 "--chunk-bytes", "4096", user="operator",
             )  # fmt: skip
             assert r.returncode == 0 and "version 2 published" in r.stderr, r.stderr
@@ -242,7 +246,7 @@ def test_deploy_shadow_promote_rollback_and_refusals(bundle, digits_npz, keys, t
             out = tmp_path / "a" / "out.jsonl"
             proc = stream(procs, "classify", digits_npz[0], out, 450, 45, "client")
             watch.wait(lambda: len(rows(out)) >= 30, "decisions of version 2")
-            r = procs.run("publish", str(bundle), "--key", str(key), "--assign", as_text(v3), user="operator")
+            r = procs.run("publish", str(bundle), "--key", str(key), "--assign", assign_text(v3), user="operator")
             assert r.returncode == 0 and "version 3 published" in r.stderr, r.stderr
             watch.wait(lambda: watch.rollout().get("state") == "promoted", "the promotion of version 3")
             promoted = watch.rollout()
@@ -256,28 +260,43 @@ def test_deploy_shadow_promote_rollback_and_refusals(bundle, digits_npz, keys, t
             assert versions[0] == 2 and 3 in versions and 2 in versions[versions.index(3) :], versions  # 2, 3, 2
             serving(watch, 2, v2)
 
-            # refusals while a second stream is served: another key, a downgrade, votes in another member's name
-            out = tmp_path / "b" / "out.jsonl"
-            proc = stream(procs, "classify", digits_npz[0], out, 150, 50, "client")
-            watch.wait(lambda: len(rows(out)) >= 20, "the second stream")
-            other = ("--key", str(keys / "other.pem"), "--version", "4", "--assign", as_text(v2))
-            r = procs.run("publish", str(bundle), *other, user="operator")
-            assert r.returncode == 0, r.stderr  # the publisher cannot know; the fleet refuses it
-            watch.wait(lambda: sum("bad signature" in e for e in watch.errors()) >= 4, "bad signatures refused")
-            old = ("--key", str(key), "--version", "1", "--assign", as_text(v2))
-            r = procs.run("publish", str(bundle), *old, user="operator")
-            assert r.returncode == 2 and "not newer" in r.stderr and "Traceback" not in r.stderr, r.stderr
-            body, blobs = release.release_body(bundle, FLEET, 1, v2, release.CHUNK_BYTES)  # past the publisher
-            operator = Broker.parse(broker.url, "operator", PASSWORD.format("operator"))
-            publish_raw(operator, key, body, {m: [b] for m, b in blobs.items()})
-            watch.wait(lambda: sum("a downgrade" in e for e in watch.errors()) >= 4, "a downgrade refused")
-            forge_votes(broker.url, v2, watch)
-            got = decided_once(proc, out, 150, watch)
-            assert {r["version"] for r in got} == {2}
-            assert watch.rollout()["serving"] == 2 and all(procs.procs[d].poll() is None for d in v2)
+            refusals_while_serving(procs, watch, bundle, keys, v2, digits_npz[0], tmp_path / "b" / "out.jsonl")
         finally:
             procs.stop()
             watch.link.stop()
+
+
+def refusals_while_serving(procs: Procs, watch: Watch, bundle: Path, keys: Path, assign: dict, npz: Path, out: Path):
+    """While a stream is served by version 2: a release signed by another key, a downgrade (past the publisher,
+    which refuses it too) and votes in another member's name are refused; every frame is decided once."""
+    as_text = assign_text(assign)
+    proc = stream(procs, "classify", npz, out, 150, 50, "client")
+    watch.wait(lambda: len(rows(out)) >= 20, "the second stream")
+    r = procs.run(
+        "publish", str(bundle), "--key", str(keys / "other.pem"), "--version", "4", "--assign", as_text, user="operator"
+    )
+    assert r.returncode == 0, r.stderr  # the publisher cannot know; the fleet refuses it
+    watch.wait(lambda: sum("bad signature" in e for e in watch.errors()) >= 4, "bad signatures refused")
+    r = procs.run(
+        "publish",
+        str(bundle),
+        "--key",
+        str(keys / "release.pem"),
+        "--version",
+        "1",
+        "--assign",
+        as_text,
+        user="operator",
+    )
+    assert r.returncode == 2 and "not newer" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    body, blobs = release.release_body(bundle, FLEET, 1, assign, release.CHUNK_BYTES)
+    operator = Broker.parse(procs.url, "operator", PASSWORD.format("operator"))
+    publish_raw(operator, keys / "release.pem", body, {m: [b] for m, b in blobs.items()})
+    watch.wait(lambda: sum("a downgrade" in e for e in watch.errors()) >= 4, "a downgrade refused")
+    forge_votes(procs.url, assign, watch)
+    got = decided_once(proc, out, 150, watch)
+    assert {r["version"] for r in got} == {2}
+    assert watch.rollout()["serving"] == 2 and all(procs.procs[d].poll() is None for d in assign)
 
 
 def forge_votes(url: str, assign: dict[str, str], watch: Watch) -> None:
@@ -304,9 +323,7 @@ def test_deploy_faults_tampered_missing_member_and_a_node_killed(bundle, digits_
         procs, watch = Procs(broker.url), Watch(b)
         try:
             start_fleet(procs, tmp_path, keys / "release.pub.pem", v1, shadow_frames=30, creds=False)
-            r = procs.run(
-                "publish", str(bundle), "--key", str(key), "--assign", ",".join(f"{d}={m}" for d, m in v1.items())
-            )
+            r = procs.run("publish", str(bundle), "--key", str(key), "--assign", assign_text(v1))
             assert r.returncode == 0, r.stderr
             serving(watch, 1, v1)
             out = tmp_path / "a" / "out.jsonl"

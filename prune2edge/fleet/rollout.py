@@ -205,6 +205,7 @@ class DeployedAggregator(Aggregator):
         if body.get("fleet") != self.topics.fleet or body.get("nonce") in self.store.state.get("commands", []):
             return  # another fleet's, or one applied before (the command is retained)
         self.store.state["commands"] = [*self.store.state.get("commands", [])[-99:], body.get("nonce")]
+        self.store.save()
         if kind == "promote" and self.shadow and version == self.shadow.version:
             self._switch(self.shadow, "promoted", "promoted by a signed command")
         elif kind == "rollback" and self.shadow and version == self.plan.version:
