@@ -19,6 +19,7 @@ import test_fleet
 from test_fleet import members, rows
 
 from prune2edge.fleet import Broker, Link, Mosquitto, Topics, release, trust
+from prune2edge.fleet.rollout import Tally
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -259,7 +260,8 @@ def test_deploy_shadow_promote_rollback_and_refusals(bundle, digits_npz, keys, t
             versions = [r["version"] for r in got]
             assert versions[0] == 2 and 3 in versions and 2 in versions[versions.index(3) :], versions  # 2, 3, 2
             serving(watch, 2, v2)
-
+            r = procs.run("rollout", "status", user="operator")
+            assert r.returncode == 0 and json.loads(r.stdout)["state"] == "rolled back", r.stdout + r.stderr
             refusals_while_serving(procs, watch, bundle, keys, v2, digits_npz[0], tmp_path / "b" / "out.jsonl")
         finally:
             procs.stop()
@@ -400,3 +402,26 @@ def test_cli_deploy_errors(bundle, keys, tmp_path):
     assert r.returncode == 2 and "no member ['nope']" in r.stderr, r.stderr
     r = procs.run("rollout", "promote", "2")
     assert r.returncode == 2 and "--key" in r.stderr, r.stderr
+
+
+def test_shadow_verdicts():
+    served = lambda k: {"status": "decided", "class": k}  # noqa: E731
+    tally = Tally()
+    for i in range(10):
+        tally.add(served(i % 3), served(i % 3), i % 3)
+    assert tally.verdict(10, 0.9) == (True, "agreement 1.000 with the serving version on 10 frames, accuracy 1.0000")
+    tally = Tally()
+    for i in range(10):
+        tally.add(served(0), served(int(i < 3)), None)
+    assert tally.verdict(10, 0.9) == (False, "agreement 0.700 with the serving version on 10 frames is below 0.9")
+    tally = Tally()
+    for i in range(10):
+        tally.add(served(i), served(i if i else 9), i)
+    promote, why = tally.verdict(10, 0.5)
+    assert not promote and "accuracy 0.9000 on 10 labelled frames is below the serving version's 1.0000" in why
+    tally = Tally()
+    for _ in range(9):
+        tally.add(served(0), {"status": "undecided"}, None)
+    assert tally.verdict(10, 0.9) is None
+    tally.add(served(0), {"status": "undecided"}, None)
+    assert tally.verdict(10, 0.9)[0] is False
