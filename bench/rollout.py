@@ -1,6 +1,6 @@
 """Rolling a version out to N deployed nodes over a private Mosquitto on loopback, while frames are served.
 
-    python bench/rollout.py [--run runs/demo] [--nodes 5,10,20] [--rate 50] [--shadow-frames 100] [--no-docs]
+    python bench/rollout.py [--run runs/demo] [--nodes 5,10,20] [--rate 20] [--shadow-frames 100] [--no-docs]
 
 For each N: a deployed aggregator and N `prune2edge node --trust --store` processes, each with its own empty
 store (devices assigned the bundle's members round robin: several nodes per member), then, timed on one clock:
@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +60,8 @@ class Watch:
         deadline = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > deadline:
-                sys.exit(f"timed out; rollout {self.rollout}")
+                running = {d: s.get("running") for d, s in sorted(self.status.items())}
+                sys.exit(f"timed out; rollout {self.rollout}; nodes running {running}")
             time.sleep(0.005)
         return time.monotonic()
 
@@ -102,8 +105,14 @@ def one_fleet(bundle: Path, n: int, rate: float, shadow_frames: int, x: np.ndarr
             published = time.monotonic()
             t1 = watch.until(lambda: watch.all_run(devices, [1]) and watch.rollout.get("serving") == 1)
             got: dict = {}
+            undecided: list[str] = []  # the reasons of the frames that got no decision
+
+            def on_result(row: dict) -> None:
+                if row["status"] == "undecided":
+                    undecided.append(f"{row['reason']} (version {row.get('version')})")
+
             client = threading.Thread(
-                target=lambda: got.update(fleet.classify(broker, "bench", x, labels=y, rate=rate))
+                target=lambda: got.update(fleet.classify(broker, "bench", x, labels=y, rate=rate, on_result=on_result))
             )
             client.start()
             time.sleep(2)
@@ -136,6 +145,7 @@ def one_fleet(bundle: Path, n: int, rate: float, shadow_frames: int, x: np.ndarr
         "resent": got["resent"],
         "accuracy": round(got["accuracy"], 4),
         "stream_outlasted_the_rollback": covered,
+        "undecided_reasons": dict(Counter(re.sub(r"only \d+ of", "only N of", r) for r in undecided)),
     }
 
 
@@ -159,6 +169,12 @@ def markdown(result: dict) -> str:
             f"{r['promoted_after_s']:.2f} | {r['rollback_s']:.2f} | {r['frames']} | {r['decided'] + r['review']} | "
             f"{r['lost']}{'' if r['stream_outlasted_the_rollback'] else ' (stream ended before the rollback)'} |"
         )
+    lost = [
+        f"{r['nodes']} nodes: " + "; ".join(f"{n} x {why}" for why, n in r["undecided_reasons"].items())
+        for r in result["results"]
+        if r["undecided_reasons"]
+    ]
+    lines += ["", "Frames without a decision, and why: " + (" | ".join(lost) if lost else "none.")]
     lines += [
         "",
         "Publish: the `publish` call (it first waits up to 1 s for the fleet's retained release and rollout state, "
@@ -175,7 +191,7 @@ def main() -> None:
     ap = argparser(__doc__)
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "demo", help="demo run dir (made if missing)")
     ap.add_argument("--nodes", default="5,10,20", help="comma-separated fleet sizes")
-    ap.add_argument("--rate", type=float, default=50.0, help="frames/s of the client stream")
+    ap.add_argument("--rate", type=float, default=20.0, help="frames/s of the client stream")
     ap.add_argument("--shadow-frames", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=4, help="stream the digits test split this many times")
     a = ap.parse_args()
