@@ -92,7 +92,7 @@ class Main(click.Group):
 def main() -> None:
     """Turn one trained CNN into a small int8 voting ensemble for edge devices (Prune2Edge).
 
-    predict, node, aggregator, classify and fleet run on the core install (numpy, onnxruntime, paho-mqtt);
+    predict, node, aggregator, classify and fleet run on the core install (numpy, onnxruntime, paho-mqtt, cryptography);
     run, demo, evaluate and report need the training extra: pip install 'prune2edge[train]'.
     """
 
@@ -252,7 +252,7 @@ def predict(bundle_dir: Path, files: tuple[str, ...], as_json: bool, abstain_bel
         )
 
 
-# --- Fleet over MQTT: thin shells over prune2edge.fleet (which needs only numpy, onnxruntime, paho-mqtt) ---
+# --- Fleet over MQTT: thin shells over prune2edge.fleet (which needs only numpy, onnxruntime, paho-mqtt, cryptography) ---
 
 DATASET_SPECS = ("digits", "cifar10", "cifar100", "npz", "imagefolder")
 

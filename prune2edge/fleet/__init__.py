@@ -1,6 +1,6 @@
 """Run a bundle on a fleet of edge devices over MQTT: one node per member, an aggregator, clients.
 
-Needs only numpy, onnxruntime and paho-mqtt (no torch, no scikit-learn), so a node can run on a
+Needs only numpy, onnxruntime, paho-mqtt and cryptography (no torch, no scikit-learn), so a node can run on a
 small device. The broker is a real MQTT broker (Eclipse Mosquitto); nothing here is a broker.
 
     wire        topic names, payloads (encode, decode, validate), BadMessage
