@@ -7,7 +7,8 @@ store (devices assigned the bundle's members round robin: several nodes per memb
 
 * first deployment: `prune2edge.fleet.release.publish` of version 1 -> every node runs it and the aggregator
   serves it;
-* while a paced, labelled client stream runs (--rate frames/s): publish version 2 (other members on every device)
+* while a paced, labelled client stream runs (--rate frames/s): publish version 2 (the same members, each device
+  another one: so the shadow tally agrees and the promotion is certain)
   -> every node votes with it in shadow (the roll-out), -> the aggregator promotes it after --shadow-frames
   frames, then a signed rollback to version 1 -> every node serves version 1 again;
 * frames lost: frames of the stream without a decision (undecided, or no outcome at all); the target is 0.
@@ -89,7 +90,7 @@ def one_fleet(bundle: Path, n: int, rate: float, shadow_frames: int, x: np.ndarr
     ids = [e["id"] for e in read_manifest(bundle)["members"]]
     devices = [f"n{i:02d}" for i in range(n)]
     v1 = {d: ids[i % 3] for i, d in enumerate(devices)}
-    v2 = {d: ids[3 + i % 2] if i % 3 != 1 else v1[d] for i, d in enumerate(devices)}
+    v2 = {d: ids[(i + 1) % 3] for i, d in enumerate(devices)}  # every node another member, the same ensemble
     text = lambda a: ",".join(f"{d}={m}" for d, m in a.items())  # noqa: E731
     with tempfile.TemporaryDirectory() as td, fleet.Mosquitto(Path(td) / "broker") as mosq:
         tmp, broker = Path(td), fleet.Broker.parse(mosq.url)

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import test_fleet
 from test_fleet import members, rows
@@ -26,6 +27,14 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 bundle, digits_npz, mosquitto_exe = test_fleet.bundle, test_fleet.digits_npz, test_fleet.mosquitto_exe  # fixtures
 FLEET = "dep"
 PASSWORD = "pw-{}"  # each user's password: PASSWORD.format(user)
+
+
+@pytest.fixture(scope="module")
+def long_npz(digits_npz, tmp_path_factory) -> Path:
+    """The digits test split twice (900 frames): a stream that outlasts a roll-out, a promotion and a rollback."""
+    path = tmp_path_factory.mktemp("long") / "digits_x2.npz"
+    np.savez(path, x=np.concatenate([digits_npz[1]] * 2), y=np.concatenate([digits_npz[2]] * 2))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -220,10 +229,10 @@ def start_fleet(procs: Procs, tmp_path: Path, pub: Path, devices, shadow_frames:
         procs.start(d, tmp_path / d, *args, user=d if creds else None)
 
 
-def test_deploy_shadow_promote_rollback_and_refusals(bundle, digits_npz, keys, tmp_path, mosquitto_exe):
+def test_deploy_shadow_promote_rollback_and_refusals(bundle, digits_npz, long_npz, keys, tmp_path, mosquitto_exe):
     ids = members(bundle)
     v2 = {"d1": ids[0], "d2": ids[1], "d3": ids[2]}
-    v3 = {"d1": ids[3], "d2": ids[1], "d3": ids[4]}  # two devices get another member
+    v3 = {"d1": ids[1], "d2": ids[2], "d3": ids[0]}  # every device another member; the same ensemble decides
     key, pub = keys / "release.pem", tmp_path / "trusted.pub.pem"
     shutil.copy(keys / "release.pub.pem", pub)  # what every device is given
     with acl_broker(tmp_path, ["aggregator", "operator", "client", *v2]) as broker:
@@ -245,7 +254,7 @@ def test_deploy_shadow_promote_rollback_and_refusals(bundle, digits_npz, keys, t
 
             # version 3 votes in shadow on live frames, is promoted on its tally, then rolled back by a signed command
             out = tmp_path / "a" / "out.jsonl"
-            proc = stream(procs, "classify", digits_npz[0], out, 450, 45, "client")
+            proc = stream(procs, "classify", long_npz, out, 900, 60, "client")
             watch.wait(lambda: len(rows(out)) >= 30, "decisions of version 2")
             r = procs.run("publish", str(bundle), "--key", str(key), "--assign", assign_text(v3), user="operator")
             assert r.returncode == 0 and "version 3 published" in r.stderr, r.stderr
@@ -256,7 +265,7 @@ def test_deploy_shadow_promote_rollback_and_refusals(bundle, digits_npz, keys, t
             assert any(s.get("running") == [3, 2] for s in watch.on(watch.topics.status("d1")))  # shadow, serving last
             r = procs.run("rollout", "rollback", "2", "--key", str(key), user="operator")
             assert r.returncode == 0 and json.loads(r.stdout)["serving"] == 2, r.stdout + r.stderr
-            got = decided_once(proc, out, 450, watch)
+            got = decided_once(proc, out, 900, watch)
             versions = [r["version"] for r in got]
             assert versions[0] == 2 and 3 in versions and 2 in versions[versions.index(3) :], versions  # 2, 3, 2
             serving(watch, 2, v2)
@@ -272,7 +281,7 @@ def refusals_while_serving(procs: Procs, watch: Watch, bundle: Path, keys: Path,
     """While a stream is served by version 2: a release signed by another key, a downgrade (past the publisher,
     which refuses it too) and votes in another member's name are refused; every frame is decided once."""
     as_text = assign_text(assign)
-    proc = stream(procs, "classify", npz, out, 150, 50, "client")
+    proc = stream(procs, "classify", npz, out, 120, 50, "client")
     watch.wait(lambda: len(rows(out)) >= 20, "the second stream")
     r = procs.run(
         "publish", str(bundle), "--key", str(keys / "other.pem"), "--version", "4", "--assign", as_text, user="operator"
@@ -296,7 +305,7 @@ def refusals_while_serving(procs: Procs, watch: Watch, bundle: Path, keys: Path,
     publish_raw(operator, keys / "release.pem", body, {m: [b] for m, b in blobs.items()})
     watch.wait(lambda: sum("a downgrade" in e for e in watch.errors()) >= 4, "a downgrade refused")
     forge_votes(procs.url, assign, watch)
-    got = decided_once(proc, out, 150, watch)
+    got = decided_once(proc, out, 120, watch)
     assert {r["version"] for r in got} == {2}
     assert watch.rollout()["serving"] == 2 and all(procs.procs[d].poll() is None for d in assign)
 
@@ -353,13 +362,44 @@ def test_deploy_faults_tampered_missing_member_and_a_node_killed(bundle, digits_
             procs.start("d2", tmp_path / "d2", *node)
             watch.wait(lambda: watch.status("d2").get("state") == "online", "d2 back")
             assert watch.status("d2")["bdseq"] == birth["bdseq"] + 1 and watch.status("d2")["running"] == [1]
+
+            aggregator_restarted_then_promote(procs, watch, tmp_path, keys, bundle, ids)
             got = decided_once(proc, out, 250, watch)
-            assert {r["version"] for r in got} == {1}
+            assert {r["version"] for r in got} <= {1, 3}
             log = (tmp_path / "d2" / "d2.log").read_text()
             assert log.count("release 1: fetching") == 1, log  # the restart read version 1 from its store
         finally:
             procs.stop()
             watch.link.stop()
+
+
+def aggregator_restarted_then_promote(
+    procs: Procs, watch: Watch, tmp_path: Path, keys: Path, bundle: Path, ids
+) -> None:
+    """The aggregator killed and restarted serves version 1 from its store; version 3 names no member for d2, which
+    refuses it; a signed promote makes d1 and d3 serve it."""
+    procs.procs["aggregator"].kill()
+    aggregator = ("aggregator", "--trust", str(keys / "release.pub.pem"), "--store", "store")
+    procs.start("aggregator", tmp_path / "aggregator", *aggregator)
+    agg = lambda: (watch.on(watch.topics.aggregator) or [{}])[-1]  # noqa: E731
+    watch.wait(lambda: agg().get("state") == "online" and agg().get("pid") == procs.procs["aggregator"].pid, "it")
+    assert agg()["version"] == 1 and watch.rollout()["serving"] == 1
+
+    r = procs.run(
+        "publish",
+        str(bundle),
+        "--key",
+        str(keys / "release.pem"),
+        "--assign",
+        assign_text({"d1": ids[3], "d3": ids[4]}),
+    )
+    assert r.returncode == 0 and "version 3 published" in r.stderr, r.stderr
+    watch.wait(lambda: any("assigns no member (with a file) to device 'd2'" in e for e in watch.errors()), "d2")
+    watch.wait(lambda: 3 in (watch.rollout().get("shadow"), watch.rollout().get("serving")), "version 3 in shadow")
+    r = procs.run("rollout", "promote", "3", "--key", str(keys / "release.pem"))
+    assert r.returncode == 0 and json.loads(r.stdout)["serving"] == 3, r.stdout + r.stderr
+    serving(watch, 3, ["d1", "d3"])
+    assert watch.status("d2")["running"] == [1] and procs.procs["d2"].poll() is None
 
 
 def test_keys_and_signatures(keys, tmp_path):

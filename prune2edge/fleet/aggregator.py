@@ -256,8 +256,10 @@ class Aggregator:
             return
         frame = self.pending.get(fid)
         if frame is None:
-            if fid in self.done:  # late, or a duplicate of a vote already counted
+            if fid in self.done and not self.late_vote(fid, plan, member, proba):  # late, or a duplicate
                 self.stats["ignored_votes"] += 1
+                return
+            if fid in self.done:
                 return
             # a vote for a frame we never saw (we restarted, or reconnected after the nodes): wait long enough for
             # the client to re-send the frame, which then reaches every node
@@ -370,6 +372,13 @@ class Aggregator:
     def decided(self, frame: _Frame, result: dict) -> None:
         """Called with each decision (a deployed fleet compares it with the version in shadow)."""
 
+    def late_vote(self, fid: str, plan: Plan, member: str, proba: np.ndarray) -> bool:
+        """A vote for a frame already decided: whether it is still wanted (a deployed fleet's shadow votes are)."""
+        return False
+
+    def tick(self, now: float) -> None:
+        """Called about every 10 ms from the serving loop, holding the lock."""
+
     def describe(self) -> str:
         p = self.plan
         if p is None:
@@ -398,6 +407,7 @@ class Aggregator:
                             if now >= frame.deadline:
                                 self._decide(fid, frame, "timeout")
                         self.next_deadline = min((f.deadline for f in self.pending.values()), default=math.inf)
+                    self.tick(now)
         finally:
             self.link.stop((self.topics.aggregator, self.status("offline")))
             log.info("aggregator stopped: %s", self.stats)

@@ -17,7 +17,7 @@ from ..bundle import Bundle
 from ..errors import UserError
 from .mqtt import Broker, Link
 from .node import Server, vote_payload
-from .release import check_name
+from .release import check_name, open_release
 from .slots import SLOTS, Slots
 from .trust import load_trusted, unseal
 from .wire import BadMessage, decode_frame, frame_limit, parse, status_payload
@@ -128,15 +128,8 @@ class DeployedNode(Server):
             self.report(str(e))
 
     def _on_release(self, payload: bytes) -> None:
-        body = unseal(self.trusted, payload)
-        version = body.get("version")
-        if (
-            body.get("kind") != "release"
-            or body.get("fleet") != self.topics.fleet
-            or not isinstance(version, int)
-            or version < 1
-        ):
-            raise BadMessage(f"release refused: not a release of fleet '{self.topics.fleet}'")
+        body = open_release(self.trusted, payload, self.topics.fleet)
+        version = body["version"]
         if version in self.slots or (self.fetch and self.fetch.version == version):
             return
         self._stop_fetch()

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..bundle import read_manifest, restrict, verify_member
 from ..errors import UserError
 from .mqtt import Broker, Link
-from .trust import Ed25519PrivateKey, load_private_key, seal, unseal
+from .trust import Ed25519PrivateKey, Ed25519PublicKey, load_private_key, seal, unseal
 from .wire import BadMessage, Topics, parse
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,15 @@ def parse_assign(text: str | None, manifest: dict) -> dict[str, str]:
             raise UserError(f"--assign takes DEVICE=MEMBER,..., got '{item}'")
         assign[check_name(device, "device")] = check_name(member, "member")
     return assign
+
+
+def open_release(trusted: list[Ed25519PublicKey], payload: bytes, fleet: str) -> dict:
+    """The body of a signed release of ``fleet``, or BadMessage saying why it is refused."""
+    body = unseal(trusted, payload)
+    version = body.get("version")
+    if body.get("kind") != "release" or body.get("fleet") != fleet or not isinstance(version, int) or version < 1:
+        raise BadMessage(f"release refused: not a release of fleet '{fleet}'")
+    return body
 
 
 def release_body(bundle_dir: Path, fleet: str, version: int, assign: dict[str, str], chunk_bytes: int) -> tuple:

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import UserError
 from .aggregator import Aggregator, Plan, _Frame
 from .mqtt import Broker
+from .release import open_release
 from .slots import Slots
 from .trust import load_trusted, unseal
 from .wire import DEFAULT_TIMEOUT_MS, BadMessage, Topics, dumps, parse
@@ -89,6 +93,7 @@ class DeployedAggregator(Aggregator):
         self.nodes: dict[str, dict] = {}  # device -> its last status
         self.tally = Tally()
         self.switching: tuple[Plan, str, str] | None = None  # a switch waiting for the nodes to run its version
+        self.shadowing: OrderedDict[str, tuple[_Frame, dict]] = OrderedDict()  # decided, waiting for shadow votes
         self.state: dict = {"state": "empty", "serving": None, "shadow": None, "previous": None, "run": []}
         self._restore()
 
@@ -119,15 +124,8 @@ class DeployedAggregator(Aggregator):
         return super().info() | ({"version": p.version, "devices": sorted(p.devices)} if p else {})
 
     def _on_release(self, payload: bytes) -> None:
-        body = unseal(self.trusted, payload)
-        version = body.get("version")
-        if (
-            body.get("kind") != "release"
-            or body.get("fleet") != self.topics.fleet
-            or not isinstance(version, int)
-            or version < 1
-        ):
-            raise BadMessage(f"release refused: not a release of fleet '{self.topics.fleet}'")
+        body = open_release(self.trusted, payload, self.topics.fleet)
+        version = body["version"]
         if version in self.plans or version == self.state.get("rejected"):
             return
         if not self.store.allows(version):
@@ -188,6 +186,7 @@ class DeployedAggregator(Aggregator):
         self._set_state("rolled back", reason, shadow=None, run=[self.plan.version], rejected=version)
 
     def _set_state(self, event: str, reason: str, **changes) -> None:
+        self.shadowing.clear()  # frames compared with a version no longer in shadow
         self.state |= changes | {"state": event, "reason": reason, "at": time.time(), "tally": asdict(self.tally)}
         self.state["highest"] = self.store.state["highest"]
         self.store.state["rollout"] = self.state
@@ -273,8 +272,38 @@ class DeployedAggregator(Aggregator):
             self._online(member, live[member])
 
     def decided(self, frame: _Frame, result: dict) -> None:
-        """Compare the decision with the shadow version's on the same frame; judge the shadow version when due."""
+        """Compare the decision with the shadow version's on the same frame, once the shadow votes of the nodes that
+        run it are in (or at the frame's timeout); judge the shadow version when due."""
         if self.shadow is None or frame.plan is not self.plan:
+            return
+        frame.deadline = time.monotonic() + self.timeout_s  # now: how long its shadow votes are waited for
+        self.shadowing[result["frame"]] = frame, result
+        self._compare_if_ready(result["frame"])
+
+    def late_vote(self, fid: str, plan: Plan, member: str, proba: np.ndarray) -> bool:
+        if fid not in self.shadowing or plan is not self.shadow or member in self.shadowing[fid][0].shadow:
+            return False
+        self.shadowing[fid][0].shadow[member] = proba
+        self._compare_if_ready(fid)
+        return True
+
+    def tick(self, now: float) -> None:
+        while self.shadowing and next(iter(self.shadowing.values()))[0].deadline <= now:
+            self._compare(next(iter(self.shadowing)))
+
+    def _compare_if_ready(self, fid: str) -> None:
+        p = self.shadow
+        running = {
+            p.devices[d]
+            for d, msg in self.nodes.items()
+            if msg.get("state") == "online" and d in p.devices and p.version in msg.get("running", [])
+        }
+        if running and running <= set(self.shadowing[fid][0].shadow):
+            self._compare(fid)
+
+    def _compare(self, fid: str) -> None:
+        frame, result = self.shadowing.pop(fid)
+        if self.shadow is None:
             return
         self.tally.add(result, self.shadow.outcome(frame.shadow, self.timeout_s), frame.label)
         verdict = self.tally.verdict(self.shadow_frames, self.min_agreement)
