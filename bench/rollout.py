@@ -91,7 +91,6 @@ def one_fleet(bundle: Path, n: int, rate: float, shadow_frames: int, x: np.ndarr
     devices = [f"n{i:02d}" for i in range(n)]
     v1 = {d: ids[i % 3] for i, d in enumerate(devices)}
     v2 = {d: ids[(i + 1) % 3] for i, d in enumerate(devices)}  # every node another member, the same ensemble
-    text = lambda a: ",".join(f"{d}={m}" for d, m in a.items())  # noqa: E731
     with tempfile.TemporaryDirectory() as td, fleet.Mosquitto(Path(td) / "broker") as mosq:
         tmp, broker = Path(td), fleet.Broker.parse(mosq.url)
         key, pub = keys(tmp)
@@ -101,44 +100,44 @@ def one_fleet(bundle: Path, n: int, rate: float, shadow_frames: int, x: np.ndarr
         watch = Watch(broker, fleet.Topics("bench"))
         try:
             watch.until(lambda: len(watch.status) == n)  # every node is up, empty
-            t0 = time.monotonic()
-            release.publish(bundle, broker, "bench", key, assign=text(v1))
-            published = time.monotonic()
-            t1 = watch.until(lambda: watch.all_run(devices, [1]) and watch.rollout.get("serving") == 1)
-            got: dict = {}
-            undecided: list[str] = []  # the reasons of the frames that got no decision
-
-            def on_result(row: dict) -> None:
-                if row["status"] == "undecided":
-                    undecided.append(f"{row['reason']} (version {row.get('version')})")
-
-            client = threading.Thread(
-                target=lambda: got.update(fleet.classify(broker, "bench", x, labels=y, rate=rate, on_result=on_result))
-            )
-            client.start()
-            time.sleep(2)
-            t2 = time.monotonic()
-            release.publish(bundle, broker, "bench", key, assign=text(v2))
-            t3 = watch.until(lambda: watch.all_run(devices, [1, 2]))
-            t4 = watch.until(lambda: watch.rollout.get("state") == "promoted" and watch.all_run(devices, [2]))
-            t5 = time.monotonic()
-            release.command(broker, "bench", key, "rollback", 1)
-            t6 = watch.until(lambda: watch.rollout.get("state") == "rolled back" and watch.all_run(devices, [1]))
-            covered = client.is_alive()  # the stream was still running when the rollback was done
-            client.join()
+            return {"nodes": n} | timed(bundle, broker, key, watch, devices, [v1, v2], (x, y, rate))
         finally:
             for p in procs:
                 p.terminate()
             for p in procs:
                 p.wait(30)
             watch.link.stop()
+
+
+def timed(
+    bundle: Path, broker: fleet.Broker, key: Path, watch: Watch, devices: list[str], versions: list, data: tuple
+) -> dict:
+    """Version 1 deployed; then, while a stream runs, version 2 rolled out, judged and (if promoted) rolled back."""
+    text = lambda a: ",".join(f"{d}={m}" for d, m in a.items())  # noqa: E731
+    t0 = time.monotonic()
+    release.publish(bundle, broker, "bench", key, assign=text(versions[0]))
+    published = time.monotonic()
+    t1 = watch.until(lambda: watch.all_run(devices, [1]) and watch.rollout.get("serving") == 1)
+    client, got, undecided = stream(broker, *data)
+    time.sleep(2)
+    t2 = time.monotonic()
+    release.publish(bundle, broker, "bench", key, assign=text(versions[1]))
+    t3 = watch.until(lambda: watch.all_run(devices, [1, 2]))
+    t4 = watch.until(lambda: watch.rollout.get("state") == "rolled back" or watch.all_run(devices, [2]))
+    verdict = f"{watch.rollout['state']}: {watch.rollout['reason']}"
+    t5 = t6 = time.monotonic()
+    if watch.rollout["state"] == "promoted":
+        release.command(broker, "bench", key, "rollback", 1)
+        t6 = watch.until(lambda: watch.rollout.get("state") == "rolled back" and watch.all_run(devices, [1]))
+    covered = client.is_alive()  # the stream was still running when the rollback was done
+    client.join()
     return {
-        "nodes": n,
         "publish_s": round(published - t0, 3),
         "first_deploy_s": round(t1 - t0, 3),
         "rollout_to_all_in_shadow_s": round(t3 - t2, 3),
-        "promoted_after_s": round(t4 - t2, 3),
-        "rollback_s": round(t6 - t5, 3),
+        "verdict": verdict,
+        "verdict_after_s": round(t4 - t2, 3),
+        "rollback_s": round(t6 - t5, 3) if t6 > t5 else None,
         "frames": got["frames"],
         "decided": got["decided"],
         "review": got["review"],
@@ -148,6 +147,22 @@ def one_fleet(bundle: Path, n: int, rate: float, shadow_frames: int, x: np.ndarr
         "stream_outlasted_the_rollback": covered,
         "undecided_reasons": dict(Counter(re.sub(r"only \d+ of", "only N of", r) for r in undecided)),
     }
+
+
+def stream(broker: fleet.Broker, x: np.ndarray, y: np.ndarray, rate: float) -> tuple:
+    """A labelled client stream in a thread: (the thread, its summary when done, the reasons of undecided frames)."""
+    got: dict = {}
+    undecided: list[str] = []
+
+    def on_result(row: dict) -> None:
+        if row["status"] == "undecided":
+            undecided.append(f"{row['reason']} (version {row.get('version')})")
+
+    client = threading.Thread(
+        target=lambda: got.update(fleet.classify(broker, "bench", x, labels=y, rate=rate, on_result=on_result))
+    )
+    client.start()
+    return client, got, undecided
 
 
 def markdown(result: dict) -> str:
@@ -160,14 +175,16 @@ def markdown(result: dict) -> str:
         f"client streams the digits test split at {result['rate']:g} frames/s while the versions change; "
         f"version 2 votes in shadow for {result['shadow_frames']} frames before it is promoted.",
         "",
-        "| nodes | publish (s) | first deploy (s) | roll-out to all, in shadow (s) | promoted after (s) | rollback (s) | frames | "
-        "decided | lost |",
+        "| nodes | publish (s) | first deploy (s) | roll-out to all, in shadow (s) | verdict after (s) | rollback (s) | "
+        "frames | decided | lost |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["results"]:
         lines.append(
             f"| {r['nodes']} | {r['publish_s']:.2f} | {r['first_deploy_s']:.2f} | {r['rollout_to_all_in_shadow_s']:.2f} | "
-            f"{r['promoted_after_s']:.2f} | {r['rollback_s']:.2f} | {r['frames']} | {r['decided'] + r['review']} | "
+            f"{r['verdict_after_s']:.2f} ({r['verdict'].split(':')[0]}) | "
+            f"{'-' if r['rollback_s'] is None else format(r['rollback_s'], '.2f')} | {r['frames']} | "
+            f"{r['decided'] + r['review']} | "
             f"{r['lost']}{'' if r['stream_outlasted_the_rollback'] else ' (stream ended before the rollback)'} |"
         )
     lost = [
@@ -175,13 +192,15 @@ def markdown(result: dict) -> str:
         for r in result["results"]
         if r["undecided_reasons"]
     ]
+    lines += ["", "Verdicts: " + " | ".join(f"{r['nodes']} nodes: {r['verdict']}" for r in result["results"])]
     lines += ["", "Frames without a decision, and why: " + (" | ".join(lost) if lost else "none.")]
     lines += [
         "",
         "Publish: the `publish` call (it first waits up to 1 s for the fleet's retained release and rollout state, "
         "to number the version). First deploy: publish -> every node runs version 1 (fetched, checked, written, loaded) and the aggregator "
-        "serves it. Roll-out: publish of version 2 -> every node votes with it in shadow. Promoted after: from "
-        "the same publish, including the shadow frames at the stream's rate. Rollback: the signed command -> "
+        "serves it. Roll-out: publish of version 2 -> every node votes with it in shadow. Verdict after: from "
+        "the same publish to the aggregator's promotion (or rollback, with its reason: below), including the shadow "
+        "frames at the stream's rate. Rollback: the signed command -> "
         "every node serves version 1 again. Lost: frames of the stream that got no decision.",
         "",
     ]
