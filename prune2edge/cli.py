@@ -92,7 +92,7 @@ class Main(click.Group):
 def main() -> None:
     """Turn one trained CNN into a small int8 voting ensemble for edge devices (Prune2Edge).
 
-    predict, node, aggregator, classify and fleet run on the core install (numpy, onnxruntime, paho-mqtt);
+    predict, node, aggregator, classify and fleet run on the core install (numpy, onnxruntime, paho-mqtt, cryptography);
     run, demo, evaluate and report need the training extra: pip install 'prune2edge[train]'.
     """
 
@@ -278,7 +278,7 @@ def predict(bundle_dir: Path, files: tuple[str, ...], as_json: bool, abstain_bel
         )
 
 
-# --- Fleet over MQTT: thin shells over prune2edge.fleet (which needs only numpy, onnxruntime, paho-mqtt) ---
+# --- Fleet over MQTT: thin shells over prune2edge.fleet (which needs only numpy, onnxruntime, paho-mqtt, cryptography) ---
 
 DATASET_SPECS = ("digits", "cifar10", "cifar100", "npz", "imagefolder")
 
@@ -442,10 +442,36 @@ def _with(options):
     return decorate
 
 
+_deployed_options = [
+    click.option(
+        "--trust",
+        type=click.Path(path_type=Path),
+        multiple=True,
+        help="Deployed: the PEM public key releases are signed with (twice while the key is rotated).",
+    ),
+    click.option(
+        "--store", type=click.Path(path_type=Path), help="Deployed: this process's own directory for versions."
+    ),
+]
+
+
+def _deployed(bundle_dir: Path | None, trust: tuple[Path, ...], store: Path | None) -> bool:
+    """Whether the command runs deployed (its versions come signed over the broker) rather than from BUNDLE."""
+    if bundle_dir is not None and not trust and store is None:
+        return False
+    if bundle_dir is not None or not trust or store is None:
+        raise UserError(
+            "give either BUNDLE (a bundle directory on this device) or --trust PUB.pem --store DIR (versions "
+            "published with `prune2edge publish`)"
+        )
+    return True
+
+
 @main.command()
-@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.argument("bundle_dir", type=click.Path(path_type=Path), required=False)
 @click.option("--member", help="The member id this node runs (see the bundle's manifest.json).")
-@click.option("--device", help="Or: this device's name; the node runs the member the bundle assigns to it.")
+@click.option("--device", help="This device's name: the member the bundle (or each release) assigns to it runs.")
+@_with(_deployed_options)
 @_mqtt_options()
 @click.option("--max-batch", type=int, default=32, show_default=True, help="Frames run in one batch when queued.")
 @click.option(
@@ -455,11 +481,29 @@ def _with(options):
     help="What runs the member: onnxruntime, openvino (extra [openvino]) or reference (ONNX's, slow; extra [reference]).",
 )
 def node(
-    bundle_dir: Path, member: str | None, device: str | None, fleet_name: str, max_batch: int, runtime: str, **mqtt
+    bundle_dir: Path | None,
+    member: str | None,
+    device: str | None,
+    trust: tuple[Path, ...],
+    store: Path | None,
+    fleet_name: str,
+    max_batch: int,
+    runtime: str,
+    **mqtt,
 ) -> None:
-    """Serve one bundle member: verify it, then vote on the fleet's frames (needs no torch or scikit-learn)."""
+    """Serve one bundle member: verify it, then vote on the fleet's frames (needs no torch or scikit-learn).
+
+    Deployed (--trust, --store): start empty and serve the member each signed release assigns to --device."""
     from . import fleet
 
+    if _deployed(bundle_dir, trust, store):
+        if member or not device:
+            raise UserError("a deployed node takes --device NAME (releases assign members to devices), not --member")
+        _log_to_stderr()
+        fleet.DeployedNode(_broker(mqtt), fleet_name, list(trust), store, device, max_batch, runtime=runtime).serve(
+            fleet.stop_on_signals()
+        )
+        return
     if (member is None) == (device is None):
         raise UserError("give either --member ID or --device NAME (the member the bundle assigns to that device)")
     member = member or fleet.member_on(bundle_dir, device)
@@ -470,35 +514,111 @@ def node(
 
 
 @main.command()
-@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.argument("bundle_dir", type=click.Path(path_type=Path), required=False)
+@_with(_deployed_options)
 @_mqtt_options()
 @click.option("--members", help="Comma-separated member ids in this fleet (default: all of the bundle's).")
 @click.option("--quorum", type=int, help="Votes needed for a decision (default: a majority of the members).")
 @click.option("--timeout-ms", type=int, default=2000, show_default=True, help="How long to wait for a frame's votes.")
 @click.option("--abstain-below", type=float, metavar="T", help=ABSTAIN_HELP)
+@click.option(
+    "--shadow-frames",
+    type=int,
+    default=200,
+    show_default=True,
+    help="Deployed: frames a new version votes in shadow before it is judged.",
+)
+@click.option(
+    "--min-agreement",
+    type=float,
+    default=0.9,
+    show_default=True,
+    help="Deployed: share of those frames it must decide as the serving version does.",
+)
 def aggregator(
-    bundle_dir: Path,
+    bundle_dir: Path | None,
+    trust: tuple[Path, ...],
+    store: Path | None,
     fleet_name: str,
     members: str | None,
     quorum: int | None,
     timeout_ms: int,
     abstain_below: float | None,
+    shadow_frames: int,
+    min_agreement: float,
     **mqtt,
 ) -> None:
-    """Collect the nodes' votes and publish one decision (`decided`, `review`, or `undecided` with the reason) per frame."""
+    """Collect the nodes' votes and publish one decision (`decided`, `review`, or `undecided` with the reason) per frame.
+
+    Deployed (--trust, --store): take versions from signed releases; vote each new one in shadow, then promote it or
+    roll it back."""
     from . import fleet
 
     _log_to_stderr()
-    agg = fleet.Aggregator(
-        bundle_dir,
-        _broker(mqtt),
-        fleet_name,
-        quorum,
-        timeout_ms,
-        members.split(",") if members else None,
-        abstain_below,
-    )
+    if _deployed(bundle_dir, trust, store):
+        if members:
+            raise UserError("--members is for BUNDLE; a deployed fleet's members are those its releases assign")
+        agg = fleet.DeployedAggregator(
+            _broker(mqtt),
+            fleet_name,
+            list(trust),
+            store,
+            quorum,
+            timeout_ms,
+            abstain_below,
+            shadow_frames,
+            min_agreement,
+        )
+    else:
+        agg = fleet.Aggregator(
+            bundle_dir,
+            _broker(mqtt),
+            fleet_name,
+            quorum,
+            timeout_ms,
+            members.split(",") if members else None,
+            abstain_below,
+        )
     agg.serve(fleet.stop_on_signals())
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@_mqtt_options()
+@click.option("--key", type=click.Path(path_type=Path), required=True, help="The PEM ed25519 signing key.")
+@click.option("--version", "version", type=int, help="The new version (default: the fleet's current one + 1).")
+@click.option("--assign", help="DEVICE=MEMBER,... (default: the devices the bundle was selected for).")
+@click.option("--chunk-bytes", type=int, default=128 * 1024, show_default=True, help="Bytes per artifact message.")
+def publish(
+    bundle_dir: Path, fleet_name: str, key: Path, version: int | None, assign: str | None, chunk_bytes: int, **mqtt
+) -> None:
+    """Publish BUNDLE as the fleet's next version: a signed release and its members, retained on the broker."""
+    from .fleet import release
+
+    body = release.publish(bundle_dir, _broker(mqtt), fleet_name, key, version, assign, chunk_bytes)
+    click.echo(
+        f"fleet '{fleet_name}': version {body['version']} published ({len(body['artifacts'])} members, "
+        f"{sum(a['bytes'] for a in body['artifacts'].values())} bytes); assigned "
+        + ", ".join(f"{d}={m}" for d, m in body["assign"].items()),
+        err=True,
+    )
+
+
+@main.command()
+@click.argument("action", type=click.Choice(["status", "promote", "rollback"]))
+@click.argument("version", type=int, required=False)
+@_mqtt_options()
+@click.option("--key", type=click.Path(path_type=Path), help="The PEM ed25519 signing key (promote, rollback).")
+def rollout(action: str, version: int | None, fleet_name: str, key: Path | None, **mqtt) -> None:
+    """The fleet's rollout state (JSON), or a signed `promote VERSION` (in shadow) or `rollback VERSION`."""
+    from .fleet import release
+
+    broker, sent = _broker(mqtt), {}
+    if action != "status":
+        if key is None or version is None:
+            raise UserError(f"rollout {action} takes VERSION and --key KEY.pem (the release signing key)")
+        sent = release.command(broker, fleet_name, key, action, version)
+    click.echo(json.dumps(release.rollout_state(broker, fleet_name, sent.get("at")), indent=2))
 
 
 @main.command()

@@ -24,7 +24,8 @@ from prune2edge.fleet import Mosquitto
 pytestmark = [pytest.mark.venv, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = {"numpy", "onnxruntime", "paho-mqtt", "click", "pillow"}  # what `pip install .` brings, and prune2edge
+# what `pip install .` brings, and prune2edge
+CORE = {"numpy", "onnxruntime", "paho-mqtt", "click", "pillow", "cryptography"}
 
 
 def run(*args, timeout: float = 120, **kw) -> subprocess.CompletedProcess:

@@ -23,6 +23,7 @@ from .wire import (
     Topics,
     decode_frame,
     dumps,
+    frame_label,
     frame_limit,
     parse,
     read_frame_id,
@@ -38,12 +39,82 @@ DONE_MEMORY = 100_000  # decided frame ids the aggregator remembers (for duplica
 
 
 @dataclass
+class Plan:
+    """How one version of the fleet votes: its manifest (a view with no member loaded: the nodes run them), its
+    members and their sha256, the quorum, the abstain threshold, and (deployed versions) which device runs which
+    member."""
+
+    version: int | None
+    view: Bundle
+    ids: list[str]
+    sha256: dict[str, str]
+    quorum: int
+    abstain_below: float
+    devices: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        manifest: dict,
+        path: Path,
+        quorum: int | None = None,
+        abstain_below: float | None = None,
+        version: int | None = None,
+        devices: dict[str, str] | None = None,
+    ) -> Plan:
+        view = Bundle(path, manifest, [])
+        ids = [e["id"] for e in manifest["members"]]
+        quorum = len(ids) // 2 + 1 if quorum is None else quorum
+        if not 1 <= quorum <= len(ids):
+            raise UserError(f"--quorum must be between 1 and {len(ids)} (the fleet's members), got {quorum}")
+        sha256 = {e["id"]: e["sha256"] for e in manifest["members"]}
+        return cls(version, view, ids, sha256, quorum, view.threshold(abstain_below), dict(devices or {}))
+
+    @property
+    def rule(self) -> str:
+        return self.view.manifest["vote"]["rule"]
+
+    def outcome(self, votes: dict[str, np.ndarray], timeout_s: float) -> dict:
+        """The decision on one frame from ``votes`` (member -> probabilities), or ``undecided`` with the reason."""
+        voters = [m for m in self.ids if m in votes]  # manifest order: the same arithmetic as Bundle.predict
+        weights = self.view.weights
+        if weights is not None:
+            weights = weights[[self.ids.index(m) for m in voters]]
+        if len(voters) < self.quorum:
+            reason = (
+                f"only {len(voters)} of {len(self.ids)} members voted within {timeout_s * 1000:.0f} ms; "
+                f"quorum is {self.quorum}"
+            )
+            return {"voted": voters, "status": "undecided", "reason": reason}
+        if weights is not None and weights.sum() <= 0:
+            return {
+                "voted": voters,
+                "status": "undecided",
+                "reason": f"the members that voted ({voters}) all have weight 0",
+            }
+        d = decide(np.stack([votes[m] for m in voters])[:, None, :], self.rule, weights, self.abstain_below)
+        k, review = int(d.classes[0]), bool(d.review[0])
+        return {
+            "voted": voters,
+            "status": "review" if review else "decided",
+            "class": None if review else k,
+            "label": None if review else self.view.classes[k],
+            "confidence": round(float(d.confidence[0]), 6),
+            "votes": int(d.votes[0]),
+            "margin": round(float(d.margin[0]), 6),
+        }
+
+
+@dataclass
 class _Frame:
     first_seen: float  # time.monotonic() when this aggregator first heard of the frame
     deadline: float  # when it is decided with the votes in hand (or undecided)
+    plan: Plan  # the version serving when the frame was first heard of: its votes decide it
     payload: bytes | None = None  # the frame itself, when seen (not after an aggregator restart mid-frame)
     votes: dict = field(default_factory=dict)  # member -> probabilities
     infer_ms: dict = field(default_factory=dict)
+    shadow: dict = field(default_factory=dict)  # member -> probabilities of the version in shadow, if any
+    label: int | None = None  # the true class, when the client sent it
 
 
 class Aggregator:
@@ -61,21 +132,17 @@ class Aggregator:
         members: list[str] | None = None,
         abstain_below: float | None = None,
     ):
-        self.topics = Topics(fleet)
         manifest = restrict(read_manifest(bundle_dir), members or None)
-        # a manifest-only view: the rule, weights, classes and shape, with no member loaded (nodes run them)
-        self.view = Bundle(Path(bundle_dir), manifest, [])
-        self.ids = [e["id"] for e in manifest["members"]]
-        self.sha256 = {e["id"]: e["sha256"] for e in manifest["members"]}
-        self.rule = manifest["vote"]["rule"]
-        self.abstain_below = self.view.threshold(abstain_below)
-        self.quorum = len(self.ids) // 2 + 1 if quorum is None else quorum
-        if not 1 <= self.quorum <= len(self.ids):
-            raise UserError(f"--quorum must be between 1 and {len(self.ids)} (the fleet's members), got {self.quorum}")
+        self._setup(broker, fleet, timeout_ms, [Topics(fleet).votes])
+        self.plan = Plan.of(manifest, Path(bundle_dir), quorum, abstain_below)
+        self.plans[None] = self.plan
+
+    def _setup(self, broker: Broker, fleet: str, timeout_ms: int, subscriptions: list[str]) -> None:
+        """The state and the MQTT link; the plan comes after (a deployed fleet's with its first release)."""
         if timeout_ms <= 0:
             raise UserError(f"--timeout-ms must be positive, got {timeout_ms}")
+        self.topics = Topics(fleet)
         self.timeout_s = timeout_ms / 1000
-        self.max_bytes = frame_limit(self.view.shape)
         self.instance = secrets.token_hex(4)
         self.pending: OrderedDict[str, _Frame] = OrderedDict()
         self.done: OrderedDict[str, bytes] = OrderedDict()  # frame id -> its published result
@@ -84,32 +151,41 @@ class Aggregator:
         self.next_deadline = math.inf  # the earliest deadline in `pending` (or later: deadlines only move later)
         self.settle_until = math.inf  # until then, early decisions need every member's vote (see SETTLE_S)
         self.lock = threading.Lock()
-        info = {
-            "role": "aggregator",
-            "instance": self.instance,
-            "members": self.ids,
-            "quorum": self.quorum,
-            "timeout_ms": timeout_ms,
-            "rule": self.rule,
-            "abstain_below": self.abstain_below,
-            "shape": list(self.view.shape),
-            "classes": self.view.classes,
-            "max_frame_bytes": self.max_bytes,
-            "input_steps": manifest["input"].get("steps"),
-        }  # clients resize and convert frames with them
-        self.offline = (self.topics.aggregator, status_payload("offline", **info))
+        self.plan: Plan | None = None  # the version serving: its votes decide frames
+        self.plans: dict[int | None, Plan] = {}  # by version: those whose votes are accepted
+        self.shadow: Plan | None = None  # a version voting in shadow: its decisions are recorded, not published
         # a persistent session (fixed client id, clean_session=False): while this aggregator restarts, the broker
         # queues the frames and votes it misses and delivers them when it is back
         self.link = Link(
             broker,
             f"p2e-{fleet}-aggregator",
-            [self.topics.frames, self.topics.votes, self.topics.status()],
+            [self.topics.frames, self.topics.status(), *subscriptions],
             self._on_message,
-            will=self.offline,
             clean_session=False,
             on_connect=self._on_connect,
-            birth=lambda: (self.topics.aggregator, status_payload("online", **info)),
+            birth=lambda: (self.topics.aggregator, self.status("online")),
         )
+
+    def info(self) -> dict:
+        """What the birth and death messages say: clients resize and convert frames with it."""
+        p = self.plan
+        return {"role": "aggregator", "instance": self.instance, "timeout_ms": round(self.timeout_s * 1000)} | (
+            {}
+            if p is None
+            else {
+                "members": p.ids,
+                "quorum": p.quorum,
+                "rule": p.rule,
+                "abstain_below": p.abstain_below,
+                "shape": list(p.view.shape),
+                "classes": p.view.classes,
+                "max_frame_bytes": frame_limit(p.view.shape),
+                "input_steps": p.view.manifest["input"].get("steps"),
+            }
+        )
+
+    def status(self, state: str) -> bytes:
+        return status_payload(state if state == "offline" or self.plan else "waiting", **self.info())
 
     # -- messages (paho's network thread)
 
@@ -125,45 +201,46 @@ class Aggregator:
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         with self.lock:
-            if topic == self.topics.frames:
-                self._on_frame(payload)
-            elif topic == self.topics.votes:
-                self._on_vote(payload)
-            elif topic.startswith(self.topics.status("")):
-                self._on_status(topic.rsplit("/", 1)[1], payload)
+            self._dispatch(topic, payload)
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.frames:
+            self._on_frame(payload)
+        elif topic.startswith(self.topics.votes):
+            self._on_vote(topic, payload)
+        elif topic.startswith(self.topics.status("")):
+            self._on_status(topic.rsplit("/", 1)[1], payload)
 
     def _on_frame(self, payload: bytes) -> None:
+        if self.plan is None:  # nothing deployed yet: clients wait for the `online` birth before they send
+            return
         try:
-            fid, _ = decode_frame(payload, self.view.shape, self.max_bytes)
+            fid, _ = decode_frame(payload, self.plan.view.shape, frame_limit(self.plan.view.shape))
         except BadMessage as e:  # the nodes report it on `errors`; the client still gets an outcome for its id
             if e.frame is not None and e.frame not in self.done and e.frame not in self.pending:
                 self._publish(
                     e.frame,
                     {"status": "undecided", "reason": f"malformed frame: {e}", "voted": [], "by": "malformed frame"},
                     None,
+                    self.plan,
                 )
             return
         if fid in self.done:  # a re-sent frame: the client missed our answer
             self.stats["resent"] += 1
             self.link.publish(self.topics.results, self.done[fid])
         else:
-            self.pending.setdefault(fid, self._new_frame()).payload = payload
+            frame = self.pending.setdefault(fid, self._new_frame(self.plan))
+            frame.payload, frame.label = payload, frame_label(payload)
 
-    def _on_vote(self, payload: bytes) -> None:
+    def _on_vote(self, topic: str, payload: bytes) -> None:
         try:
             msg = parse(payload, 64 * 1024)
-            fid, member = read_frame_id(msg, "frame"), msg.get("member")
-            if member not in self.sha256:
-                raise BadMessage(f"vote from {member!r}, which is not a member of this fleet ({self.ids})", fid)
-            if msg.get("sha256") != self.sha256[member]:
-                raise BadMessage(
-                    f"vote from a node running a different '{member}' (sha256 {str(msg.get('sha256'))[:12]}"
-                    f"... is not the bundle's {self.sha256[member][:12]}...); give it this bundle",
-                    fid,
-                )
-            proba = np.asarray(msg.get("proba"), np.float64)
-            if proba.shape != (len(self.view.classes),) or not np.isfinite(proba).all() or (proba < 0).any():
-                raise BadMessage(f"vote from '{member}' does not hold {len(self.view.classes)} probabilities", fid)
+            fid = read_frame_id(msg, "frame")
+            plan = self.plans.get(msg.get("version"))
+            if plan is None:  # a version no longer (or not yet) served nor in shadow: a late vote
+                self.stats["ignored_votes"] += 1
+                return
+            member, proba = self._check_vote(plan, topic, msg, fid)
         except (BadMessage, TypeError, ValueError) as e:
             self.link.publish(
                 self.topics.errors,
@@ -179,102 +256,109 @@ class Aggregator:
             return
         frame = self.pending.get(fid)
         if frame is None:
-            if fid in self.done:  # late, or a duplicate of a vote already counted
+            if fid in self.done and not self.late_vote(fid, plan, member, proba):  # late, or a duplicate
                 self.stats["ignored_votes"] += 1
+                return
+            if fid in self.done:
                 return
             # a vote for a frame we never saw (we restarted, or reconnected after the nodes): wait long enough for
             # the client to re-send the frame, which then reaches every node
-            frame = self.pending[fid] = self._new_frame(extra_s=resend_after(self.timeout_s))
-        if member in frame.votes:
+            frame = self.pending[fid] = self._new_frame(self.plan, extra_s=resend_after(self.timeout_s))
+        votes = frame.votes if plan is frame.plan else frame.shadow if plan is self.shadow else None
+        if votes is None or member in votes:
             self.stats["ignored_votes"] += 1
             return
-        frame.votes[member], frame.infer_ms[member] = proba, msg.get("infer_ms")
-        self._decide_if_ready(fid, frame)
+        votes[member] = proba
+        if votes is frame.votes:
+            frame.infer_ms[member] = msg.get("infer_ms")
+            self._decide_if_ready(fid, frame)
+
+    def _check_vote(self, plan: Plan, topic: str, msg: dict, fid: str) -> tuple[str, np.ndarray]:
+        """The vote's member and probabilities, or BadMessage: a member of ``plan`` running its model."""
+        member = msg.get("member")
+        if member not in plan.sha256:
+            raise BadMessage(f"vote from {member!r}, which is not a member of this fleet ({plan.ids})", fid)
+        if msg.get("sha256") != plan.sha256[member]:
+            raise BadMessage(
+                f"vote from a node running a different '{member}' (sha256 {str(msg.get('sha256'))[:12]}"
+                f"... is not the bundle's {plan.sha256[member][:12]}...); give it this bundle",
+                fid,
+            )
+        proba = np.asarray(msg.get("proba"), np.float64)
+        if proba.shape != (len(plan.view.classes),) or not np.isfinite(proba).all() or (proba < 0).any():
+            raise BadMessage(f"vote from '{member}' does not hold {len(plan.view.classes)} probabilities", fid)
+        return member, proba
 
     def _on_status(self, member: str, payload: bytes) -> None:
         try:
             msg = parse(payload, 64 * 1024) if payload else {"state": "offline"}
         except BadMessage:
             return
-        if member not in self.sha256:
+        if member not in self.plan.sha256:
             return
         if msg.get("state") == "online":
-            if msg.get("sha256") != self.sha256[member]:
+            if msg.get("sha256") != self.plan.sha256[member]:
                 log.warning(
                     "node for %s runs a different model (sha256 %s...); its votes are refused",
                     member,
                     str(msg.get("sha256"))[:12],
                 )
                 return
-            self.live[member] = msg.get("instance")
-            log.info("member %s online (%d of %d live)", member, len(self.live), len(self.ids))
-            # a node (re)connecting may have missed frames (broker restart, network cut): send those it owes
-            # again, and give them a fresh timeout for its answer
-            now = time.monotonic()
-            for frame in self.pending.values():
-                if frame.payload and member not in frame.votes:
-                    self.link.publish(self.topics.frames, frame.payload)
-                    frame.deadline = max(frame.deadline, now + self.timeout_s)
+            self._online(member, msg.get("instance"))
         elif member in self.live and msg.get("instance") in (None, self.live[member]):  # not an older node's will
-            del self.live[member]
-            log.info("member %s offline (%d of %d live)", member, len(self.live), len(self.ids))
-            for fid, frame in list(self.pending.items()):  # frames that waited only for it can be decided now
-                self._decide_if_ready(fid, frame)
+            self._offline(member)
+
+    def _online(self, member: str, instance: str) -> None:
+        """A node of ``member`` is live: send it the frames it owes a vote (it may have missed them: broker restart,
+        network cut), with a fresh timeout for its answer."""
+        self.live[member] = instance
+        log.info("member %s online (%d of %d live)", member, len(self.live), len(self.plan.ids))
+        now = time.monotonic()
+        for frame in self.pending.values():
+            if frame.payload and member not in frame.votes:
+                self.link.publish(self.topics.frames, frame.payload)
+                frame.deadline = max(frame.deadline, now + self.timeout_s)
+
+    def _offline(self, member: str) -> None:
+        del self.live[member]
+        log.info("member %s offline (%d of %d live)", member, len(self.live), len(self.plan.ids))
+        for fid, frame in list(self.pending.items()):  # frames that waited only for it can be decided now
+            self._decide_if_ready(fid, frame)
 
     # -- decisions
 
-    def _new_frame(self, extra_s: float = 0.0) -> _Frame:
+    def _new_frame(self, plan: Plan, extra_s: float = 0.0) -> _Frame:
         now = time.monotonic()
-        frame = _Frame(now, now + self.timeout_s + extra_s)
+        frame = _Frame(now, now + self.timeout_s + extra_s, plan)
         self.next_deadline = min(self.next_deadline, frame.deadline)
         return frame
 
     def _decide_if_ready(self, fid: str, frame: _Frame) -> None:
-        expected = set(self.ids) if time.monotonic() < self.settle_until else set(self.live)
-        if len(frame.votes) >= self.quorum and expected <= set(frame.votes):
+        expected = set(frame.plan.ids) if time.monotonic() < self.settle_until else set(self.live)
+        if len(frame.votes) >= frame.plan.quorum and expected <= set(frame.votes):
             self._decide(fid, frame, "all live members voted")
 
     def _decide(self, fid: str, frame: _Frame, why: str) -> None:
         del self.pending[fid]
-        voters = [m for m in self.ids if m in frame.votes]  # manifest order: the same arithmetic as Bundle.predict
-        result: dict = {"voted": voters, "by": why, "infer_ms": {m: frame.infer_ms[m] for m in voters}}
-        weights = self.view.weights
-        if weights is not None:
-            weights = weights[[self.ids.index(m) for m in voters]]
-        if len(voters) < self.quorum:
-            seen = "" if frame.payload else " (this aggregator never saw the frame itself: restarted mid-frame?)"
-            result |= {
-                "status": "undecided",
-                "reason": f"only {len(voters)} of {len(self.ids)} members voted within "
-                f"{self.timeout_s * 1000:.0f} ms; quorum is {self.quorum}{seen}",
-            }
-        elif weights is not None and weights.sum() <= 0:
-            result |= {"status": "undecided", "reason": f"the members that voted ({voters}) all have weight 0"}
-        else:
-            d = decide(np.stack([frame.votes[m] for m in voters])[:, None, :], self.rule, weights, self.abstain_below)
-            k, review = int(d.classes[0]), bool(d.review[0])
-            result |= {
-                "status": "review" if review else "decided",
-                "class": None if review else k,
-                "label": None if review else self.view.classes[k],
-                "confidence": round(float(d.confidence[0]), 6),
-                "votes": int(d.votes[0]),
-                "margin": round(float(d.margin[0]), 6),
-            }
-        self._publish(fid, result, frame)
+        result = frame.plan.outcome(frame.votes, self.timeout_s)
+        if len(result["voted"]) < frame.plan.quorum and not frame.payload:
+            result["reason"] += " (this aggregator never saw the frame itself: restarted mid-frame?)"
+        result |= {"by": why, "infer_ms": {m: frame.infer_ms[m] for m in result["voted"]}}
+        self._publish(fid, result, frame, frame.plan)
 
-    def _publish(self, fid: str, result: dict, frame: _Frame | None) -> None:
+    def _publish(self, fid: str, result: dict, frame: _Frame | None, plan: Plan) -> None:
         result = (
             {"frame": fid, "class": None, "label": None, "confidence": None, "votes": None, "margin": None}
             | result
             | {
-                "missing": [m for m in self.ids if m not in result["voted"]],
-                "quorum": self.quorum,
-                "rule": self.rule,
-                "abstain_below": self.abstain_below,
+                "missing": [m for m in plan.ids if m not in result["voted"]],
+                "quorum": plan.quorum,
+                "rule": plan.rule,
+                "abstain_below": plan.abstain_below,
                 "latency_ms": None if frame is None else round((time.monotonic() - frame.first_seen) * 1000, 3),
                 "aggregator": self.instance,
             }
+            | ({} if plan.version is None else {"version": plan.version})
         )
         payload = dumps(result)
         self.stats[result["status"]] += 1
@@ -282,20 +366,33 @@ class Aggregator:
         while len(self.done) > DONE_MEMORY:
             self.done.popitem(last=False)
         self.link.publish(self.topics.results, payload)
+        if frame is not None:
+            self.decided(frame, result)
+
+    def decided(self, frame: _Frame, result: dict) -> None:
+        """Called with each decision (a deployed fleet compares it with the version in shadow)."""
+
+    def late_vote(self, fid: str, plan: Plan, member: str, proba: np.ndarray) -> bool:
+        """A vote for a frame already decided: whether it is still wanted (a deployed fleet's shadow votes are)."""
+        return False
+
+    def tick(self, now: float) -> None:
+        """Called about every 10 ms from the serving loop, holding the lock."""
+
+    def describe(self) -> str:
+        p = self.plan
+        if p is None:
+            return "no version deployed yet"
+        return (
+            f"members {p.ids}, quorum {p.quorum}, timeout {self.timeout_s * 1000:.0f} ms, rule {p.rule}, "
+            f"abstain below {p.abstain_below:g}" + ("" if p.version is None else f", version {p.version}")
+        )
 
     def serve(self, stop: threading.Event) -> None:
         """Decide frames until ``stop`` is set; a frame still waiting at its timeout is decided or undecided then."""
+        self.link.will(self.topics.aggregator, self.status("offline"))
         self.link.start()
-        log.info(
-            "aggregator for fleet '%s' on %s: members %s, quorum %d, timeout %.0f ms, rule %s, abstain below %g",
-            self.topics.fleet,
-            self.link.broker.url,
-            self.ids,
-            self.quorum,
-            self.timeout_s * 1000,
-            self.rule,
-            self.abstain_below,
-        )
+        log.info("aggregator for fleet '%s' on %s: %s", self.topics.fleet, self.link.broker.url, self.describe())
         settled = False
         try:
             while not stop.wait(0.01):
@@ -310,6 +407,7 @@ class Aggregator:
                             if now >= frame.deadline:
                                 self._decide(fid, frame, "timeout")
                         self.next_deadline = min((f.deadline for f in self.pending.values()), default=math.inf)
+                    self.tick(now)
         finally:
-            self.link.stop(self.offline)
+            self.link.stop((self.topics.aggregator, self.status("offline")))
             log.info("aggregator stopped: %s", self.stats)

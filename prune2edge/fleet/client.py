@@ -110,7 +110,8 @@ class Client:
             except UserError as e:
                 raise UserError(f"fleet '{self.fleet}': {e}") from None
             self.retry_s = self.retry_s or resend_after(agg.get("timeout_ms", DEFAULT_TIMEOUT_MS) / 1000)
-            self.payloads = [encode_frame(fid, img) for fid, img in zip(self.ids, images)]
+            labels = [None] * len(self.ids) if self.labels is None else self.labels
+            self.payloads = [encode_frame(fid, img, y) for fid, img, y in zip(self.ids, images, labels)]
             elapsed, got = self._stream(rate, max_in_flight, timeout_s)
         finally:
             self.link.stop()
@@ -128,7 +129,7 @@ class Client:
                     f"{ready_timeout_s:.0f} s); start one: prune2edge aggregator BUNDLE --broker "
                     f"{self.broker.url} --fleet {self.fleet}"
                 )
-            members = agg["members"]
+            members = agg.get("devices") or agg["members"]  # a deployed fleet's nodes report by device
             if not self.cond.wait_for(lambda: all(self.live.get(m) for m in members), min(ready_timeout_s, 5.0)):
                 log.warning(
                     "only %d of the fleet's %d members are online; classifying anyway",

@@ -123,13 +123,17 @@ class Link:
                     f"cannot set up TLS for {broker.url} ({e}); check --tls-ca/--tls-cert/--tls-key"
                 ) from None
         if will:
-            c.will_set(will[0], will[1], qos=QOS, retain=True)
+            self.will(*will)
         c.reconnect_delay_set(min_delay=0.1, max_delay=1)
         c.on_connect, c.on_disconnect, c.on_message = self._on_connect, self._on_disconnect, self._dispatch
         self.connected = threading.Event()
         self.ever_connected = False
         self._refused: str | None = None
         self._closed: str | None = None  # the broker hung up before accepting us
+
+    def will(self, topic: str, payload: bytes) -> None:
+        """Set the message the broker publishes (retained) if this connection dies; before :meth:`start`."""
+        self.client.will_set(topic, payload, qos=QOS, retain=True)
 
     def start(self, timeout_s: float = 10.0) -> Link:
         url = self.broker.url

@@ -9,6 +9,14 @@ Topics, all under ``prune2edge/<fleet>/`` (docs/fleet.md documents the payloads)
     aggregator          aggregator birth/death (retained; Last Will), with the fleet's members and input shape
     errors              anything a component rejected (malformed frame, bad vote), with the reason
 
+Deployed over the broker (``prune2edge publish``; docs/fleet.md, Deploy):
+
+    release                         publisher -> nodes + aggregator   the newest signed release (retained)
+    artifacts/<version>/<member>/<i>  publisher -> nodes              chunk i of a member's file (retained, raw bytes)
+    control                         operator -> nodes + aggregator    a signed promote or rollback (retained)
+    rollout                         aggregator -> nodes + operators   the rollout state: versions run, serving, shadow
+    votes/<device>                  node -> aggregator                a deployed node's votes (ACL: its own topic only)
+
 Every payload is a JSON object with ``"v": 1``. Delivery is QoS 1 (at least once) everywhere, so
 every receiver is idempotent: the aggregator keys votes by (frame, member) and remembers decided
 frames, re-publishing the stored decision when a frame comes again; the client keeps the first
@@ -72,6 +80,24 @@ class Topics:
     def status(self, member: str = "+") -> str:
         return f"{self.root}/status/{member}"
 
+    @property
+    def release(self) -> str:
+        return f"{self.root}/release"
+
+    @property
+    def control(self) -> str:
+        return f"{self.root}/control"
+
+    @property
+    def rollout(self) -> str:
+        return f"{self.root}/rollout"
+
+    def artifact(self, version: int | str, member: str, chunk: int | str = "+") -> str:
+        return f"{self.root}/artifacts/{version}/{member}/{chunk}"
+
+    def device_votes(self, device: str = "+") -> str:
+        return f"{self.root}/votes/{device}"
+
 
 class BadMessage(ValueError):
     """A payload that breaks the wire format; ``frame`` is its frame id when that much could be read."""
@@ -95,8 +121,9 @@ def frame_limit(shape: tuple[int, ...]) -> int:
     return 4 * math.ceil(math.prod(shape) / 3) + 1024
 
 
-def encode_frame(frame_id: str, image: np.ndarray) -> bytes:
-    """One raw uint8 HWC image as a frame payload."""
+def encode_frame(frame_id: str, image: np.ndarray, label: int | None = None) -> bytes:
+    """One raw uint8 HWC image as a frame payload; ``label``, its true class when known (for a rollout's shadow
+    comparison), is not shown to the vote."""
     img = np.ascontiguousarray(image)
     return dumps(
         {
@@ -106,7 +133,14 @@ def encode_frame(frame_id: str, image: np.ndarray) -> bytes:
             "data": base64.b64encode(img.tobytes()).decode("ascii"),
             "sent_at": time.time(),
         }
+        | ({} if label is None else {"label": int(label)})
     )
+
+
+def frame_label(payload: bytes) -> int | None:
+    """The true class a (well-formed) frame carries, or None."""
+    label = json.loads(payload).get("label")
+    return label if isinstance(label, int) and not isinstance(label, bool) else None
 
 
 def parse(payload: bytes, max_bytes: int) -> dict:
