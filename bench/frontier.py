@@ -53,9 +53,11 @@ ADVICE = "## Which pool for my devices?"
 HEADLINE = "## What it achieves (measured)"
 SUMMARY = "## Summary"  # the first section of docs/RESULTS.md: the headline, and where each result is
 SECTIONS = """
-Sections: [the frontier](#cifar-10-the-frontier-bytes-per-device-x-training-cost) (figure
-`docs/figures/frontier.png`) and [low-bit and independent members](#cifar-10-low-bit-members-independent-members-issue-19)
-(issue 19); [defaults on small data](#defaults-on-small-data-issue-23) (issue 23); [pools from several
+Sections: [ResNet-8, MLPerf Tiny's network](#resnet-8-mlperf-tinys-network-issue-31) (issue 31); [defaults on small
+data](#defaults-on-small-data-issue-32) (issue 32; the earlier defaults: [issue 23](#defaults-on-small-data-issue-23));
+[runtimes](#runtimes) (issue 33); [rolling out a version](#fleet-rolling-out-a-version-issue-34) (issue 34); [the
+frontier](#cifar-10-the-frontier-bytes-per-device-x-training-cost) (figure `docs/figures/frontier.png`) and [low-bit
+and independent members](#cifar-10-low-bit-members-independent-members-issue-19) (issue 19); [pools from several
 basins](#cifar-10-pools-from-several-basins-issue-9) (issue 9); [fleet over MQTT](#fleet-mqtt); [training
 speed](#training-speed); [pool on Ray](#pool-on-ray); [channel pruning](#cifar-10-members-that-run-faster-channel-pruning-issue-20-a-first-screen)
 (issue 20); the diary of fixed flaky tests at the end.
