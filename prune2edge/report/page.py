@@ -157,6 +157,7 @@ def headline(run: Run) -> dict | None:
         "baseline": b,
         "ensemble": e,
         "shipped": m.get("shipped"),  # none in a metrics.json from before the fallback
+        "k_reason": m.get("k_choice", {}).get("reason") if m.get("k_choice", {}).get("by") == "auto" else None,
         "shipped_label": run.shipped_label,
         "pool": m.get("pool"),
         "pool_vote": m["pool_vote"],
