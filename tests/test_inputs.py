@@ -3,6 +3,7 @@ a bundle, and the image-folder example of docs/usage.md built and run as it says
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import subprocess
@@ -81,7 +82,9 @@ def test_the_readme_image_folder_example_runs_end_to_end(inspection):
     # the default pool, and on 8 validation images no lead justifies fewer votes: all 3 ship, and the summary says why
     assert metrics["shipped"]["kind"] == "ensemble" and metrics["shipped"]["members"] == ["m000", "m001", "m002"]
     assert "k chosen on validation (cluster.k: auto): k = 3: the most votes (3)" in summary.table(metrics)
-    assert f'<span id="k-reason">{metrics["k_choice"]["reason"]}</span>' in (run / "report.html").read_text()
+    assert (
+        f'<span id="k-reason">{html.escape(metrics["k_choice"]["reason"])}</span>' in (run / "report.html").read_text()
+    )
     # camera frames as saved (300 px RGB, 200 px grey) in one call
     out = prune2edge_cli("predict", "runs/inspect/bundle", "frame.jpg", "frame_ok.jpg", "--json", cwd=inspection)
     assert out.returncode == 0, out.stderr
