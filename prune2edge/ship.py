@@ -87,6 +87,10 @@ def shipped_model(
     beats = [n for n in usable if quant[n]["val_acc_int8"] > ens_acc and ahead[n] < SIGNIFICANCE]
     best = max(usable, key=lambda n: single_rank(quant, n))
     fallback = cfg.select.fallback
+    if fallback and len(chosen) == 1 and PARENT in usable and not beats:
+        parent = parent_over_one(sel["selected"][0], pred, y_val, quant, placed)
+        if parent:
+            return parent
     out = {"kind": "ensemble" if len(chosen) > 1 else "member", "members": sel["selected"], "val_acc": ens_acc}
     if beats and fallback:
         better = [n for n in beats if PARENT not in beats or lead(y_val, pred[n], pred[PARENT]) < SIGNIFICANCE]
@@ -102,6 +106,29 @@ def shipped_model(
     out["reason"] = _ship_reason(sel, quant, usable, best, ens_acc, ahead, bool(beats), fallback)
     if placed and out["kind"] != "ensemble":
         out["assignment"] = single_assignment(placed, out["members"][0])
+    return out
+
+
+def parent_over_one(
+    one: str, pred: dict[str, np.ndarray], y: np.ndarray, quant: dict[str, dict], placed: dict | None
+) -> dict | None:
+    """Where the selection kept one member: the int8 parent instead, unless the member beats it beyond chance (one
+    model ships either way, and among single models the parent is the robust choice); None where it does."""
+    p = lead(y, pred[one], pred[PARENT])
+    if p < SIGNIFICANCE:
+        return None
+    pct = {n: f"{100 * quant[n]['val_acc_int8']:.2f}%" for n in (one, PARENT)}
+    out = {
+        "kind": "parent",
+        "members": [PARENT],
+        "val_acc": quant[PARENT]["val_acc_int8"],
+        "fallback": True,
+        "reason": f"the selection kept one model, member {one} ({pct[one]} on validation), and among single models "
+        f"the int8 parent ({pct[PARENT]}) ships unless a member beats it beyond chance (sign test p = {p:.2g}, needs "
+        f"< {SIGNIFICANCE:g}; select.fallback: false ships the member)",
+    }
+    if placed:
+        out["assignment"] = single_assignment(placed, PARENT)
     return out
 
 

@@ -335,3 +335,22 @@ def test_warnings_advise_only_what_would_change_the_outcome(demo_run):
     assert "or set cluster.k: auto (its best k scores" in w["message"]
     s["shipped"]["kind"] = "parent"  # the fallback shipped it: nothing to advise
     assert evaluate.selection_warnings(s) == []
+
+
+@pytest.mark.parametrize("parent, ships", [(0.95, "parent"), (0.8, "member")])
+def test_one_selected_member_replaces_the_parent_only_beyond_chance(tmp_path, parent, ships):
+    """The selection keeps one member (k = 1): one model ships either way, and the int8 parent is the robust one
+    unless the member beats it beyond chance (about even on validation: the parent; 20 images ahead: the member)."""
+    cfg, members, quant, y_val, proba = fake_run(
+        tmp_path, one_strong_member, parent=parent, cluster={"k": 1}, select={"max_below_parent": 0.3}
+    )
+    sel = select.choose(tmp_path, cfg, members, quant)
+    s, one = sel["shipped"], sel["selected"]
+    parent_pred = np.load(tmp_path / "baseline" / "val_proba.npy").argmax(1)
+    p = ship.lead(y_val, proba[sel["candidates"].index(one[0])].argmax(1), parent_pred)
+    assert len(one) == 1 and s["kind"] == ships and (p < ship.SIGNIFICANCE) == (ships == "member")
+    if ships == "parent":
+        assert s["members"] == ["baseline"] and f"sign test p = {p:.2g}, needs < 0.05" in s["reason"]
+        assert s["reason"].startswith(f"the selection kept one model, member {one[0]}")
+    else:
+        assert s["members"] == one
