@@ -9,7 +9,7 @@ from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
 
-from .ship import SIGNIFICANCE
+from .ship import SIGNIFICANCE, most_votes
 from .vote import disagreement
 
 
@@ -75,7 +75,7 @@ def choose_k(setting: int | str, curve: list[dict], n: int) -> tuple[int | str, 
     those (ties to the smaller k)."""
     if setting != "auto":
         return (setting, "cluster.k: silhouette") if setting == "silhouette" else (min(int(setting), n), "cluster.k")
-    most = max(curve, key=lambda p: (len(p["members"]), -p["k"]))
+    most = curve[most_votes([len(p["members"]) for p in curve])]
     ahead = [p for p in curve if p["val_acc"] > most["val_acc"] and p["p_lead"] < SIGNIFICANCE]
     if ahead:
         p = max(ahead, key=lambda p: (p["val_acc"], -p["k"]))

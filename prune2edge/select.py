@@ -208,7 +208,7 @@ def curve(
     """Each pick of a :func:`sweep` (``k`` clusters) voting by ``rule`` (and ``weights``) on validation: its accuracy
     and ``p_lead``, how likely chance gives it its lead over the pick with the most votes (:func:`ship.lead`)."""
     preds = [vote(proba[idx], rule, None if weights is None else weights[idx]).argmax(1) for idx in picks]
-    most = max(range(len(picks)), key=lambda i: (len(picks[i]), -i))  # equal picks: the smaller k
+    most = ship.most_votes([len(idx) for idx in picks])
     return [
         {"k": k, "members": idx, "val_acc": float((p == y).mean()), "p_lead": ship.lead(y, p, preds[most])}
         for k, (idx, p) in enumerate(zip(picks, preds), 1)

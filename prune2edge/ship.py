@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     from .config import Config
 
 
+def most_votes(sizes: list[int]) -> int:
+    """Which of the ensembles of ``sizes`` members (for k = 1, 2, ... in order) has the most votes: the robust
+    choice without evidence; the smaller k of equals."""
+    return max(range(len(sizes)), key=lambda i: (sizes[i], -i))
+
+
 def parent_gate(
     quant: dict[str, dict], names: list[str], margin: float, pred: dict[str, np.ndarray], y: np.ndarray
 ) -> tuple[list[str], dict]:
