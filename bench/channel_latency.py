@@ -103,6 +103,7 @@ def where_time_goes(model: Path, x: np.ndarray, folder: Path) -> dict:
     so = ort.SessionOptions()
     so.enable_profiling, so.intra_op_num_threads, so.inter_op_num_threads = True, 1, 1
     so.profile_file_prefix = str(folder / model.stem)
+    so.add_session_config_entry("session.x64quantprecision", "1")  # as prune2edge.runtimes.session makes them
     sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     for i in range(RUNS):

@@ -52,6 +52,7 @@ path, shape = sys.argv[1], json.loads(sys.argv[2])
 open("/proc/self/clear_refs", "w").write("5")
 before = status("VmRSS")
 o = ort.SessionOptions(); o.intra_op_num_threads = 1; o.inter_op_num_threads = 1
+o.add_session_config_entry("session.x64quantprecision", "1")  # as prune2edge.runtimes.session makes them
 s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
 x = np.zeros(shape, np.float32)
 for _ in range(5):
