@@ -5,6 +5,8 @@ was before the speed work, side by side in one process, on synthetic CIFAR-shape
     python bench/speed.py --devices cuda           # only the GPU
     python bench/speed.py --steps 8 --repeats 5    # longer, steadier
     python bench/speed.py --report                 # only the RESULTS.md section, from the results files
+    python bench/speed.py --config configs/cifar10-resnet8.yaml --archs resnet8 --pool-archs '' \
+        --threads free,1,2 --other-cores idle,busy # ResNet-8 alone, then with every other core kept busy
     python bench/speed.py --devices cuda --archs small_cnn,resnet20 --pool-archs small_cnn,resnet20 \
         --batch-sizes 128,512                      # both networks and their pools at two batch sizes
 
@@ -17,6 +19,11 @@ at once with ``fit_group``). On CUDA the single networks also run with ``torch.c
 and seeds, and the loops take turns within each repeat, so load from other jobs slows them alike: on a shared
 machine the speed-up ``new / old`` (images per second over the reference's) is the number that counts, not the
 absolute rates.
+``--other-cores busy`` keeps every allowed core but the first busy with a spinning process while it measures, as on a
+shared gateway; ``--threads free`` takes the thread count from the cores that are free then
+(:func:`prune2edge.cores.free`). A single network's row also gives the share of the core's fp32 peak it reaches: a
+training image costs 3 x 2 x its multiply-adds in FLOPs, the peak is a 1024 x 1024 fp32 matrix product on the same
+threads (:func:`peak_gflops`).
 Writes bench/results/speed-<device>.json (``--results``: another folder) and the ``## Training speed`` section of
 docs/RESULTS.md (from speed-cpu.json and speed-cuda.json, where present).
 """
@@ -28,6 +35,8 @@ import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +46,7 @@ import torch
 from common import RESULTS, add_config, argparser, command_line, machine, publish, rel, write_result
 from torch import nn
 
-from prune2edge import config, models, pool, prune, train
+from prune2edge import config, cores, models, pool, prune, train
 
 TITLE = "## Training speed"
 EPOCH_IMAGES = 45_000  # CIFAR-10's training split less the 10 % validation
@@ -288,6 +297,27 @@ def rows(
     return out
 
 
+def peak_gflops(repeats: int = 20) -> float:
+    """fp32 GFLOP/s of a 1024 x 1024 matrix product on torch's current threads: the best of ``repeats``."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024**3 / best / 1e9
+
+
+def spin_other_cores() -> list[subprocess.Popen]:
+    """A process spinning on each allowed core but the first, as other jobs on a shared machine would."""
+    others = sorted(cores.allowed())[1:]
+    code = "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(c)]) for c in others]
+    time.sleep(1.0)  # let them start before the free cores are counted
+    return procs
+
+
 @dataclass(frozen=True)
 class Grid:
     """What one run measures: networks, pools, batch sizes (None: the config's) and each pool member's steps (None:
@@ -325,19 +355,23 @@ def bench_batch(
     out = []
     for arch in grid.archs:
         c = with_model(cfg, arch)
-        out += rows(
-            describe(c.model) + suffix,
-            lambda x, y, c=c: singles(c, x, y, device),
-            (x, y),
-            warm,
-            len(x),
-            math.ceil(len(x) / batch),
-            EPOCH_IMAGES,
-            repeats,
-            device,
-            threads,
-            batch,
-        )
+        gflop = 6 * prune.macs_of(network(c), x[:1]) / 1e9  # forward 2 x MACs, backward twice that
+        out += [
+            r | {"gflop_per_image": gflop}
+            for r in rows(
+                describe(c.model) + suffix,
+                lambda x, y, c=c: singles(c, x, y, device),
+                (x, y),
+                warm,
+                len(x),
+                math.ceil(len(x) / batch),
+                EPOCH_IMAGES,
+                repeats,
+                device,
+                threads,
+                batch,
+            )
+        ]
     n = cfg.pool.size
     px, py = (x, y) if grid.pool_steps is None else (x[: grid.pool_steps * batch], y[: grid.pool_steps * batch])
     for arch in grid.pool_archs:
@@ -380,7 +414,9 @@ def markdown(results: list[dict], folder: Path) -> str:
         "(kept in `bench/speed.py` as the reference), measured side by side in one process on synthetic 32x32x3 data "
         "with crop + flip augmentation. s/epoch: one epoch of 45,000 images (a pool: every member's epoch). "
         "new / old: the median over rounds of the reference's seconds over the loop's; on a shared machine this "
-        "ratio is the number to read, the absolute rates move with the load.",
+        "ratio is the number to read, the absolute rates move with the load. Other cores busy: a process spins on "
+        "every allowed core but the first; threads 'free': as many as the cores free then. Of fp32 peak: images/s "
+        "x 6 x multiply-adds per image, over a 1024 x 1024 fp32 matrix product's GFLOP/s on the same threads.",
         "",
     ]
     for r in results:
@@ -395,18 +431,20 @@ def markdown(results: list[dict], folder: Path) -> str:
         )
     lines += [
         "",
-        "| network | device | threads | loop | images/s | steps/s | s/epoch | new / old |",
-        "|---|---|---|---|---|---|---|---|",
+        "| network | device | other cores | threads | loop | images/s | steps/s | s/epoch | new / old | of fp32 peak |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         for x in r["rows"]:
-            head = f"| {x['case']} | {x['device']} | {x['threads'] or '-'} | {x['loop']} |"
+            threads = f"{x['threads']} ({x['threads_asked']})" if x.get("threads_asked") == "free" else x["threads"]
+            head = f"| {x['case']} | {x['device']} | {x.get('other_cores', 'idle')} | {threads or '-'} | {x['loop']} |"
             if "error" in x:
-                lines.append(f"{head} failed: {x['error']} | | | |")
+                lines.append(f"{head} failed: {x['error']} | | | | |")
                 continue
+            peak = x["images_per_s"] * x["gflop_per_image"] / x["peak_gflops"] if "gflop_per_image" in x else None
             lines.append(
                 f"{head} {x['images_per_s']:.0f} | {x['steps_per_s']:.2f} | {x['seconds_per_epoch']:.0f} | "
-                f"{x['speedup_vs_reference']:.2f} |"
+                f"{x['speedup_vs_reference']:.2f} | {'–' if peak is None else f'{100 * peak:.0f} %'} |"
             )
     for r in results:
         lines += history(r, folder)
@@ -421,24 +459,26 @@ def history(latest: dict, results: Path) -> list[str]:
     if not runs:
         return []
     runs.append(latest)
+
+    def key(x: dict) -> tuple:
+        return x["case"], x["threads"], x.get("other_cores", "idle")
+
     cols = sorted(
-        {(x["case"], x["threads"]) for r in runs for x in r["rows"] if x["loop"] == "fit" and "error" not in x},
-        key=lambda c: (c[1] or 0, c[0]),
+        {key(x) for r in runs for x in r["rows"] if x["loop"] == "fit" and "error" not in x},
+        key=lambda c: (c[2], c[1] or 0, c[0]),
     )
     lines = [
         "",
         f"Every {latest['device']} run of this bench (the table above is the last): new / old of `fit`, "
         f"per network and threads; raw numbers of the earlier runs in `{rel(folder)}/`.",
         "",
-        "| run | date | command | load before, after | " + " | ".join(f"{c} ({t}t)" for c, t in cols) + " |",
+        "| run | date | command | load before, after | "
+        + " | ".join(f"{c} ({t}t{', busy' if o == 'busy' else ''})" for c, t, o in cols)
+        + " |",
         "|---|---|---|---|" + "---|" * len(cols),
     ]
     for i, r in enumerate(runs, 1):
-        ratio = {
-            (x["case"], x["threads"]): x["speedup_vs_reference"]
-            for x in r["rows"]
-            if x["loop"] == "fit" and "error" not in x
-        }
+        ratio = {key(x): x["speedup_vs_reference"] for x in r["rows"] if x["loop"] == "fit" and "error" not in x}
         cells = [f"{ratio[c]:.2f}" if c in ratio else "–" for c in cols]
         lines.append(
             f"| {i} | {r['date']} | `{r['command']}` | {r['load_average'][0]:.1f}, {r['load_average'][1]:.1f} | "
@@ -458,7 +498,8 @@ def main() -> None:
     ap.add_argument("--pool-steps", type=int, help="training steps per pool member (default: as a network's)")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
     ap.add_argument("--pool-size", type=int, default=8)
-    ap.add_argument("--threads", default="1,2", help="CPU thread counts (default 1,2)")
+    ap.add_argument("--threads", default="1,2", help="CPU thread counts, or free (the free cores; default 1,2)")
+    ap.add_argument("--other-cores", default="idle", help="idle, busy or both: busy spins every core but the first")
     ap.add_argument("--devices", default="cpu,cuda", help="cpu, cuda or both (default; cuda only where a GPU is)")
     ap.add_argument("--archs", help="networks, comma-separated (default: the config's and resnet20)")
     ap.add_argument("--pool-archs", help="networks whose pools are measured, comma-separated (default: the config's)")
@@ -471,7 +512,7 @@ def main() -> None:
     )  # clustering plays no part here
     own = cfg.model.arch
     archs = args.archs.split(",") if args.archs else [own, "resnet20"]
-    pool_archs = args.pool_archs.split(",") if args.pool_archs else [own]
+    pool_archs = [a for a in args.pool_archs.split(",") if a] if args.pool_archs is not None else [own]
     batches = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [None]
     grid = Grid(archs, pool_archs, batches, args.pool_steps)
     results_dir = Path(args.results)
@@ -481,9 +522,20 @@ def main() -> None:
         load = os.getloadavg()[0]
         if device == "cpu":
             out = []
-            for t in (int(v) for v in args.threads.split(",")):
-                torch.set_num_threads(t)
-                out += bench_device(cfg, device, args.steps, args.repeats, t, grid)
+            for other in args.other_cores.split(","):
+                spinners = spin_other_cores() if other == "busy" else []
+                try:
+                    for v in args.threads.split(","):
+                        t = cores.free() if v == "free" else int(v)
+                        torch.set_num_threads(t)
+                        peak = peak_gflops()
+                        out += [
+                            r | {"other_cores": other, "threads_asked": v, "peak_gflops": peak}
+                            for r in bench_device(cfg, device, args.steps, args.repeats, t, grid)
+                        ]
+                finally:
+                    for p in spinners:
+                        p.kill()
             name = machine()
         else:
             out = bench_device(cfg, device, args.cuda_steps, args.repeats, None, grid)

@@ -68,6 +68,32 @@ LOADERS = {"onnxruntime": _onnxruntime, "openvino": _openvino, "reference": _ref
 CHECK_IMAGES = 128  # validation images each shipped member is run on, on every runtime installed where it is built
 
 
+def load_tflite(tflite_bytes: bytes, threads: int = 1) -> Runner:
+    """A full-integer int8 ``.tflite`` (:func:`prune2edge.export.to_tflite`) on LiteRT's interpreter, with
+    ``threads`` threads (0: the free cores): it takes preprocessed NCHW float32 images, quantises them with the
+    file's input scale and zero point, and returns the dequantised logits."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        raise UserError("LiteRT is not installed here: pip install 'prune2edge[litert]'") from None
+    it = Interpreter(model_content=tflite_bytes, num_threads=threads or cores.free())
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    (s_in, z_in), (s_out, z_out) = inp["quantization"], out["quantization"]
+    batch = [0]  # the batch size the interpreter's tensors are allocated for
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if len(x) != batch[0]:
+            it.resize_tensor_input(inp["index"], [len(x), *x.shape[2:], x.shape[1]])
+            it.allocate_tensors()
+            batch[0] = len(x)
+        q = np.clip(np.rint(x.transpose(0, 2, 3, 1) / s_in) + z_in, -128, 127).astype(np.int8)
+        it.set_tensor(inp["index"], q)
+        it.invoke()
+        return (it.get_tensor(out["index"]).astype(np.float32) - z_out) * s_out
+
+    return run
+
+
 def load(onnx_bytes: bytes, runtime: str = "onnxruntime", threads: int = 1) -> Runner:
     """The model ``onnx_bytes`` ready to run on ``runtime`` with ``threads`` threads (0: the free cores)."""
     if runtime not in LOADERS:
