@@ -120,7 +120,9 @@ def markdown(result: dict) -> str:
             "",
             f"ONNX Runtime runs its int8 kernels in high precision in prune2edge (`session.x64quantprecision`); "
             f"'{DEFAULT_KERNELS}' is the same model without that option: on x86 CPUs without VNNI its u8 x s8 kernels "
-            f"add pairs of products in 16 bits, which saturate for 8-bit weights. CPU: {result['cpu_flags']}.",
+            f"add pairs of products in 16 bits, which saturate for 8-bit weights. CPU: {result['cpu_flags']}. With "
+            "every model on every runtime taking turns, each run finds colder caches than on a device that runs one "
+            "model: compare the ratios, not the milliseconds, with a device's.",
             "",
             f"Sizes: the members as run (int8 ONNX) {sizes['onnx_min']:,}-{sizes['onnx_max']:,} B, as shipped "
             f"(p2e-sparse-xz) {sizes['shipped_min']:,}-{sizes['shipped_max']:,} B; as .tflite {min(tflite.values()):,}-"

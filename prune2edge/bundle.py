@@ -83,7 +83,7 @@ def write(
     """Copy each member's shipped file (``member["shipped"]``, an :data:`ENCODING` int8 ONNX model) into
     ``out/members/`` and write the manifest last.
 
-    Each member dict also carries its ``id``, its voting ``weight`` (used when ``weighted``) and any
+    Each member dict also carries its ``id``, its voting ``weight`` (1.0 unless ``weighted``) and any
     metadata to record (sparsity, accuracy, cluster, latency...). ``abstain``: the default abstain threshold
     and how it was chosen (:func:`prune2edge.selective.choose_threshold`); ``latency``: how latencies were measured.
     """
@@ -122,7 +122,10 @@ def write(
             "rule": rule,
             "weighted": weighted,
             "tie_break": "lowest class index",
-            "combine": "soft: weighted mean of member probabilities; hard: weighted count of member argmax votes",
+            "combine": (
+                "soft: mean of member probabilities, hard: count of member argmax votes, each member's counted "
+                + ("by its weight" if weighted else "once (every weight 1.0)")
+            ),
             **(
                 {"agreement": AGREEMENT, "abstain_below": abstain["abstain_below"], "abstain": abstain}
                 if abstain

@@ -174,7 +174,7 @@ def make_bundle(run_dir: Path, cfg: Config, selection: dict, members: list[dict]
         {
             "id": n,
             "shipped": model_dir(run_dir, n) / quantize.SHIPPED,
-            "weight": quant[n]["val_acc_int8"],
+            "weight": quant[n]["val_acc_int8"] if cfg.vote.weighted else 1.0,  # what the vote counts it as
             "gzip_bytes": quant[n]["bytes"]["int8_gzip"],
             "sparsity_target": sparsity[n][0],
             "sparsity": sparsity[n][1],

@@ -26,7 +26,8 @@ def session(model: Path | str | bytes, threads: int = 0) -> ort.InferenceSession
 
     Its int8 kernels run in high precision: on x86 CPUs with AVX2 but no VNNI, ONNX Runtime's default u8 x s8 kernels
     add pairs of products in 16 bits, which saturate for 8-bit weights, and a member then disagreed with OpenVINO
-    and the ONNX reference on up to 0.45 % of images (none with this option, for about 1.2x the batch-1 latency)."""
+    and the ONNX reference on up to 0.45 % of images (none with this option, for 1.1-1.2x the batch-1 latency
+    of a digits member, the two timed alone side by side)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or cores.free()
     opts.log_severity_level = 3

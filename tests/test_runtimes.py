@@ -4,6 +4,7 @@ CIFAR-shaped (32x32x3) ResNet-8 bundle; a fleet of nodes on different runtimes d
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,10 @@ def test_a_mixed_fleet_decides_like_the_offline_ensemble(demo_run, broker, digit
         bundle, Broker.parse(url), "mixed", ids, workdir=tmp_path / "fleet", abstain_below=0.0, runtimes=chosen
     ):
         got = finish(start_stream(url, "mixed", npz, out, n=len(x)), out, len(x))
+        # Mosquitto's own client (mosquitto-clients, installed with the broker) watches the fleet, as docs/fleet.md says
+        sub = ["mosquitto_sub", "-p", str(broker.port), "-t", "prune2edge/mixed/#", "-v", "-C", "1", "-W", "10"]
+        watched = subprocess.run([*sub, "--retained-only"], capture_output=True, text=True, timeout=30)
+        assert watched.returncode == 0 and watched.stdout.startswith("prune2edge/mixed/"), watched
     logs = {m: (tmp_path / "fleet" / f"{m}.log").read_text() for m in ids}
     assert all(f", {chosen[m]}) serving fleet 'mixed'" in logs[m] for m in ids), logs
     assert all(row["status"] == "decided" and row["voted"] == ids for row in got)

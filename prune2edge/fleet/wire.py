@@ -183,5 +183,9 @@ def decode_frame(payload: bytes, shape: tuple[int, ...], max_bytes: int | None =
 
 
 def status_payload(state: str, **info) -> bytes:
-    """A birth or death message (node status, aggregator): ``state`` is ``online`` or ``offline``."""
-    return dumps({"state": state, "at": time.time(), "host": socket.gethostname(), "pid": os.getpid()} | info)
+    """A birth or death message (node status, aggregator): ``state`` is ``online`` (or ``waiting``) or ``offline``.
+    A birth carries ``at``, when it was sent. A death is made when its connection starts, to be the Last Will the
+    broker sends when that connection is lost, so it cannot know when that happens: it carries ``connected_at``,
+    the start of the connection that ended, and the broker's delivery time is the time of death."""
+    when = "connected_at" if state == "offline" else "at"
+    return dumps({"state": state, when: time.time(), "host": socket.gethostname(), "pid": os.getpid()} | info)
