@@ -23,15 +23,16 @@ setup: $(BIN)/prune2edge
 demo: setup
 	$(BIN)/prune2edge demo
 
-# The tests run in two rounds: first all but the broker and Ray tests, one pytest-xdist worker per free core (each
-# test file on one worker); then the broker and Ray tests alone, since they time real processes against each other.
-# --durations: the slowest tests and fixtures, so that a test that grows shows in every CI log.
+# The tests run in two rounds: first all but the broker tests, one pytest-xdist worker per free core (each test file
+# on one worker); then the broker tests alone, since they time fleets of real processes against each other. The
+# demo run they share is made once (tests/conftest.py). --durations: the slowest tests and fixtures, so that a test
+# that grows shows in every CI log.
 WORKERS = $(shell $(BIN)/python -c "from prune2edge import cores; print(cores.free())" 2>/dev/null || echo 1)
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile -m "not broker and not ray" --durations=15
-	$(BIN)/python -m pytest -q -m "broker or ray" --durations=10
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile -m "not broker" --durations=15
+	$(BIN)/python -m pytest -q -m broker --durations=10
 
 clean:
 	rm -rf $(VENV) runs

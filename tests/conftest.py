@@ -1,10 +1,15 @@
-"""Shared fixtures: one real demo run per test session, reused by every test that needs artifacts."""
+"""Shared fixtures: one real demo run (and one CIFAR-shaped run) per version of the code, reused by every test
+that needs artifacts, in every pytest process: `make test`'s two rounds and their xdist workers share them."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,26 +19,50 @@ from prune2edge import cli, config, pipeline
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_RUNS = ROOT / ".pytest_cache" / "shared-runs"
+
+
+def code_version() -> str:
+    """A digest of the package's code and configs and of this file: a shared run is made again when they change."""
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    for path in sorted((ROOT / "prune2edge").rglob("*")):
+        if path.suffix in (".py", ".yaml") and "__pycache__" not in path.parts:
+            h.update(path.relative_to(ROOT).as_posix().encode() + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def shared_run(name: str, make: Callable[[Path], None]) -> Path:
+    """``SHARED_RUNS/<name>-<code version>``, made by ``make(folder)`` by the first process that asks (the others
+    wait on a lock), and moved into place only once complete."""
+    SHARED_RUNS.mkdir(parents=True, exist_ok=True)
+    done = SHARED_RUNS / f"{name}-{code_version()}"
+    with open(SHARED_RUNS / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            for old in SHARED_RUNS.glob(f"{name}-*"):  # other versions of the code
+                shutil.rmtree(old, ignore_errors=True)
+            work = SHARED_RUNS / f".{name}-{os.getpid()}"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            make(work)
+            work.rename(done)
+    return done
+
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def demo_run() -> Path:
     """A complete run of the demo config (digits): baseline, pool, int8, selection, bundle, metrics."""
-    run_dir = tmp_path_factory.mktemp("demo")
-    pipeline.run(config.load(cli.DEMO_CONFIG), run_dir, progress=False)
-    return run_dir
+    return shared_run("demo", lambda d: pipeline.run(config.load(cli.DEMO_CONFIG), d, progress=False))
 
 
-@pytest.fixture(scope="session")
-def cifar_shaped_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A whole run on synthetic 32x32 RGB images (4 classes: a bright square in one quadrant), ResNet-8; its data is
-    ``synthetic.npz`` beside the run folder."""
+def _cifar_shaped(run: Path) -> None:
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 480)
     x = rng.integers(0, 120, (480, 32, 32, 3), dtype=np.uint8)
     for i, c in enumerate(y):
         r, s = divmod(int(c), 2)
         x[i, 16 * r : 16 * r + 16, 16 * s : 16 * s + 16, c % 3] += 120
-    run = tmp_path_factory.mktemp("cifar_shaped")
     np.savez(run / "synthetic.npz", x_train=x[:400], y_train=y[:400], x_test=x[400:], y_test=y[400:])
     cfg = config.load(
         None,
@@ -46,7 +75,13 @@ def cifar_shaped_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         },
     )
     pipeline.run(cfg, run / "run", progress=False)
-    return run / "run"
+
+
+@pytest.fixture(scope="session")
+def cifar_shaped_run() -> Path:
+    """A whole run on synthetic 32x32 RGB images (4 classes: a bright square in one quadrant), ResNet-8; its data is
+    ``synthetic.npz`` beside the run folder."""
+    return shared_run("cifar_shaped", _cifar_shaped) / "run"
 
 
 def prune2edge_cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
