@@ -34,8 +34,9 @@ def _fit(proba: np.ndarray, method: str, k: int, seed: int) -> np.ndarray:
         return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(features(proba, method))
 
 
-def cluster(proba: np.ndarray, method: str = "kmeans-onehot", k: int | str = 5, k_max: int = 10, seed: int = 0) -> dict:
-    """Cluster members ``[M, N, K]``; ``k="silhouette"`` picks the k in 2..k_max with the best silhouette.
+def cluster(proba: np.ndarray, method: str, k: int | str, k_max: int | None = None, seed: int = 0) -> dict:
+    """Cluster members ``[M, N, K]`` (``method``, ``k`` and ``k_max`` as in the config's ``cluster:``, which holds
+    their defaults); ``k="silhouette"`` picks the k in 2..k_max (None: every k below M) with the best silhouette.
 
     (``cluster.k: auto``, k chosen on the selected ensemble's validation accuracy, is :func:`choose_k`.)
 
@@ -46,7 +47,7 @@ def cluster(proba: np.ndarray, method: str = "kmeans-onehot", k: int | str = 5, 
     scores: dict[int, float] = {}
     if k == "silhouette":
         dist = disagreement(proba) if method == "agglomerative" else None
-        for kk in range(2, min(k_max, m - 1) + 1):
+        for kk in range(2, min(k_max or m, m - 1) + 1):
             labels = _fit(proba, method, kk, seed)
             if len(set(labels)) > 1:
                 scores[kk] = float(
