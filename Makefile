@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 # The torch build this project is tested with. It is pinned here, not in the package (whose [train] extra asks for
 # a range), and installed before the extras so that their range is already met: with no torch installed, a range
 # lets pip pick the newest release, which on Linux x86_64 is a CUDA build of several GB. Override it for another
-# build, e.g. make TORCH='torch==2.13.0 --index-url <PyTorch's CPU wheel index>'.
+# build, e.g. make TORCH='torch==2.13.0 --index-url <PyTorch's CPU wheel index>'. --no-compile: Python compiles the
+# modules it imports when it first imports them, not the thousands of TensorFlow and Ray files the tests never load.
 TORCH ?= torch==2.13.0
 
 .PHONY: setup demo test clean
@@ -13,8 +14,8 @@ TORCH ?= torch==2.13.0
 $(BIN)/prune2edge: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[train,test]'
+	$(BIN)/pip install -q --no-compile $(TORCH)
+	$(BIN)/pip install -q --no-compile -e '.[train,test]'
 	touch $@
 
 setup: $(BIN)/prune2edge
@@ -23,16 +24,16 @@ setup: $(BIN)/prune2edge
 demo: setup
 	$(BIN)/prune2edge demo
 
-# The tests run in two rounds: first all but the broker tests, one pytest-xdist worker per free core (each test file
-# on one worker); then the broker tests alone, since they time fleets of real processes against each other. The
-# demo run they share is made once (tests/conftest.py). --durations: the slowest tests and fixtures, so that a test
-# that grows shows in every CI log.
+# The tests run in two rounds: first all but those marked `alone`, one pytest-xdist worker per free core (each test
+# file on one worker); then those alone (the roll-out tests, which time a fleet's versions changing: beside other
+# tests' training they lost frames). The demo run they share is made once (tests/conftest.py). --durations: the
+# slowest tests and fixtures, so that a test that grows shows in every CI log.
 WORKERS = $(shell $(BIN)/python -c "from prune2edge import cores; print(cores.free())" 2>/dev/null || echo 1)
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile -m "not broker" --durations=15
-	$(BIN)/python -m pytest -q -m broker --durations=10
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile -m "not alone" --durations=15
+	$(BIN)/python -m pytest -q -m alone --durations=5
 
 clean:
 	rm -rf $(VENV) runs

@@ -22,7 +22,7 @@ from test_fleet import members, rows
 from prune2edge.fleet import Broker, Link, Mosquitto, Topics, release, trust
 from prune2edge.fleet.rollout import Tally
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.alone]
 
 bundle, digits_npz, mosquitto_exe = test_fleet.bundle, test_fleet.digits_npz, test_fleet.mosquitto_exe  # fixtures
 FLEET = "dep"

@@ -202,10 +202,10 @@ def test_independent_pool_resumes_a_member_killed_mid_training_and_counts_its_wh
         "data": {"name": "digits", "max_train": 300},
         "model": {"kwargs": {"width": 8, "depth": 2}},
         "train": {"epochs": 3, "batch_size": 64},
-        "pool": {**QAT_POOL, "epochs": 150.0, "lr": 0.05, "batch_size": 64},
+        "pool": {**QAT_POOL, "epochs": 80.0, "lr": 0.05, "batch_size": 64},
         "cluster": {"k": 2, "k_max": 2},
         "bundle": {"latency_runs": 5},
-    }  # 150 epochs of 5 steps: the kill comes one poll after the first saved epoch, long before the last
+    }  # 80 epochs of 5 steps: the kill comes one poll after the first saved epoch, long before the last
     path = tmp_path / "qat.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run_dir = tmp_path / "run"
