@@ -51,6 +51,8 @@ def parse_settings(settings: list[str] | tuple[str, ...]) -> dict:
     """``["pool.size=8", "train.lr=0.1"]`` -> nested overrides; values are read as YAML scalars or lists."""
     import yaml
 
+    from .config import read_yaml
+
     out: dict = {}
     for item in settings:
         name, sep, value = item.partition("=")
@@ -61,7 +63,7 @@ def parse_settings(settings: list[str] | tuple[str, ...]) -> dict:
         for p in parents:
             node = node.setdefault(p, {})
         try:
-            node[leaf] = yaml.safe_load(value)
+            node[leaf] = read_yaml(value)
         except yaml.YAMLError as e:
             raise UserError(f"--set {name}: cannot read value '{value}' ({e})") from None
     return out

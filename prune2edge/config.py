@@ -9,6 +9,7 @@ What each key means is in docs/usage.md (Configuration); ``python -m prune2edge.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -422,6 +423,23 @@ def _merge(base: dict, new: dict) -> dict:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as PyYAML reads it, but for numbers like ``1e-4``, which YAML 1.1 reads as text and YAML 1.2 (and every
+    user) as a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """A config's YAML (a file's text, or one ``--set`` value): :class:`_Loader`'s reading."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load(path: str | Path | None = None, overrides: dict | None = None) -> Config:
     """The defaults, updated by a YAML file and then by ``overrides``; validated."""
     user: Any = {}
@@ -431,7 +449,7 @@ def load(path: str | Path | None = None, overrides: dict | None = None) -> Confi
         except OSError as e:
             raise UserError(f"cannot read config '{path}': {e.strerror}") from None
         try:
-            user = yaml.safe_load(text) or {}
+            user = read_yaml(text) or {}
         except yaml.YAMLError as e:
             raise UserError(f"config '{path}' is not valid YAML: {e}") from None
         if not isinstance(user, dict):

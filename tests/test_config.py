@@ -77,3 +77,14 @@ def test_every_shipped_config_loads(path):
     """The configs in configs/ are valid: a renamed or removed key would otherwise surface only in a long run."""
     cfg = config.load(path)
     assert cfg.model.arch and cfg.pool.size >= 1
+
+
+def test_numbers_in_exponent_form_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-4 as text; a config file and --set read it as the number a user means."""
+    from prune2edge.cli import parse_settings
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {weight_decay: 1e-4, lr: 5E-2}\n")
+    cfg = config.load(path, parse_settings(["pool.weight_decay=2e-5"]))
+    assert (cfg.train.weight_decay, cfg.train.lr, cfg.pool.weight_decay) == (1e-4, 5e-2, 2e-5)
+    assert config.read_yaml("name: run1e3") == {"name": "run1e3"}  # text stays text
