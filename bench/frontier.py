@@ -55,7 +55,7 @@ SUMMARY = "## Summary"  # the first section of docs/RESULTS.md: the headline, an
 SECTIONS = """
 Sections: [ResNet-8, MLPerf Tiny's network](#resnet-8-mlperf-tinys-network-issue-31) (issue 31); [defaults on small
 data](#defaults-on-small-data-issue-32) (issue 32; the earlier defaults: [issue 23](#defaults-on-small-data-issue-23));
-[runtimes](#runtimes) (issue 33); [rolling out a version](#fleet-rolling-out-a-version-issue-34) (issue 34); [the
+[runtimes](#runtimes-digits) ([on CIFAR-10](#runtimes-cifar10-resnet8); issue 33); [rolling out a version](#fleet-rolling-out-a-version-issue-34) (issue 34); [the
 frontier](#cifar-10-the-frontier-bytes-per-device-x-training-cost) (figure `docs/figures/frontier.png`) and [low-bit
 and independent members](#cifar-10-low-bit-members-independent-members-issue-19) (issue 19); [pools from several
 basins](#cifar-10-pools-from-several-basins-issue-9) (issue 9); [fleet over MQTT](#fleet-mqtt); [training
