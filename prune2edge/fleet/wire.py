@@ -184,8 +184,8 @@ def decode_frame(payload: bytes, shape: tuple[int, ...], max_bytes: int | None =
 
 def status_payload(state: str, **info) -> bytes:
     """A birth or death message (node status, aggregator): ``state`` is ``online`` (or ``waiting``) or ``offline``.
-    A birth carries ``at``, when it was sent. A death is made when its connection starts, to be the Last Will the
-    broker sends when that connection is lost, so it cannot know when that happens: it carries ``connected_at``,
-    the start of the connection that ended, and the broker's delivery time is the time of death."""
+    A birth carries ``at``, when it was sent. A death is made before the connection it ends (the Last Will the broker
+    sends when that connection is lost), so it cannot know when that happens: it carries ``connected_at``, when the
+    process made it (as it connected, or as it started), and the broker's delivery time is the time of death."""
     when = "connected_at" if state == "offline" else "at"
     return dumps({"state": state, when: time.time(), "host": socket.gethostname(), "pid": os.getpid()} | info)
