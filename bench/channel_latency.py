@@ -25,7 +25,7 @@ import torch
 from common import RESULTS, argparser, command_line, machine, publish, write_result
 from torch import nn
 
-from prune2edge import latency, models, prune, quantize
+from prune2edge import latency, models, prune, quantize, runtimes
 
 TITLE = "## Channel-pruned members: int8 latency against multiply-adds"
 # width, multiply-adds removed, widths in multiples of, stem pool
@@ -100,10 +100,9 @@ def where_time_goes(model: Path, x: np.ndarray, folder: Path) -> dict:
     """Median microseconds per run of one ONNX Runtime session (1 thread, batch 1), split by ONNX Runtime's profiler
     into the first convolution, the other convolutions and the classifier, the other nodes (pooling, quantising the
     input, layout), and what ``session.run`` spends outside every node."""
-    so = ort.SessionOptions()
-    so.enable_profiling, so.intra_op_num_threads, so.inter_op_num_threads = True, 1, 1
+    so = runtimes.session_options(threads=1)
+    so.enable_profiling, so.inter_op_num_threads = True, 1
     so.profile_file_prefix = str(folder / model.stem)
-    so.add_session_config_entry("session.x64quantprecision", "1")  # as prune2edge.runtimes.session makes them
     sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     for i in range(RUNS):

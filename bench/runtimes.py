@@ -144,8 +144,7 @@ def cpu_flags() -> str:
 
 def to_tflite(models: dict[str, tuple[bytes, Path]], run: Path) -> dict[str, bytes]:
     """Each model as a full-integer .tflite, calibrated on the run's training images as the export command does."""
-    x = store.tensors(run, "train")[0].numpy()
-    calibration = x[np.random.default_rng(0).permutation(len(x))[: export.CALIBRATION_IMAGES]]
+    calibration = export.calibration_images(store.tensors(run, "train")[0].numpy())
     with tempfile.TemporaryDirectory() as tmp:
         return {
             m: export.to_tflite(b, calibration, Path(tmp) / f"{m}.tflite").read_bytes() for m, (b, _) in models.items()

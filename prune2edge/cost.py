@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .runtimes import HIGH_PRECISION
+
 
 def macs(model: Path | str) -> int:
     """Multiply-adds of one image through the convolutions and matrix products of an fp32 ONNX model (batch 1;
@@ -42,17 +44,18 @@ def macs(model: Path | str) -> int:
 
 # run in a fresh interpreter, so that nothing else this process loaded counts: resident memory (KiB) after importing
 # onnxruntime, with the peak reset there (Linux: /proc/self/clear_refs), and the peak once a session made from the
-# model has run batch 1 a few times
+# model (with the config entries prune2edge's sessions carry) has run batch 1 a few times
 PROBE = """
 import json, sys
 import numpy as np, onnxruntime as ort
 def status(key):
     return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key + ":")))
-path, shape = sys.argv[1], json.loads(sys.argv[2])
+path, shape, entries = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 open("/proc/self/clear_refs", "w").write("5")
 before = status("VmRSS")
 o = ort.SessionOptions(); o.intra_op_num_threads = 1; o.inter_op_num_threads = 1
-o.add_session_config_entry("session.x64quantprecision", "1")  # as prune2edge.runtimes.session makes them
+for key, value in entries.items():
+    o.add_session_config_entry(key, value)
 s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
 x = np.zeros(shape, np.float32)
 for _ in range(5):
@@ -66,7 +69,7 @@ def memory(model: Path | str, image: np.ndarray) -> dict:
     (Linux): ``session_mb``, what making the session and running it adds to a process that has imported ONNX
     Runtime, and ``process_mb``, that process's peak. ``image`` is one preprocessed input (C, H, W)."""
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, str(model), json.dumps([1, *image.shape])],
+        [sys.executable, "-c", PROBE, str(model), json.dumps([1, *image.shape]), json.dumps(HIGH_PRECISION)],
         capture_output=True,
         text=True,
         check=True,

@@ -103,6 +103,11 @@ def to_tflite(onnx_bytes: bytes, calibration: np.ndarray, path: Path) -> Path:
     return path
 
 
+def calibration_images(x_train: np.ndarray) -> np.ndarray:
+    """The training images a .tflite is calibrated on: :data:`CALIBRATION_IMAGES` of them, drawn with a fixed seed."""
+    return x_train[np.random.default_rng(0).permutation(len(x_train))[:CALIBRATION_IMAGES]]
+
+
 def export_bundle(bundle_dir: Path | str, fmt: str, out: Path | str, spec: dict) -> dict:
     """Write every member of a bundle as ``fmt`` into ``out`` (``<id>.tflite``) and ``out/export.json`` (sizes,
     beside MLPerf Tiny's reference); ``spec``: the dataset whose training images calibrate them."""
@@ -111,8 +116,7 @@ def export_bundle(bundle_dir: Path | str, fmt: str, out: Path | str, spec: dict)
     bundle_dir, out = Path(bundle_dir), Path(out)
     b = Bundle.load(bundle_dir)
     ds = data.load({**spec, **b.steps.to_config()} if b.steps.size or b.steps.color else spec)
-    pick = np.random.default_rng(0).permutation(len(ds.x_train))[:CALIBRATION_IMAGES]
-    calibration = b.preprocess(ds.x_train[pick])
+    calibration = b.preprocess(calibration_images(ds.x_train))
     members = {}
     for e in b.manifest["members"]:
         path = to_tflite(member_onnx(bundle_dir, e), calibration, out / f"{e['id']}.tflite")

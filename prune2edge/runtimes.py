@@ -20,20 +20,28 @@ Runner = Callable[[np.ndarray], np.ndarray]  # preprocessed NCHW float32 images 
 EXTRAS = {"onnxruntime": None, "openvino": "openvino", "reference": "reference"}  # runtime -> its pip extra
 
 
-def session(model: Path | str | bytes, threads: int = 0) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session on an ONNX file or its bytes, on ``threads`` threads (0: the free cores,
-    :func:`prune2edge.cores.free`).
+# ONNX Runtime's int8 kernels in high precision: on x86 CPUs with AVX2 but no VNNI, its default u8 x s8 kernels add
+# pairs of products in 16 bits, which saturate for 8-bit weights, and a member then disagreed with OpenVINO and the
+# ONNX reference on up to 0.45 % of images (none with this entry, for 1.1-1.2x the batch-1 latency of a digits
+# member, the two timed alone side by side)
+HIGH_PRECISION = {"session.x64quantprecision": "1"}
 
-    Its int8 kernels run in high precision: on x86 CPUs with AVX2 but no VNNI, ONNX Runtime's default u8 x s8 kernels
-    add pairs of products in 16 bits, which saturate for 8-bit weights, and a member then disagreed with OpenVINO
-    and the ONNX reference on up to 0.45 % of images (none with this option, for 1.1-1.2x the batch-1 latency
-    of a digits member, the two timed alone side by side)."""
+
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    """The options of every ONNX Runtime session prune2edge makes: ``threads`` intra-op threads (0: the free cores,
+    :func:`prune2edge.cores.free`), warnings off, :data:`HIGH_PRECISION`."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or cores.free()
     opts.log_severity_level = 3
-    opts.add_session_config_entry("session.x64quantprecision", "1")
+    for key, value in HIGH_PRECISION.items():
+        opts.add_session_config_entry(key, value)
+    return opts
+
+
+def session(model: Path | str | bytes, threads: int = 0) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session on an ONNX file or its bytes, with :func:`session_options`."""
     return ort.InferenceSession(
-        model if isinstance(model, bytes) else str(model), opts, providers=["CPUExecutionProvider"]
+        model if isinstance(model, bytes) else str(model), session_options(threads), providers=["CPUExecutionProvider"]
     )
 
 
@@ -126,12 +134,10 @@ def version(runtime: str) -> str:
 def verify(onnx_bytes: bytes, x: np.ndarray) -> dict[str, dict]:
     """How each runtime installed here runs the model on the preprocessed images ``x``, against ONNX Runtime
     (:func:`compare`, with the runtime's version and the number of images); runtimes not installed are left out."""
-    expected = softmax(load(onnx_bytes)(x))
-    out = {}
+    proba = {}
     for runtime in LOADERS:
         try:
-            runner = load(onnx_bytes, runtime)
-        except UserError:  # not installed here
+            proba[runtime] = softmax(load(onnx_bytes, runtime)(x))
+        except UserError:  # not installed here (ONNX Runtime always is)
             continue
-        out[runtime] = compare(softmax(runner(x)), expected) | {"images": len(x), "version": version(runtime)}
-    return out
+    return {r: compare(p, proba["onnxruntime"]) | {"images": len(x), "version": version(r)} for r, p in proba.items()}
