@@ -499,7 +499,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
     ap.add_argument("--pool-size", type=int, default=8)
     ap.add_argument("--threads", default="1,2", help="CPU thread counts, or free (the free cores; default 1,2)")
-    ap.add_argument("--other-cores", default="idle", help="idle, busy or both: busy spins every core but the first")
+    ap.add_argument(
+        "--other-cores", default="idle", help="idle, busy or idle,busy: busy spins every allowed core but the first"
+    )
     ap.add_argument("--devices", default="cpu,cuda", help="cpu, cuda or both (default; cuda only where a GPU is)")
     ap.add_argument("--archs", help="networks, comma-separated (default: the config's and resnet20)")
     ap.add_argument("--pool-archs", help="networks whose pools are measured, comma-separated (default: the config's)")
@@ -514,6 +516,8 @@ def main() -> None:
     archs = args.archs.split(",") if args.archs else [own, "resnet20"]
     pool_archs = [a for a in args.pool_archs.split(",") if a] if args.pool_archs is not None else [own]
     batches = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [None]
+    if not set(args.other_cores.split(",")) <= {"idle", "busy"}:
+        ap.error(f"--other-cores takes idle, busy or idle,busy, not '{args.other_cores}'")
     grid = Grid(archs, pool_archs, batches, args.pool_steps)
     results_dir = Path(args.results)
     command = command_line()
