@@ -115,6 +115,13 @@ class _Frame:
     infer_ms: dict = field(default_factory=dict)
     shadow: dict = field(default_factory=dict)  # member -> probabilities of the version in shadow, if any
     label: int | None = None  # the true class, when the client sent it
+    # a version that began serving after the frame was first heard of, and its votes: nodes that switched to it vote
+    # with it on the frame re-sent; they decide the frame if the votes of ``plan`` cannot (``Aggregator.ballot``)
+    later: tuple[Plan, dict] | None = None
+
+    def ballots(self) -> list[tuple[Plan, dict]]:
+        """The votes that may decide the frame, the first version's first."""
+        return [(self.plan, self.votes)] + ([self.later] if self.later else [])
 
 
 class Aggregator:
@@ -230,6 +237,7 @@ class Aggregator:
             self.link.publish(self.topics.results, self.done[fid])
         else:
             frame = self.pending.setdefault(fid, self._new_frame(self.plan))
+            frame.deadline = max(frame.deadline, time.monotonic() + self.timeout_s)  # re-sent: the nodes vote again
             frame.payload, frame.label = payload, frame_label(payload)
 
     def _on_vote(self, topic: str, payload: bytes) -> None:
@@ -264,14 +272,28 @@ class Aggregator:
             # a vote for a frame we never saw (we restarted, or reconnected after the nodes): wait long enough for
             # the client to re-send the frame, which then reaches every node
             frame = self.pending[fid] = self._new_frame(self.plan, extra_s=resend_after(self.timeout_s))
-        votes = frame.votes if plan is frame.plan else frame.shadow if plan is self.shadow else None
+        votes = self.ballot(frame, plan)
         if votes is None or member in votes:
             self.stats["ignored_votes"] += 1
             return
         votes[member] = proba
-        if votes is frame.votes:
+        if votes is not frame.shadow:
             frame.infer_ms[member] = msg.get("infer_ms")
             self._decide_if_ready(fid, frame)
+
+    def ballot(self, frame: _Frame, plan: Plan) -> dict | None:
+        """Where a vote of ``plan`` on ``frame`` counts: the frame's own version, the version in shadow, or the
+        version serving now when the frame was first heard of under an older one (re-sent after a switch, its
+        nodes vote with the new version only); None: nowhere."""
+        if plan is frame.plan:
+            return frame.votes
+        if plan is self.shadow:
+            return frame.shadow
+        if plan is self.plan:
+            if frame.later is None or frame.later[0] is not plan:
+                frame.later = (plan, {})
+            return frame.later[1]
+        return None
 
     def _check_vote(self, plan: Plan, topic: str, msg: dict, fid: str) -> tuple[str, np.ndarray]:
         """The vote's member and probabilities, or BadMessage: a member of ``plan`` running its model."""
@@ -334,17 +356,23 @@ class Aggregator:
         return frame
 
     def _decide_if_ready(self, fid: str, frame: _Frame) -> None:
-        expected = set(frame.plan.ids) if time.monotonic() < self.settle_until else set(self.live)
-        if len(frame.votes) >= frame.plan.quorum and expected <= set(frame.votes):
-            self._decide(fid, frame, "all live members voted")
+        settling = time.monotonic() < self.settle_until
+        for plan, votes in frame.ballots():
+            expected = set(plan.ids) if settling else set(self.live)
+            if len(votes) >= plan.quorum and expected <= set(votes):
+                self._decide(fid, frame, "all live members voted")
+                return
 
     def _decide(self, fid: str, frame: _Frame, why: str) -> None:
+        """Publish the frame's outcome: by the first of its ballots that reaches its quorum, else undecided."""
         del self.pending[fid]
-        result = frame.plan.outcome(frame.votes, self.timeout_s)
-        if len(result["voted"]) < frame.plan.quorum and not frame.payload:
+        ballots = frame.ballots()
+        plan, votes = next(((p, v) for p, v in ballots if len(v) >= p.quorum), ballots[0])
+        result = plan.outcome(votes, self.timeout_s)
+        if len(result["voted"]) < plan.quorum and not frame.payload:
             result["reason"] += " (this aggregator never saw the frame itself: restarted mid-frame?)"
         result |= {"by": why, "infer_ms": {m: frame.infer_ms[m] for m in result["voted"]}}
-        self._publish(fid, result, frame, frame.plan)
+        self._publish(fid, result, frame, plan)
 
     def _publish(self, fid: str, result: dict, frame: _Frame | None, plan: Plan) -> None:
         result = (
