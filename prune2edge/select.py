@@ -21,11 +21,22 @@ if TYPE_CHECKING:
 STRATEGIES = ("accuracy-first", "diversity-first", "top-k", "random", "greedy")
 
 
-def _eligible(accs: np.ndarray, labels: list[int], max_acc_gap: float, usable: np.ndarray) -> dict[int, np.ndarray]:
-    """Per cluster, its usable members whose accuracy is within ``max_acc_gap`` of the best usable member's
-    (none: an outlier cluster)."""
-    best = accs[usable].max()
-    ok = usable & (accs >= best - max_acc_gap - 1e-12)  # no rounding error may exclude a member exactly at the gap
+def _behind(proba: np.ndarray, y: np.ndarray, max_acc_gap: float, usable: np.ndarray) -> tuple[int, np.ndarray]:
+    """The best usable member and, per member, the sign test's p that the best one's lead over it is chance
+    (:func:`ship.lead`) where it is more than ``max_acc_gap`` below the best on validation, else 1.0."""
+    accs = np.array([accuracy(p, y) for p in proba])
+    top = max(np.flatnonzero(usable), key=lambda i: (accs[i], -i))
+    far = accs < accs[top] - max_acc_gap - 1e-12  # no rounding error may exclude a member exactly at the gap
+    pred = proba.argmax(2)
+    return top, np.array([ship.lead(y, pred[top], pred[i]) if far[i] else 1.0 for i in range(len(proba))])
+
+
+def _eligible(proba: np.ndarray, y: np.ndarray, labels: list[int], max_acc_gap: float, usable: np.ndarray) -> dict:
+    """Per cluster, its usable members not left behind by the best usable member: more than ``max_acc_gap`` below
+    it on validation *and* behind beyond chance (:func:`_behind`: a few images on a small split decide nothing);
+    none: an outlier cluster."""
+    _, p = _behind(proba, y, max_acc_gap, usable)
+    ok = usable & (p >= ship.SIGNIFICANCE)
     labels_arr = np.asarray(labels)
     return {c: np.flatnonzero((labels_arr == c) & ok) for c in sorted(set(labels))}
 
@@ -45,9 +56,9 @@ def slots(
     """What ``strategy`` picks, as slots: each slot's candidate members, most preferred first.
 
     ``accuracy-first``: one slot per cluster, its members by validation accuracy. ``diversity-first``: by
-    distance to the cluster's centre (ties to the more accurate). Both take only members within
-    ``max_acc_gap`` of the best member's validation accuracy, and skip a cluster that has none (see
-    :func:`skipped`). The others fill as many one-member slots as there are clusters: ``top-k`` by
+    distance to the cluster's centre (ties to the more accurate). Both pass over members more than
+    ``max_acc_gap`` below the best member's validation accuracy that it beats beyond chance, and skip a cluster
+    that has no other (see :func:`skipped`). The others fill as many one-member slots as there are clusters: ``top-k`` by
     accuracy, ``random`` (seeded), ``greedy`` forward selection maximising the ensemble's accuracy
     (Caruana et al. 2004, without replacement). With ``fits[member, device]``, only members that fit a
     device are candidates, and the one-member strategies pass over a member that no free device fits.
@@ -64,13 +75,13 @@ def slots(
     if strategy == "accuracy-first":
         return [
             sorted(ok, key=lambda i: (-accs[i], i))
-            for ok in _eligible(accs, labels, max_acc_gap, usable).values()
+            for ok in _eligible(proba, y, labels, max_acc_gap, usable).values()
             if len(ok)
         ]
     if strategy == "diversity-first":
         f = cluster.features(proba, method)
         out = []
-        for c, ok in _eligible(accs, labels, max_acc_gap, usable).items():
+        for c, ok in _eligible(proba, y, labels, max_acc_gap, usable).items():
             if len(ok):
                 dist = np.linalg.norm(f[ok] - f[labels_arr == c].mean(0), axis=1)
                 out.append(
@@ -151,9 +162,9 @@ def skipped(
     (only ``usable`` members count: those that fit a device)."""
     usable = np.ones(len(proba), bool) if usable is None else np.asarray(usable, bool)
     accs = np.array([accuracy(p, y) for p in proba])
-    top = max(np.flatnonzero(usable), key=lambda i: (accs[i], -i))
+    top, p = _behind(proba, y, max_acc_gap, usable)
     out = []
-    for c, ok in _eligible(accs, labels, max_acc_gap, usable).items():
+    for c, ok in _eligible(proba, y, labels, max_acc_gap, usable).items():
         if not len(ok):
             idx = np.flatnonzero(np.asarray(labels) == c)
             if not usable[idx].any():
@@ -174,8 +185,10 @@ def skipped(
                     "best_val_acc": float(accs[best]),
                     "pool_best": names[top],
                     "pool_best_val_acc": float(accs[top]),
+                    "p": float(p[best]),
                     "reason": f"its best member {names[best]} (val {accs[best]:.4f}) is more than select.max_acc_gap = "
-                    f"{max_acc_gap:g} below the pool's best, {names[top]} (val {accs[top]:.4f})",
+                    f"{max_acc_gap:g} below the pool's best, {names[top]} (val {accs[top]:.4f}), which beats it "
+                    f"beyond chance (sign test p = {p[best]:.2g} < {ship.SIGNIFICANCE:g})",
                 }
             )
     return out

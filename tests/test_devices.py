@@ -228,9 +228,13 @@ def test_a_member_that_fits_no_device_is_never_selected_and_the_gap_counts_from_
     fits[0:3] = False  # the most accurate family fits no device
     for strategy in select.STRATEGIES:
         assert not set(select.select(strategy, proba, y, labels, fits=fits, max_acc_gap=0.0)) & {0, 1, 2}
-    # with gap 0 only the best member that fits is eligible: family 0 (unfit) does not push the others out
+    # the gap counts from the best member that fits: family 0 (unfit, the most accurate) pushes no other out; the
+    # selection is the one made without it
     best_fit = max(range(3, 9), key=lambda i: (accs[i], -i))
-    assert select.select("accuracy-first", proba, y, labels, fits=fits, max_acc_gap=0.0) == [best_fit]
+    chosen = select.select("accuracy-first", proba, y, labels, fits=fits, max_acc_gap=0.0)
+    alone = select.select("accuracy-first", proba[3:], y, labels[3:], fits=fits[3:], max_acc_gap=0.0)
+    assert best_fit in chosen and chosen == [i + 3 for i in alone]
+    assert select.select("accuracy-first", proba, y, labels, max_acc_gap=0.0) == [0]  # all fit: 0 beats the rest
     names = [f"m{i:03d}" for i in range(9)]
     reasons = {s["cluster"]: s["reason"] for s in select.skipped(proba, y, labels, 0.0, names, fits.any(1))}
     assert "none of its members fits a device's budget" in reasons[0]

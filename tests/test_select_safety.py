@@ -57,6 +57,17 @@ def test_outlier_cluster_is_skipped_not_forced_in(pool, strategy):
     assert 6 not in select.select(strategy, proba, y, labels, max_acc_gap=gap - 1e-3)
 
 
+def test_a_member_a_few_images_below_the_gap_is_not_passed_over_on_noise():
+    """On 100 validation images a member 3 points (3 images net) below the best, over max_acc_gap = 0.02, is behind by
+    chance as far as a sign test can tell (8 images against 5): it keeps its cluster's slot."""
+    y = np.random.default_rng(1).integers(0, 10, 100)
+    proba = np.stack([member(y, np.arange(0, 5)), member(y, np.arange(5, 13))])
+    for strategy in ("accuracy-first", "diversity-first"):
+        assert select.select(strategy, proba, y, [0, 1], max_acc_gap=0.02) == [0, 1]
+    assert select.skipped(proba, y, [0, 1], 0.02, ["a", "b"]) == []
+    assert ship.lead(y, proba[0].argmax(1), proba[1].argmax(1)) > ship.SIGNIFICANCE
+
+
 def test_skipped_clusters_say_why(pool):
     proba, y, labels = pool
     names = [f"m{i:03d}" for i in range(len(proba))]
@@ -67,6 +78,7 @@ def test_skipped_clusters_say_why(pool):
     assert (
         "m006" in rec["reason"] and "select.max_acc_gap = 0.02" in rec["reason"] and rec["pool_best"] in rec["reason"]
     )
+    assert rec["p"] < ship.SIGNIFICANCE and "sign test p = " in rec["reason"]
     assert select.skipped(proba, y, labels, 1.0, names) == []
 
 
