@@ -13,6 +13,7 @@ from scipy.stats import binomtest
 from . import data, selective, store
 from .bundle import Bundle, predict_proba, session
 from .errors import UserError
+from .ship import mcnemar, vote_weights
 from .store import PARENT
 from .summary import kib
 from .vote import AGREEMENT, accuracy, disagreement, margin, vote
@@ -23,15 +24,6 @@ if TYPE_CHECKING:
     from .config import Config
 
 
-def mcnemar(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, alternative: str = "two-sided") -> float:
-    """Exact McNemar p-value for two classifiers' correctness on the same inputs (the sign test on the inputs
-    where exactly one is right); ``alternative="greater"``: one-sided, that ``pred_a`` is right more often."""
-    a, b = pred_a == y, pred_b == y
-    n01, n10 = int((a & ~b).sum()), int((~a & b).sum())
-    k = min(n01, n10) if alternative == "two-sided" else n01
-    return 1.0 if n01 + n10 == 0 else float(binomtest(k, n01 + n10, 0.5, alternative=alternative).pvalue)
-
-
 def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
     """Score everything on the test split; writes ``metrics.json``, ``test.npz`` and ``test_scores.npz``."""
     x_test, y_test = store.split(run_dir, "test")
@@ -39,7 +31,7 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
     inp = store.preprocessing(run_dir).apply(x_test)
     info = store.read_json(run_dir / store.DATASET)
     sel = store.read_json(run_dir / store.SELECTION)
-    rule, weighted = cfg.vote.rule, cfg.vote.weighted
+    rule = cfg.vote.rule
     base_q = store.read_json(run_dir / store.BASELINE / store.QUANT)
     base32 = predict_proba(session(run_dir / store.BASELINE / store.FP32), inp)
     base32_val = predict_proba(
@@ -50,13 +42,11 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
     test = {n: predict_proba(session(run_dir / store.POOL / n / store.INT8), inp) for n in names}
     val = {n: np.load(run_dir / store.POOL / n / store.VAL_PROBA) for n in names}
     quant = {n: store.read_json(run_dir / store.POOL / n / store.QUANT) for n in names}
-    weight = {n: quant[n]["val_acc_int8"] for n in names}
     # the int8 parent, which the bundle may ship as its one member (select.fallback)
     test[PARENT], val[PARENT], quant[PARENT] = base8, np.load(run_dir / store.BASELINE / store.VAL_PROBA), base_q
-    weight[PARENT] = base_q["val_acc_int8"]
 
     def ens(members: list[str], split: dict, r: str = rule) -> np.ndarray:
-        return vote(np.stack([split[n] for n in members]), r, [weight[n] for n in members] if weighted else None)
+        return vote(np.stack([split[n] for n in members]), r, vote_weights(quant, members, cfg.vote.weighted))
 
     bundle = Bundle.load(run_dir / store.BUNDLE)
     shipped = sel.get("shipped") or {"kind": "ensemble", "members": sel["selected"], "reason": ""}
@@ -153,7 +143,7 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
         "ensemble": {  # the selected ensemble (one member, where the selection kept one); "shipped": the bundle
             "strategy": sel["strategy"],
             "rule": rule,
-            "weighted": weighted,
+            "weighted": cfg.vote.weighted,
             "members": chosen,
             "k": len(chosen),
             "val_acc": accuracy(ens(chosen, val), y_val),
@@ -206,7 +196,7 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
             np.stack([test[n] for n in ship]),
             y_test,
             rule,
-            [weight[n] for n in ship] if weighted else None,
+            vote_weights(quant, ship, cfg.vote.weighted),
             cfg.seed,
         ),
         "baseline_fp32_test_acc": metrics["baseline"]["test_acc_fp32"],

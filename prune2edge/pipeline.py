@@ -27,6 +27,7 @@ from . import (
     runtimes,
     select,
     selective,
+    ship,
     store,
     train,
 )
@@ -138,7 +139,7 @@ def abstain_threshold(run_dir: Path, cfg: Config, chosen: list[str], quant: dict
         return None
     _, y_val = store.split(run_dir, "val")
     proba = np.stack([np.load(model_dir(run_dir, n) / store.VAL_PROBA) for n in chosen])
-    weights = np.array([quant[n]["val_acc_int8"] for n in chosen]) if cfg.vote.weighted else None
+    weights = ship.vote_weights(quant, chosen, cfg.vote.weighted)
     d = decide(proba, cfg.vote.rule, weights)
     return selective.choose_threshold(d.margin, d.classes == y_val, target)
 
@@ -170,11 +171,12 @@ def make_bundle(run_dir: Path, cfg: Config, selection: dict, members: list[dict]
     }
     ms = latency.measure({n: model_dir(run_dir, n) / store.INT8 for n in shipped["members"]} | baseline, x_val, runs)
     x_check = store.tensors(run_dir, "val")[0][: runtimes.CHECK_IMAGES].numpy()
+    weights = ship.vote_weights(quant, shipped["members"], cfg.vote.weighted)
     entries = [
         {
             "id": n,
             "shipped": model_dir(run_dir, n) / quantize.SHIPPED,
-            "weight": quant[n]["val_acc_int8"] if cfg.vote.weighted else 1.0,  # what the vote counts it as
+            "weight": 1.0 if weights is None else float(weights[i]),  # what the vote counts it as
             "gzip_bytes": quant[n]["bytes"]["int8_gzip"],
             "sparsity_target": sparsity[n][0],
             "sparsity": sparsity[n][1],
@@ -185,7 +187,7 @@ def make_bundle(run_dir: Path, cfg: Config, selection: dict, members: list[dict]
         | cost.of(model_dir(run_dir, n), x_val[0])
         | device_needs(model_dir(run_dir, n) / store.INT8, x_check)
         | ({"device": device[n]} if n in device else {})
-        for n in shipped["members"]
+        for i, n in enumerate(shipped["members"])
     ]
     parent = cost.of(run_dir / store.BASELINE, x_val[0])
     timing = (

@@ -252,7 +252,7 @@ def choose(run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, dic
     names, gate = ship.parent_gate(quant, passed, cfg.select.max_below_parent, pred, y_val)
     proba = np.stack([every[n] for n in names])
     c, strategy, gap, rule = cfg.cluster, cfg.select.strategy, cfg.select.max_acc_gap, cfg.vote.rule
-    weights = np.array([quant[n]["val_acc_int8"] for n in names]) if cfg.vote.weighted else None
+    weights = ship.vote_weights(quant, names, cfg.vote.weighted)
     k_max, fits, placed = c.k_max, None, None
     if fleet:
         fits, placed = fit_devices(run_dir, cfg, fleet, names, quant)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+from scipy.stats import binomtest
 
-from .evaluate import mcnemar
 from .store import PARENT
 from .vote import accuracy, vote
 
@@ -58,6 +58,21 @@ def parent_gate(
 SIGNIFICANCE = 0.05  # the p a lead on validation needs before fewer models ship
 
 
+def mcnemar(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, alternative: str = "two-sided") -> float:
+    """Exact McNemar p-value for two classifiers' correctness on the same inputs (the sign test on the inputs
+    where exactly one is right); ``alternative="greater"``: one-sided, that ``pred_a`` is right more often."""
+    a, b = pred_a == y, pred_b == y
+    n01, n10 = int((a & ~b).sum()), int((~a & b).sum())
+    k = min(n01, n10) if alternative == "two-sided" else n01
+    return 1.0 if n01 + n10 == 0 else float(binomtest(k, n01 + n10, 0.5, alternative=alternative).pvalue)
+
+
+def vote_weights(quant: dict[str, dict], names: list[str], weighted: bool) -> np.ndarray | None:
+    """What the vote counts each model of ``names`` as: with ``vote.weighted``, its int8 validation accuracy;
+    None: one vote each."""
+    return np.array([quant[n]["val_acc_int8"] for n in names]) if weighted else None
+
+
 def lead(y: np.ndarray, ahead: np.ndarray, behind: np.ndarray) -> float:
     """How likely chance alone gives predictions ``ahead`` their lead over ``behind`` on the same images: the
     one-sided exact McNemar (sign) test on the images exactly one of them gets right (1.0 where ``ahead`` is not
@@ -82,7 +97,7 @@ def shipped_model(
     ``parent``), ``members``, ``val_acc``, ``fallback``, ``reason`` and, with devices and one model shipped, its
     ``assignment``."""
     names, chosen = sel["candidates"], [sel["candidates"].index(n) for n in sel["selected"]]
-    weights = np.array([quant[n]["val_acc_int8"] for n in names]) if cfg.vote.weighted else None
+    weights = vote_weights(quant, names, cfg.vote.weighted)
     ens = vote(proba[chosen], cfg.vote.rule, None if weights is None else weights[chosen])
     ens_acc = accuracy(ens, y_val)
     placed = sel.get("devices")

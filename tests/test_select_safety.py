@@ -151,7 +151,7 @@ def test_k_auto_takes_the_most_votes_unless_fewer_win_beyond_chance(tmp_path, ma
         assert p["members"] == sel["sweep"]["accuracy-first"][p["k"] - 1]
         ens = vote(proba[[names.index(n) for n in p["members"]]])
         assert p["val_acc"] == accuracy(ens, y_val)
-        assert p["p_lead"] == evaluate.mcnemar(
+        assert p["p_lead"] == ship.mcnemar(
             y_val, ens.argmax(1), vote(proba[[names.index(n) for n in most["members"]]]).argmax(1), "greater"
         )
     assert sel["selected"] == choice["curve"][k - 1]["members"]
@@ -325,7 +325,7 @@ def test_fallback_with_a_weak_selection_ships_the_parent_or_the_best_member(tmp_
         if make is one_strong_member:  # about as many images won as lost against the selection: chance
             assert s["kind"] == "ensemble" and "a lead chance gives often enough among 5 single models" in s["reason"]
             continue
-        lead = evaluate.mcnemar(y_val, proba[0].argmax(1), vote(proba[[0, 1]]).argmax(1), "greater")
+        lead = ship.mcnemar(y_val, proba[0].argmax(1), vote(proba[[0, 1]]).argmax(1), "greater")
         assert lead < ship.SIGNIFICANCE
         assert (right[0] & ~right[1]).sum() >= 20
         assert (s["kind"], s["members"]) == ("member", ["m000"]) and "(the int8 parent fits none)" in s["reason"]
