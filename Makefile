@@ -33,7 +33,7 @@ WORKERS = $(shell $(BIN)/python -c "from prune2edge import cores; print(cores.fr
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile -m "not alone" --durations=15
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile -m "not alone" --no-loadscope-reorder --durations=15
 	$(BIN)/python -m pytest -q -m alone --durations=5
 
 clean:

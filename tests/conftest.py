@@ -89,3 +89,26 @@ def prune2edge_cli(*args: str, timeout: float = 300, **kw) -> subprocess.Complet
     return subprocess.run(
         [sys.executable, "-m", "prune2edge.cli", *args], capture_output=True, text=True, timeout=timeout, **kw
     )
+
+
+SHARED = {"demo_run", "cifar_shaped_run"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Test files in the order `make test`'s workers take them (it passes --no-loadscope-reorder): first the file
+    with the most slow tests among those that need a shared run, so that one worker starts its build at once; then
+    the files that need none, slowest first, which the other worker runs meanwhile; then the rest, slowest first.
+    (Both workers began with files that need the demo run, and one waited about 45 s on the other's build.)"""
+    files: dict[Path, list] = {}
+    for item in items:
+        files.setdefault(item.path, []).append(item)
+
+    def needs(path: Path) -> bool:
+        return any(SHARED & set(i.fixturenames) for i in files[path])
+
+    def slow(path: Path) -> int:
+        return -sum(i.get_closest_marker("slow") is not None for i in files[path])
+
+    lead = sorted((p for p in files if needs(p)), key=slow)[:1]
+    order = lead + sorted((p for p in files if p not in lead), key=lambda p: (needs(p), slow(p)))
+    items[:] = [i for p in order for i in files[p]]
