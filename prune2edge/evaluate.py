@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,147 +25,69 @@ if TYPE_CHECKING:
     from .config import Config
 
 
+@dataclass(frozen=True)
+class Scores:
+    """Every model's int8 probabilities on validation and test (the pool members that were quantised, by name, and
+    the int8 parent as ``baseline``: the bundle may ship it), their int8 records, and how the vote combines them."""
+
+    val: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+    quant: dict[str, dict]
+    y_val: np.ndarray
+    y_test: np.ndarray
+    rule: str
+    weighted: bool
+
+    def vote(self, members: list[str], split: str, rule: str | None = None) -> np.ndarray:
+        """The vote of ``members`` on ``split`` (``val`` or ``test``)."""
+        proba = self.val if split == "val" else self.test
+        weights = vote_weights(self.quant, members, self.weighted)
+        return vote(np.stack([proba[n] for n in members]), rule or self.rule, weights)
+
+    def acc(self, members: list[str], split: str, rule: str | None = None) -> float:
+        return accuracy(self.vote(members, split, rule), self.y_val if split == "val" else self.y_test)
+
+    def sizes(self, members: list[str]) -> dict:
+        """The members' bytes summed, each way."""
+        kinds = ("fp32", "int8", "fp32_gzip", "int8_gzip", "shipped")
+        return {k: sum(self.quant[n]["bytes"][k] for n in members) for k in kinds}
+
+
 def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
     """Score everything on the test split; writes ``metrics.json``, ``test.npz`` and ``test_scores.npz``."""
     x_test, y_test = store.split(run_dir, "test")
     x_val, y_val = store.split(run_dir, "val")
-    inp = store.preprocessing(run_dir).apply(x_test)
-    info = store.read_json(run_dir / store.DATASET)
+    prep = store.preprocessing(run_dir)
     sel = store.read_json(run_dir / store.SELECTION)
-    rule = cfg.vote.rule
     base_q = store.read_json(run_dir / store.BASELINE / store.QUANT)
-    base32 = predict_proba(session(run_dir / store.BASELINE / store.FP32), inp)
-    base32_val = predict_proba(
-        session(run_dir / store.BASELINE / store.FP32), store.preprocessing(run_dir).apply(x_val)
-    )
-    base8 = predict_proba(session(run_dir / store.BASELINE / store.INT8), inp)
+    base32 = predict_proba(session(run_dir / store.BASELINE / store.FP32), prep.apply(x_test))
+    base32_val = predict_proba(session(run_dir / store.BASELINE / store.FP32), prep.apply(x_val))
     names = sorted(p.name for p in (run_dir / store.POOL).iterdir() if (p / store.QUANT).exists())
-    test = {n: predict_proba(session(run_dir / store.POOL / n / store.INT8), inp) for n in names}
-    val = {n: np.load(run_dir / store.POOL / n / store.VAL_PROBA) for n in names}
-    quant = {n: store.read_json(run_dir / store.POOL / n / store.QUANT) for n in names}
-    # the int8 parent, which the bundle may ship as its one member (select.fallback)
-    test[PARENT], val[PARENT], quant[PARENT] = base8, np.load(run_dir / store.BASELINE / store.VAL_PROBA), base_q
-
-    def ens(members: list[str], split: dict, r: str = rule) -> np.ndarray:
-        return vote(np.stack([split[n] for n in members]), r, vote_weights(quant, members, cfg.vote.weighted))
-
+    s = _scores(run_dir, cfg, names, prep.apply(x_test), y_val, y_test)
     bundle = Bundle.load(run_dir / store.BUNDLE)
     shipped = sel.get("shipped") or {"kind": "ensemble", "members": sel["selected"], "reason": ""}
     ship_test = bundle.predict_proba(x_test)
-    if not np.allclose(ship_test, ens(shipped["members"], test), atol=1e-5):
+    if not np.allclose(ship_test, s.vote(shipped["members"], "test"), atol=1e-5):
         raise UserError(
             f"the bundle in {run_dir / 'bundle'} does not predict what the pool's int8 models vote: it was written by "
             "another run or changed since; delete bundle/ and metrics.json and run again to rebuild it"
         )
-    chosen = sel["selected"]
-    ens_test = ens(chosen, test)
-
-    def sizes(ms):
-        return {k: sum(quant[n]["bytes"][k] for n in ms) for k in ("fp32", "int8", "fp32_gzip", "int8_gzip", "shipped")}
-
-    labels = dict(zip(sel["candidates"], sel["clustering"]["labels"]))
-    below = {b["name"] for b in sel.get("parent_gate", {}).get("below", [])}
-    members = []
-    for n in names:
-        rec = store.read_json(run_dir / store.POOL / n / store.MEMBER_RECORD)
-        members.append(
-            {
-                "name": n,
-                "status": quant[n]["status"],
-                "below_parent": n in below,  # left out of clustering by select.max_below_parent
-                "cluster": labels.get(n),
-                "selected": n in chosen,
-                "sparsity_target": rec["sparsity"],
-                "sparsity_measured": rec["measured_sparsity"]["overall"],
-                "macs_vs_parent": rec.get("macs_vs_parent"),  # channel-pruned members (pool.structure: channels)
-                "val_acc_fp32": quant[n]["val_acc_fp32"],
-                "val_acc_int8": quant[n]["val_acc_int8"],
-                "test_acc_int8": accuracy(test[n], y_test),
-                "bytes": quant[n]["bytes"],
-                "weight_bits": quant[n].get("weight_bits", 8),  # 8 in runs from before QAT
-                "largest_layer_bits": quant[n].get("largest_layer_bits", quant[n].get("weight_bits", 8)),
-                "bits_per_weight_shipped": quant[n].get("bits_per_weight_shipped"),
-                "full_integer": quant[n]["full_integer"],
-                "quant_attempts": quant[n]["attempts"],
-                "plan": {
-                    k: rec.get(k, 0) for k in ("seed", "epochs", "lr", "batch_size", "bootstrap", "source", "parent")
-                },
-                "steps": rec.get("steps"),  # as trained (pool.min_steps); none in a run from before the floor
-                "fine_tune_seconds": rec["seconds"],
-                "val_vs_parent_fp32": quant[n]["val_acc_int8"] - base_q["val_acc_fp32"],
-            }
-        )
-    ok = sel["candidates"]
-    base_pred = base32.argmax(1)
-    strategies = {
-        s: {
-            "members": ms,
-            **{
-                f"{split}_acc": {r: accuracy(ens(ms, d, r), yy) for r in ("soft", "hard")}
-                for split, d, yy in (("val", val, y_val), ("test", test, y_test))
-            },
-            **_diversity(ms, test, y_test),
-            "bytes": sizes(ms),
-            "mcnemar_p_vs_baseline_fp32": mcnemar(y_test, base_pred, ens(ms, test).argmax(1)),
-        }
-        for s, ms in sel["strategies"].items()
-    }
-    curves = {
-        s: [
-            {
-                "k": len(ms),
-                "clusters": i,
-                "members": ms,
-                "val_acc": accuracy(ens(ms, val), y_val),
-                "test_acc": accuracy(ens(ms, test), y_test),
-            }
-            for i, ms in enumerate(picks, 1)
-        ]
-        for s, picks in sel["sweep"].items()
-    }
+    members = _member_records(run_dir, sel, s, names)
+    votes = _vote_records(s, sel, shipped, ship_test, base32)
+    strategies, curves = votes.pop("strategies"), votes.pop("curves")
     metrics: dict = {
-        "dataset": info,
+        "dataset": store.read_json(run_dir / store.DATASET),
         "baseline": {
             "val_acc_fp32": base_q["val_acc_fp32"],
             "val_acc_int8": base_q["val_acc_int8"],
             "test_acc_fp32": accuracy(base32, y_test),
-            "test_acc_int8": accuracy(base8, y_test),
+            "test_acc_int8": accuracy(s.test[PARENT], y_test),
             "bytes": base_q["bytes"],
             "int8_status": base_q["status"],
             "full_integer": base_q["full_integer"],
         },
         "members": members,
-        "pool_vote": {
-            "members": len(ok),
-            "val_acc": accuracy(ens(ok, val), y_val),
-            "test_acc": accuracy(ens(ok, test), y_test),
-            **_diversity(ok, test, y_test),
-        },
-        "ensemble": {  # the selected ensemble (one member, where the selection kept one); "shipped": the bundle
-            "strategy": sel["strategy"],
-            "rule": rule,
-            "weighted": cfg.vote.weighted,
-            "members": chosen,
-            "k": len(chosen),
-            "val_acc": accuracy(ens(chosen, val), y_val),
-            "test_acc": accuracy(ens_test, y_test),
-            "gain_vs_baseline_fp32": accuracy(ens_test, y_test) - accuracy(base32, y_test),
-            "mcnemar_p_vs_baseline_fp32": mcnemar(y_test, base_pred, ens_test.argmax(1)),
-            "disagreement": disagreement(np.stack([test[n] for n in chosen])).tolist(),
-            **_diversity(chosen, test, y_test),
-            "bytes": sizes(chosen),
-        },
-        "shipped": {
-            "kind": shipped["kind"],
-            "members": shipped["members"],
-            "val_acc": accuracy(ens(shipped["members"], val), y_val),
-            "test_acc": accuracy(ship_test, y_test),
-            "reason": shipped["reason"],
-            "fallback": shipped.get("fallback", False),  # select.fallback weighed the single models
-            "bytes": sizes(shipped["members"]),
-            "gain_vs_baseline_fp32": accuracy(ship_test, y_test) - accuracy(base32, y_test),
-            "mcnemar_p_vs_baseline_fp32": mcnemar(y_test, base_pred, ship_test.argmax(1)),
-        },
+        **votes,
         "pool": pool_summary(
             members,
             base_q,
@@ -174,14 +97,7 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
         "parent_gate": sel.get("parent_gate"),
         "strategies": strategies,
         "curves": curves,
-        "clustering": {k: v for k, v in sel["clustering"].items() if k != "labels"},
-        # (a selection.json written before k_choice and skipped_clusters existed has neither)
-        "k_choice": {k: v for k, v in sel.get("k_choice", {"by": "config"}).items() if k != "curve"}
-        | ({"best_val_acc": max(p["val_acc"] for p in sel["k_choice"]["curve"])} if "k_choice" in sel else {}),
-        "skipped_clusters": sel.get("skipped_clusters", []),
-        "dropped": sel["dropped"],
-        # with deploy.devices: budgets, what they rule out, model -> device (as shipped)
-        "devices": shipped_devices(sel.get("devices"), shipped),
+        **_selection_records(sel, shipped),
         "timings": dict(timings),
     }
     metrics["warnings"] = pool_warnings(metrics, cfg) + selection_warnings(metrics) + device_warnings(metrics)
@@ -189,19 +105,15 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
     # test_scores.npz is the bundle's vote, whichever models it holds)
     ship = shipped["members"]
     metrics["decisions"] = decision_metrics(
-        ens(ship, val), ship_test, base32_val, base32, y_val, y_test, cfg.vote.target_accuracy
+        s.vote(ship, "val"), ship_test, base32_val, base32, y_val, y_test, cfg.vote.target_accuracy
     )
     metrics["degradation"] = {
         **degradation(
-            np.stack([test[n] for n in ship]),
-            y_test,
-            rule,
-            vote_weights(quant, ship, cfg.vote.weighted),
-            cfg.seed,
+            np.stack([s.test[n] for n in ship]), y_test, s.rule, vote_weights(s.quant, ship, s.weighted), cfg.seed
         ),
         "baseline_fp32_test_acc": metrics["baseline"]["test_acc_fp32"],
         "baseline_int8_test_acc": metrics["baseline"]["test_acc_int8"],
-        "best_member": {k: best_member(metrics["members"])[k] for k in ("name", "val_acc_int8", "test_acc_int8")},
+        "best_member": {k: best_member(members)[k] for k in ("name", "val_acc_int8", "test_acc_int8")},
     }
     if "latency" in bundle.manifest:
         metrics["latency"] = bundle.manifest["latency"] | {
@@ -212,14 +124,144 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
     store.write_npz(
         run_dir / store.TEST_SCORES,
         names=np.array(names),
-        members=np.stack([test[n] for n in names]),
+        members=np.stack([s.test[n] for n in names]),
         baseline_fp32=base32,
-        baseline_int8=base8,
+        baseline_int8=s.test[PARENT],
         ensemble=ship_test,
-        selected=ens_test,
+        selected=s.vote(sel["selected"], "test"),
     )
     store.write_json(run_dir / store.METRICS, metrics)
     return metrics
+
+
+def _scores(
+    run_dir: Path, cfg: Config, names: list[str], x_test: np.ndarray, y_val: np.ndarray, y_test: np.ndarray
+) -> Scores:
+    """The int8 models' probabilities (test: run here on the preprocessed ``x_test``; validation: as the quantise
+    phase saved them) and records, the int8 parent's among them."""
+    dirs = {n: run_dir / store.POOL / n for n in names} | {PARENT: run_dir / store.BASELINE}
+    return Scores(
+        val={n: np.load(d / store.VAL_PROBA) for n, d in dirs.items()},
+        test={n: predict_proba(session(d / store.INT8), x_test) for n, d in dirs.items()},
+        quant={n: store.read_json(d / store.QUANT) for n, d in dirs.items()},
+        y_val=y_val,
+        y_test=y_test,
+        rule=cfg.vote.rule,
+        weighted=cfg.vote.weighted,
+    )
+
+
+def _member_records(run_dir: Path, sel: dict, s: Scores, names: list[str]) -> list[dict]:
+    """One record per quantised pool member: how it was made, its int8 accuracy and bytes, its cluster."""
+    labels = dict(zip(sel["candidates"], sel["clustering"]["labels"]))
+    below = {b["name"] for b in sel.get("parent_gate", {}).get("below", [])}
+    members = []
+    for n in names:
+        rec, q = store.read_json(run_dir / store.POOL / n / store.MEMBER_RECORD), s.quant[n]
+        members.append(
+            {
+                "name": n,
+                "status": q["status"],
+                "below_parent": n in below,  # left out of clustering by select.max_below_parent
+                "cluster": labels.get(n),
+                "selected": n in sel["selected"],
+                "sparsity_target": rec["sparsity"],
+                "sparsity_measured": rec["measured_sparsity"]["overall"],
+                "macs_vs_parent": rec.get("macs_vs_parent"),  # channel-pruned members (pool.structure: channels)
+                "val_acc_fp32": q["val_acc_fp32"],
+                "val_acc_int8": q["val_acc_int8"],
+                "test_acc_int8": accuracy(s.test[n], s.y_test),
+                "bytes": q["bytes"],
+                "weight_bits": q.get("weight_bits", 8),  # 8 in runs from before QAT
+                "largest_layer_bits": q.get("largest_layer_bits", q.get("weight_bits", 8)),
+                "bits_per_weight_shipped": q.get("bits_per_weight_shipped"),
+                "full_integer": q["full_integer"],
+                "quant_attempts": q["attempts"],
+                "plan": {
+                    k: rec.get(k, 0) for k in ("seed", "epochs", "lr", "batch_size", "bootstrap", "source", "parent")
+                },
+                "steps": rec.get("steps"),  # as trained (pool.min_steps); none in a run from before the floor
+                "fine_tune_seconds": rec["seconds"],
+                "val_vs_parent_fp32": q["val_acc_int8"] - s.quant[PARENT]["val_acc_fp32"],
+            }
+        )
+    return members
+
+
+def _vote_records(s: Scores, sel: dict, shipped: dict, ship_test: np.ndarray, base32: np.ndarray) -> dict:
+    """How the votes score: the whole pool's vote, the selected ensemble, what the bundle ships (its test scores:
+    ``ship_test``), every strategy's pick and its k sweep, each against the fp32 parent's test scores ``base32``."""
+    ok, chosen, y_test, base_pred = sel["candidates"], sel["selected"], s.y_test, base32.argmax(1)
+
+    def against_parent(pred: np.ndarray) -> dict:
+        return {
+            "gain_vs_baseline_fp32": accuracy(pred, y_test) - accuracy(base32, y_test),
+            "mcnemar_p_vs_baseline_fp32": mcnemar(y_test, base_pred, pred.argmax(1)),
+        }
+
+    ens_test = s.vote(chosen, "test")
+    return {
+        "pool_vote": {
+            "members": len(ok),
+            "val_acc": s.acc(ok, "val"),
+            "test_acc": s.acc(ok, "test"),
+            **_diversity(ok, s.test, y_test),
+        },
+        "ensemble": {  # the selected ensemble (one member, where the selection kept one); "shipped": the bundle
+            "strategy": sel["strategy"],
+            "rule": s.rule,
+            "weighted": s.weighted,
+            "members": chosen,
+            "k": len(chosen),
+            "val_acc": s.acc(chosen, "val"),
+            "test_acc": accuracy(ens_test, y_test),
+            **against_parent(ens_test),
+            "disagreement": disagreement(np.stack([s.test[n] for n in chosen])).tolist(),
+            **_diversity(chosen, s.test, y_test),
+            "bytes": s.sizes(chosen),
+        },
+        "shipped": {
+            "kind": shipped["kind"],
+            "members": shipped["members"],
+            "val_acc": s.acc(shipped["members"], "val"),
+            "test_acc": accuracy(ship_test, y_test),
+            "reason": shipped["reason"],
+            "fallback": shipped.get("fallback", False),  # select.fallback weighed the single models
+            "bytes": s.sizes(shipped["members"]),
+            **against_parent(ship_test),
+        },
+        "strategies": {
+            name: {
+                "members": ms,
+                **{f"{split}_acc": {r: s.acc(ms, split, r) for r in ("soft", "hard")} for split in ("val", "test")},
+                **_diversity(ms, s.test, y_test),
+                "bytes": s.sizes(ms),
+                "mcnemar_p_vs_baseline_fp32": mcnemar(y_test, base_pred, s.vote(ms, "test").argmax(1)),
+            }
+            for name, ms in sel["strategies"].items()
+        },
+        "curves": {
+            name: [
+                {"k": len(ms), "clusters": i, "members": ms, "val_acc": s.acc(ms, "val"), "test_acc": s.acc(ms, "test")}
+                for i, ms in enumerate(picks, 1)
+            ]
+            for name, picks in sel["sweep"].items()
+        },
+    }
+
+
+def _selection_records(sel: dict, shipped: dict) -> dict:
+    """What the selection decided, as metrics.json carries it (a selection.json written before k_choice and
+    skipped_clusters existed has neither)."""
+    return {
+        "clustering": {k: v for k, v in sel["clustering"].items() if k != "labels"},
+        "k_choice": {k: v for k, v in sel.get("k_choice", {"by": "config"}).items() if k != "curve"}
+        | ({"best_val_acc": max(p["val_acc"] for p in sel["k_choice"]["curve"])} if "k_choice" in sel else {}),
+        "skipped_clusters": sel.get("skipped_clusters", []),
+        "dropped": sel["dropped"],
+        # with deploy.devices: budgets, what they rule out, model -> device (as shipped)
+        "devices": shipped_devices(sel.get("devices"), shipped),
+    }
 
 
 def decision_metrics(
