@@ -101,25 +101,7 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
         "timings": dict(timings),
     }
     metrics["warnings"] = pool_warnings(metrics, cfg) + selection_warnings(metrics) + device_warnings(metrics)
-    # what the bundle decides and how it degrades: the shipped models ("ensemble" in these records and in
-    # test_scores.npz is the bundle's vote, whichever models it holds)
-    ship = shipped["members"]
-    metrics["decisions"] = decision_metrics(
-        s.vote(ship, "val"), ship_test, base32_val, base32, y_val, y_test, cfg.vote.target_accuracy
-    )
-    metrics["degradation"] = {
-        **degradation(
-            np.stack([s.test[n] for n in ship]), y_test, s.rule, vote_weights(s.quant, ship, s.weighted), cfg.seed
-        ),
-        "baseline_fp32_test_acc": metrics["baseline"]["test_acc_fp32"],
-        "baseline_int8_test_acc": metrics["baseline"]["test_acc_int8"],
-        "best_member": {k: best_member(members)[k] for k in ("name", "val_acc_int8", "test_acc_int8")},
-    }
-    if "latency" in bundle.manifest:
-        metrics["latency"] = bundle.manifest["latency"] | {
-            "members": {e["id"]: e["latency_ms"] for e in bundle.manifest["members"]}
-        }
-        metrics["cost"] = member_costs(bundle.manifest)
+    metrics |= _bundle_records(cfg, s, shipped["members"], ship_test, base32_val, base32, metrics, bundle.manifest)
     store.write_npz(run_dir / store.TEST, x=x_test, y=y_test)
     store.write_npz(
         run_dir / store.TEST_SCORES,
@@ -132,6 +114,37 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
     )
     store.write_json(run_dir / store.METRICS, metrics)
     return metrics
+
+
+def _bundle_records(
+    cfg: Config,
+    s: Scores,
+    ship: list[str],
+    ship_test: np.ndarray,
+    base32_val: np.ndarray,
+    base32: np.ndarray,
+    metrics: dict,
+    manifest: dict,
+) -> dict:
+    """What the bundle decides and how it degrades: the shipped models ``ship`` ("ensemble" in these records and in
+    test_scores.npz is the bundle's vote, whichever models it holds); its latency and cost where it measured them."""
+    out = {
+        "decisions": decision_metrics(
+            s.vote(ship, "val"), ship_test, base32_val, base32, s.y_val, s.y_test, cfg.vote.target_accuracy
+        ),
+        "degradation": {
+            **degradation(
+                np.stack([s.test[n] for n in ship]), s.y_test, s.rule, vote_weights(s.quant, ship, s.weighted), cfg.seed
+            ),
+            "baseline_fp32_test_acc": metrics["baseline"]["test_acc_fp32"],
+            "baseline_int8_test_acc": metrics["baseline"]["test_acc_int8"],
+            "best_member": {k: best_member(metrics["members"])[k] for k in ("name", "val_acc_int8", "test_acc_int8")},
+        },
+    }
+    if "latency" in manifest:
+        out["latency"] = manifest["latency"] | {"members": {e["id"]: e["latency_ms"] for e in manifest["members"]}}
+        out["cost"] = member_costs(manifest)
+    return out
 
 
 def _scores(
