@@ -77,15 +77,7 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
     strategies, curves = votes.pop("strategies"), votes.pop("curves")
     metrics: dict = {
         "dataset": store.read_json(run_dir / store.DATASET),
-        "baseline": {
-            "val_acc_fp32": base_q["val_acc_fp32"],
-            "val_acc_int8": base_q["val_acc_int8"],
-            "test_acc_fp32": accuracy(base32, y_test),
-            "test_acc_int8": accuracy(s.test[PARENT], y_test),
-            "bytes": base_q["bytes"],
-            "int8_status": base_q["status"],
-            "full_integer": base_q["full_integer"],
-        },
+        "baseline": _baseline_record(s, base32),
         "members": members,
         **votes,
         "pool": pool_summary(
@@ -114,6 +106,20 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
     )
     store.write_json(run_dir / store.METRICS, metrics)
     return metrics
+
+
+def _baseline_record(s: Scores, base32: np.ndarray) -> dict:
+    """The parent: its validation accuracies (fp32, int8), its test accuracies (the fp32 scores ``base32``), bytes."""
+    q = s.quant[PARENT]
+    return {
+        "val_acc_fp32": q["val_acc_fp32"],
+        "val_acc_int8": q["val_acc_int8"],
+        "test_acc_fp32": accuracy(base32, s.y_test),
+        "test_acc_int8": accuracy(s.test[PARENT], s.y_test),
+        "bytes": q["bytes"],
+        "int8_status": q["status"],
+        "full_integer": q["full_integer"],
+    }
 
 
 def _bundle_records(
