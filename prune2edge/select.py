@@ -66,12 +66,6 @@ def slots(
     usable = np.ones(len(proba), bool) if fits is None else fits.any(1)
     labels_arr = np.asarray(labels)
     accs = np.array([accuracy(p, y) for p in proba])
-    k = len(set(labels))
-    pool = np.flatnonzero(usable).tolist()
-
-    def placeable(members: list[int]) -> bool:
-        return fits is None or len(assign([[m] for m in members], fits)) == len(members)
-
     if strategy == "accuracy-first":
         return [
             sorted(ok, key=lambda i: (-accs[i], i))
@@ -91,6 +85,27 @@ def slots(
                     ]
                 )
         return out
+    return _one_member_slots(strategy, proba, y, len(set(labels)), accs, usable, rule, seed, fits)
+
+
+def _one_member_slots(
+    strategy: str,
+    proba: np.ndarray,
+    y: np.ndarray,
+    k: int,
+    accs: np.ndarray,
+    usable: np.ndarray,
+    rule: str,
+    seed: int,
+    fits: np.ndarray | None,
+) -> list[list[int]]:
+    """``top-k``, ``random`` and ``greedy`` (:func:`slots`): ``k`` one-member slots, each member placeable beside
+    those before it."""
+    pool = np.flatnonzero(usable).tolist()
+
+    def placeable(members: list[int]) -> bool:
+        return fits is None or len(assign([[m] for m in members], fits)) == len(members)
+
     rng = np.random.default_rng([seed, 4])
     if strategy == "top-k":
         order = sorted(pool, key=lambda i: (-accs[i], i))
@@ -240,16 +255,8 @@ def choose(run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, dic
     if path.exists():
         return _saved(path, fleet)
     quant = store.with_parent(run_dir, quant)
-    passed = [m["name"] for m in members if quant[m["name"]]["status"] == "ok"]
-    if not passed:
-        raise UserError(
-            "every pool member failed the int8 gate; see pool/*/quant.json, and raise quantize.max_drop "
-            "or lower pool.sparsity"
-        )
     _, y_val = store.split(run_dir, "val")
-    every = {n: np.load(model_dir(run_dir, n) / store.VAL_PROBA) for n in [PARENT, *passed]}
-    pred = {n: p.argmax(1) for n, p in every.items()}
-    names, gate = ship.parent_gate(quant, passed, cfg.select.max_below_parent, pred, y_val)
+    passed, every, names, gate = _candidates(run_dir, cfg, members, quant, y_val)
     proba = np.stack([every[n] for n in names])
     c, strategy, gap, rule = cfg.cluster, cfg.select.strategy, cfg.select.max_acc_gap, cfg.vote.rule
     weights = ship.vote_weights(quant, names, cfg.vote.weighted)
@@ -292,6 +299,23 @@ def choose(run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, dic
     record["shipped"] = ship.shipped_model(cfg, record, proba, y_val, quant, fits, every[PARENT])
     store.write_json(path, record)
     return record
+
+
+def _candidates(
+    run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, dict], y_val: np.ndarray
+) -> tuple[list[str], dict[str, np.ndarray], list[str], dict]:
+    """The members that passed the int8 gate, every model's validation probabilities (the int8 parent's too), the
+    members kept against the parent (:func:`ship.parent_gate`: the candidates) and the gate's record."""
+    passed = [m["name"] for m in members if quant[m["name"]]["status"] == "ok"]
+    if not passed:
+        raise UserError(
+            "every pool member failed the int8 gate; see pool/*/quant.json, and raise quantize.max_drop "
+            "or lower pool.sparsity"
+        )
+    every = {n: np.load(model_dir(run_dir, n) / store.VAL_PROBA) for n in [PARENT, *passed]}
+    pred = {n: p.argmax(1) for n, p in every.items()}
+    names, gate = ship.parent_gate(quant, passed, cfg.select.max_below_parent, pred, y_val)
+    return passed, every, names, gate
 
 
 def _saved(path: Path, fleet: list[devices.Device] | None) -> dict:
