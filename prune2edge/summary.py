@@ -11,57 +11,8 @@ def kib(n: float) -> str:
 
 def table(m: dict) -> str:
     """A readable summary of ``metrics.json``."""
-    b, e = m["baseline"], m["ensemble"]
-    rows = [
-        ("model", "test acc", "fp32", "int8", "int8 gzip", "shipped"),
-        ("baseline fp32", f"{b['test_acc_fp32']:.4f}", kib(b["bytes"]["fp32"]), "", "", ""),
-        (
-            "baseline int8",
-            f"{b['test_acc_int8']:.4f}",
-            "",
-            kib(b["bytes"]["int8"]),
-            kib(b["bytes"]["int8_gzip"]),
-            kib(b["bytes"]["shipped"]),
-        ),
-    ]
-    for mem in m["members"]:
-        if mem["selected"]:
-            rows.append(
-                (
-                    f"  {mem['name']} ({_shape(mem)}, {_bits(mem)}c{mem['cluster']})",
-                    f"{mem['test_acc_int8']:.4f}",
-                    "",
-                    kib(mem["bytes"]["int8"]),
-                    kib(mem["bytes"]["int8_gzip"]),
-                    kib(mem["bytes"]["shipped"]),
-                )
-            )
-    rows.append(
-        (f"pool vote ({m['pool_vote']['members']} members)", f"{m['pool_vote']['test_acc']:.4f}", "", "", "", "")
-    )
-    sh = m["shipped"]
-    for label, r in (
-        (
-            f"ensemble: {e['strategy']}, {e['rule']} vote, k={e['k']}"
-            if e["k"] > 1
-            else f"selected: one member, {e['members'][0]} ({e['strategy']})",
-            e,
-        ),
-        *([(f"shipped: {SHIPPED[sh['kind']]} {', '.join(sh['members'])}", sh)] if sh["kind"] == "parent" else []),
-    ):
-        rows.append(
-            (
-                label,
-                f"{r['test_acc']:.4f}",
-                "",
-                kib(r["bytes"]["int8"]),
-                kib(r["bytes"]["int8_gzip"]),
-                kib(r["bytes"]["shipped"]),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
+    e, sh = m["ensemble"], m["shipped"]
+    lines = _size_table(m)
     gain = 100 * sh["gain_vs_baseline_fp32"]
     lines.append(
         f"\nshipped: {SHIPPED[sh['kind']]} {', '.join(sh['members'])} (validation {100 * sh['val_acc']:.2f}%, test "
@@ -87,6 +38,48 @@ def table(m: dict) -> str:
         f"WARNING: {w['message']}" for w in m["dataset"].get("warnings", []) + m["warnings"]
     )  # data, selection
     return "\n".join(lines)
+
+
+def _size_table(m: dict) -> list[str]:
+    """The table's lines: test accuracy and bytes (fp32, int8, int8 gzip, shipped) of the parent, each selected
+    member, the pool's vote, the selected ensemble and, where the fallback ships the parent, what ships."""
+    b, e, sh = m["baseline"], m["ensemble"], m["shipped"]
+
+    def sizes(label: str, acc: float, r: dict) -> tuple:
+        return (
+            label,
+            f"{acc:.4f}",
+            "",
+            kib(r["bytes"]["int8"]),
+            kib(r["bytes"]["int8_gzip"]),
+            kib(r["bytes"]["shipped"]),
+        )
+
+    rows = [
+        ("model", "test acc", "fp32", "int8", "int8 gzip", "shipped"),
+        ("baseline fp32", f"{b['test_acc_fp32']:.4f}", kib(b["bytes"]["fp32"]), "", "", ""),
+        sizes("baseline int8", b["test_acc_int8"], b),
+    ]
+    rows += [
+        sizes(f"  {x['name']} ({_shape(x)}, {_bits(x)}c{x['cluster']})", x["test_acc_int8"], x)
+        for x in m["members"]
+        if x["selected"]
+    ]
+    rows.append(
+        (f"pool vote ({m['pool_vote']['members']} members)", f"{m['pool_vote']['test_acc']:.4f}", "", "", "", "")
+    )
+    picked = (
+        f"ensemble: {e['strategy']}, {e['rule']} vote, k={e['k']}"
+        if e["k"] > 1
+        else f"selected: one member, {e['members'][0]} ({e['strategy']})"
+    )
+    rows.append(sizes(picked, e["test_acc"], e))
+    if sh["kind"] == "parent":
+        rows.append(sizes(f"shipped: {SHIPPED[sh['kind']]} {', '.join(sh['members'])}", sh["test_acc"], sh))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return lines
 
 
 def _shape(member: dict) -> str:
