@@ -87,22 +87,7 @@ def write(
     metadata to record (sparsity, accuracy, cluster, latency...). ``abstain``: the default abstain threshold
     and how it was chosen (:func:`prune2edge.selective.choose_threshold`); ``latency``: how latencies were measured.
     """
-    entries = []
-    for m in members:
-        rel, blob = f"members/{m['id']}.p2e", Path(m["shipped"]).read_bytes()
-        onnx_bytes = decode(blob)
-        write_bytes(out / rel, blob)
-        entries.append(
-            {k: v for k, v in m.items() if k != "shipped"}
-            | {
-                "encoding": ENCODING,
-                "path": rel,
-                "sha256": hashlib.sha256(blob).hexdigest(),
-                "bytes": len(blob),
-                "onnx_bytes": len(onnx_bytes),
-                "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
-            }
-        )
+    entries = [_copy_member(out, m) for m in members]
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -138,6 +123,22 @@ def write(
     }
     write_json(out / "manifest.json", manifest)
     return manifest
+
+
+def _copy_member(out: Path, m: dict) -> dict:
+    """Copy one member's shipped file into ``out/members/``; its manifest entry (``m`` without ``shipped``, plus
+    where the file is and the sha256 and size of it and of the ONNX model it decodes to)."""
+    rel, blob = f"members/{m['id']}.p2e", Path(m["shipped"]).read_bytes()
+    onnx_bytes = decode(blob)
+    write_bytes(out / rel, blob)
+    return {k: v for k, v in m.items() if k != "shipped"} | {
+        "encoding": ENCODING,
+        "path": rel,
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "bytes": len(blob),
+        "onnx_bytes": len(onnx_bytes),
+        "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+    }
 
 
 def read_manifest(path: Path | str) -> dict:

@@ -668,7 +668,6 @@ def fleet_command(
 ) -> None:
     """Run every member as a node process plus an aggregator on this machine (until Ctrl-C, or --classify DATA)."""
     import signal
-    import time
 
     from . import fleet
 
@@ -700,12 +699,7 @@ def fleet_command(
             _classify(lf.broker, fleet_name, [data], out, rate, max_in_flight, timeout, limit)
         else:
             click.echo("running; Ctrl-C stops it", err=True)
-            reported: set[str] = set()
-            while True:
-                time.sleep(0.5)
-                for role in set(lf.dead()) - reported:
-                    click.secho(f"warning: fleet {role} exited: {lf.log_tail(role)}", fg="yellow", err=True)
-                    reported.add(role)
+            lf.watch(lambda role, last: click.secho(f"warning: fleet {role} exited: {last}", fg="yellow", err=True))
     except KeyboardInterrupt:
         interrupted = bool(data)  # without --classify, Ctrl-C is the normal way to stop
     finally:

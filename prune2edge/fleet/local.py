@@ -237,6 +237,15 @@ class LocalFleet:
     def dead(self) -> list[str]:
         return [role for role, p in self.procs.items() if p.poll() is not None]
 
+    def watch(self, warn) -> None:
+        """Until interrupted: call ``warn(role, last log line)`` once for each process that exits."""
+        reported: set[str] = set()
+        while True:
+            time.sleep(0.5)
+            for role in set(self.dead()) - reported:
+                warn(role, self.log_tail(role))
+                reported.add(role)
+
     def stop(self) -> None:
         """SIGTERM every process (nodes say `offline`), SIGKILL what is left after 5 s, then the private broker."""
         for p in self.procs.values():
