@@ -238,8 +238,7 @@ def fit(
     ``s.compile == "cuda-graph"`` (CUDA only) replays each step as a CUDA graph (:class:`CudaGraphStep`); the
     one-cycle schedule then holds the momentum at ``s.momentum``, since the captured update cannot change it.
     """
-    graph = s.compile == "cuda-graph"
-    if graph and torch.device(device).type != "cuda":
+    if s.compile == "cuda-graph" and torch.device(device).type != "cuda":
         raise ValueError(f"compile 'cuda-graph' needs a CUDA device, not '{device}'")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -247,54 +246,16 @@ def fit(
     x, y = x.to(device), y.to(device)  # the training split lives on the device; batches are taken there by index
     steps_per_epoch = max(1, math.ceil(len(x) / s.batch_size))
     total = max(1, round(s.epochs * steps_per_epoch))
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], s, device)
-    sched = make_schedule(opt, s.schedule, total, s.cycles, cycle_momentum=not graph)
-    if teacher is not None and s.distill:
-        teacher.eval().to(device)
-    else:
-        teacher = None
-    step_fn = train_step(model, opt, s, device, teacher)
-    if graph:
-        step_fn = CudaGraphStep(step_fn, s.batch_size)
-    history, step, t0 = [], 0, time.perf_counter()
-    if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, map_location=device, weights_only=False)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["schedule"])
-        gen.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
-        history, step = saved["history"], saved["step"]
-        t0 -= history[-1]["seconds"]  # seconds in the history keep counting from the first start
+    opt, sched, step_fn = _stepper(model, s, device, total, teacher)
+    state = {"model": model, "optimizer": opt, "schedule": sched}
+    history, step = _resume(checkpoint, state, gen, device)
+    t0 = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)  # seconds count from the first start
     bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, leave=False, unit="step")
     while step < total:
         model.train()
         order = torch.randperm(len(x), generator=gen).to(device)
-        seen = 0
-        loss_sum = torch.zeros((), device=device)  # running sums stay on the device: no sync per step
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        for i in range(0, len(x), s.batch_size):
-            if step >= total:
-                break
-            idx = order[i : i + s.batch_size]
-            xb = augment_batch(x[idx], augment, gen).contiguous(memory_format=torch.channels_last)
-            yb = y[idx]
-            loss, out = step_fn(xb, yb)
-            sched.step()
-            step += 1
-            if after_step is not None:
-                after_step(step, total)
-            seen += len(idx)
-            loss_sum += loss * len(idx)
-            correct += (out.argmax(1) == yb).sum()
-            bar.update(1)
-        row = {
-            "epoch": len(history) + 1,
-            "steps": step,
-            "train_loss": float(loss_sum) / seen,
-            "train_acc": int(correct) / seen,
-            "seconds": time.perf_counter() - t0,
-        }
+        step, sums = _epoch(x, y, order, s.batch_size, (step, total), step_fn, sched, augment, gen, after_step, bar)
+        row = {"epoch": len(history) + 1, "steps": step, **sums, "seconds": time.perf_counter() - t0}
         if x_val is not None and y_val is not None:
             row["val_acc"] = accuracy(predict_proba(model, x_val, device=device), y_val.numpy())
         bar.set_postfix({k: round(v, 4) for k, v in row.items() if k in ("train_loss", "val_acc")})
@@ -302,19 +263,76 @@ def fit(
         if checkpoint is not None and step < total:
             store.write_state(
                 checkpoint,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "schedule": sched.state_dict(),
-                    "generator": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "history": history,
-                    "step": step,
-                },
+                {k: v.state_dict() for k, v in state.items()}
+                | {"generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history, "step": step},
             )
     bar.close()
     model.to(memory_format=torch.contiguous_format)
     return history
+
+
+def _stepper(model: nn.Module, s: TrainSettings, device: str, total: int, teacher: nn.Module | None) -> tuple:
+    """:func:`fit`'s optimiser, its schedule over ``total`` steps, and the training step (distilling from
+    ``teacher`` where ``s.distill``; replayed as a CUDA graph where ``s.compile`` is ``cuda-graph``)."""
+    graph = s.compile == "cuda-graph"
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], s, device)
+    sched = make_schedule(opt, s.schedule, total, s.cycles, cycle_momentum=not graph)
+    if teacher is not None and s.distill:
+        teacher.eval().to(device)
+    else:
+        teacher = None
+    step_fn = train_step(model, opt, s, device, teacher)
+    return opt, sched, CudaGraphStep(step_fn, s.batch_size) if graph else step_fn
+
+
+def _epoch(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    order: torch.Tensor,
+    batch_size: int,
+    steps: tuple[int, int],
+    step_fn: Callable,
+    sched,
+    augment: str,
+    gen: torch.Generator,
+    after_step: Callable[[int, int], None] | None,
+    bar,
+) -> tuple[int, dict]:
+    """One pass of :func:`fit` over the data in ``order``, from ``steps = (step, total)`` until the pass or the
+    steps end: the step reached, and the pass's mean training loss and accuracy."""
+    step, total = steps
+    seen = 0
+    loss_sum = torch.zeros((), device=x.device)  # running sums stay on the device: no sync per step
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    for i in range(0, len(x), batch_size):
+        if step >= total:
+            break
+        idx = order[i : i + batch_size]
+        xb = augment_batch(x[idx], augment, gen).contiguous(memory_format=torch.channels_last)
+        yb = y[idx]
+        loss, out = step_fn(xb, yb)
+        sched.step()
+        step += 1
+        if after_step is not None:
+            after_step(step, total)
+        seen += len(idx)
+        loss_sum += loss * len(idx)
+        correct += (out.argmax(1) == yb).sum()
+        bar.update(1)
+    return step, {"train_loss": float(loss_sum) / seen, "train_acc": int(correct) / seen}
+
+
+def _resume(checkpoint: Path | None, state: dict, gen: torch.Generator, device: str) -> tuple[list[dict], int]:
+    """Where :func:`fit` continues: the history and step saved in ``checkpoint`` (loaded into the model, optimiser
+    and schedule of ``state``, the data order's generator and torch's RNG), or none and 0."""
+    if checkpoint is None or not checkpoint.exists():
+        return [], 0
+    saved = torch.load(checkpoint, map_location=device, weights_only=False)
+    for key, obj in state.items():
+        obj.load_state_dict(saved[key])
+    gen.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+    return saved["history"], saved["step"]
 
 
 @dataclass
