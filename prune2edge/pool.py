@@ -283,12 +283,7 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
     floor = 0 if member.parent else p.min_steps  # the parent as a member is already trained
     total = member_steps(member.epochs, len(x), member.batch_size, floor)
     epochs = total / math.ceil(len(x) / member.batch_size)  # the floor's steps, as train.fit counts them
-    hooks = [_pruner(model, p, member.sparsity, total, member.seed, fixed, example=x[:2])]
-    if p.weight_bits:  # after the pruner took the weights: it keeps masking the latent fp32 weights
-        start = 0 if member.parent else round(p.qat_start * total)
-        bits = qat.layer_bits(model, p.weight_bits, p.largest_layer_bits)
-        hooks.append(qat.Switch(qat.attach(model, bits, p.qat_scale), start))
-        hooks[-1](0, total)  # on from the first step when it starts at 0
+    hooks = _hooks(model, p, member, total, fixed, x[:2])
 
     def after_step(step: int, steps: int) -> None:
         for hook in hooks:
@@ -317,25 +312,53 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
     model.cpu()
     if p.structure == "channels":  # the zeroed channels cut out: a smaller dense network
         prune.compact(model, x[:2])
-    record = {
+    trained = {"epochs": epochs, "steps": total, "history": history, "seconds": time.perf_counter() - t0}
+    return measure(model, _record(src, member, model, x[:1], trained), *src.tensors("val"))
+
+
+def _record(src: RunInputs, member: MemberPlan, model: torch.nn.Module, example: torch.Tensor, trained: dict) -> dict:
+    """A trained member's record (before :func:`measure` adds its accuracy): its plan, how the pool shaped it, and
+    ``trained``: the epochs and steps as trained (planned, or more where pool.min_steps lifted them), the history
+    and seconds."""
+    p, ran = src.cfg.pool, member.epochs > 0
+    return {
         **asdict(member),
         "name": member.name,
         "model_kwargs": p.member_kwargs if p.family == "independent" and not member.parent else {},
         "weight_bits": p.weight_bits,
         "largest_layer_bits": p.largest_layer_bits,
         "planned_epochs": member.epochs,
-        "epochs": epochs if member.epochs > 0 else 0,  # as trained: planned, or more where pool.min_steps lifted them
-        "steps": total if member.epochs > 0 else 0,
+        "epochs": trained["epochs"] if ran else 0,
+        "steps": trained["steps"] if ran else 0,
         "structure": p.structure,
         **(
-            {"macs_vs_parent": prune.macs_of(model, x[:1]) / prune.macs_of(src.baseline(), x[:1])}
+            {"macs_vs_parent": prune.macs_of(model, example) / prune.macs_of(src.baseline(), example)}
             if p.structure == "channels"
             else {}
         ),
-        "history": history,
-        "seconds": time.perf_counter() - t0,
+        "history": trained["history"],
+        "seconds": trained["seconds"],
     }
-    return measure(model, record, *src.tensors("val"))
+
+
+def _hooks(
+    model: torch.nn.Module,
+    p: config.Pool,
+    member: MemberPlan,
+    total: int,
+    fixed: dict[str, torch.Tensor] | None,
+    example: torch.Tensor,
+) -> list:
+    """What runs after each of a member's ``total`` training steps: its pruner (first: :meth:`finish` ends it), then,
+    with ``pool.weight_bits``, the switch that turns quantisation-aware training on at ``pool.qat_start`` (at once
+    for the parent as a member); attached after the pruner took the weights, it keeps masking the latent fp32 ones."""
+    hooks = [_pruner(model, p, member.sparsity, total, member.seed, fixed, example=example)]
+    if p.weight_bits:
+        start = 0 if member.parent else round(p.qat_start * total)
+        bits = qat.layer_bits(model, p.weight_bits, p.largest_layer_bits)
+        hooks.append(qat.Switch(qat.attach(model, bits, p.qat_scale), start))
+        hooks[-1](0, total)  # on from the first step when it starts at 0
+    return hooks
 
 
 def member_checkpoint(run_dir: Path, name: str) -> Path:
