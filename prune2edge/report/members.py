@@ -43,31 +43,7 @@ def fig_accuracy_vs_size(run: Run) -> Figure | Missing:
             )
     if any(m["quant"]["status"] != "ok" for m in ms):
         extra.append(Line2D([], [], ls="", marker="x", ms=8, color="#9e9e9e", label="dropped by the int8 gate"))
-    if run.baseline_quant:
-        bq = run.baseline_quant
-        ax.scatter(bq["bytes"]["int8_gzip"] / 1024, bq["val_acc_int8"], marker="s", s=90, color="black", zorder=4)
-        ax.axhline(bq["val_acc_fp32"], color="black", ls="--", lw=1)
-        extra += [
-            Line2D([], [], ls="", marker="s", ms=9, color="black", label="baseline, int8"),
-            Line2D([], [], ls="--", color="black", lw=1, label="baseline fp32 accuracy"),
-        ]
-    if run.metrics:
-        e = run.metrics["ensemble"]
-        ax.scatter(
-            e["bytes"]["int8_gzip"] / 1024, e["val_acc"], marker="*", s=320, color="gold", edgecolors="black", zorder=5
-        )
-        extra.append(
-            Line2D(
-                [],
-                [],
-                ls="",
-                marker="*",
-                ms=15,
-                color="gold",
-                mec="black",
-                label=f"selected ensemble (k={e['k']}; total size)",
-            )
-        )
+    extra += _reference_points(ax, run)
     if selected:
         extra.insert(0, _selected_marker())
     ax.set_xscale("log")
@@ -90,6 +66,30 @@ def fig_accuracy_vs_size(run: Run) -> Figure | Missing:
             selected,
         )
     return fig
+
+
+def _reference_points(ax, run: Run) -> list:
+    """The int8 baseline (a square, with its fp32 accuracy as a dashed line) and the selected ensemble (a star, at
+    its total size) on the accuracy-against-size axes; their legend handles."""
+    from matplotlib.lines import Line2D
+
+    handles = []
+    if run.baseline_quant:
+        bq = run.baseline_quant
+        ax.scatter(bq["bytes"]["int8_gzip"] / 1024, bq["val_acc_int8"], marker="s", s=90, color="black", zorder=4)
+        ax.axhline(bq["val_acc_fp32"], color="black", ls="--", lw=1)
+        handles += [
+            Line2D([], [], ls="", marker="s", ms=9, color="black", label="baseline, int8"),
+            Line2D([], [], ls="--", color="black", lw=1, label="baseline fp32 accuracy"),
+        ]
+    if run.metrics:
+        e = run.metrics["ensemble"]
+        ax.scatter(
+            e["bytes"]["int8_gzip"] / 1024, e["val_acc"], marker="*", s=320, color="gold", edgecolors="black", zorder=5
+        )
+        label = f"selected ensemble (k={e['k']}; total size)"
+        handles.append(Line2D([], [], ls="", marker="*", ms=15, color="gold", mec="black", label=label))
+    return handles
 
 
 def frontier_axes(points: list[tuple[str, float, float, float, str]], parent: float, title: str) -> Figure:
