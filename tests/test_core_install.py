@@ -19,7 +19,7 @@ from test_fleet import mosquitto_exe  # noqa: F401 (the fixture: fails when Mosq
 
 from prune2edge.bundle import Bundle, read_manifest
 from prune2edge.cli import NEEDS_TRAIN, TRAINING_MODULES
-from prune2edge.fleet import Mosquitto
+from prune2edge.fleet import Broker, Link, Mosquitto, Topics
 
 pytestmark = [pytest.mark.venv, pytest.mark.slow]
 
@@ -117,6 +117,44 @@ def test_a_fleet_of_core_install_nodes_classifies_like_the_bundle(core, demo_run
     assert [row["status"] for row in got] == ["review" if v else "decided" for v in d.review]
     assert [row["class"] for row in got] == [None if v else int(k) for k, v in zip(d.classes, d.review)]
     assert f"{len(x)} frames: {int((~d.review).sum())} decided, {int(d.review.sum())} to review" in r.stderr
+
+
+def test_a_deployed_node_of_the_core_install_takes_a_signed_version(core, demo_run, tmp_path, mosquitto_exe):  # noqa: F811
+    """`prune2edge node --trust --store` of the core install starts empty, receives a version signed with an ed25519
+    key that openssl made (published over the broker by the training environment), checks it and runs it."""
+    if not shutil.which("openssl"):
+        pytest.fail("openssl is needed to make the test key")
+    key, pub = tmp_path / "release.pem", tmp_path / "release.pub.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", key], check=True)
+    subprocess.run(["openssl", "pkey", "-in", key, "-pubout", "-out", pub], check=True)
+    member = read_manifest(demo_run / "bundle")["members"][0]["id"]
+    statuses: list[dict] = []
+    with Mosquitto(tmp_path / "broker") as broker:
+        fleet = ["--broker", broker.url, "--fleet", "core"]
+        watch = Link(
+            Broker.parse(broker.url), "test-core-watch", [Topics("core").status("d1")],
+            lambda _, payload: statuses.append(json.loads(payload) if payload else {}),
+        ).start()  # fmt: skip
+        (tmp_path / "d1").mkdir()
+        node = subprocess.Popen(
+            [core / "prune2edge", "node", "--trust", pub, "--store", "store", "--device", "d1", *fleet],
+            cwd=tmp_path / "d1", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            publish = [sys.executable, "-m", "prune2edge.cli", "publish", demo_run / "bundle", "--key", key]
+            r = subprocess.run([*publish, "--assign", f"d1={member}", *fleet], capture_output=True, text=True)
+            assert r.returncode == 0 and "version 1 published" in r.stderr, r.stderr
+            deadline = time.monotonic() + 60
+            while not any(st.get("running") == [1] for st in statuses):
+                assert time.monotonic() < deadline and node.poll() is None, f"no version 1 on d1: {statuses}"
+                time.sleep(0.05)
+        finally:
+            node.terminate()
+            out = node.communicate(timeout=30)[0]
+            watch.stop()
+    running = next(st for st in statuses if st.get("running") == [1])
+    assert running["models"]["1"]["member"] == member and "version 1 ready" in out, out
+    assert (tmp_path / "d1" / "store").is_dir()
 
 
 @pytest.mark.parametrize(
