@@ -25,7 +25,8 @@ import torch
 from common import RESULTS, argparser, command_line, machine, publish, write_result
 from torch import nn
 
-from prune2edge import latency, models, prune, quantize, runtimes
+from prune2edge import models, prune, quantize
+from prune2edge.runtime import latency, runtimes
 
 TITLE = "## Channel-pruned members: int8 latency against multiply-adds"
 # width, multiply-adds removed, widths in multiples of, stem pool

@@ -36,8 +36,8 @@ from common import (
 )
 
 from prune2edge import config, evaluate, selective, store
-from prune2edge.bundle import predict_proba, session
-from prune2edge.vote import vote
+from prune2edge.runtime.bundle import predict_proba, session
+from prune2edge.runtime.vote import vote
 
 MODELS = (("ensemble", "ensemble (vote margin)"), ("baseline_fp32", "baseline fp32 (top probability)"))
 

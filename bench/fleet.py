@@ -4,7 +4,7 @@
 
 For k = 3 and 5 members of the demo bundle (k = 3: its first three), on one private Mosquitto:
 
-* fleet, saturated: every digits test image (times --repeat) through `prune2edge.fleet.classify` as fast as
+* fleet, saturated: every digits test image (times --repeat) through `prune2edge.runtime.fleet.classify` as fast as
   the fleet answers (at most 64 frames in flight): frames/s, and the client's round trip p50/p99 under load;
 * fleet, paced: --rate frames/s, well under saturation: the decision latency p50/p99 (client send -> client
   receives the decision), and the aggregator's share (first vote or frame seen -> decision);
@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from common import RESULTS, ROOT, argparser, command_line, cpu_model, publish, write_result
 
-from prune2edge import fleet
-from prune2edge.bundle import Bundle, read_manifest
 from prune2edge.data import load_digits
+from prune2edge.runtime import fleet
+from prune2edge.runtime.bundle import Bundle, read_manifest
 
 TITLE = "## Fleet (MQTT)"
 
@@ -133,7 +133,7 @@ def bench_sequential(bundle: Path, ids: list[str], x: np.ndarray, y: np.ndarray)
 def bench_torch(run_dir: Path, bundle: Path, x: np.ndarray, y: np.ndarray) -> dict:
     import torch
 
-    from prune2edge.preprocess import Preprocessing
+    from prune2edge.runtime.preprocess import Preprocessing
     from prune2edge.store import load_baseline
 
     torch.set_num_threads(1)

@@ -42,7 +42,7 @@ from common import (
 )
 
 from prune2edge import config, store, train
-from prune2edge.vote import accuracy, disagreement, vote
+from prune2edge.runtime.vote import accuracy, disagreement, vote
 
 TITLE = "## CIFAR-10: reference rows"
 

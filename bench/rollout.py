@@ -5,7 +5,7 @@
 For each N: a deployed aggregator and N `prune2edge node --trust --store` processes, each with its own empty
 store (devices assigned the bundle's members round robin: several nodes per member), then, timed on one clock:
 
-* first deployment: `prune2edge.fleet.release.publish` of version 1 -> every node runs it and the aggregator
+* first deployment: `prune2edge.runtime.fleet.release.publish` of version 1 -> every node runs it and the aggregator
   serves it;
 * while a paced, labelled client stream runs (--rate frames/s): publish version 2 (the same members, each device
   another one: so the shadow tally agrees and the promotion is certain)
@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 from common import RESULTS, ROOT, argparser, command_line, machine, publish, write_result
 
-from prune2edge import fleet
-from prune2edge.bundle import read_manifest
 from prune2edge.data import load_digits
-from prune2edge.fleet import release
-from prune2edge.fleet.wire import parse
+from prune2edge.runtime import fleet
+from prune2edge.runtime.bundle import read_manifest
+from prune2edge.runtime.fleet import release
+from prune2edge.runtime.fleet.wire import parse
 
 TITLE = "## Fleet: rolling out a version (issue 34)"
 

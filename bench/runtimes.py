@@ -1,8 +1,8 @@
 """Runtimes: the int8 parent and every member of a bundle on ONNX Runtime (as prune2edge runs it, and with its
-default int8 kernels), OpenVINO's CPU plugin, the ONNX reference evaluator (:mod:`prune2edge.runtimes`) and LiteRT
+default int8 kernels), OpenVINO's CPU plugin, the ONNX reference evaluator (:mod:`prune2edge.runtime.runtimes`) and LiteRT
 (each model exported to a full-integer .tflite, :func:`prune2edge.export.to_tflite`): argmax agreement with ONNX
 Runtime and with the fp32 model, the largest difference of a class probability, and the median batch-1 latency with
-one thread, every model on every runtime interleaved (:func:`prune2edge.latency.measure_runners`), as a ratio to
+one thread, every model on every runtime interleaved (:func:`prune2edge.runtime.latency.measure_runners`), as a ratio to
 ONNX Runtime's; the .tflite sizes beside MLPerf Tiny's reference.
 
     python bench/runtimes.py                       # runs the demo into runs/bench-runtimes first (about a minute)
@@ -24,8 +24,9 @@ import numpy as np
 import onnxruntime as ort
 from common import RESULTS, argparser, command_line, machine, publish, write_result
 
-from prune2edge import cli, config, export, latency, pipeline, runtimes, store
-from prune2edge.bundle import member_onnx, predict_proba, read_manifest, session
+from prune2edge import cli, config, export, pipeline, store
+from prune2edge.runtime import latency, runtimes
+from prune2edge.runtime.bundle import member_onnx, predict_proba, read_manifest, session
 from prune2edge.store import model_dir
 
 TITLE = "## Runtimes"

@@ -36,7 +36,7 @@ from common import (
 from speed import reference_fit
 
 from prune2edge import config, models, pipeline, store, train
-from prune2edge.vote import accuracy
+from prune2edge.runtime.vote import accuracy
 
 TITLE = "## Training speed: accuracy of the faster loop"
 LOOPS = ("reference", "fit")

@@ -5,7 +5,7 @@
 Reads raw images ``x`` and labels ``y`` from the npz, decodes each member to its int8 ONNX model,
 reproduces the manifest's preprocessing and voting rule from their written description, and prints
 the ensemble's accuracy. From prune2edge it takes only the input steps (resize and colour, numpy alone:
-``prune2edge.preprocess``), so that they have one implementation, and it thereby takes images of any size
+``prune2edge.runtime.preprocess``), so that they have one implementation, and it thereby takes images of any size
 when the bundle resizes; everything else it rebuilds from the manifest, which checks that the manifest is
 enough to run the ensemble.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from prune2edge.preprocess import InputSteps, check_images
+from prune2edge.runtime.preprocess import InputSteps, check_images
 
 
 def decode(blob: bytes) -> bytes:

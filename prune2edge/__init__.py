@@ -5,7 +5,8 @@
     metrics = prune2edge.run(cfg, "runs/cifar10")
     prune2edge.Bundle.load("runs/cifar10/bundle").predict(images)
 
-Attributes load on first use, so ``import prune2edge.bundle`` on an edge device pulls in neither torch nor scikit-learn.
+Attributes load on first use, so ``import prune2edge.runtime.bundle`` on an edge device pulls in neither torch nor
+scikit-learn.
 """
 
 from .errors import UserError
@@ -24,7 +25,7 @@ def __getattr__(name: str):
 
         return load
     if name == "Bundle":
-        from .bundle import Bundle
+        from .runtime.bundle import Bundle
 
         return Bundle
     raise AttributeError(f"module 'prune2edge' has no attribute '{name}'")

@@ -254,7 +254,7 @@ def read_images(paths: list[str]) -> tuple[list[str], object]:
 def predict(bundle_dir: Path, files: tuple[str, ...], as_json: bool, abstain_below: float | None) -> None:
     """Classify image FILES (png/jpg of any size when the bundle resizes, .npy, .npz) with BUNDLE_DIR; needs only
     onnxruntime and numpy (and Pillow for image files)."""
-    from .bundle import Bundle
+    from .runtime.bundle import Bundle
 
     b = Bundle.load(bundle_dir)
     names, x = read_images(list(files))
@@ -280,7 +280,7 @@ def predict(bundle_dir: Path, files: tuple[str, ...], as_json: bool, abstain_bel
         )
 
 
-# --- Fleet over MQTT: thin shells over prune2edge.fleet (which needs only numpy, onnxruntime, paho-mqtt, cryptography) ---
+# --- Fleet over MQTT: thin shells over prune2edge.runtime.fleet (which needs only numpy, onnxruntime, paho-mqtt, cryptography) ---
 
 DATASET_SPECS = ("digits", "cifar10", "cifar100", "npz", "imagefolder")
 
@@ -321,7 +321,7 @@ def _mqtt_options(broker_required: bool = True):
 
 
 def _broker(opts: dict):
-    from .fleet import Broker
+    from .runtime.fleet import Broker
 
     if not opts.get("broker"):
         return None
@@ -372,7 +372,7 @@ def _classify(
     timeout: float,
     limit: int | None,
 ) -> dict:
-    from . import fleet
+    from .runtime import fleet
 
     names, x, y, classes = _inputs(items)
     if limit is not None:
@@ -496,7 +496,7 @@ def node(
     """Serve one bundle member: verify it, then vote on the fleet's frames (needs no torch or scikit-learn).
 
     Deployed (--trust, --store): start empty and serve the member each signed release assigns to --device."""
-    from . import fleet
+    from .runtime import fleet
 
     if _deployed(bundle_dir, trust, store):
         if member or not device:
@@ -554,7 +554,7 @@ def aggregator(
 
     Deployed (--trust, --store): take versions from signed releases; vote each new one in shadow, then promote it or
     roll it back."""
-    from . import fleet
+    from .runtime import fleet
 
     _log_to_stderr()
     if _deployed(bundle_dir, trust, store):
@@ -595,7 +595,7 @@ def publish(
     bundle_dir: Path, fleet_name: str, key: Path, version: int | None, assign: str | None, chunk_bytes: int, **mqtt
 ) -> None:
     """Publish BUNDLE as the fleet's next version: a signed release and its members, retained on the broker."""
-    from .fleet import release
+    from .runtime.fleet import release
 
     body = release.publish(bundle_dir, _broker(mqtt), fleet_name, key, version, assign, chunk_bytes)
     click.echo(
@@ -613,7 +613,7 @@ def publish(
 @click.option("--key", type=click.Path(path_type=Path), help="The PEM ed25519 signing key (promote, rollback).")
 def rollout(action: str, version: int | None, fleet_name: str, key: Path | None, **mqtt) -> None:
     """The fleet's rollout state (JSON), or a signed `promote VERSION` (in shadow) or `rollback VERSION`."""
-    from .fleet import release
+    from .runtime.fleet import release
 
     broker, sent = _broker(mqtt), {}
     if action != "status":
@@ -669,7 +669,7 @@ def fleet_command(
     """Run every member as a node process plus an aggregator on this machine (until Ctrl-C, or --classify DATA)."""
     import signal
 
-    from . import fleet
+    from .runtime import fleet
 
     _log_to_stderr("WARNING")
     lf = fleet.LocalFleet(

@@ -9,8 +9,8 @@ from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
 
+from .runtime.vote import disagreement
 from .ship import SIGNIFICANCE, most_votes
-from .vote import disagreement
 
 
 def features(proba: np.ndarray, method: str) -> np.ndarray:

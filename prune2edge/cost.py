@@ -1,4 +1,4 @@
-"""What a model costs the device that runs it, beside its latency (:mod:`prune2edge.latency`): the multiply-adds
+"""What a model costs the device that runs it, beside its latency (:mod:`prune2edge.runtime.latency`): the multiply-adds
 of one image, counted from its ONNX graph, and the peak memory of an ONNX Runtime session that runs it.
 
 Both are measured on the model as exported: zeros of an unstructured sparse member still cost multiply-adds and
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtimes import HIGH_PRECISION
+from .runtime.runtimes import HIGH_PRECISION
 
 
 def macs(model: Path | str) -> int:

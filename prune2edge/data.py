@@ -1,7 +1,7 @@
 """Datasets: load raw uint8 NHWC images from digits, CIFAR, npz files or an image folder; carve splits.
 
 Every loader returns a :class:`Dataset` of raw pixels, brought to one size and colour by the spec's
-:class:`~prune2edge.preprocess.InputSteps` as they are loaded. A source without a test split gets one carved
+:class:`~prune2edge.runtime.preprocess.InputSteps` as they are loaded. A source without a test split gets one carved
 (stratified, seed 0). Nothing here knows about models; the split indices are the only thing the pipeline
 needs to reproduce which images were used where.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .preprocess import InputSteps
+from .runtime.preprocess import InputSteps
 
 CIFAR = {
     "cifar10": {

@@ -7,7 +7,7 @@ A devices file (YAML, or JSON, which is YAML too) lists the fleet; each device r
       - {name: mcu-1, memory_bytes: 40000}
 
 A member fits a device when its shipped bytes are at most ``memory_bytes`` and, where the device has these
-budgets, its int8 latency at batch 1 (:func:`prune2edge.latency.measure`) is at most ``latency_ms`` and the peak
+budgets, its int8 latency at batch 1 (:func:`prune2edge.runtime.latency.measure`) is at most ``latency_ms`` and the peak
 memory its ONNX Runtime session adds (:func:`prune2edge.cost.memory`) is at most ``max_memory_mb``.
 """
 

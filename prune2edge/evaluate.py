@@ -12,12 +12,12 @@ import numpy as np
 from scipy.stats import binomtest
 
 from . import data, selective, store
-from .bundle import Bundle, predict_proba, session
 from .errors import UserError
+from .runtime.bundle import Bundle, predict_proba, session
+from .runtime.vote import AGREEMENT, accuracy, disagreement, margin, vote
 from .ship import mcnemar, vote_weights
 from .store import PARENT
 from .summary import kib
-from .vote import AGREEMENT, accuracy, disagreement, margin, vote
 
 MAX_SUBSETS = 1000  # degradation: at most this many subsets of members per number missing (drawn when there are more)
 

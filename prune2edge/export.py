@@ -20,8 +20,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import data
-from .bundle import Bundle, member_onnx
 from .errors import UserError
+from .runtime.bundle import Bundle, member_onnx
 from .store import write_json
 
 FORMATS = ("tflite",)

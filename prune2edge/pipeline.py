@@ -10,7 +10,6 @@ import onnx
 import torch
 
 from . import (
-    bundle,
     config,
     cores,
     cost,
@@ -18,13 +17,11 @@ from . import (
     devices,
     evaluate,
     executors,
-    latency,
     models,
     pool,
     qdq,
     quantize,
     report,
-    runtimes,
     select,
     selective,
     ship,
@@ -33,9 +30,10 @@ from . import (
 )
 from .config import Config
 from .errors import UserError
-from .preprocess import InputSteps, Preprocessing
+from .runtime import bundle, latency, runtimes
+from .runtime.preprocess import InputSteps, Preprocessing
+from .runtime.vote import accuracy, decide
 from .store import PARENT, model_dir
-from .vote import accuracy, decide
 
 
 def prepare(run_dir: Path, cfg: Config) -> None:

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from . import config, models, prune, qat, store, train
 from .errors import UserError
 from .executors import RayExecutor
-from .preprocess import Preprocessing
 from .prune import ChannelPruner, MagnitudePruner, antirandom_masks, leave_basin
-from .vote import accuracy
+from .runtime.preprocess import Preprocessing
+from .runtime.vote import accuracy
 
 
 @dataclass

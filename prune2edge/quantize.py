@@ -29,9 +29,9 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from tqdm.auto import tqdm
 
 from . import qat, qdq, store
-from .bundle import decode, predict_proba, session
 from .qdq import int8_weights
-from .vote import accuracy
+from .runtime.bundle import decode, predict_proba, session
+from .runtime.vote import accuracy
 
 # tried in order until one passes the gate
 ATTEMPTS = (
@@ -171,7 +171,7 @@ def compact(path: Path) -> None:
 
 
 def encode(onnx_bytes: bytes) -> bytes:
-    """The shipped form of an int8 ONNX model; :func:`prune2edge.bundle.decode` gives back the same bytes.
+    """The shipped form of an int8 ONNX model; :func:`prune2edge.runtime.bundle.decode` gives back the same bytes.
 
     Each int8 weight tensor is cut out of the file and stored as a bitmap of its non-zeros (np.packbits)
     and, per non-zero, its index (uint8) into the tensor's sorted distinct non-zero values; then one xz

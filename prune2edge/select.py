@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from . import cluster, cost, devices, latency, ship, store
+from . import cluster, cost, devices, ship, store
 from .errors import UserError
+from .runtime import latency
+from .runtime.vote import accuracy, vote
 from .store import PARENT, model_dir
-from .vote import accuracy, vote
 
 if TYPE_CHECKING:
     from .config import Config

@@ -1,6 +1,6 @@
 """Deciding or abstaining: the abstain threshold (chosen on validation), risk–coverage curves and calibration error.
 
-A score ranks frames by how sure a model is (the ensemble: the vote's margin, :data:`prune2edge.vote.AGREEMENT`;
+A score ranks frames by how sure a model is (the ensemble: the vote's margin, :data:`prune2edge.runtime.vote.AGREEMENT`;
 one model: its top probability). Frames scoring at least the threshold are *decided*, the rest go to review;
 *coverage* is the share decided. Needs only numpy.
 """

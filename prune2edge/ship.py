@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy.stats import binomtest
 
+from .runtime.vote import accuracy, vote
 from .store import PARENT
-from .vote import accuracy, vote
 
 if TYPE_CHECKING:
     from .config import Config

@@ -139,7 +139,7 @@ def split(run_dir: str | Path, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def preprocessing(run_dir: str | Path):
     """The run's fitted :class:`Preprocessing` (from the training split)."""
-    from .preprocess import Preprocessing
+    from .runtime.preprocess import Preprocessing
 
     return Preprocessing.from_dict(read_json(Path(run_dir) / PREPROCESS))
 

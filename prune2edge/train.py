@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import config, store
-from .vote import accuracy
+from .runtime.vote import accuracy
 
 
 @dataclass

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from prune2edge import cli, config, pipeline, report, store, train
-from prune2edge.bundle import predict_proba, session
-from prune2edge.vote import accuracy
+from prune2edge.runtime.bundle import predict_proba, session
+from prune2edge.runtime.vote import accuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import ablations

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from prune2edge import UserError, store
-from prune2edge.bundle import Bundle, decode, predict_proba, session
-from prune2edge.vote import vote
+from prune2edge.runtime.bundle import Bundle, decode, predict_proba, session
+from prune2edge.runtime.vote import vote
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,7 +162,7 @@ def test_bundle_runtime_and_predict_import_no_training_package(demo_run):
     """`prune2edge predict` and the bundle API import none of the training extra's modules (torch, scikit-learn,
     scipy, matplotlib, onnx, ...), even where they are installed; tests/test_core_install.py runs without them."""
     code = (
-        "import sys, prune2edge.bundle, prune2edge.vote, prune2edge.preprocess\n"
+        "import sys, prune2edge.runtime.bundle, prune2edge.runtime.vote, prune2edge.runtime.preprocess\n"
         "from prune2edge import cli\n"
         f"cli.main(['predict', {str(demo_run / 'bundle')!r}, {str(demo_run / 'test.npz')!r}], standalone_mode=False)\n"
         "bad = sorted(set(cli.TRAINING_MODULES) & set(sys.modules)); assert not bad, bad\n"

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from prune2edge import UserError, cli, config, cost, models, pipeline, prune, quantize, store
-from prune2edge.bundle import predict_proba, read_manifest, session
+from prune2edge.runtime.bundle import predict_proba, read_manifest, session
 
 TOLERANCE = 0.05  # channels come in whole units: a member removes the requested fraction of multiply-adds +- 5 points
 ARCHS = (("small_cnn", (16, 16, 3)), ("resnet20", (16, 16, 3)), ("keras_cifar10_cnn", (12, 12, 3)))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from prune2edge import cluster, select
-from prune2edge.vote import accuracy, disagreement, vote
+from prune2edge.runtime.vote import accuracy, disagreement, vote
 
 
 def family_pool(seed: int = 0):

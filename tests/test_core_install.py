@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 from test_fleet import mosquitto_exe  # noqa: F401 (the fixture: fails when Mosquitto is not installed)
 
-from prune2edge.bundle import Bundle, read_manifest
 from prune2edge.cli import NEEDS_TRAIN, TRAINING_MODULES
-from prune2edge.fleet import Broker, Link, Mosquitto, Topics
+from prune2edge.runtime.bundle import Bundle, read_manifest
+from prune2edge.runtime.fleet import Broker, Link, Mosquitto, Topics
 
 pytestmark = [pytest.mark.venv, pytest.mark.slow]
 
@@ -62,7 +62,7 @@ def core(tmp_path_factory) -> Path:
 def test_the_core_install_holds_no_training_package(core):
     code = (
         "import importlib.metadata as md, importlib.util as u, json, sys\n"
-        "import prune2edge, prune2edge.bundle, prune2edge.fleet, prune2edge.cli\n"
+        "import prune2edge, prune2edge.runtime.bundle, prune2edge.runtime.fleet, prune2edge.cli\n"
         "print(json.dumps({'found': [m for m in sys.argv[1:] if u.find_spec(m)],\n"
         "                  'dists': sorted(d.metadata['Name'].lower() for d in md.distributions())}))\n"
     )

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from prune2edge import cost, models, prune, quantize, store, summary
-from prune2edge.bundle import read_manifest
+from prune2edge.runtime.bundle import read_manifest
 
 
 def test_multiply_adds_from_the_graph_match_the_network_for_every_builtin(tmp_path):

@@ -16,10 +16,11 @@ from conftest import prune2edge_cli
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from test_fleet import Listener, broker, members, mosquitto_exe  # noqa: F401 (broker, mosquitto_exe: fixtures)
 
-from prune2edge import UserError, cli, config, data, latency, pipeline, selective, store
-from prune2edge.bundle import Bundle, decode, read_manifest
-from prune2edge.fleet import Broker, LocalFleet, Topics, dumps, encode_frame
-from prune2edge.vote import decide, vote
+from prune2edge import UserError, cli, config, data, pipeline, selective, store
+from prune2edge.runtime import latency
+from prune2edge.runtime.bundle import Bundle, decode, read_manifest
+from prune2edge.runtime.fleet import Broker, LocalFleet, Topics, dumps, encode_frame
+from prune2edge.runtime.vote import decide, vote
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import decisions

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from prune2edge import config, evaluate, pipeline, pool, report, store, summary
-from prune2edge.bundle import Bundle, predict_proba, session
 from prune2edge.errors import UserError
+from prune2edge.runtime.bundle import Bundle, predict_proba, session
 
 TINY = {"model": {"kwargs": {"width": 8, "depth": 2}}}  # a small network: the defaults decide everything else
 # the pool settings before issue 23 (clones), for the comparison

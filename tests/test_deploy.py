@@ -19,10 +19,10 @@ import pytest
 import test_fleet
 from test_fleet import members, rows
 
-from prune2edge.fleet import Broker, Link, Mosquitto, Topics, release, trust
-from prune2edge.fleet.node import vote_payload
-from prune2edge.fleet.rollout import DeployedAggregator, Tally
-from prune2edge.fleet.wire import encode_frame, status_payload
+from prune2edge.runtime.fleet import Broker, Link, Mosquitto, Topics, release, trust
+from prune2edge.runtime.fleet.node import vote_payload
+from prune2edge.runtime.fleet.rollout import DeployedAggregator, Tally
+from prune2edge.runtime.fleet.wire import encode_frame, status_payload
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.alone]
 

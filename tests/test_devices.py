@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from conftest import prune2edge_cli
 
-from prune2edge import config, devices, evaluate, fleet, latency, pipeline, select, store, summary
-from prune2edge.bundle import Bundle, read_manifest
+from prune2edge import config, devices, evaluate, pipeline, select, store, summary
 from prune2edge.cli import DEMO_CONFIG
 from prune2edge.errors import UserError
-from prune2edge.vote import accuracy
+from prune2edge.runtime import fleet, latency
+from prune2edge.runtime.bundle import Bundle, read_manifest
+from prune2edge.runtime.vote import accuracy
 
 RUN_FILES = ("baseline", "pool", "dataset.json", "preprocess.json", "splits.npz", "timings.json")
 

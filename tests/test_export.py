@@ -11,8 +11,9 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 from conftest import prune2edge_cli
 
-from prune2edge import export, qdq, runtimes
-from prune2edge.bundle import Bundle, member_onnx, predict_proba, read_manifest, session
+from prune2edge import export, qdq
+from prune2edge.runtime import runtimes
+from prune2edge.runtime.bundle import Bundle, member_onnx, predict_proba, read_manifest, session
 
 MIN_AGREEMENT = 0.99  # argmax of each .tflite member against its ONNX model, over the test split
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prune2edge import fleet
-from prune2edge.bundle import Bundle, read_manifest
 from prune2edge.errors import UserError
-from prune2edge.fleet import Broker, LocalFleet, Mosquitto, Topics, local
+from prune2edge.runtime import fleet
+from prune2edge.runtime.bundle import Bundle, read_manifest
+from prune2edge.runtime.fleet import Broker, LocalFleet, Mosquitto, Topics, local
 
 RATE = 75  # frames per second for the fault streams: long enough to hit a fault mid-stream
 
@@ -149,7 +149,7 @@ def finish(proc: subprocess.Popen, out: Path, n: int) -> list[dict]:
 def test_node_imports_no_training_package(bundle):
     code = (
         "import sys\n"
-        "from prune2edge import cli, fleet\n"
+        "from prune2edge import cli\nfrom prune2edge.runtime import fleet\n"
         f"node = fleet.Node({str(bundle)!r}, {members(bundle)[0]!r}, fleet.Broker.parse('mqtt://127.0.0.1:1'), 't')\n"
         "node.bundle.member_proba(__import__('numpy').zeros((1, 8, 8, 1), 'uint8'))\n"
         "heavy = sorted(set(cli.TRAINING_MODULES) & set(sys.modules))  # torch, sklearn, scipy, matplotlib, onnx...\n"

@@ -1,8 +1,12 @@
-"""The package's shape: every function reads on a screen or two."""
+"""The package's shape: every function reads on a screen or two, and the edge runtime (what a device runs) imports
+no training library."""
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "prune2edge"
@@ -17,3 +21,22 @@ def test_no_function_in_the_package_is_over_60_lines():
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_LINES
     ]
     assert not long, "split these into functions that each do one thing:\n" + "\n".join(long)
+
+
+TRAINING = ("torch", "sklearn", "scipy", "matplotlib", "onnx", "pydantic", "yaml", "tensorflow", "openvino")
+
+
+def test_the_runtime_imports_no_training_library():
+    """Every module of prune2edge/runtime/, imported in a fresh interpreter, brings in none of :data:`TRAINING`
+    (onnx, pydantic and yaml: not in the core install either)."""
+    modules = sorted(
+        ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        for p in (PACKAGE / "runtime").rglob("*.py")
+    )
+    code = (
+        f"import importlib, json, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(modules) >= 10 and not set(TRAINING) & set(json.loads(r.stdout)), r.stdout

@@ -15,9 +15,10 @@ import pytest
 from conftest import prune2edge_cli
 from PIL import Image, ImageDraw
 
-from prune2edge import UserError, data, fleet, store, summary
-from prune2edge.bundle import Bundle, predict_proba, session
-from prune2edge.preprocess import InputSteps, area_weights, check_images
+from prune2edge import UserError, data, store, summary
+from prune2edge.runtime import fleet
+from prune2edge.runtime.bundle import Bundle, predict_proba, session
+from prune2edge.runtime.preprocess import InputSteps, area_weights, check_images
 
 ROOT = Path(__file__).resolve().parents[1]
 

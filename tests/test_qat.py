@@ -18,8 +18,8 @@ import yaml
 from onnx import numpy_helper
 
 from prune2edge import config, executors, models, pipeline, pool, qat, qdq, quantize, store, train
-from prune2edge.bundle import predict_proba, session
 from prune2edge.errors import UserError
+from prune2edge.runtime.bundle import predict_proba, session
 
 QAT_POOL = {"family": "independent", "weight_bits": 4, "qat_start": 0.5, "size": 2, "sparsity": 0.0}
 

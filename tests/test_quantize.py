@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from prune2edge import UserError, config, models, qdq, quantize, store
-from prune2edge.bundle import decode, predict_proba, session
 from prune2edge.pool import MagnitudePruner
-from prune2edge.vote import accuracy
+from prune2edge.runtime.bundle import decode, predict_proba, session
+from prune2edge.runtime.vote import accuracy
 
 
 def test_members_are_full_integer_and_sizes_are_measured(demo_run):

@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prune2edge import bundle, cost, models, prune, quantize, store
-from prune2edge.bundle import read_manifest
+from prune2edge import cost, models, prune, quantize, store
+from prune2edge.runtime import bundle
+from prune2edge.runtime.bundle import read_manifest
 
 
 def test_resnet8_has_the_references_work_at_32x32x3(tmp_path):

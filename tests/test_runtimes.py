@@ -12,9 +12,10 @@ import onnx
 import pytest
 from test_fleet import broker, digits_npz, finish, members, mosquitto_exe, start_stream  # noqa: F401 (fixtures)
 
-from prune2edge import UserError, qdq, runtimes
-from prune2edge.bundle import Bundle, member_onnx, read_manifest
-from prune2edge.fleet import Broker, LocalFleet
+from prune2edge import UserError, qdq
+from prune2edge.runtime import runtimes
+from prune2edge.runtime.bundle import Bundle, member_onnx, read_manifest
+from prune2edge.runtime.fleet import Broker, LocalFleet
 
 MIN_AGREEMENT = 0.999  # argmax of each member on each runtime against ONNX Runtime's, over the test split
 MAX_PROBA_DIFF = 0.05

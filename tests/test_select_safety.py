@@ -10,7 +10,7 @@ import pytest
 
 from prune2edge import cluster, config, evaluate, pipeline, select, ship, store, summary
 from prune2edge.errors import UserError
-from prune2edge.vote import accuracy, vote
+from prune2edge.runtime.vote import accuracy, vote
 
 
 def member(y: np.ndarray, wrong: np.ndarray, conf: float = 0.9, k: int = 10) -> np.ndarray:

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
 from .. import selective, store
-from ..vote import disagreement, margin
+from ..runtime.vote import disagreement, margin
 from .load import Run, pct
 from .plot import DPI, Missing, _figure
 

@@ -12,8 +12,8 @@ import yaml
 
 from .. import store
 from ..errors import UserError
+from ..runtime.vote import disagreement
 from ..summary import kib
-from ..vote import disagreement
 
 # --------------------------------------------------------------------------- formatting (page and figures)
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ..errors import UserError
+from ..store import write_bytes, write_json
 from . import runtimes
-from .errors import UserError
 from .preprocess import InputSteps, Preprocessing, check_images
 from .runtimes import Runner
 from .runtimes import session as session  # where callers have always found it
-from .store import write_bytes, write_json
 from .vote import AGREEMENT, Decisions, decide, softmax, vote
 
 FORMAT = "prune2edge-bundle"
@@ -62,7 +62,7 @@ def decode(blob: bytes) -> bytes:
 
 def predict_proba(model: ort.InferenceSession | Runner, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Class probabilities (softmax of the model's logits) for preprocessed NCHW float32 input; ``model`` is an
-    ONNX Runtime session or a :data:`prune2edge.runtimes.Runner`."""
+    ONNX Runtime session or a :data:`prune2edge.runtime.runtimes.Runner`."""
     if isinstance(model, ort.InferenceSession):
         model = runtimes.of_session(model)
     return np.concatenate([softmax(model(x[i : i + batch_size])) for i in range(0, len(x), batch_size)])
@@ -218,7 +218,7 @@ class Bundle:
         cls, path: Path | str, members: list[str] | None = None, threads: int = 1, runtime: str = "onnxruntime"
     ) -> Bundle:
         """Read, verify and decode a bundle; ``members`` restricts it to those ids; they run on ``runtime``
-        (:mod:`prune2edge.runtimes`)."""
+        (:mod:`prune2edge.runtime.runtimes`)."""
         path = Path(path)
         manifest = restrict(read_manifest(path), members)
         runners = [runtimes.load(member_onnx(path, e), runtime, threads) for e in manifest["members"]]

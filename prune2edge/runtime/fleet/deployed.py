@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import UserError
 from ..bundle import Bundle
-from ..errors import UserError
 from .mqtt import Broker, Link
 from .node import Server, vote_payload
 from .release import check_name, open_release

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ...errors import UserError
 from .aggregator import Aggregator, Plan, _Frame
 from .mqtt import Broker
 from .release import open_release

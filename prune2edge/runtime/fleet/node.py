@@ -1,5 +1,5 @@
 """A fleet node: runs one bundle member; frames in, votes out. Needs only numpy, onnxruntime and paho-mqtt (or
-another runtime of :mod:`prune2edge.runtimes` in place of onnxruntime)."""
+another runtime of :mod:`prune2edge.runtime.runtimes` in place of onnxruntime)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import UserError
 from ..bundle import Bundle, read_manifest
-from ..errors import UserError
 from .mqtt import Broker, Link
 from .wire import BadMessage, Topics, decode_frame, dumps, frame_limit, status_payload
 

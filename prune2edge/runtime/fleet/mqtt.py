@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from ..errors import UserError
+from ...errors import UserError
 
 log = logging.getLogger(__name__)
 

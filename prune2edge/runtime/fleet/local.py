@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ...errors import UserError
 from ..bundle import read_manifest, restrict, verify_member
-from ..errors import UserError
 from .mqtt import Broker, Link
 from .wire import DEFAULT_TIMEOUT_MS, BadMessage, Topics, parse
 

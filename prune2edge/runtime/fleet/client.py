@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..data import check_classes
-from ..errors import UserError
+from ...data import check_classes
+from ...errors import UserError
 from ..preprocess import InputSteps, check_images
 from .mqtt import Broker, Link
 from .wire import DEFAULT_TIMEOUT_MS, BadMessage, Topics, encode_frame, parse, resend_after

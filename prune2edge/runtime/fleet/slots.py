@@ -12,9 +12,9 @@ import logging
 import shutil
 from pathlib import Path
 
+from ...errors import UserError
+from ...store import write_bytes, write_json
 from ..bundle import restrict
-from ..errors import UserError
-from ..store import write_bytes, write_json
 from .trust import Ed25519PublicKey, unseal
 from .wire import BadMessage
 

@@ -33,7 +33,7 @@ def measure(models: Mapping[str, Path | str | bytes], x: np.ndarray, runs: int) 
 
 
 def measure_runners(runners: Mapping[str, Runner], x: np.ndarray, runs: int) -> dict[str, float]:
-    """Median milliseconds of one run at batch 1 for each named runner (:mod:`prune2edge.runtimes`), over ``runs``
+    """Median milliseconds of one run at batch 1 for each named runner (:mod:`prune2edge.runtime.runtimes`), over ``runs``
     timed runs after :data:`WARMUP` untimed ones; the preprocessed images ``x`` (NCHW float32) are fed one per run,
     in turn. The models run interleaved, one run each in turn, so that a machine slowing down or speeding up (other
     jobs, clock changes) shifts them all alike and their ratios hold."""

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from . import cores
-from .errors import UserError
+from .. import cores
+from ..errors import UserError
 from .vote import softmax
 
 Runner = Callable[[np.ndarray], np.ndarray]  # preprocessed NCHW float32 images -> the model's logits

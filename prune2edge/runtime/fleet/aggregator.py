@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import UserError
 from ..bundle import Bundle, read_manifest, restrict
-from ..errors import UserError
 from ..vote import decide
 from .mqtt import Broker, Link
 from .wire import (

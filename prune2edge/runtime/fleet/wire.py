@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UserError
+from ...errors import UserError
 
 WIRE_VERSION = 1
 DEFAULT_TIMEOUT_MS = 2000  # how long the aggregator waits for the votes of a frame

@@ -14,8 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+from ...errors import UserError
 from ..bundle import read_manifest, restrict, verify_member
-from ..errors import UserError
 from .mqtt import Broker, Link
 from .trust import Ed25519PrivateKey, Ed25519PublicKey, load_private_key, seal, unseal
 from .wire import BadMessage, Topics, parse
