@@ -60,7 +60,13 @@ frontier](#cifar-10-the-frontier-bytes-per-device-x-training-cost) (figure `docs
 and independent members](#cifar-10-low-bit-members-independent-members-issue-19) (issue 19); [pools from several
 basins](#cifar-10-pools-from-several-basins-issue-9) (issue 9); [fleet over MQTT](#fleet-mqtt); [training
 speed](#training-speed); [pool on Ray](#pool-on-ray); [channel pruning](#cifar-10-members-that-run-faster-channel-pruning-issue-20-a-first-screen)
-(issue 20); the diary of fixed flaky tests at the end.
+(issue 20) and [their int8 latency against multiply-adds](#channel-pruned-members-int8-latency-against-multiply-adds); [ResNet-8 seed 0 as the bench wrote it](#cifar-10-cifar10-resnet8); [decisions: abstain, calibration, members
+missing](#decisions-abstain-calibration-members-missing-cifar10-cpu-cb-perturb); [reference rows](#cifar-10-reference-rows);
+[accuracy of the faster training loop](#training-speed-accuracy-of-the-faster-loop). Earlier defaults, superseded
+(kept as measured): [issue 5's summary](#cifar-10-summary-issue-5-the-earlier-default-a-6-epoch-baseline),
+[cifar10-cpu of issue 9](#cifar-10-cifar10-cpu), [ablations](#cifar-10-ablations), [cifar10-resnet20 and
+cifar10-paper](#cifar-10-cifar10-resnet20-and-cifar10-paper), [the first default](#cifar-10-cifar10-cpu-v1-snapshots-the-first-default-superseded),
+[sparsity 0.5, int8](#cifar-10-cifar10-cpu-sparsity-05-int8); and the [diary of fixed flaky tests](#diary-fleet-tests-repeated-issue-12s-flaky-tests).
 """
 PRESETS = {  # the config that holds a method's settings
     "indep-parent-qat435-2x": "configs/cifar10-cpu.yaml",

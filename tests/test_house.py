@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,14 @@ def test_the_runtime_imports_no_training_library():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert len(modules) >= 10 and not set(TRAINING) & set(json.loads(r.stdout)), r.stdout
+
+
+def test_every_results_section_is_linked_from_the_summary():
+    """docs/RESULTS.md: every ``##`` section is reachable from the Summary (GitHub's heading anchors)."""
+    text = (PACKAGE.parent / "docs" / "RESULTS.md").read_text()
+    start = text.index("## Summary")
+    summary = text[start : text.index("\n## ", start + 1)]
+    heads = [line[3:] for line in text.splitlines() if line.startswith("## ") and line != "## Summary"]
+    anchors = {h: re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+    unlinked = [h for h, a in anchors.items() if f"(#{a})" not in summary]
+    assert not unlinked, f"link these sections from the Summary of docs/RESULTS.md: {unlinked}"
