@@ -191,8 +191,12 @@ def _member_records(run_dir: Path, sel: dict, s: Scores, names: list[str]) -> li
                 "val_acc_int8": q["val_acc_int8"],
                 "test_acc_int8": accuracy(s.test[n], s.y_test),
                 "bytes": q["bytes"],
-                "weight_bits": q.get("weight_bits", 8),  # 8 in runs from before QAT
-                "largest_layer_bits": q.get("largest_layer_bits", q.get("weight_bits", 8)),
+                **dict(
+                    zip(
+                        ("weight_bits", "largest_layer_bits"),
+                        store.grid_bits(q.get("weight_bits"), q.get("largest_layer_bits")),
+                    )
+                ),
                 "bits_per_weight_shipped": q.get("bits_per_weight_shipped"),
                 "full_integer": q["full_integer"],
                 "quant_attempts": q["attempts"],

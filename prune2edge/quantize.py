@@ -280,8 +280,7 @@ def quantize_model(
         "val_acc_int8": attempts[-1]["val_acc_int8"],
         "agreement": attempts[-1]["agreement"],
         "codebook_bits": codebook_bits,
-        "weight_bits": weight_bits or 8,
-        "largest_layer_bits": largest_layer_bits or weight_bits or 8,
+        **dict(zip(("weight_bits", "largest_layer_bits"), store.grid_bits(weight_bits, largest_layer_bits))),
         "weights": n_weights,
         "bits_per_weight_shipped": 8 * (folder / SHIPPED).stat().st_size / n_weights,  # the whole file, per weight
         "bytes": {

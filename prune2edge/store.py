@@ -99,6 +99,13 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def grid_bits(weight_bits: float | None, largest_layer_bits: float | None = None) -> tuple[float, float]:
+    """The weight grid of a model: its bits and its largest layer's. 0 or None means 8: post-training int8 (no
+    quantisation-aware training), or a record from before QAT existed."""
+    bits = weight_bits or 8
+    return bits, largest_layer_bits or bits
+
+
 def gzip_size(path: Path) -> int:
     """Bytes of the file after gzip at level 9 (what unstructured sparsity saves on the wire and on flash)."""
     return len(gzip.compress(Path(path).read_bytes(), compresslevel=9, mtime=0))

@@ -3,6 +3,8 @@ shipped and why, the pool, decisions, degradation, latency and devices."""
 
 from __future__ import annotations
 
+from .store import grid_bits
+
 
 def kib(n: float) -> str:
     """A size in KiB: ``96815`` -> ``94.5 KiB``."""
@@ -91,7 +93,7 @@ def _shape(member: dict) -> str:
 def _bits(member: dict) -> str:
     """``3-bit (2.9 b/w), `` for a member trained with QAT: its grid (``4/3.5-bit``: its largest layer at 3.5), and bits
     per weight as shipped."""
-    bits, largest = member.get("weight_bits", 8), member.get("largest_layer_bits", member.get("weight_bits", 8))
+    bits, largest = grid_bits(member.get("weight_bits"), member.get("largest_layer_bits"))
     if bits == largest == 8:
         return ""
     grid = f"{bits:g}" if largest == bits else f"{bits:g}/{largest:g}"
