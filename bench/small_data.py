@@ -113,6 +113,7 @@ def markdown(result: dict) -> str:
         "",
         f"- {result['machine']}; {result['date']}; `{result['command']}`; raw numbers: `{result['results_file']}`",
         f"- {result['load']}",
+        *(f"- {note}" for note in result.get("notes", [])),  # what a reading of the runs found, kept in the results
         "",
         "| set | seeds | train / val / test | parent fp32 | shipped | k | test acc | gain (per seed, p) | bytes shipped | "
         "bytes as run | cost |",
