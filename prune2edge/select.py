@@ -32,11 +32,10 @@ def _behind(proba: np.ndarray, y: np.ndarray, max_acc_gap: float, usable: np.nda
     return top, np.array([ship.lead(y, pred[top], pred[i]) if far[i] else 1.0 for i in range(len(proba))])
 
 
-def _eligible(proba: np.ndarray, y: np.ndarray, labels: list[int], max_acc_gap: float, usable: np.ndarray) -> dict:
-    """Per cluster, its usable members not left behind by the best usable member: more than ``max_acc_gap`` below
-    it on validation *and* behind beyond chance (:func:`_behind`: a few images on a small split decide nothing);
-    none: an outlier cluster."""
-    _, p = _behind(proba, y, max_acc_gap, usable)
+def _eligible(labels: list[int], usable: np.ndarray, p: np.ndarray) -> dict:
+    """Per cluster, its usable members not left behind by the best usable member (``p``, from :func:`_behind`: more
+    than ``max_acc_gap`` below it on validation *and* behind beyond chance; a few images on a small split decide
+    nothing); none: an outlier cluster."""
     ok = usable & (p >= ship.SIGNIFICANCE)
     labels_arr = np.asarray(labels)
     return {c: np.flatnonzero((labels_arr == c) & ok) for c in sorted(set(labels))}
@@ -70,13 +69,13 @@ def slots(
     if strategy == "accuracy-first":
         return [
             sorted(ok, key=lambda i: (-accs[i], i))
-            for ok in _eligible(proba, y, labels, max_acc_gap, usable).values()
+            for ok in _eligible(labels, usable, _behind(proba, y, max_acc_gap, usable)[1]).values()
             if len(ok)
         ]
     if strategy == "diversity-first":
         f = cluster.features(proba, method)
         out = []
-        for c, ok in _eligible(proba, y, labels, max_acc_gap, usable).items():
+        for c, ok in _eligible(labels, usable, _behind(proba, y, max_acc_gap, usable)[1]).items():
             if len(ok):
                 dist = np.linalg.norm(f[ok] - f[labels_arr == c].mean(0), axis=1)
                 out.append(
@@ -180,7 +179,7 @@ def skipped(
     accs = np.array([accuracy(p, y) for p in proba])
     top, p = _behind(proba, y, max_acc_gap, usable)
     out = []
-    for c, ok in _eligible(proba, y, labels, max_acc_gap, usable).items():
+    for c, ok in _eligible(labels, usable, p).items():
         if not len(ok):
             idx = np.flatnonzero(np.asarray(labels) == c)
             if not usable[idx].any():
