@@ -33,37 +33,44 @@ SETS = [f"cifar-{k}{c}" for k in SIZES for c in ("", "-grey64")] + ["digits"]
 POOL = ("pool", "quantize", "select")  # the phases a pool costs
 
 
-def subset(folder: Path, n: int, out: Path) -> Path:
-    """A stratified subset of ``n`` CIFAR-10 training images (seed 0) with the whole test split, as one npz."""
+def subset(folder: Path, n: int, out: Path, screen: bool = False) -> Path:
+    """A stratified subset of ``n`` CIFAR-10 training images (seed 0) with the whole test split, as one npz; with
+    ``screen``, the test split is 10,000 other training images (1,000 a class, outside every subset)."""
     if out.exists():
         return out
     parts = [np.load(p) for p in sorted(folder.glob("*train*.npz"))]
     x, y = np.concatenate([p["x_train"] for p in parts]), np.concatenate([p["y_train"] for p in parts])
     rng = np.random.default_rng(0)
-    keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[: n // 10] for c in range(10)]))
+    order = [rng.permutation(np.flatnonzero(y == c)) for c in range(10)]  # each subset is a prefix of these
+    keep = np.sort(np.concatenate([o[: n // 10] for o in order]))
     test = np.load(folder / "cifar10_test.npz")
+    x_test, y_test = test["x_test"], test["y_test"]
+    if screen:
+        first = max(SIZES.values()) // 10
+        held = np.sort(np.concatenate([o[first : first + 1000] for o in order]))
+        x_test, y_test = x[held], y[held]
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, x_train=x[keep], y_train=y[keep], x_test=test["x_test"], y_test=test["y_test"],
-             label_names=test["label_names"])  # fmt: skip
+    np.savez(out, x_train=x[keep], y_train=y[keep], x_test=x_test, y_test=y_test, label_names=test["label_names"])
     return out
 
 
-def data_section(name: str, work: Path, folder: Path) -> dict:
+def data_section(name: str, work: Path, folder: Path, screen: bool) -> dict:
     """The ``data:`` section of a set."""
     if name == "digits":
         return {"name": "digits"}
     size, _, colour = name.removeprefix("cifar-").partition("-")
-    path = subset(folder, SIZES[size], work / "data" / f"cifar10-{size}.npz")
+    path = subset(folder, SIZES[size], work / "data" / f"cifar10-{size}.npz", screen)
     return {"name": "npz", "path": str(path), **({"image_size": 64, "color": "grey"} if colour else {})}
 
 
-def run(name: str, seed: int, work: Path, folder: Path) -> Path:
-    """One run of the defaults (resumed where it stopped); its directory."""
+def run(name: str, seed: int, work: Path, folder: Path, pool: dict, screen: bool) -> Path:
+    """One run of the defaults, with ``pool`` keys set (resumed where it stopped); its directory."""
     out = work / name / f"seed{seed}"
     if not (out / "metrics.json").exists():
         cfg = work / name / "config.yaml"
         cfg.parent.mkdir(parents=True, exist_ok=True)
-        cfg.write_text(yaml.safe_dump({"seed": seed, "data": data_section(name, work, folder), **CONFIG}))
+        data = data_section(name, work, folder, screen)
+        cfg.write_text(yaml.safe_dump({"seed": seed, "data": data, **CONFIG, **({"pool": pool} if pool else {})}))
         cmd = [sys.executable, "-m", "prune2edge.cli", "run", str(cfg), "--out", str(out), "--seed", str(seed)]
         subprocess.run([*cmd, "--quiet"], check=True, cwd=ROOT)
     return out
@@ -141,21 +148,30 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "small-data"), help="runs and data subsets")
     ap.add_argument("--load", default="", help="what else ran on the machine, for the record")
     ap.add_argument("--report", action="store_true", help="measure nothing: the section from the results file")
+    ap.add_argument("--pool", default="", help="a candidate: pool keys over the defaults, e.g. 'epochs=28.5'")
+    ap.add_argument("--tag", default="", help="names a candidate's runs and results file (with --pool)")
+    ap.add_argument("--screen", action="store_true",
+                    help="score on 10,000 CIFAR-10 training images outside every subset, not the test split")  # fmt: skip
     args = ap.parse_args()
-    path = RESULTS / "small-data.json"
+    pool = {k: yaml.safe_load(v) for k, _, v in (kv.partition("=") for kv in args.pool.split(",") if kv)}
+    if bool(pool) != bool(args.tag) or (args.screen and "digits" in args.sets.split(",")):
+        ap.error("--pool and --tag go together; --screen needs CIFAR-10 sets (digits has no spare images)")
+    label = "-".join(["small-data", *([args.tag] if args.tag else []), *(["screen"] if args.screen else [])])
+    path = RESULTS / f"{label}.json"
     if not args.report:
-        work, rows = Path(args.out), []
+        work, rows = Path(args.out).with_name(label), []
         for name in args.sets.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
-                rows.append(row(name, seed, run(name, seed, work, Path(args.data))))
+                rows.append(row(name, seed, run(name, seed, work, Path(args.data), pool, args.screen)))
                 old = json.loads(path.read_text())["rows"] if path.exists() else []
                 keep = [r for r in old if (r["set"], r["seed"]) not in {(x["set"], x["seed"]) for x in rows}]
                 write_result(path, {
                     "machine": machine(), "date": datetime.date.today().isoformat(), "command": command_line(),
+                    "pool": pool, "scored_on": "10,000 held-out training images" if args.screen else "the test split",
                     "load": args.load or "what else ran: not recorded", "results_file": rel(path),
                     "rows": sorted(keep + rows, key=lambda r: (SETS.index(r["set"]), r["seed"])),
                 })  # fmt: skip
-    publish(TITLE, markdown(json.loads(path.read_text())), not args.no_docs)
+    publish(TITLE, markdown(json.loads(path.read_text())), not args.no_docs and path.name == "small-data.json")
 
 
 if __name__ == "__main__":

@@ -174,6 +174,7 @@ class Pool(Section):
     distill_temperature: Annotated[float, at.Gt(0)] = 4.0
     family: Literal["clones", "independent"] = "independent"
     include_parent: bool = True
+    parent_qat: bool = True
     member_kwargs: dict[str, Any] = {}
     weight_bits: Annotated[GridBits, must(GRID_BITS)] = 4
     largest_layer_bits: Annotated[GridBits, must(GRID_BITS)] = 0

@@ -73,9 +73,15 @@ def plan(cfg: config.Config) -> list[MemberPlan]:
         for i in range(n)
     ]
     if p.include_parent:  # the parent only needs the QAT part of a member's training, at a tenth of its rate
-        qat_epochs = round(plans[0].epochs * (1 - p.qat_start), 2) if p.weight_bits else 0.0
+        qat_epochs = round(plans[0].epochs * (1 - p.qat_start), 2) if qat_bits(p, True)[0] else 0.0
         plans[0] = replace(plans[0], parent=True, epochs=qat_epochs, lr=plans[0].lr * PARENT_LR)
     return plans
+
+
+def qat_bits(p: config.Pool, parent: bool) -> tuple[float, float]:
+    """A member's QAT grid (``pool.weight_bits``, ``pool.largest_layer_bits``; 0: none, quantised after training to
+    int8): the parent as a member trains none with ``pool.parent_qat: false``."""
+    return (0.0, 0.0) if parent and not p.parent_qat else (p.weight_bits, p.largest_layer_bits)
 
 
 PARENT_LR = 0.1  # the parent as a member fine-tunes (QAT) at this fraction of the pool's learning rate, cosine
@@ -325,8 +331,7 @@ def _record(src: RunInputs, member: MemberPlan, model: torch.nn.Module, example:
         **asdict(member),
         "name": member.name,
         "model_kwargs": p.member_kwargs if p.family == "independent" and not member.parent else {},
-        "weight_bits": p.weight_bits,
-        "largest_layer_bits": p.largest_layer_bits,
+        **dict(zip(("weight_bits", "largest_layer_bits"), qat_bits(p, member.parent))),
         "planned_epochs": member.epochs,
         "epochs": trained["epochs"] if ran else 0,
         "steps": trained["steps"] if ran else 0,
@@ -353,9 +358,10 @@ def _hooks(
     with ``pool.weight_bits``, the switch that turns quantisation-aware training on at ``pool.qat_start`` (at once
     for the parent as a member); attached after the pruner took the weights, it keeps masking the latent fp32 ones."""
     hooks = [_pruner(model, p, member.sparsity, total, member.seed, fixed, example=example)]
-    if p.weight_bits:
+    weight_bits, largest = qat_bits(p, member.parent)
+    if weight_bits:
         start = 0 if member.parent else round(p.qat_start * total)
-        bits = qat.layer_bits(model, p.weight_bits, p.largest_layer_bits)
+        bits = qat.layer_bits(model, weight_bits, largest)
         hooks.append(qat.Switch(qat.attach(model, bits, p.qat_scale), start))
         hooks[-1](0, total)  # on from the first step when it starts at 0
     return hooks

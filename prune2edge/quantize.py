@@ -310,6 +310,7 @@ def quantize_all(run_dir: Path, cfg: Config, members: list[dict], progress: bool
     x_val, y_val = x_val.numpy(), y_val.numpy()
     image_shape = tuple(store.read_json(run_dir / store.BASELINE / store.PARENT_RECORD)["image_shape"])
     folders = {"baseline": run_dir / store.BASELINE, **{m["name"]: run_dir / store.POOL / m["name"] for m in members}}
+    grids = {m["name"]: (m.get("weight_bits", cfg.pool.weight_bits), m.get("largest_layer_bits", 0)) for m in members}
     records = {}
     for name, folder in tqdm(folders.items(), desc="quantise", disable=not progress, unit="model"):
         if (folder / store.QUANT).exists():
@@ -326,7 +327,6 @@ def quantize_all(run_dir: Path, cfg: Config, members: list[dict], progress: bool
             q.max_drop,
             q.min_agreement,
             0 if name == "baseline" else q.codebook_bits,
-            0 if name == "baseline" else cfg.pool.weight_bits,
-            0 if name == "baseline" else cfg.pool.largest_layer_bits,
+            *grids.get(name, (0, 0)),  # the baseline: the plain int8 reference
         )
     return records

@@ -119,6 +119,23 @@ def test_independent_members_start_from_their_own_initialisation_and_the_parent_
     assert members[0]["history"][-1]["steps"] < members[1]["history"][-1]["steps"]
 
 
+def test_the_parent_without_qat_is_the_baseline_quantised_to_int8(qat_run, tmp_path):
+    run, cfg, _, _ = qat_run
+    cfg = cfg.model_copy(update={"pool": cfg.pool.model_copy(update={"parent_qat": False})})
+    parent = pool.plan(cfg)[0]
+    assert parent.parent and parent.epochs == 0  # no training: the pool's cost is the other members'
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("pool"))
+    (copy / store.CONFIG).write_text(config.yaml_text(cfg))
+    record = pool.write_member(copy, *pool.fit_member(copy, parent))
+    assert (record["weight_bits"], record["steps"], record["history"]) == (0, 0, [])
+    base = store.load_baseline(copy).state_dict()
+    assert all(torch.equal(v, base[k]) for k, v in store.load_member(copy, "m000").state_dict().items())
+    quant = quantize.quantize_all(copy, cfg, [record], progress=False)
+    assert quant["m000"]["weight_bits"] == 8 and quant["m000"]["status"] == "ok"  # post-training int8, like the baseline
+    assert quant["m000"]["bytes"]["int8"] == quant["baseline"]["bytes"]["int8"]
+
+
 def test_snap_refuses_weights_off_the_grid(tmp_path):
     torch.manual_seed(0)
     model = models.build("small_cnn", (8, 8, 1), 3, width=4, depth=1)
