@@ -250,6 +250,7 @@ def _vote_records(s: Scores, sel: dict, shipped: dict, ship_test: np.ndarray, ba
             "test_acc": accuracy(ship_test, y_test),
             "reason": shipped["reason"],
             "fallback": shipped.get("fallback", False),  # select.fallback weighed the single models
+            "beaten_by": shipped.get("beaten_by", []),  # selection.json before it recorded them: none
             "bytes": s.sizes(shipped["members"]),
             **against_parent(ship_test),
         },
@@ -436,38 +437,20 @@ def _selection_name(e: dict) -> str:
     return f"the selected ensemble ({e['strategy']}, k={e['k']}, {kib(e['bytes']['shipped'])} shipped)"
 
 
-def _fits(m: dict, name: str) -> bool:
-    """Whether a model (a member, or the parent) fits a device of the run's devices file (True without one)."""
-    d = m.get("devices")
-    if not d:
-        return True
-    return bool(d["parent"]["fits"] if name == PARENT else d["members"].get(name, {}).get("fits"))
-
-
 def selection_warnings(m: dict) -> list[dict]:
-    """Where one model alone beats what the bundle ships on validation: the int8 baseline, or the best int8 member
-    (among those clustered; with a devices file, only a model that fits a device). With ``select.fallback`` on,
-    the bundle ships that model instead (a member only where its lead is significant, and the shipped reason
-    says so), so this warns only when the fallback is off (or the run predates it).
-
-    Decided on validation accuracy only; the test accuracies are shown beside it, for reference. The advice is
-    what would ship a model at least as accurate: the fallback, and ``cluster.k: auto`` only where the best k
-    of the validation sweep scores at least as well as the rival.
-    """
-    b, e = m["baseline"], m["ensemble"]
-    shipped = m.get("shipped") or {"kind": "ensemble", "val_acc": e["val_acc"], "test_acc": e["test_acc"]}
-    if shipped["kind"] == "parent" or shipped.get("fallback"):  # the fallback weighed them already
+    """Where one model alone beats what the bundle ships on validation beyond chance, and ships anyway because
+    ``select.fallback`` is off: the models :func:`ship.shipped_model` found ahead (``shipped.beaten_by``; none is
+    recorded by runs from before it). The test accuracies are shown beside, for reference. The advice is what would
+    ship a model at least as accurate: the fallback, and ``cluster.k: auto`` only where the best k of the validation
+    sweep scores at least as well as the rival."""
+    shipped, e, n_val = m["shipped"], m["ensemble"], m["dataset"]["n_val"]
+    if shipped.get("fallback"):  # the fallback weighed them already
         return []
-    ok = [x for x in m["members"] if x["status"] == "ok" and not x.get("below_parent") and _fits(m, x["name"])]
-    best = best_member(ok) if ok else None
-    rivals = [("baseline_int8", "baseline int8", "the int8 baseline", b)] if _fits(m, PARENT) else []
-    if best and [best["name"]] != shipped.get("members", e["members"]):  # not the one model shipped
-        rivals.append(("member", best["name"], f"member {best['name']}", best))
-    n_val = m["dataset"]["n_val"]
+    records = {PARENT: m["baseline"], **{x["name"]: x for x in m["members"]}}
     out = []
-    for kind, name, who, r in rivals:
-        if r["val_acc_int8"] <= shipped["val_acc"]:
-            continue
+    for rival in shipped.get("beaten_by", []):
+        name, r = rival["name"], records[rival["name"]]
+        who = "the int8 baseline" if name == PARENT else f"member {name}"
         auto = m["k_choice"].get("best_val_acc")
         hint = (
             f", or set cluster.k: auto (its best k scores {100 * auto:.2f}% on validation)"
@@ -476,17 +459,18 @@ def selection_warnings(m: dict) -> list[dict]:
         )
         out.append(
             {
-                "kind": kind,
-                "better": name,
+                "kind": "baseline_int8" if name == PARENT else "member",
+                "better": "baseline int8" if name == PARENT else name,
                 "better_val_acc": r["val_acc_int8"],
                 "ensemble_val_acc": shipped["val_acc"],
                 "better_test_acc": r["test_acc_int8"],
                 "ensemble_test_acc": shipped["test_acc"],
+                "p": rival["p"],
                 "message": f"{who} alone ({kib(r['bytes']['shipped'])} shipped) beats {_selection_name(e)} on "
-                f"validation: {100 * r['val_acc_int8']:.2f}% vs {100 * shipped['val_acc']:.2f}%, "
+                f"validation beyond chance: {100 * r['val_acc_int8']:.2f}% vs {100 * shipped['val_acc']:.2f}%, "
                 f"{round(r['val_acc_int8'] * n_val) - round(shipped['val_acc'] * n_val)} more of the {n_val} "
-                f"images right (test, for reference: {100 * r['test_acc_int8']:.2f}% vs "
-                f"{100 * shipped['test_acc']:.2f}%); set select.fallback: true to ship it{hint}",
+                f"images right (sign test p = {rival['p']:.2g}; test, for reference: {100 * r['test_acc_int8']:.2f}% "
+                f"vs {100 * shipped['test_acc']:.2f}%); set select.fallback: true to ship it{hint}",
             }
         )
     return out

@@ -95,7 +95,8 @@ def shipped_model(
     do, the int8 parent (``parent_proba``, its validation probabilities), unless a member also beats it beyond
     chance; else the best member (:func:`single_rank`). Returns ``kind`` (``ensemble``; ``member``: one member;
     ``parent``), ``members``, ``val_acc``, ``fallback``, ``reason`` and, with devices and one model shipped, its
-    ``assignment``."""
+    ``assignment``; ``beaten_by``: the models ahead of the selection beyond chance, best first (what the
+    fallback ships, or the report warns of without it)."""
     names, chosen = sel["candidates"], [sel["candidates"].index(n) for n in sel["selected"]]
     weights = vote_weights(quant, names, cfg.vote.weighted)
     ens = vote(proba[chosen], cfg.vote.rule, None if weights is None else weights[chosen])
@@ -111,7 +112,7 @@ def shipped_model(
     if fallback and len(chosen) == 1 and PARENT in usable and not beats:
         parent = parent_over_one(sel["selected"][0], pred, y_val, quant, placed)
         if parent:
-            return parent
+            return {**parent, "beaten_by": []}
     out = {"kind": "ensemble" if len(chosen) > 1 else "member", "members": sel["selected"], "val_acc": ens_acc}
     if beats and fallback:
         better = [n for n in beats if PARENT not in beats or lead(y_val, pred[n], pred[PARENT]) < SIGNIFICANCE]
@@ -124,6 +125,8 @@ def shipped_model(
     elif beats:
         best = max(beats, key=lambda n: single_rank(quant, n))
     out["fallback"] = fallback
+    ranked = sorted(beats, key=lambda n: single_rank(quant, n), reverse=True)
+    out["beaten_by"] = [{"name": n, "val_acc": quant[n]["val_acc_int8"], "p": ahead[n]} for n in ranked]
     out["reason"] = _ship_reason(sel, quant, usable, best, ens_acc, ahead, bool(beats), fallback)
     if placed and out["kind"] != "ensemble":
         out["assignment"] = single_assignment(placed, out["members"][0])
