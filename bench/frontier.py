@@ -53,20 +53,17 @@ ADVICE = "## Which pool for my devices?"
 HEADLINE = "## What it achieves (measured)"
 SUMMARY = "## Summary"  # the first section of docs/RESULTS.md: the headline, and where each result is
 SECTIONS = """
-Sections: [ResNet-8, MLPerf Tiny's network](#resnet-8-mlperf-tinys-network-issue-31) (issue 31); [defaults on small
-data](#defaults-on-small-data-issue-32) (issue 32; the earlier defaults: [issue 23](#defaults-on-small-data-issue-23));
-[runtimes](#runtimes-digits) ([on CIFAR-10](#runtimes-cifar10-resnet8); issue 33); [rolling out a version](#fleet-rolling-out-a-version-issue-34) (issue 34); [the
-frontier](#cifar-10-the-frontier-bytes-per-device-x-training-cost) (figure `docs/figures/frontier.png`) and [low-bit
-and independent members](#cifar-10-low-bit-members-independent-members-issue-19) (issue 19); [pools from several
-basins](#cifar-10-pools-from-several-basins-issue-9) (issue 9); [fleet over MQTT](#fleet-mqtt); [training
-speed](#training-speed); [pool on Ray](#pool-on-ray); [channel pruning](#cifar-10-members-that-run-faster-channel-pruning-issue-20-a-first-screen)
-(issue 20) and [their int8 latency against multiply-adds](#channel-pruned-members-int8-latency-against-multiply-adds); [ResNet-8 seed 0 as the bench wrote it](#cifar-10-cifar10-resnet8); [decisions: abstain, calibration, members
-missing](#decisions-abstain-calibration-members-missing-cifar10-cpu-cb-perturb); [reference rows](#cifar-10-reference-rows);
-[accuracy of the faster training loop](#training-speed-accuracy-of-the-faster-loop). Earlier defaults, superseded
-(kept as measured): [issue 5's summary](#cifar-10-summary-issue-5-the-earlier-default-a-6-epoch-baseline),
-[cifar10-cpu of issue 9](#cifar-10-cifar10-cpu), [ablations](#cifar-10-ablations), [cifar10-resnet20 and
-cifar10-paper](#cifar-10-cifar10-resnet20-and-cifar10-paper), [the first default](#cifar-10-cifar10-cpu-v1-snapshots-the-first-default-superseded),
-[sparsity 0.5, int8](#cifar-10-cifar10-cpu-sparsity-05-int8); and the [diary of fixed flaky tests](#diary-fleet-tests-repeated-issue-12s-flaky-tests).
+Evidence by question, newest first:
+
+- **Does the fleet beat the field's reference network?** [ResNet-8, MLPerf Tiny's network (issue 31)](#resnet-8-mlperf-tinys-network-issue-31); [its seed 0 as the bench wrote it](#cifar-10-cifar10-resnet8).
+- **Does an ensemble beat its parent at a fraction of the bytes?** [the frontier, bytes per device x training cost (figure `docs/figures/frontier.png`)](#cifar-10-the-frontier-bytes-per-device-x-training-cost); [low-bit and independent members (issue 19)](#cifar-10-low-bit-members-independent-members-issue-19); [pools from several basins (issue 9)](#cifar-10-pools-from-several-basins-issue-9); [reference rows](#cifar-10-reference-rows).
+- **Do the defaults deliver on a user's own data?** [the defaults on CIFAR-10 subsets and digits (issue 32)](#defaults-on-small-data-issue-32).
+- **Do smaller members run faster?** [channel-pruned members' int8 latency against multiply-adds](#channel-pruned-members-int8-latency-against-multiply-adds); [channel pruning (issue 20, a first screen)](#cifar-10-members-that-run-faster-channel-pruning-issue-20-a-first-screen).
+- **Which runtimes run a member, at what size and speed?** [ResNet-8 members in ONNX Runtime, OpenVINO and LiteRT](#runtimes-cifar10-resnet8); [digits members in each runtime (issue 33)](#runtimes-digits).
+- **How does the fleet decide, and change versions?** [rolling out a version (issue 34)](#fleet-rolling-out-a-version-issue-34); [the fleet over MQTT](#fleet-mqtt); [abstaining, calibration, members missing](#decisions-abstain-calibration-members-missing-cifar10-cpu-cb-perturb).
+- **How fast does it train?** [accuracy of the faster loop](#training-speed-accuracy-of-the-faster-loop); [training speed](#training-speed); [the pool on Ray](#pool-on-ray).
+
+Superseded defaults and earlier evidence, kept as measured, are in [RESULTS-history.md](RESULTS-history.md): [the defaults on small data, issue 23](RESULTS-history.md#defaults-on-small-data-issue-23); [issue 5's summary](RESULTS-history.md#cifar-10-summary-issue-5-the-earlier-default-a-6-epoch-baseline); [cifar10-cpu of issue 9](RESULTS-history.md#cifar-10-cifar10-cpu); [sparsity 0.5, int8](RESULTS-history.md#cifar-10-cifar10-cpu-sparsity-05-int8); [ablations](RESULTS-history.md#cifar-10-ablations); [cifar10-resnet20 and cifar10-paper](RESULTS-history.md#cifar-10-cifar10-resnet20-and-cifar10-paper); [the first default](RESULTS-history.md#cifar-10-cifar10-cpu-v1-snapshots-the-first-default-superseded); [the diary of fixed flaky tests](RESULTS-history.md#diary-fleet-tests-repeated-issue-12s-flaky-tests).
 """
 PRESETS = {  # the config that holds a method's settings
     "indep-parent-qat435-2x": "configs/cifar10-cpu.yaml",

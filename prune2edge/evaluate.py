@@ -213,7 +213,7 @@ def _member_records(run_dir: Path, sel: dict, s: Scores, names: list[str]) -> li
 
 def _vote_records(s: Scores, sel: dict, shipped: dict, ship_test: np.ndarray, base32: np.ndarray) -> dict:
     """How the votes score: the whole pool's vote, the selected ensemble, what the bundle ships (its test scores:
-    ``ship_test``), every strategy's pick and its k sweep, each against the fp32 parent's test scores ``base32``."""
+    ``ship_test``; whether select.fallback weighed the single models, which beat the selection beyond chance), every strategy's pick and its k sweep, each against the fp32 parent's test scores ``base32``."""
     ok, chosen, y_test, base_pred = sel["candidates"], sel["selected"], s.y_test, base32.argmax(1)
 
     def against_parent(pred: np.ndarray) -> dict:
@@ -249,8 +249,7 @@ def _vote_records(s: Scores, sel: dict, shipped: dict, ship_test: np.ndarray, ba
             "val_acc": s.acc(shipped["members"], "val"),
             "test_acc": accuracy(ship_test, y_test),
             "reason": shipped["reason"],
-            "fallback": shipped.get("fallback", False),  # select.fallback weighed the single models
-            "beaten_by": shipped.get("beaten_by", []),  # selection.json before it recorded them: none
+            **{key: shipped.get(key, none) for key, none in (("fallback", False), ("beaten_by", []))},  # older runs
             "bytes": s.sizes(shipped["members"]),
             **against_parent(ship_test),
         },
