@@ -35,7 +35,8 @@ from common import (
     write_result,
 )
 
-from prune2edge import config, evaluate, selective, store
+from prune2edge import config, evaluate, selective, ship, store
+from prune2edge.records import read_quantised
 from prune2edge.runtime.bundle import predict_proba, session
 from prune2edge.runtime.vote import vote
 
@@ -54,11 +55,7 @@ def measure_run(run_dir: Path, targets: list[float], reference: Path) -> dict:
     cfg = config.load(run_dir / "config.yaml")
     sel, metrics = store.read_json(run_dir / "selection.json"), store.read_json(run_dir / "metrics.json")
     chosen, rule = sel["selected"], cfg.vote.rule
-    weights = (
-        [store.read_json(run_dir / "pool" / n / "quant.json")["val_acc_int8"] for n in chosen]
-        if cfg.vote.weighted
-        else None
-    )
+    weights = ship.vote_weights({n: read_quantised(run_dir / "pool" / n) for n in chosen}, chosen, cfg.vote.weighted)
     x_val, y_val = store.split(run_dir, "val")
     ens_val = vote(np.stack([np.load(run_dir / "pool" / n / "val_proba.npy") for n in chosen]), rule, weights)
     base_val = predict_proba(session(run_dir / "baseline" / "fp32.onnx"), store.preprocessing(run_dir).apply(x_val))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +13,7 @@ from scipy.stats import binomtest
 
 from . import data, selective, store
 from .errors import UserError
+from .records import Quantised, read_quantised
 from .runtime.bundle import Bundle, predict_proba, session
 from .runtime.vote import AGREEMENT, accuracy, disagreement, margin, vote
 from .ship import mcnemar, vote_weights
@@ -32,7 +33,7 @@ class Scores:
 
     val: dict[str, np.ndarray]
     test: dict[str, np.ndarray]
-    quant: dict[str, dict]
+    quant: dict[str, Quantised]
     y_val: np.ndarray
     y_test: np.ndarray
     rule: str
@@ -50,7 +51,7 @@ class Scores:
     def sizes(self, members: list[str]) -> dict:
         """The members' bytes summed, each way."""
         kinds = ("fp32", "int8", "fp32_gzip", "int8_gzip", "shipped")
-        return {k: sum(self.quant[n]["bytes"][k] for n in members) for k in kinds}
+        return {k: sum(getattr(self.quant[n].bytes, k) for n in members) for k in kinds}
 
 
 def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
@@ -59,7 +60,7 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
     x_val, y_val = store.split(run_dir, "val")
     prep = store.preprocessing(run_dir)
     sel = store.read_json(run_dir / store.SELECTION)
-    base_q = store.read_json(run_dir / store.BASELINE / store.QUANT)
+    base_q = read_quantised(run_dir / store.BASELINE)
     base32 = predict_proba(session(run_dir / store.BASELINE / store.FP32), prep.apply(x_test))
     base32_val = predict_proba(session(run_dir / store.BASELINE / store.FP32), prep.apply(x_val))
     names = sorted(p.name for p in (run_dir / store.POOL).iterdir() if (p / store.QUANT).exists())
@@ -112,13 +113,13 @@ def _baseline_record(s: Scores, base32: np.ndarray) -> dict:
     """The parent: its validation accuracies (fp32, int8), its test accuracies (the fp32 scores ``base32``), bytes."""
     q = s.quant[PARENT]
     return {
-        "val_acc_fp32": q["val_acc_fp32"],
-        "val_acc_int8": q["val_acc_int8"],
+        "val_acc_fp32": q.val_acc_fp32,
+        "val_acc_int8": q.val_acc_int8,
         "test_acc_fp32": accuracy(base32, s.y_test),
         "test_acc_int8": accuracy(s.test[PARENT], s.y_test),
-        "bytes": q["bytes"],
-        "int8_status": q["status"],
-        "full_integer": q["full_integer"],
+        "bytes": asdict(q.bytes),
+        "int8_status": q.status,
+        "full_integer": q.full_integer,
     }
 
 
@@ -162,7 +163,7 @@ def _scores(
     return Scores(
         val={n: np.load(d / store.VAL_PROBA) for n, d in dirs.items()},
         test={n: predict_proba(session(d / store.INT8), x_test) for n, d in dirs.items()},
-        quant={n: store.read_json(d / store.QUANT) for n, d in dirs.items()},
+        quant={n: read_quantised(d) for n, d in dirs.items()},
         y_val=y_val,
         y_test=y_test,
         rule=cfg.vote.rule,
@@ -180,32 +181,28 @@ def _member_records(run_dir: Path, sel: dict, s: Scores, names: list[str]) -> li
         members.append(
             {
                 "name": n,
-                "status": q["status"],
+                "status": q.status,
                 "below_parent": n in below,  # left out of clustering by select.max_below_parent
                 "cluster": labels.get(n),
                 "selected": n in sel["selected"],
                 "sparsity_target": rec["sparsity"],
                 "sparsity_measured": rec["measured_sparsity"]["overall"],
                 "macs_vs_parent": rec.get("macs_vs_parent"),  # channel-pruned members (pool.structure: channels)
-                "val_acc_fp32": q["val_acc_fp32"],
-                "val_acc_int8": q["val_acc_int8"],
+                "val_acc_fp32": q.val_acc_fp32,
+                "val_acc_int8": q.val_acc_int8,
                 "test_acc_int8": accuracy(s.test[n], s.y_test),
-                "bytes": q["bytes"],
-                **dict(
-                    zip(
-                        ("weight_bits", "largest_layer_bits"),
-                        store.grid_bits(q.get("weight_bits"), q.get("largest_layer_bits")),
-                    )
-                ),
-                "bits_per_weight_shipped": q.get("bits_per_weight_shipped"),
-                "full_integer": q["full_integer"],
-                "quant_attempts": q["attempts"],
+                "bytes": asdict(q.bytes),
+                "weight_bits": q.weight_bits,
+                "largest_layer_bits": q.largest_layer_bits,
+                "bits_per_weight_shipped": q.bits_per_weight_shipped,
+                "full_integer": q.full_integer,
+                "quant_attempts": q.attempts,
                 "plan": {
                     k: rec.get(k, 0) for k in ("seed", "epochs", "lr", "batch_size", "bootstrap", "source", "parent")
                 },
                 "steps": rec.get("steps"),  # as trained (pool.min_steps); none in a run from before the floor
                 "fine_tune_seconds": rec["seconds"],
-                "val_vs_parent_fp32": q["val_acc_int8"] - s.quant[PARENT]["val_acc_fp32"],
+                "val_vs_parent_fp32": q.val_acc_int8 - s.quant[PARENT].val_acc_fp32,
             }
         )
     return members
@@ -380,7 +377,7 @@ def best_member(members: list[dict]) -> dict:
     return min(ok, key=lambda x: (-x["val_acc_int8"], x["bytes"]["int8_gzip"], x["name"]))
 
 
-def pool_summary(members: list[dict], base_q: dict, timings: dict, margin: float) -> dict:
+def pool_summary(members: list[dict], base_q: Quantised, timings: dict, margin: float) -> dict:
     """How long the members trained and how far they recovered: steps and epochs (ranges), fine-tuning seconds
     (median), int8 validation accuracy against the parent's fp32 one (median, worst), how many are more than
     ``margin`` below it, and the pool's time against the parent's training (phase seconds of ``timings``; none
@@ -395,7 +392,7 @@ def pool_summary(members: list[dict], base_q: dict, timings: dict, margin: float
         "steps": [min(steps), max(steps)] if steps else None,
         "epochs": [min(epochs), max(epochs)],
         "median_seconds": float(np.median([m["fine_tune_seconds"] for m in members])),
-        "parent_val_acc_fp32": base_q["val_acc_fp32"],
+        "parent_val_acc_fp32": base_q.val_acc_fp32,
         "median_vs_parent": float(np.median(list(gaps.values()))),
         "worst": {"name": worst, "vs_parent": gaps[worst]},
         "margin": margin,

@@ -21,6 +21,7 @@ from . import (
     pool,
     qdq,
     quantize,
+    records,
     report,
     select,
     selective,
@@ -30,6 +31,7 @@ from . import (
 )
 from .config import Config
 from .errors import UserError
+from .records import Quantised
 from .runtime import bundle, latency, runtimes
 from .runtime.preprocess import InputSteps, Preprocessing
 from .runtime.vote import accuracy, decide
@@ -129,7 +131,7 @@ def baseline(run_dir: Path, cfg: Config, progress: bool = True) -> dict:
     return record
 
 
-def abstain_threshold(run_dir: Path, cfg: Config, chosen: list[str], quant: dict[str, dict]) -> dict | None:
+def abstain_threshold(run_dir: Path, cfg: Config, chosen: list[str], quant: dict[str, Quantised]) -> dict | None:
     """The ensemble's default abstain threshold for ``vote.target_accuracy``, chosen on validation only (the chosen
     members' int8 validation probabilities and labels); None when the config sets no target."""
     target = cfg.vote.target_accuracy
@@ -148,12 +150,12 @@ def device_needs(int8: Path, x: np.ndarray) -> dict:
     return qdq.describe(onnx.load(str(int8))) | {"runtimes": runtimes.verify(int8.read_bytes(), x)}
 
 
-def make_bundle(run_dir: Path, cfg: Config, selection: dict, members: list[dict], quant: dict[str, dict]) -> dict:
+def make_bundle(run_dir: Path, cfg: Config, selection: dict, members: list[dict], quant: dict[str, Quantised]) -> dict:
     """Write ``bundle/`` with the shipped int8 models (the selected members, or the one model the fallback chose:
     the parent ships as the bundle's one member, ``baseline``), the default abstain threshold and latencies."""
     if (run_dir / store.BUNDLE / store.MANIFEST).exists():
         return bundle.read_manifest(run_dir / store.BUNDLE)
-    info, quant = store.read_json(run_dir / store.DATASET), store.with_parent(run_dir, quant)
+    info, quant = store.read_json(run_dir / store.DATASET), records.with_parent(run_dir, quant)
     shipped = selection.get("shipped") or {"members": selection["selected"]}  # (selection.json before the fallback)
     sparsity = {m["name"]: (m["sparsity"], m["measured_sparsity"]["overall"]) for m in members}
     if PARENT in shipped["members"]:
@@ -175,10 +177,10 @@ def make_bundle(run_dir: Path, cfg: Config, selection: dict, members: list[dict]
             "id": n,
             "shipped": model_dir(run_dir, n) / quantize.SHIPPED,
             "weight": 1.0 if weights is None else float(weights[i]),  # what the vote counts it as
-            "gzip_bytes": quant[n]["bytes"]["int8_gzip"],
+            "gzip_bytes": quant[n].bytes.int8_gzip,
             "sparsity_target": sparsity[n][0],
             "sparsity": sparsity[n][1],
-            "val_acc": quant[n]["val_acc_int8"],
+            "val_acc": quant[n].val_acc_int8,
             "cluster": labels.get(n),
             "latency_ms": ms[n],
         }

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import qat, qdq, store
 from .qdq import int8_weights
+from .records import Quantised, Sizes, read_quantised, write_quantised
 from .runtime.bundle import decode, predict_proba, session
 from .runtime.vote import accuracy
 
@@ -251,7 +252,7 @@ def quantize_model(
     codebook_bits: int = 0,
     weight_bits: float = 0,
     largest_layer_bits: float = 0,
-) -> dict:
+) -> Quantised:
     """Export, quantise and gate one model in ``folder``: a model trained with ``weight_bits``-bit QAT (its largest
     layer with ``largest_layer_bits``, when not 0) keeps exactly its trained integers
     (:func:`prune2edge.qat.snap_onnx`), ``codebook_bits`` snaps int8 weights to codebooks.
@@ -273,33 +274,33 @@ def quantize_model(
     store.write_bytes(folder / SHIPPED, encode(int8.read_bytes()))
     int8_model = onnx.load(str(int8))
     n_weights = sum(len(t.raw_data) for t in int8_weights(int8_model))
-    record = {
-        "status": "ok" if attempts[-1]["passed"] else "dropped",
-        "attempts": attempts,
-        "val_acc_fp32": acc32,
-        "val_acc_int8": attempts[-1]["val_acc_int8"],
-        "agreement": attempts[-1]["agreement"],
-        "codebook_bits": codebook_bits,
+    record = Quantised(
+        status="ok" if attempts[-1]["passed"] else "dropped",
+        attempts=attempts,
+        val_acc_fp32=acc32,
+        val_acc_int8=attempts[-1]["val_acc_int8"],
+        agreement=attempts[-1]["agreement"],
+        codebook_bits=codebook_bits,
         **dict(zip(("weight_bits", "largest_layer_bits"), store.grid_bits(weight_bits, largest_layer_bits))),
-        "weights": n_weights,
-        "bits_per_weight_shipped": 8 * (folder / SHIPPED).stat().st_size / n_weights,  # the whole file, per weight
-        "bytes": {
-            "fp32": fp32.stat().st_size,
-            "int8": int8.stat().st_size,
-            "fp32_gzip": store.gzip_size(fp32),
-            "int8_gzip": store.gzip_size(int8),
-            "shipped": (folder / SHIPPED).stat().st_size,
-        },
-        "ops": op_counts(int8),
-        "full_integer": qdq.full_integer(int8_model),
+        weights=n_weights,
+        bits_per_weight_shipped=8 * (folder / SHIPPED).stat().st_size / n_weights,  # the whole file, per weight
+        bytes=Sizes(
+            fp32=fp32.stat().st_size,
+            int8=int8.stat().st_size,
+            fp32_gzip=store.gzip_size(fp32),
+            int8_gzip=store.gzip_size(int8),
+            shipped=(folder / SHIPPED).stat().st_size,
+        ),
+        ops=op_counts(int8),
+        full_integer=qdq.full_integer(int8_model),
         **qdq.describe(int8_model),
-    }
+    )
     np.save(folder / store.VAL_PROBA, p8.astype(np.float32))
-    store.write_json(folder / store.QUANT, record)
+    write_quantised(folder, record)
     return record
 
 
-def quantize_all(run_dir: Path, cfg: Config, members: list[dict], progress: bool = True) -> dict[str, dict]:
+def quantize_all(run_dir: Path, cfg: Config, members: list[dict], progress: bool = True) -> dict[str, Quantised]:
     """Quantise the baseline and every pool member not yet done; returns records by name (``baseline`` first).
     Codebooks (``quantize.codebook_bits``) are for the members: the baseline stays the plain int8 reference."""
     q = cfg.quantize
@@ -314,7 +315,7 @@ def quantize_all(run_dir: Path, cfg: Config, members: list[dict], progress: bool
     records = {}
     for name, folder in tqdm(folders.items(), desc="quantise", disable=not progress, unit="model"):
         if (folder / store.QUANT).exists():
-            records[name] = store.read_json(folder / store.QUANT)
+            records[name] = read_quantised(folder)
             continue
         model = store.load_baseline(run_dir) if name == "baseline" else store.load_member(run_dir, name)
         records[name] = quantize_model(

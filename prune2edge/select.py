@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from . import cluster, cost, devices, ship, store
+from . import cluster, cost, devices, records, ship, store
 from .errors import UserError
 from .runtime import latency
 from .runtime.vote import accuracy, vote
@@ -18,6 +18,7 @@ from .store import PARENT, model_dir
 
 if TYPE_CHECKING:
     from .config import Config
+    from .records import Quantised
 
 STRATEGIES = ("accuracy-first", "diversity-first", "top-k", "random", "greedy")
 
@@ -243,7 +244,7 @@ def curve(
     ]
 
 
-def choose(run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, dict]) -> dict:
+def choose(run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, Quantised]) -> dict:
     """Cluster the members that passed the int8 gate and the gate against the parent (:func:`ship.parent_gate`),
     select the voters, place them on ``deploy.devices`` and decide what ships (:func:`ship.shipped_model`); writes
     ``selection.json`` (and returns the one already there, made for the same devices).
@@ -254,7 +255,7 @@ def choose(run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, dic
     fleet = devices.load(cfg.deploy.devices) if cfg.deploy.devices else None
     if path.exists():
         return _saved(path, fleet)
-    quant = store.with_parent(run_dir, quant)
+    quant = records.with_parent(run_dir, quant)
     _, y_val = store.split(run_dir, "val")
     passed, every, names, gate = _candidates(run_dir, cfg, members, quant, y_val)
     proba = np.stack([every[n] for n in names])
@@ -302,11 +303,11 @@ def choose(run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, dic
 
 
 def _candidates(
-    run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, dict], y_val: np.ndarray
+    run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, Quantised], y_val: np.ndarray
 ) -> tuple[list[str], dict[str, np.ndarray], list[str], dict]:
     """The members that passed the int8 gate, every model's validation probabilities (the int8 parent's too), the
     members kept against the parent (:func:`ship.parent_gate`: the candidates) and the gate's record."""
-    passed = [m["name"] for m in members if quant[m["name"]]["status"] == "ok"]
+    passed = [m["name"] for m in members if quant[m["name"]].ok]
     if not passed:
         raise UserError(
             "every pool member failed the int8 gate; see pool/*/quant.json, and raise quantize.max_drop "
@@ -352,12 +353,12 @@ def place(
 
 
 def fit_devices(
-    run_dir: Path, cfg: Config, fleet: list[devices.Device], names: list[str], quant: dict[str, dict]
+    run_dir: Path, cfg: Config, fleet: list[devices.Device], names: list[str], quant: dict[str, Quantised]
 ) -> tuple[np.ndarray, dict]:
     """Which of the members ``names`` fit which device (shipped bytes; int8 latency at batch 1 and session memory
     where a device has those budgets), and the record of it for ``selection.json``, with the devices the int8
     parent fits."""
-    sizes = {n: quant[n]["bytes"]["shipped"] for n in [*names, PARENT]}
+    sizes = {n: quant[n].bytes.shipped for n in [*names, PARENT]}
     ms = mb = None
     runs = cfg.bundle.latency_runs
     if any(dev.latency_ms is not None or dev.max_memory_mb is not None for dev in fleet):

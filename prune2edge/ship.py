@@ -18,6 +18,7 @@ from .store import PARENT
 
 if TYPE_CHECKING:
     from .config import Config
+    from .records import Quantised
 
 
 def most_votes(sizes: list[int]) -> int:
@@ -27,7 +28,7 @@ def most_votes(sizes: list[int]) -> int:
 
 
 def parent_gate(
-    quant: dict[str, dict], names: list[str], margin: float, pred: dict[str, np.ndarray], y: np.ndarray
+    quant: dict[str, Quantised], names: list[str], margin: float, pred: dict[str, np.ndarray], y: np.ndarray
 ) -> tuple[list[str], dict]:
     """The members of ``names`` kept against the parent: all but those whose int8 validation accuracy is more than
     ``margin`` (``select.max_below_parent``) below the parent's fp32 one *and* whose int8 predictions (``pred``, by
@@ -35,23 +36,23 @@ def parent_gate(
     the parent's accuracy and each member left out, with how far below it is and the test's p. Where every member
     is left out, the best one is kept anyway (``kept_anyway``), so that there is an ensemble to weigh against the
     parent (which the fallback will then ship, when it is on)."""
-    ref = quant[PARENT]["val_acc_fp32"]
+    ref = quant[PARENT].val_acc_fp32
     below = []
     for n in names:
-        if quant[n]["val_acc_int8"] < ref - margin - 1e-12:  # no rounding error may drop a member at the margin
+        if quant[n].val_acc_int8 < ref - margin - 1e-12:  # no rounding error may drop a member at the margin
             p = lead(y, pred[PARENT], pred[n])
             if p < SIGNIFICANCE:
                 below.append(
                     {
                         "name": n,
-                        "val_acc_int8": quant[n]["val_acc_int8"],
-                        "below_by": ref - quant[n]["val_acc_int8"],
+                        "val_acc_int8": quant[n].val_acc_int8,
+                        "below_by": ref - quant[n].val_acc_int8,
                         "p": p,
                     }
                 )
     out = {b["name"] for b in below}
     kept = [n for n in names if n not in out]
-    anyway = None if kept else max(names, key=lambda n: (quant[n]["val_acc_int8"], -names.index(n)))
+    anyway = None if kept else max(names, key=lambda n: (quant[n].val_acc_int8, -names.index(n)))
     return kept or [anyway], {"parent_val_acc_fp32": ref, "margin": margin, "below": below, "kept_anyway": anyway}
 
 
@@ -67,10 +68,10 @@ def mcnemar(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, alternative: 
     return 1.0 if n01 + n10 == 0 else float(binomtest(k, n01 + n10, 0.5, alternative=alternative).pvalue)
 
 
-def vote_weights(quant: dict[str, dict], names: list[str], weighted: bool) -> np.ndarray | None:
+def vote_weights(quant: dict[str, Quantised], names: list[str], weighted: bool) -> np.ndarray | None:
     """What the vote counts each model of ``names`` as: with ``vote.weighted``, its int8 validation accuracy;
     None: one vote each."""
-    return np.array([quant[n]["val_acc_int8"] for n in names]) if weighted else None
+    return np.array([quant[n].val_acc_int8 for n in names]) if weighted else None
 
 
 def lead(y: np.ndarray, ahead: np.ndarray, behind: np.ndarray) -> float:
@@ -85,7 +86,7 @@ def shipped_model(
     sel: dict,
     proba: np.ndarray,
     y_val: np.ndarray,
-    quant: dict[str, dict],
+    quant: dict[str, Quantised],
     fits: np.ndarray | None,
     parent_proba: np.ndarray,
 ) -> dict:
@@ -106,7 +107,7 @@ def shipped_model(
     usable += [PARENT] if placed is None or placed["parent"]["fits"] else []
     pred = {n: (parent_proba if n == PARENT else proba[names.index(n)]).argmax(1) for n in usable}
     ahead = {n: lead(y_val, pred[n], ens.argmax(1)) for n in usable}  # that the model alone is right more often
-    beats = [n for n in usable if quant[n]["val_acc_int8"] > ens_acc and ahead[n] < SIGNIFICANCE]
+    beats = [n for n in usable if quant[n].val_acc_int8 > ens_acc and ahead[n] < SIGNIFICANCE]
     best = max(usable, key=lambda n: single_rank(quant, n))
     fallback = cfg.select.fallback
     if fallback and len(chosen) == 1 and PARENT in usable and not beats:
@@ -120,13 +121,13 @@ def shipped_model(
         out = {
             "kind": "parent" if best == PARENT else "member",
             "members": [best],
-            "val_acc": quant[best]["val_acc_int8"],
+            "val_acc": quant[best].val_acc_int8,
         }
     elif beats:
         best = max(beats, key=lambda n: single_rank(quant, n))
     out["fallback"] = fallback
     ranked = sorted(beats, key=lambda n: single_rank(quant, n), reverse=True)
-    out["beaten_by"] = [{"name": n, "val_acc": quant[n]["val_acc_int8"], "p": ahead[n]} for n in ranked]
+    out["beaten_by"] = [{"name": n, "val_acc": quant[n].val_acc_int8, "p": ahead[n]} for n in ranked]
     out["reason"] = _ship_reason(sel, quant, usable, best, ens_acc, ahead, bool(beats), fallback)
     if placed and out["kind"] != "ensemble":
         out["assignment"] = single_assignment(placed, out["members"][0])
@@ -134,18 +135,18 @@ def shipped_model(
 
 
 def parent_over_one(
-    one: str, pred: dict[str, np.ndarray], y: np.ndarray, quant: dict[str, dict], placed: dict | None
+    one: str, pred: dict[str, np.ndarray], y: np.ndarray, quant: dict[str, Quantised], placed: dict | None
 ) -> dict | None:
     """Where the selection kept one member: the int8 parent instead, unless the member beats it beyond chance (one
     model ships either way, and among single models the parent is the robust choice); None where it does."""
     p = lead(y, pred[one], pred[PARENT])
     if p < SIGNIFICANCE:
         return None
-    pct = {n: f"{100 * quant[n]['val_acc_int8']:.2f}%" for n in (one, PARENT)}
+    pct = {n: f"{100 * quant[n].val_acc_int8:.2f}%" for n in (one, PARENT)}
     out = {
         "kind": "parent",
         "members": [PARENT],
-        "val_acc": quant[PARENT]["val_acc_int8"],
+        "val_acc": quant[PARENT].val_acc_int8,
         "fallback": True,
         "reason": f"the selection kept one model, member {one} ({pct[one]} on validation), and among single models "
         f"the int8 parent ({pct[PARENT]}) ships unless a member beats it beyond chance (sign test p = {p:.2g}, needs "
@@ -156,15 +157,15 @@ def parent_over_one(
     return out
 
 
-def single_rank(quant: dict[str, dict], name: str) -> tuple:
+def single_rank(quant: dict[str, Quantised], name: str) -> tuple:
     """How single models rank against each other: the more accurate on validation, then the fewer shipped bytes,
     then the parent."""
-    return quant[name]["val_acc_int8"], -quant[name]["bytes"]["shipped"], name == PARENT
+    return quant[name].val_acc_int8, -quant[name].bytes.shipped, name == PARENT
 
 
 def _ship_reason(
     sel: dict,
-    quant: dict[str, dict],
+    quant: dict[str, Quantised],
     usable: list[str],
     best: str,
     ens_acc: float,
@@ -182,7 +183,7 @@ def _ship_reason(
     fit = " that fits a device" if sel.get("devices") else ""
     if sel.get("devices") and PARENT not in usable:
         fit += " (the int8 parent fits none)"
-    pct = {n: f"{100 * quant[n]['val_acc_int8']:.2f}%" for n in usable}
+    pct = {n: f"{100 * quant[n].val_acc_int8:.2f}%" for n in usable}
 
     def who(n: str) -> str:
         return "the int8 parent" if n == PARENT else f"member {n}"
@@ -195,7 +196,7 @@ def _ship_reason(
         )
     if beaten:
         return f"select.fallback is false, so {what} ships although {who(best)} alone beats it: {versus}"
-    if quant[best]["val_acc_int8"] > ens_acc:  # a model ahead by chance: the best of several on a small split
+    if quant[best].val_acc_int8 > ens_acc:  # a model ahead by chance: the best of several on a small split
         return (
             f"{what} ships: {who(best)} alone scores {versus}, a lead chance gives often enough among "
             f"{len(lead)} single models (sign test p = {lead[best]:.2g}, needs < {SIGNIFICANCE:g}), so the more "

@@ -111,11 +111,6 @@ def gzip_size(path: Path) -> int:
     return len(gzip.compress(Path(path).read_bytes(), compresslevel=9, mtime=0))
 
 
-def with_parent(run_dir: Path, quant: dict[str, dict]) -> dict[str, dict]:
-    """The quantisation records with the parent's (``baseline``), read from the run where ``quant`` lacks it."""
-    return quant if PARENT in quant else {**quant, PARENT: read_json(run_dir / BASELINE / QUANT)}
-
-
 @functools.lru_cache(maxsize=1)
 def dataset(run_dir: str):
     """The dataset a run's recorded config names (loaded once per process)."""

@@ -59,7 +59,7 @@ def test_a_pruned_member_of_each_builtin_is_smaller_in_work_exports_and_quantise
     p_fp32 = predict_proba(session(tmp_path / store.FP32), calib)
     p_int8 = predict_proba(session(tmp_path / store.INT8), calib)
     assert (p_fp32.argmax(1) == p_torch.argmax(1)).all() and np.abs(p_fp32 - p_torch).max() < 1e-4
-    assert (p_int8.argmax(1) == p_torch.argmax(1)).mean() >= 0.8 and rec["status"] in ("ok", "dropped")
+    assert (p_int8.argmax(1) == p_torch.argmax(1)).mean() >= 0.8 and rec.status in ("ok", "dropped")
     state = {k: v.clone() for k, v in member.state_dict().items()}
     again = models.shaped_like(models.build(arch, shape, 5), state).eval()  # as store.load_member rebuilds it
     with torch.no_grad():

@@ -16,7 +16,7 @@ from conftest import prune2edge_cli
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from test_fleet import Listener, broker, members, mosquitto_exe  # noqa: F401 (broker, mosquitto_exe: fixtures)
 
-from prune2edge import UserError, cli, config, data, pipeline, selective, store
+from prune2edge import UserError, cli, config, data, pipeline, records, selective, store
 from prune2edge.runtime import latency
 from prune2edge.runtime.bundle import Bundle, decode, read_manifest
 from prune2edge.runtime.fleet import Broker, LocalFleet, Topics, dumps, encode_frame
@@ -115,7 +115,7 @@ def test_threshold_is_chosen_on_validation_only(demo_run, tmp_path):
     }
     selection = store.read_json(demo_run / "selection.json")
     members_ = [store.read_json(p) for p in sorted((demo_run / "pool").glob("*/member.json"))]
-    quant = {m["name"]: store.read_json(demo_run / "pool" / m["name"] / "quant.json") for m in members_}
+    quant = {m["name"]: records.read_quantised(demo_run / "pool" / m["name"]) for m in members_}
     chosen = {}
     for name, (x_test, y_test, y_train) in variants.items():
         run = tmp_path / name.replace(" ", "-")

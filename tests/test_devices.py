@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import prune2edge_cli
 
-from prune2edge import config, devices, evaluate, pipeline, select, store, summary
+from prune2edge import config, devices, evaluate, pipeline, records, select, store, summary
 from prune2edge.cli import DEMO_CONFIG
 from prune2edge.errors import UserError
 from prune2edge.runtime import fleet, latency
@@ -28,7 +28,7 @@ def write(tmp_path: Path, text: str, name: str = "devices.yaml") -> Path:
 
 def pool_of(run_dir: Path) -> tuple[list[dict], dict[str, dict]]:
     members = [store.read_json(p) | {"name": p.parent.name} for p in sorted((run_dir / "pool").glob("*/member.json"))]
-    return members, {m["name"]: store.read_json(run_dir / "pool" / m["name"] / "quant.json") for m in members}
+    return members, {m["name"]: records.read_quantised(run_dir / "pool" / m["name"]) for m in members}
 
 
 def copy_run(demo_run: Path, out: Path, devices_file: Path | None, **overrides) -> tuple[dict, list[dict], dict]:
@@ -269,7 +269,7 @@ def fleet_run(demo_run, tmp_path_factory) -> Path:
     of them, one only the smallest member (its budget is exactly that member's shipped bytes)."""
     tmp = tmp_path_factory.mktemp("fleet-run")
     _, quant = pool_of(demo_run)
-    sizes = sorted(q["bytes"]["shipped"] for q in quant.values() if q["status"] == "ok")
+    sizes = sorted(q.bytes.shipped for q in quant.values() if q.ok)
     path = write(
         tmp,
         f"devices:\n  - {{name: gateway, memory_bytes: {sizes[-1]}, latency_ms: 10000}}\n"
@@ -331,7 +331,7 @@ def test_selection_records_which_budget_rules_out_which_member(fleet_run):
 
 def test_a_budget_no_member_fits_is_a_clear_error(demo_run, tmp_path):
     _, quant = pool_of(demo_run)
-    smallest = min((q["bytes"]["shipped"], n) for n, q in quant.items() if q["status"] == "ok")
+    smallest = min((q.bytes.shipped, n) for n, q in quant.items() if q.ok)
     tiny = write(
         tmp_path,
         f"devices:\n  - {{name: big, memory_bytes: 10000000}}\n  - {{name: tiny, memory_bytes: {smallest[0] - 1}}}\n",

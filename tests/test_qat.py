@@ -89,8 +89,8 @@ def test_exported_int8_weights_lie_exactly_on_the_qat_grid(qat_run):
             assert np.allclose(b_scale, inits[made_by[node.input[0]].input[1]] * scale, rtol=1e-6)
             assert np.abs(inits[bias.input[0]] * b_scale - fp32[source.input[2]]).max() <= b_scale.max()
         q = quant[m["name"]]
-        assert q["weight_bits"] == 4 and q["full_integer"] and q["bits_per_weight_shipped"] < 8
-        assert q["bytes"]["shipped"] < quant["baseline"]["bytes"]["shipped"]
+        assert q.weight_bits == 4 and q.full_integer and q.bits_per_weight_shipped < 8
+        assert q.bytes.shipped < quant["baseline"].bytes.shipped
 
 
 def test_int8_outputs_agree_with_the_fake_quantised_network(qat_run):
@@ -102,7 +102,7 @@ def test_int8_outputs_agree_with_the_fake_quantised_network(qat_run):
         # the weights are identical (above); what differs is ONNX Runtime's uint8 activations
         assert (torch_proba.argmax(1) == int8_proba.argmax(1)).mean() >= 0.9
         assert np.abs(torch_proba - int8_proba).max(1).mean() < 0.05
-        assert quant[m["name"]]["agreement"] >= 0.9 and quant[m["name"]]["status"] == "ok"
+        assert quant[m["name"]].agreement >= 0.9 and quant[m["name"]].status == "ok"
 
 
 def test_independent_members_start_from_their_own_initialisation_and_the_parent_from_itself(qat_run):
@@ -132,8 +132,8 @@ def test_the_parent_without_qat_is_the_baseline_quantised_to_int8(qat_run, tmp_p
     base = store.load_baseline(copy).state_dict()
     assert all(torch.equal(v, base[k]) for k, v in store.load_member(copy, "m000").state_dict().items())
     quant = quantize.quantize_all(copy, cfg, [record], progress=False)
-    assert quant["m000"]["weight_bits"] == 8 and quant["m000"]["status"] == "ok"  # post-training int8, like the baseline
-    assert quant["m000"]["bytes"]["int8"] == quant["baseline"]["bytes"]["int8"]
+    assert quant["m000"].weight_bits == 8 and quant["m000"].status == "ok"  # post-training int8, like the baseline
+    assert quant["m000"].bytes.int8 == quant["baseline"].bytes.int8
 
 
 def test_snap_refuses_weights_off_the_grid(tmp_path):

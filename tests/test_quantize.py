@@ -4,6 +4,7 @@ and the shipped encoding."""
 from __future__ import annotations
 
 import itertools
+import json
 import runpy
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from prune2edge import UserError, config, models, qdq, quantize, store
+from prune2edge import UserError, config, models, qdq, quantize, records, store
 from prune2edge.pool import MagnitudePruner
 from prune2edge.runtime.bundle import decode, predict_proba, session
 from prune2edge.runtime.vote import accuracy
@@ -22,25 +23,26 @@ from prune2edge.runtime.vote import accuracy
 
 def test_members_are_full_integer_and_sizes_are_measured(demo_run):
     for folder in [demo_run / "baseline", *sorted((demo_run / "pool").iterdir())]:
-        q = store.read_json(folder / "quant.json")
+        q = records.read_quantised(folder)
         ops = quantize.op_counts(folder / "int8.onnx")
         assert ops["Conv"] >= 4 and ops["Gemm"] == 1 and ops["DequantizeLinear"] > ops["QuantizeLinear"], ops
         model = onnx.load(str(folder / "int8.onnx"))
-        assert q["full_integer"] and q["ops"] == ops and qdq.full_integer(model)
+        assert q.full_integer and q.ops == ops and qdq.full_integer(model)
         assert not qdq.full_integer(onnx.load(str(folder / "fp32.onnx")))
-        assert (q["format"], q["opset"], q["domains"]) == ("onnx-qdq", qdq.OPSET, ["ai.onnx"])
+        assert (q.format, q.opset, q.domains) == ("onnx-qdq", qdq.OPSET, ["ai.onnx"])
         graph = model.graph
         conv_weights = {i.name: i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
         assert len(conv_weights) >= 5  # int8 weight tensors, stored as int8
-        b = q["bytes"]
-        assert b["fp32"] == (folder / "fp32.onnx").stat().st_size and b["int8"] == (folder / "int8.onnx").stat().st_size
-        assert b["int8"] < 0.3 * b["fp32"] and b["int8_gzip"] == store.gzip_size(folder / "int8.onnx")
+        b = q.bytes
+        assert b.fp32 == (folder / "fp32.onnx").stat().st_size and b.int8 == (folder / "int8.onnx").stat().st_size
+        assert b.int8 < 0.3 * b.fp32 and b.int8_gzip == store.gzip_size(folder / "int8.onnx")
+        assert (folder / "quant.json").read_text() == json.dumps(q.to_json(), indent=2)  # the record is the file
 
 
 def test_int8_agrees_with_fp32_on_validation(demo_run):
-    q = store.read_json(demo_run / "pool" / "m000" / "quant.json")
-    assert q["status"] == "ok" and q["agreement"] >= 0.9
-    assert q["val_acc_int8"] >= q["val_acc_fp32"] - 0.03
+    q = records.read_quantised(demo_run / "pool" / "m000")
+    assert q.status == "ok" and q.agreement >= 0.9
+    assert q.val_acc_int8 >= q.val_acc_fp32 - 0.03
 
 
 class Outlier(nn.Module):
@@ -64,13 +66,13 @@ def test_gate_retries_then_drops_and_records_every_attempt(tmp_path):
     calib = x_val.copy()
     calib[0] *= 1e4  # one wild calibration image: the first setting (min-max) collapses
     rec = quantize.quantize_model(tmp_path, model, (6, 6, 1), calib, x_val, y_val, max_drop=0.02, min_agreement=0.95)
-    first = rec["attempts"][0]
+    first = rec.attempts[0]
     assert first["calibration"] == "minmax" and not first["passed"] and first["val_acc_int8"] < 0.9
-    assert len(rec["attempts"]) >= 2
-    assert rec["status"] == ("ok" if rec["attempts"][-1]["passed"] else "dropped")
+    assert len(rec.attempts) >= 2
+    assert rec.status == ("ok" if rec.attempts[-1]["passed"] else "dropped")
     # an impossible gate: every setting is tried, then the model is dropped
     rec = quantize.quantize_model(tmp_path, model, (6, 6, 1), calib, x_val, y_val, max_drop=-1.0, min_agreement=1.0)
-    assert rec["status"] == "dropped" and len(rec["attempts"]) == len(quantize.ATTEMPTS)
+    assert rec.status == "dropped" and len(rec.attempts) == len(quantize.ATTEMPTS)
     assert store.read_json(tmp_path / "quant.json")["status"] == "dropped"
 
 
@@ -117,9 +119,7 @@ def test_codebooks_share_at_most_2_to_the_bits_values_per_layer_and_keep_every_z
     assert len(plain) == 4  # three Conv weights and the Gemm weight
     for bits in (2, 4):
         folder, rec = runs[bits]
-        assert (
-            rec["codebook_bits"] == bits and quantize.op_counts(folder / "int8.onnx") == rec["ops"] == runs[0][1]["ops"]
-        )
+        assert rec.codebook_bits == bits and quantize.op_counts(folder / "int8.onnx") == rec.ops == runs[0][1].ops
         for name, q in weights(folder / "int8.onnx").items():
             assert len(np.unique(plain[name])) > 2**bits  # the codebook had work to do
             assert len(np.unique(q)) <= 2**bits and 0 in q
@@ -150,8 +150,8 @@ def test_the_gate_measures_the_snapped_model(quantized):
     p32 = predict_proba(session(runs[2][0] / "fp32.onnx"), x_val)
     for folder, rec in runs.values():
         p8 = predict_proba(session(folder / "int8.onnx"), x_val)
-        assert rec["val_acc_int8"] == accuracy(p8, y_val) == rec["attempts"][-1]["val_acc_int8"]
-        assert rec["agreement"] == float((p8.argmax(1) == p32.argmax(1)).mean())
+        assert rec.val_acc_int8 == accuracy(p8, y_val) == rec.attempts[-1]["val_acc_int8"]
+        assert rec.agreement == float((p8.argmax(1) == p32.argmax(1)).mean())
         assert np.array_equal(np.load(folder / "val_proba.npy"), p8)
 
 
@@ -159,16 +159,16 @@ def test_shipped_file_decodes_to_the_exact_int8_onnx(quantized):
     rescore = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "rescore.py"))
     for folder, rec in quantized[0].values():
         shipped = (folder / quantize.SHIPPED).read_bytes()
-        assert rec["bytes"]["shipped"] == len(shipped)
+        assert rec.bytes.shipped == len(shipped)
         assert decode(shipped) == rescore["decode"](shipped) == (folder / "int8.onnx").read_bytes()
     fp32 = (folder / "fp32.onnx").read_bytes()  # no int8 weights at all: the whole file is the rest
     assert decode(quantize.encode(fp32)) == fp32
 
 
 def test_codebooks_ship_fewer_bytes(quantized):
-    shipped = {bits: rec["bytes"]["shipped"] for bits, (_, rec) in quantized[0].items()}
+    shipped = {bits: rec.bytes.shipped for bits, (_, rec) in quantized[0].items()}
     assert shipped[2] < shipped[4] < shipped[0]
-    assert all(rec["bytes"]["shipped"] < rec["bytes"]["int8_gzip"] for _, rec in quantized[0].values())
+    assert all(rec.bytes.shipped < rec.bytes.int8_gzip for _, rec in quantized[0].values())
 
 
 def test_codebooks_are_for_members_and_the_baseline_stays_plain_int8(demo_run, tmp_path):
@@ -187,11 +187,11 @@ def test_codebooks_are_for_members_and_the_baseline_stays_plain_int8(demo_run, t
         shutil.copyfile(demo_run / f, run / f)
     cfg = config.load(demo_run / "config.yaml", {"quantize": {"codebook_bits": 3}})
     records = quantize.quantize_all(run, cfg, [{"name": "m000"}], progress=False)
-    assert records["baseline"]["codebook_bits"] == 0 and records["m000"]["codebook_bits"] == 3
+    assert records["baseline"].codebook_bits == 0 and records["m000"].codebook_bits == 3
     assert max(len(np.unique(q)) for q in weights(run / "baseline" / "int8.onnx").values()) > 8
     assert max(len(np.unique(q)) for q in weights(run / "pool" / "m000" / "int8.onnx").values()) <= 8
     plain = store.read_json(demo_run / "pool" / "m000" / "quant.json")
-    assert plain["codebook_bits"] == 0 and records["m000"]["bytes"]["shipped"] < plain["bytes"]["shipped"]
+    assert plain["codebook_bits"] == 0 and records["m000"].bytes.shipped < plain["bytes"]["shipped"]
 
 
 @pytest.mark.parametrize("bits", [1, 9, -2, 2.0, True, "4"])

@@ -10,6 +10,7 @@ import pytest
 
 from prune2edge import cluster, config, evaluate, pipeline, select, ship, store, summary
 from prune2edge.errors import UserError
+from prune2edge.records import Quantised, Sizes
 from prune2edge.runtime.vote import accuracy, vote
 
 
@@ -82,6 +83,12 @@ def test_skipped_clusters_say_why(pool):
     assert select.skipped(proba, y, labels, 1.0, names) == []
 
 
+def quantised(val_acc: float, shipped: int) -> Quantised:
+    """The record of a model quantised and gated ok at int8 validation accuracy ``val_acc`` (fp32 too), ``shipped``
+    bytes as shipped; the rest what select and ship do not read."""
+    return Quantised("ok", [], val_acc, val_acc, 1.0, 0, 8, 8, shipped, 8.0, Sizes(*[shipped] * 5), {}, True)
+
+
 def fake_run(tmp_path, proba_for, parent: float = 0.0, **overrides):
     """A run directory up to the int8 pool: the real split of digits, members with the given validation probabilities
     (1 KB each), and an int8 parent of 4 KB at validation accuracy ``parent`` (fp32 and int8)."""
@@ -90,14 +97,14 @@ def fake_run(tmp_path, proba_for, parent: float = 0.0, **overrides):
     _, y_val = store.split(tmp_path, "val")
     proba = proba_for(y_val)
     members = [{"name": f"m{i:03d}"} for i in range(len(proba))]
-    quant = {"baseline": {"status": "ok", "val_acc_fp32": parent, "val_acc_int8": parent, "bytes": {"shipped": 4000}}}
+    quant = {"baseline": quantised(parent, 4000)}
     wrong = np.arange(len(y_val))[round(parent * len(y_val)) :]  # the parent's mistakes: the last images
     (tmp_path / "baseline").mkdir(parents=True, exist_ok=True)
     np.save(tmp_path / "baseline" / "val_proba.npy", member(y_val, wrong).astype(np.float32))
     for m, p in zip(members, proba):
         (tmp_path / "pool" / m["name"]).mkdir(parents=True)
         np.save(tmp_path / "pool" / m["name"] / "val_proba.npy", p.astype(np.float32))
-        quant[m["name"]] = {"status": "ok", "val_acc_int8": accuracy(p, y_val), "bytes": {"shipped": 1000}}
+        quant[m["name"]] = quantised(accuracy(p, y_val), 1000)
     return cfg, members, quant, y_val, proba
 
 
@@ -177,7 +184,7 @@ def test_a_one_image_lead_or_a_tie_decides_nothing(tmp_path):
         tmp_path, near_ties, cluster={"k": "auto", "k_max": 3}, select={"max_below_parent": 0.2}
     )
     ens_acc = accuracy(vote(proba), y_val)
-    quant["baseline"]["val_acc_int8"] = quant["baseline"]["val_acc_fp32"] = ens_acc + 1 / len(y_val)
+    quant["baseline"] = quantised(ens_acc + 1 / len(y_val), 4000)
     wrong = np.flatnonzero(vote(proba).argmax(1) != y_val)[1:]  # the parent: the ensemble's mistakes but one
     np.save(tmp_path / "baseline" / "val_proba.npy", member(y_val, wrong).astype(np.float32))
     sel = select.choose(tmp_path, cfg, members, quant)
@@ -287,7 +294,7 @@ def test_fallback_with_a_weak_selection_ships_the_parent_or_the_best_member(tmp_
         == {
             m["name"]
             for i, m in enumerate(members)
-            if quant[m["name"]]["val_acc_int8"] < 0.99 - 0.05 - 1e-12
+            if quant[m["name"]].val_acc_int8 < 0.99 - 0.05 - 1e-12
             and ship.lead(y_val, parent, proba[i].argmax(1)) < ship.SIGNIFICANCE
         }
         == {"m001", "m002", "m003", "m004"}
@@ -310,7 +317,7 @@ def test_fallback_with_a_weak_selection_ships_the_parent_or_the_best_member(tmp_
         assert sel["devices"]["parent"]["fits"] == [] and sel["devices"]["parent"]["shipped_bytes"] == 4000
         s = sel["shipped"]
         ens = accuracy(vote(proba[[int(n[1:]) for n in sel["selected"]]]), y_val)
-        assert len(sel["selected"]) == 2 and quant["m000"]["val_acc_int8"] > ens
+        assert len(sel["selected"]) == 2 and quant["m000"].val_acc_int8 > ens
         right = [(proba[i].argmax(1) == y_val) for i in (0, 1)]
         if make is one_strong_member:  # about as many images won as lost against the selection: chance
             assert s["kind"] == "ensemble" and "a lead chance gives often enough among 5 single models" in s["reason"]
@@ -320,7 +327,7 @@ def test_fallback_with_a_weak_selection_ships_the_parent_or_the_best_member(tmp_
         assert lead < ship.SIGNIFICANCE
         assert (right[0] & ~right[1]).sum() >= 20
         assert (s["kind"], s["members"]) == ("member", ["m000"]) and "(the int8 parent fits none)" in s["reason"]
-        assert s["beaten_by"][0] == {"name": "m000", "val_acc": quant["m000"]["val_acc_int8"], "p": lead}
+        assert s["beaten_by"][0] == {"name": "m000", "val_acc": quant["m000"].val_acc_int8, "p": lead}
         assert "sign test p = " in s["reason"]
         assert sorted(s["assignment"].values(), key=str) == [None, "m000"]  # one device runs it, the other idles
 

@@ -12,6 +12,7 @@ import yaml
 
 from .. import store
 from ..errors import UserError
+from ..records import Quantised, read_quantised
 from ..runtime.vote import disagreement
 from ..summary import kib
 
@@ -78,6 +79,10 @@ def _json(path: Path) -> dict | None:
     return store.read_json(path) if path.exists() else None
 
 
+def _quantised(folder: Path) -> Quantised | None:
+    return read_quantised(folder) if (folder / store.QUANT).exists() else None
+
+
 def _npz(path: Path) -> dict | None:
     if not path.exists():
         return None
@@ -94,7 +99,7 @@ class Run:
     config_text: str  # config.yaml as written, every setting resolved
     config: dict
     baseline: dict | None  # baseline/model.json (architecture, training history)
-    baseline_quant: dict | None  # baseline/quant.json (int8 validation accuracy, sizes)
+    baseline_quant: Quantised | None  # baseline/quant.json (int8 validation accuracy, sizes)
     members: list[dict]  # pool/<name>/member.json, each with "quant": its quant.json or None
     selection: dict | None  # selection.json: clusters, selected members, strategies
     metrics: dict | None  # metrics.json: the test-set evaluation
@@ -141,9 +146,7 @@ class Run:
         names = [
             m["name"]
             for m in self.members
-            if m["quant"]
-            and m["quant"]["status"] == "ok"
-            and (self.dir / store.POOL / m["name"] / store.VAL_PROBA).exists()
+            if m["quant"] and m["quant"].ok and (self.dir / store.POOL / m["name"] / store.VAL_PROBA).exists()
         ]
         if len(names) < 2:
             return None
@@ -202,14 +205,14 @@ def load(run_dir: Path | str) -> Run:
     text = (d / store.CONFIG).read_text()
     members = []
     for p in sorted((d / store.POOL).glob(f"*/{store.MEMBER_RECORD}")) if (d / store.POOL).is_dir() else []:
-        members.append({**store.read_json(p), "quant": _json(p.parent / store.QUANT)})
+        members.append({**store.read_json(p), "quant": _quantised(p.parent)})
     return Run(
         dir=d,
         dataset=store.read_json(d / store.DATASET),
         config_text=text,
         config=yaml.safe_load(text) or {},
         baseline=_json(d / store.BASELINE / store.PARENT_RECORD),
-        baseline_quant=_json(d / store.BASELINE / store.QUANT),
+        baseline_quant=_quantised(d / store.BASELINE),
         members=members,
         selection=_json(d / store.SELECTION),
         metrics=_json(d / store.METRICS),

@@ -28,8 +28,8 @@ def fig_accuracy_vs_size(run: Run) -> Figure | Missing:
     extra = []
     for m in ms:
         q, name = m["quant"], m["name"]
-        x, y = q["bytes"]["int8_gzip"] / 1024, q["val_acc_int8"]
-        if q["status"] != "ok":
+        x, y = q.bytes.int8_gzip / 1024, q.val_acc_int8
+        if not q.ok:
             ax.scatter(x, y, marker="x", s=60, color="#9e9e9e", zorder=3)
         else:
             ax.scatter(
@@ -41,7 +41,7 @@ def fig_accuracy_vs_size(run: Run) -> Figure | Missing:
                 edgecolors="black" if name in selected else "none",
                 linewidths=2,
             )
-    if any(m["quant"]["status"] != "ok" for m in ms):
+    if any(not m["quant"].ok for m in ms):
         extra.append(Line2D([], [], ls="", marker="x", ms=8, color="#9e9e9e", label="dropped by the int8 gate"))
     extra += _reference_points(ax, run)
     if selected:
@@ -60,8 +60,8 @@ def fig_accuracy_vs_size(run: Run) -> Figure | Missing:
     if len(ms) <= 40:
         _label_points(
             ax,
-            [m["quant"]["bytes"]["int8_gzip"] / 1024 for m in ms],
-            [m["quant"]["val_acc_int8"] for m in ms],
+            [m["quant"].bytes.int8_gzip / 1024 for m in ms],
+            [m["quant"].val_acc_int8 for m in ms],
             [m["name"] for m in ms],
             selected,
         )
@@ -76,8 +76,8 @@ def _reference_points(ax, run: Run) -> list:
     handles = []
     if run.baseline_quant:
         bq = run.baseline_quant
-        ax.scatter(bq["bytes"]["int8_gzip"] / 1024, bq["val_acc_int8"], marker="s", s=90, color="black", zorder=4)
-        ax.axhline(bq["val_acc_fp32"], color="black", ls="--", lw=1)
+        ax.scatter(bq.bytes.int8_gzip / 1024, bq.val_acc_int8, marker="s", s=90, color="black", zorder=4)
+        ax.axhline(bq.val_acc_fp32, color="black", ls="--", lw=1)
         handles += [
             Line2D([], [], ls="", marker="s", ms=9, color="black", label="baseline, int8"),
             Line2D([], [], ls="--", color="black", lw=1, label="baseline fp32 accuracy"),
@@ -256,7 +256,7 @@ def fig_accuracy_vs_sparsity(run: Run) -> Figure | Missing:
     ax.scatter(
         s, fp32, s=60, facecolors="none", edgecolors="#1f77b4", linewidths=1.5, label="pool member, fp32", zorder=3
     )
-    q = [(si, m["quant"]["val_acc_int8"], a) for si, a, m in zip(s, fp32, run.members) if m["quant"]]
+    q = [(si, m["quant"].val_acc_int8, a) for si, a, m in zip(s, fp32, run.members) if m["quant"]]
     if q:
         for si, a8, a32 in q:
             ax.plot([si, si], [a32, a8], color="#bbbbbb", lw=1, zorder=1)
@@ -266,9 +266,7 @@ def fig_accuracy_vs_sparsity(run: Run) -> Figure | Missing:
     if run.baseline:
         ax.axhline(run.baseline["val_acc_fp32"], color="black", ls="--", lw=1, label="baseline (0% sparsity), fp32")
     if run.baseline_quant:
-        ax.axhline(
-            run.baseline_quant["val_acc_int8"], color="black", ls=":", lw=1.5, label="baseline (0% sparsity), int8"
-        )
+        ax.axhline(run.baseline_quant.val_acc_int8, color="black", ls=":", lw=1.5, label="baseline (0% sparsity), int8")
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_xlabel("measured sparsity (share of prunable weights that are exactly zero)")

@@ -1,0 +1,77 @@
+"""The typed records stages hand each other, each read and written here only, with the defaults for runs written by
+older versions: a model quantised and gated (:class:`Quantised`, ``quant.json``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import store
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """A model's bytes: its ONNX files, as is and gzipped, and as shipped (entropy-coded int8)."""
+
+    fp32: int
+    int8: int
+    fp32_gzip: int
+    int8_gzip: int
+    shipped: int
+
+
+@dataclass(frozen=True)
+class Quantised:
+    """A model exported, quantised to int8 and gated against its fp32 self on validation (``quant.json``)."""
+
+    status: str  # "ok", or "dropped": no quantisation setting kept it within the gate
+    attempts: list[dict]  # each setting tried, with its validation accuracy and agreement
+    val_acc_fp32: float
+    val_acc_int8: float
+    agreement: float  # of the int8 model's validation predictions with the fp32 one's
+    codebook_bits: int
+    weight_bits: float  # its weight grid (8: post-training int8) and its largest layer's
+    largest_layer_bits: float
+    weights: int  # bytes of int8 weights
+    bits_per_weight_shipped: float | None  # the whole shipped file over its weights (None: a run from before it)
+    bytes: Sizes
+    ops: dict[str, int]
+    full_integer: bool
+    format: str | None = None  # what a device needs to run it (None: a run from before it was recorded)
+    opset: int | None = None
+    domains: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Quantised:
+        bits, largest = store.grid_bits(d.get("weight_bits"), d.get("largest_layer_bits"))
+        return cls(
+            **{
+                **d,
+                "codebook_bits": d.get("codebook_bits", 0),
+                "weight_bits": bits,
+                "largest_layer_bits": largest,
+                "bits_per_weight_shipped": d.get("bits_per_weight_shipped"),
+                "bytes": Sizes(**d["bytes"]),
+            }
+        )
+
+
+def write_quantised(folder: Path, record: Quantised) -> None:
+    store.write_json(folder / store.QUANT, record.to_json())
+
+
+def read_quantised(folder: Path) -> Quantised:
+    return Quantised.from_json(store.read_json(folder / store.QUANT))
+
+
+def with_parent(run_dir: Path, quant: dict[str, Quantised]) -> dict[str, Quantised]:
+    """The quantisation records with the parent's (``baseline``), read from the run where ``quant`` lacks it."""
+    return quant if store.PARENT in quant else {**quant, store.PARENT: read_quantised(run_dir / store.BASELINE)}
