@@ -12,17 +12,8 @@ def kib(n: float) -> str:
 
 
 def table(m: dict) -> str:
-    """A readable summary of ``metrics.json``."""
-    e, sh = m["ensemble"], m["shipped"]
-    lines = _size_table(m)
-    gain = 100 * sh["gain_vs_baseline_fp32"]
-    lines.append(
-        f"\nshipped: {SHIPPED[sh['kind']]} {', '.join(sh['members'])} (validation {100 * sh['val_acc']:.2f}%, test "
-        f"{100 * sh['test_acc']:.2f}%, {gain:+.2f} points vs baseline fp32, McNemar p = "
-        f"{sh['mcnemar_p_vs_baseline_fp32']:.3g}"
-        + (f"; mean pairwise disagreement {e['mean_disagreement']:.3f}" if sh["kind"] == "ensemble" else "")
-        + f"): {sh['reason']}"
-    )
+    """A readable summary of ``metrics.json``: first what shipped and why, in one line."""
+    lines = [shipped_line(m), ""] + _size_table(m) + [""]
     lines.extend(_pool_lines(m))
     lines.append(
         "other strategies (test acc, soft/hard): "
@@ -101,6 +92,22 @@ def _bits(member: dict) -> str:
 
 
 SHIPPED = {"ensemble": "the ensemble of", "member": "one member,", "parent": "the int8 parent,"}
+
+
+def shipped_line(m: dict) -> str:
+    """What shipped, its accuracy against the fp32 parent, the bytes each device holds (as shipped, as run, and the
+    parent's fp32 file), and why."""
+    e, sh, b = m["ensemble"], m["shipped"], m["baseline"]
+    sizes = [b["bytes"]] if sh["kind"] == "parent" else [x["bytes"] for x in m["members"] if x["name"] in sh["members"]]
+    most = {k: max(s[k] for s in sizes) for k in ("shipped", "int8")}
+    return (
+        f"shipped: {SHIPPED[sh['kind']]} {', '.join(sh['members'])} (validation {100 * sh['val_acc']:.2f}%, test "
+        f"{100 * sh['test_acc']:.2f}%, {100 * sh['gain_vs_baseline_fp32']:+.2f} points vs baseline fp32, McNemar p = "
+        f"{sh['mcnemar_p_vs_baseline_fp32']:.3g}"
+        + (f"; mean pairwise disagreement {e['mean_disagreement']:.3f}" if sh["kind"] == "ensemble" else "")
+        + f"; per device {kib(most['shipped'])} shipped, {kib(most['int8'])} as run, the fp32 parent "
+        f"{kib(b['bytes']['fp32'])}): {sh['reason']}"
+    )
 
 
 def _pool_lines(m: dict) -> list[str]:
