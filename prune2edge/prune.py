@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from . import models
+from . import config, models
 from .errors import UserError
 
 
@@ -36,7 +36,7 @@ class MagnitudePruner:
         seed: int = 0,
         fixed: dict[str, torch.Tensor] | None = None,
         regrow: float = 0.0,
-        regrow_every: int = 100,
+        regrow_every: int = config.default("pool.regrow_every"),
     ):
         self.params, self.final, self.schedule, self.scope = params, final, schedule, scope
         self.end_step = max(1, end_step)
@@ -270,8 +270,8 @@ class ChannelPruner:
         example: torch.Tensor,
         target: float,
         end_step: int,
-        criterion: str = "l1",
-        measure: str = "macs",
+        criterion: str = config.default("pool.criterion"),
+        measure: str = config.default("pool.reduce"),
         noise: float = 0.0,
         seed: int = 0,
         multiple: int = 1,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from . import cluster, cost, devices, records, ship, store
+from . import cluster, config, cost, devices, records, ship, store
 from .errors import UserError
 from .runtime import latency
 from .runtime.vote import accuracy, vote
@@ -48,10 +48,10 @@ def slots(
     y: np.ndarray,
     labels: list[int],
     *,
-    method: str = "kmeans-onehot",
-    rule: str = "soft",
+    method: str = config.default("cluster.method"),
+    rule: str = config.default("vote.rule"),
     seed: int = 0,
-    max_acc_gap: float = 0.02,
+    max_acc_gap: float = config.default("select.max_acc_gap"),
     fits: np.ndarray | None = None,
 ) -> list[list[int]]:
     """What ``strategy`` picks, as slots: each slot's candidate members, most preferred first.
@@ -154,10 +154,10 @@ def select(
     y: np.ndarray,
     labels: list[int],
     *,
-    method: str = "kmeans-onehot",
-    rule: str = "soft",
+    method: str = config.default("cluster.method"),
+    rule: str = config.default("vote.rule"),
     seed: int = 0,
-    max_acc_gap: float = 0.02,
+    max_acc_gap: float = config.default("select.max_acc_gap"),
     fits: np.ndarray | None = None,
 ) -> list[int]:
     """Indices of the chosen members, from validation probabilities ``[M, N, K]`` and cluster labels: each
@@ -217,7 +217,7 @@ def sweep(
     rule: str,
     seed: int,
     k_max: int,
-    max_acc_gap: float = 0.02,
+    max_acc_gap: float = config.default("select.max_acc_gap"),
     fits: np.ndarray | None = None,
 ) -> dict[str, list[list[int]]]:
     """For k = 1..k_max: the members each strategy picks (and places, with ``fits``) when the pool is cut into k clusters."""

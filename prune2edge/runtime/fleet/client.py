@@ -18,6 +18,8 @@ from .wire import DEFAULT_TIMEOUT_MS, BadMessage, Topics, encode_frame, parse, r
 
 log = logging.getLogger(__name__)
 
+MAX_IN_FLIGHT, TIMEOUT_S = 64, 30.0  # frames sent and not yet decided; seconds to wait for the fleet
+
 
 def classify(
     broker: Broker,
@@ -27,10 +29,10 @@ def classify(
     labels: np.ndarray | None = None,
     on_result: Callable[[dict], None] | None = None,
     rate: float | None = None,
-    max_in_flight: int = 64,
-    timeout_s: float = 30.0,
+    max_in_flight: int = MAX_IN_FLIGHT,
+    timeout_s: float = TIMEOUT_S,
     retry_s: float | None = None,
-    ready_timeout_s: float = 30.0,
+    ready_timeout_s: float = TIMEOUT_S,
     classes: list[str] | None = None,
 ) -> dict:
     """Publish each image as a frame and collect one outcome per frame; returns a summary.
@@ -88,9 +90,9 @@ class Client:
         self,
         images: np.ndarray,
         rate: float | None = None,
-        max_in_flight: int = 64,
-        timeout_s: float = 30.0,
-        ready_timeout_s: float = 30.0,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        timeout_s: float = TIMEOUT_S,
+        ready_timeout_s: float = TIMEOUT_S,
         classes: list[str] | None = None,
     ) -> dict:
         """Connect, check the images against the fleet, send every frame and collect the outcomes; the summary."""

@@ -16,7 +16,7 @@ import numpy as np
 from ...errors import UserError
 from ..bundle import Bundle
 from .mqtt import Broker, Link
-from .node import Server, vote_payload
+from .node import MAX_BATCH, Server, vote_payload
 from .release import check_name, open_release
 from .slots import SLOTS, Slots
 from .trust import load_trusted, unseal
@@ -54,7 +54,7 @@ class DeployedNode(Server):
         trust: list[Path | str],
         store: Path | str,
         device: str,
-        max_batch: int = 32,
+        max_batch: int = MAX_BATCH,
         threads: int = 1,
         runtime: str = "onnxruntime",
     ):

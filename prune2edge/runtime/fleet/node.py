@@ -20,6 +20,8 @@ from .wire import BadMessage, Topics, decode_frame, dumps, frame_limit, status_p
 
 log = logging.getLogger(__name__)
 
+MAX_BATCH = 32  # the most queued frames a node runs in one call
+
 
 def member_on(bundle_dir: Path | str, device: str) -> str:
     """The member the bundle assigns to ``device`` (a bundle selected for a devices file, ``deploy.devices``)."""
@@ -124,7 +126,7 @@ class Node(Server):
         member: str,
         broker: Broker,
         fleet: str,
-        max_batch: int = 32,
+        max_batch: int = MAX_BATCH,
         threads: int = 1,
         runtime: str = "onnxruntime",
     ):
