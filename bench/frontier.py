@@ -103,6 +103,7 @@ def indep_parent(bits: int, sparsity: float, epochs: int, *extra: str) -> dict:
             *(x for x in INDEPENDENT if not x.startswith("pool.sparsity=")),
             f"pool.sparsity={sparsity:g}",
             "pool.include_parent=true",
+            "pool.parent_qat=true",
             f"pool.weight_bits={bits}",
             f"pool.epochs={epochs}",
             "pool.qat_start=0.6",

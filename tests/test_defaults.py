@@ -99,9 +99,11 @@ def test_new_defaults_keep_the_median_member_near_the_parent(runs, name):
     assert statistics.median(m["val_acc_fp32"] for m in members) >= parent - 0.02
     info = store.read_json(run / "dataset.json")
     n_train = info["n_train"]
-    for m in members:  # the floor: every new member trained at least pool.min_steps steps (the parent: its QAT part)
-        floor = 0 if m["parent"] else config.Pool().min_steps
-        assert m["steps"] == max(floor, round(m["planned_epochs"] * -(-n_train // m["batch_size"])))
+    for m in members:  # the floor: every new member trained at least pool.min_steps steps; the parent ships as it is
+        if m["parent"]:
+            assert (m["steps"], m["history"], m["weight_bits"]) == (0, [], 0)
+            continue
+        assert m["steps"] == max(config.Pool().min_steps, round(m["planned_epochs"] * -(-n_train // m["batch_size"])))
         assert m["history"][-1]["steps"] == m["steps"] and m["measured_sparsity"]["overall"] >= m["sparsity"] - 0.01
     # the same parent with the pool defaults before issue 23: most members far below it
     old = old_pool_members(run, 5)
@@ -211,8 +213,9 @@ def test_new_defaults():
     d = config.Config()
     assert d.cluster.k == "auto" and d.select.fallback is True
     p = config.load(None, {"train": {"epochs": 20, "lr": 0.1, "batch_size": 32, "schedule": "cosine"}}).pool
-    assert (p.family, p.size, p.include_parent, p.sparsity, p.weight_bits) == ("independent", 3, True, (0, 0), 4)
-    assert (p.epochs, p.lr, p.batch_size, p.lr_schedule, p.min_steps) == ((14, 14), (0.1, 0.1), [32], "cosine", 100)
+    assert (p.family, p.size, p.include_parent, p.parent_qat, p.sparsity) == ("independent", 3, True, False, (0, 0))
+    assert (p.weight_bits, p.epochs, p.lr, p.batch_size, p.lr_schedule) == (4, (19, 19), (0.1, 0.1), [32], "cosine")
+    assert p.min_steps == 100 and pool.plan(config.load(None, {}))[0].epochs == 0  # the parent: no more training
     c = config.load(None, {"pool": {"family": "clones", "size": 4}}).pool  # the family fills what is left out
     assert (c.size, c.sparsity, c.epochs, c.weight_bits, c.include_parent) == (4, (0.5, 0.9), (1, 2), 0, False)
     assert config.load(None, {"cluster": {"k": 2}}).cluster.k == 2  # fixed k: one setting away

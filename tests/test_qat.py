@@ -21,7 +21,7 @@ from prune2edge import config, executors, models, pipeline, pool, qat, qdq, quan
 from prune2edge.errors import UserError
 from prune2edge.runtime.bundle import predict_proba, session
 
-QAT_POOL = {"family": "independent", "weight_bits": 4, "qat_start": 0.5, "size": 2, "sparsity": 0.0}
+QAT_POOL = {"family": "independent", "weight_bits": 4, "qat_start": 0.5, "size": 2, "sparsity": 0.0, "parent_qat": True}
 
 
 def test_fake_quantize_rounds_to_the_channel_grid_and_passes_the_gradient_straight_through():
