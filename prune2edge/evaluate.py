@@ -13,7 +13,7 @@ from scipy.stats import binomtest
 
 from . import data, selective, store
 from .errors import UserError
-from .records import Quantised, read_quantised
+from .records import Quantised, Shipped, read_quantised
 from .runtime.bundle import Bundle, predict_proba, session
 from .runtime.vote import AGREEMENT, accuracy, disagreement, margin, vote
 from .ship import mcnemar, vote_weights
@@ -66,9 +66,9 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
     names = sorted(p.name for p in (run_dir / store.POOL).iterdir() if (p / store.QUANT).exists())
     s = _scores(run_dir, cfg, names, prep.apply(x_test), y_val, y_test)
     bundle = Bundle.load(run_dir / store.BUNDLE)
-    shipped = sel.get("shipped") or {"kind": "ensemble", "members": sel["selected"], "reason": ""}
+    shipped = Shipped.of(sel)
     ship_test = bundle.predict_proba(x_test)
-    if not np.allclose(ship_test, s.vote(shipped["members"], "test"), atol=1e-5):
+    if not np.allclose(ship_test, s.vote(shipped.members, "test"), atol=1e-5):
         raise UserError(
             f"the bundle in {run_dir / 'bundle'} does not predict what the pool's int8 models vote: it was written by "
             "another run or changed since; delete bundle/ and metrics.json and run again to rebuild it"
@@ -94,7 +94,7 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
         "timings": dict(timings),
     }
     metrics["warnings"] = pool_warnings(metrics, cfg) + selection_warnings(metrics) + device_warnings(metrics)
-    metrics |= _bundle_records(cfg, s, shipped["members"], ship_test, base32_val, base32, metrics, bundle.manifest)
+    metrics |= _bundle_records(cfg, s, shipped.members, ship_test, base32_val, base32, metrics, bundle.manifest)
     store.write_npz(run_dir / store.TEST, x=x_test, y=y_test)
     store.write_npz(
         run_dir / store.TEST_SCORES,
@@ -208,7 +208,7 @@ def _member_records(run_dir: Path, sel: dict, s: Scores, names: list[str]) -> li
     return members
 
 
-def _vote_records(s: Scores, sel: dict, shipped: dict, ship_test: np.ndarray, base32: np.ndarray) -> dict:
+def _vote_records(s: Scores, sel: dict, shipped: Shipped, ship_test: np.ndarray, base32: np.ndarray) -> dict:
     """How the votes score: the whole pool's vote, the selected ensemble, what the bundle ships (its test scores:
     ``ship_test``; whether select.fallback weighed the single models, which beat the selection beyond chance), every strategy's pick and its k sweep, each against the fp32 parent's test scores ``base32``."""
     ok, chosen, y_test, base_pred = sel["candidates"], sel["selected"], s.y_test, base32.argmax(1)
@@ -241,13 +241,14 @@ def _vote_records(s: Scores, sel: dict, shipped: dict, ship_test: np.ndarray, ba
             "bytes": s.sizes(chosen),
         },
         "shipped": {
-            "kind": shipped["kind"],
-            "members": shipped["members"],
-            "val_acc": s.acc(shipped["members"], "val"),
+            "kind": shipped.kind,
+            "members": shipped.members,
+            "val_acc": s.acc(shipped.members, "val"),
             "test_acc": accuracy(ship_test, y_test),
-            "reason": shipped["reason"],
-            **{key: shipped.get(key, none) for key, none in (("fallback", False), ("beaten_by", []))},  # older runs
-            "bytes": s.sizes(shipped["members"]),
+            "reason": shipped.reason,
+            "fallback": shipped.fallback,
+            "beaten_by": shipped.beaten_by,
+            "bytes": s.sizes(shipped.members),
             **against_parent(ship_test),
         },
         "strategies": {
@@ -270,7 +271,7 @@ def _vote_records(s: Scores, sel: dict, shipped: dict, ship_test: np.ndarray, ba
     }
 
 
-def _selection_records(sel: dict, shipped: dict) -> dict:
+def _selection_records(sel: dict, shipped: Shipped) -> dict:
     """What the selection decided, as metrics.json carries it (a selection.json written before k_choice and
     skipped_clusters existed has neither)."""
     return {
@@ -472,12 +473,12 @@ def selection_warnings(m: dict) -> list[dict]:
     return out
 
 
-def shipped_devices(d: dict | None, shipped: dict) -> dict | None:
+def shipped_devices(d: dict | None, shipped: Shipped) -> dict | None:
     """The selection's devices record, with its assignment as shipped: where one model ships, it runs on one device
     and the others are idle."""
-    if not d or "assignment" not in shipped:
+    if not d or shipped.assignment is None:
         return d
-    on = shipped["assignment"]
+    on = shipped.assignment
     return {**d, "assignment": on, "idle": [dev for dev, m in on.items() if m is None], "unplaced": []}
 
 

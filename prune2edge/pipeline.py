@@ -31,7 +31,7 @@ from . import (
 )
 from .config import Config
 from .errors import UserError
-from .records import Quantised
+from .records import Quantised, Shipped
 from .runtime import bundle, latency, runtimes
 from .runtime.preprocess import InputSteps, Preprocessing
 from .runtime.vote import accuracy, decide
@@ -156,12 +156,12 @@ def make_bundle(run_dir: Path, cfg: Config, selection: dict, members: list[dict]
     if (run_dir / store.BUNDLE / store.MANIFEST).exists():
         return bundle.read_manifest(run_dir / store.BUNDLE)
     info, quant = store.read_json(run_dir / store.DATASET), records.with_parent(run_dir, quant)
-    shipped = selection.get("shipped") or {"members": selection["selected"]}  # (selection.json before the fallback)
+    shipped = Shipped.of(selection)
     sparsity = {m["name"]: (m["sparsity"], m["measured_sparsity"]["overall"]) for m in members}
-    if PARENT in shipped["members"]:
+    if PARENT in shipped.members:
         sparsity[PARENT] = (0.0, models.sparsity(store.load_baseline(run_dir))["overall"])
     labels = dict(zip(selection["candidates"], selection["clustering"]["labels"]))
-    assignment = shipped.get("assignment") or (selection.get("devices") or {}).get("assignment", {})
+    assignment = shipped.assignment or (selection.get("devices") or {}).get("assignment", {})
     device = {m: d for d, m in assignment.items() if m}
     runs = cfg.bundle.latency_runs
     x_val = store.tensors(run_dir, "val")[0][:runs].numpy()
@@ -169,9 +169,9 @@ def make_bundle(run_dir: Path, cfg: Config, selection: dict, members: list[dict]
         f"baseline_{kind}_ms": run_dir / store.BASELINE / onnx
         for kind, onnx in (("fp32", store.FP32), ("int8", store.INT8))
     }
-    ms = latency.measure({n: model_dir(run_dir, n) / store.INT8 for n in shipped["members"]} | baseline, x_val, runs)
+    ms = latency.measure({n: model_dir(run_dir, n) / store.INT8 for n in shipped.members} | baseline, x_val, runs)
     x_check = store.tensors(run_dir, "val")[0][: runtimes.CHECK_IMAGES].numpy()
-    weights = ship.vote_weights(quant, shipped["members"], cfg.vote.weighted)
+    weights = ship.vote_weights(quant, shipped.members, cfg.vote.weighted)
     entries = [
         {
             "id": n,
@@ -187,7 +187,7 @@ def make_bundle(run_dir: Path, cfg: Config, selection: dict, members: list[dict]
         | cost.of(model_dir(run_dir, n), x_val[0])
         | device_needs(model_dir(run_dir, n) / store.INT8, x_check)
         | ({"device": device[n]} if n in device else {})
-        for i, n in enumerate(shipped["members"])
+        for i, n in enumerate(shipped.members)
     ]
     parent = cost.of(run_dir / store.BASELINE, x_val[0])
     timing = (
@@ -204,7 +204,7 @@ def make_bundle(run_dir: Path, cfg: Config, selection: dict, members: list[dict]
         cfg.vote.rule,
         cfg.vote.weighted,
         InputSteps.from_dict(info.get("input_steps")),
-        abstain_threshold(run_dir, cfg, shipped["members"], quant),
+        abstain_threshold(run_dir, cfg, shipped.members, quant),
         timing,
     )
 

@@ -1,5 +1,6 @@
 """The typed records stages hand each other, each read and written here only, with the defaults for runs written by
-older versions: a model quantised and gated (:class:`Quantised`, ``quant.json``)."""
+older versions: a model quantised and gated (:class:`Quantised`, ``quant.json``), what ships (:class:`Shipped`,
+``selection.json``'s ``shipped``)."""
 
 from __future__ import annotations
 
@@ -75,3 +76,25 @@ def read_quantised(folder: Path) -> Quantised:
 def with_parent(run_dir: Path, quant: dict[str, Quantised]) -> dict[str, Quantised]:
     """The quantisation records with the parent's (``baseline``), read from the run where ``quant`` lacks it."""
     return quant if store.PARENT in quant else {**quant, store.PARENT: read_quantised(run_dir / store.BASELINE)}
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """What the bundle ships, decided on validation by :func:`prune2edge.ship.shipped_model`."""
+
+    kind: str  # "ensemble"; "member": one member; "parent": the int8 parent alone
+    members: list[str]
+    val_acc: float | None  # of what ships, on validation (None: a run from before it was recorded)
+    fallback: bool  # select.fallback weighed the single models against the selection
+    reason: str
+    beaten_by: list[dict] = field(default_factory=list)  # models ahead of the selection beyond chance: name, val_acc, p
+    assignment: dict[str, str | None] | None = None  # device -> model, with devices and one model shipped
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "assignment" or v is not None}
+
+    @classmethod
+    def of(cls, selection: dict[str, Any]) -> Shipped:
+        """From ``selection.json``: one written before the fallback existed shipped the selection."""
+        d = selection.get("shipped") or {"kind": "ensemble", "members": selection["selected"], "reason": ""}
+        return cls(**{"val_acc": None, "fallback": False, **d})

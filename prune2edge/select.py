@@ -297,7 +297,7 @@ def choose(run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, Qua
         record["devices"] = placed | place(
             slots(strategy, proba, y_val, result["labels"], **kw, fits=fits), fits, fleet, names, result["labels"]
         )
-    record["shipped"] = ship.shipped_model(cfg, record, proba, y_val, quant, fits, every[PARENT])
+    record["shipped"] = ship.shipped_model(cfg, record, proba, y_val, quant, fits, every[PARENT]).to_json()
     store.write_json(path, record)
     return record
 

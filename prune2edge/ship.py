@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy.stats import binomtest
 
+from .records import Shipped
 from .runtime.vote import accuracy, vote
 from .store import PARENT
 
@@ -89,15 +90,13 @@ def shipped_model(
     quant: dict[str, Quantised],
     fits: np.ndarray | None,
     parent_proba: np.ndarray,
-) -> dict:
+) -> Shipped:
     """What the bundle ships, decided on validation: the selected ensemble, or, with ``select.fallback``, one model
     that fits a device of ``deploy.devices`` and beats it beyond chance (:func:`lead` < :data:`SIGNIFICANCE`: the
     best of several models beats an ensemble on a small validation split by chance alone). Among the models that
     do, the int8 parent (``parent_proba``, its validation probabilities), unless a member also beats it beyond
-    chance; else the best member (:func:`single_rank`). Returns ``kind`` (``ensemble``; ``member``: one member;
-    ``parent``), ``members``, ``val_acc``, ``fallback``, ``reason`` and, with devices and one model shipped, its
-    ``assignment``; ``beaten_by``: the models ahead of the selection beyond chance, best first (what the
-    fallback ships, or the report warns of without it)."""
+    chance; else the best member (:func:`single_rank`). ``beaten_by``: the models ahead of the selection beyond
+    chance, best first (what the fallback ships, or the report warns of without it)."""
     names, chosen = sel["candidates"], [sel["candidates"].index(n) for n in sel["selected"]]
     weights = vote_weights(quant, names, cfg.vote.weighted)
     ens = vote(proba[chosen], cfg.vote.rule, None if weights is None else weights[chosen])
@@ -113,48 +112,45 @@ def shipped_model(
     if fallback and len(chosen) == 1 and PARENT in usable and not beats:
         parent = parent_over_one(sel["selected"][0], pred, y_val, quant, placed)
         if parent:
-            return {**parent, "beaten_by": []}
-    out = {"kind": "ensemble" if len(chosen) > 1 else "member", "members": sel["selected"], "val_acc": ens_acc}
+            return parent
+    kind, members, val_acc = "ensemble" if len(chosen) > 1 else "member", sel["selected"], ens_acc
     if beats and fallback:
         better = [n for n in beats if PARENT not in beats or lead(y_val, pred[n], pred[PARENT]) < SIGNIFICANCE]
         best = max(better, key=lambda n: single_rank(quant, n)) if better else PARENT
-        out = {
-            "kind": "parent" if best == PARENT else "member",
-            "members": [best],
-            "val_acc": quant[best].val_acc_int8,
-        }
+        kind, members, val_acc = "parent" if best == PARENT else "member", [best], quant[best].val_acc_int8
     elif beats:
         best = max(beats, key=lambda n: single_rank(quant, n))
-    out["fallback"] = fallback
     ranked = sorted(beats, key=lambda n: single_rank(quant, n), reverse=True)
-    out["beaten_by"] = [{"name": n, "val_acc": quant[n].val_acc_int8, "p": ahead[n]} for n in ranked]
-    out["reason"] = _ship_reason(sel, quant, usable, best, ens_acc, ahead, bool(beats), fallback)
-    if placed and out["kind"] != "ensemble":
-        out["assignment"] = single_assignment(placed, out["members"][0])
-    return out
+    return Shipped(
+        kind,
+        members,
+        val_acc,
+        fallback,
+        _ship_reason(sel, quant, usable, best, ens_acc, ahead, bool(beats), fallback),
+        [{"name": n, "val_acc": quant[n].val_acc_int8, "p": ahead[n]} for n in ranked],
+        single_assignment(placed, members[0]) if placed and kind != "ensemble" else None,
+    )
 
 
 def parent_over_one(
     one: str, pred: dict[str, np.ndarray], y: np.ndarray, quant: dict[str, Quantised], placed: dict | None
-) -> dict | None:
+) -> Shipped | None:
     """Where the selection kept one member: the int8 parent instead, unless the member beats it beyond chance (one
     model ships either way, and among single models the parent is the robust choice); None where it does."""
     p = lead(y, pred[one], pred[PARENT])
     if p < SIGNIFICANCE:
         return None
     pct = {n: f"{100 * quant[n].val_acc_int8:.2f}%" for n in (one, PARENT)}
-    out = {
-        "kind": "parent",
-        "members": [PARENT],
-        "val_acc": quant[PARENT].val_acc_int8,
-        "fallback": True,
-        "reason": f"the selection kept one model, member {one} ({pct[one]} on validation), and among single models "
-        f"the int8 parent ({pct[PARENT]}) ships unless a member beats it beyond chance (sign test p = {p:.2g}, needs "
-        f"< {SIGNIFICANCE:g}; select.fallback: false ships the member)",
-    }
-    if placed:
-        out["assignment"] = single_assignment(placed, PARENT)
-    return out
+    return Shipped(
+        "parent",
+        [PARENT],
+        quant[PARENT].val_acc_int8,
+        True,
+        f"the selection kept one model, member {one} ({pct[one]} on validation), and among single models the int8 "
+        f"parent ({pct[PARENT]}) ships unless a member beats it beyond chance (sign test p = {p:.2g}, needs < "
+        f"{SIGNIFICANCE:g}; select.fallback: false ships the member)",
+        assignment=single_assignment(placed, PARENT) if placed else None,
+    )
 
 
 def single_rank(quant: dict[str, Quantised], name: str) -> tuple:
