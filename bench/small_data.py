@@ -206,13 +206,14 @@ def main() -> None:
         for name in args.sets.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
                 rows.append(row(name, seed, run(name, seed, work, Path(args.data), pool, args.screen)))
-                old = json.loads(path.read_text())["rows"] if path.exists() else []
-                keep = [r for r in old if (r["set"], r["seed"]) not in {(x["set"], x["seed"]) for x in rows}]
+                old = json.loads(path.read_text()) if path.exists() else {"rows": []}
+                keep = [r for r in old["rows"] if (r["set"], r["seed"]) not in {(x["set"], x["seed"]) for x in rows}]
                 write_result(path, {
                     "machine": machine(), "date": datetime.date.today().isoformat(), "command": command_line(),
                     "pool": pool, "scored_on": "10,000 held-out training images" if args.screen else "the test split",
                     "load": args.load or "what else ran: not recorded", "results_file": rel(path),
                     "rows": sorted(keep + rows, key=lambda r: (SETS.index(r["set"]), r["seed"])),
+                    **({"notes": old["notes"]} if "notes" in old else {}),  # what a reading of the runs found
                 })  # fmt: skip
     main_file, others = RESULTS / "small-data.json", sorted(RESULTS.glob("small-data-*.json"))
     default = json.loads(main_file.read_text()) if main_file.exists() else None
