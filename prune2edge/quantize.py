@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import lzma
+import shutil
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -302,7 +303,8 @@ def quantize_model(
 
 def quantize_all(run_dir: Path, cfg: Config, members: list[dict], progress: bool = True) -> dict[str, Quantised]:
     """Quantise the baseline and every pool member not yet done; returns records by name (``baseline`` first).
-    Codebooks (``quantize.codebook_bits``) are for the members: the baseline stays the plain int8 reference."""
+    Codebooks (``quantize.codebook_bits``) are for the members: the baseline stays the plain int8 reference. The
+    parent as a member that trained no more (``pool.parent_qat: false``) is the baseline's int8 model, copied."""
     q = cfg.quantize
     x_train, _ = store.tensors(run_dir, "train")
     rng = np.random.default_rng([cfg.seed, 2])
@@ -312,10 +314,16 @@ def quantize_all(run_dir: Path, cfg: Config, members: list[dict], progress: bool
     image_shape = tuple(store.read_json(run_dir / store.BASELINE / store.PARENT_RECORD)["image_shape"])
     folders = {"baseline": run_dir / store.BASELINE, **{m["name"]: run_dir / store.POOL / m["name"] for m in members}}
     grids = {m["name"]: (m.get("weight_bits", cfg.pool.weight_bits), m.get("largest_layer_bits", 0)) for m in members}
+    untouched = {m["name"] for m in members if m.get("parent") and m.get("steps") == 0 and not any(grids[m["name"]])}
     records = {}
     for name, folder in tqdm(folders.items(), desc="quantise", disable=not progress, unit="model"):
         if (folder / store.QUANT).exists():
             records[name] = read_quantised(folder)
+            continue
+        if name in untouched and not q.codebook_bits:  # the parent as it is: the baseline's int8 model, not made again
+            for f in (store.FP32, store.INT8, SHIPPED, store.VAL_PROBA, store.QUANT):
+                shutil.copyfile(run_dir / store.BASELINE / f, folder / f)
+            records[name] = records["baseline"]
             continue
         model = store.load_baseline(run_dir) if name == "baseline" else store.load_member(run_dir, name)
         records[name] = quantize_model(
