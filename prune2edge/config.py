@@ -326,7 +326,7 @@ class Config(Section):
 def default(key: str) -> Any:
     """The config's default for ``key`` (``section.name``): what a function that takes the setting defaults to."""
     section, name = key.split(".")
-    return Config.model_fields[section].default.model_fields[name].default
+    return Config.model_fields[section].annotation.model_fields[name].default
 
 
 # the rules between keys: (key, what is wrong with it when the check fails, the check on the whole config)

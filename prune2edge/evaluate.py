@@ -210,7 +210,8 @@ def _member_records(run_dir: Path, sel: dict, s: Scores, names: list[str]) -> li
 
 def _vote_records(s: Scores, sel: dict, shipped: Shipped, ship_test: np.ndarray, base32: np.ndarray) -> dict:
     """How the votes score: the whole pool's vote, the selected ensemble, what the bundle ships (its test scores:
-    ``ship_test``; whether select.fallback weighed the single models, which beat the selection beyond chance), every strategy's pick and its k sweep, each against the fp32 parent's test scores ``base32``."""
+    ``ship_test``; whether select.fallback weighed the single models, which beat the selection beyond chance), every
+    strategy's pick and its k sweep, each against the fp32 parent's test scores ``base32``."""
     ok, chosen, y_test, base_pred = sel["candidates"], sel["selected"], s.y_test, base32.argmax(1)
 
     def against_parent(pred: np.ndarray) -> dict:
