@@ -26,6 +26,8 @@ import numpy as np
 import yaml
 from common import DATA, RESULTS, ROOT, argparser, command_line, machine, publish, rel, write_result
 
+from prune2edge.summary import per_device
+
 TITLE = "## Defaults on small data (issue 32)"
 CONFIG = {"model": {"arch": "small_cnn"}, "train": {"epochs": 30, "batch_size": 64}}  # what a user sets
 SIZES = {"1k": 1000, "2k": 2000, "5k": 5000}
@@ -80,8 +82,7 @@ def row(name: str, seed: int, run_dir: Path) -> dict:
     """What a run measured, read from its metrics.json and cpu_seconds.json."""
     m = json.loads((run_dir / "metrics.json").read_text())
     cpu = json.loads((run_dir / "cpu_seconds.json").read_text())
-    sh, b = m["shipped"], m["baseline"]
-    shipped = [x for x in m["members"] if x["name"] in sh["members"]] or [{"bytes": b["bytes"]}]
+    sh, b, device = m["shipped"], m["baseline"], per_device(m)
     return {
         "set": name,
         "seed": seed,
@@ -99,8 +100,8 @@ def row(name: str, seed: int, run_dir: Path) -> dict:
         "test_acc": sh["test_acc"],
         "gain": sh["gain_vs_baseline_fp32"],
         "mcnemar_p": sh["mcnemar_p_vs_baseline_fp32"],
-        "bytes_shipped": max(x["bytes"]["shipped"] for x in shipped),
-        "bytes_as_run": max(x["bytes"]["int8"] for x in shipped),
+        "bytes_shipped": device["shipped"],
+        "bytes_as_run": device["int8"],
         "pool_vote_test_acc": m["pool_vote"]["test_acc"],
         "member_test_acc": [x["test_acc_int8"] for x in m["members"]],
         "cost": sum(cpu[p] for p in POOL) / cpu["baseline"],

@@ -94,12 +94,18 @@ def _bits(member: dict) -> str:
 SHIPPED = {"ensemble": "the ensemble of", "member": "one member,", "parent": "the int8 parent,"}
 
 
+def per_device(m: dict) -> dict[str, int]:
+    """The bytes one device holds of what ships (``metrics.json``): its largest model's, each way (``shipped``,
+    ``int8`` as run, ...); one device runs one model."""
+    sh, b = m["shipped"], m["baseline"]
+    sizes = [b["bytes"]] if sh["kind"] == "parent" else [x["bytes"] for x in m["members"] if x["name"] in sh["members"]]
+    return {k: max(s[k] for s in sizes) for k in sizes[0]}
+
+
 def shipped_line(m: dict) -> str:
     """What shipped, its accuracy against the fp32 parent, the bytes each device holds (as shipped, as run, and the
     parent's fp32 file), and why."""
-    e, sh, b = m["ensemble"], m["shipped"], m["baseline"]
-    sizes = [b["bytes"]] if sh["kind"] == "parent" else [x["bytes"] for x in m["members"] if x["name"] in sh["members"]]
-    most = {k: max(s[k] for s in sizes) for k in ("shipped", "int8")}
+    e, sh, b, most = m["ensemble"], m["shipped"], m["baseline"], per_device(m)
     return (
         f"shipped: {SHIPPED[sh['kind']]} {', '.join(sh['members'])} (validation {100 * sh['val_acc']:.2f}%, test "
         f"{100 * sh['test_acc']:.2f}%, {100 * sh['gain_vs_baseline_fp32']:+.2f} points vs baseline fp32, McNemar p = "
