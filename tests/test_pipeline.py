@@ -100,15 +100,19 @@ def comparable(metrics: dict) -> dict:
 
 @pytest.mark.slow
 def test_kill_mid_pool_then_rerun_gives_identical_metrics(tmp_path):
+    # one thread in every process: CPU training is bit-identical for a given thread count only, and without it each
+    # run takes the cores that are free when it starts (one in CI beside the other worker, or two)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cfg = tmp_path / "small.yaml"
     cfg.write_text(yaml.safe_dump(SMALL))
-    ref = prune2edge_cli("run", str(cfg), "--out", str(tmp_path / "ref"), "--quiet")
+    ref = prune2edge_cli("run", str(cfg), "--out", str(tmp_path / "ref"), "--quiet", env=env)
     assert ref.returncode == 0, ref.stderr
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "prune2edge.cli", "run", str(cfg), "--out", str(run_dir), "--quiet"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=env,
     )
     deadline = time.time() + 240
     while not (run_dir / "pool" / "m001" / "member.json").exists():
@@ -119,7 +123,7 @@ def test_kill_mid_pool_then_rerun_gives_identical_metrics(tmp_path):
     done = {p.name for p in (run_dir / "pool").iterdir() if (p / "member.json").exists()}
     assert 2 <= len(done) < 6 and not (run_dir / "metrics.json").exists()
     before = {n: (run_dir / "pool" / n / "model.pt").stat().st_mtime_ns for n in done}
-    again = prune2edge_cli("run", str(cfg), "--out", str(run_dir), "--quiet")
+    again = prune2edge_cli("run", str(cfg), "--out", str(run_dir), "--quiet", env=env)
     assert again.returncode == 0, again.stderr
     assert {n: (run_dir / "pool" / n / "model.pt").stat().st_mtime_ns for n in done} == before  # not recomputed
     assert comparable(store.read_json(run_dir / "metrics.json")) == comparable(
