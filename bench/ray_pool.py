@@ -52,7 +52,7 @@ def timed_pool(prepared: Path, run_dir: Path, cfg: config.Config, executor) -> t
     t0 = time.perf_counter()
     with executor() as ex:
         members = pool.build(run_dir, cfg, ex, progress=False)
-    return time.perf_counter() - t0, sum(m["seconds"] for m in members)
+    return time.perf_counter() - t0, sum(m.seconds for m in members)
 
 
 def markdown(r: dict) -> str:

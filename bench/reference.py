@@ -42,6 +42,7 @@ from common import (
 )
 
 from prune2edge import config, store, train
+from prune2edge.records import read_member
 from prune2edge.runtime.vote import accuracy, disagreement, vote
 
 TITLE = "## CIFAR-10: reference rows"
@@ -85,7 +86,7 @@ def pool_epochs(run_dir: Path) -> float:
     records = sorted((run_dir / "pool").glob("*/member.json"))
     if not records:
         sys.exit(f"'{run_dir}' has no pool/*/member.json; pass --epochs")
-    return round(sum(store.read_json(f)["epochs"] for f in records), 6)
+    return round(sum(read_member(run_dir, f.parent.name).epochs for f in records), 6)
 
 
 def cache(run_dir: Path, epochs: float) -> Path:

@@ -13,7 +13,7 @@ from scipy.stats import binomtest
 
 from . import data, selective, store
 from .errors import UserError
-from .records import Quantised, Shipped, read_quantised
+from .records import Quantised, Shipped, read_member, read_quantised
 from .runtime.bundle import Bundle, predict_proba, session
 from .runtime.vote import AGREEMENT, accuracy, disagreement, margin, vote
 from .ship import mcnemar, vote_weights
@@ -177,7 +177,7 @@ def _member_records(run_dir: Path, sel: dict, s: Scores, names: list[str]) -> li
     below = {b["name"] for b in sel.get("parent_gate", {}).get("below", [])}
     members = []
     for n in names:
-        rec, q = store.read_json(run_dir / store.POOL / n / store.MEMBER_RECORD), s.quant[n]
+        rec, q = read_member(run_dir, n), s.quant[n]
         members.append(
             {
                 "name": n,
@@ -185,9 +185,9 @@ def _member_records(run_dir: Path, sel: dict, s: Scores, names: list[str]) -> li
                 "below_parent": n in below,  # left out of clustering by select.max_below_parent
                 "cluster": labels.get(n),
                 "selected": n in sel["selected"],
-                "sparsity_target": rec["sparsity"],
-                "sparsity_measured": rec["measured_sparsity"]["overall"],
-                "macs_vs_parent": rec.get("macs_vs_parent"),  # channel-pruned members (pool.structure: channels)
+                "sparsity_target": rec.sparsity,
+                "sparsity_measured": rec.measured_sparsity["overall"],
+                "macs_vs_parent": rec.macs_vs_parent,  # channel-pruned members (pool.structure: channels)
                 "val_acc_fp32": q.val_acc_fp32,
                 "val_acc_int8": q.val_acc_int8,
                 "test_acc_int8": accuracy(s.test[n], s.y_test),
@@ -198,10 +198,10 @@ def _member_records(run_dir: Path, sel: dict, s: Scores, names: list[str]) -> li
                 "full_integer": q.full_integer,
                 "quant_attempts": q.attempts,
                 "plan": {
-                    k: rec.get(k, 0) for k in ("seed", "epochs", "lr", "batch_size", "bootstrap", "source", "parent")
+                    k: getattr(rec, k) for k in ("seed", "epochs", "lr", "batch_size", "bootstrap", "source", "parent")
                 },
-                "steps": rec.get("steps"),  # as trained (pool.min_steps); none in a run from before the floor
-                "fine_tune_seconds": rec["seconds"],
+                "steps": rec.steps,  # as trained (pool.min_steps); none in a run from before the floor
+                "fine_tune_seconds": rec.seconds,
                 "val_vs_parent_fp32": q.val_acc_int8 - s.quant[PARENT].val_acc_fp32,
             }
         )

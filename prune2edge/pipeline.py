@@ -31,7 +31,7 @@ from . import (
 )
 from .config import Config
 from .errors import UserError
-from .records import Quantised, Shipped
+from .records import Member, Quantised, Shipped, read_member
 from .runtime import bundle, latency, runtimes
 from .runtime.preprocess import InputSteps, Preprocessing
 from .runtime.vote import accuracy, decide
@@ -150,14 +150,16 @@ def device_needs(int8: Path, x: np.ndarray) -> dict:
     return qdq.describe(onnx.load(str(int8))) | {"runtimes": runtimes.verify(int8.read_bytes(), x)}
 
 
-def make_bundle(run_dir: Path, cfg: Config, selection: dict, members: list[dict], quant: dict[str, Quantised]) -> dict:
+def make_bundle(
+    run_dir: Path, cfg: Config, selection: dict, members: list[Member], quant: dict[str, Quantised]
+) -> dict:
     """Write ``bundle/`` with the shipped int8 models (the selected members, or the one model the fallback chose:
     the parent ships as the bundle's one member, ``baseline``), the default abstain threshold and latencies."""
     if (run_dir / store.BUNDLE / store.MANIFEST).exists():
         return bundle.read_manifest(run_dir / store.BUNDLE)
     info, quant = store.read_json(run_dir / store.DATASET), records.with_parent(run_dir, quant)
     shipped = Shipped.of(selection)
-    sparsity = {m["name"]: (m["sparsity"], m["measured_sparsity"]["overall"]) for m in members}
+    sparsity = {m.name: (m.sparsity, m.measured_sparsity["overall"]) for m in members}
     if PARENT in shipped.members:
         sparsity[PARENT] = (0.0, models.sparsity(store.load_baseline(run_dir))["overall"])
     labels = dict(zip(selection["candidates"], selection["clustering"]["labels"]))
@@ -219,7 +221,7 @@ def done_before(run_dir: Path, name: str) -> float:
         return history[-1]["seconds"] if history else 0.0
     if name == "pool":  # finished members, and the saved epochs of a member that was killed while it trained
         return sum(
-            store.read_json(f)["seconds"] for f in (run_dir / store.POOL).glob(f"*/{store.MEMBER_RECORD}")
+            read_member(run_dir, f.parent.name).seconds for f in (run_dir / store.POOL).glob(f"*/{store.MEMBER_RECORD}")
         ) + sum(pool.checkpoint_seconds(f) for f in (run_dir / store.POOL).glob(f"*/{store.CHECKPOINT}"))
     return 0.0
 

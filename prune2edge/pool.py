@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import config, models, prune, qat, store, train
+from . import config, models, prune, qat, records, store, train
 from .errors import UserError
 from .executors import RayExecutor
 from .prune import ChannelPruner, MagnitudePruner, antirandom_masks, leave_basin
@@ -250,13 +250,12 @@ def measure(model: torch.nn.Module, record: dict, x_val: torch.Tensor, y_val: to
     return state, info
 
 
-def write_member(run_dir: Path, state: bytes, info: dict) -> dict:
+def write_member(run_dir: Path, state: bytes, info: dict) -> records.Member:
     """Write ``pool/<name>/model.pt`` and then ``member.json`` (a member exists once its record does)."""
-    out = run_dir / store.POOL / info["name"]
-    store.write_bytes(out / store.WEIGHTS, state)
-    store.write_json(out / store.MEMBER_RECORD, info)
-    member_checkpoint(run_dir, info["name"]).unlink(missing_ok=True)
-    return info
+    store.write_bytes(run_dir / store.POOL / info["name"] / store.WEIGHTS, state)
+    member = records.write_member(run_dir, info)
+    member_checkpoint(run_dir, member.name).unlink(missing_ok=True)
+    return member
 
 
 def member_steps(epochs: float, n_train: int, batch_size: int, min_steps: int) -> int:
@@ -380,12 +379,12 @@ def checkpoint_seconds(path: Path | None) -> float:
     return history[-1]["seconds"] if history else 0.0
 
 
-def train_member(run_dir: Path, member: MemberPlan) -> dict:
+def train_member(run_dir: Path, member: MemberPlan) -> records.Member:
     """Train one member and write ``pool/<name>/`` (``member.json`` last)."""
     return write_member(run_dir, *fit_member(run_dir, member))
 
 
-def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
+def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[records.Member]:
     """One run from the baseline with a cosine learning-rate cycle per member; at each cycle's low point the
     current (pruned) network is saved as the next member (fast geometric ensembling, Garipov et al. 2018).
 
@@ -401,7 +400,7 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
     cycle = member_steps(lead.epochs, len(x), lead.batch_size, p.min_steps)
     epochs = cycle / math.ceil(len(x) / lead.batch_size)
     pruner = _pruner(model, p, sparsity, cycle, lead.seed)  # the ramp is within the first cycle
-    infos: dict[int, dict] = {}
+    infos: dict[int, records.Member] = {}
 
     def after_step(step: int, total_steps: int) -> None:
         pruner(step, total_steps)
@@ -437,18 +436,15 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[dict]:
         progress=False,
     )
     (run_dir / store.POOL / store.CYCLICAL).unlink(missing_ok=True)
-    return [
-        infos.get(i) or store.read_json(run_dir / store.POOL / m.name / store.MEMBER_RECORD)
-        for i, m in enumerate(plans)
-    ]
+    return [infos.get(i) or records.read_member(run_dir, m.name) for i, m in enumerate(plans)]
 
 
-def build(run_dir: Path, cfg: config.Config, executor: Executor, progress: bool = True) -> list[dict]:
+def build(run_dir: Path, cfg: config.Config, executor: Executor, progress: bool = True) -> list[records.Member]:
     """Train every member not yet on disk and write each here as it arrives; return all members' records in index
     order. A job's failure is raised after the other jobs have finished and been saved."""
     plans, p = plan(cfg), cfg.pool
     done = {
-        m.name: store.read_json(run_dir / store.POOL / m.name / store.MEMBER_RECORD)
+        m.name: records.read_member(run_dir, m.name)
         for m in plans
         if (run_dir / store.POOL / m.name / store.MEMBER_RECORD).exists()
     }
@@ -468,12 +464,12 @@ def build(run_dir: Path, cfg: config.Config, executor: Executor, progress: bool 
         if f.exception() is not None:
             failures.append(f.exception())
             return
-        for info in f.result() if p.cyclical else [write_member(run_dir, *f.result())]:
-            done[info["name"]] = info
+        for member in f.result() if p.cyclical else [write_member(run_dir, *f.result())]:
+            done[member.name] = member
             bar.set_postfix(
-                last=info["name"],
-                sparsity=round(info["measured_sparsity"]["overall"], 3),
-                val=round(info["val_acc_fp32"], 4),
+                last=member.name,
+                sparsity=round(member.measured_sparsity["overall"], 3),
+                val=round(member.val_acc_fp32, 4),
             )
         bar.n = len(done)
         bar.refresh()

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import qat, qdq, store
 from .qdq import int8_weights
-from .records import Quantised, Sizes, read_quantised, write_quantised
+from .records import Member, Quantised, Sizes, read_quantised, write_quantised
 from .runtime.bundle import decode, predict_proba, session
 from .runtime.vote import accuracy
 
@@ -301,7 +301,7 @@ def quantize_model(
     return record
 
 
-def quantize_all(run_dir: Path, cfg: Config, members: list[dict], progress: bool = True) -> dict[str, Quantised]:
+def quantize_all(run_dir: Path, cfg: Config, members: list[Member], progress: bool = True) -> dict[str, Quantised]:
     """Quantise the baseline and every pool member not yet done; returns records by name (``baseline`` first).
     Codebooks (``quantize.codebook_bits``) are for the members: the baseline stays the plain int8 reference. The
     parent as a member that trained no more (``pool.parent_qat: false``) is the baseline's int8 model, copied."""
@@ -312,9 +312,13 @@ def quantize_all(run_dir: Path, cfg: Config, members: list[dict], progress: bool
     x_val, y_val = store.tensors(run_dir, "val")
     x_val, y_val = x_val.numpy(), y_val.numpy()
     image_shape = tuple(store.read_json(run_dir / store.BASELINE / store.PARENT_RECORD)["image_shape"])
-    folders = {"baseline": run_dir / store.BASELINE, **{m["name"]: run_dir / store.POOL / m["name"] for m in members}}
-    grids = {m["name"]: (m.get("weight_bits", cfg.pool.weight_bits), m.get("largest_layer_bits", 0)) for m in members}
-    untouched = {m["name"] for m in members if m.get("parent") and m.get("steps") == 0 and not any(grids[m["name"]])}
+    folders = {"baseline": run_dir / store.BASELINE, **{m.name: run_dir / store.POOL / m.name for m in members}}
+    # a member's QAT grid, pool.weight_bits where its record has none (cyclical members, older runs)
+    grids = {
+        m.name: (cfg.pool.weight_bits if m.weight_bits is None else m.weight_bits, m.largest_layer_bits)
+        for m in members
+    }
+    untouched = {m.name for m in members if m.parent and m.steps == 0 and not any(grids[m.name])}
     records = {}
     for name, folder in tqdm(folders.items(), desc="quantise", disable=not progress, unit="model"):
         if (folder / store.QUANT).exists():

@@ -1,6 +1,6 @@
 """The typed records stages hand each other, each read and written here only, with the defaults for runs written by
-older versions: a model quantised and gated (:class:`Quantised`, ``quant.json``), what ships (:class:`Shipped`,
-``selection.json``'s ``shipped``)."""
+older versions: a pool member as trained (:class:`Member`, ``member.json``), a model quantised and gated
+(:class:`Quantised`, ``quant.json``), what ships (:class:`Shipped`, ``selection.json``'s ``shipped``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,51 @@ from pathlib import Path
 from typing import Any
 
 from . import store
+
+
+@dataclass(frozen=True)
+class Member:
+    """A pool member as trained: its plan (:class:`prune2edge.pool.MemberPlan`), how the pool shaped it and what it
+    measured (``member.json``)."""
+
+    index: int
+    seed: int
+    sparsity: float  # the target (a cyclical pool's: its highest sampled)
+    epochs: float  # as trained (pool.min_steps may lift the planned ones; 0: the parent as a member trained none)
+    lr: float
+    batch_size: int
+    bootstrap: bool
+    name: str
+    seconds: float  # training time (a cyclical pool's: per cycle)
+    measured_sparsity: dict[str, Any]  # the fraction of zero weights: "overall", and per layer ("layers")
+    val_acc_fp32: float
+    source: int = 0  # the baseline checkpoint it started from (pool.snapshots; 0: the final baseline)
+    parent: bool = False  # the baseline itself as a member (pool.include_parent)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # over the baseline's (a fresh student's widths)
+    weight_bits: float | None = None  # its QAT grid (0: none); None: not recorded (cyclical, older runs)
+    largest_layer_bits: float = 0
+    planned_epochs: float | None = None  # as sampled (None: a run from before pool.min_steps)
+    steps: int | None = None  # optimiser steps as trained (None: a run from before pool.min_steps)
+    structure: str = "weights"  # pool.structure: "weights", or "channels" (cut out: a smaller dense network)
+    macs_vs_parent: float | None = None  # of a channel-pruned member
+    cyclical: bool = False  # one of a cyclical pool's low points
+    history: list[dict] = field(default_factory=list)  # per epoch (none for a cyclical pool's members)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Member:
+        return cls(**d)
+
+
+def write_member(run_dir: Path, record: dict[str, Any]) -> Member:
+    """Write ``pool/<name>/member.json`` with ``record``'s keys in the order the pool made them (each way of making
+    members has its own), and return it typed."""
+    member = Member.from_json(record)
+    store.write_json(run_dir / store.POOL / member.name / store.MEMBER_RECORD, record)
+    return member
+
+
+def read_member(run_dir: Path, name: str) -> Member:
+    return Member.from_json(store.read_json(run_dir / store.POOL / name / store.MEMBER_RECORD))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from .store import PARENT, model_dir
 
 if TYPE_CHECKING:
     from .config import Config
-    from .records import Quantised
+    from .records import Member, Quantised
 
 STRATEGIES = ("accuracy-first", "diversity-first", "top-k", "random", "greedy")
 
@@ -244,7 +244,7 @@ def curve(
     ]
 
 
-def choose(run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, Quantised]) -> dict:
+def choose(run_dir: Path, cfg: Config, members: list[Member], quant: dict[str, Quantised]) -> dict:
     """Cluster the members that passed the int8 gate and the gate against the parent (:func:`ship.parent_gate`),
     select the voters, place them on ``deploy.devices`` and decide what ships (:func:`ship.shipped_model`); writes
     ``selection.json`` (and returns the one already there, made for the same devices).
@@ -278,7 +278,7 @@ def choose(run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, Qua
     chosen = {s: select(s, proba, y_val, result["labels"], **kw, fits=fits) for s in STRATEGIES}
     record = {
         "candidates": names,
-        "dropped": [m["name"] for m in members if m["name"] not in passed],
+        "dropped": [m.name for m in members if m.name not in passed],
         "parent_gate": gate,
         "clustering": result,
         "strategy": strategy,
@@ -303,11 +303,11 @@ def choose(run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, Qua
 
 
 def _candidates(
-    run_dir: Path, cfg: Config, members: list[dict], quant: dict[str, Quantised], y_val: np.ndarray
+    run_dir: Path, cfg: Config, members: list[Member], quant: dict[str, Quantised], y_val: np.ndarray
 ) -> tuple[list[str], dict[str, np.ndarray], list[str], dict]:
     """The members that passed the int8 gate, every model's validation probabilities (the int8 parent's too), the
     members kept against the parent (:func:`ship.parent_gate`: the candidates) and the gate's record."""
-    passed = [m["name"] for m in members if quant[m["name"]].ok]
+    passed = [m.name for m in members if quant[m.name].ok]
     if not passed:
         raise UserError(
             "every pool member failed the int8 gate; see pool/*/quant.json, and raise quantize.max_drop "

@@ -180,9 +180,10 @@ def load_member(run_dir: str | Path, name: str) -> torch.nn.Module:
     import torch
 
     from . import models
+    from .records import read_member  # records reads and writes through this module
 
     run_dir = Path(run_dir)
     base = read_json(run_dir / BASELINE / PARENT_RECORD)
-    kwargs = {**base["kwargs"], **read_json(run_dir / POOL / name / MEMBER_RECORD).get("model_kwargs", {})}
+    kwargs = {**base["kwargs"], **read_member(run_dir, name).model_kwargs}
     model = models.build(base["arch"], tuple(base["image_shape"]), base["num_classes"], **kwargs)
     return models.shaped_like(model, torch.load(run_dir / POOL / name / WEIGHTS, map_location="cpu", weights_only=True))

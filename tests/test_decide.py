@@ -114,8 +114,8 @@ def test_threshold_is_chosen_on_validation_only(demo_run, tmp_path):
         "validation changed": (digits.x_test, digits.y_test, y_val_changed),
     }
     selection = store.read_json(demo_run / "selection.json")
-    members_ = [store.read_json(p) for p in sorted((demo_run / "pool").glob("*/member.json"))]
-    quant = {m["name"]: records.read_quantised(demo_run / "pool" / m["name"]) for m in members_}
+    members_ = [records.read_member(demo_run, p.parent.name) for p in sorted((demo_run / "pool").glob("*/member.json"))]
+    quant = {m.name: records.read_quantised(demo_run / "pool" / m.name) for m in members_}
     chosen = {}
     for name, (x_test, y_test, y_train) in variants.items():
         run = tmp_path / name.replace(" ", "-")

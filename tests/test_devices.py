@@ -26,9 +26,9 @@ def write(tmp_path: Path, text: str, name: str = "devices.yaml") -> Path:
     return path
 
 
-def pool_of(run_dir: Path) -> tuple[list[dict], dict[str, dict]]:
-    members = [store.read_json(p) | {"name": p.parent.name} for p in sorted((run_dir / "pool").glob("*/member.json"))]
-    return members, {m["name"]: records.read_quantised(run_dir / "pool" / m["name"]) for m in members}
+def pool_of(run_dir: Path) -> tuple[list[records.Member], dict[str, records.Quantised]]:
+    members = [records.read_member(run_dir, p.parent.name) for p in sorted((run_dir / "pool").glob("*/member.json"))]
+    return members, {m.name: records.read_quantised(run_dir / "pool" / m.name) for m in members}
 
 
 def copy_run(demo_run: Path, out: Path, devices_file: Path | None, **overrides) -> tuple[dict, list[dict], dict]:

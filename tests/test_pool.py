@@ -88,7 +88,7 @@ def test_members_are_clones_of_the_baseline_not_chained(demo_run, tmp_path):
     alone = torch.load(run_dir / "pool" / plan.name / "model.pt", weights_only=True)
     full = torch.load(demo_run / "pool" / plan.name / "model.pt", weights_only=True)
     assert all(torch.equal(alone[k], full[k]) for k in full)
-    assert info["measured_sparsity"]["overall"] >= plan.sparsity - 0.01
+    assert info.measured_sparsity["overall"] >= plan.sparsity - 0.01
     assert sorted(p.name for p in (run_dir / "pool").iterdir()) == [plan.name]
 
 
@@ -100,12 +100,12 @@ def test_process_pool_executor_runs_members(demo_run, tmp_path):
     with executors.make_executor(2) as ex:
         assert not isinstance(ex, executors.InProcessExecutor)
         members = pool.build(run_dir, cfg, ex, progress=False)
-    assert [m["name"] for m in members] == ["m000", "m001", "m002"]
+    assert [m.name for m in members] == ["m000", "m001", "m002"]
     assert not (run_dir / "pool" / "m000" / "model.pt").exists()  # finished member kept, not recomputed
     plans = pool.plan(cfg)
     for m, p in zip(members[1:], plans[1:]):
-        assert m["measured_sparsity"]["overall"] >= p.sparsity - 0.01
-        assert m["val_acc_fp32"] > 0.8 and (run_dir / "pool" / p.name / "model.pt").exists()
+        assert m.measured_sparsity["overall"] >= p.sparsity - 0.01
+        assert m.val_acc_fp32 > 0.8 and (run_dir / "pool" / p.name / "model.pt").exists()
 
 
 def test_distillation_changes_the_member(demo_run, tmp_path):
@@ -119,4 +119,4 @@ def test_distillation_changes_the_member(demo_run, tmp_path):
     plain = torch.load(run_dir / "pool" / plan.name / "model.pt", weights_only=True)
     distilled = torch.load(demo_run / "pool" / plan.name / "model.pt", weights_only=True)
     assert not all(torch.equal(distilled[k], plain[k]) for k in plain)  # the loss changed, so the weights did
-    assert info["measured_sparsity"]["overall"] >= plan.sparsity - 0.01 and info["val_acc_fp32"] > 0.8
+    assert info.measured_sparsity["overall"] >= plan.sparsity - 0.01 and info.val_acc_fp32 > 0.8

@@ -91,11 +91,11 @@ def test_antirandom_members_keep_disjoint_weights_after_training(tiny_run, tmp_p
     run, cfg = configured(*tiny_run, tmp_path, mask="antirandom", sparsity=0.7)
     members = pool.build(run, cfg, executors.InProcessExecutor(), progress=False)
     alive = [
-        flat_masks({n: w != 0 for n, w in models.prunable(store.load_member(run, m["name"])).items()}) for m in members
+        flat_masks({n: w != 0 for n, w in models.prunable(store.load_member(run, m.name)).items()}) for m in members
     ]
     for a, b in itertools.combinations(alive, 2):
         assert not (a & b).any()  # 3 x 30 % kept: the trained members share no weight
-    assert all(abs(m["measured_sparsity"]["overall"] - 0.7) < 0.02 for m in members)
+    assert all(abs(m.measured_sparsity["overall"] - 0.7) < 0.02 for m in members)
 
 
 def test_shrink_and_perturb_start_is_exactly_lambda_w_plus_sigma_fresh():
@@ -138,8 +138,8 @@ def test_fresh_wider_students_are_built_recorded_and_reloaded(tiny_run, tmp_path
     assert model.features[0][0].out_channels == 12
     assert torch.equal(models.prunable(model)["head.2"], models.prunable(src.fresh(plan.seed, {"width": 12}))["head.2"])
     members = pool.build(run, cfg, executors.InProcessExecutor(), progress=False)
-    assert members[0]["model_kwargs"] == {"width": 12}
-    reloaded = store.load_member(run, members[0]["name"])
+    assert members[0].model_kwargs == {"width": 12}
+    reloaded = store.load_member(run, members[0].name)
     assert reloaded.features[0][0].out_channels == 12
     assert abs(models.sparsity(reloaded)["overall"] - 0.7) < 0.02
 
@@ -168,17 +168,17 @@ def test_regrow_moves_the_mask_at_constant_sparsity():
 def test_cyclical_pool_takes_one_member_per_cycle_from_one_run(tiny_run, tmp_path):
     run, cfg = configured(*tiny_run, tmp_path, cyclical=True, sparsity=[0.6, 0.7])
     members = pool.build(run, cfg, executors.InProcessExecutor(), progress=False)
-    assert [m["name"] for m in members] == ["m000", "m001", "m002"]
-    assert all(m["cyclical"] and m["sparsity"] == max(p.sparsity for p in pool.plan(cfg)) for m in members)
-    states = [store.load_member(run, m["name"]).state_dict() for m in members]
+    assert [m.name for m in members] == ["m000", "m001", "m002"]
+    assert all(m.cyclical and m.sparsity == max(p.sparsity for p in pool.plan(cfg)) for m in members)
+    states = [store.load_member(run, m.name).state_dict() for m in members]
     assert not torch.equal(states[0]["head.2.weight"], states[2]["head.2.weight"])
-    assert all(m["measured_sparsity"]["overall"] >= m["sparsity"] - 0.01 for m in members)
+    assert all(m.measured_sparsity["overall"] >= m.sparsity - 0.01 for m in members)
     assert not (run / "pool" / "cyclical.pt").exists()
     # a member deleted after the run is made again by the same command, identical to the first time
     first = store.read_json(run / "pool" / "m001" / "member.json")
     (run / "pool" / "m001" / "member.json").unlink()
     again = pool.build(run, cfg, executors.InProcessExecutor(), progress=False)
-    assert again[1]["val_acc_fp32"] == first["val_acc_fp32"]
+    assert again[1].val_acc_fp32 == first["val_acc_fp32"]
 
 
 @pytest.mark.parametrize(
@@ -211,8 +211,6 @@ def test_regrow_member_keeps_other_weights_than_plain_pruning_at_the_same_sparsi
             *tiny_run, tmp_path / str(regrow), regrow=regrow, regrow_every=1, prune_end=0.2, epochs=2.0
         )
         info = pool.train_member(run, pool.plan(cfg)[0])
-        alive[regrow] = flat_masks(
-            {n: w != 0 for n, w in models.prunable(store.load_member(run, info["name"])).items()}
-        )
-        assert abs(info["measured_sparsity"]["overall"] - 0.7) < 0.02
+        alive[regrow] = flat_masks({n: w != 0 for n, w in models.prunable(store.load_member(run, info.name)).items()})
+        assert abs(info.measured_sparsity["overall"] - 0.7) < 0.02
     assert (alive[0.5] & ~alive[0.0]).sum() > 0.05 * alive[0.0].sum()  # explored: weights plain pruning had dropped

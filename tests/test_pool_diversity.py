@@ -121,8 +121,8 @@ def test_snapshot_members_clone_different_checkpoints(tmp_path):
         first[2], store.load_baseline(run).state_dict()["head.2.weight"]
     )
     members = pool.build(run, cfg, executors.InProcessExecutor(), progress=False)
-    assert [m["source"] for m in members] == [3, 2, 1]
-    assert all(abs(m["measured_sparsity"]["overall"] - 0.5) < 0.01 for m in members)
+    assert [m.source for m in members] == [3, 2, 1]
+    assert all(abs(m.measured_sparsity["overall"] - 0.5) < 0.01 for m in members)
     assert store.read_json(run / "baseline" / "model.json")["snapshots"] == 3
 
 

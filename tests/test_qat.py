@@ -68,14 +68,14 @@ def qat_run(tmp_path_factory):
 def test_exported_int8_weights_lie_exactly_on_the_qat_grid(qat_run):
     run, _, members, quant = qat_run
     for m in members:
-        folder = run / "pool" / m["name"]
+        folder = run / "pool" / m.name
         fp32_model = onnx.load(str(folder / "fp32.onnx"))
         fp32 = {t.name: numpy_helper.to_array(t) for t in fp32_model.graph.initializer}
         fp32_layers = [n for n in fp32_model.graph.node if n.op_type in ("Conv", "Gemm")]
         int8 = onnx.load(str(folder / "int8.onnx"))
         inits = {t.name: numpy_helper.to_array(t) for t in int8.graph.initializer}
         layers = qdq.layers(int8)
-        assert len(layers) == len(fp32_layers) == len(models.prunable(store.load_member(run, m["name"])))
+        assert len(layers) == len(fp32_layers) == len(models.prunable(store.load_member(run, m.name)))
         made_by = {o: n for n in int8.graph.node for o in n.output}
         for (node, weight, bias), source in zip(layers, fp32_layers):
             k, scale = inits[weight.input[0]], inits[weight.input[1]]
@@ -88,7 +88,7 @@ def test_exported_int8_weights_lie_exactly_on_the_qat_grid(qat_run):
             b_scale = inits[bias.input[1]]
             assert np.allclose(b_scale, inits[made_by[node.input[0]].input[1]] * scale, rtol=1e-6)
             assert np.abs(inits[bias.input[0]] * b_scale - fp32[source.input[2]]).max() <= b_scale.max()
-        q = quant[m["name"]]
+        q = quant[m.name]
         assert q.weight_bits == 4 and q.full_integer and q.bits_per_weight_shipped < 8
         assert q.bytes.shipped < quant["baseline"].bytes.shipped
 
@@ -97,12 +97,12 @@ def test_int8_outputs_agree_with_the_fake_quantised_network(qat_run):
     run, _, members, quant = qat_run
     x_val, _ = store.tensors(run, "val")
     for m in members:
-        torch_proba = train.predict_proba(store.load_member(run, m["name"]), x_val)
-        int8_proba = predict_proba(session(run / "pool" / m["name"] / "int8.onnx"), x_val.numpy())
+        torch_proba = train.predict_proba(store.load_member(run, m.name), x_val)
+        int8_proba = predict_proba(session(run / "pool" / m.name / "int8.onnx"), x_val.numpy())
         # the weights are identical (above); what differs is ONNX Runtime's uint8 activations
         assert (torch_proba.argmax(1) == int8_proba.argmax(1)).mean() >= 0.9
         assert np.abs(torch_proba - int8_proba).max(1).mean() < 0.05
-        assert quant[m["name"]].agreement >= 0.9 and quant[m["name"]].status == "ok"
+        assert quant[m.name].agreement >= 0.9 and quant[m.name].status == "ok"
 
 
 def test_independent_members_start_from_their_own_initialisation_and_the_parent_from_itself(qat_run):
@@ -115,8 +115,8 @@ def test_independent_members_start_from_their_own_initialisation_and_the_parent_
     assert not torch.equal(starts[1], starts[2]) and not torch.equal(starts[1], base)
     # the parent trains only the QAT part of a member's schedule, at a tenth of its learning rate
     assert plans[0].epochs == 3.0 and plans[0].lr == pytest.approx(0.005) and plans[1].epochs == 6.0
-    assert all(m["weight_bits"] == 4 and m["history"][-1]["steps"] > 0 for m in members)
-    assert members[0]["history"][-1]["steps"] < members[1]["history"][-1]["steps"]
+    assert all(m.weight_bits == 4 and m.history[-1]["steps"] > 0 for m in members)
+    assert members[0].history[-1]["steps"] < members[1].history[-1]["steps"]
 
 
 def test_the_parent_without_qat_is_the_baseline_quantised_to_int8(qat_run, tmp_path):
@@ -128,7 +128,7 @@ def test_the_parent_without_qat_is_the_baseline_quantised_to_int8(qat_run, tmp_p
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("pool"))
     (copy / store.CONFIG).write_text(config.yaml_text(cfg))
     record = pool.write_member(copy, *pool.fit_member(copy, parent))
-    assert (record["weight_bits"], record["steps"], record["history"]) == (0, 0, [])
+    assert (record.weight_bits, record.steps, record.history) == (0, 0, [])
     base = store.load_baseline(copy).state_dict()
     assert all(torch.equal(v, base[k]) for k, v in store.load_member(copy, "m000").state_dict().items())
     quant = quantize.quantize_all(copy, cfg, [record], progress=False)

@@ -186,12 +186,13 @@ def test_codebooks_are_for_members_and_the_baseline_stays_plain_int8(demo_run, t
         (run / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(demo_run / f, run / f)
     cfg = config.load(demo_run / "config.yaml", {"quantize": {"codebook_bits": 3}})
-    records = quantize.quantize_all(run, cfg, [{"name": "m000"}], progress=False)
-    assert records["baseline"].codebook_bits == 0 and records["m000"].codebook_bits == 3
+    members = [records.read_member(run, "m000")]
+    quant = quantize.quantize_all(run, cfg, members, progress=False)
+    assert quant["baseline"].codebook_bits == 0 and quant["m000"].codebook_bits == 3
     assert max(len(np.unique(q)) for q in weights(run / "baseline" / "int8.onnx").values()) > 8
     assert max(len(np.unique(q)) for q in weights(run / "pool" / "m000" / "int8.onnx").values()) <= 8
     plain = store.read_json(demo_run / "pool" / "m000" / "quant.json")
-    assert plain["codebook_bits"] == 0 and records["m000"].bytes.shipped < plain["bytes"]["shipped"]
+    assert plain["codebook_bits"] == 0 and quant["m000"].bytes.shipped < plain["bytes"]["shipped"]
 
 
 @pytest.mark.parametrize("bits", [1, 9, -2, 2.0, True, "4"])

@@ -10,7 +10,7 @@ import pytest
 
 from prune2edge import cluster, config, evaluate, pipeline, select, ship, store, summary
 from prune2edge.errors import UserError
-from prune2edge.records import Quantised, Sizes
+from prune2edge.records import Member, Quantised, Sizes
 from prune2edge.runtime.vote import accuracy, vote
 
 
@@ -89,6 +89,11 @@ def quantised(val_acc: float, shipped: int) -> Quantised:
     return Quantised("ok", [], val_acc, val_acc, 1.0, 0, 8, 8, shipped, 8.0, Sizes(*[shipped] * 5), {}, True)
 
 
+def member_record(index: int, val_acc: float) -> Member:
+    """The record of pool member ``index`` at fp32 validation accuracy ``val_acc``; the rest what select does not read."""
+    return Member(index, index, 0.5, 1.0, 0.01, 32, False, f"m{index:03d}", 1.0, {"overall": 0.5}, val_acc)
+
+
 def fake_run(tmp_path, proba_for, parent: float = 0.0, **overrides):
     """A run directory up to the int8 pool: the real split of digits, members with the given validation probabilities
     (1 KB each), and an int8 parent of 4 KB at validation accuracy ``parent`` (fp32 and int8)."""
@@ -96,15 +101,15 @@ def fake_run(tmp_path, proba_for, parent: float = 0.0, **overrides):
     pipeline.prepare(tmp_path, cfg)
     _, y_val = store.split(tmp_path, "val")
     proba = proba_for(y_val)
-    members = [{"name": f"m{i:03d}"} for i in range(len(proba))]
+    members = [member_record(i, accuracy(p, y_val)) for i, p in enumerate(proba)]
     quant = {"baseline": quantised(parent, 4000)}
     wrong = np.arange(len(y_val))[round(parent * len(y_val)) :]  # the parent's mistakes: the last images
     (tmp_path / "baseline").mkdir(parents=True, exist_ok=True)
     np.save(tmp_path / "baseline" / "val_proba.npy", member(y_val, wrong).astype(np.float32))
     for m, p in zip(members, proba):
-        (tmp_path / "pool" / m["name"]).mkdir(parents=True)
-        np.save(tmp_path / "pool" / m["name"] / "val_proba.npy", p.astype(np.float32))
-        quant[m["name"]] = quantised(accuracy(p, y_val), 1000)
+        (tmp_path / "pool" / m.name).mkdir(parents=True)
+        np.save(tmp_path / "pool" / m.name / "val_proba.npy", p.astype(np.float32))
+        quant[m.name] = quantised(accuracy(p, y_val), 1000)
     return cfg, members, quant, y_val, proba
 
 
@@ -292,14 +297,14 @@ def test_fallback_with_a_weak_selection_ships_the_parent_or_the_best_member(tmp_
     assert (
         below
         == {
-            m["name"]
+            m.name
             for i, m in enumerate(members)
-            if quant[m["name"]].val_acc_int8 < 0.99 - 0.05 - 1e-12
+            if quant[m.name].val_acc_int8 < 0.99 - 0.05 - 1e-12
             and ship.lead(y_val, parent, proba[i].argmax(1)) < ship.SIGNIFICANCE
         }
         == {"m001", "m002", "m003", "m004"}
     )
-    assert set(sel["candidates"]) == {m["name"] for m in members} - below
+    assert set(sel["candidates"]) == {m.name for m in members} - below
     # the parent fits no device: a member ahead of the selection within chance (the best of five on a small split)
     # does not replace it; one clearly ahead ships alone, on its device
     fleet = tmp_path / "devices.yaml"

@@ -12,7 +12,7 @@ import yaml
 
 from .. import store
 from ..errors import UserError
-from ..records import Quantised, read_quantised
+from ..records import Member, Quantised, read_member, read_quantised
 from ..runtime.vote import disagreement
 from ..summary import kib
 
@@ -100,7 +100,8 @@ class Run:
     config: dict
     baseline: dict | None  # baseline/model.json (architecture, training history)
     baseline_quant: Quantised | None  # baseline/quant.json (int8 validation accuracy, sizes)
-    members: list[dict]  # pool/<name>/member.json, each with "quant": its quant.json or None
+    members: list[Member]  # pool/<name>/member.json
+    quant: dict[str, Quantised]  # pool/<name>/quant.json, of each member quantised
     selection: dict | None  # selection.json: clusters, selected members, strategies
     metrics: dict | None  # metrics.json: the test-set evaluation
     test: dict | None  # test.npz: raw test images x (NHWC) and labels y
@@ -143,11 +144,7 @@ class Run:
     @functools.cached_property
     def val_disagreement(self) -> tuple[list[str], np.ndarray] | None:
         """Members that passed the int8 gate, and how often each pair's int8 votes differ on the validation split."""
-        names = [
-            m["name"]
-            for m in self.members
-            if m["quant"] and m["quant"].ok and (self.dir / store.POOL / m["name"] / store.VAL_PROBA).exists()
-        ]
+        names = [n for n, q in self.quant.items() if q.ok and (self.dir / store.POOL / n / store.VAL_PROBA).exists()]
         if len(names) < 2:
             return None
         proba = np.stack([np.load(self.dir / store.POOL / n / store.VAL_PROBA) for n in names])
@@ -161,7 +158,7 @@ class Run:
         planned = self.config.get("pool", {}).get("size")
         if planned and len(self.members) < planned:
             out.append(f"pool/: {len(self.members)} of {planned} pool members are trained (phase 'pool').")
-        unquantised = [m["name"] for m in self.members if m["quant"] is None]
+        unquantised = [m.name for m in self.members if m.name not in self.quant]
         lacking = (
             [] if not unquantised else ["every pool member"] if len(unquantised) == len(self.members) else unquantised
         ) + ([] if self.baseline_quant else ["the baseline"])
@@ -203,9 +200,9 @@ def load(run_dir: Path | str) -> Run:
             "directory of `prune2edge run` or `prune2edge demo`"
         )
     text = (d / store.CONFIG).read_text()
-    members = []
-    for p in sorted((d / store.POOL).glob(f"*/{store.MEMBER_RECORD}")) if (d / store.POOL).is_dir() else []:
-        members.append({**store.read_json(p), "quant": _quantised(p.parent)})
+    pool = d / store.POOL
+    names = [p.parent.name for p in sorted(pool.glob(f"*/{store.MEMBER_RECORD}"))] if pool.is_dir() else []
+    quant = {n: q for n in names if (q := _quantised(pool / n))}
     return Run(
         dir=d,
         dataset=store.read_json(d / store.DATASET),
@@ -213,7 +210,8 @@ def load(run_dir: Path | str) -> Run:
         config=yaml.safe_load(text) or {},
         baseline=_json(d / store.BASELINE / store.PARENT_RECORD),
         baseline_quant=_quantised(d / store.BASELINE),
-        members=members,
+        members=[read_member(d, n) for n in names],
+        quant=quant,
         selection=_json(d / store.SELECTION),
         metrics=_json(d / store.METRICS),
         test=_npz(d / store.TEST),

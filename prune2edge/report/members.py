@@ -19,15 +19,13 @@ def fig_accuracy_vs_size(run: Run) -> Figure | Missing:
     """Every pool member's int8 validation accuracy against its compressed int8 size; the baseline and ensemble too."""
     from matplotlib.lines import Line2D
 
-    ms = [m for m in run.members if m["quant"]]
-    if not ms:
+    if not run.quant:
         return Missing("needs pool/*/quant.json (phase 'quantize')")
     fig = _figure(9, 5.2)
     ax = fig.add_subplot()
     clusters, selected = run.clusters, set(run.selected)
     extra = []
-    for m in ms:
-        q, name = m["quant"], m["name"]
+    for name, q in run.quant.items():
         x, y = q.bytes.int8_gzip / 1024, q.val_acc_int8
         if not q.ok:
             ax.scatter(x, y, marker="x", s=60, color="#9e9e9e", zorder=3)
@@ -41,7 +39,7 @@ def fig_accuracy_vs_size(run: Run) -> Figure | Missing:
                 edgecolors="black" if name in selected else "none",
                 linewidths=2,
             )
-    if any(not m["quant"].ok for m in ms):
+    if any(not q.ok for q in run.quant.values()):
         extra.append(Line2D([], [], ls="", marker="x", ms=8, color="#9e9e9e", label="dropped by the int8 gate"))
     extra += _reference_points(ax, run)
     if selected:
@@ -57,12 +55,12 @@ def fig_accuracy_vs_size(run: Run) -> Figure | Missing:
         _cluster_legend(ax, list(clusters.values()), extra, loc="lower right", ncols=2)
     elif extra:
         ax.legend(handles=extra, fontsize=9, loc="lower right")
-    if len(ms) <= 40:
+    if len(run.quant) <= 40:
         _label_points(
             ax,
-            [m["quant"].bytes.int8_gzip / 1024 for m in ms],
-            [m["quant"].val_acc_int8 for m in ms],
-            [m["name"] for m in ms],
+            [q.bytes.int8_gzip / 1024 for q in run.quant.values()],
+            [q.val_acc_int8 for q in run.quant.values()],
+            list(run.quant),
             selected,
         )
     return fig
@@ -251,12 +249,12 @@ def fig_accuracy_vs_sparsity(run: Run) -> Figure | Missing:
     selected = set(run.selected)
     fig = _figure(9, 5)
     ax = fig.add_subplot()
-    s = np.array([m["measured_sparsity"]["overall"] for m in run.members])
-    fp32 = np.array([m["val_acc_fp32"] for m in run.members])
+    s = np.array([m.measured_sparsity["overall"] for m in run.members])
+    fp32 = np.array([m.val_acc_fp32 for m in run.members])
     ax.scatter(
         s, fp32, s=60, facecolors="none", edgecolors="#1f77b4", linewidths=1.5, label="pool member, fp32", zorder=3
     )
-    q = [(si, m["quant"].val_acc_int8, a) for si, a, m in zip(s, fp32, run.members) if m["quant"]]
+    q = [(si, run.quant[m.name].val_acc_int8, a) for si, a, m in zip(s, fp32, run.members) if m.name in run.quant]
     if q:
         for si, a8, a32 in q:
             ax.plot([si, si], [a32, a8], color="#bbbbbb", lw=1, zorder=1)
@@ -276,7 +274,7 @@ def fig_accuracy_vs_sparsity(run: Run) -> Figure | Missing:
     ax.legend(fontsize=9, loc="lower left")
     ax.margins(x=0.12, y=0.08)
     if len(run.members) <= 40:
-        _label_points(ax, s, fp32, [m["name"] for m in run.members], selected, fontsize=7)
+        _label_points(ax, s, fp32, [m.name for m in run.members], selected, fontsize=7)
     return fig
 
 
