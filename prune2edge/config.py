@@ -359,6 +359,8 @@ RULES: list[tuple[str, str, Callable[[Config], bool]]] = [
      lambda c: not c.pool.cyclical or (c.pool.mask == "magnitude" and not c.pool.snapshots and not c.pool.bootstrap)),
     ("workers", "runs members in local processes; with executor: ray, Ray schedules them by ray.num_cpus / "
      "ray.num_gpus per member, so leave workers at 1", lambda c: c.executor != "ray" or c.workers == 1),
+    ("pool.cyclical", "trains its members without quantisation-aware training, so needs pool.weight_bits: 0",
+     lambda c: not c.pool.cyclical or not c.pool.weight_bits),
     ("pool.cyclical", "makes every member in one run, which cannot be spread; use executor: local",
      lambda c: c.executor != "ray" or not c.pool.cyclical),
     ("ray.num_gpus", "must be > 0 with device: cuda (e.g. 1, or 0.5 for two members per GPU), so that Ray gives each "

@@ -187,6 +187,7 @@ def test_cyclical_pool_takes_one_member_per_cycle_from_one_run(tiny_run, tmp_pat
         ({"family": "independent", "perturb": 0.1}, "pool.family"),
         ({"member_kwargs": {"width": 4}, "family": "clones"}, "pool.member_kwargs"),
         ({"cyclical": True, "mask": "antirandom", "family": "clones"}, "pool.cyclical"),
+        ({"cyclical": True, "family": "clones", "weight_bits": 4}, "pool.cyclical"),  # trains no QAT
         ({"mask": "random"}, "pool.mask"),
         ({"shrink": 1.5}, "pool.shrink"),
         ({"regrow": 1.0}, "pool.regrow"),
