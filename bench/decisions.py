@@ -36,7 +36,7 @@ from common import (
 )
 
 from prune2edge import config, evaluate, selective, ship, store
-from prune2edge.records import read_quantised
+from prune2edge.records import read_quantised, read_selection
 from prune2edge.runtime.bundle import predict_proba, session
 from prune2edge.runtime.vote import vote
 
@@ -53,8 +53,8 @@ def differences(run_cfg: config.Config, reference: Path) -> list[str]:
 def measure_run(run_dir: Path, targets: list[float], reference: Path) -> dict:
     """Decision metrics of one finished run at each target, its calibration and its degradation."""
     cfg = config.load(run_dir / "config.yaml")
-    sel, metrics = store.read_json(run_dir / "selection.json"), store.read_json(run_dir / "metrics.json")
-    chosen, rule = sel["selected"], cfg.vote.rule
+    metrics = store.read_json(run_dir / "metrics.json")
+    chosen, rule = read_selection(run_dir).selected, cfg.vote.rule
     weights = ship.vote_weights({n: read_quantised(run_dir / "pool" / n) for n in chosen}, chosen, cfg.vote.weighted)
     x_val, y_val = store.split(run_dir, "val")
     ens_val = vote(np.stack([np.load(run_dir / "pool" / n / "val_proba.npy") for n in chosen]), rule, weights)

@@ -13,7 +13,7 @@ from scipy.stats import binomtest
 
 from . import data, selective, store
 from .errors import UserError
-from .records import Quantised, Shipped, read_member, read_quantised
+from .records import Placement, Quantised, Selection, Shipped, read_member, read_quantised, read_selection
 from .runtime.bundle import Bundle, predict_proba, session
 from .runtime.vote import AGREEMENT, accuracy, disagreement, margin, vote
 from .ship import mcnemar, vote_weights
@@ -59,14 +59,14 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
     x_test, y_test = store.split(run_dir, "test")
     x_val, y_val = store.split(run_dir, "val")
     prep = store.preprocessing(run_dir)
-    sel = store.read_json(run_dir / store.SELECTION)
+    sel = read_selection(run_dir)
     base_q = read_quantised(run_dir / store.BASELINE)
     base32 = predict_proba(session(run_dir / store.BASELINE / store.FP32), prep.apply(x_test))
     base32_val = predict_proba(session(run_dir / store.BASELINE / store.FP32), prep.apply(x_val))
     names = sorted(p.name for p in (run_dir / store.POOL).iterdir() if (p / store.QUANT).exists())
     s = _scores(run_dir, cfg, names, prep.apply(x_test), y_val, y_test)
     bundle = Bundle.load(run_dir / store.BUNDLE)
-    shipped = Shipped.of(sel)
+    shipped = sel.shipped
     ship_test = bundle.predict_proba(x_test)
     if not np.allclose(ship_test, s.vote(shipped.members, "test"), atol=1e-5):
         raise UserError(
@@ -87,10 +87,10 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
             timings if not cfg.model.weights else {**timings, "baseline": None},  # a given parent: no training
             cfg.select.max_below_parent,
         ),
-        "parent_gate": sel.get("parent_gate"),
+        "parent_gate": None if sel.parent_gate is None else asdict(sel.parent_gate),
         "strategies": strategies,
         "curves": curves,
-        **_selection_records(sel, shipped),
+        **_selection_records(sel),
         "timings": dict(timings),
     }
     metrics["warnings"] = pool_warnings(metrics, cfg) + selection_warnings(metrics) + device_warnings(metrics)
@@ -103,7 +103,7 @@ def evaluate_run(run_dir: Path, cfg: Config, timings: dict) -> dict:
         baseline_fp32=base32,
         baseline_int8=s.test[PARENT],
         ensemble=ship_test,
-        selected=s.vote(sel["selected"], "test"),
+        selected=s.vote(sel.selected, "test"),
     )
     store.write_json(run_dir / store.METRICS, metrics)
     return metrics
@@ -171,10 +171,10 @@ def _scores(
     )
 
 
-def _member_records(run_dir: Path, sel: dict, s: Scores, names: list[str]) -> list[dict]:
+def _member_records(run_dir: Path, sel: Selection, s: Scores, names: list[str]) -> list[dict]:
     """One record per quantised pool member: how it was made, its int8 accuracy and bytes, its cluster."""
-    labels = dict(zip(sel["candidates"], sel["clustering"]["labels"]))
-    below = {b["name"] for b in sel.get("parent_gate", {}).get("below", [])}
+    labels = dict(zip(sel.candidates, sel.clustering.labels))
+    below = {b.name for b in sel.parent_gate.below} if sel.parent_gate else set()
     members = []
     for n in names:
         rec, q = read_member(run_dir, n), s.quant[n]
@@ -184,7 +184,7 @@ def _member_records(run_dir: Path, sel: dict, s: Scores, names: list[str]) -> li
                 "status": q.status,
                 "below_parent": n in below,  # left out of clustering by select.max_below_parent
                 "cluster": labels.get(n),
-                "selected": n in sel["selected"],
+                "selected": n in sel.selected,
                 "sparsity_target": rec.sparsity,
                 "sparsity_measured": rec.measured_sparsity["overall"],
                 "macs_vs_parent": rec.macs_vs_parent,  # channel-pruned members (pool.structure: channels)
@@ -208,11 +208,11 @@ def _member_records(run_dir: Path, sel: dict, s: Scores, names: list[str]) -> li
     return members
 
 
-def _vote_records(s: Scores, sel: dict, shipped: Shipped, ship_test: np.ndarray, base32: np.ndarray) -> dict:
+def _vote_records(s: Scores, sel: Selection, shipped: Shipped, ship_test: np.ndarray, base32: np.ndarray) -> dict:
     """How the votes score: the whole pool's vote, the selected ensemble, what the bundle ships (its test scores:
     ``ship_test``; whether select.fallback weighed the single models, which beat the selection beyond chance), every
     strategy's pick and its k sweep, each against the fp32 parent's test scores ``base32``."""
-    ok, chosen, y_test, base_pred = sel["candidates"], sel["selected"], s.y_test, base32.argmax(1)
+    ok, chosen, y_test, base_pred = sel.candidates, sel.selected, s.y_test, base32.argmax(1)
 
     def against_parent(pred: np.ndarray) -> dict:
         return {
@@ -229,7 +229,7 @@ def _vote_records(s: Scores, sel: dict, shipped: Shipped, ship_test: np.ndarray,
             **_diversity(ok, s.test, y_test),
         },
         "ensemble": {  # the selected ensemble (one member, where the selection kept one); "shipped": the bundle
-            "strategy": sel["strategy"],
+            "strategy": sel.strategy,
             "rule": s.rule,
             "weighted": s.weighted,
             "members": chosen,
@@ -258,29 +258,31 @@ def _vote_records(s: Scores, sel: dict, shipped: Shipped, ship_test: np.ndarray,
                 "bytes": s.sizes(ms),
                 "mcnemar_p_vs_baseline_fp32": mcnemar(y_test, base_pred, s.vote(ms, "test").argmax(1)),
             }
-            for name, ms in sel["strategies"].items()
+            for name, ms in sel.strategies.items()
         },
         "curves": {
             name: [
                 {"k": len(ms), "clusters": i, "members": ms, "val_acc": s.acc(ms, "val"), "test_acc": s.acc(ms, "test")}
                 for i, ms in enumerate(picks, 1)
             ]
-            for name, picks in sel["sweep"].items()
+            for name, picks in sel.sweep.items()
         },
     }
 
 
-def _selection_records(sel: dict, shipped: Shipped) -> dict:
-    """What the selection decided, as metrics.json carries it (a selection.json written before k_choice and
-    skipped_clusters existed has neither)."""
+def _selection_records(sel: Selection) -> dict:
+    """What the selection decided, as metrics.json carries it (a selection.json written before k_choice has only
+    its ``by``)."""
+    c = sel.k_choice
     return {
-        "clustering": {k: v for k, v in sel["clustering"].items() if k != "labels"},
-        "k_choice": {k: v for k, v in sel.get("k_choice", {"by": "config"}).items() if k != "curve"}
-        | ({"best_val_acc": max(p["val_acc"] for p in sel["k_choice"]["curve"])} if "k_choice" in sel else {}),
-        "skipped_clusters": sel.get("skipped_clusters", []),
-        "dropped": sel["dropped"],
+        "clustering": {k: v for k, v in asdict(sel.clustering).items() if k != "labels"},
+        "k_choice": {"by": c.by}
+        if c.curve is None
+        else {"by": c.by, "k": c.k, "reason": c.reason, "best_val_acc": max(p.val_acc for p in c.curve)},
+        "skipped_clusters": sel.skipped_clusters,
+        "dropped": sel.dropped,
         # with deploy.devices: budgets, what they rule out, model -> device (as shipped)
-        "devices": shipped_devices(sel.get("devices"), shipped),
+        "devices": shipped_devices(sel.devices, sel.shipped),
     }
 
 
@@ -472,10 +474,13 @@ def selection_warnings(m: dict) -> list[dict]:
     return out
 
 
-def shipped_devices(d: dict | None, shipped: Shipped) -> dict | None:
+def shipped_devices(placed: Placement | None, shipped: Shipped) -> dict | None:
     """The selection's devices record, with its assignment as shipped: where one model ships, it runs on one device
     and the others are idle."""
-    if not d or shipped.assignment is None:
+    if placed is None:
+        return None
+    d = placed.to_json()
+    if shipped.assignment is None:
         return d
     on = shipped.assignment
     return {**d, "assignment": on, "idle": [dev for dev, m in on.items() if m is None], "unplaced": []}

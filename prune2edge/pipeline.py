@@ -31,7 +31,7 @@ from . import (
 )
 from .config import Config
 from .errors import UserError
-from .records import Member, Quantised, Shipped, read_member
+from .records import Member, Quantised, Selection, read_member
 from .runtime import bundle, latency, runtimes
 from .runtime.preprocess import InputSteps, Preprocessing
 from .runtime.vote import accuracy, decide
@@ -151,19 +151,19 @@ def device_needs(int8: Path, x: np.ndarray) -> dict:
 
 
 def make_bundle(
-    run_dir: Path, cfg: Config, selection: dict, members: list[Member], quant: dict[str, Quantised]
+    run_dir: Path, cfg: Config, selection: Selection, members: list[Member], quant: dict[str, Quantised]
 ) -> dict:
     """Write ``bundle/`` with the shipped int8 models (the selected members, or the one model the fallback chose:
     the parent ships as the bundle's one member, ``baseline``), the default abstain threshold and latencies."""
     if (run_dir / store.BUNDLE / store.MANIFEST).exists():
         return bundle.read_manifest(run_dir / store.BUNDLE)
     info, quant = store.read_json(run_dir / store.DATASET), records.with_parent(run_dir, quant)
-    shipped = Shipped.of(selection)
+    shipped = selection.shipped
     sparsity = {m.name: (m.sparsity, m.measured_sparsity["overall"]) for m in members}
     if PARENT in shipped.members:
         sparsity[PARENT] = (0.0, models.sparsity(store.load_baseline(run_dir))["overall"])
-    labels = dict(zip(selection["candidates"], selection["clustering"]["labels"]))
-    assignment = shipped.assignment or (selection.get("devices") or {}).get("assignment", {})
+    labels = dict(zip(selection.candidates, selection.clustering.labels))
+    assignment = shipped.assignment or (selection.devices.assignment if selection.devices else {})
     device = {m: d for d, m in assignment.items() if m}
     runs = cfg.bundle.latency_runs
     x_val = store.tensors(run_dir, "val")[0][:runs].numpy()

@@ -12,6 +12,7 @@ from scipy.optimize import linear_sum_assignment
 
 from . import cluster, config, cost, devices, records, ship, store
 from .errors import UserError
+from .records import Clustering, CurvePoint, KChoice, ParentGate, Placement, Selection
 from .runtime import latency
 from .runtime.vote import accuracy, vote
 from .store import PARENT, model_dir
@@ -244,17 +245,16 @@ def curve(
     ]
 
 
-def choose(run_dir: Path, cfg: Config, members: list[Member], quant: dict[str, Quantised]) -> dict:
+def choose(run_dir: Path, cfg: Config, members: list[Member], quant: dict[str, Quantised]) -> Selection:
     """Cluster the members that passed the int8 gate and the gate against the parent (:func:`ship.parent_gate`),
     select the voters, place them on ``deploy.devices`` and decide what ships (:func:`ship.shipped_model`); writes
     ``selection.json`` (and returns the one already there, made for the same devices).
 
     With devices, only members that fit a device are selected, each gets a device it fits (:func:`assign`), and k
     is at most the number of devices."""
-    path = run_dir / store.SELECTION
     fleet = devices.load(cfg.deploy.devices) if cfg.deploy.devices else None
-    if path.exists():
-        return _saved(path, fleet)
+    if (run_dir / store.SELECTION).exists():
+        return _saved(run_dir, fleet)
     quant = records.with_parent(run_dir, quant)
     _, y_val = store.split(run_dir, "val")
     passed, every, names, gate = _candidates(run_dir, cfg, members, quant, y_val)
@@ -276,29 +276,31 @@ def choose(run_dir: Path, cfg: Config, members: list[Member], quant: dict[str, Q
     result = cluster.cluster(proba, c.method, k, k_max, cfg.seed)
     kw = {"method": c.method, "rule": rule, "seed": cfg.seed, "max_acc_gap": gap}
     chosen = {s: select(s, proba, y_val, result["labels"], **kw, fits=fits) for s in STRATEGIES}
-    record = {
-        "candidates": names,
-        "dropped": [m.name for m in members if m.name not in passed],
-        "parent_gate": gate,
-        "clustering": result,
-        "strategy": strategy,
-        "selected": [names[i] for i in chosen[strategy]],
-        "strategies": {s: [names[i] for i in idx] for s, idx in chosen.items()},
-        "k_choice": {
-            "by": c.k if isinstance(c.k, str) else "config",
-            "k": result["k_requested"],
-            "reason": k_reason,
-            "curve": [{**p, "members": [names[i] for i in p["members"]]} for p in points],
-        },
-        "skipped_clusters": skipped(proba, y_val, result["labels"], gap, names, None if fits is None else fits.any(1)),
-        "sweep": {s: [[names[i] for i in idx] for idx in ks] for s, ks in picks.items()},
-    }
+    selected = [names[i] for i in chosen[strategy]]
+    placement = None
     if fleet:
-        record["devices"] = placed | place(
-            slots(strategy, proba, y_val, result["labels"], **kw, fits=fits), fits, fleet, names, result["labels"]
-        )
-    record["shipped"] = ship.shipped_model(cfg, record, proba, y_val, quant, fits, every[PARENT]).to_json()
-    store.write_json(path, record)
+        picked = slots(strategy, proba, y_val, result["labels"], **kw, fits=fits)
+        placement = Placement.from_json(placed | place(picked, fits, fleet, names, result["labels"]))
+    record = Selection(
+        candidates=names,
+        dropped=[m.name for m in members if m.name not in passed],
+        parent_gate=ParentGate.from_json(gate),
+        clustering=Clustering(**result),
+        strategy=strategy,
+        selected=selected,
+        strategies={s: [names[i] for i in idx] for s, idx in chosen.items()},
+        k_choice=KChoice(
+            by=c.k if isinstance(c.k, str) else "config",
+            k=result["k_requested"],
+            reason=k_reason,
+            curve=[CurvePoint(**{**p, "members": [names[i] for i in p["members"]]}) for p in points],
+        ),
+        skipped_clusters=skipped(proba, y_val, result["labels"], gap, names, None if fits is None else fits.any(1)),
+        sweep={s: [[names[i] for i in idx] for idx in ks] for s, ks in picks.items()},
+        devices=placement,
+        shipped=ship.shipped_model(cfg, names, selected, strategy, placement, proba, y_val, quant, fits, every[PARENT]),
+    )
+    records.write_selection(run_dir, record)
     return record
 
 
@@ -319,12 +321,12 @@ def _candidates(
     return passed, every, names, gate
 
 
-def _saved(path: Path, fleet: list[devices.Device] | None) -> dict:
+def _saved(run_dir: Path, fleet: list[devices.Device] | None) -> Selection:
     """The selection already made, if it was made for these devices."""
-    sel = store.read_json(path)
-    if (sel.get("devices") or {}).get("devices") != (fleet and devices.record(fleet)):
+    sel = records.read_selection(run_dir)
+    if (sel.devices.devices if sel.devices else None) != (fleet and devices.record(fleet)):
         raise UserError(
-            f"'{path}' was selected for other devices than deploy.devices now lists; delete it, "
+            f"'{run_dir / store.SELECTION}' was selected for other devices than deploy.devices now lists; delete it, "
             "bundle/ and metrics.json to select again (or use another output directory)"
         )
     return sel

@@ -19,7 +19,7 @@ from .store import PARENT
 
 if TYPE_CHECKING:
     from .config import Config
-    from .records import Quantised
+    from .records import Placement, Quantised
 
 
 def most_votes(sizes: list[int]) -> int:
@@ -84,7 +84,10 @@ def lead(y: np.ndarray, ahead: np.ndarray, behind: np.ndarray) -> float:
 
 def shipped_model(
     cfg: Config,
-    sel: dict,
+    names: list[str],
+    selected: list[str],
+    strategy: str,
+    placed: Placement | None,
     proba: np.ndarray,
     y_val: np.ndarray,
     quant: dict[str, Quantised],
@@ -96,24 +99,24 @@ def shipped_model(
     best of several models beats an ensemble on a small validation split by chance alone). Among the models that
     do, the int8 parent (``parent_proba``, its validation probabilities), unless a member also beats it beyond
     chance; else the best member (:func:`single_rank`). ``beaten_by``: the models ahead of the selection beyond
-    chance, best first (what the fallback ships, or the report warns of without it)."""
-    names, chosen = sel["candidates"], [sel["candidates"].index(n) for n in sel["selected"]]
+    chance, best first (what the fallback ships, or the report warns of without it). The selection: ``selected``
+    of the candidates ``names`` by ``strategy``, ``placed`` on the devices."""
+    chosen = [names.index(n) for n in selected]
     weights = vote_weights(quant, names, cfg.vote.weighted)
     ens = vote(proba[chosen], cfg.vote.rule, None if weights is None else weights[chosen])
     ens_acc = accuracy(ens, y_val)
-    placed = sel.get("devices")
     usable = [n for i, n in enumerate(names) if fits is None or fits[i].any()]
-    usable += [PARENT] if placed is None or placed["parent"]["fits"] else []
+    usable += [PARENT] if placed is None or placed.parent.fits else []
     pred = {n: (parent_proba if n == PARENT else proba[names.index(n)]).argmax(1) for n in usable}
     ahead = {n: lead(y_val, pred[n], ens.argmax(1)) for n in usable}  # that the model alone is right more often
     beats = [n for n in usable if quant[n].val_acc_int8 > ens_acc and ahead[n] < SIGNIFICANCE]
     best = max(usable, key=lambda n: single_rank(quant, n))
     fallback = cfg.select.fallback
     if fallback and len(chosen) == 1 and PARENT in usable and not beats:
-        parent = parent_over_one(sel["selected"][0], pred, y_val, quant, placed)
+        parent = parent_over_one(selected[0], pred, y_val, quant, placed)
         if parent:
             return parent
-    kind, members, val_acc = "ensemble" if len(chosen) > 1 else "member", sel["selected"], ens_acc
+    kind, members, val_acc = "ensemble" if len(chosen) > 1 else "member", selected, ens_acc
     if beats and fallback:
         better = [n for n in beats if PARENT not in beats or lead(y_val, pred[n], pred[PARENT]) < SIGNIFICANCE]
         best = max(better, key=lambda n: single_rank(quant, n)) if better else PARENT
@@ -126,14 +129,14 @@ def shipped_model(
         members,
         val_acc,
         fallback,
-        _ship_reason(sel, quant, usable, best, ens_acc, ahead, bool(beats), fallback),
+        _ship_reason(selected, strategy, placed, quant, usable, best, ens_acc, ahead, bool(beats), fallback),
         [{"name": n, "val_acc": quant[n].val_acc_int8, "p": ahead[n]} for n in ranked],
         single_assignment(placed, members[0]) if placed and kind != "ensemble" else None,
     )
 
 
 def parent_over_one(
-    one: str, pred: dict[str, np.ndarray], y: np.ndarray, quant: dict[str, Quantised], placed: dict | None
+    one: str, pred: dict[str, np.ndarray], y: np.ndarray, quant: dict[str, Quantised], placed: Placement | None
 ) -> Shipped | None:
     """Where the selection kept one member: the int8 parent instead, unless the member beats it beyond chance (one
     model ships either way, and among single models the parent is the robust choice); None where it does."""
@@ -160,7 +163,9 @@ def single_rank(quant: dict[str, Quantised], name: str) -> tuple:
 
 
 def _ship_reason(
-    sel: dict,
+    selected: list[str],
+    strategy: str,
+    placed: Placement | None,
     quant: dict[str, Quantised],
     usable: list[str],
     best: str,
@@ -170,14 +175,14 @@ def _ship_reason(
     fallback: bool,
 ) -> str:
     """Why :func:`shipped_model` ships what it ships, with the validation accuracies that decided it."""
-    k = len(sel["selected"])
+    k = len(selected)
     what = (
-        f"the selected ensemble ({sel['strategy']}, {k} members)"
+        f"the selected ensemble ({strategy}, {k} members)"
         if k > 1
-        else f"the selected member {sel['selected'][0]} (the selection kept one)"
+        else f"the selected member {selected[0]} (the selection kept one)"
     )
-    fit = " that fits a device" if sel.get("devices") else ""
-    if sel.get("devices") and PARENT not in usable:
+    fit = " that fits a device" if placed else ""
+    if placed and PARENT not in usable:
         fit += " (the int8 parent fits none)"
     pct = {n: f"{100 * quant[n].val_acc_int8:.2f}%" for n in usable}
 
@@ -198,7 +203,7 @@ def _ship_reason(
             f"{len(lead)} single models (sign test p = {lead[best]:.2g}, needs < {SIGNIFICANCE:g}), so the more "
             "votes ship; more validation images (data.val_fraction) would settle it"
         )
-    others = [n for n in usable if n not in sel["selected"] and n != PARENT]
+    others = [n for n in usable if n not in selected and n != PARENT]
     rivals = ([PARENT] if PARENT in usable else []) + (
         [max(others, key=lambda n: single_rank(quant, n))] if others else []
     )
@@ -208,9 +213,9 @@ def _ship_reason(
     )
 
 
-def single_assignment(placed: dict, name: str) -> dict[str, str | None]:
+def single_assignment(placed: Placement, name: str) -> dict[str, str | None]:
     """Device -> model when one model ships: the device the selection gave it, else the first it fits."""
-    at = next((d for d, m in placed["assignment"].items() if m == name), None)
-    fit = placed["parent"]["fits"] if name == PARENT else placed["members"][name]["fits"]
+    at = next((d for d, m in placed.assignment.items() if m == name), None)
+    fit = placed.parent.fits if name == PARENT else placed.members[name].fits
     at = at or fit[0]
-    return {d: (name if d == at else None) for d in placed["assignment"]}
+    return {d: (name if d == at else None) for d in placed.assignment}

@@ -113,7 +113,7 @@ def test_threshold_is_chosen_on_validation_only(demo_run, tmp_path):
         ),
         "validation changed": (digits.x_test, digits.y_test, y_val_changed),
     }
-    selection = store.read_json(demo_run / "selection.json")
+    selection = records.read_selection(demo_run)
     members_ = [records.read_member(demo_run, p.parent.name) for p in sorted((demo_run / "pool").glob("*/member.json"))]
     quant = {m.name: records.read_quantised(demo_run / "pool" / m.name) for m in members_}
     chosen = {}

@@ -417,10 +417,10 @@ def test_the_session_memory_each_member_needs_is_measured_and_budgeted(demo_run,
     fresh process, recorded in selection.json, and a budget under all of them is a one-line error."""
     roomy = write(tmp_path, "devices:\n  - {name: board, memory_bytes: 10000000, max_memory_mb: 4096}\n")
     cfg, members, quant = copy_run(demo_run, tmp_path / "run", roomy, cluster={"k": 1})
-    d = select.choose(tmp_path / "run", cfg, members, quant)["devices"]
-    assert d["memory"] and all(0 < m["memory_mb"] < 4096 for m in [*d["members"].values(), d["parent"]])
-    assert all(m["fits"] == ["board"] for m in d["members"].values()) and d["ruled_out"] == []
-    least = min(m["memory_mb"] for m in d["members"].values())
+    d = select.choose(tmp_path / "run", cfg, members, quant).devices
+    assert d.memory and all(0 < m.memory_mb < 4096 for m in [*d.members.values(), d.parent])
+    assert all(m.fits == ["board"] for m in d.members.values()) and d.ruled_out == []
+    least = min(m.memory_mb for m in d.members.values())
     tight = write(
         tmp_path, f"devices:\n  - {{name: board, memory_bytes: 10000000, max_memory_mb: {least / 2}}}\n", "t.yaml"
     )

@@ -116,11 +116,11 @@ def fake_run(tmp_path, proba_for, parent: float = 0.0, **overrides):
 def test_choose_records_the_skipped_outlier(tmp_path):
     cfg, members, quant, _, _ = fake_run(tmp_path, families_and_outlier, cluster={"k": 4}, pool={"size": 7})
     sel = select.choose(tmp_path, cfg, members, quant)
-    assert sel["clustering"]["labels"].count(sel["clustering"]["labels"][6]) == 1
-    assert "m006" not in sel["selected"] and len(sel["selected"]) == 3
-    assert "m006" not in sel["strategies"]["diversity-first"]
-    assert [s["members"] for s in sel["skipped_clusters"]] == [["m006"]]
-    assert store.read_json(tmp_path / "selection.json") == sel
+    assert sel.clustering.labels.count(sel.clustering.labels[6]) == 1
+    assert "m006" not in sel.selected and len(sel.selected) == 3
+    assert "m006" not in sel.strategies["diversity-first"]
+    assert [c["members"] for c in sel.skipped_clusters] == [["m006"]]
+    assert store.read_json(tmp_path / "selection.json") == sel.to_json()
 
 
 def one_strong_member(y: np.ndarray) -> np.ndarray:
@@ -155,26 +155,26 @@ def test_k_auto_takes_the_most_votes_unless_fewer_win_beyond_chance(tmp_path, ma
         select={"max_acc_gap": 0.3},  # every member selectable
     )
     sel = select.choose(tmp_path, cfg, members, quant)
-    choice = sel["k_choice"]
-    assert choice["by"] == "auto" and choice["k"] == k == sel["clustering"]["k"]
-    names = sel["candidates"]
-    most = max(choice["curve"], key=lambda p: (len(p["members"]), -p["k"]))
-    for p in choice["curve"]:  # the curve is the configured strategy's ensembles, scored on validation
-        assert p["members"] == sel["sweep"]["accuracy-first"][p["k"] - 1]
-        ens = vote(proba[[names.index(n) for n in p["members"]]])
-        assert p["val_acc"] == accuracy(ens, y_val)
-        assert p["p_lead"] == ship.mcnemar(
-            y_val, ens.argmax(1), vote(proba[[names.index(n) for n in most["members"]]]).argmax(1), "greater"
+    choice = sel.k_choice
+    assert choice.by == "auto" and choice.k == k == sel.clustering.k
+    names = sel.candidates
+    most = max(choice.curve, key=lambda p: (len(p.members), -p.k))
+    for p in choice.curve:  # the curve is the configured strategy's ensembles, scored on validation
+        assert p.members == sel.sweep["accuracy-first"][p.k - 1]
+        ens = vote(proba[[names.index(n) for n in p.members]])
+        assert p.val_acc == accuracy(ens, y_val)
+        assert p.p_lead == ship.mcnemar(
+            y_val, ens.argmax(1), vote(proba[[names.index(n) for n in most.members]]).argmax(1), "greater"
         )
-    assert sel["selected"] == choice["curve"][k - 1]["members"]
-    best = max(choice["curve"], key=lambda p: (p["val_acc"], -p["k"]))
+    assert sel.selected == choice.curve[k - 1].members
+    best = max(choice.curve, key=lambda p: (p.val_acc, -p.k))
     if make is one_strong_member:  # the lone cautious member leads by a few images: chance, so the most votes ship
-        assert best["k"] == 1 and best["val_acc"] > most["val_acc"] and best["p_lead"] >= ship.SIGNIFICANCE
-        assert choice["k"] == most["k"] and "a lead chance gives often enough" in choice["reason"]
+        assert best.k == 1 and best.val_acc > most.val_acc and best.p_lead >= ship.SIGNIFICANCE
+        assert choice.k == most.k and "a lead chance gives often enough" in choice.reason
     elif make is one_clear_member:  # it leads by about 20 images: no chance explains that, and it is chosen
-        assert best["k"] == 1 and best["p_lead"] < ship.SIGNIFICANCE and "beyond chance" in choice["reason"]
+        assert best.k == 1 and best.p_lead < ship.SIGNIFICANCE and "beyond chance" in choice.reason
     else:  # k = 3 already votes every mistake away: no lead, and the most votes ship
-        assert best["k"] == 3 and best["val_acc"] == most["val_acc"] == 1.0 and choice["k"] == most["k"]
+        assert best.k == 3 and best.val_acc == most.val_acc == 1.0 and choice.k == most.k
 
 
 def test_a_one_image_lead_or_a_tie_decides_nothing(tmp_path):
@@ -193,13 +193,9 @@ def test_a_one_image_lead_or_a_tie_decides_nothing(tmp_path):
     wrong = np.flatnonzero(vote(proba).argmax(1) != y_val)[1:]  # the parent: the ensemble's mistakes but one
     np.save(tmp_path / "baseline" / "val_proba.npy", member(y_val, wrong).astype(np.float32))
     sel = select.choose(tmp_path, cfg, members, quant)
-    assert sel["k_choice"]["k"] == 3 and len(sel["selected"]) == 3
-    s = sel["shipped"]
-    assert (
-        s["kind"] == "ensemble"
-        and "the int8 parent alone scores" in s["reason"]
-        and "more validation images" in s["reason"]
-    )
+    assert sel.k_choice.k == 3 and len(sel.selected) == 3
+    s = sel.shipped
+    assert s.kind == "ensemble" and "the int8 parent alone scores" in s.reason and "more validation images" in s.reason
 
 
 def test_k_choice_keys_validate():
@@ -260,16 +256,16 @@ def test_the_fallback_ships_the_parent_where_it_beats_the_selection(tmp_path, fa
         select={"fallback": fallback, "max_below_parent": 0.1},
     )
     sel = select.choose(tmp_path, cfg, members, quant)
-    ens = accuracy(vote(proba[[sel["candidates"].index(n) for n in sel["selected"]]]), y_val)
-    s = sel["shipped"]
-    assert ens < 0.99 and len(sel["selected"]) == 2
-    assert s["beaten_by"][0]["name"] == "baseline" and s["beaten_by"][0]["p"] < ship.SIGNIFICANCE  # either way
+    ens = accuracy(vote(proba[[sel.candidates.index(n) for n in sel.selected]]), y_val)
+    s = sel.shipped
+    assert ens < 0.99 and len(sel.selected) == 2
+    assert s.beaten_by[0]["name"] == "baseline" and s.beaten_by[0]["p"] < ship.SIGNIFICANCE  # either way
     if fallback:
-        assert (s["kind"], s["members"], s["val_acc"]) == ("parent", ["baseline"], 0.99)
-        assert s["reason"].startswith("the int8 parent alone beats the selected ensemble (accuracy-first, 2 members)")
+        assert (s.kind, s.members, s.val_acc) == ("parent", ["baseline"], 0.99)
+        assert s.reason.startswith("the int8 parent alone beats the selected ensemble (accuracy-first, 2 members)")
     else:
-        assert (s["kind"], s["members"], s["val_acc"]) == ("ensemble", sel["selected"], ens)
-        assert s["reason"].startswith("select.fallback is false, so the selected ensemble")
+        assert (s.kind, s.members, s.val_acc) == ("ensemble", sel.selected, ens)
+        assert s.reason.startswith("select.fallback is false, so the selected ensemble")
 
 
 def test_an_ensemble_at_least_as_accurate_as_every_single_model_ships(tmp_path):
@@ -277,10 +273,10 @@ def test_an_ensemble_at_least_as_accurate_as_every_single_model_ships(tmp_path):
         tmp_path, three_families, parent=0.9, cluster={"k": 3}, select={"max_below_parent": 0.2}
     )
     sel = select.choose(tmp_path, cfg, members, quant)
-    s = sel["shipped"]
-    assert sel["parent_gate"]["below"] == [] and len(sel["selected"]) == 3
-    assert (s["kind"], s["members"], s["val_acc"]) == ("ensemble", sel["selected"], 1.0)  # votes every mistake away
-    assert "is at least as accurate on validation (100.00%) as any single model (the int8 parent: 90.00%" in s["reason"]
+    s = sel.shipped
+    assert sel.parent_gate.below == [] and len(sel.selected) == 3
+    assert (s.kind, s.members, s.val_acc) == ("ensemble", sel.selected, 1.0)  # votes every mistake away
+    assert "is at least as accurate on validation (100.00%) as any single model (the int8 parent: 90.00%" in s.reason
 
 
 def test_fallback_with_a_weak_selection_ships_the_parent_or_the_best_member(tmp_path):
@@ -290,9 +286,9 @@ def test_fallback_with_a_weak_selection_ships_the_parent_or_the_best_member(tmp_
         tmp_path / "a", one_strong_member, parent=0.99, cluster={"k": 2}, select={"max_below_parent": 0.05}
     )
     sel = select.choose(tmp_path / "a", cfg, members, quant)
-    assert sel["shipped"]["kind"] == "parent" and sel["shipped"]["val_acc"] == 0.99
+    assert sel.shipped.kind == "parent" and sel.shipped.val_acc == 0.99
     # a member more than select.max_below_parent under the parent, and beaten by it beyond chance, is not clustered
-    below = {b["name"] for b in sel["parent_gate"]["below"]}
+    below = {b.name for b in sel.parent_gate.below}
     parent = np.load(tmp_path / "a" / "baseline" / "val_proba.npy").argmax(1)
     assert (
         below
@@ -304,7 +300,7 @@ def test_fallback_with_a_weak_selection_ships_the_parent_or_the_best_member(tmp_
         }
         == {"m001", "m002", "m003", "m004"}
     )
-    assert set(sel["candidates"]) == {m.name for m in members} - below
+    assert set(sel.candidates) == {m.name for m in members} - below
     # the parent fits no device: a member ahead of the selection within chance (the best of five on a small split)
     # does not replace it; one clearly ahead ships alone, on its device
     fleet = tmp_path / "devices.yaml"
@@ -319,22 +315,22 @@ def test_fallback_with_a_weak_selection_ships_the_parent_or_the_best_member(tmp_
             deploy={"devices": str(fleet)},
         )
         sel = select.choose(tmp_path / name, cfg, members, quant)
-        assert sel["devices"]["parent"]["fits"] == [] and sel["devices"]["parent"]["shipped_bytes"] == 4000
-        s = sel["shipped"]
-        ens = accuracy(vote(proba[[int(n[1:]) for n in sel["selected"]]]), y_val)
-        assert len(sel["selected"]) == 2 and quant["m000"].val_acc_int8 > ens
+        assert sel.devices.parent.fits == [] and sel.devices.parent.shipped_bytes == 4000
+        s = sel.shipped
+        ens = accuracy(vote(proba[[int(n[1:]) for n in sel.selected]]), y_val)
+        assert len(sel.selected) == 2 and quant["m000"].val_acc_int8 > ens
         right = [(proba[i].argmax(1) == y_val) for i in (0, 1)]
         if make is one_strong_member:  # about as many images won as lost against the selection: chance
-            assert s["kind"] == "ensemble" and "a lead chance gives often enough among 5 single models" in s["reason"]
-            assert s["beaten_by"] == []  # nothing for the report to warn of either
+            assert s.kind == "ensemble" and "a lead chance gives often enough among 5 single models" in s.reason
+            assert s.beaten_by == []  # nothing for the report to warn of either
             continue
         lead = ship.mcnemar(y_val, proba[0].argmax(1), vote(proba[[0, 1]]).argmax(1), "greater")
         assert lead < ship.SIGNIFICANCE
         assert (right[0] & ~right[1]).sum() >= 20
-        assert (s["kind"], s["members"]) == ("member", ["m000"]) and "(the int8 parent fits none)" in s["reason"]
-        assert s["beaten_by"][0] == {"name": "m000", "val_acc": quant["m000"].val_acc_int8, "p": lead}
-        assert "sign test p = " in s["reason"]
-        assert sorted(s["assignment"].values(), key=str) == [None, "m000"]  # one device runs it, the other idles
+        assert (s.kind, s.members) == ("member", ["m000"]) and "(the int8 parent fits none)" in s.reason
+        assert s.beaten_by[0] == {"name": "m000", "val_acc": quant["m000"].val_acc_int8, "p": lead}
+        assert "sign test p = " in s.reason
+        assert sorted(s.assignment.values(), key=str) == [None, "m000"]  # one device runs it, the other idles
 
 
 def test_warnings_advise_only_what_would_change_the_outcome(demo_run):
@@ -362,12 +358,12 @@ def test_one_selected_member_replaces_the_parent_only_beyond_chance(tmp_path, pa
         tmp_path, one_strong_member, parent=parent, cluster={"k": 1}, select={"max_below_parent": 0.3}
     )
     sel = select.choose(tmp_path, cfg, members, quant)
-    s, one = sel["shipped"], sel["selected"]
+    s, one = sel.shipped, sel.selected
     parent_pred = np.load(tmp_path / "baseline" / "val_proba.npy").argmax(1)
-    p = ship.lead(y_val, proba[sel["candidates"].index(one[0])].argmax(1), parent_pred)
-    assert len(one) == 1 and s["kind"] == ships and (p < ship.SIGNIFICANCE) == (ships == "member")
+    p = ship.lead(y_val, proba[sel.candidates.index(one[0])].argmax(1), parent_pred)
+    assert len(one) == 1 and s.kind == ships and (p < ship.SIGNIFICANCE) == (ships == "member")
     if ships == "parent":
-        assert s["members"] == ["baseline"] and f"sign test p = {p:.2g}, needs < 0.05" in s["reason"]
-        assert s["reason"].startswith(f"the selection kept one model, member {one[0]}")
+        assert s.members == ["baseline"] and f"sign test p = {p:.2g}, needs < 0.05" in s.reason
+        assert s.reason.startswith(f"the selection kept one model, member {one[0]}")
     else:
-        assert s["members"] == one
+        assert s.members == one

@@ -12,7 +12,7 @@ import yaml
 
 from .. import store
 from ..errors import UserError
-from ..records import Member, Quantised, read_member, read_quantised
+from ..records import Member, Quantised, Selection, read_member, read_quantised, read_selection
 from ..runtime.vote import disagreement
 from ..summary import kib
 
@@ -102,7 +102,7 @@ class Run:
     baseline_quant: Quantised | None  # baseline/quant.json (int8 validation accuracy, sizes)
     members: list[Member]  # pool/<name>/member.json
     quant: dict[str, Quantised]  # pool/<name>/quant.json, of each member quantised
-    selection: dict | None  # selection.json: clusters, selected members, strategies
+    selection: Selection | None  # selection.json: clusters, selected members, strategies
     metrics: dict | None  # metrics.json: the test-set evaluation
     test: dict | None  # test.npz: raw test images x (NHWC) and labels y
     scores: dict | None  # test_scores.npz: every member's, the baselines' and the ensemble's test scores
@@ -117,11 +117,11 @@ class Run:
         """Cluster of each member that passed the int8 gate (empty before selection)."""
         if not self.selection:
             return {}
-        return dict(zip(self.selection["candidates"], self.selection["clustering"]["labels"]))
+        return dict(zip(self.selection.candidates, self.selection.clustering.labels))
 
     @property
     def selected(self) -> list[str]:
-        return list(self.selection["selected"]) if self.selection else []
+        return list(self.selection.selected) if self.selection else []
 
     @property
     def voters(self) -> list[str]:
@@ -212,7 +212,7 @@ def load(run_dir: Path | str) -> Run:
         baseline_quant=_quantised(d / store.BASELINE),
         members=[read_member(d, n) for n in names],
         quant=quant,
-        selection=_json(d / store.SELECTION),
+        selection=read_selection(d) if (d / store.SELECTION).exists() else None,
         metrics=_json(d / store.METRICS),
         test=_npz(d / store.TEST),
         scores=_npz(d / store.TEST_SCORES),
