@@ -126,7 +126,10 @@ def _pool_lines(m: dict) -> list[str]:
         f"{100 * p['parent_val_acc_fp32']:.2f}%: median {100 * p['median_vs_parent']:+.2f} points, worst "
         f"{100 * p['worst']['vs_parent']:+.2f} ({p['worst']['name']})",
         "  each (steps, points vs parent): "
-        + "; ".join(f"{x['name']} {x.get('steps') or '?'} {100 * x['val_vs_parent_fp32']:+.1f}" for x in m["members"]),
+        + "; ".join(
+            f"{x['name']} {'?' if x.get('steps') is None else x['steps']} {100 * x['val_vs_parent_fp32']:+.1f}"
+            for x in m["members"]
+        ),
     ]
     below = [x["name"] for x in m["members"] if x.get("below_parent")]
     if below:

@@ -27,7 +27,8 @@ def test_demo_run_meets_its_targets(demo_run):
     for member in m["members"]:
         assert member["full_integer"]
         assert member["sparsity_measured"] >= member["sparsity_target"] - 0.01
-        assert member["bytes"]["int8_gzip"] < 0.15 * base["bytes"]["fp32"]
+        # as shipped: the int8 parent (m000) about a quarter of its fp32 bytes, a 4-bit member about an eighth
+        assert member["bytes"]["shipped"] < (0.3 if member["plan"]["parent"] else 0.15) * base["bytes"]["fp32"]
     assert ens["bytes"]["int8_gzip"] == sum(x["bytes"]["int8_gzip"] for x in m["members"] if x["selected"])
     assert set(m["strategies"]) == {"accuracy-first", "diversity-first", "top-k", "random", "greedy"}
     assert 0 <= ens["mcnemar_p_vs_baseline_fp32"] <= 1
