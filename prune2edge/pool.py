@@ -74,7 +74,8 @@ def plan(cfg: config.Config) -> list[MemberPlan]:
     ]
     if p.include_parent:  # the parent only needs the QAT part of a member's training, at a tenth of its rate
         qat_epochs = round(plans[0].epochs * (1 - p.qat_start), 2) if qat_bits(p, True)[0] else 0.0
-        plans[0] = replace(plans[0], parent=True, epochs=qat_epochs, lr=plans[0].lr * PARENT_LR)
+        sparsity = plans[0].sparsity if qat_epochs else 0.0  # a parent that trains no more is not pruned either
+        plans[0] = replace(plans[0], parent=True, sparsity=sparsity, epochs=qat_epochs, lr=plans[0].lr * PARENT_LR)
     return plans
 
 
@@ -285,6 +286,9 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
         idx = torch.from_numpy(np.random.default_rng(member.seed).integers(0, len(y), len(y)))
         x, y = x[idx], y[idx]
     model, fixed = start_model(src, member)
+    if member.parent and member.epochs == 0:  # the parent as a member without QAT: as it is, not pruned either
+        kept = {"epochs": 0, "steps": 0, "history": [], "seconds": time.perf_counter() - t0}
+        return measure(model.cpu(), _record(src, member, model, x[:1], kept), *src.tensors("val"))
     floor = 0 if member.parent else p.min_steps  # the parent as a member is already trained
     total = member_steps(member.epochs, len(x), member.batch_size, floor)
     epochs = total / math.ceil(len(x) / member.batch_size)  # the floor's steps, as train.fit counts them
@@ -294,23 +298,19 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
         for hook in hooks:
             hook(step, steps)
 
-    history = (
-        train.fit(
-            model,
-            x,
-            y,
-            _settings(p, epochs, member.lr, member.batch_size, "cosine" if member.parent else p.lr_schedule),
-            seed=member.seed,
-            augment=train.augment_kind(p.augment, src.image_shape),
-            device=src.cfg.device,
-            after_step=after_step,
-            teacher=src.baseline() if p.distill else None,
-            checkpoint=checkpoint,
-            desc=member.name,
-            progress=False,
-        )
-        if member.epochs > 0  # the parent as a member without QAT: nothing to train
-        else []
+    history = train.fit(
+        model,
+        x,
+        y,
+        _settings(p, epochs, member.lr, member.batch_size, "cosine" if member.parent else p.lr_schedule),
+        seed=member.seed,
+        augment=train.augment_kind(p.augment, src.image_shape),
+        device=src.cfg.device,
+        after_step=after_step,
+        teacher=src.baseline() if p.distill else None,
+        checkpoint=checkpoint,
+        desc=member.name,
+        progress=False,
     )
     hooks[0].finish()
     qat.bake(model)
@@ -325,15 +325,15 @@ def _record(src: RunInputs, member: MemberPlan, model: torch.nn.Module, example:
     """A trained member's record (before :func:`measure` adds its accuracy): its plan, how the pool shaped it, and
     ``trained``: the epochs and steps as trained (planned, or more where pool.min_steps lifted them), the history
     and seconds."""
-    p, ran = src.cfg.pool, member.epochs > 0
+    p = src.cfg.pool
     return {
         **asdict(member),
         "name": member.name,
         "model_kwargs": p.member_kwargs if p.family == "independent" and not member.parent else {},
         **dict(zip(("weight_bits", "largest_layer_bits"), qat_bits(p, member.parent))),
         "planned_epochs": member.epochs,
-        "epochs": trained["epochs"] if ran else 0,
-        "steps": trained["steps"] if ran else 0,
+        "epochs": trained["epochs"],
+        "steps": trained["steps"],
         "structure": p.structure,
         **(
             {"macs_vs_parent": prune.macs_of(model, example) / prune.macs_of(src.baseline(), example)}

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow  # every test here reads two real runs made for th
 TINY = {
     "model": {"kwargs": {"width": 8, "depth": 2}},
     "train": {"epochs": 2},
-    "pool": {"size": 2, "epochs": [0.5, 0.5], "min_steps": 0, "distill": 0.0},  # half an epoch each, no floor
+    # two pruned clones of half an epoch each, no floor
+    "pool": {"family": "clones", "size": 2, "epochs": [0.5, 0.5], "min_steps": 0, "distill": 0.0},
     "cluster": {"k": 2, "k_max": 2},
     "quantize": {"calibration_size": 64, "max_drop": 1.0, "min_agreement": 0.0},
 }

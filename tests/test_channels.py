@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import CLONES
 from torch import nn
 
 from prune2edge import UserError, cli, config, cost, models, pipeline, prune, quantize, store
@@ -147,7 +148,10 @@ def test_config_checks_the_channel_keys():
 def test_a_channel_pruned_pool_runs_through_the_pipeline_and_ships_less_work(tmp_path):
     cfg = config.load(
         cli.DEMO_CONFIG,
-        {"pool": {"structure": "channels", "sparsity": 0.5, "size": 3, "criterion": "taylor"}, "cluster": {"k": 2}},
+        {
+            "pool": {**CLONES, "structure": "channels", "sparsity": 0.5, "size": 3, "criterion": "taylor"},
+            "cluster": {"k": 2},
+        },
     )
     cfg = config.load(None, config.merged(cfg, {"select": {"fallback": False}}))
     pipeline.run(cfg, tmp_path / "run", progress=False)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import CLONES
 
-from prune2edge import config, executors, models, pool, prune
+from prune2edge import cli, config, executors, models, pool, prune
 
 
 def tiny_model() -> torch.nn.Module:
@@ -64,7 +66,7 @@ def test_masks_hold_during_training_and_are_permanent():
 
 
 def test_plan_spreads_sparsity_and_is_seeded():
-    cfg = config.load(overrides={"pool": {"size": 10, "sparsity": [0.5, 0.9]}})
+    cfg = config.load(overrides={"pool": {"size": 10, "sparsity": [0.5, 0.9], "include_parent": False}})
     plans = pool.plan(cfg)
     s = sorted(p.sparsity for p in plans)
     assert all(0.5 + 0.04 * i <= v <= 0.5 + 0.04 * (i + 1) for i, v in enumerate(s))  # one per tenth of the range
@@ -72,29 +74,34 @@ def test_plan_spreads_sparsity_and_is_seeded():
     assert len({p.seed for p in plans}) == 10
 
 
-def prepared_copy(demo_run, tmp_path):
-    """The demo run up to its baseline, without its pool."""
-    for name in ("config.yaml", "splits.npz", "preprocess.json", "dataset.json"):
-        shutil.copy(demo_run / name, tmp_path / name)
-    shutil.copytree(demo_run / "baseline", tmp_path / "baseline")
-    return tmp_path
+def prepared_copy(demo_run: Path, folder: Path, pool_keys: dict) -> Path:
+    """The demo run up to its baseline, without its pool, configured for the pool ``pool_keys``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("splits.npz", "preprocess.json", "dataset.json"):
+        shutil.copy(demo_run / name, folder / name)
+    shutil.copytree(demo_run / "baseline", folder / "baseline")
+    (folder / "config.yaml").write_text(config.yaml_text(config.load(cli.DEMO_CONFIG, {"pool": pool_keys})))
+    return folder
 
 
 def test_members_are_clones_of_the_baseline_not_chained(demo_run, tmp_path):
-    """Training member 3 alone, with no other member present, gives exactly the member of the full run."""
-    run_dir = prepared_copy(demo_run, tmp_path)
-    plan = pool.plan(config.load(run_dir / "config.yaml"))[3]
-    info = pool.train_member(run_dir, plan)
-    alone = torch.load(run_dir / "pool" / plan.name / "model.pt", weights_only=True)
-    full = torch.load(demo_run / "pool" / plan.name / "model.pt", weights_only=True)
+    """Training member 3 alone, with no other member present, gives exactly member 3 trained after members 0-2."""
+    after = prepared_copy(demo_run, tmp_path / "after", CLONES)
+    plans = pool.plan(config.load(after / "config.yaml"))
+    for plan in plans[:4]:
+        pool.train_member(after, plan)
+    run_dir = prepared_copy(demo_run, tmp_path / "alone", CLONES)
+    info = pool.train_member(run_dir, plans[3])
+    alone = torch.load(run_dir / "pool" / plans[3].name / "model.pt", weights_only=True)
+    full = torch.load(after / "pool" / plans[3].name / "model.pt", weights_only=True)
     assert all(torch.equal(alone[k], full[k]) for k in full)
-    assert info.measured_sparsity["overall"] >= plan.sparsity - 0.01
-    assert sorted(p.name for p in (run_dir / "pool").iterdir()) == [plan.name]
+    assert info.measured_sparsity["overall"] >= plans[3].sparsity - 0.01
+    assert sorted(p.name for p in (run_dir / "pool").iterdir()) == [plans[3].name]
 
 
 def test_process_pool_executor_runs_members(demo_run, tmp_path):
-    run_dir = prepared_copy(demo_run, tmp_path)
-    cfg = config.load(run_dir / "config.yaml", {"pool": {"size": 3}, "cluster": {"k": 3}})
+    run_dir = prepared_copy(demo_run, tmp_path, {**CLONES, "size": 3})
+    cfg = config.load(run_dir / "config.yaml", {"cluster": {"k": 3}})
     (run_dir / "pool" / "m000").mkdir(parents=True)
     shutil.copy(demo_run / "pool" / "m000" / "member.json", run_dir / "pool" / "m000" / "member.json")
     with executors.make_executor(2) as ex:
@@ -109,14 +116,12 @@ def test_process_pool_executor_runs_members(demo_run, tmp_path):
 
 
 def test_distillation_changes_the_member(demo_run, tmp_path):
-    """The demo distils from its baseline (pool.distill 0.7); the same member fine-tuned on labels alone differs."""
-    assert config.load(demo_run / "config.yaml").pool.distill > 0
-    run_dir = prepared_copy(demo_run, tmp_path)
-    cfg = config.load(run_dir / "config.yaml", {"pool": {"distill": 0.0}})
-    (run_dir / "config.yaml").write_text(config.yaml_text(cfg))
-    plan = pool.plan(cfg)[0]
-    info = pool.train_member(run_dir, plan)
-    plain = torch.load(run_dir / "pool" / plan.name / "model.pt", weights_only=True)
-    distilled = torch.load(demo_run / "pool" / plan.name / "model.pt", weights_only=True)
-    assert not all(torch.equal(distilled[k], plain[k]) for k in plain)  # the loss changed, so the weights did
-    assert info.measured_sparsity["overall"] >= plan.sparsity - 0.01 and info.val_acc_fp32 > 0.8
+    """A clone distilled from its baseline (pool.distill 0.7) differs from the same clone fine-tuned on labels alone."""
+    trained = {}
+    for distill in (0.7, 0.0):
+        run_dir = prepared_copy(demo_run, tmp_path / str(distill), {**CLONES, "distill": distill})
+        plan = pool.plan(config.load(run_dir / "config.yaml"))[0]
+        info = pool.train_member(run_dir, plan)
+        trained[distill] = torch.load(run_dir / "pool" / plan.name / "model.pt", weights_only=True)
+        assert info.measured_sparsity["overall"] >= plan.sparsity - 0.01 and info.val_acc_fp32 > 0.8
+    assert not all(torch.equal(trained[0.7][k], trained[0.0][k]) for k in trained[0.0])  # another loss, other weights

@@ -131,7 +131,7 @@ def test_worker_killed_mid_member_is_retried_to_the_same_members(ray_cluster, ti
         time.sleep(0.02)
     builder.join(180)
     assert killed is not None, "no worker was seen running a member"
-    assert [m["name"] for m in result["members"]] == ["m000", "m001", "m002"]
+    assert [m.name for m in result["members"]] == ["m000", "m001", "m002"]
     assert (run / "pool" / "m001" / "member.json").stat().st_mtime_ns == before
     assert_same_members(run, tiny[1])
 
