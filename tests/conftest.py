@@ -60,6 +60,18 @@ def demo_run() -> Path:
     return shared_run("demo", lambda d: pipeline.run(config.load(cli.DEMO_CONFIG), d, progress=False))
 
 
+@pytest.fixture(scope="session")
+def clone_demo_run() -> Path:
+    """The demo's data and parent with the clone pool it ran before the default recipe (k = 5): a bundle of five
+    members, for roll-outs that give devices members other versions did not run."""
+    overrides = {
+        "pool": CLONES,
+        "cluster": {"method": "kmeans-onehot", "k": 5},
+        "select": {"strategy": "accuracy-first"},
+    }
+    return shared_run("clone-demo", lambda d: pipeline.run(config.load(cli.DEMO_CONFIG, overrides), d, progress=False))
+
+
 def _cifar_shaped(run: Path) -> None:
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 480)
@@ -95,7 +107,7 @@ def prune2edge_cli(*args: str, timeout: float = 300, **kw) -> subprocess.Complet
     )
 
 
-SHARED = {"demo_run", "cifar_shaped_run"}
+SHARED = {"demo_run", "cifar_shaped_run", "clone_demo_run"}
 
 
 def pytest_collection_modifyitems(config, items) -> None:

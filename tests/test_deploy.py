@@ -26,9 +26,15 @@ from prune2edge.runtime.fleet.wire import encode_frame, status_payload
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.alone]
 
-bundle, digits_npz, mosquitto_exe = test_fleet.bundle, test_fleet.digits_npz, test_fleet.mosquitto_exe  # fixtures
+digits_npz, mosquitto_exe = test_fleet.digits_npz, test_fleet.mosquitto_exe  # fixtures
 FLEET = "dep"
 PASSWORD = "pw-{}"  # each user's password: PASSWORD.format(user)
+
+
+@pytest.fixture(scope="module")
+def bundle(clone_demo_run: Path) -> Path:
+    """Five members: each version of a roll-out can give a device a member it has not run."""
+    return clone_demo_run / "bundle"
 
 
 @pytest.fixture(scope="module")
