@@ -33,6 +33,9 @@ CONFIG = {"model": {"arch": "small_cnn"}, "train": {"epochs": 30, "batch_size": 
 SIZES = {"1k": 1000, "2k": 2000, "5k": 5000}
 SETS = [f"cifar-{k}{c}" for k in SIZES for c in ("", "-grey64")] + ["digits"]
 POOL = ("pool", "quantize", "select")  # the phases a pool costs
+# a parent whose CPU seconds are under this share of its wall seconds resumed after a kill (or was paused): the killed
+# attempt's CPU seconds are not recorded, so its cost is not known (a run on its own core: 0.79-0.95; resumed: 0.41-0.45)
+WHOLE = 0.6
 
 
 def subset(folder: Path, n: int, out: Path, screen: bool = False) -> Path:
@@ -82,6 +85,7 @@ def row(name: str, seed: int, run_dir: Path) -> dict:
     """What a run measured, read from its metrics.json and cpu_seconds.json."""
     m = json.loads((run_dir / "metrics.json").read_text())
     cpu = json.loads((run_dir / "cpu_seconds.json").read_text())
+    whole = cpu["baseline"] >= WHOLE * json.loads((run_dir / "timings.json").read_text())["baseline"]
     sh, b, device = m["shipped"], m["baseline"], per_device(m)
     return {
         "set": name,
@@ -104,8 +108,16 @@ def row(name: str, seed: int, run_dir: Path) -> dict:
         "bytes_as_run": device["int8"],
         "pool_vote_test_acc": m["pool_vote"]["test_acc"],
         "member_test_acc": [x["test_acc_int8"] for x in m["members"]],
-        "cost": sum(cpu[p] for p in POOL) / cpu["baseline"],
+        "cost": sum(cpu[p] for p in POOL) / cpu["baseline"] if whole else None,
     }
+
+
+def cost(rows: list[dict]) -> str:
+    """The mean pool cost of ``rows``, saying how many are not known."""
+    known = [r["cost"] for r in rows if r["cost"] is not None]
+    if not known:
+        return "n/a"
+    return f"{statistics.mean(known):.2f}x" + (f" ({len(rows) - len(known)} n/a)" if len(known) < len(rows) else "")
 
 
 def others_table(others: list[dict]) -> list[str]:
@@ -132,7 +144,7 @@ def others_table(others: list[dict]) -> list[str]:
                 f"| {what} | {on} | {r['set']} | {r['seed']} | {100 * r['parent_fp32']:.2f} | {r['shipped_kind']} of "
                 f"{len(r['shipped_members'])} | {accs} | **{100 * r['gain']:+.2f}** (p = {r['mcnemar_p']:.2g}) | "
                 f"{100 * r['pool_vote_test_acc']:.2f} | {r['bytes_shipped'] / 1024:.1f} KiB | "
-                f"{r['bytes_as_run'] / 1024:.1f} KiB | {r['cost']:.2f}x |"
+                f"{r['bytes_as_run'] / 1024:.1f} KiB | {cost([r])} |"
             )
     lines.append("")
     for result in others:
@@ -150,7 +162,8 @@ def markdown(result: dict | None, others: list[dict]) -> str:
         "epochs with 4-bit QAT; every choice that ships fewer models needs a lead on validation beyond chance). Gain: "
         "points of accuracy of what shipped over the fp32 parent of the same run; p: exact McNemar, two-sided; bytes "
         "per device: the largest shipped model, as shipped (entropy-coded) and as run (the int8 ONNX file the runtime "
-        "loads); cost: the pool's phases over the parent's training, CPU seconds.",
+        "loads); cost: the pool's phases over the parent's training, CPU seconds (n/a: the parent's training resumed "
+        "after a kill, and the killed attempt's CPU seconds are not recorded).",
         "",
     ]
     if result is None:
@@ -179,7 +192,7 @@ def markdown(result: dict | None, others: list[dict]) -> str:
                 f"{100 * mean('parent_fp32'):.2f} | {kinds} | {', '.join(str(r['k']) for r in rs)} | "
                 f"{100 * mean('test_acc'):.2f} | **{100 * mean('gain'):+.2f}**: {gains} | "
                 f"{mean('bytes_shipped') / 1024:.1f} KiB | {mean('bytes_as_run') / 1024:.1f} KiB | "
-                f"{mean('cost'):.2f}x |"
+                f"{cost(rs)} |"
             )
     return "\n".join(lines + (others_table(others) if others else [])) + "\n"
 
