@@ -211,19 +211,19 @@ def make_bundle(
     )
 
 
-def done_before(run_dir: Path, name: str) -> float:
-    """Seconds an interrupted earlier attempt already spent on a phase that now resumes (baseline epochs, pool
-    members), so that ``timings.json`` holds the whole phase, not only its resumed part."""
-    if name == "baseline" and (run_dir / store.BASELINE / store.CHECKPOINT).exists():
-        history = torch.load(run_dir / store.BASELINE / store.CHECKPOINT, map_location="cpu", weights_only=False)[
-            "history"
-        ]
-        return history[-1]["seconds"] if history else 0.0
+def done_before(run_dir: Path, name: str) -> tuple[float, float]:
+    """Seconds, wall and CPU, an interrupted earlier attempt already spent on a phase that now resumes (baseline
+    epochs, pool members), so that ``timings.json`` and ``cpu_seconds.json`` hold the whole phase, not only its
+    resumed part (CPU 0 where an older version did not record it)."""
+    if name == "baseline":
+        return pool.checkpoint_clock(run_dir / store.BASELINE / store.CHECKPOINT)
     if name == "pool":  # finished members, and the saved epochs of a member that was killed while it trained
-        return sum(
-            read_member(run_dir, f.parent.name).seconds for f in (run_dir / store.POOL).glob(f"*/{store.MEMBER_RECORD}")
-        ) + sum(pool.checkpoint_seconds(f) for f in (run_dir / store.POOL).glob(f"*/{store.CHECKPOINT}"))
-    return 0.0
+        done = [read_member(run_dir, f.parent.name) for f in (run_dir / store.POOL).glob(f"*/{store.MEMBER_RECORD}")]
+        saved = [pool.checkpoint_clock(f) for f in (run_dir / store.POOL).glob(f"*/{store.CHECKPOINT}")]
+        return sum(m.seconds for m in done) + sum(w for w, _ in saved), sum(m.cpu_seconds or 0.0 for m in done) + sum(
+            c for _, c in saved
+        )
+    return 0.0, 0.0
 
 
 def run(cfg: Config, run_dir: Path | str, progress: bool = True) -> dict:
@@ -233,12 +233,12 @@ def run(cfg: Config, run_dir: Path | str, progress: bool = True) -> dict:
     torch.set_num_threads(cores.free())
     timings = store.read_json(run_dir / store.TIMINGS) if (run_dir / store.TIMINGS).exists() else {}
     # CPU seconds of this process per phase: the cost of a phase free of what else the machine runs (with one
-    # worker; a phase resumed after a kill counts only its resumed part)
+    # worker; a phase resumed after a kill counts the killed attempt's saved epochs and members too)
     cpu = store.read_json(run_dir / store.CPU_SECONDS) if (run_dir / store.CPU_SECONDS).exists() else {}
 
     def phase(name: str, fn, *args):
-        t0 = time.perf_counter() - (0.0 if name in timings else done_before(run_dir, name))
-        c0 = time.process_time()
+        wall, spent = (0.0, 0.0) if name in timings else done_before(run_dir, name)
+        t0, c0 = time.perf_counter() - wall, time.process_time() - spent
         out = fn(*args)
         if name not in timings:
             timings[name] = time.perf_counter() - t0

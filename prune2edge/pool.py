@@ -280,14 +280,14 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
     src = source if isinstance(source, RunInputs) else RunInputs.load(source)
     checkpoint = None if isinstance(source, RunInputs) else member_checkpoint(source, member.name)
     p = src.cfg.pool
-    t0 = time.perf_counter() - checkpoint_seconds(checkpoint)
+    starts = train.clock_starts(_last_row(checkpoint))
     x, y = src.tensors("train")
     if member.bootstrap:
         idx = torch.from_numpy(np.random.default_rng(member.seed).integers(0, len(y), len(y)))
         x, y = x[idx], y[idx]
     model, fixed = start_model(src, member)
     if member.parent and member.epochs == 0:  # the parent as a member without QAT: as it is, not pruned either
-        kept = {"epochs": 0, "steps": 0, "history": [], "seconds": time.perf_counter() - t0}
+        kept = {"epochs": 0, "steps": 0, "history": [], **train.elapsed(starts)}
         return measure(model.cpu(), _record(src, member, model, x[:1], kept), *src.tensors("val"))
     floor = 0 if member.parent else p.min_steps  # the parent as a member is already trained
     total = member_steps(member.epochs, len(x), member.batch_size, floor)
@@ -317,7 +317,7 @@ def fit_member(source: Path | RunInputs, member: MemberPlan) -> tuple[bytes, dic
     model.cpu()
     if p.structure == "channels":  # the zeroed channels cut out: a smaller dense network
         prune.compact(model, x[:2])
-    trained = {"epochs": epochs, "steps": total, "history": history, "seconds": time.perf_counter() - t0}
+    trained = {"epochs": epochs, "steps": total, "history": history, **train.elapsed(starts)}
     return measure(model, _record(src, member, model, x[:1], trained), *src.tensors("val"))
 
 
@@ -342,6 +342,7 @@ def _record(src: RunInputs, member: MemberPlan, model: torch.nn.Module, example:
         ),
         "history": trained["history"],
         "seconds": trained["seconds"],
+        "cpu_seconds": trained["cpu_seconds"],
     }
 
 
@@ -371,12 +372,19 @@ def member_checkpoint(run_dir: Path, name: str) -> Path:
     return run_dir / store.POOL / name / store.CHECKPOINT
 
 
-def checkpoint_seconds(path: Path | None) -> float:
-    """Training seconds a killed attempt saved in a checkpoint (0 without one): they count in the member's time."""
+def _last_row(path: Path | None) -> dict | None:
+    """The last history row a killed attempt saved in a checkpoint (None without one)."""
     if path is None or not path.exists():
-        return 0.0
+        return None
     history = torch.load(path, map_location="cpu", weights_only=False)["history"]
-    return history[-1]["seconds"] if history else 0.0
+    return history[-1] if history else None
+
+
+def checkpoint_clock(path: Path | None) -> tuple[float, float]:
+    """Training seconds a killed attempt saved in a checkpoint, wall and CPU (0 without one, and CPU 0 in a checkpoint
+    from before it was recorded): they count in the member's time."""
+    row = _last_row(path) or {}
+    return row.get("seconds", 0.0), row.get("cpu_seconds", 0.0)
 
 
 def train_member(run_dir: Path, member: MemberPlan) -> records.Member:
@@ -393,7 +401,7 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[records.Membe
     src = RunInputs.load(run_dir)
     p, lead, n = src.cfg.pool, plans[0], len(plans)
     sparsity = max(m.sparsity for m in plans)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     x, y = src.tensors("train")
     x_val, y_val = src.tensors("val")
     model, _ = start_model(src, lead)
@@ -418,6 +426,7 @@ def train_cyclical(run_dir: Path, plans: list[MemberPlan]) -> list[records.Membe
                 "model_kwargs": {},
                 "cyclical": True,
                 "seconds": (time.perf_counter() - t0) / (j + 1),
+                "cpu_seconds": (time.process_time() - c0) / (j + 1),
             }  # per cycle so far
             infos[j] = write_member(run_dir, *measure(model, record, x_val, y_val))
 

@@ -39,6 +39,7 @@ class Member:
     macs_vs_parent: float | None = None  # of a channel-pruned member
     cyclical: bool = False  # one of a cyclical pool's low points
     history: list[dict] = field(default_factory=list)  # per epoch (none for a cyclical pool's members)
+    cpu_seconds: float | None = None  # this process's CPU in training, like seconds (None: a run from before it)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Member:

@@ -249,13 +249,13 @@ def fit(
     opt, sched, step_fn = _stepper(model, s, device, total, teacher)
     state = {"model": model, "optimizer": opt, "schedule": sched}
     history, step = _resume(checkpoint, state, gen, device)
-    t0 = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)  # seconds count from the first start
+    starts = clock_starts(history[-1] if history else None)
     bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, leave=False, unit="step")
     while step < total:
         model.train()
         order = torch.randperm(len(x), generator=gen).to(device)
         step, sums = _epoch(x, y, order, s.batch_size, (step, total), step_fn, sched, augment, gen, after_step, bar)
-        row = {"epoch": len(history) + 1, "steps": step, **sums, "seconds": time.perf_counter() - t0}
+        row = {"epoch": len(history) + 1, "steps": step, **sums, **elapsed(starts)}
         if x_val is not None and y_val is not None:
             row["val_acc"] = accuracy(predict_proba(model, x_val, device=device), y_val.numpy())
         bar.set_postfix({k: round(v, 4) for k, v in row.items() if k in ("train_loss", "val_acc")})
@@ -269,6 +269,18 @@ def fit(
     bar.close()
     model.to(memory_format=torch.contiguous_format)
     return history
+
+
+def clock_starts(last: dict | None) -> tuple[float, float]:
+    """The wall and CPU clocks' starts, so that they count from the first start of a training whose killed attempt
+    saved ``last`` (its last history row; None: a first start)."""
+    last = last or {}
+    return time.perf_counter() - last.get("seconds", 0.0), time.process_time() - last.get("cpu_seconds", 0.0)
+
+
+def elapsed(starts: tuple[float, float]) -> dict[str, float]:
+    """A history row's seconds since ``starts``: wall, and this process's CPU."""
+    return {"seconds": time.perf_counter() - starts[0], "cpu_seconds": time.process_time() - starts[1]}
 
 
 def _stepper(model: nn.Module, s: TrainSettings, device: str, total: int, teacher: nn.Module | None) -> tuple:

@@ -236,7 +236,7 @@ def test_independent_pool_resumes_a_member_killed_mid_training_and_counts_its_wh
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = pool.member_checkpoint(run_dir, "m000")
     deadline = time.time() + 240
-    while not checkpoint.exists() or pool.checkpoint_seconds(checkpoint) <= 0:
+    while not checkpoint.exists() or pool.checkpoint_clock(checkpoint)[0] <= 0:
         assert proc.poll() is None and time.time() < deadline, "run ended or stalled before m000 saved an epoch"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -249,7 +249,9 @@ def test_independent_pool_resumes_a_member_killed_mid_training_and_counts_its_wh
     m0 = store.read_json(run_dir / "pool" / "m000" / "member.json")
     assert m0["history"][: len(saved["history"])] == saved["history"]  # continued, not restarted
     assert m0["seconds"] >= saved["history"][-1]["seconds"] and not checkpoint.exists()
-    members = sum(store.read_json(f)["seconds"] for f in (run_dir / "pool").glob("*/member.json"))
-    assert store.read_json(run_dir / "timings.json")["pool"] >= members
+    assert m0["cpu_seconds"] >= saved["history"][-1]["cpu_seconds"] > 0  # CPU seconds too, across the kill
+    records = [store.read_json(f) for f in (run_dir / "pool").glob("*/member.json")]
+    assert store.read_json(run_dir / "timings.json")["pool"] >= sum(r["seconds"] for r in records)
+    assert store.read_json(run_dir / "cpu_seconds.json")["pool"] >= sum(r["cpu_seconds"] for r in records)
     metrics = store.read_json(run_dir / "metrics.json")
     assert {m["name"] for m in metrics["members"]} == {"m000", "m001"}
