@@ -58,3 +58,13 @@ def test_every_results_section_is_linked_from_the_summary():
         anchors = {h: re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
         unlinked += [f"{name}: {h}" for h, a in anchors.items() if f"({link}{a})" not in summary]
     assert len(summary) < 5000 and not unlinked, f"link these sections from the Summary of docs/RESULTS.md: {unlinked}"
+
+
+def test_the_repository_tracks_no_environment_or_run_outputs():
+    """What setup and runs make (the virtual environment, run directories, caches) is never committed: a tracked
+    ``.venv`` link replaced the working environment of whoever checked it out."""
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=PACKAGE.parent, capture_output=True, text=True, check=True, timeout=60
+    ).stdout.splitlines()
+    made = [p for p in tracked if p.split("/")[0] in (".venv", "runs", ".pytest_cache", "gpu-data")]
+    assert tracked and not made, f"remove these from git (git rm --cached): {made[:10]}"
