@@ -220,9 +220,8 @@ def done_before(run_dir: Path, name: str) -> tuple[float, float]:
     if name == "pool":  # finished members, and the saved epochs of a member that was killed while it trained
         done = [read_member(run_dir, f.parent.name) for f in (run_dir / store.POOL).glob(f"*/{store.MEMBER_RECORD}")]
         saved = [pool.checkpoint_clock(f) for f in (run_dir / store.POOL).glob(f"*/{store.CHECKPOINT}")]
-        return sum(m.seconds for m in done) + sum(w for w, _ in saved), sum(m.cpu_seconds or 0.0 for m in done) + sum(
-            c for _, c in saved
-        )
+        clocks = [(m.seconds, m.cpu_seconds or 0.0) for m in done] + saved
+        return sum(w for w, _ in clocks), sum(c for _, c in clocks)
     return 0.0, 0.0
 
 
